@@ -1,0 +1,72 @@
+# Palisade: the two commands of the README, plus the pieces they are made of.
+#   make run   - create .venv, install, start the gateway on the bundled default config
+#   make test  - install what the tests need (pip and Debian packages), lint, types, whole suite
+
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+APT_PACKAGES := swaks
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+
+.PHONY: run test check lint types imports pytest system-deps bench clean
+
+$(BIN)/python:
+	@$(PYTHON) -m venv $(VENV) 2>/dev/null || { \
+	  echo "python3 -m venv failed: installing Debian's python3-venv"; \
+	  $(SUDO) apt-get update -q && $(SUDO) DEBIAN_FRONTEND=noninteractive apt-get install -y -q python3-venv && \
+	  rm -rf $(VENV) && $(PYTHON) -m venv $(VENV); }
+	$(BIN)/python -m pip install -q --upgrade pip
+
+$(VENV)/.installed: $(BIN)/python pyproject.toml
+	$(BIN)/pip install -q -e '.[fast]'
+	@touch $@
+
+$(VENV)/.test-installed: $(BIN)/python pyproject.toml
+	$(BIN)/pip install -q -e '.[fast,test]'
+	@touch $@ $(VENV)/.installed
+
+run: $(VENV)/.installed
+	@echo
+	@echo "Palisade is starting on 127.0.0.1:2525 (bundled default config: domain example.test,"
+	@echo "Maildir under ./var/mail, logs under ./var/log). In another terminal, send a message:"
+	@echo
+	@echo "  swaks --server 127.0.0.1:2525 --from you@outside.test --to postmaster@example.test"
+	@echo
+	@echo "  python3 -c 'import smtplib; smtplib.SMTP(\"127.0.0.1\", 2525).sendmail(\"you@outside.test\","
+	@echo "             [\"postmaster@example.test\"], \"Subject: hi\\r\\n\\r\\nhello\\r\\n\")'"
+	@echo
+	@echo "then look in ./var/mail/postmaster/new/ and ./var/log/mainlog. Stop with Ctrl-C."
+	@echo
+	$(BIN)/palisade serve
+
+system-deps:
+	@missing=""; for pkg in $(APT_PACKAGES); do \
+	  dpkg -s $$pkg >/dev/null 2>&1 || missing="$$missing $$pkg"; done; \
+	if [ -n "$$missing" ]; then \
+	  echo "installing Debian packages:$$missing"; \
+	  $(SUDO) apt-get update -q && \
+	  $(SUDO) DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends $$missing; \
+	fi
+
+lint: $(VENV)/.test-installed
+	$(BIN)/ruff format --check src tests bench
+	$(BIN)/ruff check src tests bench
+
+types: $(VENV)/.test-installed
+	$(BIN)/mypy
+
+imports: $(VENV)/.test-installed
+	$(BIN)/lint-imports
+
+check: lint types imports
+
+pytest: $(VENV)/.test-installed system-deps
+	$(BIN)/pytest
+
+test: system-deps check pytest
+
+bench: $(VENV)/.test-installed
+	$(BIN)/python bench/run.py
+
+clean:
+	rm -rf $(VENV) var build src/*.egg-info .mypy_cache .ruff_cache .pytest_cache

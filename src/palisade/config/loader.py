@@ -1,0 +1,257 @@
+"""Loads and validates the TOML config; every mistake becomes one precise ``ConfigError``.
+
+Owns: turning the operator's file into a frozen :class:`~palisade.config.model.Config`. An unknown
+section or key, a wrong type, a bad value or a missing file is refused with the file name, the
+key, the line (found by a search of the source text: ``tomllib`` does not report it) and what was
+expected. Trust: the file is operator input, trusted in intent but not in form.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import ipaddress
+import re
+import tomllib
+import types
+import typing
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from palisade.config.model import Config
+
+_DURATION_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhdw]?)\s*$")
+_UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+_HOSTNAME_RE = re.compile(
+    r"^(?=.{1,253}$)[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
+    r"(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*\.?$"
+)
+
+
+class ConfigError(Exception):
+    """A config the server must not start with; ``str()`` is the operator-facing message."""
+
+    def __init__(self, source: str, key: str, problem: str, line: int | None = None) -> None:
+        where = f"{source}:{line}" if line else source
+        super().__init__(f"config error in {where}: {key}: {problem}")
+        self.source, self.key, self.problem, self.line = source, key, problem, line
+
+
+def default_config_text() -> str:
+    """The bundled default config (loopback port, demo domain, Maildir under ./var)."""
+    return resources.files("palisade.config").joinpath("default.toml").read_text()
+
+
+def load_config(path: Path | None = None) -> Config:
+    """Reads ``path`` (or the bundled default) and returns a validated config."""
+    if path is None:
+        return parse_config(default_config_text(), "<bundled default.toml>")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(str(path), "(file)", "no such file") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(str(path), "(file)", f"cannot be read: {exc}") from None
+    return parse_config(text, str(path))
+
+
+def parse_config(text: str, source: str) -> Config:
+    """Parses config text; ``source`` is used in error messages only."""
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        line = _line_from_decode_error(str(exc))
+        raise ConfigError(source, "(syntax)", f"not valid TOML: {exc}", line) from None
+    finder = _LineFinder(text)
+    sections: dict[str, Any] = {}
+    known = {f.name: f for f in dataclasses.fields(Config) if f.name != "source"}
+    for name, table in data.items():
+        if name not in known:
+            raise ConfigError(
+                source, f"[{name}]", f"unknown section (expected one of: {', '.join(known)})",
+                finder.section(name),
+            )
+        if not isinstance(table, dict):
+            raise ConfigError(source, name, "expected a [section] table", finder.key(None, name))
+        section_type = typing.get_type_hints(Config)[name]
+        sections[name] = _build_section(section_type, name, table, source, finder)
+    config = Config(**sections, source=source)
+    _check_cross_rules(config, source, finder)
+    return config
+
+
+def _build_section(
+    section_type: type, name: str, table: dict[str, Any], source: str, finder: _LineFinder
+) -> Any:
+    hints = typing.get_type_hints(section_type)
+    fields = {f.name: f for f in dataclasses.fields(section_type)}
+    values: dict[str, Any] = {}
+    for key, raw in table.items():
+        if key not in fields:
+            raise ConfigError(
+                source, f"{name}.{key}",
+                f"unknown key (expected one of: {', '.join(fields)})", finder.key(name, key),
+            )
+        meta = fields[key].metadata
+        try:
+            values[key] = _convert(raw, hints[key], meta)
+        except ValueError as exc:
+            raise ConfigError(source, f"{name}.{key}", str(exc), finder.key(name, key)) from None
+    return section_type(**values)
+
+
+def _convert(raw: Any, hint: Any, meta: typing.Mapping[str, Any]) -> Any:
+    """Converts one TOML value to the annotated type, or raises ValueError naming the expectation."""
+    if meta.get("kind") == "duration":
+        seconds = _duration(raw)
+        if seconds < meta.get("min", 0):
+            raise ValueError(f"expected a duration of at least {meta['min']} seconds")
+        return seconds
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    if origin in (types.UnionType, typing.Union) and type(None) in args:
+        inner = next(a for a in args if a is not type(None))
+        return _convert(raw, inner, meta)
+    if origin is tuple:
+        if not isinstance(raw, list):
+            raise ValueError(f"expected a list, got {_describe(raw)}")
+        return tuple(_convert(item, args[0], {}) for item in raw)
+    if hint is bool:
+        if not isinstance(raw, bool):
+            raise ValueError(f"expected true or false, got {_describe(raw)}")
+        return raw
+    if hint is int:
+        if isinstance(raw, bool) or not isinstance(raw, int):
+            raise ValueError(f"expected a whole number, got {_describe(raw)}")
+        if raw < meta.get("min", -(2**63)):
+            raise ValueError(f"expected a number of at least {meta['min']}, got {raw}")
+        return raw
+    if hint is float:
+        if isinstance(raw, bool) or not isinstance(raw, int | float):
+            raise ValueError(f"expected a number, got {_describe(raw)}")
+        return float(raw)
+    if hint is str:
+        if not isinstance(raw, str):
+            raise ValueError(f"expected a string, got {_describe(raw)}")
+        return raw
+    if hint is Path:
+        if not isinstance(raw, str) or not raw:
+            raise ValueError(f"expected a file path string, got {_describe(raw)}")
+        return Path(raw)
+    if hint in (ipaddress.IPv4Network | ipaddress.IPv6Network,) or origin in (types.UnionType,):
+        if not isinstance(raw, str):
+            raise ValueError(f"expected an IP address or CIDR string, got {_describe(raw)}")
+        try:
+            return ipaddress.ip_network(raw, strict=False)
+        except ValueError:
+            raise ValueError(f"expected an IP address or CIDR, got {raw!r}") from None
+    raise ValueError(f"unsupported setting type {hint!r}")  # a bug in model.py, not the file
+
+
+def _duration(raw: Any) -> float:
+    if isinstance(raw, bool):
+        raise ValueError(f"expected a duration like 30, \"5m\", \"4h\" or \"5d\", got {raw!r}")
+    if isinstance(raw, int | float):
+        return float(raw)
+    if isinstance(raw, str):
+        match = _DURATION_RE.match(raw)
+        if match:
+            return float(match.group(1)) * _UNITS[match.group(2)]
+    raise ValueError(f"expected a duration like 30, \"5m\", \"4h\" or \"5d\", got {raw!r}")
+
+
+def _describe(raw: Any) -> str:
+    return f"{type(raw).__name__} {raw!r}"
+
+
+def parse_host_port(text: str, default_port: int = 25) -> tuple[str, int]:
+    """``"127.0.0.1:2525"``, ``"[::1]:25"``, ``"mx.example"`` → (host, port)."""
+    text = text.strip()
+    if text.startswith("["):
+        host, _, rest = text[1:].partition("]")
+        port_text = rest[1:] if rest.startswith(":") else ""
+        if rest and not rest.startswith(":"):
+            raise ValueError(f"expected [address]:port, got {text!r}")
+    elif text.count(":") == 1:
+        host, port_text = text.split(":")
+    else:
+        host, port_text = text, ""
+    if not host:
+        raise ValueError(f"expected host:port, got {text!r}")
+    port = default_port
+    if port_text:
+        if not port_text.isdigit() or not 0 < int(port_text) < 65536:
+            raise ValueError(f"expected a port from 1 to 65535 in {text!r}")
+        port = int(port_text)
+    return host, port
+
+
+def _check_cross_rules(config: Config, source: str, finder: _LineFinder) -> None:
+    def fail(section: str, key: str, problem: str) -> typing.NoReturn:
+        raise ConfigError(source, f"{section}.{key}", problem, finder.key(section, key))
+
+    if not _HOSTNAME_RE.match(config.server.hostname):
+        fail("server", "hostname", f"expected a host name, got {config.server.hostname!r}")
+    if not config.server.listen:
+        fail("server", "listen", "expected at least one host:port")
+    for entry in config.server.listen:
+        try:
+            parse_host_port(entry)
+        except ValueError as exc:
+            fail("server", "listen", str(exc))
+    if config.delivery.next_hop is not None:
+        try:
+            parse_host_port(config.delivery.next_hop)
+        except ValueError as exc:
+            fail("delivery", "next_hop", str(exc))
+    for key in ("local", "relay"):
+        for domain in getattr(config.domains, key):
+            if not _HOSTNAME_RE.match(domain):
+                fail("domains", key, f"expected domain names, got {domain!r}")
+    overlap = {d.lower() for d in config.domains.local} & {d.lower() for d in config.domains.relay}
+    if overlap:
+        fail("domains", "relay", f"domains both local and relay: {', '.join(sorted(overlap))}")
+    if config.domains.relay and config.delivery.next_hop is None:
+        fail("delivery", "next_hop", "relay domains are configured but no next_hop is set")
+    tls = config.tls
+    if (tls.certificate is None) != (tls.private_key is None):
+        fail("tls", "certificate", "certificate and private_key must be given together")
+    for key in ("certificate", "private_key"):
+        path = getattr(tls, key)
+        if path is not None and not path.is_file():
+            fail("tls", key, f"no such file: {path}")
+    if config.delivery.tls_ca_file is not None and not config.delivery.tls_ca_file.is_file():
+        fail("delivery", "tls_ca_file", f"no such file: {config.delivery.tls_ca_file}")
+    if config.delivery.retry_max_interval < config.delivery.retry_initial:
+        fail("delivery", "retry_max_interval", "must not be shorter than retry_initial")
+
+
+def _line_from_decode_error(message: str) -> int | None:
+    match = re.search(r"line (\d+)", message)
+    return int(match.group(1)) if match else None
+
+
+class _LineFinder:
+    """Finds where a section or key is written, for error messages."""
+
+    def __init__(self, text: str) -> None:
+        self.lines = text.splitlines()
+
+    def section(self, name: str) -> int | None:
+        pattern = re.compile(rf"^\s*\[\s*{re.escape(name)}\s*\]")
+        for number, line in enumerate(self.lines, 1):
+            if pattern.match(line):
+                return number
+        return None
+
+    def key(self, section: str | None, key: str) -> int | None:
+        start = self.section(section) if section else 0
+        if section and start is None:
+            return None
+        pattern = re.compile(rf"^\s*{re.escape(key)}\s*=")
+        for number, line in enumerate(self.lines[start or 0 :], (start or 0) + 1):
+            if section and number > (start or 0) and re.match(r"^\s*\[", line):
+                break
+            if pattern.match(line):
+                return number
+        return None

@@ -1,0 +1,125 @@
+"""The typed, frozen configuration: what the operator's TOML file may say, with defaults.
+
+Owns: the names, types and defaults of every setting. Knows nothing of files or parsing (see
+``loader``). Every section is a frozen dataclass so a loaded config can be shared between tasks and
+swapped atomically on reload.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from dataclasses import dataclass, field
+from pathlib import Path
+
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+def duration(default: float, minimum: float = 0.0) -> float:
+    """Marks a field as a duration: seconds, written as a number or as ``"5m"``, ``"4h"``, ``"5d"``."""
+    return field(default=default, metadata={"kind": "duration", "min": minimum})
+
+
+def positive(default: int, minimum: int = 1) -> int:
+    """Marks an integer field with a lower bound."""
+    return field(default=default, metadata={"min": minimum})
+
+
+@dataclass(frozen=True, slots=True)
+class ServerConfig:
+    """The listener: who we say we are, where we listen, how many clients we hold."""
+
+    hostname: str = "mx.example.test"
+    listen: tuple[str, ...] = ("127.0.0.1:2525",)
+    workers: int = positive(1)
+    greeting_delay: float = duration(0.0)
+    max_connections: int = positive(2000)
+    max_connections_per_ip: int = positive(20)
+
+
+@dataclass(frozen=True, slots=True)
+class LimitsConfig:
+    """RFC 5321 limits and the timers that stop slow or abusive clients."""
+
+    max_message_size: int = positive(26_214_400, 1024)
+    max_recipients: int = positive(100)
+    max_errors: int = positive(10)
+    max_command_line: int = positive(512, 512)
+    max_text_line: int = positive(1000, 1000)
+    command_timeout: float = duration(300.0, 1.0)
+    data_timeout: float = duration(600.0, 1.0)
+    min_data_rate: int = positive(512, 0)
+    min_data_rate_grace: float = duration(30.0)
+
+
+@dataclass(frozen=True, slots=True)
+class TlsConfig:
+    """Server certificate chain (leaf first) and key; STARTTLS is offered only when both are set."""
+
+    certificate: Path | None = None
+    private_key: Path | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class DomainsConfig:
+    """Which recipient domains we accept: local ones go to Maildir, relay ones to the next hop."""
+
+    local: tuple[str, ...] = ()
+    relay: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class RelayControlConfig:
+    """Clients allowed to send to any domain (trusted networks). Empty by default: no open relay."""
+
+    relay_from_hosts: tuple[Network, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class DeliveryConfig:
+    """How accepted mail leaves: next hop for relay domains, retry schedule, expiry."""
+
+    next_hop: str | None = None
+    require_tls: bool = False
+    tls_ca_file: Path | None = None
+    retry_initial: float = duration(300.0, 1.0)
+    retry_max_interval: float = duration(3600.0, 1.0)
+    max_age: float = duration(5 * 86400.0, 1.0)
+    concurrency: int = positive(20)
+    timeout: float = duration(120.0, 1.0)
+
+
+@dataclass(frozen=True, slots=True)
+class PathsConfig:
+    """Where state lives. Relative paths are relative to the working directory at start-up."""
+
+    spool: Path = Path("var/spool")
+    mail: Path = Path("var/mail")
+    log: Path = Path("var/log")
+    state: Path = Path("var/state.sqlite")
+
+
+@dataclass(frozen=True, slots=True)
+class LogConfig:
+    """Log options: JSON lines beside the exim-shaped text, echo to standard output."""
+
+    json: bool = False
+    echo: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    """The whole configuration; ``source`` names the file it came from (for messages)."""
+
+    server: ServerConfig = ServerConfig()
+    limits: LimitsConfig = LimitsConfig()
+    tls: TlsConfig = TlsConfig()
+    domains: DomainsConfig = DomainsConfig()
+    relay: RelayControlConfig = RelayControlConfig()
+    delivery: DeliveryConfig = DeliveryConfig()
+    paths: PathsConfig = PathsConfig()
+    log: LogConfig = LogConfig()
+    source: str = "<defaults>"
+
+    @property
+    def starttls_available(self) -> bool:
+        return self.tls.certificate is not None and self.tls.private_key is not None

@@ -1,0 +1,107 @@
+"""Event log: one line per event, in exim's shape, to a main log and a reject log.
+
+Owns: the file format of ``mainlog`` / ``rejectlog`` (and optional JSON lines). Every caller hands
+in a line it has built; client-supplied text must go through :func:`escape` first, because these
+files are read by firewalls (fail2ban, nftfw) and a client must never be able to forge a line.
+Trust: none of the text is trusted; control characters are escaped here as a last line of defence.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+import time
+from pathlib import Path
+from typing import Protocol
+
+_ESCAPES = {i: f"\\x{i:02x}" for i in range(32)} | {127: "\\x7f"}
+_ESCAPES[ord("\\")] = "\\\\"
+
+
+def escape(text: str, limit: int = 256) -> str:
+    """Make client text safe for one log line: no control characters, bounded length."""
+    out = text.translate(_ESCAPES)
+    if len(out) > limit:
+        out = out[:limit] + "..."
+    return out
+
+
+def timestamp(now: float | None = None) -> str:
+    """exim's local-time stamp: ``2026-11-22 10:00:00``."""
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(time.time() if now is None else now))
+
+
+class EventLog(Protocol):
+    """What the rest of the program may do with the log: hand over finished lines."""
+
+    def main(self, line: str, **fields: object) -> None:
+        """A main-log event (arrival ``<=``, delivery ``=>``, deferral ``==``, failure ``**``...)."""
+
+    def reject(self, line: str, **fields: object) -> None:
+        """A refusal: written to the reject log and to the main log, as exim does."""
+
+    def panic(self, line: str, **fields: object) -> None:
+        """Something the operator must look at (broken config on reload, spool corruption)."""
+
+
+class FileEventLog:
+    """Appends lines to ``mainlog``, ``rejectlog`` and ``paniclog`` in one directory.
+
+    Lines are written with ``os.write`` on O_APPEND descriptors so that several worker processes
+    can share the files without interleaving inside a line. ``json_lines`` adds ``main.jsonl``
+    with one object per event (``fields`` plus the text).
+    """
+
+    def __init__(self, directory: Path, *, json_lines: bool = False, echo: bool = False) -> None:
+        directory.mkdir(parents=True, exist_ok=True)
+        self.directory = directory
+        self._echo = echo
+        self._lock = threading.Lock()
+        flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT
+        self._main = os.open(directory / "mainlog", flags, 0o640)
+        self._reject = os.open(directory / "rejectlog", flags, 0o640)
+        self._panic = os.open(directory / "paniclog", flags, 0o640)
+        self._json = os.open(directory / "main.jsonl", flags, 0o640) if json_lines else None
+
+    def _write(self, fds: tuple[int, ...], kind: str, line: str, fields: dict[str, object]) -> None:
+        now = time.time()
+        text = f"{timestamp(now)} {line.replace(chr(10), ' ')}\n".encode("utf-8", "replace")
+        with self._lock:
+            for fd in fds:
+                os.write(fd, text)
+            if self._json is not None:
+                record = {"time": now, "kind": kind, "line": line, **fields}
+                os.write(self._json, (json.dumps(record, default=str) + "\n").encode())
+        if self._echo:
+            print(text.decode(), end="", flush=True)
+
+    def main(self, line: str, **fields: object) -> None:
+        self._write((self._main,), "main", line, fields)
+
+    def reject(self, line: str, **fields: object) -> None:
+        self._write((self._main, self._reject), "reject", line, fields)
+
+    def panic(self, line: str, **fields: object) -> None:
+        self._write((self._main, self._panic), "panic", line, fields)
+
+    def close(self) -> None:
+        for fd in (self._main, self._reject, self._panic, self._json):
+            if fd is not None:
+                os.close(fd)
+
+
+class MemoryEventLog:
+    """Keeps lines in lists: for unit tests of pure decision code only."""
+
+    def __init__(self) -> None:
+        self.lines: list[tuple[str, str]] = []
+
+    def main(self, line: str, **fields: object) -> None:
+        self.lines.append(("main", line))
+
+    def reject(self, line: str, **fields: object) -> None:
+        self.lines.append(("reject", line))
+
+    def panic(self, line: str, **fields: object) -> None:
+        self.lines.append(("panic", line))

@@ -1,0 +1,276 @@
+"""The composition root: builds every part from the config and runs the processes.
+
+Owns: process layout and signals. With ``workers = 1`` one process listens and delivers. With
+more, the parent forks workers that each bind the listening address with SO_REUSEPORT (the kernel
+spreads clients over them) and send the queue id of every committed message down a pipe; the
+parent alone runs the queue runner, so no message is ever delivered by two processes.
+SIGTERM: stop accepting, finish or tempfail transactions in flight, stop delivery, exit 0.
+SIGHUP: reload the config; a broken new config is logged and the old one stays.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import resource
+import signal
+import socket
+import sys
+from pathlib import Path
+
+from palisade.config import Config, ConfigError, load_config, parse_host_port
+from palisade.obs.log import FileEventLog
+from palisade.obs.queueid import QueueIdGenerator
+from palisade.policy.relay import RelayPolicy
+from palisade.relay import QueueRunner, Router
+from palisade.server.context import ServerContext
+from palisade.server.listener import Listener, bind_socket
+from palisade.server.tls import client_context, server_context
+from palisade.spool import Spool
+
+SHUTDOWN_GRACE = 10.0
+
+
+def install_fast_loop() -> None:
+    """Uses uvloop when it is installed; the stdlib loop otherwise."""
+    try:
+        import uvloop
+    except ImportError:
+        return
+    asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+
+
+def raise_fd_limit() -> None:
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
+def relay_policy(config: Config) -> RelayPolicy:
+    return RelayPolicy.build(
+        config.domains.local,
+        config.domains.relay,
+        config.relay.relay_from_hosts,
+        outbound_available=config.delivery.next_hop is not None,
+    )
+
+
+def build_router(config: Config) -> Router:
+    next_hop = parse_host_port(config.delivery.next_hop) if config.delivery.next_hop else None
+    return Router(
+        local_domains=frozenset(d.lower() for d in config.domains.local),
+        relay_domains=frozenset(d.lower() for d in config.domains.relay),
+        maildir_root=config.paths.mail,
+        next_hop=next_hop,
+        require_tls=config.delivery.require_tls,
+        tls_context=client_context(config.delivery.tls_ca_file),
+        helo_name=config.server.hostname,
+        timeout=config.delivery.timeout,
+    )
+
+
+def build_runner(config: Config, spool: Spool, log: FileEventLog) -> QueueRunner:
+    return QueueRunner(
+        spool,
+        build_router(config),
+        log,
+        retry_initial=config.delivery.retry_initial,
+        retry_max_interval=config.delivery.retry_max_interval,
+        max_age=config.delivery.max_age,
+        concurrency=config.delivery.concurrency,
+    )
+
+
+class Gateway:
+    """One process's share of the work: listening, delivering, or both."""
+
+    def __init__(self, config: Config, config_path: Path | None) -> None:
+        self.config = config
+        self.config_path = config_path
+        self.log = FileEventLog(config.paths.log, json_lines=config.log.json, echo=config.log.echo)
+        self.spool = Spool(config.paths.spool)
+        self.stopping = asyncio.Event()
+
+    def make_context(self, submit: object) -> ServerContext:
+        config = self.config
+        tls = None
+        if config.tls.certificate and config.tls.private_key:
+            tls = server_context(config.tls.certificate, config.tls.private_key)
+        return ServerContext(
+            config=config,
+            log=self.log,
+            spool=self.spool,
+            relay_policy=relay_policy(config),
+            tls_context=tls,
+            queue_ids=QueueIdGenerator(),
+            submit=submit,  # type: ignore[arg-type]
+        )
+
+    def reload(self, ctx: ServerContext | None) -> None:
+        """SIGHUP: a valid new config replaces the old; a broken one is refused and logged."""
+        try:
+            new = load_config(self.config_path)
+            tls = None
+            if new.tls.certificate and new.tls.private_key:
+                tls = server_context(new.tls.certificate, new.tls.private_key)
+        except (ConfigError, OSError) as exc:
+            self.log.panic(f"reload refused, old configuration stays in force: {exc}")
+            return
+        if new.server.listen != self.config.server.listen:
+            self.log.main("listen addresses changed: they take effect at the next restart")
+        self.config = new
+        if ctx is not None:
+            ctx.config, ctx.relay_policy, ctx.tls_context = new, relay_policy(new), tls
+        self.log.main(f"configuration reloaded from {new.source}")
+
+    def install_signals(self, on_hup: object) -> None:
+        loop = asyncio.get_running_loop()
+        loop.add_signal_handler(signal.SIGTERM, self.stopping.set)
+        loop.add_signal_handler(signal.SIGINT, self.stopping.set)
+        loop.add_signal_handler(signal.SIGHUP, on_hup)  # type: ignore[arg-type]
+
+
+async def run_single(config: Config, config_path: Path | None, sockets: list[socket.socket]) -> None:
+    """workers = 1: listener and queue runner in one process."""
+    gw = Gateway(config, config_path)
+    runner = build_runner(config, gw.spool, gw.log)
+    ctx = gw.make_context(runner.submit)
+    await runner.start()
+    listener = Listener(ctx, sockets)
+    await listener.start()
+    gw.install_signals(lambda: gw.reload(ctx))
+    gw.log.main(f"palisade daemon started: pid={os.getpid()}, listening on "
+                f"{', '.join(config.server.listen)}, config {config.source}")
+    await gw.stopping.wait()
+    gw.log.main("SIGTERM received: no longer accepting connections, finishing transactions")
+    await listener.shutdown(SHUTDOWN_GRACE)
+    await runner.stop()
+    gw.log.main("palisade daemon stopped")
+
+
+async def run_worker(config: Config, config_path: Path | None, sockets: list[socket.socket],
+                     notify_fd: int) -> None:
+    """A listening worker: commits to the spool and tells the parent the queue id."""
+    gw = Gateway(config, config_path)
+
+    def submit(queue_id: str) -> None:
+        try:
+            os.write(notify_fd, queue_id.encode() + b"\n")
+        except OSError as exc:  # the parent's periodic scan still finds the message
+            gw.log.panic(f"{queue_id} could not notify the queue runner: {exc}")
+
+    ctx = gw.make_context(submit)
+    listener = Listener(ctx, sockets)
+    await listener.start()
+    gw.install_signals(lambda: gw.reload(ctx))
+    await gw.stopping.wait()
+    await listener.shutdown(SHUTDOWN_GRACE)
+
+
+async def run_parent(config: Config, config_path: Path | None, notify_read: int,
+                     workers: dict[int, int], spawn: object) -> None:
+    """The parent of workers: runs the queue runner, forwards signals, restarts dead workers."""
+    gw = Gateway(config, config_path)
+    runner = build_runner(config, gw.spool, gw.log)
+    await runner.start()
+    loop = asyncio.get_running_loop()
+    pending = bytearray()
+
+    def on_notify() -> None:
+        try:
+            chunk = os.read(notify_read, 65536)
+        except BlockingIOError:
+            return
+        pending.extend(chunk)
+        *lines, rest = bytes(pending).split(b"\n")
+        pending[:] = rest
+        for line in lines:
+            runner.submit(line.decode("ascii", "replace"))
+
+    os.set_blocking(notify_read, False)
+    loop.add_reader(notify_read, on_notify)
+
+    def on_hup() -> None:
+        gw.reload(None)
+        for pid in workers.values():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGHUP)
+
+    gw.install_signals(on_hup)
+    gw.log.main(f"palisade daemon started: pid={os.getpid()}, {len(workers)} workers listening on "
+                f"{', '.join(config.server.listen)}, config {config.source}")
+
+    async def reap() -> None:
+        while not gw.stopping.is_set():
+            await asyncio.sleep(0.5)
+            for slot, pid in list(workers.items()):
+                done, status = os.waitpid(pid, os.WNOHANG)
+                if done and not gw.stopping.is_set():
+                    gw.log.panic(f"worker {pid} exited (status {status}); starting a new one")
+                    workers[slot] = spawn(slot)  # type: ignore[operator]
+
+    reaper = loop.create_task(reap())
+    await gw.stopping.wait()
+    gw.log.main("SIGTERM received: stopping workers")
+    for pid in workers.values():
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGTERM)
+    for pid in workers.values():
+        await loop.run_in_executor(None, _wait_pid, pid)
+    reaper.cancel()
+    on_notify()
+    await runner.stop()
+    gw.log.main("palisade daemon stopped")
+
+
+def _wait_pid(pid: int) -> None:
+    with contextlib.suppress(ChildProcessError):
+        os.waitpid(pid, 0)
+
+
+def serve(config_path: Path | None) -> int:
+    """``palisade serve``: returns the process exit status."""
+    try:
+        config = load_config(config_path)
+    except ConfigError as exc:
+        print(f"palisade: {exc}", file=sys.stderr)
+        return 2
+    raise_fd_limit()
+    install_fast_loop()
+    for path in (config.paths.spool, config.paths.log, config.paths.mail):
+        path.mkdir(parents=True, exist_ok=True)
+    workers = config.server.workers
+    try:
+        sockets = [bind_socket(a, reuse_port=workers > 1) for a in config.server.listen]
+    except OSError as exc:
+        print(f"palisade: cannot listen on {', '.join(config.server.listen)}: {exc}",
+              file=sys.stderr)
+        return 1
+    if workers == 1:
+        asyncio.run(run_single(config, config_path, sockets))
+        return 0
+    for sock in sockets:  # each worker binds its own SO_REUSEPORT socket
+        sock.close()
+    notify_read, notify_write = os.pipe()
+
+    def spawn(slot: int) -> int:
+        pid = os.fork()
+        if pid == 0:
+            code = 0
+            try:
+                os.close(notify_read)
+                own = [bind_socket(a, reuse_port=True) for a in config.server.listen]
+                asyncio.run(run_worker(config, config_path, own, notify_write))
+            except BaseException:  # noqa: BLE001 - a worker must never return into the parent
+                import traceback
+
+                traceback.print_exc()
+                code = 1
+            os._exit(code)
+        return pid
+
+    children = {slot: spawn(slot) for slot in range(workers)}
+    asyncio.run(run_parent(config, config_path, notify_read, children, spawn))
+    return 0

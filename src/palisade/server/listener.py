@@ -1,0 +1,110 @@
+"""The listening sockets: accept, enforce connection caps, start one session per client.
+
+Owns: the sockets (SO_REUSEPORT so that several worker processes share a port), the count of
+connections in total and per client IP (421 when over, before any SMTP is spoken), and graceful
+shutdown (stop accepting, let transactions in flight finish, then tempfail the rest).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import socket
+
+from palisade.config import parse_host_port
+from palisade.server.context import ServerContext
+from palisade.server.session import Session
+from palisade.server.stream import ClientStream
+
+
+def bind_socket(address: str, reuse_port: bool) -> socket.socket:
+    """A listening TCP socket for ``host:port``; IPv6 literals in brackets."""
+    host, port = parse_host_port(address)
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    if reuse_port:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    if family == socket.AF_INET6:
+        sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+    sock.bind((host, port))
+    sock.listen(4096)
+    sock.setblocking(False)
+    return sock
+
+
+class Listener:
+    """Accepts clients on the configured addresses and runs their sessions."""
+
+    def __init__(self, ctx: ServerContext, sockets: list[socket.socket]) -> None:
+        self.ctx = ctx
+        self.sockets = sockets
+        self.servers: list[asyncio.Server] = []
+        self.sessions: dict[asyncio.Task[None], Session] = {}
+        self.per_ip: collections.Counter[str] = collections.Counter()
+
+    async def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        for sock in self.sockets:
+            server = await loop.create_server(lambda: ClientStream(self._on_connect), sock=sock)
+            self.servers.append(server)
+
+    def _on_connect(self, stream: ClientStream) -> None:
+        ip, port = stream.peer
+        limits = self.ctx.config.server
+        host = self.ctx.config.server.hostname
+        if len(self.sessions) >= limits.max_connections:
+            self._turn_away(stream, f"421 4.7.0 {host} Too many connections, try later\r\n")
+            self.ctx.log.reject(
+                f"Connection from [{ip}]:{port} refused: too many connections "
+                f"({len(self.sessions)}, max={limits.max_connections})"
+            )
+            return
+        if self.per_ip[ip] >= limits.max_connections_per_ip:
+            self._turn_away(stream, f"421 4.7.0 {host} Too many connections from your host\r\n")
+            self.ctx.log.reject(
+                f"Connection from [{ip}]:{port} refused: too many connections from that IP "
+                f"address ({self.per_ip[ip]}, max={limits.max_connections_per_ip})"
+            )
+            return
+        self.per_ip[ip] += 1
+        session = Session(self.ctx, stream)
+        task = asyncio.get_running_loop().create_task(session.run())
+        self.sessions[task] = session
+        task.add_done_callback(lambda t, ip=ip: self._finished(t, ip))
+
+    @staticmethod
+    def _turn_away(stream: ClientStream, reply: str) -> None:
+        stream.write(reply.encode())
+        stream.close()
+
+    def _finished(self, task: asyncio.Task[None], ip: str) -> None:
+        self.sessions.pop(task, None)
+        self.per_ip[ip] -= 1
+        if self.per_ip[ip] <= 0:
+            del self.per_ip[ip]
+        if not task.cancelled() and task.exception() is not None:
+            self.ctx.log.panic(f"session for [{ip}] failed: {task.exception()!r}")
+
+    async def shutdown(self, grace: float) -> None:
+        """Stops accepting, lets transactions finish for ``grace`` seconds, then ends the rest.
+
+        Sessions that are still open get ``421 4.3.2`` at their next command (``draining``), and
+        those still running after the grace period are cancelled: their open transaction is
+        aborted, so the client keeps responsibility for the message (nothing acknowledged is lost).
+        """
+        self.ctx.draining = True
+        for server in self.servers:
+            server.close()
+        for sock in self.sockets:
+            with contextlib.suppress(OSError):
+                sock.close()
+        for session in list(self.sessions.values()):
+            session.notify_shutdown()
+        if self.sessions:
+            _, pending = await asyncio.wait(set(self.sessions), timeout=grace)
+            for task in pending:
+                task.cancel()
+            if pending:
+                await asyncio.wait(pending, timeout=5)

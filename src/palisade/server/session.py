@@ -1,0 +1,429 @@
+"""One SMTP conversation: bytes from the stream into the SMTP core, events to policy and spool.
+
+Owns: the order of work for a connection (greeting, commands, STARTTLS, DATA streamed to the
+spool, the 250 only after the spool commit), the per-request deadlines that stop clients who
+trickle bytes, reply batching (all replies to one pipelined group leave in one write), and the
+log line for each decision. It never decides policy itself: relay control and, later, the rule
+engine return verdicts, and this module renders them.
+Trust: everything from the client is hostile; client text reaches the logs only through
+``obs.log.escape``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ipaddress
+import time
+from dataclasses import dataclass, field
+from email.utils import formatdate
+from typing import TYPE_CHECKING
+
+from palisade.obs.log import escape
+from palisade.policy.relay import Route
+from palisade.policy.verdict import Verdict
+from palisade.server.stream import ClientStream
+from palisade.server.tls import describe
+from palisade.smtp import NEED_DATA, PAUSED, Features, Limits, Reply, SmtpConnection, events
+from palisade.spool import Envelope
+
+if TYPE_CHECKING:
+    from palisade.server.context import ServerContext
+    from palisade.spool import SpoolWriter
+
+
+class _Closed(Exception):
+    """The conversation is over (QUIT, drop, timeout, EOF)."""
+
+
+@dataclass
+class Transaction:
+    """What one MAIL ... DATA exchange has gathered so far."""
+
+    sender: str | None = None
+    recipients: list[str] = field(default_factory=list)
+    routes: list[Route] = field(default_factory=list)
+    writer: SpoolWriter | None = None
+    queue_id: str | None = None
+    message_id: str | None = None
+
+
+class Session:
+    """Drives one client connection from greeting to close."""
+
+    def __init__(self, ctx: ServerContext, stream: ClientStream) -> None:
+        self.ctx = ctx
+        self.stream = stream
+        self.config = ctx.config
+        self.ip_text, self.port = stream.peer
+        self.ip = ipaddress.ip_address(self.ip_text)
+        limits = self.config.limits
+        self.conn = SmtpConnection(
+            features=Features(
+                hostname=self.config.server.hostname,
+                max_size=limits.max_message_size,
+                starttls=ctx.tls_context is not None,
+            ),
+            limits=Limits(
+                max_command_line=limits.max_command_line,
+                max_text_line=limits.max_text_line,
+                max_message_size=limits.max_message_size,
+                max_recipients=limits.max_recipients,
+                max_errors=limits.max_errors,
+            ),
+        )
+        self.helo: str | None = None
+        self.esmtp = False
+        self.tls: str | None = None
+        self.tx = Transaction()
+        self._out: list[bytes] = []
+        self._deadline: float | None = None
+        self._data_started: float | None = None
+        self._data_bytes = 0
+
+    # -- log helpers ------------------------------------------------------------------------
+    def host_field(self) -> str:
+        """exim's ``H=`` field: ``(helo) [ip]:port`` (no PTR lookups in the core)."""
+        helo = f"({escape(self.helo, 100)}) " if self.helo else ""
+        return f"H={helo}[{self.ip_text}]:{self.port}"
+
+    def _sender_field(self) -> str:
+        return f" F=<{escape(self.tx.sender or '', 200)}>" if self.tx.sender is not None else ""
+
+    # -- main loop ---------------------------------------------------------------------------
+    async def run(self) -> None:
+        try:
+            if not await self._greet():
+                return
+            while True:
+                event = self.conn.next_event()
+                if event is NEED_DATA or event is PAUSED:
+                    await self._flush()
+                    await self._receive()
+                    continue
+                await self._dispatch(event)
+                if not isinstance(event, events.DataChunk):
+                    self._after_dispatch(event)
+        except _Closed:
+            pass
+        except (ConnectionError, OSError):
+            pass
+        except asyncio.CancelledError:
+            # Shutdown after the grace period: the open transaction is aborted below and the
+            # client told to come back, so it keeps responsibility for its message.
+            self._out.append(self._shutdown_reply().to_bytes())
+        finally:
+            self._abort_transaction()
+            with contextlib.suppress(Exception):
+                await self._flush()
+            self.stream.close()
+
+    async def _greet(self) -> bool:
+        delay = self.config.server.greeting_delay
+        if delay > 0:
+            with contextlib.suppress(TimeoutError):
+                early = await self.stream.read(delay)
+                if early or self.stream.has_data():
+                    self.ctx.log.reject(
+                        f"SMTP protocol synchronization error (input sent without waiting for "
+                        f"greeting): rejected connection from H=[{self.ip_text}]:{self.port} "
+                        f'input="{escape(early.decode("latin-1"), 60)}"'
+                    )
+                    self._send(Reply(554, "5.5.0", "SMTP synchronization error"))
+                    return False
+                if early == b"":
+                    return False
+        if self.ctx.draining:
+            self._send(self._shutdown_reply())
+            return False
+        self._out.append(self.conn.greeting(self.config.server.hostname))
+        return True
+
+    async def _receive(self) -> None:
+        """Reads more input under the current request's deadline.
+
+        The deadline is set when a request begins (a new command, or DATA) and is not extended
+        by bytes that trickle in, so a client cannot hold a connection by sending one byte at a
+        time. During DATA a minimum average rate applies after a grace period as well.
+        """
+        now = time.monotonic()
+        if self._deadline is None:
+            self._deadline = now + self.config.limits.command_timeout
+        remaining = self._deadline - now
+        if self._data_started is not None:
+            elapsed = now - self._data_started
+            limits = self.config.limits
+            if elapsed > limits.min_data_rate_grace and (
+                self._data_bytes < limits.min_data_rate * elapsed
+            ):
+                await self._timeout("SMTP data transfer too slow")
+            remaining = min(remaining, max(0.5, limits.min_data_rate_grace - elapsed))
+        if remaining <= 0:
+            await self._timeout(
+                "SMTP data timeout" if self._data_started is not None else "SMTP command timeout"
+            )
+        try:
+            data = await self.stream.read(remaining)
+        except TimeoutError:
+            if self._data_started is not None and time.monotonic() < self._deadline:
+                return  # time to re-check the data rate
+            await self._timeout(
+                "SMTP data timeout" if self._data_started is not None else "SMTP command timeout"
+            )
+        if self._data_started is not None:
+            self._data_bytes += len(data)
+        self.conn.receive_data(data)
+
+    async def _timeout(self, what: str) -> None:
+        self.ctx.log.main(f"{what} on connection from {self.host_field()}{self._sender_field()}")
+        self._send(Reply(421, "4.4.2", f"{self.config.server.hostname} {what} - closing connection"))
+        raise _Closed
+
+    def _send(self, reply: Reply) -> None:
+        self._out.append(self.conn.send_reply(reply) if self._awaiting_reply else reply.to_bytes())
+
+    @property
+    def _awaiting_reply(self) -> bool:
+        return self.conn.awaiting_reply
+
+    async def _flush(self) -> None:
+        if self._out:
+            self.stream.write(b"".join(self._out))
+            self._out.clear()
+            await self.stream.drain()
+
+    def _shutdown_reply(self) -> Reply:
+        return Reply(421, "4.3.2", f"{self.config.server.hostname} Service shutting down")
+
+    def notify_shutdown(self) -> None:
+        """Called at shutdown: a client between transactions is told 421 and let go at once."""
+        if self.tx.sender is None and self._data_started is None and not self._out:
+            self.stream.write(self._shutdown_reply().to_bytes())
+            self.stream.close()
+
+    # -- events ------------------------------------------------------------------------------
+    async def _dispatch(self, event: object) -> None:
+        if isinstance(event, events.DataChunk):
+            if self.tx.writer is not None:
+                self.tx.writer.write(event.data)
+            return
+        match event:
+            case events.Helo():
+                self._on_helo(event)
+            case events.Mail():
+                self._on_mail(event)
+            case events.Rcpt():
+                self._on_rcpt(event)
+            case events.Data():
+                await self._on_data()
+            case events.DataEnd():
+                await self._on_data_end(event)
+            case events.Rset():
+                self._abort_transaction()
+                self._send(Reply(250, "2.0.0", "Ok"))
+            case events.Noop():
+                self._send(Reply(250, "2.0.0", "Ok"))
+            case events.Quit():
+                self._send(Reply(221, "2.0.0", f"{self.config.server.hostname} closing connection"))
+                raise _Closed
+            case events.Help():
+                self._send(Reply(214, "2.0.0", "See RFC 5321; commands: EHLO HELO MAIL RCPT DATA "
+                                 "RSET NOOP QUIT HELP VRFY STARTTLS"))
+            case events.Vrfy():
+                self._send(Reply(252, "2.5.2", "Cannot VRFY user; try RCPT to attempt delivery"))
+            case events.Expn():
+                self._send(Reply(502, "5.5.1", "EXPN not available"))
+            case events.StartTls():
+                await self._on_starttls()
+            case events.Auth():
+                self.ctx.log.reject(
+                    f'SMTP protocol error in "AUTH {escape(event.argument.split(" ")[0], 20)}" '
+                    f"{self.host_field()} AUTH command used when not advertised"
+                )
+                self._send(Reply(503, "5.5.1", "Error: authentication not enabled"))
+            case events.CommandError():
+                self._on_command_error(event)
+            case events.TooManyErrors():
+                self.ctx.log.reject(
+                    f"SMTP call from {self.host_field()} dropped: too many syntax or protocol errors"
+                )
+                self._send(event.reply)
+                raise _Closed
+            case events.ConnectionClosed():
+                if self.tx.sender is not None:
+                    self.ctx.log.main(
+                        f"unexpected disconnection while reading SMTP command from "
+                        f"{self.host_field()}{self._sender_field()}"
+                    )
+                raise _Closed
+            case _:
+                raise AssertionError(f"unhandled SMTP event {event!r}")
+
+    def _on_helo(self, event: events.Helo) -> None:
+        self._abort_transaction()
+        self.helo = event.name
+        self.esmtp = event.extended
+        self._send(self.conn.helo_reply(event, self.config.server.hostname))
+
+    def _on_mail(self, event: events.Mail) -> None:
+        self.tx = Transaction(sender="" if event.address is None else event.address.text)
+        self._send(Reply(250, "2.1.0", "Ok"))
+
+    def _on_rcpt(self, event: events.Rcpt) -> None:
+        decision = self.ctx.relay_policy.decide(event.address, self.ip)
+        if isinstance(decision, Verdict):
+            self._refuse("RCPT", event.address.text, decision)
+            return
+        self.tx.recipients.append(event.address.text)
+        self.tx.routes.append(decision)
+        self._send(Reply(250, "2.1.5", "Ok"))
+
+    def _refuse(self, stage: str, subject: str, verdict: Verdict) -> None:
+        target = f" <{escape(subject, 200)}>" if subject else ""
+        self.ctx.log.reject(
+            f"{self.host_field()}{self._sender_field()} rejected {stage}{target}: "
+            f"{verdict.log_message}"
+        )
+        assert verdict.reply is not None
+        self._send(verdict.reply)
+        if verdict.closes:
+            raise _Closed
+
+    def _on_command_error(self, event: events.CommandError) -> None:
+        if event.kind == "pipelining":
+            self.ctx.log.reject(
+                f"SMTP protocol synchronization error (next input sent too soon: pipelining was "
+                f"not advertised): rejected connection from {self.host_field()}"
+            )
+        else:
+            self.ctx.log.reject(
+                f"SMTP protocol error in {event.kind}: {self.host_field()}{self._sender_field()} "
+                f"{escape(event.reason, 200)}"
+            )
+        self._send(event.reply)
+        if not self.conn.is_open:
+            raise _Closed
+
+    async def _on_starttls(self) -> None:
+        assert self.ctx.tls_context is not None
+        self._send(Reply(220, "2.0.0", "Ready to start TLS"))
+        await self._flush()
+        try:
+            await self.stream.start_tls(self.ctx.tls_context, self.config.limits.command_timeout)
+        except (OSError, ConnectionError, TimeoutError, asyncio.CancelledError) as exc:
+            if isinstance(exc, asyncio.CancelledError):
+                raise
+            self.ctx.log.reject(f"TLS error on connection from {self.host_field()}: {escape(str(exc))}")
+            raise _Closed from None
+        self.conn.tls_started()
+        self.tls = describe(self.stream.tls_info())
+        self.helo = None
+        self.tx = Transaction()
+
+    async def _on_data(self) -> None:
+        tx = self.tx
+        if self.ctx.draining:
+            self._send(self._shutdown_reply())
+            raise _Closed
+        tx.queue_id = self.ctx.queue_ids.new()
+        envelope = Envelope(
+            queue_id=tx.queue_id,
+            sender=tx.sender or "",
+            recipients=tuple(tx.recipients),
+            received_at=time.time(),
+            client_ip=self.ip_text,
+            client_port=self.port,
+            helo=self.helo or "",
+            client_name=None,
+            protocol=self.protocol,
+            tls=self.tls,
+        )
+        try:
+            tx.writer = self.ctx.spool.open_message(envelope)
+            tx.writer.write(self._received_header(tx))
+        except OSError as exc:
+            self.ctx.log.panic(f"spool write failed: {exc}")
+            self._send(Reply(451, "4.3.0", "Local error in processing"))
+            self._abort_transaction()
+            return
+        self._send(Reply(354, None, "End data with <CR><LF>.<CR><LF>"))
+        self._data_started = time.monotonic()
+        self._data_bytes = 0
+
+    def _after_dispatch(self, event: object) -> None:
+        """Starts the next request's deadline: DATA content gets data_timeout, commands theirs."""
+        if self._data_started is not None and isinstance(event, events.Data):
+            self._deadline = self._data_started + self.config.limits.data_timeout
+        else:
+            self._deadline = None
+
+    @property
+    def protocol(self) -> str:
+        base = "esmtp" if self.esmtp else "smtp"
+        return base + ("s" if self.tls else "")
+
+    def _received_header(self, tx: Transaction) -> bytes:
+        helo = escape(self.helo or "unknown", 100).replace("(", "").replace(")", "")
+        tls = f" ({self.tls})" if self.tls else ""
+        rcpt = f"\r\n\tfor <{escape(tx.recipients[0], 200)}>" if len(tx.recipients) == 1 else ""
+        return (
+            f"Received: from {helo} ([{self.ip_text}])\r\n"
+            f"\tby {self.config.server.hostname} (Palisade) with {self.protocol.upper()}{tls}\r\n"
+            f"\tid {tx.queue_id}{rcpt};\r\n"
+            f"\t{formatdate(localtime=True)}\r\n"
+        ).encode("utf-8", "replace")
+
+    async def _on_data_end(self, event: events.DataEnd) -> None:
+        self._data_started = None
+        tx = self.tx
+        writer, tx.writer = tx.writer, None
+        if event.flaw is not None or writer is None:
+            if writer is not None:
+                writer.abort()
+            self._log_data_refusal(event)
+            self._send(event.suggested_reply)
+            self.tx = Transaction()
+            return
+        try:
+            await writer.commit()
+        except OSError as exc:
+            writer.abort()
+            self.ctx.log.panic(f"{tx.queue_id} spool commit failed: {exc}")
+            self._send(Reply(451, "4.3.0", "Local error in processing"))
+            self.tx = Transaction()
+            return
+        assert tx.queue_id is not None
+        self._log_arrival(tx, event.size)
+        self.ctx.submit(tx.queue_id)
+        self._send(Reply(250, "2.0.0", f"Ok: queued as {tx.queue_id}"))
+        self.tx = Transaction()
+
+    def _log_data_refusal(self, event: events.DataEnd) -> None:
+        what = {
+            "bare_lf": "SMTP smuggling attempt: bare LF in message data",
+            "bare_cr": "SMTP smuggling attempt: bare CR in message data",
+            "nul": "SMTP smuggling attempt: NUL in message data",
+            "line_too_long": "message line longer than the RFC 5322 limit",
+            "size": "message too big",
+        }.get(event.flaw or "", event.flaw_reason)
+        rcpts = ",".join(f"<{escape(r, 200)}>" for r in self.tx.recipients)
+        self.ctx.log.reject(
+            f"{self.host_field()}{self._sender_field()} T={rcpts} rejected after DATA: {what}"
+        )
+
+    def _log_arrival(self, tx: Transaction, size: int) -> None:
+        parts = [
+            f"{tx.queue_id} <= {escape(tx.sender or '<>', 200)}",
+            self.host_field(),
+            f"P={self.protocol}",
+        ]
+        if self.tls:
+            parts.append(f"X={self.tls}")
+        parts.append(f"S={size}")
+        parts.append("T=" + ",".join(f"<{escape(r, 200)}>" for r in tx.recipients))
+        self.ctx.log.main(" ".join(parts), queue_id=tx.queue_id, client_ip=self.ip_text)
+
+    def _abort_transaction(self) -> None:
+        if self.tx.writer is not None:
+            self.tx.writer.abort()
+        self.tx = Transaction()

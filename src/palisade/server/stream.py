@@ -1,0 +1,146 @@
+"""A minimal byte stream over an asyncio transport, owned by one SMTP session.
+
+Owns: the receive buffer between the socket and the SMTP core, flow control, and the switch to
+TLS. Written instead of using ``asyncio.StreamReader`` because STARTTLS must throw away every
+plaintext byte received before the handshake (CVE-2011-0411), and StreamReader keeps such bytes
+in a private buffer that would be read as if they had come over TLS.
+Trust: bytes are passed through untouched; interpreting them is the SMTP core's job.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ssl
+from collections.abc import Callable
+
+_HIGH_WATER = 256 * 1024
+
+
+class ClientStream(asyncio.Protocol):
+    """Transport events in, awaitable reads and writes out."""
+
+    def __init__(self, on_connect: Callable[[ClientStream], None]) -> None:
+        self._on_connect = on_connect
+        self.transport: asyncio.Transport | None = None
+        self._buffer = bytearray()
+        self._eof = False
+        self._waiter: asyncio.Future[None] | None = None
+        self._write_paused = False
+        self._drain_waiter: asyncio.Future[None] | None = None
+        self._reading_paused = False
+        self.closed = asyncio.get_running_loop().create_future()
+
+    # -- asyncio.Protocol -------------------------------------------------------------------
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+        self._on_connect(self)
+
+    def data_received(self, data: bytes) -> None:
+        self._buffer += data
+        if len(self._buffer) > _HIGH_WATER and self.transport and not self._reading_paused:
+            self._reading_paused = True
+            self.transport.pause_reading()
+        self._wake()
+
+    def eof_received(self) -> bool | None:
+        self._eof = True
+        self._wake()
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._eof = True
+        self._wake()
+        if self._drain_waiter is not None and not self._drain_waiter.done():
+            self._drain_waiter.set_result(None)
+        if not self.closed.done():
+            self.closed.set_result(None)
+
+    def pause_writing(self) -> None:
+        self._write_paused = True
+
+    def resume_writing(self) -> None:
+        self._write_paused = False
+        if self._drain_waiter is not None and not self._drain_waiter.done():
+            self._drain_waiter.set_result(None)
+
+    # -- session side ----------------------------------------------------------------------
+    def _wake(self) -> None:
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_result(None)
+
+    def has_data(self) -> bool:
+        return bool(self._buffer)
+
+    async def read(self, timeout: float | None) -> bytes:
+        """Everything buffered, waiting up to ``timeout`` for some; b"" at EOF.
+
+        Raises TimeoutError when nothing came in time.
+        """
+        if not self._buffer and not self._eof:
+            self._waiter = asyncio.get_running_loop().create_future()
+            try:
+                await asyncio.wait_for(self._waiter, timeout)
+            finally:
+                self._waiter = None
+        data = bytes(self._buffer)
+        self._buffer.clear()
+        if self._reading_paused and self.transport is not None:
+            self._reading_paused = False
+            self.transport.resume_reading()
+        return data
+
+    def discard_input(self) -> int:
+        """Drops whatever has been received and not read; returns how many bytes."""
+        count = len(self._buffer)
+        self._buffer.clear()
+        return count
+
+    def write(self, data: bytes) -> None:
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.write(data)
+
+    async def drain(self) -> None:
+        if self._write_paused and self.transport is not None and not self.transport.is_closing():
+            self._drain_waiter = asyncio.get_running_loop().create_future()
+            await self._drain_waiter
+
+    async def start_tls(self, context: ssl.SSLContext, timeout: float) -> None:
+        """Upgrades the connection; plaintext received before this point is discarded."""
+        assert self.transport is not None
+        self.discard_input()
+        loop = asyncio.get_running_loop()
+        new_transport = await loop.start_tls(
+            self.transport, self, context, server_side=True, ssl_handshake_timeout=timeout
+        )
+        if new_transport is None:
+            raise ConnectionError("TLS handshake did not complete")
+        self.transport = new_transport
+        self.discard_input()
+
+    def close(self) -> None:
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.close()
+
+    def abort(self) -> None:
+        if self.transport is not None:
+            self.transport.abort()
+
+    @property
+    def peer(self) -> tuple[str, int]:
+        assert self.transport is not None
+        peer = self.transport.get_extra_info("peername")
+        return (str(peer[0]), int(peer[1])) if peer else ("0.0.0.0", 0)
+
+    def tls_info(self) -> tuple[str, str, int] | None:
+        """(protocol, cipher, bits) when the connection is encrypted."""
+        if self.transport is None:
+            return None
+        obj = self.transport.get_extra_info("ssl_object")
+        if obj is None:
+            return None
+        cipher = obj.cipher()
+        if not cipher:
+            return None
+        name, version, bits = cipher
+        return (obj.version() or version, name, bits)

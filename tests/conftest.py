@@ -1,0 +1,258 @@
+"""Shared fixtures: a real gateway process on loopback, a test CA, a real next-hop SMTP server.
+
+Nothing here is a mock: the gateway runs as ``python -m palisade serve`` in a subprocess and is
+spoken to over TCP; the next hop is aiosmtpd, a real SMTP server, in a thread.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as sock:
+        sock.bind((host, 0))
+        return int(sock.getsockname()[1])
+
+
+def toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return repr(value)
+    if isinstance(value, str | Path):
+        return '"' + str(value).replace("\\", "\\\\").replace('"', '\\"') + '"'
+    if isinstance(value, list | tuple):
+        return "[" + ", ".join(toml_value(v) for v in value) + "]"
+    raise TypeError(value)
+
+
+def write_config(path: Path, sections: dict[str, dict[str, Any]]) -> Path:
+    lines = []
+    for name, table in sections.items():
+        lines.append(f"[{name}]")
+        lines.extend(f"{key} = {toml_value(value)}" for key, value in table.items())
+        lines.append("")
+    path.write_text("\n".join(lines))
+    return path
+
+
+def wait_for(predicate: Any, timeout: float = 10.0, interval: float = 0.02) -> Any:
+    """Polls ``predicate`` until it returns something truthy (files, log lines, sockets)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        result = predicate()
+        if result:
+            return result
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {predicate}")
+        time.sleep(interval)
+
+
+@dataclass
+class GatewayProcess:
+    """A running ``palisade serve`` and the paths it writes to."""
+
+    base: Path
+    port: int
+    config_path: Path
+    sections: dict[str, dict[str, Any]]
+    proc: subprocess.Popen[bytes] | None = None
+    host: str = "127.0.0.1"
+    _stderr: list[bytes] = field(default_factory=list)
+
+    @property
+    def log_dir(self) -> Path:
+        return self.base / "var" / "log"
+
+    @property
+    def mail_dir(self) -> Path:
+        return self.base / "var" / "mail"
+
+    @property
+    def spool_dir(self) -> Path:
+        return self.base / "var" / "spool"
+
+    def mainlog(self) -> str:
+        path = self.log_dir / "mainlog"
+        return path.read_text() if path.exists() else ""
+
+    def rejectlog(self) -> str:
+        path = self.log_dir / "rejectlog"
+        return path.read_text() if path.exists() else ""
+
+    def paniclog(self) -> str:
+        path = self.log_dir / "paniclog"
+        return path.read_text() if path.exists() else ""
+
+    def maildir_messages(self, local_part: str) -> list[bytes]:
+        new = self.mail_dir / local_part / "new"
+        if not new.is_dir():
+            return []
+        return [p.read_bytes() for p in sorted(new.iterdir())]
+
+    def start(self) -> GatewayProcess:
+        env = dict(os.environ, PYTHONUNBUFFERED="1")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "palisade", "serve", "--config", str(self.config_path)],
+            cwd=self.base,
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+        )
+        threading.Thread(target=self._drain_stderr, daemon=True).start()
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise AssertionError(f"gateway exited at start-up: {self.stderr()}")
+            try:
+                with socket.create_connection((self.host, self.port), timeout=1) as sock:
+                    sock.settimeout(5)
+                    if sock.recv(512).startswith(b"220"):
+                        return self
+            except OSError:
+                time.sleep(0.05)
+        raise AssertionError(f"gateway did not greet within 15s: {self.stderr()}")
+
+    def _drain_stderr(self) -> None:
+        assert self.proc is not None and self.proc.stderr is not None
+        for line in self.proc.stderr:
+            self._stderr.append(line)
+
+    def stderr(self) -> str:
+        return b"".join(self._stderr).decode(errors="replace")
+
+    def signal(self, signum: int) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(signum)
+
+    def stop(self, timeout: float = 20) -> int:
+        if self.proc is None or self.proc.poll() is not None:
+            return self.proc.returncode if self.proc else 0
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+            raise AssertionError("gateway did not stop within the timeout after SIGTERM") from None
+
+    def kill(self) -> None:
+        assert self.proc is not None
+        self.proc.kill()
+        self.proc.wait()
+
+
+def gateway_sections(port: int, **overrides: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    sections: dict[str, dict[str, Any]] = {
+        "server": {"hostname": "mx.example.test", "listen": [f"127.0.0.1:{port}"],
+                   "max_connections_per_ip": 50},
+        "limits": {"command_timeout": 20, "data_timeout": 30},
+        "domains": {"local": ["example.test"], "relay": []},
+        "paths": {"spool": "var/spool", "mail": "var/mail", "log": "var/log",
+                  "state": "var/state.sqlite"},
+        "log": {"json": True},
+    }
+    for name, table in overrides.items():
+        sections.setdefault(name, {}).update(table)
+    return sections
+
+
+@pytest.fixture
+def make_gateway(tmp_path: Path) -> Iterator[Any]:
+    """Factory: ``make_gateway(server={...}, limits={...})`` starts a configured gateway."""
+    started: list[GatewayProcess] = []
+
+    def factory(start: bool = True, **overrides: dict[str, Any]) -> GatewayProcess:
+        base = tmp_path / f"gw{len(started)}"
+        base.mkdir()
+        port = free_port()
+        sections = gateway_sections(port, **overrides)
+        config = write_config(base / "palisade.toml", sections)
+        gateway = GatewayProcess(base=base, port=port, config_path=config, sections=sections)
+        started.append(gateway)
+        return gateway.start() if start else gateway
+
+    yield factory
+    for gateway in started:
+        if gateway.proc is not None and gateway.proc.poll() is None:
+            gateway.stop()
+
+
+@pytest.fixture
+def gateway(make_gateway: Any) -> GatewayProcess:
+    """A gateway on the defaults: local domain example.test, no TLS."""
+    return make_gateway()  # type: ignore[no-any-return]
+
+
+@pytest.fixture(scope="session")
+def test_ca() -> Any:
+    import trustme
+
+    return trustme.CA()
+
+
+@pytest.fixture
+def tls_files(test_ca: Any, tmp_path: Path) -> dict[str, Path]:
+    """A server chain and key for ``mx.example.test`` issued by the test CA, plus the CA file."""
+    cert = test_ca.issue_cert("mx.example.test", "localhost", "127.0.0.1")
+    chain = tmp_path / "chain.pem"
+    key = tmp_path / "key.pem"
+    ca = tmp_path / "ca.pem"
+    chain.write_bytes(b"".join(blob.bytes() for blob in cert.cert_chain_pems))
+    key.write_bytes(cert.private_key_pem.bytes())
+    test_ca.cert_pem.write_to_path(str(ca))
+    return {"certificate": chain, "private_key": key, "ca": ca}
+
+
+class RecordingHandler:
+    """aiosmtpd handler that keeps every message it receives."""
+
+    def __init__(self) -> None:
+        self.messages: list[tuple[str, list[str], bytes]] = []
+        self.reply = "250 2.0.0 Ok: queued"
+
+    async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
+        self.messages.append((envelope.mail_from, list(envelope.rcpt_tos), envelope.content))
+        return self.reply
+
+
+@dataclass
+class NextHop:
+    port: int
+    handler: RecordingHandler
+    controller: Any = None
+
+    def start(self) -> NextHop:
+        from aiosmtpd.controller import Controller
+
+        self.controller = Controller(self.handler, hostname="127.0.0.1", port=self.port)
+        self.controller.start()
+        return self
+
+    def stop(self) -> None:
+        if self.controller is not None:
+            self.controller.stop()
+            self.controller = None
+
+
+@pytest.fixture
+def next_hop() -> Iterator[NextHop]:
+    """A real SMTP server (aiosmtpd) on a free loopback port; not started until asked."""
+    hop = NextHop(port=free_port(), handler=RecordingHandler())
+    yield hop
+    hop.stop()

@@ -1,0 +1,163 @@
+"""Process life: kill -9 and restart, SIGTERM, SIGHUP reload, bad configs, queue commands, workers."""
+
+from __future__ import annotations
+
+import re
+import signal
+import smtplib
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+from tests.conftest import ROOT, NextHop, free_port, wait_for, write_config
+from tests.server.smtpclient import RawClient, transaction
+
+QUEUE_ID = r"[0-9A-Za-z]{6}-[0-9A-Za-z]{6}-[0-9A-Za-z]{2}"
+BODY = b"Subject: durable\r\nMessage-ID: <d1@outside.test>\r\n\r\nkeep me\r\n.\r\n"
+
+
+def palisade(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "palisade", *args], cwd=cwd,
+                          capture_output=True, text=True, timeout=60)
+
+
+def test_kill_9_after_250_then_restart_delivers_exactly_once(
+    make_gateway: Any, next_hop: NextHop
+) -> None:
+    gw = make_gateway(domains={"relay": ["corp.test"]},
+                      delivery={"next_hop": f"127.0.0.1:{next_hop.port}", "retry_initial": 1,
+                                "retry_max_interval": 1})
+    with RawClient(gw.port) as client:  # the next hop is down: the message waits in the spool
+        code, text = transaction(client, "s@outside.test", "keep@corp.test", BODY)
+    assert code == 250
+    queue_id = re.search(QUEUE_ID, text).group(0)  # type: ignore[union-attr]
+    gw.kill()  # SIGKILL right after the 250: nothing graceful happens
+    next_hop.start()
+    gw.start()
+    wait_for(lambda: next_hop.handler.messages, timeout=20)
+    wait_for(lambda: f"{queue_id} Completed" in gw.mainlog(), timeout=20)
+    assert len(next_hop.handler.messages) == 1
+    assert b"keep me" in next_hop.handler.messages[0][2]
+    assert not list((gw.spool_dir / "queue").glob("*"))
+
+
+def test_kill_9_with_local_delivery_loses_and_duplicates_nothing(make_gateway: Any) -> None:
+    gw = make_gateway()
+    ids = []
+    for n in range(5):
+        with RawClient(gw.port) as client:
+            code, text = transaction(client, "s@outside.test", "durable@example.test",
+                                     b"Subject: n%d\r\n\r\nbody\r\n.\r\n" % n)
+            assert code == 250
+            ids.append(re.search(QUEUE_ID, text).group(0))  # type: ignore[union-attr]
+    gw.kill()
+    gw.start()
+    messages = wait_for(lambda: (lambda m: m if len(m) >= 5 else None)(
+        gw.maildir_messages("durable")), timeout=20)
+    subjects = sorted(re.search(rb"Subject: (n\d)", m).group(1) for m in messages)  # type: ignore[union-attr]
+    assert subjects == [b"n0", b"n1", b"n2", b"n3", b"n4"]
+
+
+def test_sigterm_exits_cleanly(gateway: Any) -> None:
+    with smtplib.SMTP("127.0.0.1", gateway.port, timeout=10) as client:
+        client.noop()
+    assert gateway.stop() == 0
+    assert "palisade daemon stopped" in gateway.mainlog()
+
+
+def test_sigterm_lets_an_open_transaction_finish(gateway: Any) -> None:
+    client = RawClient(gateway.port)
+    assert client.reply()[0] == 220
+    client.command("EHLO t.test")
+    client.command("MAIL FROM:<s@outside.test>")
+    client.command("RCPT TO:<late@example.test>")
+    assert client.command("DATA")[0] == 354
+    gateway.signal(signal.SIGTERM)
+    client.send(b"Subject: late\r\n\r\nstill accepted\r\n.\r\n")
+    assert client.reply()[0] == 250
+    client.close()
+    assert gateway.proc.wait(20) == 0
+    assert gateway.maildir_messages("late")
+
+
+def test_sighup_reload_applies_good_config_and_keeps_old_on_broken(make_gateway: Any) -> None:
+    gw = make_gateway()
+    sections = dict(gw.sections)
+    sections["domains"] = {"local": ["example.test", "added.test"], "relay": []}
+    write_config(gw.config_path, sections)
+    gw.signal(signal.SIGHUP)
+    wait_for(lambda: "configuration reloaded" in gw.mainlog())
+    with RawClient(gw.port) as client:
+        assert client.reply()[0] == 220
+        client.command("EHLO r.test")
+        client.command("MAIL FROM:<s@outside.test>")
+        assert client.command("RCPT TO:<x@added.test>")[0] == 250
+    gw.config_path.write_text(gw.config_path.read_text() + "\n[server]\nbogus_key = 1\n")
+    gw.signal(signal.SIGHUP)
+    wait_for(lambda: "reload refused" in gw.paniclog())
+    with RawClient(gw.port) as client:  # still serving with the old config
+        assert client.reply()[0] == 220
+        client.command("EHLO r.test")
+        client.command("MAIL FROM:<s@outside.test>")
+        assert client.command("RCPT TO:<y@added.test>")[0] == 250
+
+
+def test_broken_config_names_file_key_and_line(tmp_path: Path) -> None:
+    config = tmp_path / "bad.toml"
+    config.write_text('[server]\nhostname = "mx.example.test"\nlisten = "127.0.0.1:25"\n')
+    result = palisade("serve", "--config", str(config), cwd=tmp_path)
+    assert result.returncode == 2
+    assert f"{config}:3: server.listen: expected a list" in result.stderr
+    config.write_text("[limits]\nmax_recipients = 10\nmax_recipient = 5\n")
+    result = palisade("config", "check", "--config", str(config), cwd=tmp_path)
+    assert result.returncode == 2 and ":3: limits.max_recipient: unknown key" in result.stderr
+    result = palisade("serve", "--config", str(tmp_path / "missing.toml"), cwd=tmp_path)
+    assert result.returncode == 2 and "missing.toml" in result.stderr and "no such file" in result.stderr
+    config.write_text('[tls]\ncertificate = "/nonexistent/cert.pem"\nprivate_key = "/nonexistent/k"\n')
+    result = palisade("serve", "--config", str(config), cwd=tmp_path)
+    assert result.returncode == 2 and "tls.certificate: no such file" in result.stderr
+
+
+def test_queue_commands(make_gateway: Any, next_hop: NextHop) -> None:
+    gw = make_gateway(domains={"relay": ["corp.test"]},
+                      delivery={"next_hop": f"127.0.0.1:{next_hop.port}"})
+    ids = []
+    for rcpt in ("a@corp.test", "b@corp.test"):
+        with RawClient(gw.port) as client:
+            code, text = transaction(client, "s@outside.test", rcpt, BODY)
+            ids.append(re.search(QUEUE_ID, text).group(0))  # type: ignore[union-attr]
+    wait_for(lambda: "== b@corp.test" in gw.mainlog())
+    listing = palisade("queue", "list", "--config", str(gw.config_path), cwd=gw.base)
+    assert listing.returncode == 0, listing.stderr
+    assert ids[0] in listing.stdout and ids[1] in listing.stdout and "a@corp.test" in listing.stdout
+    shown = palisade("queue", "show", ids[0], "--config", str(gw.config_path), cwd=gw.base)
+    assert shown.returncode == 0 and "Subject: durable" in shown.stdout
+    deleted = palisade("queue", "delete", ids[1], "--config", str(gw.config_path), cwd=gw.base)
+    assert deleted.returncode == 0
+    bad = palisade("queue", "show", "../../etc/passwd", "--config", str(gw.config_path), cwd=gw.base)
+    assert bad.returncode == 1
+    next_hop.start()
+    retried = palisade("queue", "retry", ids[0], "--config", str(gw.config_path), cwd=gw.base)
+    assert retried.returncode == 0
+    wait_for(lambda: next_hop.handler.messages, timeout=30)
+    assert [m[1] for m in next_hop.handler.messages] == [["a@corp.test"]]
+
+
+def test_two_workers_share_the_port(make_gateway: Any) -> None:
+    gw = make_gateway(server={"workers": 2})
+    for n in range(10):
+        with smtplib.SMTP("127.0.0.1", gw.port, timeout=10) as client:
+            client.sendmail("s@outside.test", ["w@example.test"], f"Subject: w{n}\r\n\r\nx\r\n")
+    wait_for(lambda: len(gw.maildir_messages("w")) == 10, timeout=20)
+    assert gw.stop() == 0
+
+
+def test_bundled_default_config_serves(tmp_path: Path) -> None:
+    port = free_port()
+    result = palisade("config", "check", cwd=tmp_path)
+    assert result.returncode == 0 and "127.0.0.1:2525" in result.stdout
+    write_config(tmp_path / "p.toml", {"server": {"listen": [f"127.0.0.1:{port}"]}})
+    result = palisade("config", "check", "--config", str(tmp_path / "p.toml"), cwd=tmp_path)
+    assert result.returncode == 0
+    assert (ROOT / "src" / "palisade" / "config" / "default.toml").exists()
