@@ -1,0 +1,142 @@
+"""Group commit: many sessions' "make this message durable" requests share one directory fsync.
+
+Owns: one worker thread per spool that takes every commit waiting at that moment as a batch,
+fsyncs each file (in parallel when the batch has several, so the file system can merge journal
+commits), renames each ``tmp/<id>`` into ``queue/<id>``, then fsyncs the queue directory ONCE for
+the whole batch and wakes each waiting coroutine in its own event loop.
+Must not touch: anything but the files handed to it and the queue directory; it never decides what
+a message is (the store does) and never answers a client (the server does, after ``commit``).
+Trust: jobs come from :class:`palisade.spool.store.SpoolWriter` only; paths were validated there.
+
+Failure rules: a job whose file fsync or rename fails fails alone. If the directory fsync fails,
+every file renamed in that batch is unlinked again and every job in it fails, so that no client is
+told 250 for a message whose directory entry may not survive, and none that was told 4xx is later
+delivered anyway.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass
+class CommitJob:
+    fd: int
+    tmp_path: Path
+    final_path: Path
+    loop: asyncio.AbstractEventLoop
+    future: asyncio.Future[None]
+    error: BaseException | None = None
+    renamed: bool = False
+
+
+@dataclass
+class CommitStats:
+    """Counters for benchmarks and tests: how many batches, jobs and directory fsyncs ran."""
+
+    batches: int = 0
+    jobs: int = 0
+    dir_fsyncs: int = 0
+    largest_batch: int = 0
+
+
+def _settle(job: CommitJob) -> None:
+    def done() -> None:
+        if job.future.done():  # the waiting coroutine was cancelled
+            return
+        if job.error is None:
+            job.future.set_result(None)
+        else:
+            job.future.set_exception(job.error)
+
+    with contextlib.suppress(RuntimeError):  # loop closed: nobody is waiting any more
+        job.loop.call_soon_threadsafe(done)
+
+
+class GroupCommitter:
+    """The worker thread. Started on first use; :meth:`close` stops it after the current batch."""
+
+    def __init__(self, queue_dir: Path, *, fsync_workers: int = 8) -> None:
+        self._queue_dir = queue_dir
+        self._cond = threading.Condition()
+        self._pending: list[CommitJob] = []
+        self._closed = False
+        self._thread: threading.Thread | None = None
+        self._pool = ThreadPoolExecutor(fsync_workers, thread_name_prefix="spool-fsync")
+        self.stats = CommitStats()
+
+    def submit(self, job: CommitJob) -> None:
+        with self._cond:
+            if self._closed:
+                raise RuntimeError("spool committer is closed")
+            self._pending.append(job)
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="spool-commit", daemon=True)
+                self._thread.start()
+            self._cond.notify()
+
+    def close(self) -> None:
+        with self._cond:
+            self._closed = True
+            self._cond.notify()
+            thread = self._thread
+        if thread is not None:
+            thread.join()
+        self._pool.shutdown(wait=True)
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                while not self._pending and not self._closed:
+                    self._cond.wait()
+                if not self._pending and self._closed:
+                    return
+                batch, self._pending = self._pending, []
+            self._commit(batch)
+
+    @staticmethod
+    def _fsync_one(job: CommitJob) -> None:
+        try:
+            os.fsync(job.fd)
+        except OSError as exc:
+            job.error = exc
+
+    def _commit(self, batch: list[CommitJob]) -> None:
+        if len(batch) == 1:
+            self._fsync_one(batch[0])
+        else:
+            list(self._pool.map(self._fsync_one, batch))
+        for job in batch:
+            if job.error is not None:
+                continue
+            try:
+                os.rename(job.tmp_path, job.final_path)
+                job.renamed = True
+            except OSError as exc:
+                job.error = exc
+        if any(job.renamed for job in batch):
+            try:
+                fd = os.open(self._queue_dir, os.O_RDONLY | os.O_DIRECTORY)
+                try:
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
+                self.stats.dir_fsyncs += 1
+            except OSError as exc:
+                for job in batch:
+                    if job.renamed:
+                        with contextlib.suppress(OSError):
+                            os.unlink(job.final_path)
+                        job.renamed = False
+                        job.error = exc
+        self.stats.batches += 1
+        self.stats.jobs += len(batch)
+        self.stats.largest_batch = max(self.stats.largest_batch, len(batch))
+        for job in batch:
+            _settle(job)

@@ -1,0 +1,426 @@
+"""The durable queue: message files, delivery-state files, commit and start-up recovery.
+
+Owns: the directory tree under the spool root and every file in it::
+
+    tmp/<id>            a message being received (never delivered, deleted at recovery)
+    queue/<id>          a committed message: header record, body bytes, END record
+    state/<id>.json     its delivery state (absent = nothing attempted yet)
+    state/<id>.tmp      a state file being replaced (deleted at recovery)
+    corrupt/<id>        a queue file that failed validation at recovery (kept for the operator)
+
+Record format of ``queue/<id>`` (version 1)::
+
+    PALISADE-SPOOL 1 {"queue_id": ..., ...envelope JSON, ASCII, one line...}\\n
+    <body bytes, exactly as handed to SpoolWriter.write>
+    \\nEND <body length, 20 decimal digits> sha256=<64 hex digits>\\n
+
+The END record has a fixed length (98 bytes) and must end the file exactly where the body length
+says; a file without it is incomplete. A message counts only once it has been renamed into
+``queue/`` and the directory fsynced (``SpoolWriter.commit`` returns only then): that rename is
+the commit point, and the server must not answer 250 before it.
+
+Durability and duplicates. Nothing acknowledged is lost: the file is fsynced before the rename
+and the directory after it; the delivery state is replaced atomically (tmp, fsync, rename, fsync
+dir) after each attempt; ``remove`` unlinks the message (and fsyncs its directory) before the
+state file, so a crash in between leaves an orphan state file (deleted at recovery), never a
+message without its record of done recipients. There is exactly ONE window where a recipient may
+get the message twice: after a delivery succeeded (the next hop said 250, or the Maildir file was
+renamed into new/) and before the state file recording it was renamed into place, a kill makes
+the next run deliver that recipient again. That is unavoidable without a two-phase protocol with
+the next hop, and it is the acceptable side: duplicating beats losing. (The SMTP-level window,
+a kill after the commit and before the client read 250, makes the client send again; RFC 1047.)
+
+Must not touch: SMTP, MIME, routing, logging policy (only ``recover`` logs, via the given log).
+Trust: queue ids are validated with ``is_queue_id`` before any path is built; no path is ever
+built from other input. Files read back from disk are parsed defensively: any damage raises
+:class:`CorruptMessage`, and ``recover`` moves such files aside instead of delivering them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import builtins
+import contextlib
+import hashlib
+import json
+import os
+import re
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, BinaryIO
+
+from palisade.obs.log import EventLog, escape
+from palisade.obs.queueid import is_queue_id
+from palisade.spool.commit import CommitJob, CommitStats, GroupCommitter
+from palisade.spool.envelope import DeliveryState, Envelope
+
+MAGIC = b"PALISADE-SPOOL 1 "
+MAX_HEADER = 4 * 1024 * 1024
+TRAILER_LEN = len(b"\nEND ") + 20 + len(b" sha256=") + 64 + 1
+_TRAILER_RE = re.compile(rb"\nEND ([0-9]{20}) sha256=([0-9a-f]{64})\n")
+
+
+class SpoolError(Exception):
+    """Base class of the spool's own errors."""
+
+
+class UnknownMessage(SpoolError, KeyError):
+    """No committed message with that id (or the id is malformed)."""
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else "unknown message"
+
+
+class CorruptMessage(SpoolError, ValueError):
+    """A queue file or state file failed validation."""
+
+
+def _trailer(length: int, digest: str) -> bytes:
+    return b"\nEND %020d sha256=%s\n" % (length, digest.encode("ascii"))
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Where the body of a committed file lies."""
+
+    envelope: Envelope
+    body_start: int
+    body_length: int
+    sha256: str
+
+
+@dataclass(frozen=True)
+class QueueEntry:
+    """One line of ``spool.list()``: a queued message as the runner and the operator see it."""
+
+    queue_id: str
+    envelope: Envelope
+    state: DeliveryState
+    size: int
+    age: float
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def read_layout(f: IO[bytes], size: int, *, verify: bool = False) -> Layout:
+    """Parse and validate a queue file opened for reading; raise CorruptMessage when damaged."""
+    f.seek(0)
+    first = f.readline(MAX_HEADER + 1)
+    if not first.startswith(MAGIC) or not first.endswith(b"\n"):
+        raise CorruptMessage("missing or oversized header record")
+    try:
+        envelope = Envelope.from_json(json.loads(first[len(MAGIC) : -1]))
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise CorruptMessage(f"bad envelope: {exc}") from None
+    body_start = len(first)
+    if size < body_start + TRAILER_LEN:
+        raise CorruptMessage("no END record (file too short)")
+    f.seek(size - TRAILER_LEN)
+    match = _TRAILER_RE.fullmatch(f.read(TRAILER_LEN))
+    if match is None:
+        raise CorruptMessage("no END record")
+    body_length = int(match.group(1))
+    if body_start + body_length + TRAILER_LEN != size:
+        raise CorruptMessage("END record does not match the file length")
+    digest = match.group(2).decode("ascii")
+    if verify:
+        h = hashlib.sha256()
+        f.seek(body_start)
+        remaining = body_length
+        while remaining:
+            chunk = f.read(min(remaining, 1 << 20))
+            if not chunk:
+                raise CorruptMessage("body shorter than recorded")
+            h.update(chunk)
+            remaining -= len(chunk)
+        if h.hexdigest() != digest:
+            raise CorruptMessage("body checksum mismatch")
+    return Layout(envelope, body_start, body_length, digest)
+
+
+class SpoolWriter:
+    """One message being received. ``write`` appends body bytes; ``commit`` makes it durable."""
+
+    def __init__(self, spool: Spool, envelope: Envelope) -> None:
+        self._spool = spool
+        self.envelope = envelope
+        self.queue_id = envelope.queue_id
+        self._tmp_path = spool.root / "tmp" / envelope.queue_id
+        self._final_path = spool.root / "queue" / envelope.queue_id
+        if self._final_path.exists():
+            raise FileExistsError(f"queue id {envelope.queue_id} already queued")
+        self._file: BinaryIO | None = open(self._tmp_path, "xb")  # noqa: SIM115 (kept open)
+        self._hash = hashlib.sha256()
+        self.size = 0
+        self._committed = False
+        try:
+            self._file.write(MAGIC + envelope.dumps().encode("ascii") + b"\n")
+        except BaseException:
+            self.abort()
+            raise
+
+    def write(self, data: bytes) -> None:
+        """Append body bytes (buffered; the message is never held whole in memory)."""
+        if self._file is None:
+            raise ValueError("writer is closed")
+        self._file.write(data)
+        self._hash.update(data)
+        self.size += len(data)
+
+    async def commit(self) -> None:
+        """Write the END record, fsync, rename into queue/, fsync the directory.
+
+        Returns only when the message is durable; raises (and leaves nothing in queue/) if not.
+        Concurrent commits are batched by the spool's group committer.
+        """
+        f = self._file
+        if f is None:
+            raise ValueError("writer is closed")
+        try:
+            f.write(_trailer(self.size, self._hash.hexdigest()))
+            f.flush()
+            if not self._spool.fsync:
+                os.rename(self._tmp_path, self._final_path)
+            else:
+                loop = asyncio.get_running_loop()
+                future: asyncio.Future[None] = loop.create_future()
+                job = CommitJob(f.fileno(), self._tmp_path, self._final_path, loop, future)
+                self._spool.committer.submit(job)
+                try:
+                    await asyncio.shield(future)
+                except asyncio.CancelledError:
+                    # The thread still owns the descriptor: let it finish before closing.
+                    await asyncio.wait([future])
+                    if future.exception() is None:
+                        self._committed = True
+                    raise
+        except BaseException:
+            self._close()
+            raise
+        self._committed = True
+        self._close()
+
+    def _close(self) -> None:
+        if self._file is not None:
+            f, self._file = self._file, None
+            with contextlib.suppress(OSError):
+                f.close()
+
+    def abort(self) -> None:
+        """Forget the message: remove the tmp file. Idempotent; safe after a failed commit."""
+        self._close()
+        if not self._committed:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self._tmp_path)
+
+    @property
+    def committed(self) -> bool:
+        return self._committed
+
+
+class Spool:
+    """The queue under ``root``. ``fsync=False`` skips every fsync (tests, benchmarks)."""
+
+    SUBDIRS = ("tmp", "queue", "state", "corrupt")
+
+    def __init__(self, root: Path, *, fsync: bool = True) -> None:
+        self.root = Path(root)
+        self.fsync = fsync
+        for sub in self.SUBDIRS:
+            (self.root / sub).mkdir(parents=True, exist_ok=True)
+        self.committer = GroupCommitter(self.root / "queue")
+
+    @property
+    def commit_stats(self) -> CommitStats:
+        return self.committer.stats
+
+    def close(self) -> None:
+        """Stop the committer thread (after the batch in progress)."""
+        self.committer.close()
+
+    # -- paths -------------------------------------------------------------------------------
+
+    def _check(self, queue_id: str) -> str:
+        if not isinstance(queue_id, str) or not is_queue_id(queue_id):
+            raise UnknownMessage(f"malformed queue id: {escape(str(queue_id), 64)}")
+        return queue_id
+
+    def _queue_path(self, queue_id: str) -> Path:
+        return self.root / "queue" / self._check(queue_id)
+
+    def _state_path(self, queue_id: str) -> Path:
+        return self.root / "state" / f"{self._check(queue_id)}.json"
+
+    # -- writing -----------------------------------------------------------------------------
+
+    def open_message(self, envelope: Envelope) -> SpoolWriter:
+        self._check(envelope.queue_id)
+        return SpoolWriter(self, envelope)
+
+    def save_state(self, queue_id: str, state: DeliveryState) -> None:
+        """Replace ``state/<id>.json`` atomically. Raises UnknownMessage if the message is gone."""
+        qpath = self._queue_path(queue_id)
+        if not qpath.exists():
+            raise UnknownMessage(queue_id)
+        final = self._state_path(queue_id)
+        tmp = final.with_suffix(".tmp")
+        data = json.dumps(state.to_json(), separators=(",", ":")).encode("utf-8")
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            if self.fsync:
+                os.fsync(f.fileno())
+        os.rename(tmp, final)
+        if self.fsync:
+            _fsync_dir(final.parent)
+
+    def remove(self, queue_id: str) -> bool:
+        """Delete the message, then its state file. Returns False if it was not queued."""
+        qpath = self._queue_path(queue_id)
+        try:
+            os.unlink(qpath)
+            existed = True
+        except FileNotFoundError:
+            existed = False
+        if existed and self.fsync:
+            _fsync_dir(qpath.parent)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self._state_path(queue_id))
+        return existed
+
+    # -- reading -----------------------------------------------------------------------------
+
+    def _layout(self, queue_id: str, *, verify: bool = False) -> Layout:
+        path = self._queue_path(queue_id)
+        try:
+            with open(path, "rb") as f:
+                layout = read_layout(f, os.fstat(f.fileno()).st_size, verify=verify)
+        except FileNotFoundError:
+            raise UnknownMessage(queue_id) from None
+        if layout.envelope.queue_id != queue_id:
+            raise CorruptMessage("envelope queue id does not match the file name")
+        return layout
+
+    def load_state(self, queue_id: str, envelope: Envelope) -> DeliveryState:
+        try:
+            with open(self._state_path(queue_id), "rb") as f:
+                return DeliveryState.from_json(json.loads(f.read()))
+        except FileNotFoundError:
+            return DeliveryState.fresh(envelope.recipients)
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise CorruptMessage(f"bad state file: {exc}") from None
+
+    def load(self, queue_id: str) -> tuple[Envelope, DeliveryState]:
+        envelope = self._layout(queue_id).envelope
+        return envelope, self.load_state(queue_id, envelope)
+
+    def exists(self, queue_id: str) -> bool:
+        return self._queue_path(queue_id).exists()
+
+    def open_body(self, queue_id: str) -> tuple[BinaryIO, int]:
+        """An open file positioned at the body start, and the body length. Caller closes it."""
+        path = self._queue_path(queue_id)
+        try:
+            f = open(path, "rb")  # noqa: SIM115 (returned to the caller)
+        except FileNotFoundError:
+            raise UnknownMessage(queue_id) from None
+        try:
+            layout = read_layout(f, os.fstat(f.fileno()).st_size)
+            f.seek(layout.body_start)
+        except BaseException:
+            f.close()
+            raise
+        return f, layout.body_length
+
+    def iter_body(self, queue_id: str, chunk_size: int = 64 * 1024) -> Iterator[bytes]:
+        """The body in chunks of at most ``chunk_size`` bytes (blocking file reads)."""
+        f, remaining = self.open_body(queue_id)
+        with f:
+            while remaining:
+                chunk = f.read(min(chunk_size, remaining))
+                if not chunk:
+                    raise CorruptMessage("body shorter than recorded")
+                remaining -= len(chunk)
+                yield chunk
+
+    def read_body(self, queue_id: str, limit: int | None = None) -> bytes:
+        """The body, or its first ``limit`` bytes (for header extraction)."""
+        f, length = self.open_body(queue_id)
+        with f:
+            return f.read(length if limit is None else min(limit, length))
+
+    def list(self, now: float | None = None) -> list[QueueEntry]:
+        """Every committed, readable message, oldest id first. Damaged ones are skipped."""
+        now = time.time() if now is None else now
+        entries = []
+        for name in sorted(os.listdir(self.root / "queue")):
+            if not is_queue_id(name):
+                continue
+            try:
+                layout = self._layout(name)
+                state = self.load_state(name, layout.envelope)
+            except SpoolError:
+                continue
+            env = layout.envelope
+            entries.append(QueueEntry(name, env, state, layout.body_length, now - env.received_at))
+        return entries
+
+    # -- start-up ----------------------------------------------------------------------------
+
+    def recover(self, log: EventLog, *, verify_checksum: bool = True) -> builtins.list[str]:
+        """Clean up after a crash and return the ids to deliver, oldest first.
+
+        Deletes everything in tmp/ (never acknowledged) and half-written state files; validates
+        every queue file (END record, and the body checksum unless ``verify_checksum=False``);
+        moves damaged ones to corrupt/ with a panic log line; deletes orphan state files.
+        Call it before anything writes to the spool.
+        """
+        tmp_dir = self.root / "tmp"
+        for name in os.listdir(tmp_dir):
+            try:
+                os.unlink(tmp_dir / name)
+            except IsADirectoryError:
+                log.panic(f"spool: unexpected directory in tmp/: {escape(name, 64)}")
+            except FileNotFoundError:
+                pass
+        ready: builtins.list[str] = []
+        for name in sorted(os.listdir(self.root / "queue")):
+            if not is_queue_id(name):
+                log.panic(f"spool: ignoring unexpected file queue/{escape(name, 64)}")
+                continue
+            try:
+                layout = self._layout(name, verify=verify_checksum)
+            except UnknownMessage:
+                continue
+            except (CorruptMessage, OSError) as exc:
+                os.replace(self.root / "queue" / name, self.root / "corrupt" / name)
+                log.panic(f"{name} spool file corrupt ({escape(str(exc))}): moved to corrupt/")
+                continue
+            try:
+                self.load_state(name, layout.envelope)
+            except CorruptMessage as exc:
+                os.replace(self._state_path(name), self.root / "corrupt" / f"{name}.state.json")
+                log.panic(
+                    f"{name} delivery state corrupt ({escape(str(exc))}): moved to corrupt/,"
+                    " all recipients will be retried"
+                )
+            ready.append(name)
+        queued = set(ready)
+        state_dir = self.root / "state"
+        for name in os.listdir(state_dir):
+            stem, _, suffix = name.rpartition(".")
+            if suffix == "tmp" or (suffix == "json" and is_queue_id(stem) and stem not in queued):
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(state_dir / name)
+        if self.fsync:
+            for sub in ("queue", "state", "corrupt"):
+                _fsync_dir(self.root / sub)
+        return ready

@@ -1,0 +1,103 @@
+"""Group commit: concurrent commits share the directory fsync; all of them are durable.
+
+``os.fsync`` is wrapped in these tests purely as INSTRUMENTATION: the wrapper counts calls (and
+tells file from directory descriptors), then calls the real fsync. Behaviour is unchanged.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import stat
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from palisade.obs.log import MemoryEventLog
+from palisade.spool import Spool
+from tests.spool.spoolkit import make_envelope
+
+
+@pytest.fixture
+def fsync_counter(monkeypatch: pytest.MonkeyPatch) -> Iterator[dict[str, int]]:
+    counts = {"file": 0, "dir": 0}
+    real = os.fsync
+
+    def counting_fsync(fd: int) -> None:
+        counts["dir" if stat.S_ISDIR(os.fstat(fd).st_mode) else "file"] += 1
+        real(fd)
+
+    monkeypatch.setattr(os, "fsync", counting_fsync)
+    yield counts
+
+
+async def commit_many(spool: Spool, n: int) -> list[str]:
+    async def one(i: int) -> str:
+        env = make_envelope()
+        writer = spool.open_message(env)
+        writer.write(b"Subject: %d\r\n\r\n" % i)
+        await asyncio.sleep(0)  # sessions interleave, as they do on a real server
+        writer.write(b"body\r\n" * 100)
+        await writer.commit()
+        return env.queue_id
+
+    return await asyncio.gather(*(one(i) for i in range(n)))
+
+
+def test_concurrent_commits_share_directory_fsyncs(
+    tmp_path: Path, fsync_counter: dict[str, int]
+) -> None:
+    spool = Spool(tmp_path)
+    ids = asyncio.run(commit_many(spool, 100))
+    spool.close()
+    stats = spool.commit_stats
+    assert stats.jobs == 100
+    assert fsync_counter["file"] == 100  # every file is made durable ...
+    assert (
+        fsync_counter["dir"] == stats.dir_fsyncs == stats.batches
+    )  # ... with one dir fsync a batch
+    assert stats.batches < 100 / 4, f"no batching: {stats}"
+    assert stats.largest_batch > 10
+    assert sorted(Spool(tmp_path, fsync=False).recover(MemoryEventLog())) == sorted(ids)
+
+
+def test_sequential_commits_each_get_their_own_fsync(
+    tmp_path: Path, fsync_counter: dict[str, int]
+) -> None:
+    spool = Spool(tmp_path)
+
+    async def sequential() -> None:
+        for _ in range(5):
+            await commit_many(spool, 1)
+
+    asyncio.run(sequential())
+    spool.close()
+    assert fsync_counter == {"file": 5, "dir": 5}
+
+
+def test_fsync_false_never_fsyncs(tmp_path: Path, fsync_counter: dict[str, int]) -> None:
+    spool = Spool(tmp_path, fsync=False)
+    asyncio.run(commit_many(spool, 20))
+    assert fsync_counter == {"file": 0, "dir": 0}
+    assert len(os.listdir(tmp_path / "queue")) == 20
+
+
+def test_commits_from_several_event_loops_in_threads(tmp_path: Path) -> None:
+    import threading
+
+    spool = Spool(tmp_path)
+    results: list[list[str]] = []
+
+    def worker() -> None:
+        results.append(asyncio.run(commit_many(spool, 30)))
+
+    threads = [threading.Thread(target=worker) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    spool.close()
+    assert sum(len(r) for r in results) == 120
+    assert len(os.listdir(tmp_path / "queue")) == 120
+    assert os.listdir(tmp_path / "tmp") == []

@@ -1,0 +1,173 @@
+"""The spool on a real file system: round trip, format, state files, recovery of torn files."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+from palisade.obs.log import MemoryEventLog
+from palisade.spool import (
+    CorruptMessage,
+    DeliveryState,
+    Envelope,
+    Spool,
+    UnknownMessage,
+)
+from palisade.spool.store import MAGIC, TRAILER_LEN
+from tests.spool.spoolkit import make_envelope
+
+
+async def queue(spool: Spool, envelope: Envelope, *chunks: bytes) -> None:
+    writer = spool.open_message(envelope)
+    for chunk in chunks:
+        writer.write(chunk)
+    await writer.commit()
+
+
+def test_envelope_json_round_trip() -> None:
+    env = make_envelope(recipients=("a@x.test", "b@x.test"))
+    env2 = Envelope.from_json(json.loads(env.dumps()))
+    assert env2 == env
+    assert Envelope.from_json(env.to_json()).recipients == ("a@x.test", "b@x.test")
+    with pytest.raises(ValueError):
+        Envelope.from_json({**env.to_json(), "client_port": "25"})
+    with pytest.raises(ValueError):
+        Envelope.from_json({**env.to_json(), "queue_id": "../../etc/passwd"})
+
+
+@pytest.mark.parametrize("fsync", [True, False])
+def test_round_trip(tmp_path: Path, fsync: bool) -> None:
+    spool = Spool(tmp_path, fsync=fsync)
+    env = make_envelope(sender="", recipients=("a@x.test", "b@x.test"))
+    body = b"Subject: hi\r\n\r\n" + bytes(range(256)) * 1000
+    asyncio.run(queue(spool, env, body[:1000], body[1000:]))
+    assert os.listdir(tmp_path / "tmp") == []
+    env2, state = spool.load(env.queue_id)
+    assert env2 == env and env2.sender == ""
+    assert state.pending() == ["a@x.test", "b@x.test"] and state.attempts == 0
+    assert b"".join(spool.iter_body(env.queue_id, chunk_size=4096)) == body
+    assert spool.read_body(env.queue_id, limit=13) == b"Subject: hi\r\n"
+    f, length = spool.open_body(env.queue_id)
+    with f:
+        assert length == len(body) and f.read(length) == body
+    (entry,) = spool.list()
+    assert entry.queue_id == env.queue_id and entry.size == len(body) and entry.age >= 0
+    raw = (tmp_path / "queue" / env.queue_id).read_bytes()
+    assert raw.startswith(MAGIC) and raw.endswith(b"\n") and b"\nEND " in raw[-TRAILER_LEN:]
+    spool.close()
+
+
+def test_state_is_replaced_atomically_and_removed_with_the_message(tmp_path: Path) -> None:
+    spool = Spool(tmp_path, fsync=False)
+    env = make_envelope(recipients=("a@x.test", "b@x.test"))
+    asyncio.run(queue(spool, env, b"x"))
+    _, state = spool.load(env.queue_id)
+    state.recipients["a@x.test"].status = "delivered"
+    state.attempts, state.next_attempt = 1, 1234.5
+    spool.save_state(env.queue_id, state)
+    assert sorted(os.listdir(tmp_path / "state")) == [f"{env.queue_id}.json"]
+    _, again = spool.load(env.queue_id)
+    assert again == state and again.pending() == ["b@x.test"]
+    assert spool.remove(env.queue_id) is True
+    assert os.listdir(tmp_path / "queue") == [] and os.listdir(tmp_path / "state") == []
+    assert spool.remove(env.queue_id) is False
+    with pytest.raises(UnknownMessage):
+        spool.load(env.queue_id)
+    with pytest.raises(UnknownMessage):  # no state file for a message that is gone
+        spool.save_state(env.queue_id, state)
+
+
+@pytest.mark.parametrize("bad", ["../../etc/passwd", "", "x" * 17, "abc/def-ghijkl-mn", "\x00"])
+def test_malformed_ids_never_touch_the_disk(tmp_path: Path, bad: str) -> None:
+    spool = Spool(tmp_path, fsync=False)
+    for call in (spool.load, spool.remove, spool.open_body, spool.exists):
+        with pytest.raises(UnknownMessage):
+            call(bad)
+
+
+def test_abort_removes_the_tmp_file_and_is_idempotent(tmp_path: Path) -> None:
+    spool = Spool(tmp_path, fsync=False)
+    writer = spool.open_message(make_envelope())
+    writer.write(b"partial")
+    assert writer.size == 7 and len(os.listdir(tmp_path / "tmp")) == 1
+    writer.abort()
+    writer.abort()
+    assert os.listdir(tmp_path / "tmp") == [] and os.listdir(tmp_path / "queue") == []
+
+
+def test_failed_commit_leaves_nothing_queued_and_abort_is_safe(tmp_path: Path) -> None:
+    spool = Spool(tmp_path, fsync=True)
+    writer = spool.open_message(make_envelope())
+    writer.write(b"data")
+    os.rmdir(tmp_path / "queue")  # the rename target is gone: commit must fail, not pretend
+    with pytest.raises(OSError):
+        asyncio.run(writer.commit())
+    writer.abort()
+    assert os.listdir(tmp_path / "tmp") == []
+    spool.close()
+
+
+def record(env: Envelope, body: bytes) -> bytes:
+    """A complete queue file built by hand, to be damaged below."""
+    digest = hashlib.sha256(body).hexdigest().encode()
+    trailer = b"\nEND %020d sha256=%s\n" % (len(body), digest)
+    return MAGIC + env.dumps().encode() + b"\n" + body + trailer
+
+
+TORN = {
+    "empty": lambda whole, body: b"",
+    "header cut": lambda whole, body: whole[:10],
+    "header and part of the body": lambda whole, body: whole[: whole.index(b"\n") + 5],
+    "no END record": lambda whole, body: whole[:-TRAILER_LEN],
+    "half an END record": lambda whole, body: whole[:-20],
+    "END record with a wrong length": lambda whole, body: whole.replace(
+        b"END %020d" % len(body), b"END %020d" % 3
+    ),
+    "body changed": lambda whole, body: whole.replace(body, body[::-1]),
+    "garbage first line": lambda whole, body: b"GARBAGE\n" + whole,
+    "zeroed blocks": lambda whole, body: b"\x00" * len(whole),
+    "trailing bytes": lambda whole, body: whole + b"x",
+}
+
+
+def test_recover_refuses_every_torn_file_and_keeps_good_ones(tmp_path: Path) -> None:
+    spool = Spool(tmp_path, fsync=False)
+    body = b"Subject: torn\r\n\r\nbody\r\n"
+    good = make_envelope()
+    asyncio.run(queue(spool, good, b"Subject: good\r\n\r\nok\r\n"))
+    by_hand = make_envelope()  # the hand-built record itself is valid: the damage is what counts
+    (tmp_path / "queue" / by_hand.queue_id).write_bytes(record(by_hand, body))
+    torn_ids = []
+    for damage in TORN.values():
+        env = make_envelope()
+        (tmp_path / "queue" / env.queue_id).write_bytes(damage(record(env, body), body))
+        torn_ids.append(env.queue_id)
+    (tmp_path / "tmp" / make_envelope().queue_id).write_bytes(b"never committed")
+    (tmp_path / "state" / f"{make_envelope().queue_id}.json").write_text("{}")  # orphan
+    (tmp_path / "state" / f"{good.queue_id}.tmp").write_text("half")
+    log = MemoryEventLog()
+    assert spool.recover(log) == sorted([good.queue_id, by_hand.queue_id])
+    assert sorted(os.listdir(tmp_path / "corrupt")) == sorted(torn_ids)
+    assert os.listdir(tmp_path / "tmp") == [] and os.listdir(tmp_path / "state") == []
+    panics = [line for kind, line in log.lines if kind == "panic"]
+    assert len(panics) == len(torn_ids)
+    assert all("moved to corrupt/" in line for line in panics)
+    assert b"".join(spool.iter_body(by_hand.queue_id)) == body
+
+
+def test_recover_with_damaged_state_keeps_message(tmp_path: Path) -> None:
+    spool = Spool(tmp_path, fsync=False)
+    env = make_envelope()
+    asyncio.run(queue(spool, env, b"x"))
+    (tmp_path / "state" / f"{env.queue_id}.json").write_text('{"version": 1, "recipients": 3}')
+    with pytest.raises(CorruptMessage):
+        spool.load(env.queue_id)
+    log = MemoryEventLog()
+    assert spool.recover(log) == [env.queue_id]
+    assert spool.load(env.queue_id)[1] == DeliveryState.fresh(env.recipients)
+    assert any(kind == "panic" and "delivery state corrupt" in line for kind, line in log.lines)
