@@ -1,0 +1,355 @@
+"""The queue runner: delivers spooled messages, retries with backoff, expires, bounces.
+
+Owns: the delivery loop. At start it recovers the spool; ``submit`` delivers a freshly committed
+message at once; a background loop wakes for the earliest due retry (and rescans the spool every
+``scan_interval`` seconds, which is how an operator's ``queue retry`` is noticed). After each
+attempt it logs one line per recipient in exim's shape (``=>`` delivered, ``==`` deferred, ``**``
+failed), saves the delivery state, queues a DSN for new permanent failures (never for the null
+sender), and removes the message once every recipient is done (``Completed``).
+Retry: exponential backoff per message, ``retry_initial * retry_factor ** (attempts - 1)`` capped
+at ``retry_max_interval``; a temporary failure of a message older than ``max_age`` becomes
+permanent ("retry timeout exceeded").
+Duplicates: a recipient is recorded as done only after the attempt; a kill between the delivery
+and the state save makes the next run deliver it again (see palisade.spool.store). The same holds
+for a DSN queued just before a kill: it may be queued twice, never lost.
+Must not touch: message bodies (the router streams them), sockets, the SMTP session.
+Trust: results carry remote text; everything logged passes through ``escape``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import Callable
+
+from palisade.obs.log import EventLog, escape
+from palisade.obs.queueid import QueueIdGenerator, is_queue_id
+from palisade.relay.dsn import build_dsn, header_block
+from palisade.relay.outcome import RecipientResult
+from palisade.relay.router import Router
+from palisade.spool import (
+    CorruptMessage,
+    DeliveryState,
+    Envelope,
+    Spool,
+    SpoolError,
+    UnknownMessage,
+)
+
+EXPIRED = "retry timeout exceeded"
+
+
+def _route_text(res: RecipientResult) -> str:
+    parts = []
+    if res.router:
+        parts.append(f"R={res.router}")
+    if res.transport:
+        parts.append(f"T={res.transport}")
+    return (" " + " ".join(parts)) if parts else ""
+
+
+class QueueRunner:
+    """Delivers what is in ``spool`` through ``router``; one instance per spool and process."""
+
+    def __init__(
+        self,
+        spool: Spool,
+        router: Router,
+        log: EventLog,
+        *,
+        retry_initial: float = 300.0,
+        retry_max_interval: float = 3600.0,
+        retry_factor: float = 2.0,
+        max_age: float = 5 * 86400.0,
+        concurrency: int = 20,
+        clock: Callable[[], float] = time.time,
+        scan_interval: float = 10.0,
+        ids: QueueIdGenerator | None = None,
+    ) -> None:
+        self.spool = spool
+        self.router = router
+        self.log = log
+        self.retry_initial = retry_initial
+        self.retry_max_interval = retry_max_interval
+        self.retry_factor = retry_factor
+        self.max_age = max_age
+        self.scan_interval = scan_interval
+        self.clock = clock
+        self._ids = ids or QueueIdGenerator()
+        self._sem = asyncio.Semaphore(concurrency)
+        self._inflight: dict[str, asyncio.Task[None]] = {}
+        self._wakeup = asyncio.Event()
+        self._loop_task: asyncio.Task[None] | None = None
+        self._stopping = False
+        self._next_due: float | None = None
+
+    # -- life cycle --------------------------------------------------------------------------
+
+    async def start(self, *, background: bool = True) -> list[str]:
+        """Recover the spool and start the background loop; returns the recovered ids.
+
+        Recovered messages are delivered when due (at once unless their state says otherwise).
+        ``background=False`` only recovers: tests then drive delivery with :meth:`run_once`.
+        """
+        ids = await asyncio.to_thread(self.spool.recover, self.log)
+        if background:
+            self._loop_task = asyncio.create_task(self._loop(), name="queue-runner")
+        return ids
+
+    async def stop(self, timeout: float = 30.0) -> None:
+        """Stop scheduling; let deliveries in flight finish for up to ``timeout`` seconds."""
+        self._stopping = True
+        self._wakeup.set()
+        if self._loop_task is not None:
+            self._loop_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._loop_task
+            self._loop_task = None
+        tasks = list(self._inflight.values())
+        if tasks:
+            _done, pending = await asyncio.wait(tasks, timeout=timeout)
+            for task in pending:
+                task.cancel()
+            if pending:
+                await asyncio.wait(pending)
+
+    def submit(self, queue_id: str) -> None:
+        """Deliver ``queue_id`` now (the server calls this right after a successful commit)."""
+        if not is_queue_id(queue_id) or self._stopping:
+            return
+        self._spawn(queue_id, None, due_only=False)
+
+    async def wait_idle(self) -> None:
+        """Wait until no delivery is in flight (for tests and orderly shutdown)."""
+        while self._inflight:
+            await asyncio.wait(list(self._inflight.values()))
+
+    async def run_once(self, now: float | None = None) -> int:
+        """Attempt every due message not already in flight, wait for them; return how many."""
+        tasks = await self._launch_due(now)
+        if tasks:
+            await asyncio.wait(tasks)
+        return len(tasks)
+
+    # -- scheduling --------------------------------------------------------------------------
+
+    def _spawn(
+        self, queue_id: str, now: float | None, *, due_only: bool = True
+    ) -> asyncio.Task[None] | None:
+        if queue_id in self._inflight:
+            return None
+        coro = self._guarded(queue_id, now, due_only)
+        task = asyncio.create_task(coro, name=f"deliver-{queue_id}")
+        self._inflight[queue_id] = task
+        task.add_done_callback(lambda _t: self._inflight.pop(queue_id, None))
+        return task
+
+    async def _launch_due(self, now: float | None) -> list[asyncio.Task[None]]:
+        current = self.clock() if now is None else now
+        entries = await asyncio.to_thread(self.spool.list, current)
+        tasks = []
+        next_due: float | None = None
+        for entry in entries:
+            if entry.queue_id in self._inflight:
+                continue
+            state = entry.state
+            if state.next_attempt <= current or (
+                not state.pending() and state.unreported_failures()
+            ):
+                task = self._spawn(entry.queue_id, now)
+                if task is not None:
+                    tasks.append(task)
+            elif next_due is None or state.next_attempt < next_due:
+                next_due = state.next_attempt
+        self._next_due = next_due
+        return tasks
+
+    async def _loop(self) -> None:
+        while not self._stopping:
+            try:
+                await self._launch_due(None)
+            except Exception as exc:  # keep running: a failed scan is retried next time
+                self.log.panic(f"queue runner: spool scan failed: {escape(str(exc))}")
+            delay = self.scan_interval
+            if self._next_due is not None:
+                delay = min(delay, max(self._next_due - self.clock(), 0.0) + 0.01)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wakeup.wait(), timeout=max(delay, 0.05))
+            self._wakeup.clear()
+
+    def _backoff(self, attempts: int) -> float:
+        interval = self.retry_initial * self.retry_factor ** max(attempts - 1, 0)
+        return float(min(interval, self.retry_max_interval))
+
+    # -- one attempt -------------------------------------------------------------------------
+
+    async def _guarded(self, queue_id: str, now: float | None, due_only: bool) -> None:
+        async with self._sem:
+            try:
+                await self.attempt(queue_id, now, due_only=due_only)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                self.log.panic(f"{queue_id} delivery attempt crashed: {escape(repr(exc))}")
+            finally:
+                self._wakeup.set()  # a new next-attempt time may be earlier than the loop's
+
+    async def attempt(
+        self, queue_id: str, now: float | None = None, *, due_only: bool = False
+    ) -> None:
+        """One delivery attempt for one message (all its pending recipients).
+
+        ``due_only`` skips a message whose state (re-read here) says it is not due yet: a scan's
+        listing may be older than an attempt that just finished.
+        """
+        now = self.clock() if now is None else now
+        try:
+            envelope, state = await asyncio.to_thread(self.spool.load, queue_id)
+        except UnknownMessage:
+            return
+        except CorruptMessage as exc:
+            self.log.panic(f"{queue_id} cannot be delivered: {escape(str(exc))}")
+            return
+        if due_only and state.next_attempt > now and not state.unreported_failures():
+            return
+        pending = state.pending()
+        if pending:
+            results = await self.router.deliver(self.spool, envelope, pending)
+            for res in results:
+                self._record(queue_id, envelope, state, res, now)
+            state.attempts += 1
+            state.last_attempt = now
+            deferred = [res for res in results if res.outcome == "deferred"]
+            if state.pending():
+                state.next_attempt = now + self._backoff(state.attempts)
+                state.last_error = deferred[0].detail if deferred else ""
+            if not await self._save(queue_id, state):
+                return
+        if state.unreported_failures():
+            await self._report_failures(queue_id, envelope, state, now)
+            if not await self._save(queue_id, state):
+                return
+        if state.finished():
+            await asyncio.to_thread(self.spool.remove, queue_id)
+            self.log.main(f"{queue_id} Completed", queue_id=queue_id, event="completed")
+
+    async def _save(self, queue_id: str, state: DeliveryState) -> bool:
+        try:
+            await asyncio.to_thread(self.spool.save_state, queue_id, state)
+        except UnknownMessage:
+            self.log.main(f"{queue_id} removed while being delivered", queue_id=queue_id)
+            return False
+        return True
+
+    def _record(
+        self,
+        queue_id: str,
+        envelope: Envelope,
+        state: DeliveryState,
+        res: RecipientResult,
+        now: float,
+    ) -> None:
+        rstate = state.recipients[res.rcpt]
+        rstate.updated_at = now
+        rstate.detail = res.reply or res.detail
+        rcpt = escape(res.rcpt)
+        route = _route_text(res)
+        host = f" {res.host}" if res.host else ""
+        fields: dict[str, object] = {"queue_id": queue_id, "rcpt": res.rcpt}
+        if res.outcome == "delivered":
+            rstate.status = "delivered"
+            confirm = f' C="{escape(res.reply)}"' if res.reply else ""
+            line = f"{queue_id} => {rcpt}{route}{host}{confirm}"
+            self.log.main(line, event="delivered", **fields)
+            return
+        expired = res.outcome == "deferred" and now - envelope.received_at >= self.max_age
+        if res.outcome == "deferred" and not expired:
+            self.log.main(
+                f"{queue_id} == {rcpt}{route} defer ({res.errno}){host}: {escape(res.detail)}",
+                event="deferred",
+                **fields,
+            )
+            return
+        rstate.status = "failed"
+        rstate.code = res.status or ("4.4.7" if expired else "5.0.0")
+        rstate.diagnostic = res.diagnostic
+        rstate.remote = res.remote_mta
+        reason = res.detail
+        if expired:
+            reason = f"{EXPIRED} (last error: {res.detail})"
+            rstate.code = "4.4.7"
+            rstate.detail = reason
+        line = f"{queue_id} ** {rcpt}{route}{host}: {escape(reason)}"
+        self.log.main(line, event="failed", **fields)
+
+    async def _report_failures(
+        self, queue_id: str, envelope: Envelope, state: DeliveryState, now: float
+    ) -> None:
+        failed = state.unreported_failures()
+        if not envelope.sender:
+            self.log.main(
+                f"{queue_id} no bounce message sent for {len(failed)} failed recipient(s):"
+                " null sender",
+                queue_id=queue_id,
+            )
+            for rcpt in failed:
+                state.recipients[rcpt].dsn_queued = True
+            return
+        failures = [
+            RecipientResult(
+                rcpt,
+                "failed",
+                state.recipients[rcpt].detail,
+                "",
+                "",
+                status=state.recipients[rcpt].code,
+                remote_mta=state.recipients[rcpt].remote,
+                diagnostic=state.recipients[rcpt].diagnostic,
+            )
+            for rcpt in failed
+        ]
+        try:
+            prefix = await asyncio.to_thread(self.spool.read_body, queue_id, 64 * 1024)
+        except SpoolError:
+            prefix = b""
+        helo = self.router.helo_name
+        bounce_id = self._ids.new()
+        data = build_dsn(
+            envelope,
+            failures,
+            header_block(prefix),
+            reporting_mta=helo,
+            message_id=f"<{bounce_id}@{helo}>",
+            now=now,
+        )
+        bounce = Envelope(
+            queue_id=bounce_id,
+            sender="",
+            recipients=(envelope.sender,),
+            received_at=now,
+            client_ip="127.0.0.1",
+            client_port=0,
+            helo=helo,
+            client_name=None,
+            protocol="local",
+            tls=None,
+            message_id=f"<{bounce_id}@{helo}>",
+            extra={"bounce_of": queue_id},
+        )
+        writer = await asyncio.to_thread(self.spool.open_message, bounce)
+        try:
+            await asyncio.to_thread(writer.write, data)
+            await writer.commit()
+        except BaseException:
+            writer.abort()
+            raise
+        self.log.main(
+            f"{bounce_id} <= <> R={queue_id} U=MAILER-DAEMON P=local S={len(data)}",
+            queue_id=bounce_id,
+            event="bounce",
+            bounce_of=queue_id,
+        )
+        for rcpt in failed:
+            state.recipients[rcpt].dsn_queued = True
+        self.submit(bounce_id)
