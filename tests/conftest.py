@@ -159,12 +159,19 @@ class GatewayProcess:
 
 def gateway_sections(port: int, **overrides: dict[str, Any]) -> dict[str, dict[str, Any]]:
     sections: dict[str, dict[str, Any]] = {
-        "server": {"hostname": "mx.example.test", "listen": [f"127.0.0.1:{port}"],
-                   "max_connections_per_ip": 50},
+        "server": {
+            "hostname": "mx.example.test",
+            "listen": [f"127.0.0.1:{port}"],
+            "max_connections_per_ip": 50,
+        },
         "limits": {"command_timeout": 20, "data_timeout": 30},
         "domains": {"local": ["example.test"], "relay": []},
-        "paths": {"spool": "var/spool", "mail": "var/mail", "log": "var/log",
-                  "state": "var/state.sqlite"},
+        "paths": {
+            "spool": "var/spool",
+            "mail": "var/mail",
+            "log": "var/log",
+            "state": "var/state.sqlite",
+        },
         "log": {"json": True},
     }
     for name, table in overrides.items():

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import re
 import socket
 import ssl
@@ -11,8 +12,9 @@ _REPLY_END = re.compile(rb"(?:^|\r\n)\d{3} [^\r\n]*\r\n")
 
 
 class RawClient:
-    def __init__(self, port: int, host: str = "127.0.0.1", timeout: float = 10.0,
-                 source: str | None = None) -> None:
+    def __init__(
+        self, port: int, host: str = "127.0.0.1", timeout: float = 10.0, source: str | None = None
+    ) -> None:
         self.sock: socket.socket | ssl.SSLSocket = socket.create_connection(
             (host, port), timeout=timeout, source_address=(source, 0) if source else None
         )
@@ -74,10 +76,8 @@ class RawClient:
         self.sock = context.wrap_socket(self.sock, server_hostname=server_hostname)
 
     def close(self) -> None:
-        try:
+        with contextlib.suppress(OSError):
             self.sock.close()
-        except OSError:
-            pass
 
     def __enter__(self) -> RawClient:
         return self
@@ -86,8 +86,9 @@ class RawClient:
         self.close()
 
 
-def transaction(client: RawClient, sender: str, rcpt: str, body: bytes,
-                helo: str = "EHLO client.test") -> tuple[int, str]:
+def transaction(
+    client: RawClient, sender: str, rcpt: str, body: bytes, helo: str = "EHLO client.test"
+) -> tuple[int, str]:
     """Greeting, EHLO, MAIL, RCPT, DATA with ``body`` (already terminated) → the final reply."""
     assert client.reply()[0] == 220
     assert client.command(helo)[0] == 250

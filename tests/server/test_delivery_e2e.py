@@ -44,37 +44,58 @@ def test_smtplib_message_reaches_maildir_with_queue_id_in_reply_and_logs(
     log = wait_for(lambda: (lambda t: t if f"{queue_id} =>" in t else "")(gateway.mainlog()))
     assert re.search(
         rf"{queue_id} <= sender@outside.test H=\(client.outside.test\) \[127.0.0.1\]:\d+ "
-        rf"P=esmtp S=\d+", log
+        rf"P=esmtp S=\d+",
+        log,
     )
     assert f"{queue_id} => user@example.test" in log
     assert f"{queue_id} Completed" in log
-    records = [json.loads(line) for line in (gateway.log_dir / "main.jsonl").read_text().splitlines()]
+    records = [
+        json.loads(line) for line in (gateway.log_dir / "main.jsonl").read_text().splitlines()
+    ]
     assert any(r.get("queue_id") == queue_id for r in records)
 
 
-@pytest.mark.skipif(shutil.which("swaks") is None and not __import__("os").environ.get("CI"),
-                    reason="swaks not installed (make test installs it)")
+@pytest.mark.skipif(
+    shutil.which("swaks") is None and not __import__("os").environ.get("CI"),
+    reason="swaks not installed (make test installs it)",
+)
 def test_swaks_delivers(gateway: GatewayProcess) -> None:
     result = subprocess.run(
-        ["swaks", "--server", f"127.0.0.1:{gateway.port}", "--from", "a@outside.test",
-         "--to", "swaks@example.test", "--helo", "swaks.outside.test", "--header",
-         "Subject: swaks test"],
-        capture_output=True, text=True, timeout=30,
+        [
+            "swaks",
+            "--server",
+            f"127.0.0.1:{gateway.port}",
+            "--from",
+            "a@outside.test",
+            "--to",
+            "swaks@example.test",
+            "--helo",
+            "swaks.outside.test",
+            "--header",
+            "Subject: swaks test",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=30,
     )
     assert result.returncode == 0, result.stdout + result.stderr
-    assert re.search(r"<~  250 2\.0\.0 Ok: queued as " + QUEUE_ID, result.stdout)
+    assert re.search(r"<-\s+250 2\.0\.0 Ok: queued as " + QUEUE_ID, result.stdout)
     messages = wait_for(lambda: gateway.maildir_messages("swaks"))
     assert b"Subject: swaks test" in messages[0]
 
 
 def test_starttls_with_test_ca_records_cipher(make_gateway: Any, tls_files: Any) -> None:
-    gw = make_gateway(tls={"certificate": str(tls_files["certificate"]),
-                           "private_key": str(tls_files["private_key"])})
+    gw = make_gateway(
+        tls={
+            "certificate": str(tls_files["certificate"]),
+            "private_key": str(tls_files["private_key"]),
+        }
+    )
     context = ssl.create_default_context(cafile=str(tls_files["ca"]))
     with smtplib.SMTP("127.0.0.1", gw.port, timeout=10) as client:
         client.ehlo("tls.outside.test")
         assert client.has_extn("starttls")
-        client.starttls(context=context, server_hostname="mx.example.test")
+        client.starttls(context=context)
         client.ehlo("tls.outside.test")
         assert not client.has_extn("starttls")  # not offered twice
         client.sendmail("s@outside.test", ["tlsuser@example.test"], MESSAGE)
@@ -92,8 +113,12 @@ def _client_context(ca: Any, **kwargs: Any) -> ssl.SSLContext:
 
 @pytest.mark.parametrize("weak", ["tls11", "cbc_sha1", "static_rsa"])
 def test_weak_tls_is_refused(make_gateway: Any, tls_files: Any, weak: str) -> None:
-    gw = make_gateway(tls={"certificate": str(tls_files["certificate"]),
-                           "private_key": str(tls_files["private_key"])})
+    gw = make_gateway(
+        tls={
+            "certificate": str(tls_files["certificate"]),
+            "private_key": str(tls_files["private_key"]),
+        }
+    )
     context = ssl.create_default_context(cafile=str(tls_files["ca"]))
     if weak == "tls11":
         context.minimum_version = ssl.TLSVersion.TLSv1
@@ -105,13 +130,14 @@ def test_weak_tls_is_refused(make_gateway: Any, tls_files: Any, weak: str) -> No
     with smtplib.SMTP("127.0.0.1", gw.port, timeout=10) as client:
         client.ehlo("weak.outside.test")
         with pytest.raises((ssl.SSLError, smtplib.SMTPServerDisconnected, ConnectionError)):
-            client.starttls(context=context, server_hostname="mx.example.test")
+            client.starttls(context=context)
 
 
 def test_relay_domain_goes_to_next_hop(make_gateway: Any, next_hop: NextHop) -> None:
     next_hop.start()
-    gw = make_gateway(domains={"relay": ["corp.test"]},
-                      delivery={"next_hop": f"127.0.0.1:{next_hop.port}"})
+    gw = make_gateway(
+        domains={"relay": ["corp.test"]}, delivery={"next_hop": f"127.0.0.1:{next_hop.port}"}
+    )
     with smtplib.SMTP("127.0.0.1", gw.port, timeout=10) as client:
         client.sendmail("s@outside.test", ["boss@corp.test"], MESSAGE)
     wait_for(lambda: next_hop.handler.messages)
@@ -122,9 +148,14 @@ def test_relay_domain_goes_to_next_hop(make_gateway: Any, next_hop: NextHop) -> 
 
 
 def test_next_hop_down_then_up_is_retried(make_gateway: Any, next_hop: NextHop) -> None:
-    gw = make_gateway(domains={"relay": ["corp.test"]},
-                      delivery={"next_hop": f"127.0.0.1:{next_hop.port}",
-                                "retry_initial": 1, "retry_max_interval": 2})
+    gw = make_gateway(
+        domains={"relay": ["corp.test"]},
+        delivery={
+            "next_hop": f"127.0.0.1:{next_hop.port}",
+            "retry_initial": 1,
+            "retry_max_interval": 2,
+        },
+    )
     with smtplib.SMTP("127.0.0.1", gw.port, timeout=10) as client:
         client.sendmail("s@outside.test", ["later@corp.test"], MESSAGE)
     wait_for(lambda: "== later@corp.test" in gw.mainlog())

@@ -1,4 +1,4 @@
-"""Process life: kill -9 and restart, SIGTERM, SIGHUP reload, bad configs, queue commands, workers."""
+"""Process life: kill -9 and restart, SIGTERM, SIGHUP, bad configs, queue commands, workers."""
 
 from __future__ import annotations
 
@@ -18,16 +18,26 @@ BODY = b"Subject: durable\r\nMessage-ID: <d1@outside.test>\r\n\r\nkeep me\r\n.\r
 
 
 def palisade(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "palisade", *args], cwd=cwd,
-                          capture_output=True, text=True, timeout=60)
+    return subprocess.run(
+        [sys.executable, "-m", "palisade", *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
 
 
 def test_kill_9_after_250_then_restart_delivers_exactly_once(
     make_gateway: Any, next_hop: NextHop
 ) -> None:
-    gw = make_gateway(domains={"relay": ["corp.test"]},
-                      delivery={"next_hop": f"127.0.0.1:{next_hop.port}", "retry_initial": 1,
-                                "retry_max_interval": 1})
+    gw = make_gateway(
+        domains={"relay": ["corp.test"]},
+        delivery={
+            "next_hop": f"127.0.0.1:{next_hop.port}",
+            "retry_initial": 1,
+            "retry_max_interval": 1,
+        },
+    )
     with RawClient(gw.port) as client:  # the next hop is down: the message waits in the spool
         code, text = transaction(client, "s@outside.test", "keep@corp.test", BODY)
     assert code == 250
@@ -47,14 +57,19 @@ def test_kill_9_with_local_delivery_loses_and_duplicates_nothing(make_gateway: A
     ids = []
     for n in range(5):
         with RawClient(gw.port) as client:
-            code, text = transaction(client, "s@outside.test", "durable@example.test",
-                                     b"Subject: n%d\r\n\r\nbody\r\n.\r\n" % n)
+            code, text = transaction(
+                client,
+                "s@outside.test",
+                "durable@example.test",
+                b"Subject: n%d\r\n\r\nbody\r\n.\r\n" % n,
+            )
             assert code == 250
             ids.append(re.search(QUEUE_ID, text).group(0))  # type: ignore[union-attr]
     gw.kill()
     gw.start()
-    messages = wait_for(lambda: (lambda m: m if len(m) >= 5 else None)(
-        gw.maildir_messages("durable")), timeout=20)
+    messages = wait_for(
+        lambda: (lambda m: m if len(m) >= 5 else None)(gw.maildir_messages("durable")), timeout=20
+    )
     subjects = sorted(re.search(rb"Subject: (n\d)", m).group(1) for m in messages)  # type: ignore[union-attr]
     assert subjects == [b"n0", b"n1", b"n2", b"n3", b"n4"]
 
@@ -113,19 +128,26 @@ def test_broken_config_names_file_key_and_line(tmp_path: Path) -> None:
     result = palisade("config", "check", "--config", str(config), cwd=tmp_path)
     assert result.returncode == 2 and ":3: limits.max_recipient: unknown key" in result.stderr
     result = palisade("serve", "--config", str(tmp_path / "missing.toml"), cwd=tmp_path)
-    assert result.returncode == 2 and "missing.toml" in result.stderr and "no such file" in result.stderr
-    config.write_text('[tls]\ncertificate = "/nonexistent/cert.pem"\nprivate_key = "/nonexistent/k"\n')
+    assert (
+        result.returncode == 2
+        and "missing.toml" in result.stderr
+        and "no such file" in result.stderr
+    )
+    config.write_text(
+        '[tls]\ncertificate = "/nonexistent/cert.pem"\nprivate_key = "/nonexistent/k"\n'
+    )
     result = palisade("serve", "--config", str(config), cwd=tmp_path)
     assert result.returncode == 2 and "tls.certificate: no such file" in result.stderr
 
 
 def test_queue_commands(make_gateway: Any, next_hop: NextHop) -> None:
-    gw = make_gateway(domains={"relay": ["corp.test"]},
-                      delivery={"next_hop": f"127.0.0.1:{next_hop.port}"})
+    gw = make_gateway(
+        domains={"relay": ["corp.test"]}, delivery={"next_hop": f"127.0.0.1:{next_hop.port}"}
+    )
     ids = []
     for rcpt in ("a@corp.test", "b@corp.test"):
         with RawClient(gw.port) as client:
-            code, text = transaction(client, "s@outside.test", rcpt, BODY)
+            _code, text = transaction(client, "s@outside.test", rcpt, BODY)
             ids.append(re.search(QUEUE_ID, text).group(0))  # type: ignore[union-attr]
     wait_for(lambda: "== b@corp.test" in gw.mainlog())
     listing = palisade("queue", "list", "--config", str(gw.config_path), cwd=gw.base)
@@ -135,7 +157,9 @@ def test_queue_commands(make_gateway: Any, next_hop: NextHop) -> None:
     assert shown.returncode == 0 and "Subject: durable" in shown.stdout
     deleted = palisade("queue", "delete", ids[1], "--config", str(gw.config_path), cwd=gw.base)
     assert deleted.returncode == 0
-    bad = palisade("queue", "show", "../../etc/passwd", "--config", str(gw.config_path), cwd=gw.base)
+    bad = palisade(
+        "queue", "show", "../../etc/passwd", "--config", str(gw.config_path), cwd=gw.base
+    )
     assert bad.returncode == 1
     next_hop.start()
     retried = palisade("queue", "retry", ids[0], "--config", str(gw.config_path), cwd=gw.base)

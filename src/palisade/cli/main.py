@@ -29,11 +29,14 @@ def _parser() -> argparse.ArgumentParser:
     check = config_commands.add_parser("check", help="validate a config and print it")
     check.add_argument("--config", type=Path)
 
-    queue = commands.add_parser("queue", help="inspect and manage the mail queue")
-    queue.add_argument("--config", type=Path)
     from palisade.cli import queue as queue_cli
 
-    queue_cli.add_arguments(queue)
+    queue = queue_cli.add_arguments(commands)
+    queue.add_argument("--config", type=Path)
+    for action in queue._subparsers._group_actions if queue._subparsers else ():
+        for leaf in getattr(action, "choices", {}).values():
+            # also accepted after the sub-command: ``palisade queue list --config FILE``
+            leaf.add_argument("--config", type=Path, default=argparse.SUPPRESS)
     return parser
 
 
@@ -51,8 +54,16 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "config":
         return _config_check(config)
     from palisade.cli import queue as queue_cli
+    from palisade.obs.log import FileEventLog
+    from palisade.spool import Spool
 
-    return queue_cli.main(args, config)
+    spool = Spool(config.paths.spool)
+    log = FileEventLog(config.paths.log)
+    try:
+        return queue_cli.run(args, spool, log)
+    finally:
+        spool.close()
+        log.close()
 
 
 def _config_check(config: object) -> int:

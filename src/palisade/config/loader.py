@@ -68,7 +68,9 @@ def parse_config(text: str, source: str) -> Config:
     for name, table in data.items():
         if name not in known:
             raise ConfigError(
-                source, f"[{name}]", f"unknown section (expected one of: {', '.join(known)})",
+                source,
+                f"[{name}]",
+                f"unknown section (expected one of: {', '.join(known)})",
                 finder.section(name),
             )
         if not isinstance(table, dict):
@@ -89,8 +91,10 @@ def _build_section(
     for key, raw in table.items():
         if key not in fields:
             raise ConfigError(
-                source, f"{name}.{key}",
-                f"unknown key (expected one of: {', '.join(fields)})", finder.key(name, key),
+                source,
+                f"{name}.{key}",
+                f"unknown key (expected one of: {', '.join(fields)})",
+                finder.key(name, key),
             )
         meta = fields[key].metadata
         try:
@@ -101,7 +105,7 @@ def _build_section(
 
 
 def _convert(raw: Any, hint: Any, meta: typing.Mapping[str, Any]) -> Any:
-    """Converts one TOML value to the annotated type, or raises ValueError naming the expectation."""
+    """Converts one TOML value to the annotated type; ValueError names what was expected."""
     if meta.get("kind") == "duration":
         seconds = _duration(raw)
         if seconds < meta.get("min", 0):
@@ -150,14 +154,14 @@ def _convert(raw: Any, hint: Any, meta: typing.Mapping[str, Any]) -> Any:
 
 def _duration(raw: Any) -> float:
     if isinstance(raw, bool):
-        raise ValueError(f"expected a duration like 30, \"5m\", \"4h\" or \"5d\", got {raw!r}")
+        raise ValueError(f'expected a duration like 30, "5m", "4h" or "5d", got {raw!r}')
     if isinstance(raw, int | float):
         return float(raw)
     if isinstance(raw, str):
         match = _DURATION_RE.match(raw)
         if match:
             return float(match.group(1)) * _UNITS[match.group(2)]
-    raise ValueError(f"expected a duration like 30, \"5m\", \"4h\" or \"5d\", got {raw!r}")
+    raise ValueError(f'expected a duration like 30, "5m", "4h" or "5d", got {raw!r}')
 
 
 def _describe(raw: Any) -> str:

@@ -15,7 +15,7 @@ Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 
 def duration(default: float, minimum: float = 0.0) -> float:
-    """Marks a field as a duration: seconds, written as a number or as ``"5m"``, ``"4h"``, ``"5d"``."""
+    """Marks a duration field: seconds, as a number or as ``"5m"``, ``"4h"``, ``"5d"``."""
     return field(default=default, metadata={"kind": "duration", "min": minimum})
 
 

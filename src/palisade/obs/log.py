@@ -36,7 +36,7 @@ class EventLog(Protocol):
     """What the rest of the program may do with the log: hand over finished lines."""
 
     def main(self, line: str, **fields: object) -> None:
-        """A main-log event (arrival ``<=``, delivery ``=>``, deferral ``==``, failure ``**``...)."""
+        """A main-log event (arrival ``<=``, delivery ``=>``, deferral ``==``, failure ``**``)."""
 
     def reject(self, line: str, **fields: object) -> None:
         """A refusal: written to the reject log and to the main log, as exim does."""

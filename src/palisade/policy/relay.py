@@ -55,6 +55,11 @@ class RelayPolicy:
             outbound_available,
         )
 
+    @property
+    def postmaster_domain(self) -> str:
+        """Where ``RCPT TO:<postmaster>`` goes: the alphabetically first local/relay domain."""
+        return min(self.local_domains or self.relay_domains or frozenset({"localhost"}))
+
     def client_may_relay(self, client_ip: IPAddress) -> bool:
         return any(client_ip in net for net in self.relay_from_hosts)
 
@@ -62,11 +67,11 @@ class RelayPolicy:
         """A route for an acceptable recipient, or the refusal verdict."""
         trick = routing_trick(address)
         if trick is not None:
-            return deny(
-                550, "5.7.1", "Relay access denied", f"relay attempt refused: {trick}"
-            )
+            return deny(550, "5.7.1", "Relay access denied", f"relay attempt refused: {trick}")
         domain = address.domain.lower().rstrip(".")
-        if domain == "" or domain in self.local_domains:
+        if domain == "":
+            return Route.LOCAL if self.local_domains else Route.RELAY
+        if domain in self.local_domains:
             return Route.LOCAL
         if domain in self.relay_domains:
             return Route.RELAY
@@ -74,10 +79,14 @@ class RelayPolicy:
             if self.outbound_available:
                 return Route.OUTBOUND
             return deny(
-                550, "5.7.1", "Relay access denied",
+                550,
+                "5.7.1",
+                "Relay access denied",
                 "relay refused: client is in relay_from_hosts but no next_hop is configured",
             )
-        return deny(550, "5.7.1", "Relay access denied", "relay attempt refused: not a local domain")
+        return deny(
+            550, "5.7.1", "Relay access denied", "relay attempt refused: not a local domain"
+        )
 
 
 def routing_trick(address: Address) -> str | None:

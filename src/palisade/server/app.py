@@ -67,7 +67,9 @@ def build_router(config: Config) -> Router:
         require_tls=config.delivery.require_tls,
         tls_context=client_context(config.delivery.tls_ca_file),
         helo_name=config.server.hostname,
-        timeout=config.delivery.timeout,
+        connect_timeout=min(30.0, config.delivery.timeout),
+        command_timeout=config.delivery.timeout,
+        data_timeout=max(600.0, config.delivery.timeout),
     )
 
 
@@ -132,7 +134,9 @@ class Gateway:
         loop.add_signal_handler(signal.SIGHUP, on_hup)  # type: ignore[arg-type]
 
 
-async def run_single(config: Config, config_path: Path | None, sockets: list[socket.socket]) -> None:
+async def run_single(
+    config: Config, config_path: Path | None, sockets: list[socket.socket]
+) -> None:
     """workers = 1: listener and queue runner in one process."""
     gw = Gateway(config, config_path)
     runner = build_runner(config, gw.spool, gw.log)
@@ -141,17 +145,21 @@ async def run_single(config: Config, config_path: Path | None, sockets: list[soc
     listener = Listener(ctx, sockets)
     await listener.start()
     gw.install_signals(lambda: gw.reload(ctx))
-    gw.log.main(f"palisade daemon started: pid={os.getpid()}, listening on "
-                f"{', '.join(config.server.listen)}, config {config.source}")
+    gw.log.main(
+        f"palisade daemon started: pid={os.getpid()}, listening on "
+        f"{', '.join(config.server.listen)}, config {config.source}"
+    )
     await gw.stopping.wait()
     gw.log.main("SIGTERM received: no longer accepting connections, finishing transactions")
     await listener.shutdown(SHUTDOWN_GRACE)
     await runner.stop()
+    gw.spool.close()
     gw.log.main("palisade daemon stopped")
 
 
-async def run_worker(config: Config, config_path: Path | None, sockets: list[socket.socket],
-                     notify_fd: int) -> None:
+async def run_worker(
+    config: Config, config_path: Path | None, sockets: list[socket.socket], notify_fd: int
+) -> None:
     """A listening worker: commits to the spool and tells the parent the queue id."""
     gw = Gateway(config, config_path)
 
@@ -167,10 +175,16 @@ async def run_worker(config: Config, config_path: Path | None, sockets: list[soc
     gw.install_signals(lambda: gw.reload(ctx))
     await gw.stopping.wait()
     await listener.shutdown(SHUTDOWN_GRACE)
+    gw.spool.close()
 
 
-async def run_parent(config: Config, config_path: Path | None, notify_read: int,
-                     workers: dict[int, int], spawn: object) -> None:
+async def run_parent(
+    config: Config,
+    config_path: Path | None,
+    notify_read: int,
+    workers: dict[int, int],
+    spawn: object,
+) -> None:
     """The parent of workers: runs the queue runner, forwards signals, restarts dead workers."""
     gw = Gateway(config, config_path)
     runner = build_runner(config, gw.spool, gw.log)
@@ -199,8 +213,10 @@ async def run_parent(config: Config, config_path: Path | None, notify_read: int,
                 os.kill(pid, signal.SIGHUP)
 
     gw.install_signals(on_hup)
-    gw.log.main(f"palisade daemon started: pid={os.getpid()}, {len(workers)} workers listening on "
-                f"{', '.join(config.server.listen)}, config {config.source}")
+    gw.log.main(
+        f"palisade daemon started: pid={os.getpid()}, {len(workers)} workers listening on "
+        f"{', '.join(config.server.listen)}, config {config.source}"
+    )
 
     async def reap() -> None:
         while not gw.stopping.is_set():
@@ -222,6 +238,7 @@ async def run_parent(config: Config, config_path: Path | None, notify_read: int,
     reaper.cancel()
     on_notify()
     await runner.stop()
+    gw.spool.close()
     gw.log.main("palisade daemon stopped")
 
 
@@ -245,8 +262,9 @@ def serve(config_path: Path | None) -> int:
     try:
         sockets = [bind_socket(a, reuse_port=workers > 1) for a in config.server.listen]
     except OSError as exc:
-        print(f"palisade: cannot listen on {', '.join(config.server.listen)}: {exc}",
-              file=sys.stderr)
+        print(
+            f"palisade: cannot listen on {', '.join(config.server.listen)}: {exc}", file=sys.stderr
+        )
         return 1
     if workers == 1:
         asyncio.run(run_single(config, config_path, sockets))
@@ -263,7 +281,7 @@ def serve(config_path: Path | None) -> int:
                 os.close(notify_read)
                 own = [bind_socket(a, reuse_port=True) for a in config.server.listen]
                 asyncio.run(run_worker(config, config_path, own, notify_write))
-            except BaseException:  # noqa: BLE001 - a worker must never return into the parent
+            except BaseException:
                 import traceback
 
                 traceback.print_exc()

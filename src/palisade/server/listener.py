@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import functools
 import socket
 
 from palisade.config import parse_host_port
@@ -72,14 +73,14 @@ class Listener:
         session = Session(self.ctx, stream)
         task = asyncio.get_running_loop().create_task(session.run())
         self.sessions[task] = session
-        task.add_done_callback(lambda t, ip=ip: self._finished(t, ip))
+        task.add_done_callback(functools.partial(self._finished, ip=ip))
 
     @staticmethod
     def _turn_away(stream: ClientStream, reply: str) -> None:
         stream.write(reply.encode())
         stream.close()
 
-    def _finished(self, task: asyncio.Task[None], ip: str) -> None:
+    def _finished(self, task: asyncio.Task[None], *, ip: str) -> None:
         self.sessions.pop(task, None)
         self.per_ip[ip] -= 1
         if self.per_ip[ip] <= 0:

@@ -176,7 +176,9 @@ class Session:
 
     async def _timeout(self, what: str) -> None:
         self.ctx.log.main(f"{what} on connection from {self.host_field()}{self._sender_field()}")
-        self._send(Reply(421, "4.4.2", f"{self.config.server.hostname} {what} - closing connection"))
+        self._send(
+            Reply(421, "4.4.2", f"{self.config.server.hostname} {what} - closing connection")
+        )
         raise _Closed
 
     def _send(self, reply: Reply) -> None:
@@ -227,8 +229,14 @@ class Session:
                 self._send(Reply(221, "2.0.0", f"{self.config.server.hostname} closing connection"))
                 raise _Closed
             case events.Help():
-                self._send(Reply(214, "2.0.0", "See RFC 5321; commands: EHLO HELO MAIL RCPT DATA "
-                                 "RSET NOOP QUIT HELP VRFY STARTTLS"))
+                self._send(
+                    Reply(
+                        214,
+                        "2.0.0",
+                        "See RFC 5321; commands: EHLO HELO MAIL RCPT DATA "
+                        "RSET NOOP QUIT HELP VRFY STARTTLS",
+                    )
+                )
             case events.Vrfy():
                 self._send(Reply(252, "2.5.2", "Cannot VRFY user; try RCPT to attempt delivery"))
             case events.Expn():
@@ -245,7 +253,8 @@ class Session:
                 self._on_command_error(event)
             case events.TooManyErrors():
                 self.ctx.log.reject(
-                    f"SMTP call from {self.host_field()} dropped: too many syntax or protocol errors"
+                    f"SMTP call from {self.host_field()} dropped: "
+                    "too many syntax or protocol errors"
                 )
                 self._send(event.reply)
                 raise _Closed
@@ -274,7 +283,10 @@ class Session:
         if isinstance(decision, Verdict):
             self._refuse("RCPT", event.address.text, decision)
             return
-        self.tx.recipients.append(event.address.text)
+        rcpt = event.address.text
+        if event.address.domain == "":  # RCPT TO:<postmaster> (RFC 5321 4.5.1)
+            rcpt = f"postmaster@{self.ctx.relay_policy.postmaster_domain}"
+        self.tx.recipients.append(rcpt)
         self.tx.routes.append(decision)
         self._send(Reply(250, "2.1.5", "Ok"))
 
@@ -313,7 +325,9 @@ class Session:
         except (OSError, ConnectionError, TimeoutError, asyncio.CancelledError) as exc:
             if isinstance(exc, asyncio.CancelledError):
                 raise
-            self.ctx.log.reject(f"TLS error on connection from {self.host_field()}: {escape(str(exc))}")
+            self.ctx.log.reject(
+                f"TLS error on connection from {self.host_field()}: {escape(str(exc))}"
+            )
             raise _Closed from None
         self.conn.tls_started()
         self.tls = describe(self.stream.tls_info())
@@ -337,6 +351,7 @@ class Session:
             client_name=None,
             protocol=self.protocol,
             tls=self.tls,
+            extra={"outbound": "1"} if Route.OUTBOUND in tx.routes else {},
         )
         try:
             tx.writer = self.ctx.spool.open_message(envelope)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import ssl
+import typing
 from collections.abc import Callable
 
 _HIGH_WATER = 256 * 1024
@@ -32,8 +33,8 @@ class ClientStream(asyncio.Protocol):
 
     # -- asyncio.Protocol -------------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
+        # uvloop's transports implement the interface without subclassing asyncio.Transport.
+        self.transport = typing.cast(asyncio.Transport, transport)
         self._on_connect(self)
 
     def data_received(self, data: bytes) -> None:
