@@ -1,0 +1,108 @@
+"""Ports: the interfaces the policy layer and the server use to reach the outside world.
+
+Owns: ``typing.Protocol`` interfaces and the small value types and exceptions that cross them.
+Must not touch: any implementation, any I/O, any other module of the project. This module imports
+only the standard library, so that ``policy/`` and ``adapters/`` can both depend on it and on
+nothing else (the import-linter contracts in pyproject.toml keep that true).
+Trust: values crossing a port come from the network (DNS answers, LDAP entries, scanner replies).
+The adapter behind a port normalises them into the plain types declared here and reports failures
+as the temporary-error exceptions declared here; callers may rely on those types and nothing else,
+but must still treat the *content* (names, TXT strings) as attacker-controlled text.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol, runtime_checkable
+
+__all__ = ["Clock", "DnsAnswer", "DnsTempError", "Resolver"]
+
+
+# --------------------------------------------------------------------------------------------
+# DNS
+# --------------------------------------------------------------------------------------------
+
+
+class DnsTempError(Exception):
+    """A lookup could not be completed: "try again later".
+
+    Raised for timeouts (after all retries), SERVFAIL, REFUSED, network errors and malformed
+    answers. ``reason`` is a short operator-facing text (never shown to SMTP clients as is).
+    A check that gets this error must not treat it as "no record": it defers, or applies the
+    documented fail-open for that check.
+    """
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+@dataclass(frozen=True, slots=True)
+class DnsAnswer:
+    """The outcome of one (name, type) lookup that the DNS did answer.
+
+    ``records`` are rendered as text:
+
+    * A / AAAA: the address (``"192.0.2.1"``, ``"2001:db8::1"``, the compressed IPv6 form);
+    * MX: ``"<preference> <exchange>."`` with the exchange lowercased, e.g. ``"10 mx.example.com."``
+      (a null MX, RFC 7505, is ``"0 ."``);
+    * TXT / SPF: the character-strings of one record concatenated and decoded as latin-1 (so any
+      byte survives and the text is never rejected for its encoding);
+    * PTR / CNAME / NS: the target name, lowercased, without the trailing dot;
+    * anything else: the presentation format of the record.
+
+    ``ttl`` is the number of seconds the answer may still be reused (after the adapter's caps).
+    ``nxdomain`` is True when the name does not exist; empty ``records`` with ``nxdomain`` False
+    means NODATA (the name exists but has no record of that type).
+    """
+
+    records: tuple[str, ...]
+    ttl: int
+    nxdomain: bool = False
+
+    @property
+    def nodata(self) -> bool:
+        """The name exists but has no record of the asked type."""
+        return not self.records and not self.nxdomain
+
+
+@runtime_checkable
+class Resolver(Protocol):
+    """A caching DNS resolver.
+
+    ``rdtype`` is a mnemonic: A, AAAA, MX, TXT, PTR, CNAME, NS, SPF, SOA, ... CNAME chains are
+    followed for every type except CNAME itself. Failures that may go away raise
+    :class:`DnsTempError`; NXDOMAIN and NODATA are answers, not errors.
+    """
+
+    async def query(self, name: str, rdtype: str) -> DnsAnswer:
+        """Look up ``name`` (absolute; a trailing dot is optional) for records of ``rdtype``."""
+        ...
+
+    async def ptr(self, ip: str) -> DnsAnswer:
+        """Reverse lookup of an IPv4 or IPv6 address (in-addr.arpa / ip6.arpa PTR)."""
+        ...
+
+
+# --------------------------------------------------------------------------------------------
+# Time
+# --------------------------------------------------------------------------------------------
+
+
+@runtime_checkable
+class Clock(Protocol):
+    """Time as the adapters and the policy see it (tests substitute a settable clock)."""
+
+    def now(self) -> float:
+        """Wall-clock time in seconds since the epoch (for logs, records, expiry dates)."""
+        ...
+
+    def monotonic(self) -> float:
+        """Monotonic seconds (for timeouts, cache lifetimes, rate windows)."""
+        ...
+
+
+# --------------------------------------------------------------------------------------------
+# Other ports (RecipientDirectory, SpamScanner, VirusScanner, StateStore) are added below by
+# their owners. Keep this module free of implementations and of imports from the project.
+# --------------------------------------------------------------------------------------------
