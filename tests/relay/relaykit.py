@@ -32,6 +32,7 @@ class Handler:
         self.rcpt_reply: dict[str, str] = {}
         self.data_reply = "250 2.0.0 Ok: queued as NEXT1"
         self.tls_seen: list[bool] = []
+        self.peers: list[Any] = []  # the client address of each accepted message
 
     async def handle_RCPT(
         self, server: Any, session: Any, envelope: Any, address: str, options: Any
@@ -44,6 +45,7 @@ class Handler:
 
     async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
         self.tls_seen.append(session.ssl is not None)
+        self.peers.append(session.peer)
         if self.data_reply.startswith("250"):
             self.messages.append((envelope.mail_from, list(envelope.rcpt_tos), envelope.content))
         return self.data_reply

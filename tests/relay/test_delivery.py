@@ -396,3 +396,32 @@ def test_maildir_redelivery_after_crash_window_writes_no_second_copy(tmp_path: P
     assert len(list((tmp_path / "bob" / "new").iterdir())) == 1
     other = maildir.deliver(env, "carol@example.test", [b"Subject: x\r\n\r\nbody\r\n"])
     assert other.parent == tmp_path / "carol" / "new"
+
+
+def test_next_hop_connection_is_reused_and_a_stale_one_is_replaced(
+    tmp_path: Path, hop: Hop
+) -> None:
+    hop.start()
+    s = setup(tmp_path, hop)
+
+    async def go() -> None:
+        runner = s.runner()
+        for n in range(3):  # one after another: the second and third reuse the connection
+            await queue(s.spool, envelope(recipients=(f"r{n}@corp.test",)))
+            await runner.run_once()
+        hop.stop()  # the cached connection dies with the server...
+        hop.start()
+        await queue(s.spool, envelope(recipients=("after@corp.test",)))
+        await runner.run_once()  # ...and the message still goes, on a fresh connection
+        await runner.stop()
+
+    run(go())
+    assert [m[1] for m in hop.handler.messages] == [
+        ["r0@corp.test"],
+        ["r1@corp.test"],
+        ["r2@corp.test"],
+        ["after@corp.test"],
+    ]
+    assert len(set(hop.handler.peers[:3])) == 1
+    assert hop.handler.peers[3] != hop.handler.peers[0]
+    assert not [line for line in s.lines() if " == " in line]  # nothing was deferred

@@ -1,6 +1,6 @@
 """SMTP delivery to the next hop with aiosmtplib: one transaction per queued message.
 
-Owns: one outbound SMTP connection per attempt, its TLS policy and the mapping of every outcome
+Owns: the outbound SMTP connections, their TLS policy and the mapping of every outcome
 to a per-recipient result: 2xx delivered, 4xx / refused connection / timeout / broken connection
 temporary, 5xx permanent.
 TLS policy: STARTTLS is used whenever the next hop offers it. With ``require_tls`` (like Postfix's
@@ -10,6 +10,11 @@ verification, is a TEMPORARY failure with a clear reason. Without it (opportunis
 ``may``), a failed handshake makes the attempt start again in cleartext on a new connection; the
 delivery line then has no ``X=`` field.
 ``tls_context`` None means ``ssl.create_default_context()`` (system CAs, hostname checked).
+Connection cache (as Postfix's smtp connection cache): after a successful transaction the
+connection is kept for the next message, for at most ``cache_idle`` seconds idle and
+``cache_uses`` transactions. A cached connection found dead when reused is closed and the
+message tried once more on a fresh one (if it died after the data was sent, the next hop may get
+the message twice: a duplicate, never a loss).
 Must not touch: the spool or the log (the runner does both); it sees the body bytes only.
 Trust: every reply from the next hop is remote text: it is kept verbatim in the result and
 escaped by whoever logs it. The body is sent as read from the spool; aiosmtplib wants the whole
@@ -22,6 +27,7 @@ from __future__ import annotations
 import contextlib
 import re
 import ssl
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -50,6 +56,12 @@ class _TlsRefused(Exception):
 class _Conn:
     host_info: str
     tls: bool
+    uses: int = 0
+    idle_since: float = 0.0
+
+
+class _StaleConnection(Exception):
+    """A cached connection turned out to be closed by the next hop."""
 
 
 class SmtpNextHop:
@@ -66,7 +78,12 @@ class SmtpNextHop:
         connect_timeout: float = 30.0,
         command_timeout: float = 60.0,
         data_timeout: float = 600.0,
+        cache_idle: float = 10.0,
+        cache_uses: int = 100,
     ) -> None:
+        self.cache_idle = cache_idle
+        self.cache_uses = cache_uses
+        self._cache: list[tuple[aiosmtplib.SMTP, _Conn]] = []
         self.host = host
         self.port = port
         self.helo_name = helo_name
@@ -141,9 +158,43 @@ class SmtpNextHop:
         results = await self._attempt(envelope, rcpts, body, use_tls=False)
         return results
 
+    def _take_cached(self, use_tls: bool) -> tuple[aiosmtplib.SMTP, _Conn] | None:
+        now = time.monotonic()
+        while self._cache:
+            smtp, conn = self._cache.pop()
+            fresh = now - conn.idle_since < self.cache_idle and smtp.is_connected
+            if fresh and (conn.tls or not use_tls or not self._tls_possible(smtp)):
+                return smtp, conn
+            smtp.close()
+        return None
+
+    @staticmethod
+    def _tls_possible(smtp: aiosmtplib.SMTP) -> bool:
+        return smtp.supports_extension("starttls")
+
+    def _keep(self, smtp: aiosmtplib.SMTP, conn: _Conn) -> bool:
+        conn.uses += 1
+        if conn.uses >= self.cache_uses or not smtp.is_connected:
+            return False
+        conn.idle_since = time.monotonic()
+        self._cache.append((smtp, conn))
+        return True
+
+    def close_idle(self) -> None:
+        """Closes every cached connection (at shutdown)."""
+        while self._cache:
+            self._cache.pop()[0].close()
+
     async def _attempt(
         self, envelope: Envelope, rcpts: Sequence[str], body: bytes, *, use_tls: bool
     ) -> list[RecipientResult]:
+        cached = self._take_cached(use_tls)
+        if cached is not None:
+            smtp, conn = cached
+            try:
+                return await self._transaction(smtp, envelope, rcpts, body, conn, stale_ok=False)
+            except (_StaleConnection, aiosmtplib.SMTPException, OSError, TimeoutError):
+                smtp.close()  # dead while cached: start again on a fresh connection
         smtp = aiosmtplib.SMTP(
             hostname=self.host,
             port=self.port,
@@ -167,7 +218,7 @@ class SmtpNextHop:
                 return self._smtp_error(rcpts, exc.code, exc.message, "EHLO", conn)
             if use_tls:
                 await self._starttls(smtp, conn)
-            return await self._transaction(smtp, envelope, rcpts, body, conn)
+            return await self._transaction(smtp, envelope, rcpts, body, conn, stale_ok=True)
         except _TlsRefused:
             raise
         except aiosmtplib.SMTPResponseException as exc:
@@ -180,7 +231,8 @@ class SmtpNextHop:
                 self._result(r, "deferred", reason, host=conn.host_info, errno=errno) for r in rcpts
             ]
         finally:
-            smtp.close()
+            if not any(smtp is cached_smtp for cached_smtp, _ in self._cache):
+                smtp.close()
 
     async def _starttls(self, smtp: aiosmtplib.SMTP, conn: _Conn) -> None:
         if not smtp.supports_extension("starttls"):
@@ -215,7 +267,11 @@ class SmtpNextHop:
         rcpts: Sequence[str],
         body: bytes,
         conn: _Conn,
+        *,
+        stale_ok: bool,
     ) -> list[RecipientResult]:
+        """One transaction; on a cached connection (``stale_ok`` False) a dead connection at
+        MAIL raises _StaleConnection instead of deferring, so the caller can reconnect."""
         options: list[str] = []
         encoding = "ascii"
         if smtp.supports_extension("size"):
@@ -239,7 +295,13 @@ class SmtpNextHop:
             encoding = "utf-8"
         try:
             await smtp.mail(envelope.sender, options=options, encoding=encoding)
+        except aiosmtplib.SMTPServerDisconnected:
+            if stale_ok:
+                raise
+            raise _StaleConnection from None
         except aiosmtplib.SMTPResponseException as exc:
+            if exc.code == 421 and not stale_ok:
+                raise _StaleConnection from None
             after = f"MAIL FROM:<{envelope.sender}>"
             return self._smtp_error(rcpts, exc.code, exc.message, after, conn)
         results: dict[str, RecipientResult] = {}
@@ -268,6 +330,8 @@ class SmtpNextHop:
                     results[r] = self._result(
                         r, "delivered", confirmation, host=conn.host_info, reply=confirmation
                     )
+                if len(accepted) == len(rcpts) and self._keep(smtp, conn):
+                    return [results[r] for r in rcpts]
         with contextlib.suppress(aiosmtplib.SMTPException, OSError):
             await smtp.quit()
         return [results[r] for r in rcpts]

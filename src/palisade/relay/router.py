@@ -66,6 +66,11 @@ class Router:
             )
         )
 
+    def close(self) -> None:
+        """Closes cached next-hop connections (at shutdown)."""
+        if self.next_hop is not None:
+            self.next_hop.close_idle()
+
     def route(self, envelope: Envelope, rcpt: str) -> Route:
         domain = domain_of(rcpt)
         if domain in self.local_domains:

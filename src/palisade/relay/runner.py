@@ -83,6 +83,11 @@ class QueueRunner:
         self._loop_task: asyncio.Task[None] | None = None
         self._stopping = False
         self._next_due: float | None = None
+        # Deferred messages known to this process and when they are due: the loop wakes for them
+        # without listing the spool. Full scans (every scan_interval) catch everything else: an
+        # operator's ``queue retry``, or a notification that never arrived.
+        self._due: dict[str, float] = {}
+        self._next_scan = 0.0
 
     # -- life cycle --------------------------------------------------------------------------
 
@@ -113,6 +118,7 @@ class QueueRunner:
                 task.cancel()
             if pending:
                 await asyncio.wait(pending)
+        self.router.close()
 
     def submit(self, queue_id: str) -> None:
         """Deliver ``queue_id`` now (the server calls this right after a successful commit)."""
@@ -160,23 +166,37 @@ class QueueRunner:
                 task = self._spawn(entry.queue_id, now)
                 if task is not None:
                     tasks.append(task)
-            elif next_due is None or state.next_attempt < next_due:
-                next_due = state.next_attempt
+            else:
+                self._due[entry.queue_id] = state.next_attempt
+                if next_due is None or state.next_attempt < next_due:
+                    next_due = state.next_attempt
         self._next_due = next_due
         return tasks
 
     async def _loop(self) -> None:
         while not self._stopping:
+            current = self.clock()
             try:
-                await self._launch_due(None)
+                if current >= self._next_scan:
+                    self._next_scan = current + self.scan_interval
+                    await self._launch_due(None)
+                else:
+                    self._launch_known_due(current)
             except Exception as exc:  # keep running: a failed scan is retried next time
                 self.log.panic(f"queue runner: spool scan failed: {escape(str(exc))}")
-            delay = self.scan_interval
-            if self._next_due is not None:
-                delay = min(delay, max(self._next_due - self.clock(), 0.0) + 0.01)
+            delay = self._next_scan - self.clock()
+            if self._due:
+                delay = min(delay, min(self._due.values()) - self.clock() + 0.01)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wakeup.wait(), timeout=max(delay, 0.05))
             self._wakeup.clear()
+
+    def _launch_known_due(self, current: float) -> None:
+        """Starts the deferred messages whose time has come (no spool listing)."""
+        for queue_id, due in list(self._due.items()):
+            if due <= current and queue_id not in self._inflight:
+                del self._due[queue_id]
+                self._spawn(queue_id, None)
 
     def _backoff(self, attempts: int) -> float:
         interval = self.retry_initial * self.retry_factor ** max(attempts - 1, 0)
@@ -224,6 +244,12 @@ class QueueRunner:
             if state.pending():
                 state.next_attempt = now + self._backoff(state.attempts)
                 state.last_error = deferred[0].detail if deferred else ""
+                self._due[queue_id] = state.next_attempt
+            if state.finished():
+                # Nothing left to remember: the common case (delivered at the first attempt)
+                # removes the message without writing a state file first.
+                await self._complete(queue_id)
+                return
             if not await self._save(queue_id, state):
                 return
         if state.unreported_failures():
@@ -231,8 +257,12 @@ class QueueRunner:
             if not await self._save(queue_id, state):
                 return
         if state.finished():
-            await asyncio.to_thread(self.spool.remove, queue_id)
-            self.log.main(f"{queue_id} Completed", queue_id=queue_id, event="completed")
+            await self._complete(queue_id)
+
+    async def _complete(self, queue_id: str) -> None:
+        self._due.pop(queue_id, None)
+        await asyncio.to_thread(self.spool.remove, queue_id)
+        self.log.main(f"{queue_id} Completed", queue_id=queue_id, event="completed")
 
     async def _save(self, queue_id: str, state: DeliveryState) -> bool:
         try:

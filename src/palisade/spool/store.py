@@ -21,14 +21,17 @@ the commit point, and the server must not answer 250 before it.
 
 Durability and duplicates. Nothing acknowledged is lost: the file is fsynced before the rename
 and the directory after it; the delivery state is replaced atomically (tmp, fsync, rename, fsync
-dir) after each attempt; ``remove`` unlinks the message (and fsyncs its directory) before the
+dir) after an attempt that leaves work to do (a message finished at its first attempt is removed
+without one); ``remove`` unlinks the message (no directory fsync: see ``remove``) before the
 state file, so a crash in between leaves an orphan state file (deleted at recovery), never a
 message without its record of done recipients. There is exactly ONE window where a recipient may
 get the message twice: after a delivery succeeded (the next hop said 250, or the Maildir file was
-renamed into new/) and before the state file recording it was renamed into place, a kill makes
-the next run deliver that recipient again. That is unavoidable without a two-phase protocol with
-the next hop, and it is the acceptable side: duplicating beats losing. (The SMTP-level window,
-a kill after the commit and before the client read 250, makes the client send again; RFC 1047.)
+renamed into new/) and before the state file recording it was renamed into place (or the message
+removed), a kill makes the next run deliver that recipient again; Maildir recognises its own copy
+by name, so in practice this concerns the SMTP next hop. That is unavoidable without a two-phase
+protocol with the next hop, and it is the acceptable side: duplicating beats losing. (The
+SMTP-level window, a kill after the commit and before the client read 250, makes the client
+send again; RFC 1047.)
 
 Must not touch: SMTP, MIME, routing, logging policy (only ``recover`` logs, via the given log).
 Trust: queue ids are validated with ``is_queue_id`` before any path is built; no path is ever
@@ -283,15 +286,18 @@ class Spool:
             _fsync_dir(final.parent)
 
     def remove(self, queue_id: str) -> bool:
-        """Delete the message, then its state file. Returns False if it was not queued."""
+        """Delete the message, then its state file. Returns False if it was not queued.
+
+        The unlink is not followed by a directory fsync: if power fails before the kernel writes
+        the directory, the message reappears and is delivered again (a duplicate, never a loss),
+        which is the trade Postfix makes too.
+        """
         qpath = self._queue_path(queue_id)
         try:
             os.unlink(qpath)
             existed = True
         except FileNotFoundError:
             existed = False
-        if existed and self.fsync:
-            _fsync_dir(qpath.parent)
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self._state_path(queue_id))
         return existed
