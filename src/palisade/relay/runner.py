@@ -91,13 +91,15 @@ class QueueRunner:
 
     # -- life cycle --------------------------------------------------------------------------
 
-    async def start(self, *, background: bool = True) -> list[str]:
+    async def start(self, *, background: bool = True, recover: bool = True) -> list[str]:
         """Recover the spool and start the background loop; returns the recovered ids.
 
         Recovered messages are delivered when due (at once unless their state says otherwise).
         ``background=False`` only recovers: tests then drive delivery with :meth:`run_once`.
+        ``recover=False`` when the caller already recovered the spool before any writer started
+        (recovery empties tmp/, so it must never run while a listener may be writing there).
         """
-        ids = await asyncio.to_thread(self.spool.recover, self.log)
+        ids = await asyncio.to_thread(self.spool.recover, self.log) if recover else []
         if background:
             self._loop_task = asyncio.create_task(self._loop(), name="queue-runner")
         return ids

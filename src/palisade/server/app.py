@@ -188,7 +188,7 @@ async def run_parent(
     """The parent of workers: runs the queue runner, forwards signals, restarts dead workers."""
     gw = Gateway(config, config_path)
     runner = build_runner(config, gw.spool, gw.log)
-    await runner.start()
+    await runner.start(recover=False)  # serve() recovered the spool before forking the workers
     loop = asyncio.get_running_loop()
     pending = bytearray()
 
@@ -271,6 +271,12 @@ def serve(config_path: Path | None) -> int:
         return 0
     for sock in sockets:  # each worker binds its own SO_REUSEPORT socket
         sock.close()
+    # Recovery empties tmp/: it must be over before any worker can write a message there.
+    recovery_log = FileEventLog(config.paths.log)
+    recovery_spool = Spool(config.paths.spool)
+    recovery_spool.recover(recovery_log)
+    recovery_spool.close()  # no commit thread may live across fork()
+    recovery_log.close()
     notify_read, notify_write = os.pipe()
 
     def spawn(slot: int) -> int:
