@@ -106,3 +106,53 @@ class Clock(Protocol):
 # Other ports (RecipientDirectory, SpamScanner, VirusScanner, StateStore) are added below by
 # their owners. Keep this module free of implementations and of imports from the project.
 # --------------------------------------------------------------------------------------------
+
+
+# --------------------------------------------------------------------------------------------
+# State store: incident history (fed by the firewall feature, read by the ``history`` check) and
+# rate-limit counters. SQLite by default; Redis when several gateway nodes share state.
+# --------------------------------------------------------------------------------------------
+
+
+class StateTempError(Exception):
+    """The store cannot answer right now (locked too long, unreachable): try again later."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+@dataclass(frozen=True, slots=True)
+class Incident:
+    """What the incident database knows of one client (IPv6 clients are kept per /64)."""
+
+    key: str  # "192.0.2.1" or "2001:db8:1:2::/64"
+    count: int
+    first_seen: float
+    last_seen: float
+
+
+@runtime_checkable
+class StateStore(Protocol):
+    """Shared counters. Every method may raise StateTempError."""
+
+    async def get_incident(self, ip: str) -> Incident | None:
+        """The record for ``ip`` (an IPv6 address is looked up by its /64), or None."""
+        ...
+
+    async def add_incident(self, ip: str, count: int = 1, now: float | None = None) -> Incident:
+        """Adds ``count`` matches for ``ip`` (creating the record) and returns the result."""
+        ...
+
+    async def remove_incident(self, ip: str) -> bool:
+        """Forgets ``ip``; False when there was no record."""
+        ...
+
+    async def list_incidents(self) -> list[Incident]:
+        """Every record, highest count first."""
+        ...
+
+    async def rate_hit(self, key: str, window: float, now: float) -> int:
+        """Records one event for ``key`` and returns how many fell within the last ``window``
+        seconds, this one included."""
+        ...

@@ -18,7 +18,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from palisade.config.model import Config
+from palisade.config.model import Config, ListSpec, RuleSpec
 
 _DURATION_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhdw]?)\s*$")
 _UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
@@ -65,6 +65,11 @@ def parse_config(text: str, source: str) -> Config:
     finder = _LineFinder(text)
     sections: dict[str, Any] = {}
     known = {f.name: f for f in dataclasses.fields(Config) if f.name != "source"}
+    base = Path(source).parent if not source.startswith("<") else Path(".")
+    if "lists" in data:
+        sections["lists"] = _parse_lists(data.pop("lists"), base, source, finder)
+    if "rules" in data:
+        sections["rules"] = _parse_rules(data.pop("rules"), source, finder)
     for name, table in data.items():
         if name not in known:
             raise ConfigError(
@@ -102,6 +107,116 @@ def _build_section(
         except ValueError as exc:
             raise ConfigError(source, f"{name}.{key}", str(exc), finder.key(name, key)) from None
     return section_type(**values)
+
+
+_LIST_KINDS = ("ip", "domain", "address", "regex")
+STAGES = ("connect", "helo", "mail", "rcpt", "data")
+VERBS = ("accept", "accept_all", "deny", "drop", "defer", "warn")
+ON_ERROR = ("defer", "deny", "match", "skip")
+
+
+def _parse_lists(table: Any, base: Path, source: str, finder: _LineFinder) -> tuple[ListSpec, ...]:
+    """``[lists]``: ``name = { type = "ip", file = "lists/x" }`` or ``entries = [...]``.
+
+    Relative list files are found next to the config file (operators keep them together).
+    """
+    if not isinstance(table, dict):
+        raise ConfigError(source, "lists", "expected a [lists] table", finder.section("lists"))
+    specs = []
+    for name, spec in table.items():
+        line = finder.key("lists", name) or finder.section(f"lists.{name}")
+
+        def fail(problem: str, line: int | None = line, name: str = name) -> typing.NoReturn:
+            raise ConfigError(source, f"lists.{name}", problem, line)
+
+        if not isinstance(spec, dict):
+            fail('expected a table like { type = "ip", file = "lists/name" }')
+        unknown = set(spec) - {"type", "file", "entries"}
+        if unknown:
+            fail(f"unknown key(s) {', '.join(sorted(unknown))} (expected type, file, entries)")
+        kind = spec.get("type")
+        if kind not in _LIST_KINDS:
+            fail(f"type: expected one of {', '.join(_LIST_KINDS)}, got {kind!r}")
+        file, entries = spec.get("file"), spec.get("entries", [])
+        if (file is None) == (not entries):
+            fail("give either file or entries (not both, not neither)")
+        if file is not None and not isinstance(file, str):
+            fail(f"file: expected a path string, got {file!r}")
+        if not isinstance(entries, list) or not all(isinstance(e, str) for e in entries):
+            fail("entries: expected a list of strings")
+        path = (
+            None if file is None else (base / file if not Path(file).is_absolute() else Path(file))
+        )
+        specs.append(ListSpec(name, kind, path, tuple(entries)))
+    return tuple(specs)
+
+
+_RULE_KEYS = {
+    "check", "verb", "name", "message", "log_message", "observe", "on_error", "timeout",
+    "negate", "code", "enhanced",
+}  # fmt: skip
+
+
+def _parse_rules(table: Any, source: str, finder: _LineFinder) -> tuple[RuleSpec, ...]:
+    """``[[rules.<stage>]]`` tables, in order; check options are kept for the check to validate."""
+    if not isinstance(table, dict):
+        raise ConfigError(source, "rules", "expected [[rules.<stage>]] tables", None)
+    specs = []
+    for stage, rules in table.items():
+        if stage not in STAGES:
+            raise ConfigError(
+                source,
+                f"rules.{stage}",
+                f"unknown stage (expected one of: {', '.join(STAGES)})",
+                finder.array_item(f"rules.{stage}", 0),
+            )
+        if not isinstance(rules, list):
+            raise ConfigError(source, f"rules.{stage}", f"expected [[rules.{stage}]] tables")
+        for index, rule in enumerate(rules):
+            line = finder.array_item(f"rules.{stage}", index)
+            where = f"rules.{stage}[{index + 1}]"
+
+            def fail(
+                key: str,
+                problem: str,
+                line: int | None = line,
+                where: str = where,
+                stage: str = stage,
+                index: int = index,
+            ) -> typing.NoReturn:
+                at = finder.key_in_item(f"rules.{stage}", index, key) if key else line
+                raise ConfigError(source, f"{where}.{key}" if key else where, problem, at or line)
+
+            if not isinstance(rule, dict):
+                fail("", "expected a table")
+            for key in ("check", "verb"):
+                if not isinstance(rule.get(key), str):
+                    fail(key, f'every rule needs {key} = "..."')
+            if rule["verb"] not in VERBS:
+                fail("verb", f"expected one of {', '.join(VERBS)}, got {rule['verb']!r}")
+            fixed = {k: v for k, v in rule.items() if k in _RULE_KEYS}
+            for key in ("name", "message", "log_message", "enhanced"):
+                if key in fixed and not isinstance(fixed[key], str):
+                    fail(key, f"expected a string, got {fixed[key]!r}")
+            for key in ("observe", "negate"):
+                if key in fixed and not isinstance(fixed[key], bool):
+                    fail(key, f"expected true or false, got {fixed[key]!r}")
+            if fixed.get("on_error", "defer") not in ON_ERROR:
+                fail("on_error", f"expected one of {', '.join(ON_ERROR)}")
+            timeout = fixed.get("timeout")
+            if timeout is not None:
+                try:
+                    fixed["timeout"] = _duration(timeout)
+                except ValueError as exc:
+                    fail("timeout", str(exc))
+            code = fixed.get("code")
+            if code is not None and (
+                isinstance(code, bool) or not isinstance(code, int) or not 400 <= code < 600
+            ):
+                fail("code", f"expected an SMTP code from 400 to 599, got {code!r}")
+            options = tuple((k, v) for k, v in rule.items() if k not in _RULE_KEYS)
+            specs.append(RuleSpec(stage=stage, index=index, options=options, **fixed))
+    return tuple(specs)
 
 
 def _convert(raw: Any, hint: Any, meta: typing.Mapping[str, Any]) -> Any:
@@ -203,6 +318,12 @@ def _check_cross_rules(config: Config, source: str, finder: _LineFinder) -> None
             parse_host_port(entry)
         except ValueError as exc:
             fail("server", "listen", str(exc))
+    for entry in config.dns.nameservers:
+        try:
+            host, _ = parse_host_port(entry, default_port=53)
+            ipaddress.ip_address(host)
+        except ValueError:
+            fail("dns", "nameservers", f"expected IP addresses with optional :port, got {entry!r}")
     if config.delivery.next_hop is not None:
         try:
             parse_host_port(config.delivery.next_hop)
@@ -247,6 +368,29 @@ class _LineFinder:
             if pattern.match(line):
                 return number
         return None
+
+    def array_item(self, name: str, index: int) -> int | None:
+        """The line of the ``index``-th ``[[name]]`` header."""
+        pattern = re.compile(rf"^\s*\[\[\s*{re.escape(name)}\s*\]\]")
+        seen = -1
+        for number, line in enumerate(self.lines, 1):
+            if pattern.match(line):
+                seen += 1
+                if seen == index:
+                    return number
+        return None
+
+    def key_in_item(self, name: str, index: int, key: str) -> int | None:
+        start = self.array_item(name, index)
+        if start is None:
+            return None
+        pattern = re.compile(rf"^\s*{re.escape(key)}\s*=")
+        for number, line in enumerate(self.lines[start:], start + 1):
+            if re.match(r"^\s*\[", line):
+                break
+            if pattern.match(line):
+                return number
+        return start
 
     def key(self, section: str | None, key: str) -> int | None:
         start = self.section(section) if section else 0

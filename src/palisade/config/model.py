@@ -99,6 +99,55 @@ class PathsConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class DnsConfig:
+    """The resolver the checks use. DNSBLs refuse public resolvers: point it at a local one."""
+
+    nameservers: tuple[str, ...] = ()  # "127.0.0.1:53"; empty: /etc/resolv.conf
+    timeout: float = duration(2.0, 0.1)
+    retries: int = positive(1, 0)
+    cache_max_ttl: int = positive(3600, 0)
+    dnsbl_probe_interval: float = duration(300.0, 0.0)  # 0: never probe (RFC 5782 section 5)
+
+
+@dataclass(frozen=True, slots=True)
+class PolicyConfig:
+    """How rules are applied."""
+
+    delay_reject: bool = False  # connect/HELO/MAIL denials answered at RCPT (smtpd_delay_reject)
+    check_timeout: float = duration(5.0, 0.1)  # default deadline of one check
+
+
+@dataclass(frozen=True, slots=True)
+class ListSpec:
+    """A named operator list: a file reloaded on change, or entries written in the config."""
+
+    name: str
+    kind: str  # ip, domain, address, regex
+    file: Path | None = None
+    entries: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class RuleSpec:
+    """A rule as written: the fixed keys, and the check's own options (validated by the check)."""
+
+    stage: str
+    index: int  # position among the stage's [[rules.<stage>]] tables, from 0
+    check: str
+    verb: str
+    name: str = ""
+    message: str = ""
+    log_message: str = ""
+    observe: bool = False
+    on_error: str = "defer"
+    timeout: float | None = None
+    negate: bool = False
+    code: int | None = None
+    enhanced: str | None = None
+    options: tuple[tuple[str, object], ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
 class LogConfig:
     """Log options: JSON lines beside the exim-shaped text, echo to standard output."""
 
@@ -118,6 +167,10 @@ class Config:
     delivery: DeliveryConfig = DeliveryConfig()
     paths: PathsConfig = PathsConfig()
     log: LogConfig = LogConfig()
+    dns: DnsConfig = DnsConfig()
+    policy: PolicyConfig = PolicyConfig()
+    lists: tuple[ListSpec, ...] = ()
+    rules: tuple[RuleSpec, ...] = ()
     source: str = "<defaults>"
 
     @property

@@ -1,0 +1,99 @@
+"""List files on disk: loaded at start, reloaded when they change and on SIGHUP.
+
+Owns: reading the operator's list files and noticing changes (at most one ``stat`` per list every
+``check_interval`` seconds, on use). A file that breaks after start-up keeps the last good
+contents and reports the error once through ``on_error`` (the panic log); a file that is broken at
+start-up is a ConfigError, so the server does not start on a half-read whitelist.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from palisade.policy.lists import ListKind, OperatorList, parse_list
+
+
+@dataclass
+class ListHandle:
+    """One named list; ``current()`` is what checks call."""
+
+    name: str
+    kind: ListKind
+    path: Path | None
+    value: OperatorList
+    check_interval: float = 2.0
+    on_error: Callable[[str], None] | None = None
+    _mtime: float = 0.0
+    _checked: float = field(default=0.0)
+
+    @classmethod
+    def load(cls, name: str, kind: ListKind, path: Path, **kwargs: object) -> ListHandle:
+        """Reads the file; ValueError with file and line when it is missing or bad."""
+        try:
+            stat = path.stat()
+            text = path.read_text(encoding="utf-8")
+        except OSError as exc:
+            raise ValueError(f"list {name!r}: cannot read {path}: {exc.strerror or exc}") from None
+        try:
+            value = parse_list(text, kind)
+        except ValueError as exc:
+            raise ValueError(f"list {name!r}: {path}: {exc}") from None
+        handle = cls(name, kind, path, value, **kwargs)  # type: ignore[arg-type]
+        handle._mtime = stat.st_mtime
+        handle._checked = time.monotonic()
+        return handle
+
+    @classmethod
+    def inline(cls, name: str, kind: ListKind, text: str) -> ListHandle:
+        """A list given in the config itself (never reloaded)."""
+        return cls(name, kind, None, parse_list(text, kind))
+
+    def current(self) -> OperatorList:
+        if self.path is not None:
+            now = time.monotonic()
+            if now - self._checked >= self.check_interval:
+                self._checked = now
+                self.reload_if_changed()
+        return self.value
+
+    def reload_if_changed(self, force: bool = False) -> bool:
+        """Re-reads the file when its mtime changed; True when the contents were replaced."""
+        if self.path is None:
+            return False
+        try:
+            mtime = os.stat(self.path).st_mtime
+        except OSError as exc:
+            self._report(f"list {self.name!r}: cannot read {self.path}: {exc}; keeping the old one")
+            return False
+        if mtime == self._mtime and not force:
+            return False
+        try:
+            self.value = parse_list(self.path.read_text(encoding="utf-8"), self.kind)
+        except (OSError, ValueError) as exc:
+            self._report(f"list {self.name!r}: {self.path}: {exc}; keeping the old contents")
+            self._mtime = mtime
+            return False
+        self._mtime = mtime
+        return True
+
+    def _report(self, text: str) -> None:
+        if self.on_error is not None:
+            self.on_error(text)
+
+
+class ListRegistry:
+    """The named lists of one config (what ``ListLookup`` means to the checks)."""
+
+    def __init__(self, handles: Mapping[str, ListHandle] | None = None) -> None:
+        self.handles: dict[str, ListHandle] = dict(handles or {})
+
+    def get(self, name: str) -> ListHandle | None:
+        return self.handles.get(name)
+
+    def reload_all(self) -> None:
+        for handle in self.handles.values():
+            handle.reload_if_changed(force=True)

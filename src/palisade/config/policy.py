@@ -1,0 +1,124 @@
+"""Builds the rule engine's input from a loaded config: named lists and per-stage rules.
+
+Owns: turning ``[lists]`` and ``[[rules.<stage>]]`` into list handles and ``Rule`` objects, so
+that every mistake (an unknown check, a bad option, a list that does not exist or does not parse,
+a check used at a stage it cannot serve) is a ConfigError with the file, the rule and its line,
+before the server starts or a reload is accepted.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from palisade.config.lists import ListHandle, ListRegistry
+from palisade.config.loader import ConfigError, load_config
+from palisade.config.model import Config, RuleSpec
+from palisade.policy.checks import REGISTRY
+from palisade.policy.engine import Rule
+from palisade.policy.lists import ListKind
+from palisade.policy.rules import OnError, Stage, Verb
+
+
+@dataclass(frozen=True)
+class Policy:
+    """Rules per stage, in the operator's order, and the lists they refer to."""
+
+    rules: dict[Stage, tuple[Rule, ...]] = field(default_factory=dict)
+    lists: ListRegistry = field(default_factory=ListRegistry)
+    delay_reject: bool = False
+
+    def for_stage(self, stage: Stage) -> tuple[Rule, ...]:
+        return self.rules.get(stage, ())
+
+
+def _rule_line(config: Config, spec: RuleSpec) -> int | None:
+    """Where a rule starts, for messages (a second look at the source text)."""
+    if config.source.startswith("<"):
+        return None
+    try:
+        with open(config.source, encoding="utf-8") as f:
+            lines = f.read().splitlines()
+    except OSError:
+        return None
+    pattern = re.compile(rf"^\s*\[\[\s*rules\.{spec.stage}\s*\]\]")
+    seen = -1
+    for number, line in enumerate(lines, 1):
+        if pattern.match(line):
+            seen += 1
+            if seen == spec.index:
+                return number
+    return None
+
+
+def build_policy(config: Config, on_list_error: Callable[[str], None] | None = None) -> Policy:
+    """Lists and rules of ``config``; ConfigError on the first problem."""
+    handles: dict[str, ListHandle] = {}
+    for list_spec in config.lists:
+        kind = ListKind(list_spec.kind)
+        name = list_spec.name
+        try:
+            if list_spec.file is not None:
+                handles[name] = ListHandle.load(name, kind, list_spec.file, on_error=on_list_error)
+            else:
+                handles[name] = ListHandle.inline(name, kind, "\n".join(list_spec.entries))
+        except ValueError as exc:
+            raise ConfigError(config.source, f"lists.{name}", str(exc)) from None
+    registry = ListRegistry(handles)
+    rules: dict[Stage, list[Rule]] = {}
+    for spec in config.rules:
+        where = f"rules.{spec.stage}[{spec.index + 1}]"
+        stage = Stage(spec.stage)
+        factory = REGISTRY.get(spec.check)
+        if factory is None:
+            known = ", ".join(sorted(REGISTRY))
+            raise ConfigError(
+                config.source,
+                f"{where}.check",
+                f"unknown check {spec.check!r} (known: {known})",
+                _rule_line(config, spec),
+            )
+        try:
+            check = factory(dict(spec.options), registry)
+        except ValueError as exc:
+            raise ConfigError(config.source, where, str(exc), _rule_line(config, spec)) from None
+        if stage not in check.stages:
+            usable = ", ".join(sorted(s.value for s in check.stages))
+            raise ConfigError(
+                config.source,
+                where,
+                f"check {spec.check!r} cannot be used at stage {spec.stage} (only: {usable})",
+                _rule_line(config, spec),
+            )
+        rules.setdefault(stage, []).append(
+            Rule(
+                name=spec.name or f"{spec.check} #{spec.index + 1}",
+                stage=stage,
+                check=check,
+                verb=Verb(spec.verb),
+                message=spec.message,
+                log_message=spec.log_message,
+                observe=spec.observe,
+                on_error=OnError(spec.on_error),
+                timeout=spec.timeout if spec.timeout is not None else config.policy.check_timeout,
+                negate=spec.negate,
+                code=spec.code,
+                enhanced=spec.enhanced,
+            )
+        )
+    return Policy(
+        {stage: tuple(items) for stage, items in rules.items()},
+        registry,
+        config.policy.delay_reject,
+    )
+
+
+def load_everything(
+    path: object, on_list_error: Callable[[str], None] | None = None
+) -> tuple[Config, Policy]:
+    """``load_config`` then ``build_policy``: what serve, reload and config check use."""
+    from pathlib import Path
+
+    config = load_config(path if isinstance(path, Path) or path is None else Path(str(path)))
+    return config, build_policy(config, on_list_error)

@@ -1,0 +1,37 @@
+"""The checks a rule can name, one module each; ``REGISTRY`` maps the name to its factory.
+
+A check module defines a class with ``name``, ``stages`` and ``async evaluate(facts, ports)``,
+and a ``build(options, lists)`` factory registered here. Checks return facts (``CheckResult``)
+or raise ``CheckError`` for a temporary failure; they never decide the reply.
+"""
+
+from __future__ import annotations
+
+from palisade.policy.rules import CheckFactory
+
+REGISTRY: dict[str, CheckFactory] = {}
+
+
+def register(name: str, factory: CheckFactory) -> None:
+    REGISTRY[name] = factory
+
+
+def _load_builtin() -> None:
+    from palisade.policy.checks import (
+        dbl,
+        dnsbl,
+        helo,
+        history,
+        lists,
+        ratelimit,
+        rdns,
+        sender,
+        tls,
+    )
+
+    for module in (lists, tls, rdns, dnsbl, dbl, helo, sender, history, ratelimit):
+        for name, factory in module.FACTORIES.items():
+            register(name, factory)
+
+
+_load_builtin()

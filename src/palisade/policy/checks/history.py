@@ -1,0 +1,94 @@
+"""``history``: the client has a history of unwanted activity in the incident database.
+
+Owns: reading the client's incident record through the ``StateStore`` port and the threshold
+test. The incident database is fed elsewhere (the firewall feature, ``palisade history add``);
+this check only reads it. IPv6 clients are looked up by their /64 and IPv4-mapped IPv6 clients as
+IPv4: the store does that grouping, not this check.
+
+Threshold semantics (pinned by tests/state): the check is matched when the record's count is
+**at least** ``threshold`` (``count >= threshold``), like fail2ban's ``maxretry``: with the default
+threshold 10, a client with 9 incidents passes and one with 10 is matched. ``threshold`` is an
+integer of at least 1.
+
+Values for the rule's texts: ``$count``, ``$first_seen``, ``$last_seen`` (local time,
+``YYYY-MM-DD HH:MM:SS`` as exim stamps its logs), ``$threshold``; also set when the check does not
+match but a record exists (check-host shows them). ``facts.results["history.count"]`` holds the
+count (0 without a record). Suggested rule::
+
+    [[rules.connect]]
+    check = "history"
+    verb = "deny"
+    message = "Blacklisted: Denied access - history of unwanted activity"
+    log_message = "history: $count incidents since $first_seen"
+
+Must not touch: the store's contents (read only), replies, logs, globals.
+Trust: the record comes from our own database; the client address comes from the socket.
+A store failure (``StateTempError``) propagates and becomes the rule's ``on_error``.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping
+from typing import Any, ClassVar
+
+from palisade.policy.checks.options import Options
+from palisade.policy.rules import (
+    NO_MATCH,
+    Check,
+    CheckFactory,
+    CheckResult,
+    Facts,
+    ListLookup,
+    Ports,
+    Stage,
+)
+
+DEFAULT_THRESHOLD = 10
+
+
+def stamp(at: float) -> str:
+    """exim's log time stamp in local time: ``2024-05-01 13:45:07``."""
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(at))
+
+
+class HistoryCheck:
+    name: ClassVar[str] = "history"
+    stages: ClassVar[frozenset[Stage]] = frozenset(Stage)
+
+    def __init__(self, threshold: int = DEFAULT_THRESHOLD) -> None:
+        if threshold < 1:
+            raise ValueError("option 'threshold': expected an integer of at least 1")
+        self.threshold = threshold
+
+    async def evaluate(self, facts: Facts, ports: Ports) -> CheckResult:
+        incident = await ports.state.get_incident(str(facts.client_ip))
+        if incident is None:
+            facts.results["history.count"] = 0
+            return NO_MATCH
+        facts.results["history.count"] = incident.count
+        values = {
+            "count": str(incident.count),
+            "first_seen": stamp(incident.first_seen),
+            "last_seen": stamp(incident.last_seen),
+            "threshold": str(self.threshold),
+        }
+        summary = (
+            f"{incident.key} has {incident.count} incident(s) since {values['first_seen']}"
+            f" (last {values['last_seen']}, threshold {self.threshold})"
+        )
+        return CheckResult(incident.count >= self.threshold, summary, values)
+
+
+def build(options: Mapping[str, Any], lists: ListLookup) -> Check:
+    opts = Options(options, "history")
+    threshold = opts.number("threshold", DEFAULT_THRESHOLD, minimum=1)
+    if isinstance(threshold, float):
+        if not threshold.is_integer():
+            raise ValueError(f"option 'threshold': expected an integer, got {threshold!r}")
+        threshold = int(threshold)
+    opts.done()
+    return HistoryCheck(int(threshold))
+
+
+FACTORIES: dict[str, CheckFactory] = {"history": build}

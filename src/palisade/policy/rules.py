@@ -1,0 +1,131 @@
+"""Rules: what the operator configures per stage, and the interface every check implements.
+
+Owns: the stages, the verbs of an exim ACL (accept, accept_all, deny, drop, defer, warn), the
+per-connection facts checks read, the result a check returns, and the Check protocol. A check
+gathers facts through ports (DNS, state store) and says whether its condition holds; it never
+writes replies, logs or globals. Only the engine turns a matched rule into a verdict, and only the
+server turns a verdict into bytes.
+Trust: facts come from the network (HELO, addresses) and are untrusted text; checks must treat
+them as data, never as patterns or paths.
+"""
+
+from __future__ import annotations
+
+import enum
+import ipaddress
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Protocol
+
+from palisade.ports import Clock, Resolver, StateStore
+
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+
+
+class Stage(enum.Enum):
+    CONNECT = "connect"
+    HELO = "helo"
+    MAIL = "mail"
+    RCPT = "rcpt"
+    DATA = "data"
+
+
+class Verb(enum.Enum):
+    ACCEPT = "accept"  # ends this stage's checks
+    ACCEPT_ALL = "accept_all"  # ends every remaining check of the connection
+    DENY = "deny"  # 5xx
+    DROP = "drop"  # 5xx and close the connection
+    DEFER = "defer"  # 4xx
+    WARN = "warn"  # log line and/or header; checking goes on
+
+
+class OnError(enum.Enum):
+    """What a rule does when its check fails temporarily (DNS timeout, store down)."""
+
+    DEFER = "defer"  # 451 4.4.3: the default, never a silent accept
+    DENY = "deny"  # treat the failure like a match of a deny rule (the seed's exim condition)
+    MATCH = "match"  # act as if the condition held, with the rule's own verb
+    SKIP = "skip"  # log it and go on to the next rule (documented fail-open)
+
+
+@dataclass
+class Facts:
+    """What is known about the connection so far; checks read it, the session fills it."""
+
+    client_ip: IPAddress
+    client_port: int
+    local_domains: frozenset[str] = frozenset()
+    our_names: frozenset[str] = frozenset()  # our hostname(s), lower case
+    our_ips: frozenset[IPAddress] = frozenset()
+    helo: str | None = None
+    tls: bool = False
+    sender: str | None = None  # "" is the null sender
+    recipient: str | None = None  # the RCPT being checked
+    recipients: list[str] = field(default_factory=list)
+    # Haraka's results store: checks may note what they learnt (e.g. "rdns.names") so that
+    # later checks (and check-host) can read it without a second lookup.
+    results: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def sender_domain(self) -> str | None:
+        if not self.sender or "@" not in self.sender:
+            return None
+        return self.sender.rpartition("@")[2].lower().rstrip(".")
+
+    @property
+    def recipient_domain(self) -> str | None:
+        if not self.recipient or "@" not in self.recipient:
+            return None
+        return self.recipient.rpartition("@")[2].lower().rstrip(".")
+
+
+@dataclass(frozen=True)
+class Ports:
+    """The outside world as checks may see it."""
+
+    resolver: Resolver
+    state: StateStore
+    clock: Clock
+
+
+@dataclass(frozen=True)
+class CheckResult:
+    """A check's finding. ``matched``: its condition holds (listed, no PTR, pattern found...).
+
+    ``reason`` goes into the log (``$reason``); ``values`` fill ``$name`` placeholders in the
+    rule's message and log_message; ``header`` is the text of the X-Warning header a ``warn``
+    rule adds.
+    """
+
+    matched: bool
+    reason: str = ""
+    values: Mapping[str, str] = field(default_factory=dict)
+    header: str | None = None
+
+
+NO_MATCH = CheckResult(False)
+
+
+class CheckError(Exception):
+    """The check could not decide right now (a temporary failure): the rule's on_error applies."""
+
+
+class Check(Protocol):
+    """One condition, configured by a rule's options."""
+
+    name: ClassVar[str]
+    stages: ClassVar[frozenset[Stage]]
+
+    async def evaluate(self, facts: Facts, ports: Ports) -> CheckResult: ...
+
+
+class CheckFactory(Protocol):
+    """Builds a check from a rule's options; raises ``ValueError`` naming a bad option."""
+
+    def __call__(self, options: Mapping[str, Any], lists: ListLookup) -> Check: ...
+
+
+class ListLookup(Protocol):
+    """Named operator lists (files reloaded on change); see :mod:`palisade.policy.lists`."""
+
+    def get(self, name: str) -> Any: ...

@@ -1,0 +1,146 @@
+"""The rule engine as a decision table. Checks here are in-memory stand-ins (the engine is pure);
+every real check is tested against real servers in tests/checks and tests/state."""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+from typing import Any, ClassVar
+
+import pytest
+
+from palisade.policy.engine import TEMPFAIL_REPLY, Rule, evaluate_stage
+from palisade.policy.rules import CheckError, CheckResult, Facts, OnError, Ports, Stage, Verb
+from palisade.policy.verdict import Action
+from palisade.ports import DnsTempError
+
+
+class Fixed:
+    """A stand-in check with a fixed answer (or a failure, or a hang)."""
+
+    name: ClassVar[str] = "fixed"
+    stages: ClassVar[frozenset[Stage]] = frozenset(Stage)
+
+    def __init__(
+        self,
+        matched: bool = True,
+        *,
+        fail: Exception | None = None,
+        hang: bool = False,
+        values: dict[str, str] | None = None,
+        header: str | None = None,
+    ) -> None:
+        self.matched, self.fail, self.hang = matched, fail, hang
+        self.values, self.header = values or {}, header
+        self.calls = 0
+
+    async def evaluate(self, facts: Facts, ports: Ports) -> CheckResult:
+        self.calls += 1
+        if self.hang:
+            await asyncio.sleep(3600)
+        if self.fail is not None:
+            raise self.fail
+        return CheckResult(self.matched, "because", self.values, self.header)
+
+
+def rule(check: Any, verb: Verb = Verb.DENY, stage: Stage = Stage.RCPT, **kw: Any) -> Rule:
+    return Rule(name=kw.pop("name", "r"), stage=stage, check=check, verb=verb, **kw)
+
+
+def facts() -> Facts:
+    return Facts(
+        client_ip=ipaddress.ip_address("192.0.2.1"),
+        client_port=1,
+        helo="h.test",
+        sender="s@x.test",
+        recipient="r@example.test",
+    )
+
+
+PORTS = Ports(resolver=None, state=None, clock=None)  # type: ignore[arg-type]
+
+
+def run(rules: list[Rule], f: Facts | None = None, stage: Stage = Stage.RCPT) -> Any:
+    return asyncio.run(evaluate_stage(stage, rules, f or facts(), PORTS))
+
+
+def test_first_decisive_rule_wins_and_later_rules_do_not_run() -> None:
+    later = Fixed()
+    out = run(
+        [
+            rule(Fixed(False)),
+            rule(Fixed(), message="no $recipient", log_message="TAG $reason"),
+            rule(later),
+        ]
+    )
+    assert out.verdict.action is Action.DENY
+    assert out.verdict.reply.to_bytes() == b"550 5.7.1 no r@example.test\r\n"
+    assert out.verdict.log_message == "TAG because"
+    assert later.calls == 0
+    assert [d.matched for d in out.decisions] == [False, True]
+
+
+def test_accept_ends_the_stage_and_accept_all_every_later_stage() -> None:
+    after = Fixed()
+    out = run([rule(Fixed(), Verb.ACCEPT), rule(after)])
+    assert out.verdict is None and out.accepted and after.calls == 0
+    f = facts()
+    run([rule(Fixed(), Verb.ACCEPT_ALL)], f, Stage.CONNECT)
+    out = run([rule(after)], f)
+    assert out.verdict is None and after.calls == 0
+
+
+def test_warn_goes_on_and_collects_the_header() -> None:
+    out = run([rule(Fixed(header="X-Warning: $ip listed"), Verb.WARN), rule(Fixed(False))])
+    assert out.verdict is None
+    assert out.headers == ["X-Warning: 192.0.2.1 listed"]
+
+
+def test_observe_mode_logs_would_and_does_not_act() -> None:
+    out = run([rule(Fixed(), observe=True, log_message="DENY - x")])
+    assert out.verdict is None
+    assert out.decisions[0].log_text == "would deny: DENY - x"
+    assert not out.decisions[0].acted
+
+
+@pytest.mark.parametrize(
+    ("on_error", "expected"),
+    [
+        (OnError.DEFER, (451, "4.4.3")),
+        (OnError.DENY, (550, "5.7.1")),
+        (OnError.MATCH, (550, "5.7.1")),
+        (OnError.SKIP, None),
+    ],
+)
+def test_temporary_failure_follows_on_error(on_error: OnError, expected: Any) -> None:
+    out = run([rule(Fixed(fail=DnsTempError("SERVFAIL")), on_error=on_error)])
+    if expected is None:
+        assert out.verdict is None and out.decisions[0].error
+        return
+    assert (out.verdict.reply.code, out.verdict.reply.enhanced) == expected
+    if on_error is OnError.DEFER:
+        assert out.verdict.reply == TEMPFAIL_REPLY
+
+
+def test_a_hanging_check_is_cut_by_its_deadline_and_deferred() -> None:
+    out = run([rule(Fixed(hang=True), timeout=0.05)])
+    assert out.verdict.action is Action.DEFER
+    assert "timed out" in out.decisions[0].error
+
+
+def test_check_error_is_a_temporary_failure_too() -> None:
+    out = run(
+        [rule(Fixed(fail=CheckError("zone answered 127.255.255.254")), on_error=OnError.DENY)]
+    )
+    assert out.verdict.action is Action.DENY
+
+
+def test_negate_and_connect_codes_and_code_override() -> None:
+    out = run([rule(Fixed(False), negate=True, stage=Stage.CONNECT)], stage=Stage.CONNECT)
+    assert out.verdict.reply.code == 554
+    out = run([rule(Fixed(), Verb.DEFER, stage=Stage.CONNECT)], stage=Stage.CONNECT)
+    assert out.verdict.reply.code == 421
+    out = run([rule(Fixed(), code=553, enhanced="5.7.27", message="x")])
+    assert (out.verdict.reply.code, out.verdict.reply.enhanced) == (553, "5.7.27")
+    out = run([rule(Fixed(), Verb.DROP)])
+    assert out.verdict.closes
