@@ -1,0 +1,395 @@
+"""SQLite state store: the incident history and the rate-limit counters behind ``StateStore``.
+
+Owns: one SQLite file shared by every gateway worker process on the machine (and by the operator's
+``palisade history`` command): its schema and ``schema_version``, the connection settings (WAL
+journal, ``synchronous=NORMAL``, a busy timeout), the incident key of an address (IPv4 as is,
+IPv4-mapped IPv6 as IPv4, other IPv6 by its /64 network), the exact sliding-window event counting
+behind ``rate_hit`` and the pruning of expired events.
+
+Must not touch: policy (it counts; whether a count is "too many" is the checks' business), logging,
+configuration files (the composition root passes the path), and any project module other than
+``palisade.ports`` (import-linter contract "Adapters import ports only").
+
+Trust: the file is ours; its contents are trusted as far as SQLite can read them. Addresses come
+from the socket or, through the CLI, from the operator: they are parsed by :mod:`ipaddress`, and a
+malformed one raises ``ValueError`` before anything is asked of the database. Rate keys are opaque
+strings chosen by the checks and are only ever bound as SQL parameters, never spliced into SQL.
+
+Durability and failures. The state is advisory: a lost counter means one more connection gets to
+try, a lost incident is re-learnt from the logs. So commits run with ``synchronous=NORMAL`` in WAL
+mode: they do not fsync (only checkpoints do). A crash of the process loses nothing; the database
+stays consistent across a power cut, but the commits since the last checkpoint that the kernel had
+not yet written back (at most ~1000 WAL pages, a few hundred updates; in practice the last
+seconds of counters and incidents) may be lost. That is accepted. Any
+``sqlite3.OperationalError`` or other ``sqlite3.DatabaseError`` (database locked beyond the busy
+timeout, disk I/O error, disk full, a damaged file) becomes
+:class:`palisade.ports.StateTempError`, so the rule's ``on_error`` decides; nothing else escapes
+the port methods for database failures.
+
+Concurrency. Several worker processes open the same file, each with its own connection (open the
+store *after* forking: a SQLite connection must not cross a fork). Every write is one short
+``BEGIN IMMEDIATE`` transaction, so the write lock is taken up front (no deferred-to-write upgrade
+that WAL would answer with an immediate ``SQLITE_BUSY``) and concurrent ``rate_hit`` calls on one
+key serialise and count exactly. Readers never wait for writers (WAL). The async methods run SQLite
+synchronously on the caller's thread, which is cheaper than handing each call to a thread:
+measured on the development VM (ext4, 10,000 incidents and 20,000 rate keys in the file),
+``rate_hit`` takes ~60 us median and ~0.2 ms at p99, ``get_incident`` 15-40 us median. SQLite's
+automatic WAL checkpoint (every 1000 WAL pages, about every 300 writes here) runs inside one of
+those calls and fsyncs the database file: that call takes 10-25 ms on this disk. Checkpointing
+from a background thread was tried and measured: it spread the same fsync cost into fewer,
+longer stalls (writes then wait on the file system), so it is not done. When another process
+holds the write lock for long (in normal operation it never does), the event loop waits up to
+``busy_timeout`` seconds before the ``StateTempError``. One internal lock makes a store object
+safe to share between threads as well.
+
+Rate windows (``rate_hit(key, window, now)``): exact sliding-window counting, no bucket
+approximation. ``rate_events`` holds the events of a key, one row per distinct time stamp
+(``n`` events at that instant); ``rate_keys`` holds, per key, the number of events currently
+stored and when the last of them expires (``expires = at + window`` of the newest). An event at
+time ``at`` counts at time ``now`` while ``now - window < at``: an event exactly ``window``
+seconds old has left the window. Events stamped later than ``now`` (another process's clock a
+little ahead) still count: a clock step backwards can only make a limit stricter for a moment,
+never looser. Each hit, in one ``BEGIN IMMEDIATE`` transaction: deletes the key's events that
+have left the window (``DELETE ... RETURNING n``), adds the new event, and updates the key's
+stored count (old count - deleted + 1), which is the answer. No ``count(*)`` over the window:
+every event is inserted once and deleted once, so a hit costs O(log n) amortised even for a key
+that floods (a client at 100 connections a second against 15 minutes holds 90,000 events; its
+hits cost what anyone's do). A key always uses the same window (the checks put the window in the
+key). Keys that stop coming back are forgotten by a sweep on ``rate_keys.expires``: every
+``SWEEP_EVERY`` hits a process forgets at most ``SWEEP_BATCH`` fully expired keys, inside that
+hit's transaction.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ipaddress
+import sqlite3
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import TypeVar
+
+from palisade.ports import Clock, Incident, StateTempError
+
+__all__ = ["SCHEMA_VERSION", "SchemaError", "SqliteStateStore", "incident_key"]
+
+SCHEMA_VERSION = 1
+SWEEP_EVERY = 1000  # rate_hit calls between two sweeps of expired events (per process)
+SWEEP_BATCH = 500  # at most this many expired keys forgotten per sweep
+
+_T = TypeVar("_T")
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS schema_version (
+    version INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS incidents (
+    key        TEXT PRIMARY KEY,
+    count      INTEGER NOT NULL,
+    first_seen REAL NOT NULL,
+    last_seen  REAL NOT NULL
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS incidents_by_count ON incidents (count DESC, key);
+CREATE TABLE IF NOT EXISTS rate_keys (
+    key     TEXT PRIMARY KEY,
+    events  INTEGER NOT NULL,
+    expires REAL NOT NULL
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS rate_keys_by_expiry ON rate_keys (expires);
+CREATE TABLE IF NOT EXISTS rate_events (
+    key TEXT NOT NULL,
+    at  REAL NOT NULL,
+    n   INTEGER NOT NULL,
+    PRIMARY KEY (key, at)
+) WITHOUT ROWID;
+"""
+
+
+class SchemaError(Exception):
+    """The file was written by a newer Palisade (a schema version this code does not know)."""
+
+
+class _WallClock:
+    def now(self) -> float:
+        return time.time()
+
+    def monotonic(self) -> float:
+        return time.monotonic()
+
+
+def incident_key(ip: str) -> str:
+    """The incident key of an address: ``"192.0.2.1"`` or ``"2001:db8:1:2::/64"``.
+
+    IPv4-mapped IPv6 (``::ffff:192.0.2.1``) is the IPv4 address; any other IPv6 address is its
+    /64 network; an IPv6 zone (``%eth0``) is ignored. A network is accepted too when it is one
+    key (an IPv4 /32, an IPv6 /64; host bits are ignored), so that a key printed by ``list`` can
+    be given back. Anything else raises ``ValueError``.
+    """
+    text = ip.strip()
+    if "/" in text:
+        net = ipaddress.ip_network(text, strict=False)
+        if isinstance(net, ipaddress.IPv4Network) and net.prefixlen == 32:
+            return str(net.network_address)
+        if isinstance(net, ipaddress.IPv6Network) and net.prefixlen == 64:
+            mapped = net.network_address.ipv4_mapped
+            if mapped is None:
+                return str(net)
+        raise ValueError(f"{ip!r} is not one address, an IPv4 /32 or an IPv6 /64")
+    addr = ipaddress.ip_address(text.partition("%")[0])
+    if isinstance(addr, ipaddress.IPv6Address):
+        if addr.ipv4_mapped is not None:
+            return str(addr.ipv4_mapped)
+        return str(ipaddress.IPv6Network((addr, 64), strict=False))
+    return str(addr)
+
+
+def _incident(row: tuple[str, int, float, float]) -> Incident:
+    return Incident(key=row[0], count=int(row[1]), first_seen=row[2], last_seen=row[3])
+
+
+class SqliteStateStore:
+    """``StateStore`` on one SQLite file (see the module docstring for the guarantees)."""
+
+    def __init__(
+        self,
+        path: Path,
+        *,
+        clock: Clock | None = None,
+        busy_timeout: float = 2.0,
+    ) -> None:
+        self.path = Path(path)
+        self.clock: Clock = clock if clock is not None else _WallClock()
+        self.busy_timeout = busy_timeout
+        self._lock = threading.Lock()
+        self._hits = 0
+        self._conn: sqlite3.Connection | None = None
+        if str(self.path) != ":memory:":
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            conn = sqlite3.connect(
+                str(self.path),
+                timeout=busy_timeout,
+                isolation_level=None,  # autocommit: transactions are explicit BEGIN IMMEDIATE
+                check_same_thread=False,  # guarded by self._lock
+            )
+        except sqlite3.Error as exc:
+            raise StateTempError(f"cannot open state database {self.path}: {exc}") from None
+        self._conn = conn
+        try:
+            self._setup(conn)
+        except BaseException as exc:
+            conn.close()
+            self._conn = None
+            if isinstance(exc, sqlite3.DatabaseError) and not isinstance(
+                exc, sqlite3.ProgrammingError
+            ):
+                raise StateTempError(f"state database {self.path}: {exc}") from None
+            raise
+
+    # ---------------------------------------------------------------------------- setup
+
+    def _setup(self, conn: sqlite3.Connection) -> None:
+        conn.execute(f"PRAGMA busy_timeout = {int(self.busy_timeout * 1000)}")
+        mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+        if str(mode).lower() != "wal" and str(self.path) != ":memory:":
+            raise StateTempError(f"state database {self.path}: cannot use WAL (got {mode})")
+        conn.execute("PRAGMA synchronous = NORMAL")
+        # keep the WAL file from staying large after a burst (bytes; checkpoints still apply)
+        conn.execute("PRAGMA journal_size_limit = 4194304")
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            for statement in _SCHEMA.split(";"):
+                if statement.strip():
+                    conn.execute(statement)
+            row = conn.execute("SELECT max(version) FROM schema_version").fetchone()
+            version = row[0] if row is not None else None
+            if version is None:
+                conn.execute("INSERT INTO schema_version (version) VALUES (?)", (SCHEMA_VERSION,))
+            elif int(version) > SCHEMA_VERSION:
+                raise SchemaError(
+                    f"state database {self.path} has schema version {version}; this Palisade "
+                    f"knows version {SCHEMA_VERSION} at most"
+                )
+            conn.execute("COMMIT")
+        except BaseException:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            raise
+
+    # ---------------------------------------------------------------------------- plumbing
+
+    def _run(self, what: str, work: Callable[[sqlite3.Connection], _T]) -> _T:
+        with self._lock:
+            conn = self._conn
+            if conn is None:
+                raise StateTempError("state database is closed")
+            try:
+                return work(conn)
+            except sqlite3.ProgrammingError:
+                raise
+            except sqlite3.DatabaseError as exc:  # OperationalError: locked, I/O, full, ...
+                if conn.in_transaction:
+                    with contextlib.suppress(sqlite3.Error):
+                        conn.execute("ROLLBACK")
+                raise StateTempError(f"state database {what}: {exc}") from None
+
+    @staticmethod
+    def _transaction(conn: sqlite3.Connection, body: Callable[[], _T]) -> _T:
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            result = body()
+            conn.execute("COMMIT")
+        except BaseException:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            raise
+        return result
+
+    # ---------------------------------------------------------------------------- incidents
+
+    def get_incident_sync(self, ip: str) -> Incident | None:
+        key = incident_key(ip)
+
+        def work(conn: sqlite3.Connection) -> Incident | None:
+            row = conn.execute(
+                "SELECT key, count, first_seen, last_seen FROM incidents WHERE key = ?", (key,)
+            ).fetchone()
+            return None if row is None else _incident(row)
+
+        return self._run("read", work)
+
+    def add_incident_sync(self, ip: str, count: int = 1, now: float | None = None) -> Incident:
+        key = incident_key(ip)
+        if isinstance(count, bool) or not isinstance(count, int) or count < 1:
+            raise ValueError(f"incident count must be a positive integer, got {count!r}")
+        at = self.clock.now() if now is None else float(now)
+
+        def work(conn: sqlite3.Connection) -> Incident:
+            # one statement: atomic without an explicit transaction
+            row = conn.execute(
+                "INSERT INTO incidents (key, count, first_seen, last_seen) VALUES (?, ?, ?, ?)"
+                " ON CONFLICT (key) DO UPDATE SET count = count + excluded.count,"
+                " first_seen = min(first_seen, excluded.first_seen),"
+                " last_seen = max(last_seen, excluded.last_seen)"
+                " RETURNING key, count, first_seen, last_seen",
+                (key, count, at, at),
+            ).fetchone()
+            return _incident(row)
+
+        return self._run("write", work)
+
+    def remove_incident_sync(self, ip: str) -> bool:
+        key = incident_key(ip)
+
+        def work(conn: sqlite3.Connection) -> bool:
+            return conn.execute("DELETE FROM incidents WHERE key = ?", (key,)).rowcount > 0
+
+        return self._run("write", work)
+
+    def list_incidents_sync(self) -> list[Incident]:
+        def work(conn: sqlite3.Connection) -> list[Incident]:
+            rows = conn.execute(
+                "SELECT key, count, first_seen, last_seen FROM incidents"
+                " ORDER BY count DESC, last_seen DESC, key"
+            ).fetchall()
+            return [_incident(row) for row in rows]
+
+        return self._run("read", work)
+
+    # ---------------------------------------------------------------------------- rate limits
+
+    def rate_hit_sync(self, key: str, window: float, now: float) -> int:
+        if not window > 0:
+            raise ValueError(f"rate window must be positive, got {window!r}")
+        now = float(now)
+        horizon = now - window
+
+        def work(conn: sqlite3.Connection) -> int:
+            self._hits += 1
+            sweep = self._hits % SWEEP_EVERY == 0
+
+            def body() -> int:
+                row = conn.execute("SELECT events FROM rate_keys WHERE key = ?", (key,)).fetchone()
+                events = 1
+                if row is not None:
+                    left = conn.execute(
+                        "DELETE FROM rate_events WHERE key = ? AND at <= ? RETURNING n",
+                        (key, horizon),
+                    ).fetchall()
+                    events = int(row[0]) - sum(int(r[0]) for r in left) + 1
+                conn.execute(
+                    "INSERT INTO rate_events (key, at, n) VALUES (?, ?, 1)"
+                    " ON CONFLICT (key, at) DO UPDATE SET n = n + 1",
+                    (key, now),
+                )
+                conn.execute(
+                    "INSERT INTO rate_keys (key, events, expires) VALUES (?, ?, ?)"
+                    " ON CONFLICT (key) DO UPDATE SET events = excluded.events,"
+                    " expires = max(expires, excluded.expires)",
+                    (key, events, now + window),
+                )
+                if sweep:
+                    self._sweep(conn, now, SWEEP_BATCH)
+                return events
+
+            return self._transaction(conn, body)
+
+        return self._run("rate update", work)
+
+    @staticmethod
+    def _sweep(conn: sqlite3.Connection, now: float, limit: int) -> int:
+        """Forgets up to ``limit`` keys whose every event has left its window."""
+        keys = conn.execute(
+            "SELECT key FROM rate_keys WHERE expires <= ? LIMIT ?", (now, limit)
+        ).fetchall()
+        for (key,) in keys:
+            conn.execute("DELETE FROM rate_events WHERE key = ?", (key,))
+            conn.execute("DELETE FROM rate_keys WHERE key = ?", (key,))
+        return len(keys)
+
+    def sweep_sync(self, now: float | None = None) -> int:
+        """Forgets every key whose events have all expired; returns how many. For maintenance."""
+        at = self.clock.now() if now is None else float(now)
+
+        def work(conn: sqlite3.Connection) -> int:
+            return self._transaction(conn, lambda: self._sweep(conn, at, -1))
+
+        return self._run("sweep", work)
+
+    # ---------------------------------------------------------------------------- the port
+
+    async def get_incident(self, ip: str) -> Incident | None:
+        """The record for ``ip`` (an IPv6 address is looked up by its /64), or None."""
+        return self.get_incident_sync(ip)
+
+    async def add_incident(self, ip: str, count: int = 1, now: float | None = None) -> Incident:
+        """Adds ``count`` matches for ``ip`` (creating the record) and returns the result."""
+        return self.add_incident_sync(ip, count, now)
+
+    async def remove_incident(self, ip: str) -> bool:
+        """Forgets ``ip``; False when there was no record."""
+        return self.remove_incident_sync(ip)
+
+    async def list_incidents(self) -> list[Incident]:
+        """Every record, highest count first (then most recently seen first)."""
+        return self.list_incidents_sync()
+
+    async def rate_hit(self, key: str, window: float, now: float) -> int:
+        """Records one event for ``key`` and returns how many fell within the last ``window``
+        seconds, this one included."""
+        return self.rate_hit_sync(key, window, now)
+
+    def close(self) -> None:
+        """Closes the connection; later calls raise ``StateTempError``. Idempotent."""
+        with self._lock:
+            conn, self._conn = self._conn, None
+        if conn is not None:
+            conn.close()
+
+    def __enter__(self) -> SqliteStateStore:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
