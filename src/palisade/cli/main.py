@@ -29,15 +29,25 @@ def _parser() -> argparse.ArgumentParser:
     check = config_commands.add_parser("check", help="validate a config and print it")
     check.add_argument("--config", type=Path)
 
+    from palisade.cli import checkhost
+    from palisade.cli import history as history_cli
     from palisade.cli import queue as queue_cli
 
+    checkhost.add_arguments(commands)
+    history = history_cli.add_arguments(commands)
+    history.add_argument("--config", type=Path)
+    _config_after_subcommand(history)
     queue = queue_cli.add_arguments(commands)
     queue.add_argument("--config", type=Path)
-    for action in queue._subparsers._group_actions if queue._subparsers else ():
-        for leaf in getattr(action, "choices", {}).values():
-            # also accepted after the sub-command: ``palisade queue list --config FILE``
-            leaf.add_argument("--config", type=Path, default=argparse.SUPPRESS)
+    _config_after_subcommand(queue)
     return parser
+
+
+def _config_after_subcommand(parser: argparse.ArgumentParser) -> None:
+    """Also accept ``--config`` after the sub-command: ``palisade queue list --config FILE``."""
+    for action in parser._subparsers._group_actions if parser._subparsers else ():
+        for leaf in getattr(action, "choices", {}).values():
+            leaf.add_argument("--config", type=Path, default=argparse.SUPPRESS)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -46,6 +56,10 @@ def main(argv: list[str] | None = None) -> int:
         from palisade.server.app import serve
 
         return serve(args.config)
+    if args.command == "check-host":
+        from palisade.cli import checkhost
+
+        return checkhost.main(args)
     try:
         config = load_config(args.config)
     except ConfigError as exc:
@@ -53,6 +67,22 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if args.command == "config":
         return _config_check(config)
+    if args.command == "history":
+        import asyncio
+
+        from palisade.adapters.sqlite_state import SchemaError, SqliteStateStore
+        from palisade.cli import history as history_cli
+        from palisade.ports import StateTempError
+
+        try:
+            store = SqliteStateStore(config.paths.state)
+        except (StateTempError, SchemaError) as exc:
+            print(f"palisade: state database {config.paths.state}: {exc}", file=sys.stderr)
+            return 1
+        try:
+            return history_cli.run(args, store)
+        finally:
+            asyncio.run(_close(store))
     from palisade.cli import queue as queue_cli
     from palisade.obs.log import FileEventLog
     from palisade.spool import Spool
@@ -66,14 +96,50 @@ def main(argv: list[str] | None = None) -> int:
         log.close()
 
 
+async def _close(store: object) -> None:
+    close = getattr(store, "close", None)
+    if close is not None:
+        result = close()
+        if hasattr(result, "__await__"):
+            await result
+
+
 def _config_check(config: object) -> int:
     from palisade.config import Config
+    from palisade.config.policy import build_policy
+    from palisade.policy.rules import Stage
 
     assert isinstance(config, Config)
+    try:
+        policy = build_policy(config)
+    except ConfigError as exc:
+        print(f"palisade: {exc}", file=sys.stderr)
+        return 2
     print(f"configuration {config.source} is valid")
-    for section in ("server", "limits", "tls", "domains", "relay", "delivery", "paths", "log"):
+    for section in (
+        "server",
+        "limits",
+        "tls",
+        "domains",
+        "relay",
+        "delivery",
+        "paths",
+        "log",
+        "dns",
+        "policy",
+    ):
         print(f"[{section}]")
         value = getattr(config, section)
         for name in value.__dataclass_fields__:
             print(f"  {name} = {getattr(value, name)!r}")
+    print("[lists]")
+    for name, handle in policy.lists.handles.items():
+        where = handle.path or "inline"
+        print(f"  {name}: {handle.kind.value} list, {len(handle.value)} entries ({where})")
+    print("rule order:")
+    for stage in Stage:
+        rules = policy.for_stage(stage)
+        print(f"  {stage.value}:" + ("" if rules else " (none)"))
+        for number, rule in enumerate(rules, 1):
+            print(f"    {number}. {rule.describe()}")
     return 0

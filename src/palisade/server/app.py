@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 import os
 import resource
 import signal
@@ -19,10 +20,14 @@ import socket
 import sys
 from pathlib import Path
 
+from palisade.adapters.dns import DnsResolver, SystemClock
+from palisade.adapters.sqlite_state import SqliteStateStore
 from palisade.config import Config, ConfigError, load_config, parse_host_port
+from palisade.config.policy import Policy, build_policy
 from palisade.obs.log import FileEventLog
 from palisade.obs.queueid import QueueIdGenerator
 from palisade.policy.relay import RelayPolicy
+from palisade.policy.rules import Ports
 from palisade.relay import QueueRunner, Router
 from palisade.server.context import ServerContext
 from palisade.server.listener import Listener, bind_socket
@@ -55,6 +60,38 @@ def relay_policy(config: Config) -> RelayPolicy:
         config.relay.relay_from_hosts,
         outbound_available=config.delivery.next_hop is not None,
     )
+
+
+def secrets_of(config: Config) -> list[str]:
+    """Strings that must never reach a log line (Spamhaus DQS keys), for the resolver to redact."""
+    return [str(v) for rule in config.rules for k, v in rule.options if k == "dqs_key" and v]
+
+
+def build_ports(config: Config) -> Ports:
+    dns = config.dns
+    nameservers = [parse_host_port(n, default_port=53) for n in dns.nameservers]
+    return Ports(
+        resolver=DnsResolver(
+            nameservers or None,
+            timeout=dns.timeout,
+            retries=dns.retries,
+            cache_max_ttl=dns.cache_max_ttl,
+            redact=secrets_of(config),
+        ),
+        state=SqliteStateStore(config.paths.state),
+        clock=SystemClock(),
+    )
+
+
+def listening_ips(config: Config) -> frozenset[ipaddress.IPv4Address | ipaddress.IPv6Address]:
+    ips = set()
+    for entry in config.server.listen:
+        host, _ = parse_host_port(entry)
+        with contextlib.suppress(ValueError):
+            ip = ipaddress.ip_address(host)
+            if not ip.is_unspecified:
+                ips.add(ip)
+    return frozenset(ips)
 
 
 def build_router(config: Config) -> Router:
@@ -94,6 +131,7 @@ class Gateway:
         self.log = FileEventLog(config.paths.log, json_lines=config.log.json, echo=config.log.echo)
         self.spool = Spool(config.paths.spool)
         self.stopping = asyncio.Event()
+        self.policy: Policy = build_policy(config, self.log.panic)
 
     def make_context(self, submit: object) -> ServerContext:
         config = self.config
@@ -108,12 +146,16 @@ class Gateway:
             tls_context=tls,
             queue_ids=QueueIdGenerator(),
             submit=submit,  # type: ignore[arg-type]
+            policy=self.policy,
+            ports=build_ports(config),
+            our_ips=listening_ips(config),
         )
 
     def reload(self, ctx: ServerContext | None) -> None:
         """SIGHUP: a valid new config replaces the old; a broken one is refused and logged."""
         try:
             new = load_config(self.config_path)
+            policy = build_policy(new, self.log.panic)
             tls = None
             if new.tls.certificate and new.tls.private_key:
                 tls = server_context(new.tls.certificate, new.tls.private_key)
@@ -122,9 +164,14 @@ class Gateway:
             return
         if new.server.listen != self.config.server.listen:
             self.log.main("listen addresses changed: they take effect at the next restart")
-        self.config = new
+        self.config, self.policy = new, policy
         if ctx is not None:
+            old_state = ctx.ports.state
             ctx.config, ctx.relay_policy, ctx.tls_context = new, relay_policy(new), tls
+            ctx.policy, ctx.ports = policy, build_ports(new)
+            close = getattr(old_state, "close", None)
+            if close is not None:  # sessions still holding the old ports get StateTempError
+                close()
         self.log.main(f"configuration reloaded from {new.source}")
 
     def install_signals(self, on_hup: object) -> None:
@@ -251,6 +298,7 @@ def serve(config_path: Path | None) -> int:
     """``palisade serve``: returns the process exit status."""
     try:
         config = load_config(config_path)
+        build_policy(config)  # every rule and list is checked before anything starts
     except ConfigError as exc:
         print(f"palisade: {exc}", file=sys.stderr)
         return 2

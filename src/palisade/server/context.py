@@ -11,9 +11,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from palisade.config import Config
+from palisade.config.policy import Policy
 from palisade.obs.log import EventLog
 from palisade.obs.queueid import QueueIdGenerator
 from palisade.policy.relay import RelayPolicy
+from palisade.policy.rules import IPAddress, Ports
 from palisade.spool import Spool
 
 
@@ -26,4 +28,7 @@ class ServerContext:
     tls_context: ssl.SSLContext | None
     queue_ids: QueueIdGenerator
     submit: Callable[[str], None]
+    policy: Policy
+    ports: Ports
+    our_ips: frozenset[IPAddress] = frozenset()
     draining: bool = False

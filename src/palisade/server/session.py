@@ -20,8 +20,10 @@ from email.utils import formatdate
 from typing import TYPE_CHECKING
 
 from palisade.obs.log import escape
+from palisade.policy.engine import StageOutcome, evaluate_stage
 from palisade.policy.relay import Route
-from palisade.policy.verdict import Verdict
+from palisade.policy.rules import Facts, Stage
+from palisade.policy.verdict import Action, Verdict
 from palisade.server.stream import ClientStream
 from palisade.server.tls import describe
 from palisade.smtp import NEED_DATA, PAUSED, Features, Limits, Reply, SmtpConnection, events
@@ -30,6 +32,13 @@ from palisade.spool import Envelope
 if TYPE_CHECKING:
     from palisade.server.context import ServerContext
     from palisade.spool import SpoolWriter
+
+
+def _header_line(header: str) -> bytes:
+    """``X-Warning: ...`` as one header line; text that came from DNS is made safe first."""
+    if ":" not in header.split(" ", 1)[0]:
+        header = f"X-Warning: {header}"
+    return (escape(header, 900) + "\r\n").encode("utf-8", "replace")
 
 
 class _Closed(Exception):
@@ -46,6 +55,7 @@ class Transaction:
     writer: SpoolWriter | None = None
     queue_id: str | None = None
     message_id: str | None = None
+    headers: list[str] = field(default_factory=list)  # X-Warning lines of MAIL/RCPT warn rules
 
 
 class Session:
@@ -76,6 +86,16 @@ class Session:
         self.esmtp = False
         self.tls: str | None = None
         self.tx = Transaction()
+        self.facts = Facts(
+            client_ip=self.ip,
+            client_port=self.port,
+            local_domains=ctx.relay_policy.local_domains,
+            our_names=frozenset({self.config.server.hostname.lower()}),
+            our_ips=ctx.our_ips,
+        )
+        self.facts.results["relay_client"] = ctx.relay_policy.client_may_relay(self.ip)
+        self._delayed: tuple[Stage, Verdict] | None = None  # delay_reject: answered at RCPT
+        self._warn_headers: list[str] = []
         self._out: list[bytes] = []
         self._deadline: float | None = None
         self._data_started: float | None = None
@@ -136,8 +156,69 @@ class Session:
         if self.ctx.draining:
             self._send(self._shutdown_reply())
             return False
+        verdict = await self._run_stage(Stage.CONNECT, "")
+        if verdict is not None and not self._delay(Stage.CONNECT, verdict):
+            self._log_refusal(Stage.CONNECT, "", verdict)
+            assert verdict.reply is not None
+            self._out.append(verdict.reply.to_bytes())
+            return False  # refused before the banner: nothing more is said
         self._out.append(self.conn.greeting(self.config.server.hostname))
         return True
+
+    # -- policy ------------------------------------------------------------------------------
+    async def _run_stage(self, stage: Stage, subject: str) -> Verdict | None:
+        """Runs the stage's rules, logs every decision, returns the verdict (None: go on)."""
+        rules = self.ctx.policy.for_stage(stage)
+        if not rules:
+            return None
+        outcome = await evaluate_stage(stage, rules, self.facts, self.ctx.ports)
+        self._log_decisions(outcome, subject)
+        target = self._warn_headers if stage in (Stage.CONNECT, Stage.HELO) else self.tx.headers
+        for header in outcome.headers:
+            if header not in target:
+                target.append(header)
+        return outcome.verdict
+
+    def _delay(self, stage: Stage, verdict: Verdict) -> bool:
+        """delay_reject: keep a connect/HELO/MAIL refusal for the first RCPT (not a drop)."""
+        if not self.ctx.policy.delay_reject or verdict.action is Action.DROP:
+            return False
+        if self._delayed is None:
+            self._delayed = (stage, verdict)
+        return True
+
+    def _log_decisions(self, outcome: StageOutcome, subject: str) -> None:
+        where = f"{self.host_field()}{self._sender_field()}"
+        for decision in outcome.decisions:
+            check = decision.rule.check
+            if getattr(check, "log_rates", False) and "ratelimit.rate" in self.facts.results:
+                self.ctx.log.main(f"{where} rate {self.facts.results['ratelimit.rate']}")
+            if decision.error is not None:
+                self.ctx.log.main(
+                    f'{where} {outcome.stage.value} rule "{escape(decision.rule.name)}": '
+                    f"temporary failure: {escape(decision.error)}"
+                    + (" (skipped)" if not decision.matched else "")
+                )
+            if not decision.matched:
+                continue
+            if not decision.acted:
+                self.ctx.log.main(f"{where} {escape(decision.log_text)}")
+            elif decision.rule.verb.value == "warn":
+                self.ctx.log.main(f"{where} Warning: {escape(decision.log_text)}")
+
+    def _log_refusal(self, stage: Stage, subject: str, verdict: Verdict) -> None:
+        temporarily = "temporarily " if verdict.action is Action.DEFER else ""
+        what = {
+            Stage.CONNECT: 'connection in "connect" ACL',
+            Stage.HELO: f"EHLO or HELO {escape(subject, 100)}",
+            Stage.MAIL: f"MAIL <{escape(subject, 200)}>",
+            Stage.RCPT: f"RCPT <{escape(subject, 200)}>",
+            Stage.DATA: "after DATA",
+        }[stage]
+        self.ctx.log.reject(
+            f"{self.host_field()}{self._sender_field()} {temporarily}rejected {what}: "
+            f"{escape(verdict.log_message, 400)}"
+        )
 
     async def _receive(self) -> None:
         """Reads more input under the current request's deadline.
@@ -211,17 +292,18 @@ class Session:
             return
         match event:
             case events.Helo():
-                self._on_helo(event)
+                await self._on_helo(event)
             case events.Mail():
-                self._on_mail(event)
+                await self._on_mail(event)
             case events.Rcpt():
-                self._on_rcpt(event)
+                await self._on_rcpt(event)
             case events.Data():
                 await self._on_data()
             case events.DataEnd():
                 await self._on_data_end(event)
             case events.Rset():
                 self._abort_transaction()
+                self.facts.sender, self.facts.recipient, self.facts.recipients = None, None, []
                 self._send(Reply(250, "2.0.0", "Ok"))
             case events.Noop():
                 self._send(Reply(250, "2.0.0", "Ok"))
@@ -268,17 +350,30 @@ class Session:
             case _:
                 raise AssertionError(f"unhandled SMTP event {event!r}")
 
-    def _on_helo(self, event: events.Helo) -> None:
+    async def _on_helo(self, event: events.Helo) -> None:
         self._abort_transaction()
         self.helo = event.name
         self.esmtp = event.extended
+        self.facts.helo = event.name
+        verdict = await self._run_stage(Stage.HELO, event.name)
+        if verdict is not None and not self._delay(Stage.HELO, verdict):
+            self._refuse_stage(Stage.HELO, event.name, verdict)
+            return
         self._send(self.conn.helo_reply(event, self.config.server.hostname))
 
-    def _on_mail(self, event: events.Mail) -> None:
+    async def _on_mail(self, event: events.Mail) -> None:
         self.tx = Transaction(sender="" if event.address is None else event.address.text)
+        self.facts.sender = self.tx.sender
+        self.facts.recipient = None
+        self.facts.recipients = []
+        verdict = await self._run_stage(Stage.MAIL, self.tx.sender or "")
+        if verdict is not None and not self._delay(Stage.MAIL, verdict):
+            self._refuse_stage(Stage.MAIL, self.tx.sender or "", verdict)
+            self.tx = Transaction()
+            return
         self._send(Reply(250, "2.1.0", "Ok"))
 
-    def _on_rcpt(self, event: events.Rcpt) -> None:
+    async def _on_rcpt(self, event: events.Rcpt) -> None:
         decision = self.ctx.relay_policy.decide(event.address, self.ip)
         if isinstance(decision, Verdict):
             self._refuse("RCPT", event.address.text, decision)
@@ -286,9 +381,25 @@ class Session:
         rcpt = event.address.text
         if event.address.domain == "":  # RCPT TO:<postmaster> (RFC 5321 4.5.1)
             rcpt = f"postmaster@{self.ctx.relay_policy.postmaster_domain}"
+        if self._delayed is not None:  # a delayed connect/HELO/MAIL refusal answers here
+            self._refuse_stage(Stage.RCPT, rcpt, self._delayed[1])
+            return
+        self.facts.recipient = rcpt
+        verdict = await self._run_stage(Stage.RCPT, rcpt)
+        if verdict is not None:
+            self._refuse_stage(Stage.RCPT, rcpt, verdict)
+            return
+        self.facts.recipients.append(rcpt)
         self.tx.recipients.append(rcpt)
         self.tx.routes.append(decision)
         self._send(Reply(250, "2.1.5", "Ok"))
+
+    def _refuse_stage(self, stage: Stage, subject: str, verdict: Verdict) -> None:
+        self._log_refusal(stage, subject, verdict)
+        assert verdict.reply is not None
+        self._send(verdict.reply)
+        if verdict.closes:
+            raise _Closed
 
     def _refuse(self, stage: str, subject: str, verdict: Verdict) -> None:
         target = f" <{escape(subject, 200)}>" if subject else ""
@@ -332,6 +443,8 @@ class Session:
         self.conn.tls_started()
         self.tls = describe(self.stream.tls_info())
         self.helo = None
+        self.facts.tls = True
+        self.facts.helo = None
         self.tx = Transaction()
 
     async def _on_data(self) -> None:
@@ -356,6 +469,8 @@ class Session:
         try:
             tx.writer = self.ctx.spool.open_message(envelope)
             tx.writer.write(self._received_header(tx))
+            for header in self._warn_headers + tx.headers:
+                tx.writer.write(_header_line(header))
         except OSError as exc:
             self.ctx.log.panic(f"spool write failed: {exc}")
             self._send(Reply(451, "4.3.0", "Local error in processing"))
