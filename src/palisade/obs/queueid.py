@@ -23,27 +23,34 @@ def _base62(value: int, width: int) -> str:
     return "".join(reversed(chars))
 
 
+class _Sequence:
+    """The per-second sequence, one per process: every generator in a process must share it,
+    or two of them (the sessions' and the queue runner's, for bounces) repeat each other's ids."""
+
+    lock = threading.Lock()
+    second = 0
+    value = 0
+
+
 class QueueIdGenerator:
     """Makes ids; thread-safe. ``pid`` may be given so that forked workers differ."""
 
     def __init__(self, pid: int | None = None) -> None:
-        self._pid = os.getpid() if pid is None else pid
-        self._lock = threading.Lock()
-        self._second = 0
-        self._sequence = 0
+        self._pid = pid
 
     def new(self) -> str:
-        with self._lock:
+        pid = os.getpid() if self._pid is None else self._pid
+        with _Sequence.lock:
             while True:
                 now = int(time.time())
-                if now != self._second:
-                    self._second, self._sequence = now, 0
-                if self._sequence < 62 * 62:
+                if now != _Sequence.second:
+                    _Sequence.second, _Sequence.value = now, 0
+                if _Sequence.value < 62 * 62:
                     break
                 time.sleep(0.001)
-            seq = self._sequence
-            self._sequence += 1
-        return f"{_base62(now, 6)}-{_base62(self._pid, 6)}-{_base62(seq, 2)}"
+            seq = _Sequence.value
+            _Sequence.value += 1
+        return f"{_base62(now, 6)}-{_base62(pid, 6)}-{_base62(seq, 2)}"
 
 
 def is_queue_id(text: str) -> bool:
