@@ -7,6 +7,7 @@ spoken to over TCP; the next hop is aiosmtpd, a real SMTP server, in a thread.
 from __future__ import annotations
 
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -38,12 +39,21 @@ def toml_value(value: Any) -> str:
         return '"' + str(value).replace("\\", "\\\\").replace('"', '\\"') + '"'
     if isinstance(value, list | tuple):
         return "[" + ", ".join(toml_value(v) for v in value) + "]"
+    if isinstance(value, dict):
+        return "{ " + ", ".join(f"{k} = {toml_value(v)}" for k, v in value.items()) + " }"
     raise TypeError(value)
 
 
 def write_config(path: Path, sections: dict[str, dict[str, Any]]) -> Path:
     lines = []
     for name, table in sections.items():
+        if name == "rules":  # {stage: [rule, ...]} -> [[rules.<stage>]] tables, in order
+            for stage, rules in table.items():
+                for rule in rules:
+                    lines.append(f"[[rules.{stage}]]")
+                    lines.extend(f"{key} = {toml_value(value)}" for key, value in rule.items())
+                    lines.append("")
+            continue
         lines.append(f"[{name}]")
         lines.extend(f"{key} = {toml_value(value)}" for key, value in table.items())
         lines.append("")
@@ -122,7 +132,7 @@ class GatewayProcess:
             try:
                 with socket.create_connection((self.host, self.port), timeout=1) as sock:
                     sock.settimeout(5)
-                    if sock.recv(512).startswith(b"220"):
+                    if re.match(rb"[2-5]\d\d[ -]", sock.recv(512)):  # up, whatever it says
                         return self
             except OSError:
                 time.sleep(0.05)
@@ -184,9 +194,14 @@ def make_gateway(tmp_path: Path) -> Iterator[Any]:
     """Factory: ``make_gateway(server={...}, limits={...})`` starts a configured gateway."""
     started: list[GatewayProcess] = []
 
-    def factory(start: bool = True, **overrides: dict[str, Any]) -> GatewayProcess:
+    def factory(
+        start: bool = True, files: dict[str, str] | None = None, **overrides: dict[str, Any]
+    ) -> GatewayProcess:
         base = tmp_path / f"gw{len(started)}"
         base.mkdir()
+        for relative, text in (files or {}).items():  # list files beside the config
+            (base / relative).parent.mkdir(parents=True, exist_ok=True)
+            (base / relative).write_text(text)
         port = free_port()
         sections = gateway_sections(port, **overrides)
         config = write_config(base / "palisade.toml", sections)

@@ -144,3 +144,13 @@ def test_negate_and_connect_codes_and_code_override() -> None:
     assert (out.verdict.reply.code, out.verdict.reply.enhanced) == (553, "5.7.27")
     out = run([rule(Fixed(), Verb.DROP)])
     assert out.verdict.closes
+
+
+def test_recipient_domains_limit_a_rule_to_those_recipients() -> None:
+    only_corp = rule(Fixed(), recipient_domains=frozenset({"corp.test"}))
+    f = facts()
+    f.recipient = "boss@corp.test"
+    assert run([only_corp], f).verdict is not None
+    f.recipient = "someone@example.test"
+    out = run([only_corp], f)
+    assert out.verdict is None and out.decisions == []

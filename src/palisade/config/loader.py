@@ -153,7 +153,7 @@ def _parse_lists(table: Any, base: Path, source: str, finder: _LineFinder) -> tu
 
 _RULE_KEYS = {
     "check", "verb", "name", "message", "log_message", "observe", "on_error", "timeout",
-    "negate", "code", "enhanced",
+    "negate", "code", "enhanced", "recipient_domains",
 }  # fmt: skip
 
 
@@ -209,6 +209,13 @@ def _parse_rules(table: Any, source: str, finder: _LineFinder) -> tuple[RuleSpec
                     fixed["timeout"] = _duration(timeout)
                 except ValueError as exc:
                     fail("timeout", str(exc))
+            domains = fixed.get("recipient_domains")
+            if domains is not None:
+                if stage != "rcpt":
+                    fail("recipient_domains", "only rcpt rules have a recipient to match")
+                if not isinstance(domains, list) or not all(isinstance(d, str) for d in domains):
+                    fail("recipient_domains", "expected a list of domain names")
+                fixed["recipient_domains"] = tuple(d.lower().rstrip(".") for d in domains)
             code = fixed.get("code")
             if code is not None and (
                 isinstance(code, bool) or not isinstance(code, int) or not 400 <= code < 600

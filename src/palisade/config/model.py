@@ -144,6 +144,7 @@ class RuleSpec:
     negate: bool = False
     code: int | None = None
     enhanced: str | None = None
+    recipient_domains: tuple[str, ...] = ()
     options: tuple[tuple[str, object], ...] = ()
 
 

@@ -105,6 +105,7 @@ def build_policy(config: Config, on_list_error: Callable[[str], None] | None = N
                 negate=spec.negate,
                 code=spec.code,
                 enhanced=spec.enhanced,
+                recipient_domains=frozenset(spec.recipient_domains),
             )
         )
     return Policy(

@@ -29,6 +29,8 @@ _DEFAULT_CODES = {
 }
 _CONNECT_CODES = {Verb.DENY: (554, "5.7.1"), Verb.DROP: (554, "5.7.1"), Verb.DEFER: (421, "4.7.1")}
 TEMPFAIL_REPLY = Reply(451, "4.4.3", "Temporary local problem, please try again later")
+# At the greeting a deferral is 421: the server closes the connection (RFC 5321 3.8).
+CONNECT_TEMPFAIL_REPLY = Reply(421, "4.4.3", "Temporary local problem, please try again later")
 
 
 @dataclass(frozen=True)
@@ -47,11 +49,17 @@ class Rule:
     negate: bool = False  # the verb applies when the condition does NOT hold
     code: int | None = None
     enhanced: str | None = None
+    recipient_domains: frozenset[str] = frozenset()  # empty: every recipient
 
     def describe(self) -> str:
         prefix = "not " if self.negate else ""
         flags = " (observe only)" if self.observe else ""
+        if self.recipient_domains:
+            flags += f" (recipients in {', '.join(sorted(self.recipient_domains))})"
         return f"{self.verb.value} if {prefix}{self.check.name}: {self.name}{flags}"
+
+    def applies_to(self, facts: Facts) -> bool:
+        return not self.recipient_domains or facts.recipient_domain in self.recipient_domains
 
 
 @dataclass(frozen=True)
@@ -119,6 +127,8 @@ async def evaluate_stage(
     if facts.results.get("accept_all"):
         return outcome
     for rule in rules:
+        if not rule.applies_to(facts):
+            continue
         started = time.monotonic()
         error: str | None = None
         try:
@@ -178,7 +188,7 @@ async def evaluate_stage(
             outcome.accepted = True
             return outcome
         if error is not None and verb is Verb.DEFER and rule.on_error is OnError.DEFER:
-            reply = TEMPFAIL_REPLY
+            reply = CONNECT_TEMPFAIL_REPLY if rule.stage is Stage.CONNECT else TEMPFAIL_REPLY
         else:
             reply = _reply(rule, verb, _fill(rule.message, result, facts))
         action = {Verb.DENY: Action.DENY, Verb.DROP: Action.DROP, Verb.DEFER: Action.DEFER}[verb]

@@ -151,6 +151,15 @@ class Gateway:
             our_ips=listening_ips(config),
         )
 
+    def reload_and_probe(self, ctx: ServerContext) -> None:
+        """SIGHUP in a listening process: reload, then probe the new rules' zones at once."""
+        before = ctx.policy
+        self.reload(ctx)
+        if ctx.policy is not before and self.config.dns.dnsbl_probe_interval > 0:
+            from palisade.server.probes import probe_once
+
+            asyncio.get_running_loop().create_task(probe_once(ctx.policy, ctx.ports, self.log))
+
     def reload(self, ctx: ServerContext | None) -> None:
         """SIGHUP: a valid new config replaces the old; a broken one is refused and logged."""
         try:
@@ -174,6 +183,17 @@ class Gateway:
                 close()
         self.log.main(f"configuration reloaded from {new.source}")
 
+    def start_probes(self, ctx: ServerContext) -> asyncio.Task[None] | None:
+        """DNSBL zone probes for this process's rules (each process holds its own policy)."""
+        interval = self.config.dns.dnsbl_probe_interval
+        if interval <= 0:
+            return None
+        from palisade.server.probes import probe_forever
+
+        return asyncio.get_running_loop().create_task(
+            probe_forever(lambda: (ctx.policy, ctx.ports), self.log, interval)
+        )
+
     def install_signals(self, on_hup: object) -> None:
         loop = asyncio.get_running_loop()
         loop.add_signal_handler(signal.SIGTERM, self.stopping.set)
@@ -191,13 +211,16 @@ async def run_single(
     await runner.start()
     listener = Listener(ctx, sockets)
     await listener.start()
-    gw.install_signals(lambda: gw.reload(ctx))
+    probes = gw.start_probes(ctx)
+    gw.install_signals(lambda: gw.reload_and_probe(ctx))
     gw.log.main(
         f"palisade daemon started: pid={os.getpid()}, listening on "
         f"{', '.join(config.server.listen)}, config {config.source}"
     )
     await gw.stopping.wait()
     gw.log.main("SIGTERM received: no longer accepting connections, finishing transactions")
+    if probes is not None:
+        probes.cancel()
     await listener.shutdown(SHUTDOWN_GRACE)
     await runner.stop()
     gw.spool.close()
@@ -219,8 +242,11 @@ async def run_worker(
     ctx = gw.make_context(submit)
     listener = Listener(ctx, sockets)
     await listener.start()
-    gw.install_signals(lambda: gw.reload(ctx))
+    probes = gw.start_probes(ctx)
+    gw.install_signals(lambda: gw.reload_and_probe(ctx))
     await gw.stopping.wait()
+    if probes is not None:
+        probes.cancel()
     await listener.shutdown(SHUTDOWN_GRACE)
     gw.spool.close()
 

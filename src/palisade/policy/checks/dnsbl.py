@@ -281,10 +281,16 @@ class DnsblCheck:
     def __init__(self, zones: Sequence[Zone], threshold: float) -> None:
         self.zones = tuple(zones)
         self.threshold = threshold
+        # Public names of zones that failed the RFC 5782 health probe (the server's prober fills
+        # it): they are not asked until a probe passes again, so a dead or hostile zone can
+        # neither list everybody nor slow every connection down.
+        self.disabled: set[str] = set()
 
     async def evaluate(self, facts: Facts, ports: Ports) -> CheckResult:
         ip = unmapped(facts.client_ip)
-        zones = [z for z in self.zones if ip.version == 4 or z.ipv6]
+        zones = [
+            z for z in self.zones if (ip.version == 4 or z.ipv6) and z.shown not in self.disabled
+        ]
         if not zones:
             return NO_MATCH
         labels = reverse_labels(ip)

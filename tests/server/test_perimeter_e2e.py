@@ -1,0 +1,325 @@
+"""Golden transcripts for the seed scenarios: a real gateway, a real DNS server on loopback,
+clients bound to their own 127.0.0.x source address (each with its own PTR and listing data).
+
+Each scenario pins the exact replies and the exact reject-log line (timestamps and client ports
+normalised)."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.conftest import GatewayProcess, wait_for
+from tests.dnsserver import ZoneServer, start_zone_server
+from tests.server.smtpclient import RawClient
+
+DQS_KEY = "k3yk3yk3yk3yk3yk3yk3yk3yk3y"
+GOOD = [f"127.0.0.{n}" for n in range(30, 60)]  # PTR that resolves back, not listed
+WHITELIST = "127.0.0.1  # the test harness's readiness probe\n"
+
+
+def ptr_name(ip: str) -> str:
+    return ".".join(reversed(ip.split("."))) + ".in-addr.arpa"
+
+
+@pytest.fixture
+def dns() -> Iterator[ZoneServer]:
+    server = start_zone_server()
+    for ip in [*GOOD, "127.0.0.21", "127.0.0.23", "127.0.0.24"]:
+        host = f"host{ip.rsplit('.', 1)[1]}.client.test"
+        server.set(ptr_name(ip), "PTR", [f"{host}."])
+        server.set(host, "A", [ip])
+    for zone in ("zen.spamhaus.org", f"{DQS_KEY}.zen.dq.spamhaus.net"):
+        server.add_zone(zone)
+        server.list_address(zone, "127.0.0.2", "127.0.0.2", txt="test point")  # RFC 5782 probe
+        server.list_address(
+            zone, "127.0.0.21", "127.0.0.4", txt="https://www.spamhaus.org/query/ip/127.0.0.21"
+        )
+    server.set("outside.test", "MX", ["10 mx.outside.test."])
+    server.set("mx.outside.test", "A", ["192.0.2.25"])
+    yield server
+    server.stop()
+
+
+def perimeter(dns: ZoneServer, **extra: Any) -> dict[str, Any]:
+    zone = {"zone": "zen.spamhaus.org", "codes": ["127.0.0.2-127.0.0.11"], "txt": True}
+    dnsbl: dict[str, Any] = {
+        "name": "zen",
+        "check": "dnsbl",
+        "zones": [zone],
+        "verb": "deny",
+        "message": "$ip is listed at $zone",
+        "log_message": "DENY - listed at $zone ($codes)",
+    }
+    dnsbl.update(extra.pop("dnsbl", {}))
+    return {
+        "dns": {"nameservers": [f"127.0.0.1:{dns.port}"], "timeout": 1, "retries": 0},
+        "lists": {"whitelist_connect_hosts": {"type": "ip", "file": "lists/whitelist"}},
+        "rules": {
+            "connect": [
+                {
+                    "check": "ip_list",
+                    "list": "whitelist_connect_hosts",
+                    "verb": "accept_all",
+                    "log_message": "ACCEPT - whitelisted",
+                },
+                {
+                    "check": "history",
+                    "threshold": 10,
+                    "verb": "deny",
+                    "message": "Blacklisted: Denied access - history of unwanted activity",
+                    "log_message": "DENY - history of unwanted activity ($count incidents)",
+                },
+                {
+                    "check": "ratelimit",
+                    "limit": 10,
+                    "window": "15m",
+                    "log_rates": True,
+                    "verb": "defer",
+                    "message": "Too many connections, slow down",
+                    "log_message": "DEFER - rate limit exceeded ($rate)",
+                },
+                {
+                    "check": "rdns",
+                    "verb": "deny",
+                    "on_error": "deny",
+                    "message": "Reverse DNS lookup failed",
+                    "log_message": "DENY - Reverse DNS check failed",
+                },
+                dnsbl,
+            ],
+            "helo": [
+                {
+                    "check": "helo",
+                    "patterns": ["^ylmf-pc$"],
+                    "verb": "deny",
+                    "message": "Access denied",
+                    "log_message": "DENY - HELO $helo",
+                }
+            ],
+            "mail": [
+                {
+                    "check": "sender",
+                    "patterns": ["^Anastasia.{2,5}@"],
+                    "verb": "deny",
+                    "message": "Access denied",
+                    "log_message": "DENY - botnet sender pattern",
+                }
+            ],
+        },
+        **extra,
+    }
+
+
+@pytest.fixture
+def gw(make_gateway: Any, dns: ZoneServer) -> GatewayProcess:
+    gateway: GatewayProcess = make_gateway(
+        files={"lists/whitelist": WHITELIST + "127.0.0.25  # a trusted partner\n"}, **perimeter(dns)
+    )
+    return gateway
+
+
+def normalise(line: str) -> str:
+    line = re.sub(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d ", "", line)
+    return re.sub(r"\]:\d+", "]:PORT", line)
+
+
+def rejects(gw: GatewayProcess) -> list[str]:
+    return [normalise(line) for line in gw.rejectlog().splitlines()]
+
+
+def greeting(gw: GatewayProcess, source: str) -> tuple[int, str, RawClient]:
+    client = RawClient(gw.port, source=source)
+    code, text = client.reply()
+    return code, text, client
+
+
+def test_no_ptr_is_refused_at_connect(gw: GatewayProcess) -> None:
+    code, text, client = greeting(gw, "127.0.0.20")
+    assert (code, text) == (554, "5.7.1 Reverse DNS lookup failed")
+    assert client.closed()
+    assert wait_for(lambda: rejects(gw)) == [
+        'H=[127.0.0.20]:PORT rejected connection in "connect" ACL: DENY - Reverse DNS check failed'
+    ]
+
+
+def test_listed_on_zen_is_refused_at_connect(gw: GatewayProcess) -> None:
+    code, text, client = greeting(gw, "127.0.0.21")
+    assert (code, text) == (554, "5.7.1 127.0.0.21 is listed at zen.spamhaus.org")
+    assert client.closed()
+    assert wait_for(lambda: rejects(gw)) == [
+        'H=[127.0.0.21]:PORT rejected connection in "connect" ACL: '
+        "DENY - listed at zen.spamhaus.org (127.0.0.4)"
+    ]
+
+
+def test_helo_ylmf_pc_is_refused(gw: GatewayProcess) -> None:
+    code, _, client = greeting(gw, "127.0.0.30")
+    assert code == 220
+    assert client.command("EHLO ylmf-pc") == (550, "5.7.1 Access denied")
+    assert client.command("EHLO mail.client.test")[0] == 250  # a proper name may try again
+    client.close()
+    assert wait_for(lambda: rejects(gw)) == [
+        "H=(ylmf-pc) [127.0.0.30]:PORT rejected EHLO or HELO ylmf-pc: DENY - HELO ylmf-pc"
+    ]
+
+
+def test_anastasia_sender_is_refused(gw: GatewayProcess) -> None:
+    code, _, client = greeting(gw, "127.0.0.31")
+    assert code == 220
+    client.command("EHLO host31.client.test")
+    assert client.command("MAIL FROM:<Anastasia1985@outside.test>") == (550, "5.7.1 Access denied")
+    assert client.command("MAIL FROM:<anna@outside.test>")[0] == 250
+    client.close()
+    assert wait_for(lambda: rejects(gw)) == [
+        "H=(host31.client.test) [127.0.0.31]:PORT F=<Anastasia1985@outside.test> rejected MAIL "
+        "<Anastasia1985@outside.test>: DENY - botnet sender pattern"
+    ]
+
+
+def test_history_over_the_threshold_is_refused(gw: GatewayProcess) -> None:
+    added = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "palisade",
+            "history",
+            "add",
+            "127.0.0.23",
+            "--count",
+            "12",
+            "--config",
+            str(gw.config_path),
+        ],
+        cwd=gw.base,
+        capture_output=True,
+        text=True,
+    )
+    assert added.returncode == 0, added.stderr
+    code, text, _ = greeting(gw, "127.0.0.23")
+    assert (code, text) == (554, "5.7.1 Blacklisted: Denied access - history of unwanted activity")
+    assert wait_for(lambda: rejects(gw)) == [
+        'H=[127.0.0.23]:PORT rejected connection in "connect" ACL: '
+        "DENY - history of unwanted activity (12 incidents)"
+    ]
+
+
+def test_eleventh_connection_in_fifteen_minutes_is_deferred(gw: GatewayProcess) -> None:
+    for _ in range(9):  # the fixture's start-up probe came from 127.0.0.1, not from this client
+        code, _, client = greeting(gw, "127.0.0.24")
+        assert code == 220
+        client.command("QUIT")
+        client.close()
+    code, _, client = greeting(gw, "127.0.0.24")
+    assert code == 220  # the 10th
+    client.close()
+    code, text, _ = greeting(gw, "127.0.0.24")
+    assert (code, text) == (421, "4.7.1 Too many connections, slow down")
+    assert wait_for(lambda: rejects(gw)) == [
+        'H=[127.0.0.24]:PORT temporarily rejected connection in "connect" ACL: '
+        "DEFER - rate limit exceeded (11/900s)"
+    ]
+    rates = [
+        line
+        for line in map(normalise, gw.mainlog().splitlines())
+        if re.fullmatch(r"H=\[127\.0\.0\.24\]:PORT rate \d+/900s", line)
+    ]
+    assert rates == [f"H=[127.0.0.24]:PORT rate {n}/900s" for n in range(1, 12)]
+
+
+def test_whitelisted_host_skips_every_check(gw: GatewayProcess, dns: ZoneServer) -> None:
+    dns.list_address("zen.spamhaus.org", "127.0.0.25", "127.0.0.2")  # listed, and no PTR
+    code, _, client = greeting(gw, "127.0.0.25")
+    assert code == 220
+    assert client.command("EHLO ylmf-pc")[0] == 250
+    assert client.command("MAIL FROM:<Anastasia1985@outside.test>")[0] == 250
+    assert client.command("RCPT TO:<user@example.test>")[0] == 250
+    assert client.command("DATA")[0] == 354
+    client.send(b"Subject: partner\r\n\r\nhello\r\n.\r\n")
+    assert client.reply()[0] == 250
+    client.close()
+    assert wait_for(lambda: gw.maildir_messages("user"))
+    assert gw.rejectlog() == ""
+
+
+def test_good_client_passes_and_warn_mode_adds_the_seed_header(
+    make_gateway: Any, dns: ZoneServer
+) -> None:
+    gw = make_gateway(
+        files={"lists/whitelist": WHITELIST},
+        **perimeter(dns, dnsbl={"verb": "warn", "log_message": "listed at $zone"}),
+    )
+    code, _, client = greeting(gw, "127.0.0.21")  # listed: warn only
+    assert code == 220
+    client.command("EHLO host21.client.test")
+    client.command("MAIL FROM:<anna@outside.test>")
+    assert client.command("RCPT TO:<user@example.test>")[0] == 250
+    client.command("DATA")
+    client.send(b"Subject: hi\r\n\r\nhello\r\n.\r\n")
+    assert client.reply()[0] == 250
+    client.close()
+    message = wait_for(lambda: gw.maildir_messages("user"))[0]
+    assert (
+        b"X-Warning: 127.0.0.21 is listed at zen.spamhaus.org (127.0.0.4: "
+        b"https://www.spamhaus.org/query/ip/127.0.0.21)\n"
+    ) in message
+    assert wait_for(lambda: "Warning: listed at zen.spamhaus.org" in gw.mainlog())
+
+
+def test_dqs_key_never_appears_in_replies_or_logs(make_gateway: Any, dns: ZoneServer) -> None:
+    gw = make_gateway(
+        files={"lists/whitelist": WHITELIST}, **perimeter(dns, dnsbl={"dqs_key": DQS_KEY})
+    )
+    code, text, _ = greeting(gw, "127.0.0.21")
+    assert code == 554 and "zen.spamhaus.org" in text and DQS_KEY not in text
+    dns.behave(f"53.0.0.127.{DQS_KEY}.zen.dq.spamhaus.net", "timeout")  # a zone that hangs
+    dns.set(ptr_name("127.0.0.53"), "PTR", ["host53.client.test."])
+    dns.set("host53.client.test", "A", ["127.0.0.53"])
+    code, text, _ = greeting(gw, "127.0.0.53")
+    assert code == 421 and DQS_KEY not in text  # on_error defer at the greeting
+    wait_for(lambda: "127.0.0.53" in gw.rejectlog())
+    for log in Path(gw.log_dir).iterdir():
+        assert DQS_KEY not in log.read_text(), log.name
+    assert dns.queries(f"21.0.0.127.{DQS_KEY}.zen.dq.spamhaus.net") >= 1  # the key was used
+
+
+def test_a_zone_failing_the_rfc5782_probe_is_disabled(make_gateway: Any, dns: ZoneServer) -> None:
+    dns.list_address("zen.spamhaus.org", "127.0.0.1", "127.0.0.2")  # lists everything: broken
+    gw = make_gateway(files={"lists/whitelist": WHITELIST}, **perimeter(dns))
+    wait_for(lambda: "DNSBL zone zen.spamhaus.org disabled" in gw.paniclog())
+    assert "127.0.0.1 listed (zone lists everything)" in gw.paniclog()
+    code, _, client = greeting(gw, "127.0.0.21")  # listed, but the zone is not trusted now
+    assert code == 220
+    client.close()
+
+
+def test_check_host_shows_each_rule_and_the_reply(gw: GatewayProcess) -> None:
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "palisade",
+            "check-host",
+            "127.0.0.21",
+            "--helo",
+            "x.test",
+            "--config",
+            str(gw.config_path),
+        ],
+        cwd=gw.base,
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode == 0, result.stderr
+    out = result.stdout
+    assert "1. accept_all if ip_list" in out and "-> no match" in out
+    assert "deny if dnsbl: zen" in out
+    assert "MATCH: DENY - listed at zen.spamhaus.org (127.0.0.4)" in out
+    assert "<<< 554 5.7.1 127.0.0.21 is listed at zen.spamhaus.org" in out
+    assert re.search(r"\[\d+\.\d ms\]", out)
