@@ -323,3 +323,33 @@ def test_check_host_shows_each_rule_and_the_reply(gw: GatewayProcess) -> None:
     assert "MATCH: DENY - listed at zen.spamhaus.org (127.0.0.4)" in out
     assert "<<< 554 5.7.1 127.0.0.21 is listed at zen.spamhaus.org" in out
     assert re.search(r"\[\d+\.\d ms\]", out)
+
+
+def test_data_stage_rules_refuse_after_the_final_dot_and_keep_nothing(
+    make_gateway: Any, dns: ZoneServer
+) -> None:
+    sections = perimeter(dns)
+    sections["rules"]["data"] = [
+        {
+            "check": "tls_required",
+            "verb": "deny",
+            "message": "Encryption required",
+            "log_message": "DENY - TLS required",
+        }
+    ]
+    gw = make_gateway(files={"lists/whitelist": WHITELIST}, **sections)
+    code, _, client = greeting(gw, "127.0.0.32")
+    assert code == 220
+    client.command("EHLO host32.client.test")
+    client.command("MAIL FROM:<anna@outside.test>")
+    assert client.command("RCPT TO:<user@example.test>")[0] == 250
+    assert client.command("DATA")[0] == 354
+    client.send(b"Subject: plain\r\n\r\nhello\r\n.\r\n")
+    assert client.reply() == (550, "5.7.1 Encryption required")
+    client.close()
+    assert wait_for(lambda: rejects(gw)) == [
+        "H=(host32.client.test) [127.0.0.32]:PORT F=<anna@outside.test> rejected after DATA: "
+        "DENY - TLS required"
+    ]
+    assert gw.maildir_messages("user") == []
+    assert not list((gw.spool_dir / "queue").iterdir())

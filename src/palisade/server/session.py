@@ -514,6 +514,16 @@ class Session:
             self._send(event.suggested_reply)
             self.tx = Transaction()
             return
+        verdict = await self._run_stage(Stage.DATA, "")
+        if verdict is not None:
+            writer.abort()  # refused after the final dot: nothing of it is kept
+            self._log_refusal(Stage.DATA, "", verdict)
+            assert verdict.reply is not None
+            self._send(verdict.reply)
+            self.tx = Transaction()
+            if verdict.closes:
+                raise _Closed
+            return
         try:
             await writer.commit()
         except OSError as exc:
