@@ -58,32 +58,27 @@ class PrivateIpCheck:
         return NO_MATCH
 
 
-class DomainListCheck:
+class _Membership:
+    """A fact (``field``) looked up in a named domain or address list."""
+
+    stages: ClassVar[frozenset[Stage]] = ALL_STAGES
+
+    def __init__(self, handle: Any, list_name: str, field: str) -> None:
+        self.handle, self.list_name, self.field = handle, list_name, field
+
+    async def evaluate(self, facts: Facts, ports: Ports) -> CheckResult:
+        value = _fact(facts, self.field)
+        if value and current(self.handle).matches(value):  # type: ignore[union-attr]
+            return CheckResult(True, f"{self.field} {value} is in {self.list_name}")
+        return NO_MATCH
+
+
+class DomainListCheck(_Membership):
     name: ClassVar[str] = "domain_list"
-    stages: ClassVar[frozenset[Stage]] = ALL_STAGES
-
-    def __init__(self, handle: Any, list_name: str, field: str) -> None:
-        self.handle, self.list_name, self.field = handle, list_name, field
-
-    async def evaluate(self, facts: Facts, ports: Ports) -> CheckResult:
-        value = _fact(facts, self.field)
-        if value and current(self.handle).matches(value):  # type: ignore[union-attr]
-            return CheckResult(True, f"{self.field} {value} is in {self.list_name}")
-        return NO_MATCH
 
 
-class AddressListCheck:
+class AddressListCheck(_Membership):
     name: ClassVar[str] = "address_list"
-    stages: ClassVar[frozenset[Stage]] = ALL_STAGES
-
-    def __init__(self, handle: Any, list_name: str, field: str) -> None:
-        self.handle, self.list_name, self.field = handle, list_name, field
-
-    async def evaluate(self, facts: Facts, ports: Ports) -> CheckResult:
-        value = _fact(facts, self.field)
-        if value and current(self.handle).matches(value):  # type: ignore[union-attr]
-            return CheckResult(True, f"{self.field} {value} is in {self.list_name}")
-        return NO_MATCH
 
 
 class RegexCheck:
