@@ -103,6 +103,27 @@ postlog   unix-dgram n  -       n       -       1       postlogd
 QUEUE_SUBDIRS = ("maildrop", "incoming", "active", "deferred", "hold")
 
 
+def perimeter_settings(zone: str = "zen.bench.test", rate_limit: int = 1_000_000) -> dict[str, str]:
+    """main.cf additions for the perimeter benchmark: the checks Palisade's connect rules do.
+
+    ``smtpd_delay_reject = no`` is already in the base main.cf, so the client restrictions are
+    evaluated when the client connects and a refusal is sent as the greeting (554), after which
+    smtpd answers every command but QUIT with 503.  The client's PTR and the forward lookup of
+    its name are done by smtpd for every connection anyway (``smtpd_peername_lookup = yes``,
+    the default); ``reject_unknown_reverse_client_hostname`` refuses a client without a PTR.
+    ``smtpd_client_connection_rate_limit`` is anvil's per-client connection rate (per
+    ``anvil_rate_time_unit``, 60 s): set high so that it counts but never triggers, as the
+    gateway's ratelimit rule (1,000,000 per 15 min).
+    """
+    return {
+        "smtpd_client_restrictions": (
+            f"reject_unknown_reverse_client_hostname, reject_rbl_client {zone}=127.0.0.[2..11]"
+        ),
+        "smtpd_client_connection_rate_limit": str(rate_limit),
+        "anvil_rate_time_unit": "60s",
+    }
+
+
 class PostfixError(RuntimeError):
     pass
 
@@ -118,6 +139,7 @@ class PostfixInstance:
         port: int = 2527,
         sink_port: int = 2600,
         smtpd_maxproc: int = 100,
+        extra_settings: dict[str, str] | None = None,
     ) -> None:
         self._own_root = root is None
         self.root = Path(root or tempfile.mkdtemp(prefix="palisade-bench-postfix-")).resolve()
@@ -125,6 +147,7 @@ class PostfixInstance:
         self.port = port
         self.sink_port = sink_port
         self.smtpd_maxproc = smtpd_maxproc
+        self.extra_settings = dict(extra_settings or {})
         self.etc = self.root / "etc"
         self.queue = self.root / "queue"
         self.data = self.root / "data"
@@ -139,16 +162,19 @@ class PostfixInstance:
         # Postfix refuses group/world-writable parents of its queue.
         os.chmod(self.root, 0o755)
         os.chown(self.data, _uid("postfix"), _gid("postfix"))
-        (self.etc / "main.cf").write_text(
-            MAIN_CF.format(
-                etc=self.etc,
-                queue=self.queue,
-                data=self.data,
-                sink_port=self.sink_port,
-                log=self.log,
-                root=self.root,
-            )
+        main_cf = MAIN_CF.format(
+            etc=self.etc,
+            queue=self.queue,
+            data=self.data,
+            sink_port=self.sink_port,
+            log=self.log,
+            root=self.root,
         )
+        if self.extra_settings:
+            main_cf += "# Extra settings (PostfixInstance extra_settings)\n" + "".join(
+                f"{k} = {v}\n" for k, v in self.extra_settings.items()
+            )
+        (self.etc / "main.cf").write_text(main_cf)
         (self.etc / "master.cf").write_text(
             MASTER_CF.format(
                 listen=f"{self.host}:{self.port}",
@@ -307,6 +333,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--port", type=int, default=2527)
     ap.add_argument("--sink-port", type=int, default=2600)
     ap.add_argument("--smtpd-maxproc", type=int, default=100)
+    ap.add_argument(
+        "--perimeter",
+        metavar="ZONE",
+        help="add the perimeter checks (PTR, reject_rbl_client ZONE, anvil rate limit)",
+    )
     args = ap.parse_args(argv)
     inst = PostfixInstance(
         args.dir,
@@ -314,6 +345,7 @@ def main(argv: list[str] | None = None) -> int:
         port=args.port,
         sink_port=args.sink_port,
         smtpd_maxproc=args.smtpd_maxproc,
+        extra_settings=perimeter_settings(args.perimeter) if args.perimeter else None,
     )
     if args.action == "start":
         inst.start()

@@ -380,20 +380,29 @@ def drive_idle(port: int, connections: int, bound_s: float, source_addrs: int) -
 
 
 class Gateway:
-    def __init__(self, config: Path, port: int, cmd: list[str] | None) -> None:
+    def __init__(
+        self,
+        config: Path,
+        port: int,
+        cmd: list[str] | None,
+        state_root: Path = BENCH_ROOT,
+        logfile: Path | None = None,
+    ) -> None:
         self.config = config
         self.port = port
         self.cmd = cmd or [sys.executable, "-m", "palisade", "serve", "--config", str(config)]
         self.proc: subprocess.Popen[bytes] | None = None
         self.why_not: str | None = None
-        self.logfile = BENCH_ROOT / "gateway.out"
+        # spool/, mail/, log/ and state.sqlite under state_root, as the config's [paths] say
+        self.state_root = state_root
+        self.logfile = logfile or BENCH_ROOT / "gateway.out"
 
     def start(self, timeout: float) -> bool:
         for d in ("spool", "mail", "log"):
-            shutil.rmtree(BENCH_ROOT / d, ignore_errors=True)
-            (BENCH_ROOT / d).mkdir(parents=True, exist_ok=True)
+            shutil.rmtree(self.state_root / d, ignore_errors=True)
+            (self.state_root / d).mkdir(parents=True, exist_ok=True)
         with contextlib.suppress(FileNotFoundError):
-            (BENCH_ROOT / "state.sqlite").unlink()
+            (self.state_root / "state.sqlite").unlink()
         env = dict(os.environ)
         env["PYTHONPATH"] = os.pathsep.join(
             [str(REPO / "src"), *filter(None, [env.get("PYTHONPATH")])]
@@ -640,7 +649,13 @@ def render(info: dict, args: argparse.Namespace, results: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if "--perimeter" in argv:  # the perimeter-checks benchmark: bench/run_perimeter.py
+        from run_perimeter import main as perimeter_main
+
+        return perimeter_main([a for a in argv if a != "--perimeter"])
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--perimeter", action="store_true", help="run bench/run_perimeter.py instead")
     ap.add_argument("--clients", type=int, default=20)
     ap.add_argument("--messages", type=int, default=3000, help="per measured run")
     ap.add_argument("--warmup", type=int, default=500)

@@ -18,8 +18,21 @@ few seconds (so an observer can sample the server's memory) and close everything
 
     python bench/smtp_load.py idle --port 2525 --connections 10000
 
+``listed``: N concurrent clients that are expected to be refused at connect: connect, read the
+first reply, count it as refused if it is a 4xx/5xx (a 220 banner is an error: the client was
+not refused), then write QUIT together with the close (FIN) without waiting for anything else.
+Palisade sends its 554 instead of the banner and closes; Postfix (``smtpd_delay_reject = no``)
+sends its 554 as the greeting and waits for QUIT (RFC 5321 section 3.1).  Stops after
+``--connections`` attempts or ``--duration`` seconds.  Latency: connect() to the refusal::
+
+    python bench/smtp_load.py listed --port 2535 --clients 20 --connections 5000 \
+        --source-range 127.0.1.10-127.0.1.59
+
 ``--source-addrs 16`` spreads connections over 127.0.0.1..127.0.0.16 (IP_BIND_ADDRESS_NO_PORT)
-in case one source address runs out of ephemeral ports.
+in case one source address runs out of ephemeral ports.  ``--source-range FIRST-LAST`` (or a
+comma-separated list) binds each new connection to the next address of the range, round-robin
+over all connections (not per client), so every client address is used equally; the
+perimeter benchmark uses it to give each connection an address with its own PTR / DNSBL data.
 
 The driver shares the CPU with the server under test, so it keeps its own cost low: the
 message bytes are built once, replies are parsed only as far as the last line's code.
@@ -134,6 +147,44 @@ def _sources(n: int) -> list[str | None]:
     return [None] if n <= 1 else [f"127.0.0.{i}" for i in range(1, n + 1)]
 
 
+def parse_source_range(text: str) -> list[str]:
+    """``127.0.0.10-127.0.0.59`` or ``127.0.0.10,127.0.0.11`` -> the IPv4 addresses."""
+    import ipaddress
+
+    out: list[str] = []
+    for part in text.split(","):
+        part = part.strip()
+        if not part:
+            continue
+        first, sep, last = part.partition("-")
+        lo = ipaddress.IPv4Address(first.strip())
+        hi = ipaddress.IPv4Address(last.strip()) if sep else lo
+        if int(hi) < int(lo) or int(hi) - int(lo) > 65535:
+            raise ValueError(f"bad source range {part!r}")
+        out.extend(str(ipaddress.IPv4Address(i)) for i in range(int(lo), int(hi) + 1))
+    if not out:
+        raise ValueError("empty source range")
+    return out
+
+
+class SourcePicker:
+    """Source address per connection: round-robin over ``--source-range`` across all clients,
+    else the per-client address of ``--source-addrs`` (None: let the kernel choose)."""
+
+    def __init__(self, args: argparse.Namespace) -> None:
+        rng = getattr(args, "source_range", None)
+        self.range = parse_source_range(rng) if rng else None
+        self.per_client = _sources(args.source_addrs)
+        self.next = 0
+
+    def pick(self, idx: int) -> str | None:
+        if self.range is None:
+            return self.per_client[idx % len(self.per_client)]
+        src = self.range[self.next % len(self.range)]
+        self.next += 1
+        return src
+
+
 async def _connect(
     loop: asyncio.AbstractEventLoop, host: str, port: int, src: str | None, factory
 ) -> tuple[asyncio.BaseTransport, asyncio.BaseProtocol]:
@@ -162,14 +213,14 @@ async def run_throughput(args: argparse.Namespace) -> dict:
     errors: dict[str, int] = {}
     remaining = args.messages
     deadline = time.monotonic() + args.duration
-    sources = _sources(args.source_addrs)
+    sources = SourcePicker(args)
     perf = time.perf_counter
 
     async def client(idx: int) -> None:
         nonlocal remaining
-        src = sources[idx % len(sources)]
         while remaining > 0 and time.monotonic() < deadline:
             remaining -= 1
+            src = sources.pick(idx)
             done: asyncio.Future[str] = loop.create_future()
             t0 = perf()
             try:
@@ -205,6 +256,7 @@ async def run_throughput(args: argparse.Namespace) -> dict:
         "port": args.port,
         "clients": args.clients,
         "message_bytes": len(msg) - 3,
+        "source_range": args.source_range,
         "accepted": n,
         "errors": sum(errors.values()),
         "error_kinds": errors,
@@ -227,6 +279,114 @@ def _pct(sorted_vals: list[float], p: float) -> float:
         return float("nan")
     k = max(0, min(len(sorted_vals) - 1, math.ceil(p / 100 * len(sorted_vals)) - 1))
     return sorted_vals[k]
+
+
+# --------------------------------------------------------------------------------------
+# Listed mode: clients that should be refused at connect.
+
+
+class Refusal(asyncio.Protocol):
+    """Reads the first reply; a 4xx/5xx is a refusal.  Then QUIT with the FIN, no waiting."""
+
+    __slots__ = ("buf", "done", "transport")
+
+    def __init__(self, done: asyncio.Future[str]) -> None:
+        self.done = done
+        self.buf = b""
+        self.transport: asyncio.Transport | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+
+    def data_received(self, data: bytes) -> None:
+        buf = self.buf + data if self.buf else data
+        if not buf.endswith(b"\r\n"):
+            self.buf = buf
+            return
+        start = buf.rfind(b"\n", 0, len(buf) - 2) + 1
+        if buf[start + 3 : start + 4] not in (b" ", b"\r"):
+            self.buf = buf
+            return
+        self.buf = b""
+        code = buf[start : start + 3].decode(errors="replace")
+        self.transport.write(b"QUIT\r\n")  # a write to a reset socket is dropped, not raised
+        self.transport.close()
+        if not self.done.done():
+            self.done.set_result(code)
+
+    def eof_received(self) -> bool:
+        if not self.done.done():
+            self.done.set_result("closed without a reply")
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if not self.done.done():
+            self.done.set_result(f"connection lost before a reply: {exc}")
+
+
+async def run_listed(args: argparse.Namespace) -> dict:
+    loop = asyncio.get_running_loop()
+    latencies: list[float] = []
+    codes: dict[str, int] = {}
+    errors: dict[str, int] = {}
+    remaining = args.connections
+    deadline = time.monotonic() + args.duration
+    sources = SourcePicker(args)
+    perf = time.perf_counter
+
+    async def client(idx: int) -> None:
+        nonlocal remaining
+        while remaining > 0 and time.monotonic() < deadline:
+            remaining -= 1
+            src = sources.pick(idx)
+            done: asyncio.Future[str] = loop.create_future()
+            t0 = perf()
+            tr = None
+            try:
+                async with asyncio.timeout(args.timeout):
+                    tr, _ = await _connect(
+                        loop, args.host, args.port, src, lambda d=done: Refusal(d)
+                    )
+                    res = await done
+            except TimeoutError:
+                res = "timeout"
+                if tr is not None:
+                    tr.abort()
+            except OSError as e:
+                res = f"connect: {e.strerror or e}"
+            if len(res) == 3 and res[:1] in ("4", "5"):
+                codes[res] = codes.get(res, 0) + 1
+                latencies.append(perf() - t0)
+            else:
+                key = f"not refused: {res}" if len(res) == 3 else res
+                errors[key] = errors.get(key, 0) + 1
+
+    t_start = perf()
+    ru0 = resource.getrusage(resource.RUSAGE_SELF)
+    await asyncio.gather(*(client(i) for i in range(args.clients)))
+    elapsed = perf() - t_start
+    ru1 = resource.getrusage(resource.RUSAGE_SELF)
+    latencies.sort()
+    n = len(latencies)
+    return {
+        "mode": "listed",
+        "driver": "smtp_load.py",
+        "host": args.host,
+        "port": args.port,
+        "clients": args.clients,
+        "source_range": args.source_range,
+        "attempted": n + sum(errors.values()),
+        "refused": n,
+        "codes": codes,
+        "errors": sum(errors.values()),
+        "error_kinds": errors,
+        "elapsed_s": round(elapsed, 3),
+        "refused_per_s": round(n / elapsed, 1) if elapsed > 0 else 0.0,
+        "p50_ms": round(_pct(latencies, 50) * 1000, 2) if n else None,
+        "p99_ms": round(_pct(latencies, 99) * 1000, 2) if n else None,
+        "max_ms": round(latencies[-1] * 1000, 2) if n else None,
+        "driver_cpu_s": round(ru1.ru_utime - ru0.ru_utime + ru1.ru_stime - ru0.ru_stime, 3),
+    }
 
 
 # --------------------------------------------------------------------------------------
@@ -277,7 +437,7 @@ async def _probe(loop, host: str, port: int, timeout: float) -> float | None:
 
 async def run_idle(args: argparse.Namespace) -> dict:
     loop = asyncio.get_running_loop()
-    sources = _sources(args.source_addrs)
+    sources = SourcePicker(args)
     conns: list[tuple[asyncio.BaseTransport, Idle]] = []
     failures: dict[str, int] = {}
     sem = asyncio.Semaphore(args.connect_concurrency)
@@ -290,9 +450,7 @@ async def run_idle(args: argparse.Namespace) -> dict:
                 return
             try:
                 async with asyncio.timeout(args.timeout):
-                    tr, proto = await _connect(
-                        loop, args.host, args.port, sources[i % len(sources)], Idle
-                    )
+                    tr, proto = await _connect(loop, args.host, args.port, sources.pick(i), Idle)
                     conns.append((tr, proto))
                     ok = await proto.greeted
             except TimeoutError:
@@ -353,6 +511,12 @@ def human(res: dict) -> str:
             f"{res['errors']} errors in {res['elapsed_s']} s = {res['msgs_per_s']} msg/s, "
             f"p50 {res['p50_ms']} ms, p99 {res['p99_ms']} ms, driver CPU {res['driver_cpu_s']} s"
         )
+    if res["mode"] == "listed":
+        return (
+            f"listed -> {res['host']}:{res['port']}: {res['refused']} refused "
+            f"{res['codes']}, {res['errors']} errors {res['error_kinds']} in {res['elapsed_s']} s "
+            f"= {res['refused_per_s']} refused/s, p50 {res['p50_ms']} ms, p99 {res['p99_ms']} ms"
+        )
     return (
         f"idle -> {res['host']}:{res['port']}: {res['greeted']}/{res['requested']} greeted "
         f"in {res['open_s']} s, new-client greeting {res['probe_ms']} ms, "
@@ -363,11 +527,15 @@ def human(res: dict) -> str:
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     sub = ap.add_subparsers(dest="mode", required=True)
-    for name in ("throughput", "idle"):
+    for name in ("throughput", "idle", "listed"):
         p = sub.add_parser(name)
         p.add_argument("--host", default="127.0.0.1")
         p.add_argument("--port", type=int, required=True)
         p.add_argument("--source-addrs", type=int, default=1, help="use 127.0.0.1..N as sources")
+        p.add_argument(
+            "--source-range",
+            help="FIRST-LAST or a comma list: source address per connection, round-robin",
+        )
         p.add_argument("--timeout", type=float, default=30.0, help="per-transaction/connect s")
         p.add_argument("--no-uvloop", action="store_true")
     t = sub.choices["throughput"]
@@ -378,6 +546,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     t.add_argument("--sender", default="load@client.example")
     t.add_argument("--rcpt", default="rcpt@bench.test")
     t.add_argument("--helo", default="client.example")
+    ls = sub.choices["listed"]
+    ls.add_argument("--clients", type=int, default=20)
+    ls.add_argument("--connections", type=int, default=5000)
+    ls.add_argument("--duration", type=float, default=60.0, help="upper bound, seconds")
     i = sub.choices["idle"]
     i.add_argument("--connections", type=int, default=10000)
     i.add_argument("--connect-concurrency", type=int, default=256)
@@ -394,7 +566,8 @@ def main(argv: list[str] | None = None) -> int:
     nofile = raise_nofile()
     if args.mode == "idle" and nofile < args.connections + 100:
         print(f"warning: RLIMIT_NOFILE {nofile} < connections", file=sys.stderr)
-    coro = run_throughput(args) if args.mode == "throughput" else run_idle(args)
+    runners = {"throughput": run_throughput, "idle": run_idle, "listed": run_listed}
+    coro = runners[args.mode](args)
     use_uvloop = uvloop is not None and not args.no_uvloop
     res = uvloop.run(coro) if use_uvloop else asyncio.run(coro)
     res["uvloop"] = uvloop is not None and not args.no_uvloop
