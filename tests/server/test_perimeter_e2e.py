@@ -353,3 +353,20 @@ def test_data_stage_rules_refuse_after_the_final_dot_and_keep_nothing(
     ]
     assert gw.maildir_messages("user") == []
     assert not list((gw.spool_dir / "queue").iterdir())
+
+
+def test_rate_limit_is_exact_with_two_steered_workers(make_gateway: Any, dns: ZoneServer) -> None:
+    """With two worker processes each client IP is steered to one worker, whose in-memory
+    counter is exact: the 11th connection in 15 minutes is still the one deferred."""
+    sections = perimeter(dns)
+    sections["server"] = {"workers": 2}
+    gw = make_gateway(files={"lists/whitelist": WHITELIST}, **sections)
+    for source in ("127.0.0.33", "127.0.0.34"):
+        dns.set(ptr_name(source), "PTR", [f"h{source[-2:]}.client.test."])
+        dns.set(f"h{source[-2:]}.client.test", "A", [source])
+        codes = []
+        for _ in range(11):
+            code, _, client = greeting(gw, source)
+            codes.append(code)
+            client.close()
+        assert codes == [220] * 10 + [421], (source, codes)

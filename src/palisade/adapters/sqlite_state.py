@@ -68,7 +68,7 @@ import ipaddress
 import sqlite3
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TypeVar
 
@@ -320,40 +320,73 @@ class SqliteStateStore:
     def rate_hit_sync(self, key: str, window: float, now: float) -> int:
         if not window > 0:
             raise ValueError(f"rate window must be positive, got {window!r}")
-        now = float(now)
-        horizon = now - window
 
         def work(conn: sqlite3.Connection) -> int:
             self._hits += 1
             sweep = self._hits % SWEEP_EVERY == 0
 
             def body() -> int:
-                row = conn.execute("SELECT events FROM rate_keys WHERE key = ?", (key,)).fetchone()
-                events = 1
-                if row is not None:
-                    left = conn.execute(
-                        "DELETE FROM rate_events WHERE key = ? AND at <= ? RETURNING n",
-                        (key, horizon),
-                    ).fetchall()
-                    events = int(row[0]) - sum(int(r[0]) for r in left) + 1
-                conn.execute(
-                    "INSERT INTO rate_events (key, at, n) VALUES (?, ?, 1)"
-                    " ON CONFLICT (key, at) DO UPDATE SET n = n + 1",
-                    (key, now),
-                )
-                conn.execute(
-                    "INSERT INTO rate_keys (key, events, expires) VALUES (?, ?, ?)"
-                    " ON CONFLICT (key) DO UPDATE SET events = excluded.events,"
-                    " expires = max(expires, excluded.expires)",
-                    (key, events, now + window),
-                )
+                events = self._record_hit(conn, key, window, float(now))
                 if sweep:
-                    self._sweep(conn, now, SWEEP_BATCH)
+                    self._sweep(conn, float(now), SWEEP_BATCH)
                 return events
 
             return self._transaction(conn, body)
 
         return self._run("rate update", work)
+
+    def rate_batch_sync(self, hits: Sequence[tuple[str, float, float]]) -> None:
+        """Records many ``(key, window, at)`` hits in one transaction (write-behind)."""
+
+        def work(conn: sqlite3.Connection) -> None:
+            def body() -> None:
+                for key, window, at in hits:
+                    self._record_hit(conn, key, window, at)
+                # the hits' own clock, not time.time(): they may come from a test clock
+                self._sweep(conn, max(at for _key, _window, at in hits), SWEEP_BATCH)
+
+            self._transaction(conn, body)
+
+        if hits:
+            self._run("rate update", work)
+
+    def rate_events_sync(self, key: str, horizon: float) -> list[float]:
+        """The times of ``key``'s events after ``horizon``, oldest first (a WAL read)."""
+
+        def work(conn: sqlite3.Connection) -> list[float]:
+            rows = conn.execute(
+                "SELECT at, n FROM rate_events WHERE key = ? AND at > ? ORDER BY at",
+                (key, horizon),
+            ).fetchall()
+            return [float(at) for at, n in rows for _ in range(int(n))]
+
+        return self._run("read", work, read=True)
+
+    @staticmethod
+    def _record_hit(conn: sqlite3.Connection, key: str, window: float, now: float) -> int:
+        """One event for ``key`` at ``now``; returns the events within ``window``. The count is
+        kept in rate_keys and adjusted by what the prune removes: no count(*) over a flood."""
+        horizon = now - window
+        row = conn.execute("SELECT events FROM rate_keys WHERE key = ?", (key,)).fetchone()
+        events = 1
+        if row is not None:
+            left = conn.execute(
+                "DELETE FROM rate_events WHERE key = ? AND at <= ? RETURNING n",
+                (key, horizon),
+            ).fetchall()
+            events = int(row[0]) - sum(int(r[0]) for r in left) + 1
+        conn.execute(
+            "INSERT INTO rate_events (key, at, n) VALUES (?, ?, 1)"
+            " ON CONFLICT (key, at) DO UPDATE SET n = n + 1",
+            (key, now),
+        )
+        conn.execute(
+            "INSERT INTO rate_keys (key, events, expires) VALUES (?, ?, ?)"
+            " ON CONFLICT (key) DO UPDATE SET events = excluded.events,"
+            " expires = max(expires, excluded.expires)",
+            (key, events, now + window),
+        )
+        return events
 
     @staticmethod
     def _sweep(conn: sqlite3.Connection, now: float, limit: int) -> int:

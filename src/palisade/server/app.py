@@ -21,6 +21,7 @@ import sys
 from pathlib import Path
 
 from palisade.adapters.dns import DnsResolver, SystemClock
+from palisade.adapters.local_rates import WriteBehindRates
 from palisade.adapters.sqlite_state import SqliteStateStore
 from palisade.config import Config, ConfigError, load_config, parse_host_port
 from palisade.config.policy import Policy, build_policy
@@ -31,6 +32,7 @@ from palisade.policy.rules import Ports
 from palisade.relay import QueueRunner, Router
 from palisade.server.context import ServerContext
 from palisade.server.listener import Listener, bind_socket
+from palisade.server.steering import steer_by_source
 from palisade.server.tls import client_context, server_context
 from palisade.spool import Spool
 
@@ -67,7 +69,9 @@ def secrets_of(config: Config) -> list[str]:
     return [str(v) for rule in config.rules for k, v in rule.options if k == "dqs_key" and v]
 
 
-def build_ports(config: Config) -> Ports:
+def build_ports(config: Config, *, local_rates: bool = False) -> Ports:
+    """``local_rates``: every client of this process reaches only this process (one worker, or
+    steered workers), so rate counters can be kept here, exact, and written behind."""
     dns = config.dns
     nameservers = [parse_host_port(n, default_port=53) for n in dns.nameservers]
     return Ports(
@@ -78,7 +82,11 @@ def build_ports(config: Config) -> Ports:
             cache_max_ttl=dns.cache_max_ttl,
             redact=secrets_of(config),
         ),
-        state=SqliteStateStore(config.paths.state),
+        state=(
+            WriteBehindRates(SqliteStateStore(config.paths.state))
+            if local_rates
+            else SqliteStateStore(config.paths.state)
+        ),
         clock=SystemClock(),
     )
 
@@ -125,9 +133,12 @@ def build_runner(config: Config, spool: Spool, log: FileEventLog) -> QueueRunner
 class Gateway:
     """One process's share of the work: listening, delivering, or both."""
 
-    def __init__(self, config: Config, config_path: Path | None) -> None:
+    def __init__(
+        self, config: Config, config_path: Path | None, *, local_rates: bool = False
+    ) -> None:
         self.config = config
         self.config_path = config_path
+        self.local_rates = local_rates
         self.log = FileEventLog(config.paths.log, json_lines=config.log.json, echo=config.log.echo)
         self.spool = Spool(config.paths.spool)
         self.stopping = asyncio.Event()
@@ -147,7 +158,7 @@ class Gateway:
             queue_ids=QueueIdGenerator(),
             submit=submit,  # type: ignore[arg-type]
             policy=self.policy,
-            ports=build_ports(config),
+            ports=build_ports(config, local_rates=self.local_rates),
             our_ips=listening_ips(config),
         )
 
@@ -177,7 +188,7 @@ class Gateway:
         if ctx is not None:
             old_state = ctx.ports.state
             ctx.config, ctx.relay_policy, ctx.tls_context = new, relay_policy(new), tls
-            ctx.policy, ctx.ports = policy, build_ports(new)
+            ctx.policy, ctx.ports = policy, build_ports(new, local_rates=self.local_rates)
             close = getattr(old_state, "close", None)
             if close is not None:  # sessions still holding the old ports get StateTempError
                 close()
@@ -205,7 +216,7 @@ async def run_single(
     config: Config, config_path: Path | None, sockets: list[socket.socket]
 ) -> None:
     """workers = 1: listener and queue runner in one process."""
-    gw = Gateway(config, config_path)
+    gw = Gateway(config, config_path, local_rates=True)
     runner = build_runner(config, gw.spool, gw.log)
     ctx = gw.make_context(runner.submit)
     await runner.start()
@@ -224,6 +235,7 @@ async def run_single(
     await listener.shutdown(SHUTDOWN_GRACE)
     await runner.stop()
     gw.spool.close()
+    _close_state(ctx)
     gw.log.main("palisade daemon stopped")
 
 
@@ -231,7 +243,13 @@ async def run_worker(
     config: Config, config_path: Path | None, sockets: list[socket.socket], notify_fd: int
 ) -> None:
     """A listening worker: commits to the spool and tells the parent the queue id."""
-    gw = Gateway(config, config_path)
+    steered = all(steer_by_source(sock, config.server.workers) for sock in sockets)
+    gw = Gateway(config, config_path, local_rates=steered)
+    if not steered:
+        gw.log.main(
+            "SO_REUSEPORT steering unavailable: rate counters are shared through the "
+            "state store (exact, slower)"
+        )
 
     def submit(queue_id: str) -> None:
         try:
@@ -249,6 +267,7 @@ async def run_worker(
         probes.cancel()
     await listener.shutdown(SHUTDOWN_GRACE)
     gw.spool.close()
+    _close_state(ctx)
 
 
 async def run_parent(
@@ -313,6 +332,14 @@ async def run_parent(
     await runner.stop()
     gw.spool.close()
     gw.log.main("palisade daemon stopped")
+
+
+def _close_state(ctx: ServerContext) -> None:
+    """Writes pending rate hits and closes the state database."""
+    close = getattr(ctx.ports.state, "close", None)
+    if close is not None:
+        with contextlib.suppress(Exception):
+            close()
 
 
 def _wait_pid(pid: int) -> None:
