@@ -102,6 +102,12 @@ def listening_ips(config: Config) -> frozenset[ipaddress.IPv4Address | ipaddress
     return frozenset(ips)
 
 
+def needs_steering(config: Config) -> bool:
+    """Per-client counters (ratelimit rules) want each client on one worker. Without them the
+    kernel's 4-tuple hash spreads even a single busy client over every worker, which is better."""
+    return any(rule.check == "ratelimit" for rule in config.rules)
+
+
 def build_router(config: Config) -> Router:
     next_hop = parse_host_port(config.delivery.next_hop) if config.delivery.next_hop else None
     return Router(
@@ -243,9 +249,11 @@ async def run_worker(
     config: Config, config_path: Path | None, sockets: list[socket.socket], notify_fd: int
 ) -> None:
     """A listening worker: commits to the spool and tells the parent the queue id."""
-    steered = all(steer_by_source(sock, config.server.workers) for sock in sockets)
+    steered = needs_steering(config) and all(
+        steer_by_source(sock, config.server.workers) for sock in sockets
+    )
     gw = Gateway(config, config_path, local_rates=steered)
-    if not steered:
+    if needs_steering(config) and not steered:
         gw.log.main(
             "SO_REUSEPORT steering unavailable: rate counters are shared through the "
             "state store (exact, slower)"
