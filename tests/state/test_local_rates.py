@@ -53,3 +53,17 @@ def test_concurrent_first_hits_share_one_seed_and_count_exactly(tmp_path: Path) 
         return sorted(counts)
 
     assert asyncio.run(go()) == list(range(1, 21))
+
+
+def test_a_batch_counts_like_single_hits(tmp_path: Path) -> None:
+    """The grouped batch write and the per-hit write leave the same counts in the store."""
+    batched = SqliteStateStore(tmp_path / "a.sqlite")
+    single = SqliteStateStore(tmp_path / "b.sqlite")
+    hits = [("k1", 10.0, t) for t in (1.0, 2.0, 2.0, 5.0)] + [("k2", 10.0, 3.0)]
+    batched.rate_batch_sync(hits[:2])
+    batched.rate_batch_sync(hits[2:])
+    for key, window, at in hits:
+        single.rate_hit_sync(key, window, at)
+    for key in ("k1", "k2"):
+        assert batched.rate_events_sync(key, 0.0) == single.rate_events_sync(key, 0.0)
+        assert batched.rate_hit_sync(key, 10.0, 12.5) == single.rate_hit_sync(key, 10.0, 12.5)

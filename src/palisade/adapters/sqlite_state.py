@@ -338,10 +338,14 @@ class SqliteStateStore:
     def rate_batch_sync(self, hits: Sequence[tuple[str, float, float]]) -> None:
         """Records many ``(key, window, at)`` hits in one transaction (write-behind)."""
 
+        by_key: dict[str, tuple[float, list[float]]] = {}
+        for key, window, at in hits:
+            by_key.setdefault(key, (window, []))[1].append(at)
+
         def work(conn: sqlite3.Connection) -> None:
             def body() -> None:
-                for key, window, at in hits:
-                    self._record_hit(conn, key, window, at)
+                for key, (window, times) in by_key.items():
+                    self._record_hits(conn, key, window, times)
                 # the hits' own clock, not time.time(): they may come from a test clock
                 self._sweep(conn, max(at for _key, _window, at in hits), SWEEP_BATCH)
 
@@ -361,6 +365,33 @@ class SqliteStateStore:
             return [float(at) for at, n in rows for _ in range(int(n))]
 
         return self._run("read", work, read=True)
+
+    @staticmethod
+    def _record_hits(
+        conn: sqlite3.Connection, key: str, window: float, times: Sequence[float]
+    ) -> None:
+        """Many events of one key in one go: one prune, one insert batch, one count update."""
+        latest = max(times)
+        row = conn.execute("SELECT events FROM rate_keys WHERE key = ?", (key,)).fetchone()
+        events = 0
+        if row is not None:
+            left = conn.execute(
+                "DELETE FROM rate_events WHERE key = ? AND at <= ? RETURNING n",
+                (key, latest - window),
+            ).fetchall()
+            events = int(row[0]) - sum(int(r[0]) for r in left)
+        conn.executemany(
+            "INSERT INTO rate_events (key, at, n) VALUES (?, ?, 1)"
+            " ON CONFLICT (key, at) DO UPDATE SET n = n + 1",
+            [(key, at) for at in times],
+        )
+        events += sum(1 for at in times if at > latest - window)
+        conn.execute(
+            "INSERT INTO rate_keys (key, events, expires) VALUES (?, ?, ?)"
+            " ON CONFLICT (key) DO UPDATE SET events = excluded.events,"
+            " expires = max(expires, excluded.expires)",
+            (key, events, latest + window),
+        )
 
     @staticmethod
     def _record_hit(conn: sqlite3.Connection, key: str, window: float, now: float) -> int:
