@@ -352,3 +352,22 @@ def test_connection_survives_many_clients(gateway: GatewayProcess) -> None:
         s.settimeout(5)
         assert s.recv(100).startswith(b"220")
         s.close()
+
+
+def test_relay_from_hosts_list_file_is_honoured_and_reloaded(
+    make_gateway: Any, next_hop: Any
+) -> None:
+    next_hop.start()
+    gw = make_gateway(
+        files={"lists/relay_from_hosts": "127.0.0.41\n"},
+        lists={"relay_from_hosts": {"type": "ip", "file": "lists/relay_from_hosts"}},
+        delivery={"next_hop": f"127.0.0.1:{next_hop.port}"},
+    )
+    with RawClient(gw.port, source="127.0.0.41") as trusted:
+        assert transaction(trusted, "me@example.test", "friend@elsewhere.test", BODY)[0] == 250
+    with RawClient(gw.port, source="127.0.0.42") as stranger:
+        assert stranger.reply()[0] == 220
+        stranger.command("EHLO s.test")
+        stranger.command("MAIL FROM:<me@example.test>")
+        assert stranger.command("RCPT TO:<friend@elsewhere.test>")[0] == 550
+    assert wait_for(lambda: next_hop.handler.messages)[0][1] == ["friend@elsewhere.test"]

@@ -65,6 +65,9 @@ def build_policy(config: Config, on_list_error: Callable[[str], None] | None = N
                 handles[name] = ListHandle.inline(name, kind, "\n".join(list_spec.entries))
         except ValueError as exc:
             raise ConfigError(config.source, f"lists.{name}", str(exc)) from None
+    relay_list = handles.get("relay_from_hosts")
+    if relay_list is not None and relay_list.kind is not ListKind.IP:
+        raise ConfigError(config.source, "lists.relay_from_hosts", "must be an ip list")
     registry = ListRegistry(handles)
     rules: dict[Stage, list[Rule]] = {}
     for spec in config.rules:

@@ -17,6 +17,7 @@ import enum
 import ipaddress
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import Any
 
 from palisade.policy.verdict import Verdict, deny
 from palisade.smtp.address import Address
@@ -39,6 +40,7 @@ class RelayPolicy:
     relay_domains: frozenset[str]
     relay_from_hosts: tuple[IPNetwork, ...]
     outbound_available: bool = False
+    relay_list: Any = None  # a ``[lists] relay_from_hosts`` ip list handle (``.current()``)
 
     @classmethod
     def build(
@@ -47,12 +49,14 @@ class RelayPolicy:
         relay: Iterable[str],
         relay_from_hosts: Iterable[IPNetwork],
         outbound_available: bool = False,
+        relay_list: Any = None,
     ) -> RelayPolicy:
         return cls(
             frozenset(d.lower().rstrip(".") for d in local),
             frozenset(d.lower().rstrip(".") for d in relay),
             tuple(relay_from_hosts),
             outbound_available,
+            relay_list,
         )
 
     @property
@@ -61,7 +65,9 @@ class RelayPolicy:
         return min(self.local_domains or self.relay_domains or frozenset({"localhost"}))
 
     def client_may_relay(self, client_ip: IPAddress) -> bool:
-        return any(client_ip in net for net in self.relay_from_hosts)
+        if any(client_ip in net for net in self.relay_from_hosts):
+            return True
+        return self.relay_list is not None and client_ip in self.relay_list.current()
 
     def decide(self, address: Address, client_ip: IPAddress) -> Route | Verdict:
         """A route for an acceptable recipient, or the refusal verdict."""

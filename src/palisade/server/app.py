@@ -55,12 +55,15 @@ def raise_fd_limit() -> None:
             resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
 
-def relay_policy(config: Config) -> RelayPolicy:
+def relay_policy(config: Config, policy: Policy | None = None) -> RelayPolicy:
+    """Relay control; a ``[lists] relay_from_hosts`` ip list adds to ``[relay]``'s networks."""
+    relay_list = policy.lists.get("relay_from_hosts") if policy is not None else None
     return RelayPolicy.build(
         config.domains.local,
         config.domains.relay,
         config.relay.relay_from_hosts,
         outbound_available=config.delivery.next_hop is not None,
+        relay_list=relay_list,
     )
 
 
@@ -159,7 +162,7 @@ class Gateway:
             config=config,
             log=self.log,
             spool=self.spool,
-            relay_policy=relay_policy(config),
+            relay_policy=relay_policy(config, self.policy),
             tls_context=tls,
             queue_ids=QueueIdGenerator(),
             submit=submit,  # type: ignore[arg-type]
@@ -193,7 +196,7 @@ class Gateway:
         self.config, self.policy = new, policy
         if ctx is not None:
             old_state = ctx.ports.state
-            ctx.config, ctx.relay_policy, ctx.tls_context = new, relay_policy(new), tls
+            ctx.config, ctx.relay_policy, ctx.tls_context = new, relay_policy(new, policy), tls
             ctx.policy, ctx.ports = policy, build_ports(new, local_rates=self.local_rates)
             close = getattr(old_state, "close", None)
             if close is not None:  # sessions still holding the old ports get StateTempError
