@@ -55,7 +55,9 @@ def main(args: argparse.Namespace, out: TextIO | None = None) -> int:
 
     ports = build_ports(config)
     return asyncio.run(
-        _simulate(args, ip, config.server.hostname, policy, relay_policy(config), ports, out)
+        _simulate(
+            args, ip, config.server.hostname, policy, relay_policy(config, policy), ports, out
+        )
     )
 
 
