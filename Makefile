@@ -32,8 +32,8 @@ run: $(VENV)/.installed
 	@echo
 	@echo "  swaks --server 127.0.0.1:2525 --from you@outside.test --to postmaster@example.test"
 	@echo
-	@echo "  python3 -c 'import smtplib; smtplib.SMTP(\"127.0.0.1\", 2525).sendmail(\"you@outside.test\","
-	@echo "             [\"postmaster@example.test\"], \"Subject: hi\\r\\n\\r\\nhello\\r\\n\")'"
+	@printf '%s\n' "  python3 -c 'import smtplib; smtplib.SMTP(\"127.0.0.1\", 2525).sendmail(\"you@outside.test\","
+	@printf '%s\n' "             [\"postmaster@example.test\"], \"Subject: hi\\r\\n\\r\\nhello\\r\\n\")'"
 	@echo
 	@echo "then look in ./var/mail/postmaster/new/ and ./var/log/mainlog. Stop with Ctrl-C."
 	@echo
