@@ -140,6 +140,12 @@ def greeting(gw: GatewayProcess, source: str) -> tuple[int, str, RawClient]:
     return code, text, client
 
 
+def greeting_code(gw: GatewayProcess, source: str) -> int:
+    code, _, client = greeting(gw, source)
+    client.close()
+    return code
+
+
 def test_no_ptr_is_refused_at_connect(gw: GatewayProcess) -> None:
     code, text, client = greeting(gw, "127.0.0.20")
     assert (code, text) == (554, "5.7.1 Reverse DNS lookup failed")
@@ -370,3 +376,32 @@ def test_rate_limit_is_exact_with_two_steered_workers(make_gateway: Any, dns: Zo
             codes.append(code)
             client.close()
         assert codes == [220] * 10 + [421], (source, codes)
+
+
+def test_an_edited_whitelist_file_takes_effect_without_a_restart(gw: GatewayProcess) -> None:
+    code, _, _ = greeting(gw, "127.0.0.20")  # no PTR: refused
+    assert code == 554
+    (gw.base / "lists" / "whitelist").write_text(WHITELIST + "127.0.0.20\n")
+    # the file is looked at again at most every 2 s: wait for the change, not for a fixed time
+    assert wait_for(lambda: greeting_code(gw, "127.0.0.20") == 220, timeout=10, interval=0.5)
+
+
+def test_the_example_perimeter_config_validates() -> None:
+    root = Path(__file__).resolve().parents[2]
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "palisade",
+            "config",
+            "check",
+            "--config",
+            str(root / "examples" / "perimeter.toml"),
+        ],
+        capture_output=True,
+        text=True,
+        cwd=root / "examples",
+    )
+    assert result.returncode == 0, result.stderr
+    assert "7. deny if dnsbl: DNS blocklists" in result.stdout
+    assert "1. deny if helo: botnet HELO names" in result.stdout
