@@ -27,9 +27,16 @@ def escape(text: str, limit: int = 256) -> str:
     return out
 
 
+_last_stamp: tuple[int, str] = (-1, "")
+
+
 def timestamp(now: float | None = None) -> str:
-    """exim's local-time stamp: ``2026-11-22 10:00:00``."""
-    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(time.time() if now is None else now))
+    """exim's local-time stamp: ``2026-11-22 10:00:00`` (formatted once per second)."""
+    global _last_stamp
+    second = int(time.time() if now is None else now)
+    if _last_stamp[0] != second:
+        _last_stamp = (second, time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(second)))
+    return _last_stamp[1]
 
 
 class EventLog(Protocol):

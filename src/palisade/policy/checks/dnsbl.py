@@ -294,7 +294,10 @@ class DnsblCheck:
         if not zones:
             return NO_MATCH
         labels = reverse_labels(ip)
-        outcomes = await asyncio.gather(*(lookup(ports, labels, z) for z in zones))
+        if len(zones) == 1:  # the common case: no Task per zone
+            outcomes = [await lookup(ports, labels, zones[0])]
+        else:
+            outcomes = list(await asyncio.gather(*(lookup(ports, labels, z) for z in zones)))
         listing = [o for o in outcomes if o.listed]
         problems = trouble(outcomes)
         if problems:
