@@ -68,8 +68,6 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "config":
         return _config_check(config)
     if args.command == "history":
-        import asyncio
-
         from palisade.adapters.sqlite_state import SchemaError, SqliteStateStore
         from palisade.cli import history as history_cli
         from palisade.ports import StateTempError
@@ -82,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
         try:
             return history_cli.run(args, store)
         finally:
-            asyncio.run(_close(store))
+            store.close()
     from palisade.cli import queue as queue_cli
     from palisade.obs.log import FileEventLog
     from palisade.spool import Spool
@@ -94,14 +92,6 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         spool.close()
         log.close()
-
-
-async def _close(store: object) -> None:
-    close = getattr(store, "close", None)
-    if close is not None:
-        result = close()
-        if hasattr(result, "__await__"):
-            await result
 
 
 def _config_check(config: object) -> int:

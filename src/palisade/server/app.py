@@ -17,6 +17,7 @@ import os
 import resource
 import signal
 import socket
+import ssl
 import sys
 from pathlib import Path
 
@@ -65,6 +66,13 @@ def relay_policy(config: Config, policy: Policy | None = None) -> RelayPolicy:
         outbound_available=config.delivery.next_hop is not None,
         relay_list=relay_list,
     )
+
+
+def server_tls(config: Config) -> ssl.SSLContext | None:
+    """The STARTTLS context, or None when no certificate is configured."""
+    if config.tls.certificate and config.tls.private_key:
+        return server_context(config.tls.certificate, config.tls.private_key)
+    return None
 
 
 def secrets_of(config: Config) -> list[str]:
@@ -155,9 +163,7 @@ class Gateway:
 
     def make_context(self, submit: object) -> ServerContext:
         config = self.config
-        tls = None
-        if config.tls.certificate and config.tls.private_key:
-            tls = server_context(config.tls.certificate, config.tls.private_key)
+        tls = server_tls(config)
         return ServerContext(
             config=config,
             log=self.log,
@@ -185,9 +191,7 @@ class Gateway:
         try:
             new = load_config(self.config_path)
             policy = build_policy(new, self.log.panic)
-            tls = None
-            if new.tls.certificate and new.tls.private_key:
-                tls = server_context(new.tls.certificate, new.tls.private_key)
+            tls = server_tls(new)
         except (ConfigError, OSError) as exc:
             self.log.panic(f"reload refused, old configuration stays in force: {exc}")
             return

@@ -263,11 +263,9 @@ class Session:
         raise _Closed
 
     def _send(self, reply: Reply) -> None:
-        self._out.append(self.conn.send_reply(reply) if self._awaiting_reply else reply.to_bytes())
-
-    @property
-    def _awaiting_reply(self) -> bool:
-        return self.conn.awaiting_reply
+        self._out.append(
+            self.conn.send_reply(reply) if self.conn.awaiting_reply else reply.to_bytes()
+        )
 
     async def _flush(self) -> None:
         if self._out:
@@ -376,7 +374,7 @@ class Session:
     async def _on_rcpt(self, event: events.Rcpt) -> None:
         decision = self.ctx.relay_policy.decide(event.address, self.ip)
         if isinstance(decision, Verdict):
-            self._refuse("RCPT", event.address.text, decision)
+            self._refuse_stage(Stage.RCPT, event.address.text, decision)
             return
         rcpt = event.address.text
         if event.address.domain == "":  # RCPT TO:<postmaster> (RFC 5321 4.5.1)
@@ -396,17 +394,6 @@ class Session:
 
     def _refuse_stage(self, stage: Stage, subject: str, verdict: Verdict) -> None:
         self._log_refusal(stage, subject, verdict)
-        assert verdict.reply is not None
-        self._send(verdict.reply)
-        if verdict.closes:
-            raise _Closed
-
-    def _refuse(self, stage: str, subject: str, verdict: Verdict) -> None:
-        target = f" <{escape(subject, 200)}>" if subject else ""
-        self.ctx.log.reject(
-            f"{self.host_field()}{self._sender_field()} rejected {stage}{target}: "
-            f"{verdict.log_message}"
-        )
         assert verdict.reply is not None
         self._send(verdict.reply)
         if verdict.closes:
