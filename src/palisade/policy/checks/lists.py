@@ -12,7 +12,7 @@ import re
 from collections.abc import Mapping
 from typing import Any, ClassVar
 
-from palisade.policy.checks.options import Options, current, current_ips
+from palisade.policy.checks.options import Options, current, current_ips, named_list
 from palisade.policy.lists import PRIVATE_NETWORKS, ListKind, PatternSet
 from palisade.policy.rules import (
     NO_MATCH,
@@ -109,7 +109,7 @@ def _field(opts: Options, allowed: tuple[str, ...] = _FIELDS) -> str:
 
 def build_ip_list(options: Mapping[str, Any], lists: ListLookup) -> Check:
     opts = Options(options, "ip_list")
-    handle, name = _named_list(opts, lists, ListKind.IP)
+    handle, name = named_list(opts, lists, ListKind.IP)
     opts.done()
     return IpListCheck(handle, name)
 
@@ -119,19 +119,9 @@ def build_private_ip(options: Mapping[str, Any], lists: ListLookup) -> Check:
     return PrivateIpCheck()
 
 
-def _named_list(opts: Options, lists: ListLookup, kind: ListKind) -> tuple[Any, str]:
-    name = opts.text("list")
-    handle = lists.get(name)
-    if handle is None:
-        raise ValueError(f"option 'list': no list named {name!r} in [lists]")
-    if handle.kind is not kind:
-        raise ValueError(f"option 'list': list {name!r} is not a {kind.value} list")
-    return handle, str(name)
-
-
 def build_domain_list(options: Mapping[str, Any], lists: ListLookup) -> Check:
     opts = Options(options, "domain_list")
-    handle, name = _named_list(opts, lists, ListKind.DOMAIN)
+    handle, name = named_list(opts, lists, ListKind.DOMAIN)
     field = _field(opts, ("helo", "sender_domain", "recipient_domain"))
     opts.done()
     return DomainListCheck(handle, name, field)
@@ -139,7 +129,7 @@ def build_domain_list(options: Mapping[str, Any], lists: ListLookup) -> Check:
 
 def build_address_list(options: Mapping[str, Any], lists: ListLookup) -> Check:
     opts = Options(options, "address_list")
-    handle, name = _named_list(opts, lists, ListKind.ADDRESS)
+    handle, name = named_list(opts, lists, ListKind.ADDRESS)
     field = _field(opts, ("sender", "recipient"))
     opts.done()
     return AddressListCheck(handle, name, field)
@@ -156,7 +146,7 @@ def build_regex(options: Mapping[str, Any], lists: ListLookup) -> Check:
             raise ValueError(f"option 'patterns': bad regular expression {text!r}: {exc}") from None
     handle = None
     if "list" in options:
-        handle, _ = _named_list(opts, lists, ListKind.REGEX)
+        handle, _ = named_list(opts, lists, ListKind.REGEX)
     if not patterns and handle is None:
         raise ValueError("check 'regex' needs 'patterns' or 'list'")
     opts.done()

@@ -5,7 +5,8 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from palisade.policy.lists import IpSet, OperatorList
+from palisade.policy.lists import IpSet, ListKind, OperatorList
+from palisade.policy.rules import ListLookup
 
 
 class Options:
@@ -75,3 +76,15 @@ def current_ips(handle: Any) -> IpSet:
     result = handle.current()
     assert isinstance(result, IpSet)
     return result
+
+
+def named_list(opts: Options, lists: ListLookup, kind: ListKind, key: str = "list") -> Any:
+    """The handle of the list named by option ``key`` (required), checked to be of ``kind``;
+    returns (handle, name)."""
+    name = opts.text(key)
+    handle = lists.get(name)
+    if handle is None:
+        raise ValueError(f"option {key!r}: no list named {name!r} in [lists]")
+    if handle.kind is not kind:
+        raise ValueError(f"option {key!r}: list {name!r} is not a {kind.value} list")
+    return handle, str(name)

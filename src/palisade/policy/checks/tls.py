@@ -6,7 +6,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any, ClassVar
 
-from palisade.policy.checks.options import Options, current_ips
+from palisade.policy.checks.options import Options, current_ips, named_list
 from palisade.policy.lists import ListKind
 from palisade.policy.rules import (
     NO_MATCH,
@@ -37,12 +37,9 @@ class TlsRequiredCheck:
 
 def build(options: Mapping[str, Any], lists: ListLookup) -> Check:
     opts = Options(options, "tls_required")
-    name = opts.text("except_list", None)
     handle = None
-    if name is not None:
-        handle = lists.get(name)
-        if handle is None or handle.kind is not ListKind.IP:
-            raise ValueError(f"option 'except_list': no ip list named {name!r} in [lists]")
+    if "except_list" in options:
+        handle, _ = named_list(opts, lists, ListKind.IP, "except_list")
     opts.done()
     return TlsRequiredCheck(handle)
 
