@@ -13,9 +13,21 @@ but must still treat the *content* (names, TXT strings) as attacker-controlled t
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Protocol, runtime_checkable
+from typing import BinaryIO, Protocol, runtime_checkable
 
-__all__ = ["Clock", "DnsAnswer", "DnsTempError", "Resolver"]
+__all__ = [
+    "Clock",
+    "DnsAnswer",
+    "DnsTempError",
+    "MessageSource",
+    "RecipientDirectory",
+    "Resolver",
+    "ServiceTempError",
+    "SpamReport",
+    "SpamScanner",
+    "VirusReport",
+    "VirusScanner",
+]
 
 
 # --------------------------------------------------------------------------------------------
@@ -103,9 +115,93 @@ class Clock(Protocol):
 
 
 # --------------------------------------------------------------------------------------------
-# Other ports (RecipientDirectory, SpamScanner, VirusScanner, StateStore) are added below by
-# their owners. Keep this module free of implementations and of imports from the project.
+# Services behind the RCPT and DATA stages: recipient directory (LDAP), spam and virus scanners.
 # --------------------------------------------------------------------------------------------
+
+
+class ServiceTempError(Exception):
+    """A service (LDAP, spamd, clamd, rspamd) is down, slow or answered nonsense.
+
+    ``reason`` is an operator-facing text that never contains a secret (no bind password, no
+    key); it goes to the log, never to the SMTP client.
+    """
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+@runtime_checkable
+class MessageSource(Protocol):
+    """The received message as it lies in the spool file (our trace headers first).
+
+    Scanners read it from disk in chunks; nothing needs the whole message in memory.
+    """
+
+    @property
+    def size(self) -> int:
+        """Length in bytes of what ``open`` yields."""
+        ...
+
+    def open(self) -> BinaryIO:
+        """A new reader positioned at the first byte of the message; the caller closes it."""
+        ...
+
+
+@runtime_checkable
+class RecipientDirectory(Protocol):
+    """Who exists: the LDAP directory behind the static recipients file."""
+
+    async def exists(self, address: str) -> bool:
+        """True when ``address`` (lower-cased ``local@domain``) is a known recipient.
+
+        Raises :class:`ServiceTempError` when the directory cannot answer (every server down,
+        timeout, bind refused); never answers False for an outage.
+        """
+        ...
+
+
+@dataclass(frozen=True, slots=True)
+class SpamReport:
+    """A spam scanner's verdict on one message."""
+
+    score: float
+    rules: tuple[str, ...] = ()  # names of the rules that hit (SpamAssassin symbols)
+    scanner: str = "spamd"
+
+
+@runtime_checkable
+class SpamScanner(Protocol):
+    """spamd (SPAMC protocol) or rspamd (HTTP /checkv2)."""
+
+    name: str
+    max_size: int  # messages larger than this are not scanned (as spamc's -s)
+
+    async def scan(self, message: MessageSource) -> SpamReport:
+        """Scores ``message``; raises :class:`ServiceTempError` when the scanner fails."""
+        ...
+
+
+@dataclass(frozen=True, slots=True)
+class VirusReport:
+    """A virus scanner's verdict: ``signature`` names what was found (None: clean)."""
+
+    signature: str | None = None
+
+    @property
+    def infected(self) -> bool:
+        return self.signature is not None
+
+
+@runtime_checkable
+class VirusScanner(Protocol):
+    """clamd (INSTREAM)."""
+
+    name: str
+
+    async def scan(self, message: MessageSource) -> VirusReport:
+        """Scans ``message``; raises :class:`ServiceTempError` when the scanner fails."""
+        ...
 
 
 # --------------------------------------------------------------------------------------------

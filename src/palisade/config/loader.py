@@ -259,6 +259,9 @@ def _convert(raw: Any, hint: Any, meta: typing.Mapping[str, Any]) -> Any:
     if hint is str:
         if not isinstance(raw, str):
             raise ValueError(f"expected a string, got {_describe(raw)}")
+        choices = meta.get("choices")
+        if choices and raw not in choices:
+            raise ValueError(f"expected one of {', '.join(map(repr, choices))}, got {raw!r}")
         return raw
     if hint is Path:
         if not isinstance(raw, str) or not raw:
@@ -340,6 +343,8 @@ def _check_cross_rules(config: Config, source: str, finder: _LineFinder) -> None
         for domain in getattr(config.domains, key):
             if not _HOSTNAME_RE.match(domain):
                 fail("domains", key, f"expected domain names, got {domain!r}")
+    if config.spamd.address and config.rspamd.url:
+        fail("rspamd", "url", "spamd and rspamd are alternatives: configure only one of them")
     overlap = {d.lower() for d in config.domains.local} & {d.lower() for d in config.domains.relay}
     if overlap:
         fail("domains", "relay", f"domains both local and relay: {', '.join(sorted(overlap))}")

@@ -24,6 +24,11 @@ def positive(default: int, minimum: int = 1) -> int:
     return field(default=default, metadata={"min": minimum})
 
 
+def choice(default: str, *others: str) -> str:
+    """Marks a string field that must be one of a few words."""
+    return field(default=default, metadata={"choices": (default, *others)})
+
+
 @dataclass(frozen=True, slots=True)
 class ServerConfig:
     """The listener: who we say we are, where we listen, how many clients we hold."""
@@ -149,6 +154,76 @@ class RuleSpec:
 
 
 @dataclass(frozen=True, slots=True)
+class LdapConfig:
+    """The directory asked when a recipient is not in the static recipients list.
+
+    ``servers`` empty: LDAP is off. Several servers are tried in order (failover). The bind
+    password (or the file holding it) is a secret: it never appears in a log or a message.
+    """
+
+    servers: tuple[str, ...] = ()  # "ldap://dc1.example.com", "ldaps://dc2.example.com:636"
+    bind_dn: str = ""  # empty: anonymous bind
+    bind_password: str = ""
+    bind_password_file: Path | None = None
+    base_dn: str = ""
+    filter: str = "(mail=%s)"  # %s: the recipient address, escaped per RFC 4515
+    attributes: tuple[str, ...] = ("mail",)  # what `palisade recipients sync` exports
+    start_tls: bool = False
+    ca_file: Path | None = None  # trust anchors for ldaps:// and StartTLS (default: system)
+    timeout: float = duration(5.0, 0.1)
+    positive_ttl: float = duration(3600.0)
+    negative_ttl: float = duration(300.0)
+
+
+@dataclass(frozen=True, slots=True)
+class SpamdConfig:
+    """SpamAssassin's spamd. ``address`` empty: no spam scanning (logged once at start)."""
+
+    address: str = ""  # "127.0.0.1:783" or a Unix socket path "/run/spamd.sock"
+    user: str = ""  # spamc -u: whose preferences spamd applies
+    timeout: float = duration(30.0, 0.1)
+    max_size: int = positive(512_000, 1024)  # larger messages are not scanned (spamc -s)
+    tag_level: float = 4.5  # at or above: X-Spam-Flag, X-Spam-Score, X-Spam-Status
+    kill_level: float = 16.0  # at or above: 550 at the end of DATA
+    on_failure: str = choice("accept", "defer")  # accept: X-Spam-Status: unchecked
+
+
+@dataclass(frozen=True, slots=True)
+class RspamdConfig:
+    """rspamd's HTTP /checkv2, as an alternative to spamd (same tag and kill levels)."""
+
+    url: str = ""  # "http://127.0.0.1:11333"; empty: off
+    password: str = ""  # the controller password, if rspamd asks for one (a secret)
+    timeout: float = duration(30.0, 0.1)
+    max_size: int = positive(512_000, 1024)
+    tag_level: float = 4.5
+    kill_level: float = 16.0
+    on_failure: str = choice("accept", "defer")
+
+
+@dataclass(frozen=True, slots=True)
+class ClamdConfig:
+    """ClamAV's clamd (INSTREAM). ``address`` empty: no virus scanning."""
+
+    address: str = ""  # "127.0.0.1:3310" or "/run/clamav/clamd.ctl"
+    timeout: float = duration(60.0, 0.1)
+    max_size: int = positive(26_214_400, 1024)  # must not exceed clamd's StreamMaxLength
+    on_failure: str = choice("defer", "accept")
+
+
+@dataclass(frozen=True, slots=True)
+class AuthenticationConfig:
+    """SPF, DKIM and DMARC on inbound mail, reported in one Authentication-Results header."""
+
+    enabled: bool = False
+    authserv_id: str = ""  # empty: server.hostname
+    spf: bool = True
+    dkim: bool = True
+    dmarc: bool = True
+    received_spf: bool = True  # also add a Received-SPF header (RFC 7208 9.1)
+
+
+@dataclass(frozen=True, slots=True)
 class LogConfig:
     """Log options: JSON lines beside the exim-shaped text, echo to standard output."""
 
@@ -170,6 +245,11 @@ class Config:
     log: LogConfig = LogConfig()
     dns: DnsConfig = DnsConfig()
     policy: PolicyConfig = PolicyConfig()
+    ldap: LdapConfig = LdapConfig()
+    spamd: SpamdConfig = SpamdConfig()
+    rspamd: RspamdConfig = RspamdConfig()
+    clamd: ClamdConfig = ClamdConfig()
+    authentication: AuthenticationConfig = AuthenticationConfig()
     lists: tuple[ListSpec, ...] = ()
     rules: tuple[RuleSpec, ...] = ()
     source: str = "<defaults>"

@@ -11,13 +11,24 @@ them as data, never as patterns or paths.
 
 from __future__ import annotations
 
+import asyncio
 import enum
 import ipaddress
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Protocol
+from typing import Any, ClassVar, Protocol, TypeVar
 
-from palisade.ports import Clock, Resolver, StateStore
+from palisade.ports import (
+    Clock,
+    MessageSource,
+    RecipientDirectory,
+    Resolver,
+    SpamScanner,
+    StateStore,
+    VirusScanner,
+)
+
+T = TypeVar("T")
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
@@ -48,6 +59,25 @@ class OnError(enum.Enum):
     SKIP = "skip"  # log it and go on to the next rule (documented fail-open)
 
 
+@dataclass(frozen=True)
+class MessageFacts:
+    """The message of a transaction after the final dot, for DATA-stage checks.
+
+    ``headers`` are the header fields as the client sent them (name as written, value unfolded:
+    CRLF before continuation lines removed), in order, forged Authentication-Results headers
+    already dropped; ``source`` reads the spool copy (our Received header first) from disk.
+    """
+
+    headers: tuple[tuple[str, str], ...]
+    source: MessageSource
+    size: int
+
+    def get_all(self, name: str) -> list[str]:
+        """Values of every header field called ``name`` (case-insensitive), in order."""
+        wanted = name.lower()
+        return [value for key, value in self.headers if key.lower() == wanted]
+
+
 @dataclass
 class Facts:
     """What is known about the connection so far; checks read it, the session fills it."""
@@ -65,6 +95,9 @@ class Facts:
     # Haraka's results store: checks may note what they learnt (e.g. "rdns.names") so that
     # later checks (and check-host) can read it without a second lookup.
     results: dict[str, Any] = field(default_factory=dict)
+    # Per-transaction findings (SPF, DKIM, DMARC, scans), emptied at every MAIL; see ``memo``.
+    tx: dict[str, Any] = field(default_factory=dict)
+    message: MessageFacts | None = None  # set after the final dot of DATA
 
     @property
     def sender_domain(self) -> str | None:
@@ -86,6 +119,31 @@ class Ports:
     resolver: Resolver
     state: StateStore
     clock: Clock
+    recipients: RecipientDirectory | None = None  # LDAP; None: the static file alone decides
+    spam: SpamScanner | None = None  # spamd or rspamd; None: not configured
+    virus: VirusScanner | None = None  # clamd; None: not configured
+
+
+async def memo(facts: Facts, key: str, compute: Callable[[], Awaitable[T]]) -> T:
+    """Computes a per-transaction finding once, however many rules (or the session) ask.
+
+    The first caller starts ``compute``; later callers, even concurrent ones, await the same
+    future, and a failure is remembered too, so two rules never see two different answers for
+    one message. The future lives in ``facts.tx``, which the session empties at MAIL.
+    """
+    future: asyncio.Future[T] | None = facts.tx.get(key)
+    if future is None:
+        future = asyncio.ensure_future(compute())
+        facts.tx[key] = future
+    return await asyncio.shield(future)
+
+
+def known(facts: Facts, key: str) -> Any:
+    """The finding stored under ``key`` if it was computed successfully, else None."""
+    future = facts.tx.get(key)
+    if future is None or not future.done() or future.cancelled() or future.exception():
+        return None
+    return future.result()
 
 
 @dataclass(frozen=True)

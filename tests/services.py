@@ -1,0 +1,34 @@
+"""Finding the real servers the tests start (slapd, spamd, clamd): a missing one fails in CI.
+
+``make test`` installs them with apt-get. Outside CI a developer without them gets a skip that
+names the package; with ``CI=true`` the same absence is a failure, never a skip.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+
+def need_program(name: str, package: str) -> str:
+    """The path of ``name`` (searched in PATH and the sbin directories), or skip / fail."""
+    path = shutil.which(name) or shutil.which(name, path="/usr/sbin:/sbin:/usr/local/sbin")
+    if path is not None:
+        return path
+    message = f"{name} not installed (Debian package {package}; `make test` installs it)"
+    if os.environ.get("CI"):
+        pytest.fail(message)
+    pytest.skip(message)
+
+
+def need_file(path: Path, package: str) -> Path:
+    """A data file a service needs (schemas, rule sets), or skip / fail as ``need_program``."""
+    if path.exists():
+        return path
+    message = f"{path} missing (Debian package {package}; `make test` installs it)"
+    if os.environ.get("CI"):
+        pytest.fail(message)
+    pytest.skip(message)
