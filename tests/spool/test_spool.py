@@ -18,7 +18,7 @@ from palisade.spool import (
     Spool,
     UnknownMessage,
 )
-from palisade.spool.store import MAGIC, TRAILER_LEN
+from palisade.spool.store import MAGIC, MAGIC_V2, TRAILER_LEN
 from tests.spool.spoolkit import make_envelope
 
 
@@ -58,7 +58,7 @@ def test_round_trip(tmp_path: Path, fsync: bool) -> None:
     (entry,) = spool.list()
     assert entry.queue_id == env.queue_id and entry.size == len(body) and entry.age >= 0
     raw = (tmp_path / "queue" / env.queue_id).read_bytes()
-    assert raw.startswith(MAGIC) and raw.endswith(b"\n") and b"\nEND " in raw[-TRAILER_LEN:]
+    assert raw.startswith(MAGIC_V2) and raw.endswith(b"\n") and b"\nEND " in raw[-TRAILER_LEN:]
     spool.close()
 
 
@@ -171,3 +171,32 @@ def test_recover_with_damaged_state_keeps_message(tmp_path: Path) -> None:
     assert spool.recover(log) == [env.queue_id]
     assert spool.load(env.queue_id)[1] == DeliveryState.fresh(env.recipients)
     assert any(kind == "panic" and "delivery state corrupt" in line for kind, line in log.lines)
+
+
+def test_prepended_lines_are_delivered_before_the_body_and_checksummed(tmp_path: Path) -> None:
+    spool = Spool(tmp_path, fsync=False)
+    env = make_envelope()
+    writer = spool.open_message(env)
+    writer.write(b"Received: from x\r\nSubject: hi\r\n\r\nbody\r\n")
+    seen = writer.received()
+    with seen.open() as f:
+        assert f.read() == b"Received: from x\r\nSubject: hi\r\n\r\nbody\r\n"
+    assert seen.size == len(b"Received: from x\r\nSubject: hi\r\n\r\nbody\r\n")
+    writer.prepend(b"Authentication-Results: mx; spf=pass\r\n")
+    writer.prepend(b"X-Spam-Status: No\r\n")
+    asyncio.run(writer.commit())
+    expected = (
+        b"Authentication-Results: mx; spf=pass\r\nX-Spam-Status: No\r\n"
+        b"Received: from x\r\nSubject: hi\r\n\r\nbody\r\n"
+    )
+    assert b"".join(spool.iter_body(env.queue_id, chunk_size=7)) == expected
+    assert spool.read_body(env.queue_id, limit=20) == expected[:20]
+    assert [e.size for e in spool.list()] == [len(expected)]
+    assert spool.recover(MemoryEventLog()) == [env.queue_id]
+    # damage inside the added lines is caught by the checksum at recovery
+    path = tmp_path / "queue" / env.queue_id
+    raw = path.read_bytes()
+    path.write_bytes(raw.replace(b"spf=pass", b"spf=fail"))
+    log = MemoryEventLog()
+    assert spool.recover(log) == []
+    assert any("checksum" in line for _, line in log.lines)

@@ -8,14 +8,20 @@ Owns: the directory tree under the spool root and every file in it::
     state/<id>.tmp      a state file being replaced (deleted at recovery)
     corrupt/<id>        a queue file that failed validation at recovery (kept for the operator)
 
-Record format of ``queue/<id>`` (version 1)::
+Record format of ``queue/<id>`` (version 2; version 1 files, without the ADD record, are still
+read)::
 
-    PALISADE-SPOOL 1 {"queue_id": ..., ...envelope JSON, ASCII, one line...}\\n
+    PALISADE-SPOOL 2 {"queue_id": ..., ...envelope JSON, ASCII, one line...}\n
     <body bytes, exactly as handed to SpoolWriter.write>
-    \\nEND <body length, 20 decimal digits> sha256=<64 hex digits>\\n
+    <added header lines, as handed to SpoolWriter.prepend (may be empty)>
+    \nADD <length of the added lines, 20 decimal digits>\n
+    \nEND <body length, 20 decimal digits> sha256=<64 hex digits over body and added lines>\n
 
-The END record has a fixed length (98 bytes) and must end the file exactly where the body length
-says; a file without it is incomplete. A message counts only once it has been renamed into
+The END record has a fixed length (98 bytes) and must end the file exactly where the lengths
+say; a file without it is incomplete. The added lines are header fields that are known only
+after the whole message was read (Authentication-Results, X-Spam-Status): like Postfix's
+pointer records they are stored after the body and delivered *before* it, so the message is
+never copied to insert them. A message counts only once it has been renamed into
 ``queue/`` and the directory fsynced (``SpoolWriter.commit`` returns only then): that rename is
 the commit point, and the server must not answer 250 before it.
 
@@ -59,10 +65,13 @@ from palisade.obs.queueid import is_queue_id
 from palisade.spool.commit import CommitJob, CommitStats, GroupCommitter
 from palisade.spool.envelope import DeliveryState, Envelope
 
-MAGIC = b"PALISADE-SPOOL 1 "
+MAGIC = b"PALISADE-SPOOL 1 "  # version 1: no ADD record (still read)
+MAGIC_V2 = b"PALISADE-SPOOL 2 "
 MAX_HEADER = 4 * 1024 * 1024
 TRAILER_LEN = len(b"\nEND ") + 20 + len(b" sha256=") + 64 + 1
+ADD_LEN = len(b"\nADD ") + 20 + 1
 _TRAILER_RE = re.compile(rb"\nEND ([0-9]{20}) sha256=([0-9a-f]{64})\n")
+_ADD_RE = re.compile(rb"\nADD ([0-9]{20})\n")
 
 
 class SpoolError(Exception):
@@ -86,12 +95,60 @@ def _trailer(length: int, digest: str) -> bytes:
 
 @dataclass(frozen=True)
 class Layout:
-    """Where the body of a committed file lies."""
+    """Where the body of a committed file lies, and the header lines added before it."""
 
     envelope: Envelope
     body_start: int
     body_length: int
     sha256: str
+    added_length: int = 0  # the added lines start at body_start + body_length
+
+    @property
+    def message_length(self) -> int:
+        """What a reader of the message gets: added lines, then the body."""
+        return self.added_length + self.body_length
+
+
+class MessageReader:
+    """Reads the added header lines, then the body, from one open queue file (as one stream)."""
+
+    def __init__(self, f: BinaryIO, layout: Layout) -> None:
+        self._f = f
+        end = layout.body_start + layout.body_length
+        # (offset, length) segments in reading order
+        self._segments = [(end, layout.added_length), (layout.body_start, layout.body_length)]
+        self._current = 0
+        self._left = 0
+        self._next_segment()
+
+    def _next_segment(self) -> None:
+        while self._segments and self._left == 0:
+            offset, self._left = self._segments.pop(0)
+            self._f.seek(offset)
+
+    def read(self, size: int = -1) -> bytes:
+        parts: list[bytes] = []
+        want = size if size >= 0 else None
+        while self._left and (want is None or want > 0):
+            n = self._left if want is None else min(want, self._left)
+            chunk = self._f.read(n)
+            if not chunk:
+                raise CorruptMessage("message shorter than recorded")
+            parts.append(chunk)
+            self._left -= len(chunk)
+            if want is not None:
+                want -= len(chunk)
+            self._next_segment()
+        return b"".join(parts)
+
+    def close(self) -> None:
+        self._f.close()
+
+    def __enter__(self) -> MessageReader:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
 
 @dataclass(frozen=True)
@@ -117,27 +174,37 @@ def read_layout(f: IO[bytes], size: int, *, verify: bool = False) -> Layout:
     """Parse and validate a queue file opened for reading; raise CorruptMessage when damaged."""
     f.seek(0)
     first = f.readline(MAX_HEADER + 1)
-    if not first.startswith(MAGIC) or not first.endswith(b"\n"):
+    version = 2 if first.startswith(MAGIC_V2) else 1
+    magic = MAGIC_V2 if version == 2 else MAGIC
+    if not first.startswith(magic) or not first.endswith(b"\n"):
         raise CorruptMessage("missing or oversized header record")
     try:
-        envelope = Envelope.from_json(json.loads(first[len(MAGIC) : -1]))
+        envelope = Envelope.from_json(json.loads(first[len(magic) : -1]))
     except (ValueError, UnicodeDecodeError) as exc:
         raise CorruptMessage(f"bad envelope: {exc}") from None
     body_start = len(first)
-    if size < body_start + TRAILER_LEN:
+    tail = TRAILER_LEN + (ADD_LEN if version == 2 else 0)
+    if size < body_start + tail:
         raise CorruptMessage("no END record (file too short)")
     f.seek(size - TRAILER_LEN)
     match = _TRAILER_RE.fullmatch(f.read(TRAILER_LEN))
     if match is None:
         raise CorruptMessage("no END record")
     body_length = int(match.group(1))
-    if body_start + body_length + TRAILER_LEN != size:
+    added_length = 0
+    if version == 2:
+        f.seek(size - tail)
+        added = _ADD_RE.fullmatch(f.read(ADD_LEN))
+        if added is None:
+            raise CorruptMessage("no ADD record")
+        added_length = int(added.group(1))
+    if body_start + body_length + added_length + tail != size:
         raise CorruptMessage("END record does not match the file length")
     digest = match.group(2).decode("ascii")
     if verify:
         h = hashlib.sha256()
         f.seek(body_start)
-        remaining = body_length
+        remaining = body_length + added_length
         while remaining:
             chunk = f.read(min(remaining, 1 << 20))
             if not chunk:
@@ -146,7 +213,27 @@ def read_layout(f: IO[bytes], size: int, *, verify: bool = False) -> Layout:
             remaining -= len(chunk)
         if h.hexdigest() != digest:
             raise CorruptMessage("body checksum mismatch")
-    return Layout(envelope, body_start, body_length, digest)
+    return Layout(envelope, body_start, body_length, digest, added_length)
+
+
+class ReceivedMessage:
+    """The message being received, read back from the tmp file (a ``MessageSource``).
+
+    Scanners and DKIM read it from disk after the final dot, before the commit; the writer
+    flushes first, so what they read is exactly what was written.
+    """
+
+    def __init__(self, path: Path, start: int, size: int) -> None:
+        self._path, self._start, self._size = path, start, size
+
+    @property
+    def size(self) -> int:
+        return self._size
+
+    def open(self) -> BinaryIO:
+        f = open(self._path, "rb")  # noqa: SIM115 (returned to the caller)
+        f.seek(self._start)
+        return f
 
 
 class SpoolWriter:
@@ -163,9 +250,12 @@ class SpoolWriter:
         self._file: BinaryIO | None = open(self._tmp_path, "xb")  # noqa: SIM115 (kept open)
         self._hash = hashlib.sha256()
         self.size = 0
+        self._added: list[bytes] = []
         self._committed = False
+        first = MAGIC_V2 + envelope.dumps().encode("ascii") + b"\n"
+        self._body_start = len(first)
         try:
-            self._file.write(MAGIC + envelope.dumps().encode("ascii") + b"\n")
+            self._file.write(first)
         except BaseException:
             self.abort()
             raise
@@ -178,6 +268,17 @@ class SpoolWriter:
         self._hash.update(data)
         self.size += len(data)
 
+    def prepend(self, lines: bytes) -> None:
+        """Header lines to deliver before the body (known only after the final dot)."""
+        self._added.append(lines)
+
+    def received(self) -> ReceivedMessage:
+        """The body written so far, readable from disk (flushes the buffer first)."""
+        if self._file is None:
+            raise ValueError("writer is closed")
+        self._file.flush()
+        return ReceivedMessage(self._tmp_path, self._body_start, self.size)
+
     async def commit(self) -> None:
         """Write the END record, fsync, rename into queue/, fsync the directory.
 
@@ -188,6 +289,10 @@ class SpoolWriter:
         if f is None:
             raise ValueError("writer is closed")
         try:
+            added = b"".join(self._added)
+            self._hash.update(added)
+            f.write(added)
+            f.write(b"\nADD %020d\n" % len(added))
             f.write(_trailer(self.size, self._hash.hexdigest()))
             f.flush()
             if not self._spool.fsync:
@@ -331,8 +436,9 @@ class Spool:
     def exists(self, queue_id: str) -> bool:
         return self._queue_path(queue_id).exists()
 
-    def open_body(self, queue_id: str) -> tuple[BinaryIO, int]:
-        """An open file positioned at the body start, and the body length. Caller closes it."""
+    def open_body(self, queue_id: str) -> tuple[MessageReader, int]:
+        """A reader of the message as delivered (added header lines, then the body) and its
+        length. Caller closes it."""
         path = self._queue_path(queue_id)
         try:
             f = open(path, "rb")  # noqa: SIM115 (returned to the caller)
@@ -340,11 +446,10 @@ class Spool:
             raise UnknownMessage(queue_id) from None
         try:
             layout = read_layout(f, os.fstat(f.fileno()).st_size)
-            f.seek(layout.body_start)
+            return MessageReader(f, layout), layout.message_length
         except BaseException:
             f.close()
             raise
-        return f, layout.body_length
 
     def iter_body(self, queue_id: str, chunk_size: int = 64 * 1024) -> Iterator[bytes]:
         """The body in chunks of at most ``chunk_size`` bytes (blocking file reads)."""
@@ -376,7 +481,9 @@ class Spool:
             except SpoolError:
                 continue
             env = layout.envelope
-            entries.append(QueueEntry(name, env, state, layout.body_length, now - env.received_at))
+            entries.append(
+                QueueEntry(name, env, state, layout.message_length, now - env.received_at)
+            )
         return entries
 
     # -- start-up ----------------------------------------------------------------------------
