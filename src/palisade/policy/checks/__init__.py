@@ -20,6 +20,7 @@ def _load_builtin() -> None:
     from palisade.policy.checks import (
         dbl,
         dnsbl,
+        header_sender,
         helo,
         history,
         lists,
@@ -29,7 +30,18 @@ def _load_builtin() -> None:
         tls,
     )
 
-    for module in (lists, tls, rdns, dnsbl, dbl, helo, sender, history, ratelimit):
+    for module in (
+        lists,
+        tls,
+        rdns,
+        dnsbl,
+        dbl,
+        helo,
+        sender,
+        history,
+        ratelimit,
+        header_sender,
+    ):
         for name, factory in module.FACTORIES.items():
             register(name, factory)
 

@@ -90,27 +90,36 @@ class SenderCheck:
             return NO_MATCH
         name = normalise_name(domain)
         domain_shown = safe_text(name)
-        mx = await _ask(ports, name, "MX", domain_shown)
-        if mx.nxdomain:
-            reason = f"sender domain {domain_shown} does not exist"
-            return _hit("nxdomain", reason, shown, domain_shown)
-        if any(is_null_mx(r) for r in mx.records):
-            reason = f"sender domain {domain_shown} does not accept mail (null MX)"
-            return _hit("null_mx", reason, shown, domain_shown)
-        if mx.records:
+        problem = await mail_domain_problem(ports, name, domain_shown)
+        if problem is None:
             return NO_MATCH
-        outcomes = await asyncio.gather(
-            _ask(ports, name, "A", domain_shown),
-            _ask(ports, name, "AAAA", domain_shown),
-            return_exceptions=True,
-        )
-        if any(isinstance(o, DnsAnswer) and o.records for o in outcomes):
-            return NO_MATCH
-        for outcome in outcomes:
-            if isinstance(outcome, BaseException):
-                raise outcome
-        reason = f"sender domain {domain_shown} has no MX or A record"
-        return _hit("no_mx", reason, shown, domain_shown)
+        return _hit(problem[0], problem[1], shown, domain_shown)
+
+
+async def mail_domain_problem(ports: Ports, name: str, shown: str) -> tuple[str, str] | None:
+    """Why mail to ``name`` could not be answered: (condition, reason), or None when it can.
+
+    MX records, else A/AAAA (RFC 5321 5.1 implicit MX); a null MX (RFC 7505) refuses mail.
+    A temporary DNS failure raises ``CheckError``.
+    """
+    mx = await _ask(ports, name, "MX", shown)
+    if mx.nxdomain:
+        return "nxdomain", f"sender domain {shown} does not exist"
+    if any(is_null_mx(r) for r in mx.records):
+        return "null_mx", f"sender domain {shown} does not accept mail (null MX)"
+    if mx.records:
+        return None
+    outcomes = await asyncio.gather(
+        _ask(ports, name, "A", shown),
+        _ask(ports, name, "AAAA", shown),
+        return_exceptions=True,
+    )
+    if any(isinstance(o, DnsAnswer) and o.records for o in outcomes):
+        return None
+    for outcome in outcomes:
+        if isinstance(outcome, BaseException):
+            raise outcome
+    return "no_mx", f"sender domain {shown} has no MX or A record"
 
 
 async def _ask(ports: Ports, name: str, rdtype: str, shown: str) -> DnsAnswer:
