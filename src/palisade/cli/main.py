@@ -32,6 +32,7 @@ def _parser() -> argparse.ArgumentParser:
     from palisade.cli import checkhost
     from palisade.cli import history as history_cli
     from palisade.cli import queue as queue_cli
+    from palisade.cli import recipients as recipients_cli
 
     checkhost.add_arguments(commands)
     history = history_cli.add_arguments(commands)
@@ -40,6 +41,9 @@ def _parser() -> argparse.ArgumentParser:
     queue = queue_cli.add_arguments(commands)
     queue.add_argument("--config", type=Path)
     _config_after_subcommand(queue)
+    recipients = recipients_cli.add_arguments(commands)
+    recipients.add_argument("--config", type=Path)
+    _config_after_subcommand(recipients)
     return parser
 
 
@@ -67,6 +71,10 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if args.command == "config":
         return _config_check(config)
+    if args.command == "recipients":
+        from palisade.cli import recipients as recipients_cli
+
+        return recipients_cli.run(args, config)
     if args.command == "history":
         from palisade.adapters.sqlite_state import SchemaError, SqliteStateStore
         from palisade.cli import history as history_cli

@@ -343,6 +343,23 @@ def _check_cross_rules(config: Config, source: str, finder: _LineFinder) -> None
         for domain in getattr(config.domains, key):
             if not _HOSTNAME_RE.match(domain):
                 fail("domains", key, f"expected domain names, got {domain!r}")
+    for uri in config.ldap.servers:
+        if not re.match(r"^ldaps?://[^/\s]+/?$", uri, re.IGNORECASE):
+            fail(
+                "ldap",
+                "servers",
+                f"expected ldap://host[:port] or ldaps://host[:port], got {uri!r}",
+            )
+    if config.ldap.servers:
+        template = config.ldap.filter
+        if "%s" not in template or not (template.startswith("(") and template.endswith(")")):
+            fail(
+                "ldap",
+                "filter",
+                f"expected an LDAP filter in parentheses with %s, got {template!r}",
+            )
+        if not config.ldap.base_dn:
+            fail("ldap", "base_dn", 'expected the search base, e.g. "dc=example,dc=com"')
     if config.spamd.address and config.rspamd.url:
         fail("rspamd", "url", "spamd and rspamd are alternatives: configure only one of them")
     overlap = {d.lower() for d in config.domains.local} & {d.lower() for d in config.domains.relay}
