@@ -22,6 +22,7 @@ import sys
 from pathlib import Path
 
 from palisade.adapters.dns import DnsResolver, SystemClock
+from palisade.adapters.ldap_directory import LdapDirectory, LdapSettings
 from palisade.adapters.local_rates import WriteBehindRates
 from palisade.adapters.sqlite_state import SqliteStateStore
 from palisade.config import Config, ConfigError, load_config, parse_host_port
@@ -99,7 +100,39 @@ def build_ports(config: Config, *, local_rates: bool = False) -> Ports:
             else SqliteStateStore(config.paths.state)
         ),
         clock=SystemClock(),
+        recipients=build_directory(config),
     )
+
+
+def build_directory(config: Config) -> LdapDirectory | None:
+    """The LDAP recipient directory, or None when ``[ldap] servers`` is empty."""
+    ldap = config.ldap
+    if not ldap.servers:
+        return None
+    settings = LdapSettings(
+        servers=tuple(ldap.servers),
+        base_dn=ldap.base_dn,
+        bind_dn=ldap.bind_dn,
+        bind_password=ldap.bind_password,
+        bind_password_file=ldap.bind_password_file,
+        filter=ldap.filter,
+        attributes=tuple(ldap.attributes),
+        start_tls=ldap.start_tls,
+        ca_file=ldap.ca_file,
+        timeout=ldap.timeout,
+        positive_ttl=ldap.positive_ttl,
+        negative_ttl=ldap.negative_ttl,
+    )
+    return LdapDirectory(settings, clock=SystemClock())
+
+
+def close_ports(ports: Ports) -> None:
+    """Closes what the ports hold open (state database, LDAP connection)."""
+    for part in (ports.state, ports.recipients, ports.spam, ports.virus):
+        close = getattr(part, "close", None)
+        if close is not None:
+            with contextlib.suppress(Exception):
+                close()
 
 
 def listening_ips(config: Config) -> frozenset[ipaddress.IPv4Address | ipaddress.IPv6Address]:
@@ -199,12 +232,10 @@ class Gateway:
             self.log.main("listen addresses changed: they take effect at the next restart")
         self.config, self.policy = new, policy
         if ctx is not None:
-            old_state = ctx.ports.state
+            old_ports = ctx.ports
             ctx.config, ctx.relay_policy, ctx.tls_context = new, relay_policy(new, policy), tls
             ctx.policy, ctx.ports = policy, build_ports(new, local_rates=self.local_rates)
-            close = getattr(old_state, "close", None)
-            if close is not None:  # sessions still holding the old ports get StateTempError
-                close()
+            close_ports(old_ports)  # sessions still holding the old ports get temporary errors
         self.log.main(f"configuration reloaded from {new.source}")
 
     def start_probes(self, ctx: ServerContext) -> asyncio.Task[None] | None:
@@ -350,11 +381,8 @@ async def run_parent(
 
 
 def _close_state(ctx: ServerContext) -> None:
-    """Writes pending rate hits and closes the state database."""
-    close = getattr(ctx.ports.state, "close", None)
-    if close is not None:
-        with contextlib.suppress(Exception):
-            close()
+    """Writes pending rate hits and closes the state database (and the LDAP connection)."""
+    close_ports(ctx.ports)
 
 
 def _wait_pid(pid: int) -> None:

@@ -3,6 +3,10 @@
 ``ip_list`` (client IP in an IP/CIDR list), ``private_ip`` (loopback and private ranges),
 ``domain_list`` (a domain fact in a domain list), ``address_list`` (sender or recipient in an
 address list), ``regex`` (a fact matched by a regex list or inline patterns).
+``domain_list`` with ``require_alignment`` (``"spf"``, ``"dkim"`` or ``"any"``; only with
+``field = "sender_domain"``) is a DATA-only check: the listed sender domain counts only when the
+header From domain is authenticated by that method under DMARC alignment and shares the sender
+domain's organisational domain (``dmarc.aligned``).
 Whitelists are these checks with ``verb = "accept"`` or ``"accept_all"`` early in a stage.
 """
 
@@ -12,6 +16,7 @@ import re
 from collections.abc import Mapping
 from typing import Any, ClassVar
 
+from palisade.policy.checks.dmarc import METHODS, aligned
 from palisade.policy.checks.options import Options, current, current_ips, named_list
 from palisade.policy.lists import PRIVATE_NETWORKS, ListKind, PatternSet
 from palisade.policy.rules import (
@@ -77,6 +82,24 @@ class DomainListCheck(_Membership):
     name: ClassVar[str] = "domain_list"
 
 
+class AlignedDomainListCheck(DomainListCheck):
+    """A sender-domain whitelist that only trusts an authenticated header From domain."""
+
+    stages: ClassVar[frozenset[Stage]] = frozenset({Stage.DATA})
+
+    def __init__(self, handle: Any, list_name: str, field: str, method: str) -> None:
+        super().__init__(handle, list_name, field)
+        self.method = method
+
+    async def evaluate(self, facts: Facts, ports: Ports) -> CheckResult:
+        found = await super().evaluate(facts, ports)
+        if not found.matched:
+            return found
+        if not await aligned(facts, ports, self.method, _fact(facts, self.field)):
+            return NO_MATCH
+        return CheckResult(True, f"{found.reason}, {self.method}-aligned")
+
+
 class AddressListCheck(_Membership):
     name: ClassVar[str] = "address_list"
 
@@ -123,8 +146,15 @@ def build_domain_list(options: Mapping[str, Any], lists: ListLookup) -> Check:
     opts = Options(options, "domain_list")
     handle, name = named_list(opts, lists, ListKind.DOMAIN)
     field = _field(opts, ("helo", "sender_domain", "recipient_domain"))
+    method = opts.text("require_alignment", None)
     opts.done()
-    return DomainListCheck(handle, name, field)
+    if method is None:
+        return DomainListCheck(handle, name, field)
+    if method not in METHODS:
+        raise ValueError(f"option 'require_alignment': expected spf, dkim or any, got {method!r}")
+    if field != "sender_domain":
+        raise ValueError("option 'require_alignment' needs field = \"sender_domain\"")
+    return AlignedDomainListCheck(handle, name, field, method)
 
 
 def build_address_list(options: Mapping[str, Any], lists: ListLookup) -> Check:
