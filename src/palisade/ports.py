@@ -198,6 +198,7 @@ class VirusScanner(Protocol):
     """clamd (INSTREAM)."""
 
     name: str
+    max_size: int  # larger messages are not scanned (clamd's StreamMaxLength would refuse them)
 
     async def scan(self, message: MessageSource) -> VirusReport:
         """Scans ``message``; raises :class:`ServiceTempError` when the scanner fails."""

@@ -111,11 +111,60 @@ def build_policy(config: Config, on_list_error: Callable[[str], None] | None = N
                 recipient_domains=frozenset(spec.recipient_domains),
             )
         )
+    data_rules = rules.setdefault(Stage.DATA, [])
+    data_rules[:0] = _scanner_rules(config, registry, first=True)
+    data_rules.extend(_scanner_rules(config, registry, first=False))
+    if not data_rules:
+        del rules[Stage.DATA]
     return Policy(
         {stage: tuple(items) for stage, items in rules.items()},
         registry,
         config.policy.delay_reject,
     )
+
+
+def _scanner_rules(config: Config, registry: ListRegistry, *, first: bool) -> list[Rule]:
+    """The rules the scanner sections imply, around the operator's DATA rules.
+
+    A virus is refused before any operator rule runs (a whitelisted sender's virus is still a
+    virus); the spam kill level comes after them, so an operator's ``accept`` (a sender
+    whitelist) exempts a message from it, as a whitelist in exim's DATA ACL does.
+    """
+    if first:
+        if not config.clamd.address:
+            return []
+        return [
+            Rule(
+                name="clamd",
+                stage=Stage.DATA,
+                check=REGISTRY["virus"]({}, registry),
+                verb=Verb.DENY,
+                message="This message contains a virus ($virus)",
+                log_message="virus found: $virus",
+                on_error=OnError.DEFER if config.clamd.on_failure == "defer" else OnError.SKIP,
+                timeout=config.clamd.timeout + 1.0,
+                code=550,
+                enhanced="5.7.1",
+            )
+        ]
+    scanner = config.spamd if config.spamd.address else config.rspamd if config.rspamd.url else None
+    if scanner is None:
+        return []
+    kill = scanner.kill_level
+    return [
+        Rule(
+            name="spam kill level",
+            stage=Stage.DATA,
+            check=REGISTRY["spam_score"]({"min": kill}, registry),
+            verb=Verb.DENY,
+            message="Message rejected as spam",
+            log_message=f"spam score $spam_score >= {kill:g} ($spam_rules)",
+            on_error=OnError.DEFER if scanner.on_failure == "defer" else OnError.SKIP,
+            timeout=scanner.timeout + 1.0,
+            code=550,
+            enhanced="5.7.1",
+        )
+    ]
 
 
 def load_everything(

@@ -21,9 +21,12 @@ import ssl
 import sys
 from pathlib import Path
 
+from palisade.adapters.clamd import ClamdScanner
 from palisade.adapters.dns import DnsResolver, SystemClock
 from palisade.adapters.ldap_directory import LdapDirectory, LdapSettings
 from palisade.adapters.local_rates import WriteBehindRates
+from palisade.adapters.rspamd import RspamdScanner
+from palisade.adapters.spamd import SpamdScanner
 from palisade.adapters.sqlite_state import SqliteStateStore
 from palisade.config import Config, ConfigError, load_config, parse_host_port
 from palisade.config.policy import Policy, build_policy
@@ -101,7 +104,30 @@ def build_ports(config: Config, *, local_rates: bool = False) -> Ports:
         ),
         clock=SystemClock(),
         recipients=build_directory(config),
+        spam=build_spam_scanner(config),
+        virus=(
+            ClamdScanner(
+                config.clamd.address, timeout=config.clamd.timeout, max_size=config.clamd.max_size
+            )
+            if config.clamd.address
+            else None
+        ),
     )
+
+
+def build_spam_scanner(config: Config) -> SpamdScanner | RspamdScanner | None:
+    """spamd or rspamd (the loader refuses both at once), or None."""
+    if config.spamd.address:
+        spamd = config.spamd
+        return SpamdScanner(
+            spamd.address, timeout=spamd.timeout, max_size=spamd.max_size, user=spamd.user
+        )
+    if config.rspamd.url:
+        rspamd = config.rspamd
+        return RspamdScanner(
+            rspamd.url, password=rspamd.password, timeout=rspamd.timeout, max_size=rspamd.max_size
+        )
+    return None
 
 
 def build_directory(config: Config) -> LdapDirectory | None:

@@ -22,11 +22,13 @@ from typing import TYPE_CHECKING
 from palisade.obs.log import escape
 from palisade.policy.engine import StageOutcome, evaluate_stage
 from palisade.policy.relay import Route
-from palisade.policy.rules import Facts, Stage
+from palisade.policy.rules import Facts, MessageFacts, Stage
 from palisade.policy.verdict import Action, Verdict
+from palisade.server import data_stage
 from palisade.server.stream import ClientStream
 from palisade.server.tls import describe
 from palisade.smtp import NEED_DATA, PAUSED, Features, Limits, Reply, SmtpConnection, events
+from palisade.smtp.headers import HeaderSplitter
 from palisade.spool import Envelope
 
 if TYPE_CHECKING:
@@ -56,6 +58,7 @@ class Transaction:
     queue_id: str | None = None
     message_id: str | None = None
     headers: list[str] = field(default_factory=list)  # X-Warning lines of MAIL/RCPT warn rules
+    splitter: HeaderSplitter | None = None  # the header section of the message being received
 
 
 class Session:
@@ -286,7 +289,8 @@ class Session:
     async def _dispatch(self, event: object) -> None:
         if isinstance(event, events.DataChunk):
             if self.tx.writer is not None:
-                self.tx.writer.write(event.data)
+                assert self.tx.splitter is not None
+                self.tx.writer.write(self.tx.splitter.feed(event.data))
             return
         match event:
             case events.Helo():
@@ -302,6 +306,7 @@ class Session:
             case events.Rset():
                 self._abort_transaction()
                 self.facts.sender, self.facts.recipient, self.facts.recipients = None, None, []
+                self.facts.tx = {}
                 self._send(Reply(250, "2.0.0", "Ok"))
             case events.Noop():
                 self._send(Reply(250, "2.0.0", "Ok"))
@@ -364,6 +369,8 @@ class Session:
         self.facts.sender = self.tx.sender
         self.facts.recipient = None
         self.facts.recipients = []
+        self.facts.tx = {}  # SPF, DKIM, DMARC and scan results belong to one transaction
+        self.facts.message = None
         verdict = await self._run_stage(Stage.MAIL, self.tx.sender or "")
         if verdict is not None and not self._delay(Stage.MAIL, verdict):
             self._refuse_stage(Stage.MAIL, self.tx.sender or "", verdict)
@@ -453,6 +460,7 @@ class Session:
             tls=self.tls,
             extra={"outbound": "1"} if Route.OUTBOUND in tx.routes else {},
         )
+        tx.splitter = HeaderSplitter(data_stage.forged_header_filter(self.config))
         try:
             tx.writer = self.ctx.spool.open_message(envelope)
             tx.writer.write(self._received_header(tx))
@@ -501,6 +509,26 @@ class Session:
             self._send(event.suggested_reply)
             self.tx = Transaction()
             return
+        splitter = tx.splitter
+        assert splitter is not None
+        try:
+            writer.write(splitter.finish())
+            fields = tuple(splitter.fields)
+            self.facts.message = MessageFacts(fields, writer.received(), writer.size)
+        except OSError as exc:
+            writer.abort()
+            self.ctx.log.panic(f"{tx.queue_id} spool write failed: {exc}")
+            self._send(Reply(451, "4.3.0", "Local error in processing"))
+            self.tx = Transaction()
+            return
+        if splitter.dropped:
+            names = ", ".join(sorted({escape(name, 40) for name, _ in splitter.dropped}))
+            self.ctx.log.main(
+                f"{tx.queue_id} {self.host_field()} removed {len(splitter.dropped)} inbound "
+                f"verdict header(s) that only we may write: {names}"
+            )
+        await data_stage.examine(self.config, self.facts, self.ctx.ports)
+        tx.headers.clear()  # MAIL/RCPT warn headers are written already; DATA ones come now
         verdict = await self._run_stage(Stage.DATA, "")
         if verdict is not None:
             writer.abort()  # refused after the final dot: nothing of it is kept
@@ -511,6 +539,10 @@ class Session:
             if verdict.closes:
                 raise _Closed
             return
+        added = data_stage.added_headers(self.config, self.facts)
+        added += b"".join(_header_line(h) for h in tx.headers)
+        if added:
+            writer.prepend(added)
         try:
             await writer.commit()
         except OSError as exc:
@@ -547,6 +579,7 @@ class Session:
         if self.tls:
             parts.append(f"X={self.tls}")
         parts.append(f"S={size}")
+        parts.extend(data_stage.log_fields(self.config, self.facts))
         parts.append("T=" + ",".join(f"<{escape(r, 200)}>" for r in tx.recipients))
         self.ctx.log.main(" ".join(parts), queue_id=tx.queue_id, client_ip=self.ip_text)
 

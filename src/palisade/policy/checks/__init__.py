@@ -18,7 +18,10 @@ def register(name: str, factory: CheckFactory) -> None:
 
 def _load_builtin() -> None:
     from palisade.policy.checks import (
+        content,
         dbl,
+        dkim,
+        dmarc,
         dnsbl,
         header_sender,
         helo,
@@ -26,7 +29,9 @@ def _load_builtin() -> None:
         lists,
         ratelimit,
         rdns,
+        recipients,
         sender,
+        spf,
         tls,
     )
 
@@ -41,6 +46,11 @@ def _load_builtin() -> None:
         history,
         ratelimit,
         header_sender,
+        spf,
+        dkim,
+        dmarc,
+        content,
+        recipients,
     ):
         for name, factory in module.FACTORIES.items():
             register(name, factory)
