@@ -131,7 +131,9 @@ def test_wrong_password_is_not_shown(tmp_path: Path, slapd: SlapdServer) -> None
 
 
 def test_usage_errors(tmp_path: Path, slapd: SlapdServer) -> None:
-    cfg = write_config(tmp_path / "nolists.toml", {"ldap": {"servers": [slapd.uri]}})
+    cfg = write_config(
+        tmp_path / "nolists.toml", {"ldap": {"servers": [slapd.uri], "base_dn": SUFFIX}}
+    )
     done = sync(cfg)
     assert done.returncode == 2 and "no --output" in done.stderr
     cfg = write_config(tmp_path / "noldap.toml", {})
