@@ -332,7 +332,8 @@ class ZoneServer:
         if not request.questions:
             return None
         question = request.q
-        qname = _norm(str(question.qname))
+        # the raw labels (str() would escape blanks and other octets as \DDD)
+        qname = _norm(".".join(label.decode("latin-1") for label in question.qname.label))
         qtype = QTYPE.get(question.qtype, f"TYPE{question.qtype}")
         with self._lock:
             self._counts[(qname, qtype)] += 1

@@ -159,13 +159,7 @@ def run_case(server: ZoneServer, case: Case) -> SpfOutcome:
 
 
 # Cases our path cannot pass for a reason of principle (each must fail: strict xfail).
-KNOWN_DEVIATIONS = {
-    "macro-mania-in-domain": (
-        "the record name holds spaces ('macro%percent  space%20url-space.example.com'); the DNS "
-        "adapter answers a name with blanks or control characters as NXDOMAIN without asking "
-        "(its hostile-input rule, src/palisade/adapters/dns.py), so the a: mechanism cannot match"
-    ),
-}
+KNOWN_DEVIATIONS = {}
 
 
 def _params() -> list[Any]:

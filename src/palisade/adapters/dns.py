@@ -166,9 +166,14 @@ def _parse_rdtype(rdtype: str) -> dns.rdatatype.RdataType:
 
 
 def _parse_name(name: str) -> dns.name.Name | None:
-    """An absolute, lowercased name, or None when ``name`` cannot exist in the DNS."""
+    """An absolute, lowercased name, or None when ``name`` cannot exist in the DNS.
+
+    A label may hold any printable octet, blanks included (SPF macros expand to such names,
+    RFC 7208 7.3); control characters and backslashes (which would be read as escapes) are
+    refused without a query.
+    """
     text = name[:-1] if name.endswith(".") else name
-    if not text or "\\" in text or any(ord(ch) < 0x21 or ord(ch) == 0x7F for ch in text):
+    if not text or "\\" in text or any(ord(ch) < 0x20 or ord(ch) == 0x7F for ch in text):
         return None
     try:
         parsed = dns.name.from_text(text, origin=dns.name.root)
