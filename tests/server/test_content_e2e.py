@@ -58,7 +58,11 @@ def dns() -> Iterator[ZoneServer]:
 
 
 def gateway_for(
-    make_gateway: Any, dns: ZoneServer, spamd: str | None, clamd: str | None
+    make_gateway: Any,
+    dns: ZoneServer,
+    spamd: str | None,
+    clamd: str | None,
+    scanner_timeout: str = "20s",
 ) -> GatewayProcess:
     sections: dict[str, Any] = {
         "dns": {"nameservers": [f"127.0.0.1:{dns.port}"], "timeout": 1, "retries": 0},
@@ -83,7 +87,7 @@ def gateway_for(
         },
     }
     if spamd:
-        sections["spamd"] = {"address": spamd, "timeout": "20s"}
+        sections["spamd"] = {"address": spamd, "timeout": scanner_timeout}
     if clamd:
         sections["clamd"] = {"address": clamd, "timeout": "10s"}
     gateway: GatewayProcess = make_gateway(**sections)
@@ -213,3 +217,14 @@ def test_spamd_down_accepts_unchecked_and_clamd_down_defers(
     code, text = send(gateway, signed(HAM))
     assert code == 451 and text.startswith(b"4.4.3")
     assert "temporarily rejected after DATA" in gateway.rejectlog()
+
+
+def test_hanging_spamd_costs_its_timeout_then_the_message_is_accepted_unchecked(
+    make_gateway: Any, dns: ZoneServer, spamd: SpamdProcess
+) -> None:
+    gateway = gateway_for(make_gateway, dns, spamd.address, None, scanner_timeout="1s")
+    with spamd.paused():
+        assert send(gateway, signed(HAM)) == (250, b"")
+    assert "X-Spam-Status: unchecked" in header_block(delivered(gateway))
+    log = wait_for(lambda: gateway.mainlog() if "spam=unchecked" in gateway.mainlog() else "")
+    assert "spam kill level" in log and "temporary failure" in log

@@ -405,3 +405,6 @@ def test_the_example_perimeter_config_validates() -> None:
     assert result.returncode == 0, result.stderr
     assert "7. deny if dnsbl: DNS blocklists" in result.stdout
     assert "1. deny if helo: botnet HELO names" in result.stdout
+    assert "3. deny if recipient: valid recipients" in result.stdout
+    assert "1. deny if virus: clamd" in result.stdout  # implied by [clamd], before the operator's
+    assert "5. deny if spam_score: spam kill level" in result.stdout  # implied by [spamd], last
