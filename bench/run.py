@@ -654,8 +654,13 @@ def main(argv: list[str] | None = None) -> int:
         from run_perimeter import main as perimeter_main
 
         return perimeter_main([a for a in argv if a != "--perimeter"])
+    if "--content" in argv:  # the content-checks benchmark: bench/run_content.py
+        from run_content import main as content_main
+
+        return content_main([a for a in argv if a != "--content"])
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--perimeter", action="store_true", help="run bench/run_perimeter.py instead")
+    ap.add_argument("--content", action="store_true", help="run bench/run_content.py instead")
     ap.add_argument("--clients", type=int, default=20)
     ap.add_argument("--messages", type=int, default=3000, help="per measured run")
     ap.add_argument("--warmup", type=int, default=500)

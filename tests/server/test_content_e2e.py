@@ -189,9 +189,9 @@ def test_dmarc_reject_policy_refuses_an_unaligned_message(
 ) -> None:
     gateway = gateway_for(make_gateway, dns, None, None)
     message = (
-        "From: Alice <alice@client.example>\r\nTo: postmaster@example.test\r\n"
-        "Subject: not really Alice\r\n\r\nhi\r\n"
-    ).encode()
+        b"From: Alice <alice@client.example>\r\nTo: postmaster@example.test\r\n"
+        b"Subject: not really Alice\r\n\r\nhi\r\n"
+    )
     code, text = send(gateway, message, sender="bounce@other.example")
     assert (code, text) == (550, b"5.7.1 Rejected by the DMARC policy of client.example")
     assert "DMARC fail for client.example (reject)" in gateway.rejectlog()
