@@ -212,6 +212,7 @@ class OddVirusScanner:
     """A VirusScanner whose signature carries control characters (``$virus`` must be safe)."""
 
     name = "odd"
+    max_size = 1 << 20
 
     async def scan(self, message: Any) -> Any:
         from palisade.ports import VirusReport
