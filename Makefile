@@ -41,7 +41,7 @@ run: $(VENV)/.installed
 
 system-deps:
 	@missing=""; for pkg in $(APT_PACKAGES); do \
-	  dpkg -s $$pkg >/dev/null 2>&1 || missing="$$missing $$pkg"; done; \
+	  [ "$$(dpkg-query -W -f='$${db:Status-Status}' $$pkg 2>/dev/null)" = installed ] || missing="$$missing $$pkg"; done; \
 	if [ -n "$$missing" ]; then \
 	  echo "installing Debian packages:$$missing (their system services are not started:"; \
 	  echo "the tests start private instances on loopback)"; \
