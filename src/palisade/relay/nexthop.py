@@ -1,8 +1,14 @@
-"""SMTP delivery to the next hop with aiosmtplib: one transaction per queued message.
+"""SMTP delivery to the next hop: one transaction per queued message, pipelined when offered.
 
 Owns: the outbound SMTP connections, their TLS policy and the mapping of every outcome
 to a per-recipient result: 2xx delivered, 4xx / refused connection / timeout / broken connection
-temporary, 5xx permanent.
+temporary, 5xx permanent. The wire protocol is palisade.relay.smtpclient (hand-written: see its
+docstring for why it replaced aiosmtplib).
+Pipelining (RFC 2920): when the next hop offers PIPELINING, MAIL FROM, every RCPT TO and DATA go
+out in one write and their replies are read in order; the body follows only after DATA's 354 and
+only if some recipient was accepted (a 354 with none accepted is answered with a lone ``.``, as
+section 3.1 asks). Without PIPELINING each command waits for its reply. A 421 at any point ends
+the session: the recipients still open get that reply as a temporary failure.
 TLS policy: STARTTLS is used whenever the next hop offers it. With ``require_tls`` (like Postfix's
 ``smtp_tls_security_level = encrypt``, but also verifying the certificate with ``tls_context``)
 the message is never sent in cleartext: no STARTTLS offered, or a failed handshake or
@@ -12,14 +18,15 @@ delivery line then has no ``X=`` field.
 ``tls_context`` None means ``ssl.create_default_context()`` (system CAs, hostname checked).
 Connection cache (as Postfix's smtp connection cache): after a successful transaction the
 connection is kept for the next message, for at most ``cache_idle`` seconds idle and
-``cache_uses`` transactions. A cached connection found dead when reused is closed and the
-message tried once more on a fresh one (if it died after the data was sent, the next hop may get
-the message twice: a duplicate, never a loss).
+``cache_uses`` transactions. A cached connection found dead when reused (or failing in any way
+during the transaction, or answering 421 before the data was sent) is closed and the message
+tried once more on a fresh one (if it died after the data was sent, the next hop may get the
+message twice: a duplicate, never a loss).
 Must not touch: the spool or the log (the runner does both); it sees the body bytes only.
 Trust: every reply from the next hop is remote text: it is kept verbatim in the result and
-escaped by whoever logs it. The body is sent as read from the spool; aiosmtplib wants the whole
-message as one ``bytes`` for DATA, so the body is read into memory for the SEND step only (the
-one place a message is held whole; bounded by the gateway's message size limit).
+escaped by whoever logs it. The body is sent as read from the spool (dot-stuffed on the way out),
+so it is held whole in memory for the SEND step only (the one place a message is held whole;
+bounded by the gateway's message size limit).
 """
 
 from __future__ import annotations
@@ -31,9 +38,8 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-import aiosmtplib
-
 from palisade.relay.outcome import Outcome, RecipientResult
+from palisade.relay.smtpclient import SmtpClient, SmtpClientError, mailbox
 from palisade.spool import Envelope
 
 _ENHANCED = re.compile(r"^([245]\.\d{1,3}\.\d{1,3})\b")
@@ -41,6 +47,18 @@ _ENHANCED = re.compile(r"^([245]\.\d{1,3}\.\d{1,3})\b")
 
 def _one_line(text: str) -> str:
     return " ".join(text.split())
+
+
+def _helo_name(name: str) -> str:
+    """The HELO/EHLO argument: stripped; blanks or control characters in it are a ValueError."""
+    name = name.strip()
+    if not name:
+        raise ValueError("The local_hostname param must not be empty")
+    if any(char.isspace() or ord(char) < 32 or ord(char) == 127 for char in name):
+        raise ValueError(
+            "The local_hostname param contains prohibited whitespace or control characters"
+        )
+    return name
 
 
 class _TlsRefused(Exception):
@@ -58,6 +76,7 @@ class _Conn:
     tls: bool
     uses: int = 0
     idle_since: float = 0.0
+    cached: bool = False
 
 
 class _StaleConnection(Exception):
@@ -83,7 +102,7 @@ class SmtpNextHop:
     ) -> None:
         self.cache_idle = cache_idle
         self.cache_uses = cache_uses
-        self._cache: list[tuple[aiosmtplib.SMTP, _Conn]] = []
+        self._cache: list[tuple[SmtpClient, _Conn]] = []
         self.host = host
         self.port = port
         self.helo_name = helo_name
@@ -158,72 +177,67 @@ class SmtpNextHop:
         results = await self._attempt(envelope, rcpts, body, use_tls=False)
         return results
 
-    def _take_cached(self, use_tls: bool) -> tuple[aiosmtplib.SMTP, _Conn] | None:
+    def _take_cached(self, use_tls: bool) -> tuple[SmtpClient, _Conn] | None:
         now = time.monotonic()
         while self._cache:
-            smtp, conn = self._cache.pop()
-            fresh = now - conn.idle_since < self.cache_idle and smtp.is_connected
-            if fresh and (conn.tls or not use_tls or not self._tls_possible(smtp)):
-                return smtp, conn
-            smtp.close()
+            client, conn = self._cache.pop()
+            conn.cached = False
+            fresh = now - conn.idle_since < self.cache_idle and client.usable
+            if fresh and (conn.tls or not use_tls or not client.supports("starttls")):
+                return client, conn
+            client.close()
         return None
 
-    @staticmethod
-    def _tls_possible(smtp: aiosmtplib.SMTP) -> bool:
-        return smtp.supports_extension("starttls")
-
-    def _keep(self, smtp: aiosmtplib.SMTP, conn: _Conn) -> bool:
+    def _keep(self, client: SmtpClient, conn: _Conn) -> bool:
         conn.uses += 1
-        if conn.uses >= self.cache_uses or not smtp.is_connected:
+        if conn.uses >= self.cache_uses or not client.usable:
             return False
         conn.idle_since = time.monotonic()
-        self._cache.append((smtp, conn))
+        conn.cached = True
+        self._cache.append((client, conn))
         return True
 
     def close_idle(self) -> None:
         """Closes every cached connection (at shutdown)."""
         while self._cache:
-            self._cache.pop()[0].close()
+            client, conn = self._cache.pop()
+            conn.cached = False
+            client.close()
 
     async def _attempt(
         self, envelope: Envelope, rcpts: Sequence[str], body: bytes, *, use_tls: bool
     ) -> list[RecipientResult]:
         cached = self._take_cached(use_tls)
         if cached is not None:
-            smtp, conn = cached
+            client, conn = cached
             try:
-                return await self._transaction(smtp, envelope, rcpts, body, conn, stale_ok=False)
-            except (_StaleConnection, aiosmtplib.SMTPException, OSError, TimeoutError):
-                smtp.close()  # dead while cached: start again on a fresh connection
-        smtp = aiosmtplib.SMTP(
-            hostname=self.host,
-            port=self.port,
-            local_hostname=self.helo_name,
-            timeout=self.command_timeout,
-            start_tls=False,
-            tls_context=self.tls_context,
-        )
+                return await self._transaction(client, envelope, rcpts, body, conn, stale_ok=False)
+            except (_StaleConnection, SmtpClientError, OSError):
+                pass  # dead while cached: start again on a fresh connection
+            finally:
+                if not conn.cached:
+                    client.close()
+        helo = _helo_name(self.helo_name)
         conn = _Conn(host_info=f"H={self.host}", tls=False)
+        fresh: SmtpClient | None = None
         try:
-            try:
-                await smtp.connect(timeout=self.connect_timeout)
-            except aiosmtplib.SMTPResponseException as exc:
-                return self._smtp_error(rcpts, exc.code, exc.message, "initial connection", conn)
-            peer = smtp.get_transport_info("peername")
+            fresh, greeting = await SmtpClient.connect(
+                self.host, self.port, timeout=self.connect_timeout
+            )
+            if greeting.code != 220:
+                return self._smtp_error(
+                    rcpts, greeting.code, greeting.text, "initial connection", conn
+                )
+            peer = fresh.extra_info("peername")
             if isinstance(peer, tuple) and len(peer) >= 2:
                 conn.host_info = f"H={self.host} [{peer[0]}]:{peer[1]}"
-            try:
-                await smtp.ehlo()
-            except aiosmtplib.SMTPResponseException as exc:
-                return self._smtp_error(rcpts, exc.code, exc.message, "EHLO", conn)
+            reply = await fresh.ehlo(helo, self.command_timeout)
+            if reply.code != 250:
+                return self._smtp_error(rcpts, reply.code, reply.text, "EHLO", conn)
             if use_tls:
-                await self._starttls(smtp, conn)
-            return await self._transaction(smtp, envelope, rcpts, body, conn, stale_ok=True)
-        except _TlsRefused:
-            raise
-        except aiosmtplib.SMTPResponseException as exc:
-            return self._smtp_error(rcpts, exc.code, exc.message, "a command", conn)
-        except (aiosmtplib.SMTPException, OSError, TimeoutError) as exc:
+                await self._starttls(fresh, helo, conn)
+            return await self._transaction(fresh, envelope, rcpts, body, conn, stale_ok=True)
+        except (SmtpClientError, OSError) as exc:
             cause = exc.__cause__ if isinstance(exc.__cause__, OSError) else exc
             errno = cause.errno if isinstance(cause, OSError) and cause.errno else -1
             reason = _one_line(str(exc)) or type(exc).__name__
@@ -231,26 +245,31 @@ class SmtpNextHop:
                 self._result(r, "deferred", reason, host=conn.host_info, errno=errno) for r in rcpts
             ]
         finally:
-            if not any(smtp is cached_smtp for cached_smtp, _ in self._cache):
-                smtp.close()
+            if fresh is not None and not conn.cached:
+                fresh.close()
 
-    async def _starttls(self, smtp: aiosmtplib.SMTP, conn: _Conn) -> None:
-        if not smtp.supports_extension("starttls"):
+    async def _starttls(self, client: SmtpClient, helo: str, conn: _Conn) -> None:
+        if not client.supports("starttls"):
             if self.require_tls:
                 raise _TlsRefused("the next hop does not offer STARTTLS", conn.host_info)
             return
         try:
-            await smtp.starttls(server_hostname=self.host, tls_context=self.tls_context)
-            await smtp.ehlo()
-        except aiosmtplib.SMTPResponseException as exc:
-            raise _TlsRefused(
-                f"STARTTLS refused: {exc.code} {_one_line(exc.message)}", conn.host_info
-            ) from None
-        except (aiosmtplib.SMTPException, OSError, ssl.SSLError, TimeoutError) as exc:
+            reply = await client.command(b"STARTTLS\r\n", self.command_timeout)
+            if reply.code == 220:
+                await client.starttls(self.tls_context, self.host, self.command_timeout)
+                reply = await client.ehlo(helo, self.command_timeout)
+                refused = reply.code != 250
+            else:
+                refused = True
+        except (SmtpClientError, OSError) as exc:  # ssl.SSLError is an OSError
             raise _TlsRefused(
                 f"TLS negotiation failed: {_one_line(str(exc))}", conn.host_info
             ) from None
-        ssl_object = smtp.get_transport_info("ssl_object")
+        if refused:  # STARTTLS not answered 220, or the EHLO after the handshake not 250
+            raise _TlsRefused(
+                f"STARTTLS refused: {reply.code} {_one_line(reply.text)}", conn.host_info
+            )
+        ssl_object = client.extra_info("ssl_object")
         if isinstance(ssl_object, ssl.SSLObject | ssl.SSLSocket):
             cipher = ssl_object.cipher()
             version = (ssl_object.version() or "TLS").replace("v", "")
@@ -262,7 +281,7 @@ class SmtpNextHop:
 
     async def _transaction(
         self,
-        smtp: aiosmtplib.SMTP,
+        client: SmtpClient,
         envelope: Envelope,
         rcpts: Sequence[str],
         body: bytes,
@@ -270,16 +289,18 @@ class SmtpNextHop:
         *,
         stale_ok: bool,
     ) -> list[RecipientResult]:
-        """One transaction; on a cached connection (``stale_ok`` False) a dead connection at
-        MAIL raises _StaleConnection instead of deferring, so the caller can reconnect."""
-        options: list[str] = []
+        """One transaction. On a cached connection (``stale_ok`` False) a 421 before the data
+        raises _StaleConnection instead of deferring, and any error of the client propagates,
+        so the caller can reconnect. Results in the order of ``rcpts``."""
+        extensions = client.extensions
+        options = ""
         encoding = "ascii"
-        if smtp.supports_extension("size"):
-            options.append(f"SIZE={len(body)}")
-        if smtp.supports_extension("8bitmime") and not body.isascii():
-            options.append("BODY=8BITMIME")
+        if "size" in extensions:
+            options += f" SIZE={len(body)}"
+        if "8bitmime" in extensions and not body.isascii():
+            options += " BODY=8BITMIME"
         if not (envelope.sender + "".join(rcpts)).isascii():
-            if not smtp.supports_extension("smtputf8"):
+            if "smtputf8" not in extensions:
                 return [
                     self._result(
                         r,
@@ -291,47 +312,84 @@ class SmtpNextHop:
                     )
                     for r in rcpts
                 ]
-            options.append("SMTPUTF8")
+            options += " SMTPUTF8"
             encoding = "utf-8"
-        try:
-            await smtp.mail(envelope.sender, options=options, encoding=encoding)
-        except aiosmtplib.SMTPServerDisconnected:
-            if stale_ok:
-                raise
-            raise _StaleConnection from None
-        except aiosmtplib.SMTPResponseException as exc:
-            if exc.code == 421 and not stale_ok:
-                raise _StaleConnection from None
+        mail = b"MAIL FROM:" + mailbox(envelope.sender, encoding) + options.encode() + b"\r\n"
+        rcpt_lines = [b"RCPT TO:" + mailbox(r, encoding) + b"\r\n" for r in rcpts]
+        pipelining = "pipelining" in extensions
+        timeout = self.command_timeout
+
+        # MAIL (with, when pipelining, every RCPT and DATA in the same write)
+        client.write(b"".join((mail, *rcpt_lines, b"DATA\r\n")) if pipelining else mail)
+        reply = await client.read_reply(timeout)
+        if reply.code != 250:
+            if reply.code == 421 and not stale_ok:
+                raise _StaleConnection
             after = f"MAIL FROM:<{envelope.sender}>"
-            return self._smtp_error(rcpts, exc.code, exc.message, after, conn)
+            return self._smtp_error(rcpts, reply.code, reply.text, after, conn)
+
+        # RCPT, one reply each
         results: dict[str, RecipientResult] = {}
         accepted: list[str] = []
-        for rcpt in rcpts:
-            try:
-                await smtp.rcpt(rcpt, encoding=encoding)
+        for n, rcpt in enumerate(rcpts):
+            if not pipelining:
+                client.write(rcpt_lines[n])
+            reply = await client.read_reply(timeout)
+            if reply.code == 250 or reply.code == 251:
                 accepted.append(rcpt)
-            except aiosmtplib.SMTPResponseException as exc:
-                (results[rcpt],) = self._smtp_error(
-                    [rcpt], exc.code, exc.message, f"RCPT TO:<{rcpt}>", conn
-                )
-        if accepted:
-            try:
-                reply = await smtp.data(body, timeout=self.data_timeout)
-            except aiosmtplib.SMTPResponseException as exc:
-                for r, res in zip(
-                    accepted,
-                    self._smtp_error(accepted, exc.code, exc.message, "end of data", conn),
-                    strict=True,
+                continue
+            if reply.code == 421:  # closing: the rest get this reply too
+                if not stale_ok:
+                    raise _StaleConnection
+                open_rcpts = [r for r in rcpts if r not in results]
+                for res in self._smtp_error(
+                    open_rcpts, reply.code, reply.text, f"RCPT TO:<{rcpt}>", conn
                 ):
-                    results[r] = res
+                    results[res.rcpt] = res
+                return [results[r] for r in rcpts]
+            (results[rcpt],) = self._smtp_error(
+                [rcpt], reply.code, reply.text, f"RCPT TO:<{rcpt}>", conn
+            )
+
+        # DATA and the message
+        if not accepted:
+            # Every recipient has its answer; a pipelined DATA still gets its reply read, and a
+            # 354 (the server had to accept DATA without a recipient) an empty message.
+            if pipelining:
+                with contextlib.suppress(SmtpClientError, OSError):
+                    reply = await client.read_reply(timeout)
+                    if reply.code == 354:
+                        reply = await client.command(b".\r\n", timeout)
+                    if reply.code != 421:
+                        await client.command(b"QUIT\r\n", timeout)
             else:
-                confirmation = _one_line(f"{reply.code} {reply.message}")
-                for r in accepted:
-                    results[r] = self._result(
-                        r, "delivered", confirmation, host=conn.host_info, reply=confirmation
-                    )
-                if len(accepted) == len(rcpts) and self._keep(smtp, conn):
-                    return [results[r] for r in rcpts]
-        with contextlib.suppress(aiosmtplib.SMTPException, OSError):
-            await smtp.quit()
+                with contextlib.suppress(SmtpClientError, OSError):
+                    await client.command(b"QUIT\r\n", timeout)
+            return [results[r] for r in rcpts]
+        if not pipelining:
+            client.write(b"DATA\r\n")
+        reply = await client.read_reply(timeout)
+        if reply.code == 354:
+            client.write_data(body)
+            reply = await client.read_reply(self.data_timeout)
+            sent = reply.code == 250
+        elif reply.code == 421 and not stale_ok:
+            raise _StaleConnection
+        else:
+            sent = False  # DATA refused (any reply but 354, even a 2xx): nothing was sent
+        if not sent:
+            errors = self._smtp_error(accepted, reply.code, reply.text, "end of data", conn)
+            for res in errors:
+                results[res.rcpt] = res
+        else:
+            confirmation = _one_line(f"{reply.code} {reply.text}")
+            for r in accepted:
+                results[r] = self._result(
+                    r, "delivered", confirmation, host=conn.host_info, reply=confirmation
+                )
+            if len(accepted) == len(rcpts) and self._keep(client, conn):
+                return [results[r] for r in rcpts]
+        if reply.code != 421:
+            with contextlib.suppress(SmtpClientError, OSError):
+                await client.command(b"QUIT\r\n", timeout)
         return [results[r] for r in rcpts]
