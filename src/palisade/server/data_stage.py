@@ -26,7 +26,7 @@ from palisade.policy.checks import authres, content, spf
 from palisade.policy.rules import Facts, Ports, known
 from palisade.ports import SpamReport
 
-__all__ = ["added_headers", "examine", "forged_header_filter", "log_fields"]
+__all__ = ["added_headers", "configured", "examine", "forged_header_filter", "log_fields"]
 
 
 def authserv_id(config: Config) -> str:
@@ -67,6 +67,13 @@ def _spam_settings(config: Config) -> tuple[float, float] | None:
     if config.rspamd.url:
         return config.rspamd.tag_level, config.rspamd.kill_level
     return None
+
+
+def configured(config: Config) -> bool:
+    """Authentication or a scanner is on (the DATA stage has work whatever the rules say)."""
+    return config.authentication.enabled or bool(
+        config.spamd.address or config.rspamd.url or config.clamd.address
+    )
 
 
 async def examine(config: Config, facts: Facts, ports: Ports) -> None:

@@ -289,8 +289,8 @@ class Session:
     async def _dispatch(self, event: object) -> None:
         if isinstance(event, events.DataChunk):
             if self.tx.writer is not None:
-                assert self.tx.splitter is not None
-                self.tx.writer.write(self.tx.splitter.feed(event.data))
+                splitter = self.tx.splitter
+                self.tx.writer.write(splitter.feed(event.data) if splitter else event.data)
             return
         match event:
             case events.Helo():
@@ -460,7 +460,8 @@ class Session:
             tls=self.tls,
             extra={"outbound": "1"} if Route.OUTBOUND in tx.routes else {},
         )
-        tx.splitter = HeaderSplitter(data_stage.forged_header_filter(self.config))
+        if self._examines_content():
+            tx.splitter = HeaderSplitter(data_stage.forged_header_filter(self.config))
         try:
             tx.writer = self.ctx.spool.open_message(envelope)
             tx.writer.write(self._received_header(tx))
@@ -474,6 +475,11 @@ class Session:
         self._send(Reply(354, None, "End data with <CR><LF>.<CR><LF>"))
         self._data_started = time.monotonic()
         self._data_bytes = 0
+
+    def _examines_content(self) -> bool:
+        """Whether anything looks at the message: DATA rules, authentication or a scanner.
+        Without them the content goes to the spool untouched, with no parsing at all."""
+        return bool(self.ctx.policy.for_stage(Stage.DATA)) or data_stage.configured(self.config)
 
     def _after_dispatch(self, event: object) -> None:
         """Starts the next request's deadline: DATA content gets data_timeout, commands theirs."""
@@ -510,24 +516,24 @@ class Session:
             self.tx = Transaction()
             return
         splitter = tx.splitter
-        assert splitter is not None
-        try:
-            writer.write(splitter.finish())
-            fields = tuple(splitter.fields)
-            self.facts.message = MessageFacts(fields, writer.received(), writer.size)
-        except OSError as exc:
-            writer.abort()
-            self.ctx.log.panic(f"{tx.queue_id} spool write failed: {exc}")
-            self._send(Reply(451, "4.3.0", "Local error in processing"))
-            self.tx = Transaction()
-            return
-        if splitter.dropped:
-            names = ", ".join(sorted({escape(name, 40) for name, _ in splitter.dropped}))
-            self.ctx.log.main(
-                f"{tx.queue_id} {self.host_field()} removed {len(splitter.dropped)} inbound "
-                f"verdict header(s) that only we may write: {names}"
-            )
-        await data_stage.examine(self.config, self.facts, self.ctx.ports)
+        if splitter is not None:
+            try:
+                writer.write(splitter.finish())
+                fields = tuple(splitter.fields)
+                self.facts.message = MessageFacts(fields, writer.received(), writer.size)
+            except OSError as exc:
+                writer.abort()
+                self.ctx.log.panic(f"{tx.queue_id} spool write failed: {exc}")
+                self._send(Reply(451, "4.3.0", "Local error in processing"))
+                self.tx = Transaction()
+                return
+            if splitter.dropped:
+                names = ", ".join(sorted({escape(name, 40) for name, _ in splitter.dropped}))
+                self.ctx.log.main(
+                    f"{tx.queue_id} {self.host_field()} removed {len(splitter.dropped)} inbound "
+                    f"verdict header(s) that only we may write: {names}"
+                )
+            await data_stage.examine(self.config, self.facts, self.ctx.ports)
         tx.headers.clear()  # MAIL/RCPT warn headers are written already; DATA ones come now
         verdict = await self._run_stage(Stage.DATA, "")
         if verdict is not None:
