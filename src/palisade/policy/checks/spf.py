@@ -12,13 +12,15 @@ Why a library: record selection, the macro language, ``include``/``redirect``, C
 the processing limits (10 DNS-querying terms, 2 void lookups, 10 MX / PTR names) are where SPF
 implementations go wrong; pyspf implements them and passes the RFC 7208 test suite, which our
 tests run through this module. Only the glue is ours: pyspf's DNS goes through the ``Resolver``
-port, never through its own resolver. pyspf is synchronous, so an evaluation runs in a worker
-thread (a small pool of its own, so that SPF never starves other ``to_thread`` users); each DNS
-question it asks is handed back to the event loop (``run_coroutine_threadsafe``) and the worker
-waits for the answer. pyspf asks through the module function ``spf.DNSLookup``; this module
-replaces that function once by a dispatcher that uses the lookup of the query running in the
-current thread (a thread-local, set by our ``spf.query`` subclass around each lookup), so
-concurrent evaluations with different resolvers never mix, and any other user of pyspf in the
+port, never through its own resolver. pyspf is synchronous and, for given DNS answers,
+deterministic: it runs on the event loop itself, fed from the answers fetched so far, and a run
+that asks a question not answered yet stops there (``_NeedAnswer``); the question goes to the
+resolver (whose cache answers a repeated question at once) and pyspf runs again from the start
+(``_replay``). A typical record costs one or two runs of ~0.1 ms and no thread hop at all.
+pyspf asks through the module function ``spf.DNSLookup``; this module replaces that function
+once by a dispatcher that uses the lookup of the query running in the current thread (a
+thread-local, set by our ``spf.query`` subclass around each lookup), so concurrent evaluations
+with different resolvers never mix, and any other user of pyspf in the
 process keeps its own DNS. The whole evaluation is bounded by ``TIME_LIMIT`` seconds of DNS
 waiting (RFC 7208 4.6.4); a lookup that fails or times out is ``temperror``, an SPF result like
 the others, which a rule matches only when it lists it (no ``CheckError``). Rules using this
@@ -37,7 +39,6 @@ comment, control characters removed) before it reaches the ``Received-SPF`` head
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 import re
 import threading
 from collections.abc import Callable, Mapping
@@ -73,7 +74,6 @@ __all__ = [
 
 RESULTS = frozenset({"pass", "fail", "softfail", "neutral", "none", "permerror", "temperror"})
 TIME_LIMIT = 20.0  # seconds of DNS waiting per evaluation (RFC 7208 4.6.4: "at least 20")
-WORKERS = 32  # threads evaluating SPF at once; further evaluations wait for a free one
 _ASKED_TYPES = frozenset({"A", "AAAA", "MX", "PTR", "TXT", "SPF", "CNAME"})
 
 
@@ -135,107 +135,122 @@ async def _evaluate(facts: Facts, ports: Ports, *, helo_identity: bool) -> SpfOu
             return SpfOutcome("none", "mailfrom", "", "", "no sender", client_ip, helo, sender)
         checked, identity = sender, "mailfrom"
     receiver = min(facts.our_names) if facts.our_names else "unknown"  # the %{r} macro
-    loop = asyncio.get_running_loop()
-    job = _Job(ports.resolver, loop, client_ip, checked, helo or "", receiver)
-    work = loop.run_in_executor(_executor(), job.run)
+    args = {"i": client_ip, "s": checked, "h": helo or "", "receiver": receiver}
     try:
-        result, explanation, domain, mailbox, mechanism = await asyncio.shield(work)
-    except asyncio.CancelledError:
-        job.abandon()  # the worker stops at its next (or current) DNS question
-        raise
+        async with asyncio.timeout(TIME_LIMIT):
+            result, explanation, domain, mailbox, mechanism = await _replay(ports.resolver, args)
+    except TimeoutError:
+        query = _Query(_Replay().lookup, querytime=TIME_LIMIT, **args)
+        result, explanation = "temperror", f"no DNS answer within {TIME_LIMIT:g}s"
+        domain, mailbox, mechanism = str(query.o), f"{query.l}@{query.o}", None
     return SpfOutcome(
         result, identity, domain, mailbox, explanation, client_ip, helo, sender, mechanism
     )
 
 
-_pool: concurrent.futures.ThreadPoolExecutor | None = None
-_pool_lock = threading.Lock()
+class _NeedAnswer(BaseException):
+    """Raised through pyspf when it asks a question not answered yet (BaseException, so that
+    pyspf's ``except Exception`` handlers let it pass; its bare ``except:`` around the
+    explanation lookup may swallow it, which ``_Replay.missing`` notices)."""
 
 
-def _executor() -> concurrent.futures.ThreadPoolExecutor:
-    global _pool
-    with _pool_lock:
-        if _pool is None:
-            _pool = concurrent.futures.ThreadPoolExecutor(WORKERS, thread_name_prefix="spf")
-        return _pool
+class _Replay:
+    """Answers pyspf's DNS questions from what was fetched before this run of it."""
 
-
-class _Job:
-    """One pyspf evaluation in a worker thread, asking its DNS questions on ``loop``."""
-
-    def __init__(
-        self,
-        resolver: Resolver,
-        loop: asyncio.AbstractEventLoop,
-        client_ip: str,
-        sender: str,
-        helo: str,
-        receiver: str,
-    ) -> None:
-        self._resolver = resolver
-        self._loop = loop
-        self._args = {"i": client_ip, "s": sender, "h": helo, "receiver": receiver}
-        self._lock = threading.Lock()
-        self._abandoned = False
-        self._pending: concurrent.futures.Future[DnsAnswer] | None = None
-
-    def abandon(self) -> None:
-        """Called from the loop when nobody waits any more: fail the current and next lookups."""
-        with self._lock:
-            self._abandoned = True
-            pending = self._pending
-        if pending is not None:
-            pending.cancel()
-
-    def run(self) -> tuple[str, str, str, str, str | None]:
-        """(result, explanation, domain, mailbox, mechanism); runs in a worker thread."""
-        query = _Query(self.lookup, querytime=TIME_LIMIT, **self._args)
-        domain, mailbox = str(query.o), f"{query.l}@{query.o}"
-        try:
-            result, _code, explanation = query.check()
-        except Exception as exc:  # a pyspf failure on hostile input must not end the session
-            problem = f"SPF evaluation failed ({type(exc).__name__})"
-            return "temperror", problem, domain, mailbox, None
-        if result not in RESULTS:  # "ambiguous" exists only in pyspf's harsh mode, unused here
-            return "temperror", f"unexpected SPF result {result!r}", domain, mailbox, None
-        mechanism = query.mechanism if isinstance(query.mechanism, str) else None
-        return str(result), str(explanation), domain, mailbox, mechanism
+    def __init__(self) -> None:
+        self.answers: dict[tuple[str, str], DnsAnswer | DnsTempError] = {}
+        self.missing: list[tuple[str, str]] = []
 
     def lookup(self, name: str, qtype: str, timeout: float | None) -> list[tuple[Any, Any]]:
-        """pyspf's ``DNSLookup`` contract, answered by the ``Resolver`` port on the loop.
-
-        Returns ``[((name, qtype), value), ...]`` as pyspf's dnspython driver does: TXT/SPF as a
-        tuple of byte strings, A/AAAA as the address text, MX as ``(preference, exchange)``,
-        PTR/CNAME as the name. NXDOMAIN and NODATA are an empty list (pyspf counts both as void
-        lookups); a temporary failure, a timeout or an abandoned job is ``spf.TempError``.
-        """
+        """pyspf's ``DNSLookup`` contract: ``[((name, qtype), value), ...]`` as pyspf's
+        dnspython driver returns it: TXT/SPF as a tuple of byte strings, A/AAAA as the address
+        text, MX as ``(preference, exchange)``, PTR/CNAME as the name. NXDOMAIN and NODATA are
+        an empty list (pyspf counts both as void lookups); a temporary failure is
+        ``spf.TempError``."""
         if qtype not in _ASKED_TYPES:
             raise pyspf.TempError(f"DNS type {qtype} not supported")
-        wait = TIME_LIMIT if timeout is None or timeout <= 0 else min(float(timeout), TIME_LIMIT)
-        with self._lock:
-            if self._abandoned:
-                raise pyspf.TempError("DNS lookup abandoned")
-            try:
-                future = asyncio.run_coroutine_threadsafe(
-                    self._resolver.query(name, qtype), self._loop
-                )
-            except RuntimeError:  # the loop is closed
-                raise pyspf.TempError("DNS lookup abandoned") from None
-            self._pending = future
-        try:
-            answer = future.result(wait)
-        except concurrent.futures.TimeoutError:
-            future.cancel()
-            raise pyspf.TempError(f"DNS {qtype} {name}: no answer within {wait:g}s") from None
-        except concurrent.futures.CancelledError:
-            raise pyspf.TempError("DNS lookup abandoned") from None
-        except DnsTempError as exc:
-            raise pyspf.TempError(f"DNS {exc.reason}") from None
-        finally:
-            with self._lock:
-                self._pending = None
-        key = (name, qtype)
+        key = (str(name), qtype)
+        answer = self.answers.get(key)
+        if answer is None:
+            self.missing.append(key)
+            raise _NeedAnswer
+        if isinstance(answer, DnsTempError):
+            raise pyspf.TempError(f"DNS {answer.reason}")
         return [(key, value) for value in _pyspf_values(qtype, answer)]
+
+
+MAX_RUNS = 64  # pyspf's own limits end an evaluation long before (10 terms, 10 MX/PTR names)
+MAX_PREFETCH = 24  # include/redirect records fetched ahead of pyspf's questions, at most
+
+
+async def _replay(
+    resolver: Resolver, args: Mapping[str, str]
+) -> tuple[str, str, str, str, str | None]:
+    """Runs pyspf on the event loop, again and again, each time with the answers it asked for.
+
+    pyspf is synchronous and deterministic for given DNS answers: a run stops at the first
+    question not answered yet; the question goes to the resolver (its cache answers repeat
+    questions at once) and pyspf runs again from the start. A typical record costs one or two
+    runs of ~0.1 ms and no thread at all.
+    """
+    replay = _Replay()
+    for _ in range(MAX_RUNS):
+        replay.missing.clear()
+        try:
+            outcome = _run_query(replay, args)
+        except _NeedAnswer:
+            outcome = None
+        if not replay.missing:
+            assert outcome is not None
+            return outcome
+        wanted = list(dict.fromkeys(replay.missing))
+        while wanted:  # what pyspf asked for, and the includes those records will make it ask
+            answers = await asyncio.gather(
+                *(resolver.query(name, qtype) for name, qtype in wanted), return_exceptions=True
+            )
+            followups: list[tuple[str, str]] = []
+            for key, answer in zip(wanted, answers, strict=True):
+                if isinstance(answer, DnsAnswer):
+                    replay.answers[key] = answer
+                    if key[1] == "TXT":
+                        followups.extend(_included(answer))
+                elif isinstance(answer, DnsTempError):
+                    replay.answers[key] = answer
+                else:
+                    raise answer
+            wanted = [k for k in dict.fromkeys(followups) if k not in replay.answers]
+            if len(replay.answers) >= MAX_PREFETCH:  # a chain of includes pyspf would cut off
+                wanted = []
+    return "temperror", "too many DNS questions", "", "", None
+
+
+_INCLUDE = re.compile(r"(?:^|\s)(?:[+?~-]?include:|redirect=)([A-Za-z0-9._-]+)(?=\s|$)", re.I)
+
+
+def _included(answer: DnsAnswer) -> list[tuple[str, str]]:
+    """The TXT questions an SPF record's macro-free ``include:`` and ``redirect=`` terms will
+    raise: fetched together with the record (concurrently), instead of one pyspf run each.
+    A guess that misses costs one more run, never a wrong result: pyspf still decides."""
+    found: list[tuple[str, str]] = []
+    for record in answer.records:
+        if record[:7].lower() == "v=spf1 " and len(found) < 10:
+            found.extend((target, "TXT") for target in _INCLUDE.findall(record))
+    return found[:10]
+
+
+def _run_query(replay: _Replay, args: Mapping[str, str]) -> tuple[str, str, str, str, str | None]:
+    """(result, explanation, domain, mailbox, mechanism) of one pyspf run."""
+    query = _Query(replay.lookup, querytime=TIME_LIMIT, **args)
+    domain, mailbox = str(query.o), f"{query.l}@{query.o}"
+    try:
+        result, _code, explanation = query.check()
+    except Exception as exc:  # a pyspf failure on hostile input must not end the session
+        problem = f"SPF evaluation failed ({type(exc).__name__})"
+        return "temperror", problem, domain, mailbox, None
+    if result not in RESULTS:  # "ambiguous" exists only in pyspf's harsh mode, unused here
+        return "temperror", f"unexpected SPF result {result!r}", domain, mailbox, None
+    mechanism = query.mechanism if isinstance(query.mechanism, str) else None
+    return str(result), str(explanation), domain, mailbox, mechanism
 
 
 def _pyspf_values(qtype: str, answer: DnsAnswer) -> list[Any]:
