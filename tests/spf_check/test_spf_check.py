@@ -438,3 +438,21 @@ def test_header_lines_stay_short_for_long_input() -> None:
         outcome(mailbox=long, sender=long, helo=long, domain=long), "h" * 255
     )
     assert all(len(line) <= 998 for line in header.split("\r\n"))
+
+
+def test_questions_remembered_per_domain_never_change_the_result(dns: ZoneServer) -> None:
+    """The second evaluation of a domain starts from the questions of the first; with another
+    client, another record, or an include that appeared, pyspf still decides from the DNS."""
+    dns.set("inc.example.net", "TXT", ["v=spf1 include:pass.example.net -all"])
+    first = outcome_of(dns, make_facts(ip=CLIENT, helo="h.example.net", sender="a@inc.example.net"))
+    assert first.result == "pass"
+    other = outcome_of(
+        dns, make_facts(ip="203.0.113.9", helo="h.example.net", sender="a@inc.example.net")
+    )
+    assert other.result == "fail"
+    dns.set("inc.example.net", "TXT", ["v=spf1 include:soft.example.net -all"])
+    changed = outcome_of(
+        dns, make_facts(ip=CLIENT, helo="h.example.net", sender="a@inc.example.net")
+    )
+    assert changed.result == "fail"  # soft.example.net's ~all does not match: the include fails
+    assert dns.queries("soft.example.net", "TXT") >= 1
