@@ -154,3 +154,81 @@ def test_recipient_domains_limit_a_rule_to_those_recipients() -> None:
     f.recipient = "someone@example.test"
     out = run([only_corp], f)
     assert out.verdict is None and out.decisions == []
+
+
+class Waits:
+    """A check that waits several times before answering (or failing): it runs under the rule's
+    deadline after its first wait."""
+
+    name: ClassVar[str] = "waits"
+    stages: ClassVar[frozenset[Stage]] = frozenset(Stage)
+
+    def __init__(self, *, fail: Exception | None = None, inner_timeout: float | None = None):
+        self.fail, self.inner_timeout = fail, inner_timeout
+        self.cleaned_up = False
+
+    async def evaluate(self, facts: Facts, ports: Ports) -> CheckResult:
+        try:
+            await asyncio.sleep(0)
+            loop = asyncio.get_running_loop()
+            later: asyncio.Future[str] = loop.create_future()
+            loop.call_later(0.01, later.set_result, "late")
+            value = await later
+            if self.inner_timeout is not None:  # a check with its own, shorter deadline
+                try:
+                    async with asyncio.timeout(self.inner_timeout):
+                        await asyncio.sleep(3600)
+                except TimeoutError:
+                    value = "inner timeout"
+            if self.fail is not None:
+                raise self.fail
+            return CheckResult(True, value, {"v": value})
+        finally:
+            self.cleaned_up = True
+
+
+def test_a_check_that_waits_is_followed_to_its_answer_or_error() -> None:
+    out = run([rule(Waits(), log_message="got $v")])
+    assert out.verdict is not None and out.verdict.log_message == "got late"
+    out = run([rule(Waits(inner_timeout=0.01), log_message="got $v")])
+    assert out.verdict is not None and out.verdict.log_message == "got inner timeout"
+    out = run([rule(Waits(fail=DnsTempError("SERVFAIL")), on_error=OnError.DENY)])
+    assert out.verdict.action is Action.DENY
+    assert out.decisions[0].error is not None and "SERVFAIL" in out.decisions[0].error
+
+
+def test_cancelling_a_stage_cancels_the_waiting_check() -> None:
+    check = Waits(inner_timeout=3600)
+
+    async def scenario() -> None:
+        task = asyncio.ensure_future(evaluate_stage(Stage.RCPT, [rule(check)], facts(), PORTS))
+        await asyncio.sleep(0.05)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+    asyncio.run(scenario())
+    assert check.cleaned_up
+
+
+@pytest.mark.parametrize(
+    "text",
+    ["$ip is listed at $zone", "a $$ b ${zone}s $unknown ${bad $", "$", "$$", "x$", "${}", "$1a"],
+)
+def test_rule_texts_fill_as_string_template_does(text: str) -> None:
+    from string import Template
+
+    values = {"zone": "bl.test"}
+    out = run([rule(Fixed(values=values), message=text, log_message=text)])
+    expected = Template(text).safe_substitute(
+        {
+            "ip": "192.0.2.1",
+            "helo": "h.test",
+            "sender": "s@x.test",
+            "recipient": "r@example.test",
+            "reason": "because",
+            **values,
+        }
+    )
+    assert out.verdict.log_message == expected
+    assert out.verdict.reply.text == (expected or "Access denied")

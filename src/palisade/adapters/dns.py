@@ -133,6 +133,11 @@ class DnsStats:
             setattr(self, key, 0)
 
 
+# Cache and merge key: the canonical (lower-case, absolute) name as text and the type number.
+# Text rather than dns.name.Name: a Name computes its hash anew at every dict probe.
+_Key = tuple[str, int]
+
+
 @dataclass(frozen=True, slots=True)
 class _Entry:
     records: tuple[str, ...]
@@ -268,12 +273,12 @@ class DnsResolver:
         self._tcp_fallback = bool(use_tcp_fallback)
         self._edns_payload = int(edns_payload)
         self._clock: Clock = clock if clock is not None else SystemClock()
-        self._cache: OrderedDict[tuple[dns.name.Name, int], tuple[float, _Entry]] = OrderedDict()
-        self._inflight: dict[tuple[dns.name.Name, int], asyncio.Task[_Entry]] = {}
+        self._cache: OrderedDict[_Key, tuple[float, _Entry]] = OrderedDict()
+        self._inflight: dict[_Key, asyncio.Task[_Entry]] = {}
         # (name text, rdtype text) -> parsed key: a warm-cache lookup then costs two dict probes
         # instead of dnspython's name parsing (measured: ~9 % of a worker's time under load).
         self._parsed: dict[
-            tuple[str, str], tuple[dns.name.Name, dns.rdatatype.RdataType] | None
+            tuple[str, str], tuple[dns.name.Name, dns.rdatatype.RdataType, _Key] | None
         ] = {}
         self._ptr_names: dict[str, str] = {}
         self.stats = DnsStats()
@@ -312,15 +317,18 @@ class DnsResolver:
         else:
             qtype_parsed = _parse_rdtype(rdtype)  # ValueError for a bad type: not memoised
             qname_parsed = _parse_name(name)
-            parsed = None if qname_parsed is None else (qname_parsed, qtype_parsed)
+            parsed = (
+                None
+                if qname_parsed is None
+                else (qname_parsed, qtype_parsed, (qname_parsed.to_text(), int(qtype_parsed)))
+            )
             if len(self._parsed) >= self._cache_size:
                 self._parsed.clear()
             self._parsed[text_key] = parsed
         if parsed is None:
             self.stats.invalid_names += 1
             return DnsAnswer(records=(), ttl=0, nxdomain=True)
-        qname, qtype = parsed
-        key = (qname, int(qtype))
+        qname, qtype, key = parsed
         cached = self._cache_get(key)
         if cached is not None:
             self.stats.cache_hits += 1
@@ -347,7 +355,7 @@ class DnsResolver:
 
     # ---------------------------------------------------------------- cache
 
-    def _cache_get(self, key: tuple[dns.name.Name, int]) -> tuple[_Entry, int] | None:
+    def _cache_get(self, key: _Key) -> tuple[_Entry, int] | None:
         item = self._cache.get(key)
         if item is None:
             return None
@@ -358,7 +366,7 @@ class DnsResolver:
             return None
         return entry, math.ceil(remaining)
 
-    def _cache_put(self, key: tuple[dns.name.Name, int], entry: _Entry, ttl: float) -> None:
+    def _cache_put(self, key: _Key, entry: _Entry, ttl: float) -> None:
         if ttl <= 0 or self._cache_size == 0:
             return
         self._cache.pop(key, None)
@@ -367,7 +375,7 @@ class DnsResolver:
             self._cache.popitem(last=False)
             self.stats.evictions += 1
 
-    def _forget(self, key: tuple[dns.name.Name, int], task: asyncio.Task[_Entry]) -> None:
+    def _forget(self, key: _Key, task: asyncio.Task[_Entry]) -> None:
         if self._inflight.get(key) is task:
             del self._inflight[key]
 
@@ -380,7 +388,7 @@ class DnsResolver:
     # ---------------------------------------------------------------- resolution
 
     async def _resolve(
-        self, key: tuple[dns.name.Name, int], qname: dns.name.Name, qtype: dns.rdatatype.RdataType
+        self, key: _Key, qname: dns.name.Name, qtype: dns.rdatatype.RdataType
     ) -> _Entry:
         """Never raises (but for cancellation): failures become error entries."""
         label = f"{qname.to_text()} {dns.rdatatype.to_text(qtype)}"

@@ -13,9 +13,12 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Sequence
+import types
+import typing
+from collections.abc import Coroutine, Generator, Sequence
 from dataclasses import dataclass, field
 from string import Template
+from typing import Any
 
 from palisade.policy.rules import Check, CheckError, CheckResult, Facts, OnError, Ports, Stage, Verb
 from palisade.policy.verdict import Action, Verdict
@@ -90,16 +93,55 @@ class StageOutcome:
         return [d.header for d in self.decisions if d.acted and d.header]
 
 
+def _parse_text(template: str) -> tuple[str | tuple[str, str], ...]:
+    """A rule text cut at its placeholders once: literal strings and (name, text as written)
+    pairs. Filling it gives exactly ``Template(template).safe_substitute(values)``: ``$$`` is a
+    ``$``, an unknown name or a lone ``$`` stays as written."""
+    parts: list[str | tuple[str, str]] = []
+    done = 0
+    for match in Template.pattern.finditer(template):
+        if match.start() > done:
+            parts.append(template[done : match.start()])
+        done = match.end()
+        named = match.group("named") or match.group("braced")
+        if named is not None:
+            parts.append((named, match.group()))
+        elif match.group("escaped") is not None:
+            parts.append(Template.delimiter)
+        else:  # invalid: kept as written
+            parts.append(match.group())
+    if done < len(template):
+        parts.append(template[done:])
+    return tuple(parts)
+
+
+_TEXTS: dict[str, tuple[str | tuple[str, str], ...]] = {}  # rule texts, parsed once
+
+
 def _fill(template: str, result: CheckResult, facts: Facts) -> str:
+    if "$" not in template:
+        return template
+    parts = _TEXTS.get(template)
+    if parts is None:
+        if len(_TEXTS) >= 1024:  # rule texts come from the config: a few; bound it anyway
+            _TEXTS.clear()
+        parts = _TEXTS[template] = _parse_text(template)
     values = {
-        "ip": str(facts.client_ip),
+        "ip": facts.client_ip_text,
         "helo": facts.helo or "",
         "sender": facts.sender or "",
         "recipient": facts.recipient or "",
         "reason": result.reason,
         **result.values,
     }
-    return Template(template).safe_substitute(values)
+    out: list[str] = []
+    for part in parts:
+        if isinstance(part, str):
+            out.append(part)
+        else:
+            name, written = part
+            out.append(str(values[name]) if name in values else written)
+    return "".join(out)
 
 
 def _reply(rule: Rule, verb: Verb, text: str) -> Reply:
@@ -110,11 +152,53 @@ def _reply(rule: Rule, verb: Verb, text: str) -> Reply:
     return Reply(code, enhanced, text or ("Access denied" if code >= 500 else "Try again later"))
 
 
+class _Resume:
+    """Awaits the rest of a coroutine that has already been started and is suspended on
+    ``pending`` (what its first ``send`` yielded): the same hand-over ``await`` does, one step
+    late, so the check's deadline can be set only for checks that really wait."""
+
+    __slots__ = ("_coro", "_pending")
+
+    def __init__(self, coro: Coroutine[Any, Any, CheckResult], pending: object) -> None:
+        self._coro = coro
+        self._pending = pending
+
+    def __await__(self) -> Generator[Any, Any, CheckResult]:
+        coro, pending = self._coro, self._pending
+        self._pending = None
+        try:
+            while True:
+                try:
+                    sent = yield pending
+                except GeneratorExit:
+                    raise
+                except BaseException as exc:  # cancellation (the deadline) and the like
+                    pending = coro.throw(exc)
+                else:
+                    pending = coro.send(sent)
+        except StopIteration as stop:
+            return typing.cast(CheckResult, stop.value)
+        finally:
+            coro.close()  # a no-op once finished; ends it if this awaiter was dropped
+
+
 async def _run_check(rule: Rule, facts: Facts, ports: Ports) -> CheckResult:
+    # A check answered from caches (the warm path: a refused listed client) finishes in its
+    # first step; it then costs no deadline timer at all. One that has to wait (a DNS query on
+    # the wire, the store) gets the rule's deadline from its first wait on: the CPU time before
+    # that first wait is not counted (a deadline cannot interrupt it anyway).
+    coro = rule.check.evaluate(facts, ports)
     try:
-        # asyncio.timeout, not wait_for: no extra Task per check on the hot path.
+        if type(coro) is not types.CoroutineType:  # any other awaitable: the plain way
+            async with asyncio.timeout(rule.timeout):
+                return await coro
+        try:
+            pending = coro.send(None)
+        except StopIteration as stop:
+            return typing.cast(CheckResult, stop.value)
+        # asyncio.timeout, not wait_for: no extra Task per check.
         async with asyncio.timeout(rule.timeout):
-            return await rule.check.evaluate(facts, ports)
+            return await _Resume(coro, pending)
     except TimeoutError:
         raise CheckError(f"{rule.check.name} check timed out after {rule.timeout:g}s") from None
     except (DnsTempError, StateTempError) as exc:
@@ -129,7 +213,7 @@ async def evaluate_stage(
     if facts.results.get("accept_all"):
         return outcome
     for rule in rules:
-        if not rule.applies_to(facts):
+        if rule.recipient_domains and not rule.applies_to(facts):
             continue
         started = time.monotonic()
         error: str | None = None
@@ -156,7 +240,6 @@ async def evaluate_stage(
             elif rule.on_error is OnError.DENY:
                 verb = Verb.DENY
         log_text = _fill(rule.log_message or f"{rule.name}: $reason", result, facts)
-        header = _fill(result.header, result, facts) if result.header else None
         if rule.observe:
             outcome.decisions.append(
                 Decision(
@@ -179,7 +262,10 @@ async def evaluate_stage(
                 log_text,
                 elapsed,
                 error=error,
-                header=header if verb is Verb.WARN else None,
+                # only a warn rule adds its header: the others never fill it
+                header=_fill(result.header, result, facts)
+                if verb is Verb.WARN and result.header
+                else None,
             )
         )
         if verb is Verb.WARN:

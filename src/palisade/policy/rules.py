@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import enum
+import functools
 import ipaddress
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
@@ -98,6 +99,11 @@ class Facts:
     # Per-transaction findings (SPF, DKIM, DMARC, scans), emptied at every MAIL; see ``memo``.
     tx: dict[str, Any] = field(default_factory=dict)
     message: MessageFacts | None = None  # set after the final dot of DATA
+
+    @functools.cached_property
+    def client_ip_text(self) -> str:
+        """``str(client_ip)``, converted once per connection (every check and text wants it)."""
+        return str(self.client_ip)
 
     @property
     def sender_domain(self) -> str | None:

@@ -8,7 +8,6 @@ shutdown (stop accepting, let transactions in flight finish, then tempfail the r
 from __future__ import annotations
 
 import asyncio
-import collections
 import contextlib
 import functools
 import socket
@@ -43,7 +42,7 @@ class Listener:
         self.sockets = sockets
         self.servers: list[asyncio.Server] = []
         self.sessions: dict[asyncio.Task[None], Session] = {}
-        self.per_ip: collections.Counter[str] = collections.Counter()
+        self.per_ip: dict[str, int] = {}  # open connections per client IP (none: absent)
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
@@ -52,9 +51,11 @@ class Listener:
             self.servers.append(server)
 
     def _on_connect(self, stream: ClientStream) -> None:
-        ip, port = stream.peer
+        peer = stream.peer
+        ip, port = peer
         limits = self.ctx.config.server
         host = self.ctx.config.server.hostname
+        open_here = self.per_ip.get(ip, 0)
         if len(self.sessions) >= limits.max_connections:
             self._turn_away(stream, f"421 4.7.0 {host} Too many connections, try later\r\n")
             self.ctx.log.reject(
@@ -62,15 +63,15 @@ class Listener:
                 f"({len(self.sessions)}, max={limits.max_connections})"
             )
             return
-        if self.per_ip[ip] >= limits.max_connections_per_ip:
+        if open_here >= limits.max_connections_per_ip:
             self._turn_away(stream, f"421 4.7.0 {host} Too many connections from your host\r\n")
             self.ctx.log.reject(
                 f"Connection from [{ip}]:{port} refused: too many connections from that IP "
-                f"address ({self.per_ip[ip]}, max={limits.max_connections_per_ip})"
+                f"address ({open_here}, max={limits.max_connections_per_ip})"
             )
             return
-        self.per_ip[ip] += 1
-        session = Session(self.ctx, stream)
+        self.per_ip[ip] = open_here + 1
+        session = Session(self.ctx, stream, peer)
         task = asyncio.get_running_loop().create_task(session.run())
         self.sessions[task] = session
         task.add_done_callback(functools.partial(self._finished, ip=ip))
@@ -82,9 +83,11 @@ class Listener:
 
     def _finished(self, task: asyncio.Task[None], *, ip: str) -> None:
         self.sessions.pop(task, None)
-        self.per_ip[ip] -= 1
-        if self.per_ip[ip] <= 0:
-            del self.per_ip[ip]
+        left = self.per_ip.get(ip, 0) - 1
+        if left > 0:
+            self.per_ip[ip] = left
+        else:
+            self.per_ip.pop(ip, None)
         if not task.cancelled() and task.exception() is not None:
             self.ctx.log.panic(f"session for [{ip}] failed: {task.exception()!r}")
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import ipaddress
 import time
 from dataclasses import dataclass, field
@@ -43,6 +44,18 @@ def _header_line(header: str) -> bytes:
     return (escape(header, 900) + "\r\n").encode("utf-8", "replace")
 
 
+@functools.lru_cache(maxsize=4096)
+def _client_address(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
+    """The peer address as an object, parsed once per address seen lately (addresses are
+    immutable; the same clients come back, and listed ones hammer)."""
+    return ipaddress.ip_address(text)
+
+
+@functools.lru_cache(maxsize=16)
+def _our_names(hostname: str) -> frozenset[str]:
+    return frozenset({hostname.lower()})
+
+
 class _Closed(Exception):
     """The conversation is over (QUIT, drop, timeout, EOF)."""
 
@@ -64,27 +77,16 @@ class Transaction:
 class Session:
     """Drives one client connection from greeting to close."""
 
-    def __init__(self, ctx: ServerContext, stream: ClientStream) -> None:
+    def __init__(
+        self, ctx: ServerContext, stream: ClientStream, peer: tuple[str, int] | None = None
+    ) -> None:
         self.ctx = ctx
         self.stream = stream
         self.config = ctx.config
-        self.ip_text, self.port = stream.peer
-        self.ip = ipaddress.ip_address(self.ip_text)
-        limits = self.config.limits
-        self.conn = SmtpConnection(
-            features=Features(
-                hostname=self.config.server.hostname,
-                max_size=limits.max_message_size,
-                starttls=ctx.tls_context is not None,
-            ),
-            limits=Limits(
-                max_command_line=limits.max_command_line,
-                max_text_line=limits.max_text_line,
-                max_message_size=limits.max_message_size,
-                max_recipients=limits.max_recipients,
-                max_errors=limits.max_errors,
-            ),
-        )
+        self.ip_text, self.port = peer if peer is not None else stream.peer
+        self.ip = _client_address(self.ip_text)
+        # The SMTP state machine (``conn``) is built on first use, after the connect rules:
+        # a client refused instead of the banner never needs one.
         self.helo: str | None = None
         self.esmtp = False
         self.tls: str | None = None
@@ -93,7 +95,7 @@ class Session:
             client_ip=self.ip,
             client_port=self.port,
             local_domains=ctx.relay_policy.local_domains,
-            our_names=frozenset({self.config.server.hostname.lower()}),
+            our_names=_our_names(self.config.server.hostname),
             our_ips=ctx.our_ips,
         )
         self.facts.results["relay_client"] = ctx.relay_policy.client_may_relay(self.ip)
@@ -103,6 +105,25 @@ class Session:
         self._deadline: float | None = None
         self._data_started: float | None = None
         self._data_bytes = 0
+
+    @functools.cached_property
+    def conn(self) -> SmtpConnection:
+        """The SMTP protocol state of this connection (built once, on first use)."""
+        limits = self.config.limits
+        return SmtpConnection(
+            features=Features(
+                hostname=self.config.server.hostname,
+                max_size=limits.max_message_size,
+                starttls=self.ctx.tls_context is not None,
+            ),
+            limits=Limits(
+                max_command_line=limits.max_command_line,
+                max_text_line=limits.max_text_line,
+                max_message_size=limits.max_message_size,
+                max_recipients=limits.max_recipients,
+                max_errors=limits.max_errors,
+            ),
+        )
 
     # -- log helpers ------------------------------------------------------------------------
     def host_field(self) -> str:
@@ -136,7 +157,8 @@ class Session:
             # client told to come back, so it keeps responsibility for its message.
             self._out.append(self._shutdown_reply().to_bytes())
         finally:
-            self._abort_transaction()
+            if self.tx.writer is not None or self.tx.sender is not None:
+                self._abort_transaction()
             with contextlib.suppress(Exception):
                 await self._flush()
             self.stream.close()
@@ -191,33 +213,40 @@ class Session:
         return True
 
     def _log_decisions(self, outcome: StageOutcome, subject: str) -> None:
-        where = f"{self.host_field()}{self._sender_field()}"
+        lines: list[str] = []  # most stages log nothing: the prefix is built only when needed
+        results = self.facts.results
         for decision in outcome.decisions:
-            check = decision.rule.check
-            if getattr(check, "log_rates", False) and "ratelimit.rate" in self.facts.results:
-                self.ctx.log.main(f"{where} rate {self.facts.results['ratelimit.rate']}")
+            if getattr(decision.rule.check, "log_rates", False) and "ratelimit.rate" in results:
+                lines.append(f"rate {results['ratelimit.rate']}")
             if decision.error is not None:
-                self.ctx.log.main(
-                    f'{where} {outcome.stage.value} rule "{escape(decision.rule.name)}": '
+                lines.append(
+                    f'{outcome.stage.value} rule "{escape(decision.rule.name)}": '
                     f"temporary failure: {escape(decision.error)}"
                     + (" (skipped)" if not decision.matched else "")
                 )
             if not decision.matched:
                 continue
             if not decision.acted:
-                self.ctx.log.main(f"{where} {escape(decision.log_text)}")
+                lines.append(escape(decision.log_text))
             elif decision.rule.verb.value == "warn":
-                self.ctx.log.main(f"{where} Warning: {escape(decision.log_text)}")
+                lines.append(f"Warning: {escape(decision.log_text)}")
+        if lines:
+            where = f"{self.host_field()}{self._sender_field()}"
+            for line in lines:
+                self.ctx.log.main(f"{where} {line}")
 
     def _log_refusal(self, stage: Stage, subject: str, verdict: Verdict) -> None:
         temporarily = "temporarily " if verdict.action is Action.DEFER else ""
-        what = {
-            Stage.CONNECT: 'connection in "connect" ACL',
-            Stage.HELO: f"EHLO or HELO {escape(subject, 100)}",
-            Stage.MAIL: f"MAIL <{escape(subject, 200)}>",
-            Stage.RCPT: f"RCPT <{escape(subject, 200)}>",
-            Stage.DATA: "after DATA",
-        }[stage]
+        if stage is Stage.CONNECT:
+            what = 'connection in "connect" ACL'
+        elif stage is Stage.HELO:
+            what = f"EHLO or HELO {escape(subject, 100)}"
+        elif stage is Stage.MAIL:
+            what = f"MAIL <{escape(subject, 200)}>"
+        elif stage is Stage.RCPT:
+            what = f"RCPT <{escape(subject, 200)}>"
+        else:
+            what = "after DATA"
         self.ctx.log.reject(
             f"{self.host_field()}{self._sender_field()} {temporarily}rejected {what}: "
             f"{escape(verdict.log_message, 400)}"

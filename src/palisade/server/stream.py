@@ -29,7 +29,8 @@ class ClientStream(asyncio.Protocol):
         self._write_paused = False
         self._drain_waiter: asyncio.Future[None] | None = None
         self._reading_paused = False
-        self.closed = asyncio.get_running_loop().create_future()
+        self._lost = False
+        self._closed: asyncio.Future[None] | None = None  # made on demand: rarely awaited
 
     # -- asyncio.Protocol -------------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -51,11 +52,21 @@ class ClientStream(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._eof = True
+        self._lost = True
         self._wake()
         if self._drain_waiter is not None and not self._drain_waiter.done():
             self._drain_waiter.set_result(None)
-        if not self.closed.done():
-            self.closed.set_result(None)
+        if self._closed is not None and not self._closed.done():
+            self._closed.set_result(None)
+
+    @property
+    def closed(self) -> asyncio.Future[None]:
+        """Done once the connection is lost."""
+        if self._closed is None:
+            self._closed = asyncio.get_running_loop().create_future()
+            if self._lost:
+                self._closed.set_result(None)
+        return self._closed
 
     def pause_writing(self) -> None:
         self._write_paused = True

@@ -32,6 +32,7 @@ answers, comma separated), ``$txt`` (its TXT text or empty), ``$zones`` (every l
 from __future__ import annotations
 
 import asyncio
+import functools
 import ipaddress
 import re
 from collections.abc import Mapping, Sequence
@@ -205,24 +206,39 @@ def _in(ranges: Sequence[CodeRange], value: int) -> bool:
     return any(low <= value <= high for low, high in ranges)
 
 
-def classify(record: str, zone: Zone) -> tuple[str, str]:
-    """("listed" | "ignored" | "error", operator text) for one A record of ``zone``."""
+@functools.lru_cache(maxsize=1024)
+def _answer(record: str) -> tuple[str, str, int] | None:
+    """What an A record says before any zone's codes: ("error", text without the zone, 0) or
+    ("code", the address as text, the address as a number); None when unparsable. Memoised:
+    a list answers with a handful of codes."""
     try:
         addr = ipaddress.ip_address(record.strip())
     except ValueError:
-        return "error", f"{zone.shown}: unparsable answer {safe_text(record, 60)!r}"
+        return None
     if not isinstance(addr, ipaddress.IPv4Address) or addr not in _LOOPBACK:
-        return "error", (
-            f"{zone.shown}: answer {addr} is outside 127.0.0.0/8 "
-            "(a resolver or zone rewriting answers)"
+        return (
+            "error",
+            f"answer {addr} is outside 127.0.0.0/8 (a resolver or zone rewriting answers)",
+            0,
         )
     text = str(addr)
     if addr in _ERROR_RANGE:
         meaning = SPAMHAUS_ERRORS.get(text, "DNSBL error code")
-        return "error", f"{zone.shown}: answer {text} ({meaning})"
-    if _in(zone.errors, int(addr)):
+        return "error", f"answer {text} ({meaning})", 0
+    return "code", text, int(addr)
+
+
+def classify(record: str, zone: Zone) -> tuple[str, str]:
+    """("listed" | "ignored" | "error", operator text) for one A record of ``zone``."""
+    answer = _answer(record)
+    if answer is None:
+        return "error", f"{zone.shown}: unparsable answer {safe_text(record, 60)!r}"
+    kind, text, value = answer
+    if kind == "error":
+        return "error", f"{zone.shown}: {text}"
+    if _in(zone.errors, value):
         return "error", f"{zone.shown}: answer {text} (error code of this list)"
-    if _in(zone.codes, int(addr)):
+    if _in(zone.codes, value):
         return "listed", text
     return "ignored", text
 
@@ -309,7 +325,8 @@ class DnsblCheck:
         if listing and score >= self.threshold:
             first = listing[0]
             described = ", ".join(describe(o) for o in listing)
-            text = f"{ip} is listed at {described}"
+            shown_ip = facts.client_ip_text if ip is facts.client_ip else str(ip)
+            text = f"{shown_ip} is listed at {described}"
             values = {
                 "zone": first.zone.shown,
                 "codes": ", ".join(first.listed),

@@ -12,6 +12,7 @@ nothing here compiles patterns from it or uses it as a path; functions never rai
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import re
 
@@ -33,7 +34,14 @@ def reverse_labels(ip: IPAddress | str) -> str:
 
     IPv4-mapped IPv6 addresses give the IPv4 labels (a dual-stack client is an IPv4 client).
     """
-    addr = unmapped(ipaddress.ip_address(ip))
+    if not isinstance(ip, ipaddress.IPv4Address | ipaddress.IPv6Address):
+        ip = ipaddress.ip_address(ip)
+    return _reverse_labels(unmapped(ip))
+
+
+@functools.lru_cache(maxsize=4096)
+def _reverse_labels(addr: IPAddress) -> str:
+    """The labels of one address (memoised: the same clients come back)."""
     if addr.version == 4:
         return ".".join(reversed(str(addr).split(".")))
     return ".".join(reversed(addr.exploded.replace(":", "")))

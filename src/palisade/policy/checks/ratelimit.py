@@ -59,6 +59,7 @@ from palisade.policy.rules import (
 DEFAULT_LIMIT = 10
 DEFAULT_WINDOW = 15 * 60.0
 KEYS = ("ip", "ip/24")
+_KEY_MEMO = 10_000  # client addresses whose store key is remembered per rule
 _UNITS = {"": 1.0, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
 _DURATION = re.compile(r"\s*(\d+(?:\.\d*)?|\.\d+)\s*([smhd]?)\s*", re.IGNORECASE)
 
@@ -126,20 +127,28 @@ class RateLimitCheck:
         self.key = key
         self.counter = counter if counter is not None else f"{limit}/{_seconds(window)}"
         self.log_rates = log_rates
+        self._window_text = _seconds(window)
+        self._limit_text = str(limit)
+        self._keys: dict[IPAddress, str] = {}  # store keys of recent clients, computed once
 
     def store_key(self, ip: IPAddress) -> str:
         """The key given to ``StateStore.rate_hit``."""
-        return f"rate:{self.counter}:{self.key}:{client_key(ip, self.key)}"
+        key = self._keys.get(ip)
+        if key is None:
+            if len(self._keys) >= _KEY_MEMO:
+                self._keys.clear()
+            key = self._keys[ip] = f"rate:{self.counter}:{self.key}:{client_key(ip, self.key)}"
+        return key
 
     async def evaluate(self, facts: Facts, ports: Ports) -> CheckResult:
         count = await ports.state.rate_hit(
             self.store_key(facts.client_ip), self.window, ports.clock.now()
         )
-        window = _seconds(self.window)
+        window = self._window_text
         rate = f"{count}/{window}"
         facts.results["ratelimit.rate"] = rate
         facts.results["ratelimit.count"] = count
-        values = {"rate": rate, "count": str(count), "limit": str(self.limit), "window": window}
+        values = {"rate": rate, "count": str(count), "limit": self._limit_text, "window": window}
         matched = count > self.limit
         verdict = "over" if matched else "within"
         reason = f"rate {rate} {verdict} limit {self.limit}/{window}"

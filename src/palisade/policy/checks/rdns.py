@@ -37,6 +37,7 @@ ones when ``fcrdns`` is on): one proper name is enough to be a proper host.
 from __future__ import annotations
 
 import asyncio
+import functools
 import ipaddress
 import re
 from collections.abc import Mapping
@@ -175,10 +176,12 @@ class RdnsCheck:
         if isinstance(known, tuple):
             return known
         try:
-            answer = await ports.resolver.ptr(str(ip))
+            answer = await ports.resolver.ptr(
+                facts.client_ip_text if ip is facts.client_ip else str(ip)
+            )
         except DnsTempError as exc:
             raise CheckError(f"PTR lookup for {ip} failed: {safe_text(exc.reason)}") from None
-        names = tuple(dict.fromkeys(normalise_name(n) for n in answer.records if n.strip(".")))
+        names = _ptr_names(tuple(answer.records))
         facts.results["rdns.names"] = names
         return names
 
@@ -207,6 +210,12 @@ class RdnsCheck:
         facts.results["rdns.verified"] = bool(verified)
         facts.results["rdns.verified_names"] = tuple(verified)
         return tuple(verified)
+
+
+@functools.lru_cache(maxsize=4096)
+def _ptr_names(records: tuple[str, ...]) -> tuple[str, ...]:
+    """The distinct PTR names of an answer, normalised (memoised: answers repeat)."""
+    return tuple(dict.fromkeys(normalise_name(n) for n in records if n.strip(".")))
 
 
 def _same_ip(record: str, ip: IPAddress) -> bool:
