@@ -12,7 +12,7 @@ import asyncio
 import ipaddress
 from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
-from typing import Any, BinaryIO, TypeVar
+from typing import Any, TypeVar
 
 import dkim
 import pytest
@@ -20,6 +20,7 @@ import pytest
 from palisade.policy.rules import Facts, MessageFacts, Ports, memo
 from tests.checks.harness import make_ports
 from tests.dnsserver import ZoneServer, start_zone_server
+from tests.messages import message_facts
 
 T = TypeVar("T")
 
@@ -33,35 +34,6 @@ def data(name: str) -> bytes:
 
 def key_record(name: str) -> str:
     return data(name).decode("ascii").strip()
-
-
-class FileSource:
-    """The MessageSource port over a file (what the spool gives the checks)."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        self.opened = 0
-
-    @property
-    def size(self) -> int:
-        return self.path.stat().st_size
-
-    def open(self) -> BinaryIO:
-        self.opened += 1
-        return self.path.open("rb")
-
-
-def parse_headers(raw: bytes) -> tuple[tuple[str, str], ...]:
-    """Header fields as the session hands them over: name as written, value unfolded."""
-    head = raw.replace(b"\r\n", b"\n").split(b"\n\n", 1)[0].decode("utf-8", "replace")
-    fields: list[list[str]] = []
-    for line in head.split("\n"):
-        if line[:1] in (" ", "\t") and fields:
-            fields[-1][1] += line
-        elif ":" in line:
-            name, _, value = line.partition(":")
-            fields.append([name, value.lstrip(" \t")])
-    return tuple((name, value) for name, value in fields)
 
 
 def crlf(raw: bytes) -> bytes:
@@ -78,9 +50,7 @@ class Messages:
     def facts(self, raw: bytes) -> MessageFacts:
         self.count += 1
         raw = crlf(raw)
-        path = self.root / f"msg{self.count}.eml"
-        path.write_bytes(raw)
-        return MessageFacts(parse_headers(raw), FileSource(path), len(raw))
+        return message_facts(self.root / f"msg{self.count}.eml", raw)
 
 
 @pytest.fixture

@@ -3,27 +3,14 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any
 
 from palisade.config.lists import ListHandle
 from palisade.policy.checks.header_sender import FACTORIES
 from palisade.policy.lists import ListKind
-from palisade.policy.rules import MessageFacts
-from palisade.smtp.headers import HeaderSplitter
 from tests.checks.harness import build, make_facts, make_ports, run, run_error
 from tests.dnsserver import ZoneServer
-
-
-class FileSource:
-    def __init__(self, path: Path) -> None:
-        self.path = path
-
-    @property
-    def size(self) -> int:
-        return self.path.stat().st_size
-
-    def open(self) -> BinaryIO:
-        return open(self.path, "rb")
+from tests.messages import message_facts
 
 
 class Lists:
@@ -36,12 +23,8 @@ class Lists:
 
 def facts_for(tmp_path: Path, headers: str, **kw: Any) -> Any:
     raw = headers.replace("\n", "\r\n").encode() + b"\r\nbody\r\n"
-    splitter = HeaderSplitter()
-    splitter.feed(raw)
-    splitter.finish()
-    (tmp_path / "m").write_bytes(raw)
     facts = make_facts(**kw)
-    facts.message = MessageFacts(tuple(splitter.fields), FileSource(tmp_path / "m"), len(raw))
+    facts.message = message_facts(tmp_path / "m", raw)
     return facts
 
 

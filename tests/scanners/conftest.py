@@ -12,34 +12,19 @@ import socket
 import threading
 from collections.abc import Coroutine, Iterator
 from pathlib import Path
-from typing import Any, BinaryIO, TypeVar
+from typing import Any, TypeVar
 
 import pytest
 
 from palisade.policy.rules import Facts, MessageFacts, Ports
 from palisade.ports import SpamScanner, VirusScanner
+from tests.messages import FileSource
 from tests.scanners.clamd import ClamdProcess, start_clamd
 from tests.scanners.spamd import SpamdProcess, start_spamd
 
 T = TypeVar("T")
 
 GTUBE = "XJS*C4JDBQADN1.NSBN3*2IDNEN*GTUBE-STANDARD-ANTI-UBE-TEST-EMAIL*C.34X"
-
-
-class FileSource:
-    """The MessageSource port over a file, as the spool gives it to the scanners."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        self.opened = 0
-
-    @property
-    def size(self) -> int:
-        return self.path.stat().st_size
-
-    def open(self) -> BinaryIO:
-        self.opened += 1
-        return self.path.open("rb")
 
 
 def message_bytes(body: str, subject: str = "Minutes of the Tuesday meeting") -> bytes:
