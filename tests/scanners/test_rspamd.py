@@ -190,6 +190,8 @@ def test_rspamd_stopped(tmp_path: Path) -> None:
         (b"HTTP/1.1 200 OK\r\n\r\n" + b'{"score": 1, "symbols": []}', "symbols is not an object"),
         (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n", "bad chunk size zz"),
         (b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\n{}", "connection closed before a full"),
+        (b"HTTP/1.1 200 OK\r\nbroken\r\n\r\n{}", "bad reply header: broken"),
+        (b"HTTP/1.1 200 OK\r\n" + b"X-A: b\r\n" * 12000, "reply header section too long"),
     ],
 )
 def test_bad_replies(reply: bytes, reason: str, tmp_path: Path) -> None:

@@ -107,6 +107,8 @@ def test_spamd_hanging_times_out(spamd: SpamdProcess, tmp_path: Path) -> None:
         (b"SPAMD/1.1 0 EX_OK\r\nSpam: True ; 9.0 / 5.0\r\nContent-length: 50\r\n\r\nA", "closed"),
         (b"", "connection closed without a reply"),
         (b"SPAMD/1.1 0 EX_OK\r\n" + b"X" * 70000, "reply line too long"),
+        (b"SPAMD/1.1 0 EX_OK\r\nno colon here\r\n\r\n", "bad reply header: no colon here"),
+        (b"SPAMD/1.1 0 EX_OK\r\n" + b"X-A: b\r\n" * 12000, "reply header section too long"),
     ],
 )
 def test_bad_replies_are_temporary_errors(reply: bytes, reason: str, tmp_path: Path) -> None:

@@ -37,7 +37,14 @@ import ssl
 from typing import Any
 from urllib.parse import urlsplit
 
-from palisade.adapters.spamd import os_reason, parse_rules, read_line, send_message, shown
+from palisade.adapters.spamd import (
+    os_reason,
+    parse_rules,
+    read_headers,
+    read_line,
+    send_message,
+    shown,
+)
 from palisade.ports import MessageSource, ServiceTempError, SpamReport
 
 __all__ = ["RspamdScanner"]
@@ -153,19 +160,7 @@ async def _read_response(reader: asyncio.StreamReader) -> tuple[int, bytes]:
     match = _STATUS.fullmatch(status_line)
     if match is None:
         raise ServiceTempError(f"not an HTTP reply: {shown(status_line)}")
-    headers: dict[str, str] = {}
-    seen = len(status_line)
-    while True:
-        line = await read_line(reader)
-        seen += len(line) + 2
-        if seen > _HEAD_LIMIT:
-            raise ServiceTempError("reply header section too long")
-        if not line:
-            break
-        name, sep, value = line.partition(":")
-        if not sep:
-            raise ServiceTempError(f"bad reply header: {shown(line)}")
-        headers[name.strip().lower()] = value.strip()
+    headers = await read_headers(reader, len(status_line), _HEAD_LIMIT)
     encoding = headers.get("transfer-encoding", "").lower()
     if encoding == "chunked":
         body = await _read_chunked(reader)

@@ -220,19 +220,7 @@ class SpamdScanner:
         if match.group(2) != "0":
             text = f"{match.group(2)} {match.group(3)}".strip()
             raise ServiceTempError(f"spamd refused the request: {shown(text)}")
-        headers: dict[str, str] = {}
-        seen = len(status)
-        while True:
-            line = await read_line(reader)
-            seen += len(line) + 2
-            if seen > _REPLY_LIMIT:
-                raise ServiceTempError("reply header section too long")
-            if not line:
-                break
-            name, sep, value = line.partition(":")
-            if not sep:
-                raise ServiceTempError(f"bad reply header: {shown(line)}")
-            headers[name.strip().lower()] = value.strip()
+        headers = await read_headers(reader, len(status), _REPLY_LIMIT)
         spam = headers.get("spam")
         found = _SPAM.fullmatch(spam) if spam is not None else None
         if found is None:
@@ -258,6 +246,23 @@ async def read_line(reader: asyncio.StreamReader) -> str:
     """
     raw = await reader.readuntil(b"\n")
     return raw.rstrip(b"\r\n").decode("latin-1")
+
+
+async def read_headers(reader: asyncio.StreamReader, seen: int, limit: int) -> dict[str, str]:
+    """``Name: value`` lines up to the empty line (SPAMD and HTTP replies alike), names
+    lower-cased; ``seen`` bytes of the reply were read already, ``limit`` caps the section."""
+    headers: dict[str, str] = {}
+    while True:
+        line = await read_line(reader)
+        seen += len(line) + 2
+        if seen > limit:
+            raise ServiceTempError("reply header section too long")
+        if not line:
+            return headers
+        name, sep, value = line.partition(":")
+        if not sep:
+            raise ServiceTempError(f"bad reply header: {shown(line)}")
+        headers[name.strip().lower()] = value.strip()
 
 
 def shown(text: str, limit: int = 120) -> str:
