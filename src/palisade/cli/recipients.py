@@ -1,8 +1,8 @@
 """``palisade recipients sync``: LDAP's addresses written into the static recipients file.
 
-Owns: turning the ``[ldap]`` section into :class:`~palisade.adapters.ldap_directory.LdapSettings`
-(``ldap_settings``), fetching every address (the filter with ``*`` as the value), and replacing the
-file atomically: a temporary file in the same directory, fsync, rename over the old one, fsync of
+Owns: fetching every address LDAP knows (the filter with ``*`` as the value; the adapter's
+settings come from ``server.app.ldap_settings``, as the server's do), and replacing the file
+atomically: a temporary file in the same directory, fsync, rename over the old one, fsync of
 the directory, so a gateway reloading the list sees the old file or the new one, never half of
 one. The file is sorted, one address per line, under a comment header, and keeps the mode of the
 file it replaces.
@@ -27,14 +27,11 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TextIO
+from typing import Any, TextIO
 
-from palisade.config.model import Config, LdapConfig
+from palisade.config.model import Config
 from palisade.policy.lists import ListKind, parse_list
 from palisade.ports import ServiceTempError
-
-if TYPE_CHECKING:  # ldap3 is imported only when a recipients command runs
-    from palisade.adapters.ldap_directory import LdapSettings
 
 LIST_NAME = "recipients"  # the list whose file is the default output
 
@@ -75,26 +72,6 @@ def add_arguments(subparsers: Any) -> argparse.ArgumentParser:
     return parser
 
 
-def ldap_settings(ldap: LdapConfig) -> LdapSettings:
-    """The adapter's settings from the ``[ldap]`` section (``servers`` must not be empty)."""
-    from palisade.adapters.ldap_directory import LdapSettings
-
-    return LdapSettings(
-        servers=tuple(ldap.servers),
-        base_dn=ldap.base_dn,
-        bind_dn=ldap.bind_dn,
-        bind_password=ldap.bind_password,
-        bind_password_file=ldap.bind_password_file,
-        filter=ldap.filter,
-        attributes=tuple(ldap.attributes),
-        start_tls=ldap.start_tls,
-        ca_file=ldap.ca_file,
-        timeout=ldap.timeout,
-        positive_ttl=ldap.positive_ttl,
-        negative_ttl=ldap.negative_ttl,
-    )
-
-
 def default_output(config: Config) -> Path | None:
     for spec in config.lists:
         if spec.name == LIST_NAME and spec.file is not None:
@@ -125,6 +102,8 @@ def run(
     if not config.ldap.servers:
         err.write("palisade recipients sync: no [ldap] servers configured\n")
         return 2
+    from palisade.server.app import ldap_settings  # ldap3 only when this command runs
+
     try:
         settings = ldap_settings(config.ldap)
     except ValueError as exc:

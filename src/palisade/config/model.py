@@ -255,5 +255,14 @@ class Config:
     source: str = "<defaults>"
 
     @property
+    def spam_scanner(self) -> SpamdConfig | RspamdConfig | None:
+        """The configured spam scanner's section (the loader refuses both at once), or None."""
+        if self.spamd.address:
+            return self.spamd
+        if self.rspamd.url:
+            return self.rspamd
+        return None
+
+    @property
     def starttls_available(self) -> bool:
         return self.tls.certificate is not None and self.tls.private_key is not None

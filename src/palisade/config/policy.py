@@ -112,8 +112,8 @@ def build_policy(config: Config, on_list_error: Callable[[str], None] | None = N
             )
         )
     data_rules = rules.setdefault(Stage.DATA, [])
-    data_rules[:0] = _scanner_rules(config, registry, first=True)
-    data_rules.extend(_scanner_rules(config, registry, first=False))
+    data_rules[:0] = _virus_rules(config, registry)
+    data_rules.extend(_spam_kill_rules(config, registry))
     if not data_rules:
         del rules[Stage.DATA]
     return Policy(
@@ -123,31 +123,32 @@ def build_policy(config: Config, on_list_error: Callable[[str], None] | None = N
     )
 
 
-def _scanner_rules(config: Config, registry: ListRegistry, *, first: bool) -> list[Rule]:
-    """The rules the scanner sections imply, around the operator's DATA rules.
+def _virus_rules(config: Config, registry: ListRegistry) -> list[Rule]:
+    """The rule ``[clamd]`` implies, before the operator's DATA rules: a whitelisted sender's
+    virus is still a virus."""
+    if not config.clamd.address:
+        return []
+    return [
+        Rule(
+            name="clamd",
+            stage=Stage.DATA,
+            check=REGISTRY["virus"]({}, registry),
+            verb=Verb.DENY,
+            message="This message contains a virus ($virus)",
+            log_message="virus found: $virus",
+            on_error=OnError.DEFER if config.clamd.on_failure == "defer" else OnError.SKIP,
+            timeout=config.clamd.timeout + 1.0,
+            code=550,
+            enhanced="5.7.1",
+        )
+    ]
 
-    A virus is refused before any operator rule runs (a whitelisted sender's virus is still a
-    virus); the spam kill level comes after them, so an operator's ``accept`` (a sender
-    whitelist) exempts a message from it, as a whitelist in exim's DATA ACL does.
-    """
-    if first:
-        if not config.clamd.address:
-            return []
-        return [
-            Rule(
-                name="clamd",
-                stage=Stage.DATA,
-                check=REGISTRY["virus"]({}, registry),
-                verb=Verb.DENY,
-                message="This message contains a virus ($virus)",
-                log_message="virus found: $virus",
-                on_error=OnError.DEFER if config.clamd.on_failure == "defer" else OnError.SKIP,
-                timeout=config.clamd.timeout + 1.0,
-                code=550,
-                enhanced="5.7.1",
-            )
-        ]
-    scanner = config.spamd if config.spamd.address else config.rspamd if config.rspamd.url else None
+
+def _spam_kill_rules(config: Config, registry: ListRegistry) -> list[Rule]:
+    """The rule ``[spamd]`` or ``[rspamd]`` implies, after the operator's DATA rules, so that
+    an operator's ``accept`` (a sender whitelist) exempts a message from the kill level, as a
+    whitelist in exim's DATA ACL does."""
+    scanner = config.spam_scanner
     if scanner is None:
         return []
     kill = scanner.kill_level

@@ -29,6 +29,7 @@ from palisade.adapters.rspamd import RspamdScanner
 from palisade.adapters.spamd import SpamdScanner
 from palisade.adapters.sqlite_state import SqliteStateStore
 from palisade.config import Config, ConfigError, load_config, parse_host_port
+from palisade.config.model import LdapConfig, RspamdConfig, SpamdConfig
 from palisade.config.policy import Policy, build_policy
 from palisade.obs.log import FileEventLog
 from palisade.obs.queueid import QueueIdGenerator
@@ -116,26 +117,26 @@ def build_ports(config: Config, *, local_rates: bool = False) -> Ports:
 
 
 def build_spam_scanner(config: Config) -> SpamdScanner | RspamdScanner | None:
-    """spamd or rspamd (the loader refuses both at once), or None."""
-    if config.spamd.address:
-        spamd = config.spamd
+    """The client of ``config.spam_scanner`` (spamd or rspamd), or None."""
+    scanner = config.spam_scanner
+    if isinstance(scanner, SpamdConfig):
         return SpamdScanner(
-            spamd.address, timeout=spamd.timeout, max_size=spamd.max_size, user=spamd.user
+            scanner.address, timeout=scanner.timeout, max_size=scanner.max_size, user=scanner.user
         )
-    if config.rspamd.url:
-        rspamd = config.rspamd
+    if isinstance(scanner, RspamdConfig):
         return RspamdScanner(
-            rspamd.url, password=rspamd.password, timeout=rspamd.timeout, max_size=rspamd.max_size
+            scanner.url,
+            password=scanner.password,
+            timeout=scanner.timeout,
+            max_size=scanner.max_size,
         )
     return None
 
 
-def build_directory(config: Config) -> LdapDirectory | None:
-    """The LDAP recipient directory, or None when ``[ldap] servers`` is empty."""
-    ldap = config.ldap
-    if not ldap.servers:
-        return None
-    settings = LdapSettings(
+def ldap_settings(ldap: LdapConfig) -> LdapSettings:
+    """The LDAP adapter's settings from the ``[ldap]`` section (the server and the
+    ``recipients sync`` command both build theirs here)."""
+    return LdapSettings(
         servers=tuple(ldap.servers),
         base_dn=ldap.base_dn,
         bind_dn=ldap.bind_dn,
@@ -149,7 +150,13 @@ def build_directory(config: Config) -> LdapDirectory | None:
         positive_ttl=ldap.positive_ttl,
         negative_ttl=ldap.negative_ttl,
     )
-    return LdapDirectory(settings, clock=SystemClock())
+
+
+def build_directory(config: Config) -> LdapDirectory | None:
+    """The LDAP recipient directory, or None when ``[ldap] servers`` is empty."""
+    if not config.ldap.servers:
+        return None
+    return LdapDirectory(ldap_settings(config.ldap), clock=SystemClock())
 
 
 def close_ports(ports: Ports) -> None:

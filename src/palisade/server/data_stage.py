@@ -43,7 +43,7 @@ def forged_header_filter(config: Config) -> Callable[[str, str], bool] | None:
     and X-Spam-* verdict fields (with a spam scanner on): downstream filters trust both as ours.
     """
     ours = authserv_id(config) if config.authentication.enabled else None
-    scanning = _spam_settings(config) is not None
+    scanning = config.spam_scanner is not None
     if ours is None and not scanning:
         return None
 
@@ -60,19 +60,12 @@ def forged_header_filter(config: Config) -> Callable[[str, str], bool] | None:
     return forged
 
 
-def _spam_settings(config: Config) -> tuple[float, float] | None:
-    """(tag level, kill level) of the configured spam scanner, or None."""
-    if config.spamd.address:
-        return config.spamd.tag_level, config.spamd.kill_level
-    if config.rspamd.url:
-        return config.rspamd.tag_level, config.rspamd.kill_level
-    return None
-
-
 def configured(config: Config) -> bool:
     """Authentication or a scanner is on (the DATA stage has work whatever the rules say)."""
-    return config.authentication.enabled or bool(
-        config.spamd.address or config.rspamd.url or config.clamd.address
+    return (
+        config.authentication.enabled
+        or config.spam_scanner is not None
+        or bool(config.clamd.address)
     )
 
 
@@ -137,18 +130,20 @@ def added_headers(config: Config, facts: Facts) -> bytes:
             outcome = known(facts, "spf")
             if outcome is not None:
                 lines.append(spf.received_spf_header(outcome, config.server.hostname))
-    settings = _spam_settings(config)
-    if settings is not None:
+    scanner = config.spam_scanner
+    if scanner is not None:
         report, failed = _spam_state(facts)
         hostname = config.server.hostname
-        lines.extend(content.spam_headers(report, settings[0], failed=failed, hostname=hostname))
+        lines.extend(
+            content.spam_headers(report, scanner.tag_level, failed=failed, hostname=hostname)
+        )
     folded = ("\r\n".join(fold(_clean(part)) for part in line.split("\r\n")) for line in lines)
     return b"".join((text + "\r\n").encode("utf-8", "replace") for text in folded)
 
 
 def log_fields(config: Config, facts: Facts) -> list[str]:
     """``spam=<score>`` (or ``spam=unchecked`` / ``spam=skipped``) when a scanner is on."""
-    if _spam_settings(config) is None:
+    if config.spam_scanner is None:
         return []
     report, failed = _spam_state(facts)
     if failed:
