@@ -194,7 +194,7 @@ async def _replay(
     runs of ~0.1 ms and no thread at all.
     """
     replay = _Replay()
-    remembered = _ASKED_BEFORE.get(args["s"].rpartition("@")[2].lower() or args["h"].lower())
+    remembered = _ASKED_BEFORE.get(_checked_domain(args))
     if remembered:  # what pyspf asked for this domain last time: usually all it will ask now
         replay.missing.extend(remembered)
     for run in range(MAX_RUNS):
@@ -233,9 +233,14 @@ _ASKED_BEFORE: dict[str, tuple[tuple[str, str], ...]] = {}  # domain -> question
 _ASKED_LIMIT = 4096
 
 
+def _checked_domain(args: Mapping[str, str]) -> str:
+    """The domain an evaluation is about: the sender's, or the HELO name for the null sender."""
+    return args["s"].rpartition("@")[2].lower() or args["h"].lower()
+
+
 def _remember(args: Mapping[str, str], replay: _Replay) -> None:
     """Keeps the questions of a finished evaluation for the next one of the same domain."""
-    domain = args["s"].rpartition("@")[2].lower() or args["h"].lower()
+    domain = _checked_domain(args)
     if not domain:
         return
     _ASKED_BEFORE.pop(domain, None)
