@@ -131,7 +131,7 @@ class Router:
             reason = "no next hop configured for a relay domain"
             return [RecipientResult(r, "deferred", reason, "relay", "smtp") for r in rcpts]
         try:
-            body = await asyncio.to_thread(spool.read_body, envelope.queue_id)
+            body = spool.read_body(envelope.queue_id)
         except (OSError, SpoolError) as exc:
             return [RecipientResult(r, "deferred", str(exc), "relay", "smtp") for r in rcpts]
         return await self.next_hop.deliver(envelope, rcpts, body)
