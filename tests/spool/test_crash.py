@@ -1,8 +1,9 @@
 """Kill -9 at each step of a commit, then recover: no acknowledged loss, nothing torn delivered.
 
 Each scenario runs a child process that queues a message and SIGKILLs ITSELF at one exact point
-(the child wraps ``os.fsync`` / ``os.rename`` only to place the kill; the real calls still run
-before and after). A final test kills a busy child from outside at an arbitrary moment.
+(the child wraps ``os.fsync`` / the spool's ``rename_noreplace`` only to place the kill; the real
+calls still run before and after). A final test kills a busy child from outside at an arbitrary
+moment.
 A process kill keeps the page cache, so these tests cover the program's ordering (what is renamed
 before what is written); power loss is covered by the fsync calls whose order they pin.
 """
@@ -25,6 +26,7 @@ CHILD = textwrap.dedent(
     """
     import asyncio, os, signal, stat, sys, time
     from palisade.spool import Envelope, Spool
+    from palisade.spool import commit
     from palisade.obs.queueid import QueueIdGenerator
 
     root, mode = sys.argv[1], sys.argv[2]
@@ -32,7 +34,7 @@ CHILD = textwrap.dedent(
     def die():
         os.kill(os.getpid(), signal.SIGKILL)
 
-    real_fsync, real_rename = os.fsync, os.rename
+    real_fsync, real_rename = os.fsync, commit.rename_noreplace
 
     def fsync(fd):
         is_dir = stat.S_ISDIR(os.fstat(fd).st_mode)
@@ -49,7 +51,7 @@ CHILD = textwrap.dedent(
         if mode == "after_rename":
             die()
 
-    os.fsync, os.rename = fsync, rename  # placing the kill, not changing behaviour
+    os.fsync, commit.rename_noreplace = fsync, rename  # placing the kill, not changing behaviour
 
     async def main():
         spool = Spool(root)
@@ -110,6 +112,7 @@ BUSY_CHILD = textwrap.dedent(
     """
     import asyncio, sys, time
     from palisade.spool import Envelope, Spool
+    from palisade.spool import commit
     from palisade.obs.queueid import QueueIdGenerator
 
     ids = QueueIdGenerator()

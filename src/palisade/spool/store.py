@@ -62,7 +62,7 @@ from typing import IO, BinaryIO
 
 from palisade.obs.log import EventLog, escape
 from palisade.obs.queueid import is_queue_id
-from palisade.spool.commit import CommitJob, CommitStats, GroupCommitter
+from palisade.spool.commit import CommitJob, CommitStats, GroupCommitter, rename_noreplace
 from palisade.spool.envelope import DeliveryState, Envelope
 
 MAGIC = b"PALISADE-SPOOL 1 "  # version 1: no ADD record (still read)
@@ -245,8 +245,7 @@ class SpoolWriter:
         self.queue_id = envelope.queue_id
         self._tmp_path = spool.root / "tmp" / envelope.queue_id
         self._final_path = spool.root / "queue" / envelope.queue_id
-        if self._final_path.exists():
-            raise FileExistsError(f"queue id {envelope.queue_id} already queued")
+        # An id already in queue/ is caught at the commit (rename_noreplace), never replaced.
         self._file: BinaryIO | None = open(self._tmp_path, "xb")  # noqa: SIM115 (kept open)
         self._hash = hashlib.sha256()
         self.size = 0
@@ -296,7 +295,7 @@ class SpoolWriter:
             f.write(_trailer(self.size, self._hash.hexdigest()))
             f.flush()
             if not self._spool.fsync:
-                os.rename(self._tmp_path, self._final_path)
+                rename_noreplace(self._tmp_path, self._final_path)
             else:
                 loop = asyncio.get_running_loop()
                 future: asyncio.Future[None] = loop.create_future()
