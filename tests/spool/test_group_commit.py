@@ -103,3 +103,27 @@ def test_commits_from_several_event_loops_in_threads(tmp_path: Path) -> None:
     assert sum(len(r) for r in results) == 120
     assert len(os.listdir(tmp_path / "queue")) == 120
     assert os.listdir(tmp_path / "tmp") == []
+
+
+@pytest.mark.parametrize("fsync", [True, False])
+def test_commit_never_replaces_a_queued_message_with_the_same_id(
+    tmp_path: Path, fsync: bool
+) -> None:
+    spool = Spool(tmp_path, fsync=fsync)
+    env = make_envelope()
+    queued = tmp_path / "queue" / env.queue_id
+    queued.write_bytes(b"an acknowledged message")
+
+    async def commit_again() -> None:
+        writer = spool.open_message(env)
+        writer.write(b"Subject: other\r\n\r\nbody\r\n")
+        try:
+            await writer.commit()
+        finally:
+            writer.abort()
+
+    with pytest.raises(FileExistsError):
+        asyncio.run(commit_again())
+    spool.close()
+    assert queued.read_bytes() == b"an acknowledged message"
+    assert os.listdir(tmp_path / "tmp") == []
