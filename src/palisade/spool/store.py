@@ -112,11 +112,11 @@ class Layout:
 class MessageReader:
     """Reads the added header lines, then the body, from one open queue file (as one stream)."""
 
-    def __init__(self, f: BinaryIO, layout: Layout) -> None:
+    def __init__(self, f: BinaryIO, body_start: int, body_length: int, added_length: int) -> None:
         self._f = f
-        end = layout.body_start + layout.body_length
+        end = body_start + body_length
         # (offset, length) segments in reading order
-        self._segments = [(end, layout.added_length), (layout.body_start, layout.body_length)]
+        self._segments = [(end, added_length), (body_start, body_length)]
         self._current = 0
         self._left = 0
         self._next_segment()
@@ -170,50 +170,68 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def read_layout(f: IO[bytes], size: int, *, verify: bool = False) -> Layout:
-    """Parse and validate a queue file opened for reading; raise CorruptMessage when damaged."""
+@dataclass(frozen=True)
+class _Bounds:
+    """Where the records of a queue file lie, found without parsing the envelope."""
+
+    envelope_json: bytes
+    body_start: int
+    body_length: int
+    added_length: int
+    sha256: str
+
+
+def _read_bounds(f: IO[bytes], size: int) -> _Bounds:
     f.seek(0)
     first = f.readline(MAX_HEADER + 1)
     version = 2 if first.startswith(MAGIC_V2) else 1
     magic = MAGIC_V2 if version == 2 else MAGIC
     if not first.startswith(magic) or not first.endswith(b"\n"):
         raise CorruptMessage("missing or oversized header record")
-    try:
-        envelope = Envelope.from_json(json.loads(first[len(magic) : -1]))
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise CorruptMessage(f"bad envelope: {exc}") from None
     body_start = len(first)
     tail = TRAILER_LEN + (ADD_LEN if version == 2 else 0)
     if size < body_start + tail:
         raise CorruptMessage("no END record (file too short)")
-    f.seek(size - TRAILER_LEN)
-    match = _TRAILER_RE.fullmatch(f.read(TRAILER_LEN))
+    f.seek(size - tail)
+    end = f.read(tail)
+    match = _TRAILER_RE.fullmatch(end, tail - TRAILER_LEN)
     if match is None:
         raise CorruptMessage("no END record")
     body_length = int(match.group(1))
     added_length = 0
     if version == 2:
-        f.seek(size - tail)
-        added = _ADD_RE.fullmatch(f.read(ADD_LEN))
+        added = _ADD_RE.fullmatch(end, 0, ADD_LEN)
         if added is None:
             raise CorruptMessage("no ADD record")
         added_length = int(added.group(1))
     if body_start + body_length + added_length + tail != size:
         raise CorruptMessage("END record does not match the file length")
     digest = match.group(2).decode("ascii")
+    return _Bounds(first[len(magic) : -1], body_start, body_length, added_length, digest)
+
+
+def read_layout(f: IO[bytes], size: int, *, verify: bool = False) -> Layout:
+    """Parse and validate a queue file opened for reading; raise CorruptMessage when damaged."""
+    bounds = _read_bounds(f, size)
+    try:
+        envelope = Envelope.from_json(json.loads(bounds.envelope_json))
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise CorruptMessage(f"bad envelope: {exc}") from None
     if verify:
         h = hashlib.sha256()
-        f.seek(body_start)
-        remaining = body_length + added_length
+        f.seek(bounds.body_start)
+        remaining = bounds.body_length + bounds.added_length
         while remaining:
             chunk = f.read(min(remaining, 1 << 20))
             if not chunk:
                 raise CorruptMessage("body shorter than recorded")
             h.update(chunk)
             remaining -= len(chunk)
-        if h.hexdigest() != digest:
+        if h.hexdigest() != bounds.sha256:
             raise CorruptMessage("body checksum mismatch")
-    return Layout(envelope, body_start, body_length, digest, added_length)
+    return Layout(
+        envelope, bounds.body_start, bounds.body_length, bounds.sha256, bounds.added_length
+    )
 
 
 class ReceivedMessage:
@@ -444,8 +462,10 @@ class Spool:
         except FileNotFoundError:
             raise UnknownMessage(queue_id) from None
         try:
-            layout = read_layout(f, os.fstat(f.fileno()).st_size)
-            return MessageReader(f, layout), layout.message_length
+            # The envelope is not parsed again here: the deliverer loaded it just before.
+            bounds = _read_bounds(f, os.fstat(f.fileno()).st_size)
+            reader = MessageReader(f, bounds.body_start, bounds.body_length, bounds.added_length)
+            return reader, bounds.body_length + bounds.added_length
         except BaseException:
             f.close()
             raise
