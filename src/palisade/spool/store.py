@@ -359,6 +359,8 @@ class Spool:
     def __init__(self, root: Path, *, fsync: bool = True) -> None:
         self.root = Path(root)
         self.fsync = fsync
+        self._queue_dir = str(self.root / "queue")
+        self._state_dir = str(self.root / "state")
         for sub in self.SUBDIRS:
             (self.root / sub).mkdir(parents=True, exist_ok=True)
         self.committer = GroupCommitter(self.root / "queue")
@@ -378,11 +380,13 @@ class Spool:
             raise UnknownMessage(f"malformed queue id: {escape(str(queue_id), 64)}")
         return queue_id
 
-    def _queue_path(self, queue_id: str) -> Path:
-        return self.root / "queue" / self._check(queue_id)
+    # Paths are plain strings: the delivering process builds several per message, and pathlib
+    # objects cost it measurably more CPU (profile of 2026-11-23).
+    def _queue_path(self, queue_id: str) -> str:
+        return f"{self._queue_dir}/{self._check(queue_id)}"
 
-    def _state_path(self, queue_id: str) -> Path:
-        return self.root / "state" / f"{self._check(queue_id)}.json"
+    def _state_path(self, queue_id: str) -> str:
+        return f"{self._state_dir}/{self._check(queue_id)}.json"
 
     # -- writing -----------------------------------------------------------------------------
 
@@ -393,10 +397,10 @@ class Spool:
     def save_state(self, queue_id: str, state: DeliveryState) -> None:
         """Replace ``state/<id>.json`` atomically. Raises UnknownMessage if the message is gone."""
         qpath = self._queue_path(queue_id)
-        if not qpath.exists():
+        if not os.path.exists(qpath):
             raise UnknownMessage(queue_id)
         final = self._state_path(queue_id)
-        tmp = final.with_suffix(".tmp")
+        tmp = final.removesuffix(".json") + ".tmp"
         data = json.dumps(state.to_json(), separators=(",", ":")).encode("utf-8")
         with open(tmp, "wb") as f:
             f.write(data)
@@ -405,7 +409,7 @@ class Spool:
                 os.fsync(f.fileno())
         os.rename(tmp, final)
         if self.fsync:
-            _fsync_dir(final.parent)
+            _fsync_dir(self.root / "state")
 
     def remove(self, queue_id: str) -> bool:
         """Delete the message, then its state file. Returns False if it was not queued.
@@ -451,7 +455,7 @@ class Spool:
         return envelope, self.load_state(queue_id, envelope)
 
     def exists(self, queue_id: str) -> bool:
-        return self._queue_path(queue_id).exists()
+        return os.path.exists(self._queue_path(queue_id))
 
     def open_body(self, queue_id: str) -> tuple[MessageReader, int]:
         """A reader of the message as delivered (added header lines, then the body) and its
