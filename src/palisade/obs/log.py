@@ -12,6 +12,7 @@ import json
 import os
 import threading
 import time
+from email.utils import formatdate
 from pathlib import Path
 from typing import Protocol
 
@@ -37,6 +38,18 @@ def timestamp(now: float | None = None) -> str:
     if _last_stamp[0] != second:
         _last_stamp = (second, time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(second)))
     return _last_stamp[1]
+
+
+_last_date: tuple[int, str] = (-1, "")
+
+
+def rfc5322_date(now: float | None = None) -> str:
+    """The local-time date of a ``Received:`` header (RFC 5322 3.3), formatted once per second."""
+    global _last_date
+    second = int(time.time() if now is None else now)
+    if _last_date[0] != second:
+        _last_date = (second, formatdate(second, localtime=True))
+    return _last_date[1]
 
 
 class EventLog(Protocol):

@@ -17,10 +17,9 @@ import functools
 import ipaddress
 import time
 from dataclasses import dataclass, field
-from email.utils import formatdate
 from typing import TYPE_CHECKING
 
-from palisade.obs.log import escape
+from palisade.obs.log import escape, rfc5322_date
 from palisade.policy.engine import StageOutcome, evaluate_stage
 from palisade.policy.relay import Route
 from palisade.policy.rules import Facts, MessageFacts, Stage
@@ -530,7 +529,7 @@ class Session:
             f"Received: from {helo} ([{self.ip_text}])\r\n"
             f"\tby {self.config.server.hostname} (Palisade) with {self.protocol.upper()}{tls}\r\n"
             f"\tid {tx.queue_id}{rcpt};\r\n"
-            f"\t{formatdate(localtime=True)}\r\n"
+            f"\t{rfc5322_date()}\r\n"
         ).encode("utf-8", "replace")
 
     async def _on_data_end(self, event: events.DataEnd) -> None:

@@ -17,6 +17,11 @@ from collections.abc import Callable
 _HIGH_WATER = 256 * 1024
 
 
+def _expire(waiter: asyncio.Future[None]) -> None:
+    if not waiter.done():
+        waiter.set_exception(TimeoutError())
+
+
 class ClientStream(asyncio.Protocol):
     """Transport events in, awaitable reads and writes out."""
 
@@ -90,11 +95,17 @@ class ClientStream(asyncio.Protocol):
         Raises TimeoutError when nothing came in time.
         """
         if not self._buffer and not self._eof:
-            self._waiter = asyncio.get_running_loop().create_future()
+            # A timer on our own future, not asyncio.wait_for: wait_for wraps every read in
+            # another future and callbacks, a measurable share of a worker's CPU per message.
+            loop = asyncio.get_running_loop()
+            waiter = self._waiter = loop.create_future()
+            timer = loop.call_later(timeout, _expire, waiter) if timeout is not None else None
             try:
-                await asyncio.wait_for(self._waiter, timeout)
+                await waiter
             finally:
                 self._waiter = None
+                if timer is not None:
+                    timer.cancel()
         data = bytes(self._buffer)
         self._buffer.clear()
         if self._reading_paused and self.transport is not None:

@@ -55,7 +55,7 @@ def _load_renameat2() -> Callable[[int, bytes, int, bytes, int], int] | None:
 _renameat2 = _load_renameat2()
 
 
-def rename_noreplace(src: Path, dst: Path) -> None:
+def rename_noreplace(src: str | Path, dst: str | Path) -> None:
     """Rename ``src`` to ``dst``; FileExistsError if ``dst`` exists, never replacing it.
 
     Linux's renameat2(RENAME_NOREPLACE) makes that one atomic system call; elsewhere (or on a file
@@ -76,8 +76,8 @@ def rename_noreplace(src: Path, dst: Path) -> None:
 @dataclass
 class CommitJob:
     fd: int
-    tmp_path: Path
-    final_path: Path
+    tmp_path: str
+    final_path: str
     loop: asyncio.AbstractEventLoop
     future: asyncio.Future[None]
     error: BaseException | None = None
