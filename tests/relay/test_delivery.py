@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import email
 import email.policy
+import os
 import re
 import ssl
 import time
@@ -340,6 +341,30 @@ def test_restart_skips_recipients_already_done(tmp_path: Path, hop: Hop) -> None
     assert len(s.maildir("bob")) == 1
     assert [m[1] for m in hop.handler.messages] == [["carol@corp.test"]]
     assert s.spool.list() == []
+
+
+def test_a_second_submit_of_a_deferred_message_reads_its_state(tmp_path: Path, hop: Hop) -> None:
+    """submit() skips the state file only for a message never attempted: one already deferred
+    (a late or repeated notification) must not be delivered again to recipients done before."""
+    hop.handler.rcpt_reply["carol@corp.test"] = "451 4.3.0 <carol@corp.test>: try again later"
+    hop.start()
+    s = setup(tmp_path, hop)
+    env = envelope(recipients=("bob@corp.test", "carol@corp.test"))
+
+    async def go() -> None:
+        runner = s.runner()
+        await queue(s.spool, env)
+        runner.submit(env.queue_id)  # bob relayed, carol deferred: state saved
+        await runner.wait_idle()
+        assert s.spool.load(env.queue_id)[1].pending() == ["carol@corp.test"]
+        del hop.handler.rcpt_reply["carol@corp.test"]
+        runner.submit(env.queue_id)
+        await runner.wait_idle()
+
+    run(go())
+    assert [m[1] for m in hop.handler.messages] == [["bob@corp.test"], ["carol@corp.test"]]
+    assert s.spool.list() == []
+    assert os.listdir(tmp_path / "spool" / "state") == []
 
 
 def test_submit_and_background_loop(tmp_path: Path, hop: Hop) -> None:

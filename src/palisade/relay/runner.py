@@ -131,7 +131,10 @@ class QueueRunner:
         """Deliver ``queue_id`` now (the server calls this right after a successful commit)."""
         if not is_queue_id(queue_id) or self._stopping:
             return
-        self._spawn(queue_id, None, due_only=False)
+        # Just committed, so it has no state file yet (only an attempt writes one, and an
+        # attempt that leaves work to do puts the id in _due): the first attempt skips the
+        # state file's open and unlink.
+        self._spawn(queue_id, None, due_only=False, fresh=queue_id not in self._due)
 
     async def wait_idle(self) -> None:
         """Wait until no delivery is in flight (for tests and orderly shutdown)."""
@@ -148,11 +151,11 @@ class QueueRunner:
     # -- scheduling --------------------------------------------------------------------------
 
     def _spawn(
-        self, queue_id: str, now: float | None, *, due_only: bool = True
+        self, queue_id: str, now: float | None, *, due_only: bool = True, fresh: bool = False
     ) -> asyncio.Task[None] | None:
         if queue_id in self._inflight:
             return None
-        coro = self._guarded(queue_id, now, due_only)
+        coro = self._guarded(queue_id, now, due_only, fresh)
         task = asyncio.create_task(coro, name=f"deliver-{queue_id}")
         self._inflight[queue_id] = task
         task.add_done_callback(lambda _t: self._inflight.pop(queue_id, None))
@@ -211,10 +214,10 @@ class QueueRunner:
 
     # -- one attempt -------------------------------------------------------------------------
 
-    async def _guarded(self, queue_id: str, now: float | None, due_only: bool) -> None:
+    async def _guarded(self, queue_id: str, now: float | None, due_only: bool, fresh: bool) -> None:
         async with self._sem:
             try:
-                await self.attempt(queue_id, now, due_only=due_only)
+                await self.attempt(queue_id, now, due_only=due_only, fresh=fresh)
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
@@ -223,16 +226,22 @@ class QueueRunner:
                 self._wakeup.set()  # a new next-attempt time may be earlier than the loop's
 
     async def attempt(
-        self, queue_id: str, now: float | None = None, *, due_only: bool = False
+        self,
+        queue_id: str,
+        now: float | None = None,
+        *,
+        due_only: bool = False,
+        fresh: bool = False,
     ) -> None:
         """One delivery attempt for one message (all its pending recipients).
 
         ``due_only`` skips a message whose state (re-read here) says it is not due yet: a scan's
-        listing may be older than an attempt that just finished.
+        listing may be older than an attempt that just finished. ``fresh``: the message has
+        never been attempted, so there is no state file to read or remove.
         """
         now = self.clock() if now is None else now
         try:
-            envelope, state = self.spool.load(queue_id)
+            envelope, state = self.spool.load(queue_id, fresh=fresh)
         except UnknownMessage:
             return
         except CorruptMessage as exc:
@@ -255,7 +264,7 @@ class QueueRunner:
             if state.finished():
                 # Nothing left to remember: the common case (delivered at the first attempt)
                 # removes the message without writing a state file first.
-                await self._complete(queue_id)
+                await self._complete(queue_id, state_file=not fresh)
                 return
             if not await self._save(queue_id, state):
                 return
@@ -266,9 +275,9 @@ class QueueRunner:
         if state.finished():
             await self._complete(queue_id)
 
-    async def _complete(self, queue_id: str) -> None:
+    async def _complete(self, queue_id: str, *, state_file: bool = True) -> None:
         self._due.pop(queue_id, None)
-        self.spool.remove(queue_id)
+        self.spool.remove(queue_id, state_file=state_file)
         self.log.main(f"{queue_id} Completed", queue_id=queue_id, event="completed")
 
     async def _save(self, queue_id: str, state: DeliveryState) -> bool:

@@ -412,8 +412,11 @@ class Spool:
         if self.fsync:
             _fsync_dir(self.root / "state")
 
-    def remove(self, queue_id: str) -> bool:
+    def remove(self, queue_id: str, *, state_file: bool = True) -> bool:
         """Delete the message, then its state file. Returns False if it was not queued.
+
+        ``state_file=False``: the caller knows there is none (a message delivered at its first
+        attempt); an orphan left anyway would be deleted by ``recover``.
 
         The unlink is not followed by a directory fsync: if power fails before the kernel writes
         the directory, the message reappears and is delivered again (a duplicate, never a loss),
@@ -425,8 +428,9 @@ class Spool:
             existed = True
         except FileNotFoundError:
             existed = False
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(self._state_path(queue_id))
+        if state_file:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self._state_path(queue_id))
         return existed
 
     # -- reading -----------------------------------------------------------------------------
@@ -451,8 +455,11 @@ class Spool:
         except (ValueError, UnicodeDecodeError) as exc:
             raise CorruptMessage(f"bad state file: {exc}") from None
 
-    def load(self, queue_id: str) -> tuple[Envelope, DeliveryState]:
+    def load(self, queue_id: str, *, fresh: bool = False) -> tuple[Envelope, DeliveryState]:
+        """The envelope and delivery state; ``fresh``: never attempted, no state file to read."""
         envelope = self._layout(queue_id).envelope
+        if fresh:
+            return envelope, DeliveryState.fresh(envelope.recipients)
         return envelope, self.load_state(queue_id, envelope)
 
     def exists(self, queue_id: str) -> bool:
