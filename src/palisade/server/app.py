@@ -1,13 +1,9 @@
 """The composition root: builds every part from the config and runs the processes.
 
 Owns: process layout and signals. With ``workers = 1`` one process listens and delivers. With
-more, the parent forks workers that send the queue id of every committed message down a pipe; the
-parent alone runs the queue runner, so no message is ever delivered by two processes. The workers
-share ONE listening socket made by the parent, so whichever worker is free accepts the next
-client (the benchmark's p99 latency was 60-77 ms this way against 73-92 ms with SO_REUSEPORT's
-hash, which hands a client to a busy worker while the other idles; 2026-11-23, six A/B rounds).
-Only when per-client state must live in one worker (local rate counters) does each worker bind its
-own SO_REUSEPORT socket with the steering program (palisade.server.steering).
+more, the parent forks workers that each bind the listening address with SO_REUSEPORT (the kernel
+spreads clients over them) and send the queue id of every committed message down a pipe; the
+parent alone runs the queue runner, so no message is ever delivered by two processes.
 SIGTERM: stop accepting, finish or tempfail transactions in flight, stop delivery, exit 0.
 SIGHUP: reload the config; a broken new config is logged and the old one stays.
 """
@@ -359,14 +355,8 @@ async def run_parent(
     notify_read: int,
     workers: dict[int, int],
     spawn: object,
-    shared_sockets: list[socket.socket],
 ) -> None:
-    """The parent of workers: runs the queue runner, forwards signals, restarts dead workers.
-
-    ``shared_sockets``: the listening sockets the workers inherit; the parent never accepts on
-    them, keeps them for workers it restarts, and closes them first at SIGTERM so that new clients
-    are refused at once instead of waiting in a backlog nobody reads.
-    """
+    """The parent of workers: runs the queue runner, forwards signals, restarts dead workers."""
     gw = Gateway(config, config_path)
     runner = build_runner(config, gw.spool, gw.log)
     await runner.start(recover=False)  # serve() recovered the spool before forking the workers
@@ -411,8 +401,6 @@ async def run_parent(
     reaper = loop.create_task(reap())
     await gw.stopping.wait()
     gw.log.main("SIGTERM received: stopping workers")
-    for sock in shared_sockets:
-        sock.close()
     for pid in workers.values():
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGTERM)
@@ -449,10 +437,7 @@ def serve(config_path: Path | None) -> int:
         path.mkdir(parents=True, exist_ok=True)
     workers = config.server.workers
     try:
-        sockets = [
-            bind_socket(a, reuse_port=workers > 1 and needs_steering(config))
-            for a in config.server.listen
-        ]
+        sockets = [bind_socket(a, reuse_port=workers > 1) for a in config.server.listen]
     except OSError as exc:
         print(
             f"palisade: cannot listen on {', '.join(config.server.listen)}: {exc}", file=sys.stderr
@@ -461,10 +446,8 @@ def serve(config_path: Path | None) -> int:
     if workers == 1:
         asyncio.run(run_single(config, config_path, sockets))
         return 0
-    shared = not needs_steering(config)  # see the module docstring
-    if not shared:
-        for sock in sockets:  # each worker binds its own SO_REUSEPORT socket, steered
-            sock.close()
+    for sock in sockets:  # each worker binds its own SO_REUSEPORT socket
+        sock.close()
     # Recovery empties tmp/: it must be over before any worker can write a message there.
     recovery_log = FileEventLog(config.paths.log)
     recovery_spool = Spool(config.paths.spool)
@@ -479,11 +462,7 @@ def serve(config_path: Path | None) -> int:
             code = 0
             try:
                 os.close(notify_read)
-                own = (
-                    sockets
-                    if shared
-                    else [bind_socket(a, reuse_port=True) for a in config.server.listen]
-                )
+                own = [bind_socket(a, reuse_port=True) for a in config.server.listen]
                 asyncio.run(run_worker(config, config_path, own, notify_write))
             except BaseException:
                 import traceback
@@ -494,7 +473,5 @@ def serve(config_path: Path | None) -> int:
         return pid
 
     children = {slot: spawn(slot) for slot in range(workers)}
-    asyncio.run(
-        run_parent(config, config_path, notify_read, children, spawn, sockets if shared else [])
-    )
+    asyncio.run(run_parent(config, config_path, notify_read, children, spawn))
     return 0
