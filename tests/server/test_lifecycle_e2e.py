@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import os
 import re
 import signal
 import smtplib
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -175,6 +177,39 @@ def test_two_workers_share_the_port(make_gateway: Any) -> None:
             client.sendmail("s@outside.test", ["w@example.test"], f"Subject: w{n}\r\n\r\nx\r\n")
     wait_for(lambda: len(gw.maildir_messages("w")) == 10, timeout=20)
     assert gw.stop() == 0
+
+
+def _children(pid: int) -> list[int]:
+    text = Path(f"/proc/{pid}/task/{pid}/children").read_text()
+    return [int(p) for p in text.split()]
+
+
+def test_restarted_workers_serve_the_port_and_sigterm_closes_it(make_gateway: Any) -> None:
+    """Workers started again after a crash accept on the port, and after SIGTERM a new client
+    is refused, not left waiting in a backlog nobody reads."""
+    gw = make_gateway(server={"workers": 2})
+    first = _children(gw.proc.pid)
+    assert len(first) == 2
+    for pid in first:
+        os.kill(pid, signal.SIGKILL)
+    wait_for(lambda: len(set(_children(gw.proc.pid)) - set(first)) == 2, timeout=20, interval=0.1)
+    for n in range(6):
+        with smtplib.SMTP("127.0.0.1", gw.port, timeout=10) as client:
+            client.sendmail("s@outside.test", ["r@example.test"], f"Subject: r{n}\r\n\r\nx\r\n")
+    wait_for(lambda: len(gw.maildir_messages("r")) == 6, timeout=20)
+    assert "starting a new one" in gw.paniclog()
+    gw.signal(signal.SIGTERM)
+    wait_for(lambda: "SIGTERM received" in gw.mainlog(), timeout=10)
+
+    def refused() -> bool:
+        try:
+            socket.create_connection(("127.0.0.1", gw.port), timeout=2).close()
+        except ConnectionRefusedError:
+            return True
+        return False
+
+    wait_for(refused, timeout=10, interval=0.1)
+    assert gw.proc.wait(20) == 0
 
 
 def test_bundled_default_config_serves(tmp_path: Path) -> None:
