@@ -57,10 +57,8 @@ def test_concurrent_commits_share_directory_fsyncs(
     assert (
         fsync_counter["dir"] == stats.dir_fsyncs == stats.batches
     )  # ... with one dir fsync a batch
-    # Eight committer threads fsync files in parallel; one directory fsync covers every rename
-    # finished before it started, so well under one directory fsync per message.
-    assert stats.batches < 100 / 2, f"no batching: {stats}"
-    assert stats.largest_batch >= 3
+    assert stats.batches < 100 / 4, f"no batching: {stats}"
+    assert stats.largest_batch > 10
     assert sorted(Spool(tmp_path, fsync=False).recover(MemoryEventLog())) == sorted(ids)
 
 
