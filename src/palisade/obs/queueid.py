@@ -32,6 +32,17 @@ class _Sequence:
     value = 0
 
 
+_pid = os.getpid()  # cached (getpid is a system call), renewed in every forked child
+
+
+def _renew_pid() -> None:
+    global _pid
+    _pid = os.getpid()
+
+
+os.register_at_fork(after_in_child=_renew_pid)
+
+
 class QueueIdGenerator:
     """Makes ids; thread-safe. ``pid`` may be given so that forked workers differ."""
 
@@ -39,7 +50,7 @@ class QueueIdGenerator:
         self._pid = pid
 
     def new(self) -> str:
-        pid = os.getpid() if self._pid is None else self._pid
+        pid = _pid if self._pid is None else self._pid
         with _Sequence.lock:
             while True:
                 now = int(time.time())

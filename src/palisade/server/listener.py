@@ -47,7 +47,9 @@ class Listener:
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
         for sock in self.sockets:
-            server = await loop.create_server(lambda: ClientStream(self._on_connect), sock=sock)
+            server = await loop.create_server(
+                lambda: ClientStream(self._on_connect, loop), sock=sock
+            )
             self.servers.append(server)
 
     def _on_connect(self, stream: ClientStream) -> None:
@@ -72,7 +74,7 @@ class Listener:
             return
         self.per_ip[ip] = open_here + 1
         session = Session(self.ctx, stream, peer)
-        task = asyncio.get_running_loop().create_task(session.run())
+        task = stream.loop.create_task(session.run())
         self.sessions[task] = session
         task.add_done_callback(functools.partial(self._finished, ip=ip))
 

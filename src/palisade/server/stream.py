@@ -25,7 +25,13 @@ def _expire(waiter: asyncio.Future[None]) -> None:
 class ClientStream(asyncio.Protocol):
     """Transport events in, awaitable reads and writes out."""
 
-    def __init__(self, on_connect: Callable[[ClientStream], None]) -> None:
+    def __init__(
+        self,
+        on_connect: Callable[[ClientStream], None],
+        loop: asyncio.AbstractEventLoop | None = None,
+    ) -> None:
+        # The loop is kept: asyncio.get_running_loop() makes a getpid() system call each time.
+        self.loop = loop or asyncio.get_running_loop()
         self._on_connect = on_connect
         self.transport: asyncio.Transport | None = None
         self._buffer = bytearray()
@@ -68,7 +74,7 @@ class ClientStream(asyncio.Protocol):
     def closed(self) -> asyncio.Future[None]:
         """Done once the connection is lost."""
         if self._closed is None:
-            self._closed = asyncio.get_running_loop().create_future()
+            self._closed = self.loop.create_future()
             if self._lost:
                 self._closed.set_result(None)
         return self._closed
@@ -97,7 +103,7 @@ class ClientStream(asyncio.Protocol):
         if not self._buffer and not self._eof:
             # A timer on our own future, not asyncio.wait_for: wait_for wraps every read in
             # another future and callbacks, a measurable share of a worker's CPU per message.
-            loop = asyncio.get_running_loop()
+            loop = self.loop
             waiter = self._waiter = loop.create_future()
             timer = loop.call_later(timeout, _expire, waiter) if timeout is not None else None
             try:
@@ -125,7 +131,7 @@ class ClientStream(asyncio.Protocol):
 
     async def drain(self) -> None:
         if self._write_paused and self.transport is not None and not self.transport.is_closing():
-            self._drain_waiter = asyncio.get_running_loop().create_future()
+            self._drain_waiter = self.loop.create_future()
             await self._drain_waiter
 
     async def start_tls(self, context: ssl.SSLContext, timeout: float) -> None:
