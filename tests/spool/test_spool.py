@@ -18,7 +18,7 @@ from palisade.spool import (
     Spool,
     UnknownMessage,
 )
-from palisade.spool.store import MAGIC, MAGIC_V2, TRAILER_LEN
+from palisade.spool.store import MAGIC, MAGIC_V2, SMALL_FILE, TRAILER_LEN
 from tests.spool.spoolkit import make_envelope
 
 
@@ -200,3 +200,28 @@ def test_prepended_lines_are_delivered_before_the_body_and_checksummed(tmp_path:
     log = MemoryEventLog()
     assert spool.recover(log) == []
     assert any("checksum" in line for _, line in log.lines)
+
+
+def test_load_for_delivery_reads_a_small_file_whole_and_leaves_a_large_one_on_disk(
+    tmp_path: Path,
+) -> None:
+    spool = Spool(tmp_path, fsync=False)
+    small, large = make_envelope(), make_envelope()
+    head = b"Subject: size\r\n\r\n"
+    for env, body in ((small, head + b"x\r\n" * 10), (large, head + b"y" * 998 + b"\r\n")):
+        writer = spool.open_message(env)
+        writer.write(body)
+        if env is large:
+            for _ in range(SMALL_FILE // 1000 + 1):
+                writer.write(b"y" * 998 + b"\r\n")
+        writer.prepend(b"X-Added: 1\r\n")
+        asyncio.run(writer.commit())
+    envelope, state, message = spool.load_for_delivery(small.queue_id, fresh=True)
+    assert envelope == small and state == DeliveryState.fresh(small.recipients)
+    assert message == b"X-Added: 1\r\n" + head + b"x\r\n" * 10
+    assert message == b"".join(spool.iter_body(small.queue_id))
+    envelope, _state, message = spool.load_for_delivery(large.queue_id)
+    assert envelope == large and message is None
+    delivered = b"".join(spool.iter_body(large.queue_id))
+    assert delivered.startswith(b"X-Added: 1\r\n" + head) and len(delivered) > SMALL_FILE
+    assert spool.recover(MemoryEventLog()) == sorted([small.queue_id, large.queue_id])

@@ -85,9 +85,17 @@ class Router:
         return "none"
 
     async def deliver(
-        self, spool: Spool, envelope: Envelope, rcpts: Sequence[str]
+        self,
+        spool: Spool,
+        envelope: Envelope,
+        rcpts: Sequence[str],
+        message: bytes | None = None,
     ) -> list[RecipientResult]:
-        """One attempt for ``rcpts``; results in the same order. Never raises for I/O trouble."""
+        """One attempt for ``rcpts``; results in the same order. Never raises for I/O trouble.
+
+        ``message``: the message as delivered when the caller already read it (a small queue
+        file); otherwise it is read from the spool here.
+        """
         routes = {r: self.route(envelope, r) for r in rcpts}
         results: dict[str, RecipientResult] = {}
         local = [r for r in rcpts if routes[r] == "local"]
@@ -101,7 +109,7 @@ class Router:
             for res in await asyncio.to_thread(self._deliver_local, spool, envelope, local):
                 results[res.rcpt] = res
         if relay:
-            for res in await self._deliver_relay(spool, envelope, relay):
+            for res in await self._deliver_relay(spool, envelope, relay, message):
                 results[res.rcpt] = res
         return [results[r] for r in rcpts]
 
@@ -125,13 +133,13 @@ class Router:
         return out
 
     async def _deliver_relay(
-        self, spool: Spool, envelope: Envelope, rcpts: Sequence[str]
+        self, spool: Spool, envelope: Envelope, rcpts: Sequence[str], message: bytes | None
     ) -> list[RecipientResult]:
         if self.next_hop is None:
             reason = "no next hop configured for a relay domain"
             return [RecipientResult(r, "deferred", reason, "relay", "smtp") for r in rcpts]
         try:
-            body = spool.read_body(envelope.queue_id)
+            body = message if message is not None else spool.read_body(envelope.queue_id)
         except (OSError, SpoolError) as exc:
             return [RecipientResult(r, "deferred", str(exc), "relay", "smtp") for r in rcpts]
         return await self.next_hop.deliver(envelope, rcpts, body)

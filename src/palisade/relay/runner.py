@@ -241,7 +241,7 @@ class QueueRunner:
         """
         now = self.clock() if now is None else now
         try:
-            envelope, state = self.spool.load(queue_id, fresh=fresh)
+            envelope, state, message = self.spool.load_for_delivery(queue_id, fresh=fresh)
         except UnknownMessage:
             return
         except CorruptMessage as exc:
@@ -251,7 +251,7 @@ class QueueRunner:
             return
         pending = state.pending()
         if pending:
-            results = await self.router.deliver(self.spool, envelope, pending)
+            results = await self.router.deliver(self.spool, envelope, pending, message)
             for res in results:
                 self._record(queue_id, envelope, state, res, now)
             state.attempts += 1

@@ -51,6 +51,7 @@ import asyncio
 import builtins
 import contextlib
 import hashlib
+import io
 import json
 import os
 import re
@@ -87,6 +88,16 @@ class UnknownMessage(SpoolError, KeyError):
 
 class CorruptMessage(SpoolError, ValueError):
     """A queue file or state file failed validation."""
+
+
+SMALL_FILE = 256 * 1024  # queue files up to this size are read whole for delivery
+
+
+def _delivered_form(data: bytes, layout: Layout) -> bytes:
+    """The message as a reader of the queue file gets it: added lines, then the body."""
+    body_end = layout.body_start + layout.body_length
+    added = data[body_end : body_end + layout.added_length]
+    return added + data[layout.body_start : body_end]
 
 
 def _trailer(length: int, digest: str) -> bytes:
@@ -435,7 +446,37 @@ class Spool:
 
     # -- reading -----------------------------------------------------------------------------
 
+    def _read(self, queue_id: str) -> tuple[Layout, bytes | None]:
+        """The file's layout and, when the file is small, the message as delivered.
+
+        A small file (most mail) is read with one system call and parsed in memory: the
+        delivering process used to make some twenty calls per message through buffered file
+        objects (seek, read, isatty, fstat) for the same bytes. A large one is parsed from the
+        file and its message left on disk (None), to be streamed.
+        """
+        try:
+            fd = os.open(self._queue_path(queue_id), os.O_RDONLY)
+        except FileNotFoundError:
+            raise UnknownMessage(queue_id) from None
+        try:
+            size = os.fstat(fd).st_size
+            if size <= SMALL_FILE:
+                data = os.pread(fd, size, 0)
+                layout = read_layout(io.BytesIO(data), len(data))
+                message: bytes | None = _delivered_form(data, layout)
+            else:
+                with os.fdopen(os.dup(fd), "rb") as f:
+                    layout = read_layout(f, size)
+                message = None
+        finally:
+            os.close(fd)
+        if layout.envelope.queue_id != queue_id:
+            raise CorruptMessage("envelope queue id does not match the file name")
+        return layout, message
+
     def _layout(self, queue_id: str, *, verify: bool = False) -> Layout:
+        """Reads only the first line and the END records (unless ``verify``): listing a queue
+        of large messages must not read them whole."""
         path = self._queue_path(queue_id)
         try:
             with open(path, "rb") as f:
@@ -457,10 +498,19 @@ class Spool:
 
     def load(self, queue_id: str, *, fresh: bool = False) -> tuple[Envelope, DeliveryState]:
         """The envelope and delivery state; ``fresh``: never attempted, no state file to read."""
-        envelope = self._layout(queue_id).envelope
+        envelope, state, _message = self.load_for_delivery(queue_id, fresh=fresh)
+        return envelope, state
+
+    def load_for_delivery(
+        self, queue_id: str, *, fresh: bool = False
+    ) -> tuple[Envelope, DeliveryState, bytes | None]:
+        """As :meth:`load`, plus the message as delivered when the file is small (else None:
+        read it with :meth:`open_body`), all from one read of the file."""
+        layout, message = self._read(queue_id)
+        envelope = layout.envelope
         if fresh:
-            return envelope, DeliveryState.fresh(envelope.recipients)
-        return envelope, self.load_state(queue_id, envelope)
+            return envelope, DeliveryState.fresh(envelope.recipients), message
+        return envelope, self.load_state(queue_id, envelope), message
 
     def exists(self, queue_id: str) -> bool:
         return os.path.exists(self._queue_path(queue_id))
