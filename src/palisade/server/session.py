@@ -55,6 +55,13 @@ def _our_names(hostname: str) -> frozenset[str]:
     return frozenset({hostname.lower()})
 
 
+# Replies sent on every message, made once (a Reply validates its codes when it is built).
+_OK = Reply(250, "2.0.0", "Ok")
+_SENDER_OK = Reply(250, "2.1.0", "Ok")
+_RECIPIENT_OK = Reply(250, "2.1.5", "Ok")
+_GO_AHEAD = Reply(354, None, "End data with <CR><LF>.<CR><LF>")
+
+
 class _Closed(Exception):
     """The conversation is over (QUIT, drop, timeout, EOF)."""
 
@@ -335,9 +342,9 @@ class Session:
                 self._abort_transaction()
                 self.facts.sender, self.facts.recipient, self.facts.recipients = None, None, []
                 self.facts.tx = {}
-                self._send(Reply(250, "2.0.0", "Ok"))
+                self._send(_OK)
             case events.Noop():
-                self._send(Reply(250, "2.0.0", "Ok"))
+                self._send(_OK)
             case events.Quit():
                 self._send(Reply(221, "2.0.0", f"{self.config.server.hostname} closing connection"))
                 raise _Closed
@@ -404,7 +411,7 @@ class Session:
             self._refuse_stage(Stage.MAIL, self.tx.sender or "", verdict)
             self.tx = Transaction()
             return
-        self._send(Reply(250, "2.1.0", "Ok"))
+        self._send(_SENDER_OK)
 
     async def _on_rcpt(self, event: events.Rcpt) -> None:
         decision = self.ctx.relay_policy.decide(event.address, self.ip)
@@ -425,7 +432,7 @@ class Session:
         self.facts.recipients.append(rcpt)
         self.tx.recipients.append(rcpt)
         self.tx.routes.append(decision)
-        self._send(Reply(250, "2.1.5", "Ok"))
+        self._send(_RECIPIENT_OK)
 
     def _refuse_stage(self, stage: Stage, subject: str, verdict: Verdict) -> None:
         self._log_refusal(stage, subject, verdict)
@@ -500,7 +507,7 @@ class Session:
             self._send(Reply(451, "4.3.0", "Local error in processing"))
             self._abort_transaction()
             return
-        self._send(Reply(354, None, "End data with <CR><LF>.<CR><LF>"))
+        self._send(_GO_AHEAD)
         self._data_started = time.monotonic()
         self._data_bytes = 0
 
