@@ -212,6 +212,30 @@ def test_restarted_workers_serve_the_port_and_sigterm_closes_it(make_gateway: An
     assert gw.proc.wait(20) == 0
 
 
+def test_config_check_shows_the_scanner_and_ldap_sections_without_secrets(tmp_path: Path) -> None:
+    sections = {
+        "ldap": {
+            "servers": ["ldap://127.0.0.1:3890"],
+            "base_dn": "dc=example,dc=test",
+            "bind_dn": "cn=palisade,dc=example,dc=test",
+            "bind_password": "Sekrit-Bind-Pw-1",
+        },
+        "spamd": {"address": "127.0.0.1:7830"},
+        "clamd": {"address": "127.0.0.1:3310"},
+    }
+    write_config(tmp_path / "p.toml", sections)
+    result = palisade("config", "check", "--config", str(tmp_path / "p.toml"), cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    out = result.stdout
+    for section in ("[ldap]", "[spamd]", "[rspamd]", "[clamd]", "[authentication]"):
+        assert section in out
+    assert "servers = ('ldap://127.0.0.1:3890',)" in out
+    assert "address = '127.0.0.1:7830'" in out
+    assert "bind_password = '(set, not shown)'" in out
+    assert "password = ''" in out  # rspamd's, not set
+    assert "Sekrit-Bind-Pw-1" not in out + result.stderr
+
+
 def test_bundled_default_config_serves(tmp_path: Path) -> None:
     port = free_port()
     result = palisade("config", "check", cwd=tmp_path)

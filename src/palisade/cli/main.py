@@ -102,6 +102,10 @@ def main(argv: list[str] | None = None) -> int:
         log.close()
 
 
+# Fields whose value is a secret: config check says whether they are set, never what they are.
+_SECRET_FIELDS = frozenset({"bind_password", "password"})
+
+
 def _config_check(config: object) -> int:
     from palisade.config import Config
     from palisade.config.policy import build_policy
@@ -125,11 +129,19 @@ def _config_check(config: object) -> int:
         "log",
         "dns",
         "policy",
+        "ldap",
+        "spamd",
+        "rspamd",
+        "clamd",
+        "authentication",
     ):
         print(f"[{section}]")
         value = getattr(config, section)
         for name in value.__dataclass_fields__:
-            print(f"  {name} = {getattr(value, name)!r}")
+            shown = getattr(value, name)
+            if name in _SECRET_FIELDS and shown:
+                shown = "(set, not shown)"
+            print(f"  {name} = {shown!r}")
     print("[lists]")
     for name, handle in policy.lists.handles.items():
         where = handle.path or "inline"
