@@ -648,6 +648,30 @@ def render(info: dict, args: argparse.Namespace, results: dict) -> str:
     return "\n".join(lines)
 
 
+def port_taken(port: int) -> bool:
+    """True when a server already accepts connections on 127.0.0.1:``port``."""
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=1).close()
+    except OSError:
+        return False
+    return True
+
+
+def ports_taken(program: str, ports: list[int]) -> bool:
+    """Says on stderr which of ``ports`` a server already listens on; True if any.
+
+    A leftover server on one of them (several processes can share a port with SO_REUSEPORT)
+    would silently take part of the load and falsify every number of the run.
+    """
+    busy = [p for p in ports if port_taken(p)]
+    if busy:
+        print(
+            f"{program}: something already listens on 127.0.0.1 port(s) {busy}; stop it first",
+            file=sys.stderr,
+        )
+    return bool(busy)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if "--perimeter" in argv:  # the perimeter-checks benchmark: bench/run_perimeter.py
@@ -707,6 +731,8 @@ def main(argv: list[str] | None = None) -> int:
     set_subreaper()
     BENCH_ROOT.mkdir(parents=True, exist_ok=True)
     drivers = [d for d in args.drivers.split(",") if d in ("py", "c")]
+    if ports_taken("run.py", [args.sink_port, args.postfix_port, args.gateway_port]):
+        return 2
 
     sink = Sink(args.sink_port)
     pf = PostfixInstance(

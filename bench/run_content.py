@@ -73,6 +73,7 @@ from run import (  # noqa: E402
     cpu_s,
     log,
     machine_info,
+    ports_taken,
     reap,
     run_child,
     set_subreaper,
@@ -808,6 +809,11 @@ def main(argv: list[str] | None = None) -> int:
     _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     set_subreaper()
+    ports = [args.sink_port, 2527, args.spamd_port] + [
+        port for _l, port, _a, _s in CONFIGS.values()
+    ]
+    if ports_taken("run_content.py", ports):
+        return 2
     shutil.rmtree(CONTENT_ROOT, ignore_errors=True)
     CONTENT_ROOT.mkdir(parents=True, exist_ok=True)
 

@@ -54,6 +54,7 @@ from run import (  # noqa: E402
     cpu_s,
     log,
     machine_info,
+    ports_taken,
     reap,
     run_child,
     set_subreaper,
@@ -340,6 +341,8 @@ def main(argv: list[str] | None = None) -> int:
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     set_subreaper()
     BENCH_ROOT.mkdir(parents=True, exist_ok=True)
+    if ports_taken("run_perimeter.py", [args.sink_port, 2537, 2527, 2535, 2525]):
+        return 2
 
     sink = Sink(args.sink_port)
     pf_chk = PostfixInstance(
