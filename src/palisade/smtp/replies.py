@@ -11,6 +11,7 @@ enhanced code are checked when the value is built: a bad one is a bug in the cal
 
 from __future__ import annotations
 
+import functools
 import re
 from dataclasses import dataclass
 
@@ -55,6 +56,20 @@ _ENHANCED_RE = re.compile(r"[245]\.\d{1,3}\.\d{1,3}\Z")
 _UNSAFE_RE = re.compile(r"[\x00-\x1f\x7f]")
 
 
+@functools.lru_cache(maxsize=256)
+def _render(code: str, prefix: str, lines: tuple[str, ...]) -> bytes:
+    """A multi-line (or unusual) reply on the wire. Cached: the EHLO reply, the same for
+    every client of a listener, is rendered once instead of once per connection."""
+    last = len(lines) - 1
+    out = []
+    for i, line in enumerate(lines):
+        safe = _UNSAFE_RE.sub(" ", line)
+        text = f"{prefix}{safe}".rstrip(" ")
+        sep = " " if i == last else "-"
+        out.append(f"{code}{sep}{text}\r\n" if text else f"{code}{sep}\r\n")
+    return "".join(out).encode("ascii", "replace")
+
+
 @dataclass(frozen=True, slots=True)
 class Reply:
     """One SMTP reply: a three-digit code, an optional enhanced status code and its text.
@@ -97,15 +112,7 @@ class Reply:
         text = self.text
         if isinstance(text, str) and text.isascii() and text.isprintable() and text:
             return f"{code} {prefix}{text}\r\n".encode("ascii")  # the common case, fast
-        lines = self.lines
-        last = len(lines) - 1
-        out = []
-        for i, line in enumerate(lines):
-            safe = _UNSAFE_RE.sub(" ", line)
-            text = f"{prefix}{safe}".rstrip(" ")
-            sep = " " if i == last else "-"
-            out.append(f"{code}{sep}{text}\r\n" if text else f"{code}{sep}\r\n")
-        return "".join(out).encode("ascii", "replace")
+        return _render(code, prefix, self.lines)
 
     def with_text(self, text: str | tuple[str, ...]) -> Reply:
         """The same codes with other text."""
