@@ -93,26 +93,19 @@ class CorruptMessage(SpoolError, ValueError):
 SMALL_FILE = 256 * 1024  # queue files up to this size are read whole for delivery
 
 
-def _delivered_form(data: bytes, layout: Layout) -> bytes:
-    """The message as a reader of the queue file gets it: added lines, then the body."""
-    body_end = layout.body_start + layout.body_length
-    added = data[body_end : body_end + layout.added_length]
-    return added + data[layout.body_start : body_end]
-
-
 def _trailer(length: int, digest: str) -> bytes:
     return b"\nEND %020d sha256=%s\n" % (length, digest.encode("ascii"))
 
 
 @dataclass(frozen=True)
-class Layout:
-    """Where the body of a committed file lies, and the header lines added before it."""
+class Records:
+    """Where the records of a committed file lie, found without parsing the envelope."""
 
-    envelope: Envelope
+    envelope_json: bytes
     body_start: int
     body_length: int
+    added_length: int  # the added lines start at body_start + body_length
     sha256: str
-    added_length: int = 0  # the added lines start at body_start + body_length
 
     @property
     def message_length(self) -> int:
@@ -120,14 +113,21 @@ class Layout:
         return self.added_length + self.body_length
 
 
+@dataclass(frozen=True)
+class Layout(Records):
+    """The records and the parsed envelope."""
+
+    envelope: Envelope
+
+
 class MessageReader:
     """Reads the added header lines, then the body, from one open queue file (as one stream)."""
 
-    def __init__(self, f: BinaryIO, body_start: int, body_length: int, added_length: int) -> None:
+    def __init__(self, f: BinaryIO, records: Records) -> None:
         self._f = f
-        end = body_start + body_length
+        end = records.body_start + records.body_length
         # (offset, length) segments in reading order
-        self._segments = [(end, added_length), (body_start, body_length)]
+        self._segments = [(end, records.added_length), (records.body_start, records.body_length)]
         self._current = 0
         self._left = 0
         self._next_segment()
@@ -181,18 +181,7 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-@dataclass(frozen=True)
-class _Bounds:
-    """Where the records of a queue file lie, found without parsing the envelope."""
-
-    envelope_json: bytes
-    body_start: int
-    body_length: int
-    added_length: int
-    sha256: str
-
-
-def _read_bounds(f: IO[bytes], size: int) -> _Bounds:
+def _read_records(f: IO[bytes], size: int) -> Records:
     f.seek(0)
     first = f.readline(MAX_HEADER + 1)
     version = 2 if first.startswith(MAGIC_V2) else 1
@@ -218,31 +207,35 @@ def _read_bounds(f: IO[bytes], size: int) -> _Bounds:
     if body_start + body_length + added_length + tail != size:
         raise CorruptMessage("END record does not match the file length")
     digest = match.group(2).decode("ascii")
-    return _Bounds(first[len(magic) : -1], body_start, body_length, added_length, digest)
+    return Records(first[len(magic) : -1], body_start, body_length, added_length, digest)
 
 
 def read_layout(f: IO[bytes], size: int, *, verify: bool = False) -> Layout:
     """Parse and validate a queue file opened for reading; raise CorruptMessage when damaged."""
-    bounds = _read_bounds(f, size)
+    records = _read_records(f, size)
     try:
-        envelope = Envelope.from_json(json.loads(bounds.envelope_json))
+        envelope = Envelope.from_json(json.loads(records.envelope_json))
     except (ValueError, UnicodeDecodeError) as exc:
         raise CorruptMessage(f"bad envelope: {exc}") from None
     if verify:
         h = hashlib.sha256()
-        f.seek(bounds.body_start)
-        remaining = bounds.body_length + bounds.added_length
+        f.seek(records.body_start)
+        remaining = records.message_length
         while remaining:
             chunk = f.read(min(remaining, 1 << 20))
             if not chunk:
                 raise CorruptMessage("body shorter than recorded")
             h.update(chunk)
             remaining -= len(chunk)
-        if h.hexdigest() != bounds.sha256:
+        if h.hexdigest() != records.sha256:
             raise CorruptMessage("body checksum mismatch")
-    return Layout(
-        envelope, bounds.body_start, bounds.body_length, bounds.sha256, bounds.added_length
-    )
+    return Layout(**vars(records), envelope=envelope)
+
+
+def _checked(layout: Layout, queue_id: str) -> Layout:
+    if layout.envelope.queue_id != queue_id:
+        raise CorruptMessage("envelope queue id does not match the file name")
+    return layout
 
 
 class ReceivedMessage:
@@ -460,19 +453,14 @@ class Spool:
             raise UnknownMessage(queue_id) from None
         try:
             size = os.fstat(fd).st_size
-            if size <= SMALL_FILE:
-                data = os.pread(fd, size, 0)
-                layout = read_layout(io.BytesIO(data), len(data))
-                message: bytes | None = _delivered_form(data, layout)
-            else:
-                with os.fdopen(os.dup(fd), "rb") as f:
-                    layout = read_layout(f, size)
-                message = None
+            data = os.pread(fd, size, 0) if size <= SMALL_FILE else None
         finally:
             os.close(fd)
-        if layout.envelope.queue_id != queue_id:
-            raise CorruptMessage("envelope queue id does not match the file name")
-        return layout, message
+        if data is None:
+            return self._layout(queue_id), None
+        f = io.BytesIO(data)
+        layout = _checked(read_layout(f, len(data)), queue_id)
+        return layout, MessageReader(f, layout).read()
 
     def _layout(self, queue_id: str, *, verify: bool = False) -> Layout:
         """Reads only the first line and the END records (unless ``verify``): listing a queue
@@ -483,9 +471,7 @@ class Spool:
                 layout = read_layout(f, os.fstat(f.fileno()).st_size, verify=verify)
         except FileNotFoundError:
             raise UnknownMessage(queue_id) from None
-        if layout.envelope.queue_id != queue_id:
-            raise CorruptMessage("envelope queue id does not match the file name")
-        return layout
+        return _checked(layout, queue_id)
 
     def load_state(self, queue_id: str, envelope: Envelope) -> DeliveryState:
         try:
@@ -525,9 +511,8 @@ class Spool:
             raise UnknownMessage(queue_id) from None
         try:
             # The envelope is not parsed again here: the deliverer loaded it just before.
-            bounds = _read_bounds(f, os.fstat(f.fileno()).st_size)
-            reader = MessageReader(f, bounds.body_start, bounds.body_length, bounds.added_length)
-            return reader, bounds.body_length + bounds.added_length
+            records = _read_records(f, os.fstat(f.fileno()).st_size)
+            return MessageReader(f, records), records.message_length
         except BaseException:
             f.close()
             raise
