@@ -27,7 +27,16 @@ from palisade.policy.verdict import Action, Verdict
 from palisade.server import data_stage
 from palisade.server.stream import ClientStream
 from palisade.server.tls import describe
-from palisade.smtp import NEED_DATA, PAUSED, Features, Limits, Reply, SmtpConnection, events
+from palisade.smtp import (
+    NEED_DATA,
+    PAUSED,
+    Features,
+    Limits,
+    Reply,
+    SmtpConnection,
+    events,
+    replies,
+)
 from palisade.smtp.headers import HeaderSplitter
 from palisade.spool import Envelope
 
@@ -53,13 +62,6 @@ def _client_address(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
 @functools.lru_cache(maxsize=16)
 def _our_names(hostname: str) -> frozenset[str]:
     return frozenset({hostname.lower()})
-
-
-# Replies sent on every message, made once (a Reply validates its codes when it is built).
-_OK = Reply(250, "2.0.0", "Ok")
-_SENDER_OK = Reply(250, "2.1.0", "Ok")
-_RECIPIENT_OK = Reply(250, "2.1.5", "Ok")
-_GO_AHEAD = Reply(354, None, "End data with <CR><LF>.<CR><LF>")
 
 
 class _Closed(Exception):
@@ -342,9 +344,9 @@ class Session:
                 self._abort_transaction()
                 self.facts.sender, self.facts.recipient, self.facts.recipients = None, None, []
                 self.facts.tx = {}
-                self._send(_OK)
+                self._send(replies.OK)
             case events.Noop():
-                self._send(_OK)
+                self._send(replies.OK)
             case events.Quit():
                 self._send(Reply(221, "2.0.0", f"{self.config.server.hostname} closing connection"))
                 raise _Closed
@@ -411,7 +413,7 @@ class Session:
             self._refuse_stage(Stage.MAIL, self.tx.sender or "", verdict)
             self.tx = Transaction()
             return
-        self._send(_SENDER_OK)
+        self._send(replies.SENDER_OK)
 
     async def _on_rcpt(self, event: events.Rcpt) -> None:
         decision = self.ctx.relay_policy.decide(event.address, self.ip)
@@ -432,7 +434,7 @@ class Session:
         self.facts.recipients.append(rcpt)
         self.tx.recipients.append(rcpt)
         self.tx.routes.append(decision)
-        self._send(_RECIPIENT_OK)
+        self._send(replies.RECIPIENT_OK)
 
     def _refuse_stage(self, stage: Stage, subject: str, verdict: Verdict) -> None:
         self._log_refusal(stage, subject, verdict)
@@ -507,7 +509,7 @@ class Session:
             self._send(Reply(451, "4.3.0", "Local error in processing"))
             self._abort_transaction()
             return
-        self._send(_GO_AHEAD)
+        self._send(replies.DATA_START)
         self._data_started = time.monotonic()
         self._data_bytes = 0
 
