@@ -12,6 +12,7 @@ import json
 import os
 import threading
 import time
+from collections.abc import Callable
 from email.utils import formatdate
 from pathlib import Path
 from typing import Protocol
@@ -28,28 +29,26 @@ def escape(text: str, limit: int = 256) -> str:
     return out
 
 
-_last_stamp: tuple[int, str] = (-1, "")
+class _PerSecond:
+    """A local-time date text, formatted once per second: every log line and every Received
+    header of a busy server would otherwise format the same second again."""
+
+    def __init__(self, render: Callable[[int], str]) -> None:
+        self._render = render
+        self._last: tuple[int, str] = (-1, "")  # one tuple: replaced whole, safe across threads
+
+    def __call__(self, now: float | None = None) -> str:
+        second = int(time.time() if now is None else now)
+        last = self._last
+        if last[0] != second:
+            last = self._last = (second, self._render(second))
+        return last[1]
 
 
-def timestamp(now: float | None = None) -> str:
-    """exim's local-time stamp: ``2026-11-22 10:00:00`` (formatted once per second)."""
-    global _last_stamp
-    second = int(time.time() if now is None else now)
-    if _last_stamp[0] != second:
-        _last_stamp = (second, time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(second)))
-    return _last_stamp[1]
-
-
-_last_date: tuple[int, str] = (-1, "")
-
-
-def rfc5322_date(now: float | None = None) -> str:
-    """The local-time date of a ``Received:`` header (RFC 5322 3.3), formatted once per second."""
-    global _last_date
-    second = int(time.time() if now is None else now)
-    if _last_date[0] != second:
-        _last_date = (second, formatdate(second, localtime=True))
-    return _last_date[1]
+# exim's stamp at the start of a log line: ``2026-11-22 10:00:00``.
+timestamp = _PerSecond(lambda second: time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(second)))
+# The date of a ``Received:`` header (RFC 5322 section 3.3).
+rfc5322_date = _PerSecond(lambda second: formatdate(second, localtime=True))
 
 
 class EventLog(Protocol):
