@@ -33,9 +33,9 @@ import asyncio
 from palisade.adapters.spamd import (
     describe,
     open_stream,
-    os_reason,
     parse_address,
     send_message,
+    service_errors,
     shown,
 )
 from palisade.ports import MessageSource, ServiceTempError, VirusReport
@@ -65,42 +65,31 @@ class ClamdScanner:
         where = f"clamd {describe(self.address)}"
         writer: asyncio.StreamWriter | None = None
         try:
-            async with asyncio.timeout(self.timeout):
-                reader, writer = await open_stream(self.address, limit=_REPLY_LIMIT)
-                writer.write(b"zINSTREAM\0")
-                sending: OSError | None = None
-                try:
-                    await send_message(writer, message, frame=True)
-                    writer.write(b"\0\0\0\0")
-                    await writer.drain()
-                except (ConnectionResetError, BrokenPipeError) as exc:
-                    sending = exc  # clamd may have answered (size limit) and closed
-                try:
-                    reply = await reader.readuntil(b"\0")
-                except asyncio.IncompleteReadError as exc:
-                    if exc.partial or sending is None:
-                        raise
-                    raise sending from None
-                except OSError:
-                    if sending is None:
-                        raise
-                    raise sending from None
-                return _parse(reply)
-        except TimeoutError:
-            raise ServiceTempError(f"{where}: no answer within {self.timeout:g}s") from None
-        except ServiceTempError as exc:
-            raise ServiceTempError(f"{where}: {exc.reason}") from None
-        except asyncio.LimitOverrunError:
-            raise ServiceTempError(f"{where}: reply too long") from None
-        except asyncio.IncompleteReadError as exc:
-            if exc.partial:  # a reply without its NUL (clamd closed right after it)
-                try:
-                    return _parse(exc.partial)
-                except ServiceTempError as bad:
-                    raise ServiceTempError(f"{where}: {bad.reason}") from None
-            raise ServiceTempError(f"{where}: connection closed without a reply") from None
-        except OSError as exc:
-            raise ServiceTempError(f"{where}: {os_reason(exc)}") from None
+            with service_errors(where, self.timeout, too_long="reply too long"):
+                async with asyncio.timeout(self.timeout):
+                    reader, writer = await open_stream(self.address, limit=_REPLY_LIMIT)
+                    writer.write(b"zINSTREAM\0")
+                    sending: OSError | None = None
+                    try:
+                        await send_message(writer, message, frame=True)
+                        writer.write(b"\0\0\0\0")
+                        await writer.drain()
+                    except (ConnectionResetError, BrokenPipeError) as exc:
+                        sending = exc  # clamd may have answered (size limit) and closed
+                    try:
+                        reply = await reader.readuntil(b"\0")
+                    except asyncio.IncompleteReadError as exc:
+                        if exc.partial:  # a reply without its NUL (clamd closed right after it)
+                            reply = exc.partial
+                        elif sending is not None:
+                            raise sending from None
+                        else:
+                            raise
+                    except OSError:
+                        if sending is None:
+                            raise
+                        raise sending from None
+                    return _parse(reply)
         finally:
             if writer is not None:
                 writer.close()

@@ -38,11 +38,11 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from palisade.adapters.spamd import (
-    os_reason,
     parse_rules,
     read_headers,
     read_line,
     send_message,
+    service_errors,
     shown,
 )
 from palisade.ports import MessageSource, ServiceTempError, SpamReport
@@ -94,42 +94,29 @@ class RspamdScanner:
         where = self.where
         writer: asyncio.StreamWriter | None = None
         try:
-            async with asyncio.timeout(self.timeout):
-                context = ssl.create_default_context() if self.tls else None
-                reader, writer = await asyncio.open_connection(
-                    self.host, self.port, ssl=context, limit=_HEAD_LIMIT
-                )
-                head = (
-                    f"POST {self.path} HTTP/1.1\r\n"
-                    f"Host: {self.authority}\r\n"
-                    f"Content-Length: {message.size}\r\n"
-                    "Content-Type: message/rfc822\r\n"
-                    "Connection: close\r\n"
-                    "User-Agent: palisade\r\n"
-                )
-                if self._password:
-                    head += f"Password: {self._password}\r\n"
-                writer.write((head + "\r\n").encode("utf-8"))
-                await send_message(writer, message)
-                status, body = await _read_response(reader)
-        except TimeoutError:
-            raise ServiceTempError(f"{where}: no answer within {self.timeout:g}s") from None
-        except ServiceTempError as exc:
-            raise ServiceTempError(f"{where}: {exc.reason}") from None
-        except asyncio.LimitOverrunError:
-            raise ServiceTempError(f"{where}: reply line too long") from None
-        except asyncio.IncompleteReadError as exc:
-            what = "without a reply" if not exc.partial else "before a full reply"
-            raise ServiceTempError(f"{where}: connection closed {what}") from None
-        except OSError as exc:  # ssl.SSLError is an OSError too
-            raise ServiceTempError(f"{where}: {os_reason(exc)}") from None
+            with service_errors(where, self.timeout):
+                async with asyncio.timeout(self.timeout):
+                    context = ssl.create_default_context() if self.tls else None
+                    reader, writer = await asyncio.open_connection(
+                        self.host, self.port, ssl=context, limit=_HEAD_LIMIT
+                    )
+                    head = (
+                        f"POST {self.path} HTTP/1.1\r\n"
+                        f"Host: {self.authority}\r\n"
+                        f"Content-Length: {message.size}\r\n"
+                        "Content-Type: message/rfc822\r\n"
+                        "Connection: close\r\n"
+                        "User-Agent: palisade\r\n"
+                    )
+                    if self._password:
+                        head += f"Password: {self._password}\r\n"
+                    writer.write((head + "\r\n").encode("utf-8"))
+                    await send_message(writer, message)
+                    status, body = await _read_response(reader)
+                return self._report(status, body)
         finally:
             if writer is not None:
                 writer.close()
-        try:
-            return self._report(status, body)
-        except ServiceTempError as exc:
-            raise ServiceTempError(f"{where}: {exc.reason}") from None
 
     def _report(self, status: int, body: bytes) -> SpamReport:
         try:

@@ -39,11 +39,13 @@ each chunk to a thread.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ipaddress
 import math
 import os
 import re
 import socket
+from collections.abc import Iterator
 
 from palisade.ports import MessageSource, ServiceTempError, SpamReport
 
@@ -57,6 +59,7 @@ __all__ = [
     "parse_rules",
     "read_line",
     "send_message",
+    "service_errors",
     "shown",
 ]
 
@@ -158,6 +161,28 @@ def os_reason(exc: OSError) -> str:
     return exc.strerror or str(exc) or type(exc).__name__
 
 
+@contextlib.contextmanager
+def service_errors(
+    where: str, timeout: float, *, too_long: str = "reply line too long"
+) -> Iterator[None]:
+    """Every way a conversation with a scanner can fail, as ServiceTempError naming ``where``:
+    the overall timeout, the scanner's own refusal, an over-long or cut-off reply, a network
+    error (shared by the spamd, rspamd and clamd adapters)."""
+    try:
+        yield
+    except TimeoutError:
+        raise ServiceTempError(f"{where}: no answer within {timeout:g}s") from None
+    except ServiceTempError as exc:
+        raise ServiceTempError(f"{where}: {exc.reason}") from None
+    except asyncio.LimitOverrunError:
+        raise ServiceTempError(f"{where}: {too_long}") from None
+    except asyncio.IncompleteReadError as exc:
+        what = "without a reply" if not exc.partial else "before a full reply"
+        raise ServiceTempError(f"{where}: connection closed {what}") from None
+    except OSError as exc:  # ssl.SSLError is an OSError too
+        raise ServiceTempError(f"{where}: {os_reason(exc)}") from None
+
+
 class SpamdScanner:
     """One spamd; ``scan`` opens a new connection per message (spamd serves one per child)."""
 
@@ -187,27 +212,17 @@ class SpamdScanner:
         where = f"spamd {describe(self.address)}"
         writer: asyncio.StreamWriter | None = None
         try:
-            async with asyncio.timeout(self.timeout):
-                reader, writer = await open_stream(self.address)
-                head = f"SYMBOLS SPAMC/1.5\r\nContent-length: {message.size}\r\n"
-                if self.user:
-                    head += f"User: {self.user}\r\n"
-                writer.write((head + "\r\n").encode("utf-8"))
-                await send_message(writer, message)
-                if writer.can_write_eof():
-                    writer.write_eof()
-                return await self._read_reply(reader)
-        except TimeoutError:
-            raise ServiceTempError(f"{where}: no answer within {self.timeout:g}s") from None
-        except ServiceTempError as exc:
-            raise ServiceTempError(f"{where}: {exc.reason}") from None
-        except asyncio.LimitOverrunError:
-            raise ServiceTempError(f"{where}: reply line too long") from None
-        except asyncio.IncompleteReadError as exc:
-            what = "without a reply" if not exc.partial else "before a full reply"
-            raise ServiceTempError(f"{where}: connection closed {what}") from None
-        except OSError as exc:
-            raise ServiceTempError(f"{where}: {os_reason(exc)}") from None
+            with service_errors(where, self.timeout):
+                async with asyncio.timeout(self.timeout):
+                    reader, writer = await open_stream(self.address)
+                    head = f"SYMBOLS SPAMC/1.5\r\nContent-length: {message.size}\r\n"
+                    if self.user:
+                        head += f"User: {self.user}\r\n"
+                    writer.write((head + "\r\n").encode("utf-8"))
+                    await send_message(writer, message)
+                    if writer.can_write_eof():
+                        writer.write_eof()
+                    return await self._read_reply(reader)
         finally:
             if writer is not None:
                 writer.close()
