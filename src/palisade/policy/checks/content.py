@@ -40,7 +40,7 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Mapping, Sequence
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Protocol, TypeVar
 
 from palisade.policy.checks.dnsnames import safe_text
 from palisade.policy.checks.options import Options
@@ -56,7 +56,9 @@ from palisade.policy.rules import (
     Stage,
     memo,
 )
-from palisade.ports import ServiceTempError, SpamReport, VirusReport
+from palisade.ports import MessageSource, ServiceTempError, SpamReport, VirusReport
+
+_Report = TypeVar("_Report", covariant=True)
 
 __all__ = [
     "FACTORIES",
@@ -72,23 +74,37 @@ _RULE_NAME = re.compile(r"[A-Za-z0-9_.:-]{1,100}")
 _FOLD_AT = 76  # SpamAssassin folds its X-Spam-Status near here
 
 
-async def spam_report(facts: Facts, ports: Ports) -> SpamReport | None:
-    """The spam scanner's report on the message, once per transaction (see the module doc).
+class _Scanner(Protocol[_Report]):
+    """What spam_report and virus_report need of a scanner port (SpamScanner, VirusScanner)."""
 
-    Raises ``CheckError`` when the scanner failed (now or for an earlier caller).
-    """
-    scanner = ports.spam
+    name: str
+    max_size: int
+
+    async def scan(self, message: MessageSource) -> _Report: ...
+
+
+async def _report_once(facts: Facts, scanner: _Scanner[_Report] | None, key: str) -> _Report | None:
+    """The scanner's report on the message, memoised under ``facts.tx[key]``; None when there is
+    no scanner or no message yet, or the message is over the scanner's ``max_size``."""
     message = facts.message
     if scanner is None or message is None or message.source.size > scanner.max_size:
         return None
 
-    async def scan() -> SpamReport:
+    async def scan() -> _Report:
         try:
             return await scanner.scan(message.source)
         except ServiceTempError as exc:
             raise CheckError(f"{scanner.name}: {safe_text(exc.reason)}") from None
 
-    return await memo(facts, "spam", scan)
+    return await memo(facts, key, scan)
+
+
+async def spam_report(facts: Facts, ports: Ports) -> SpamReport | None:
+    """The spam scanner's report on the message, once per transaction (see the module doc).
+
+    Raises ``CheckError`` when the scanner failed (now or for an earlier caller).
+    """
+    return await _report_once(facts, ports.spam, "spam")
 
 
 async def virus_report(facts: Facts, ports: Ports) -> VirusReport | None:
@@ -96,20 +112,7 @@ async def virus_report(facts: Facts, ports: Ports) -> VirusReport | None:
 
     Raises ``CheckError`` when the scanner failed (now or for an earlier caller).
     """
-    scanner = ports.virus
-    message = facts.message
-    if scanner is None or message is None:
-        return None
-    if message.source.size > scanner.max_size:
-        return None
-
-    async def scan() -> VirusReport:
-        try:
-            return await scanner.scan(message.source)
-        except ServiceTempError as exc:
-            raise CheckError(f"{scanner.name}: {safe_text(exc.reason)}") from None
-
-    return await memo(facts, "virus", scan)
+    return await _report_once(facts, ports.virus, "virus")
 
 
 def format_score(score: float) -> str:
