@@ -142,6 +142,23 @@ class System:
         return self.pids_fn()
 
 
+class Target:
+    """One server under test in run_perimeter.py and run_content.py: its key and label in the
+    results, its port and processes, its Postfix instance (None for a gateway: to wait for its
+    queue to drain) and, for a gateway, its main log."""
+
+    def __init__(self, key: str, label: str, port: int, pids_fn, postfix=None) -> None:
+        self.key = key
+        self.label = label
+        self.port = port
+        self.pids_fn = pids_fn
+        self.postfix = postfix
+        self.mainlog: Path | None = None
+
+    def pids(self) -> list[int]:
+        return self.pids_fn()
+
+
 class MemSampler(threading.Thread):
     def __init__(self, system: System, interval: float = 0.25, pss_every: int = 0) -> None:
         super().__init__(daemon=True)

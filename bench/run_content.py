@@ -70,6 +70,7 @@ from run import (  # noqa: E402
     BENCH_ROOT,
     Gateway,
     Sink,
+    Target,
     cpu_s,
     log,
     machine_info,
@@ -375,19 +376,6 @@ def added_headers(raw: bytes) -> dict[str, list[str]]:
 
 # --------------------------------------------------------------------------------------
 # Measured runs
-
-
-class Target:
-    def __init__(self, key: str, label: str, port: int, pids_fn, postfix=None) -> None:
-        self.key = key
-        self.label = label
-        self.port = port
-        self.pids_fn = pids_fn
-        self.postfix = postfix
-        self.mainlog: Path | None = None
-
-    def pids(self) -> list[int]:
-        return self.pids_fn()
 
 
 def count_log(path: Path | None) -> dict[str, int]:

@@ -51,6 +51,7 @@ from run import (  # noqa: E402
     BENCH_ROOT,
     Gateway,
     Sink,
+    Target,
     cpu_s,
     log,
     machine_info,
@@ -65,20 +66,6 @@ SENDER = "load@client.example"
 RCPT = "rcpt@bench.test"
 GOOD_RANGE = "127.0.0.10-127.0.0.59"
 LISTED_RANGE = "127.0.1.10-127.0.1.59"
-
-
-class Target:
-    """One server under test."""
-
-    def __init__(self, key: str, label: str, port: int, pids_fn, postfix=None) -> None:
-        self.key = key
-        self.label = label
-        self.port = port
-        self.pids_fn = pids_fn
-        self.postfix = postfix
-
-    def pids(self) -> list[int]:
-        return self.pids_fn()
 
 
 def load(mode: str, port: int, src: str, count: int, clients: int, bound: float) -> dict:
