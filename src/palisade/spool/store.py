@@ -482,10 +482,10 @@ class Spool:
         except (ValueError, UnicodeDecodeError) as exc:
             raise CorruptMessage(f"bad state file: {exc}") from None
 
-    def load(self, queue_id: str, *, fresh: bool = False) -> tuple[Envelope, DeliveryState]:
-        """The envelope and delivery state; ``fresh``: never attempted, no state file to read."""
-        envelope, state, _message = self.load_for_delivery(queue_id, fresh=fresh)
-        return envelope, state
+    def load(self, queue_id: str) -> tuple[Envelope, DeliveryState]:
+        """The envelope and delivery state (reads only the records, not the message)."""
+        envelope = self._layout(queue_id).envelope
+        return envelope, self.load_state(queue_id, envelope)
 
     def load_for_delivery(
         self, queue_id: str, *, fresh: bool = False
