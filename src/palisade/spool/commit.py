@@ -23,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ctypes
+import errno
 import os
 import threading
 from collections.abc import Callable
@@ -60,10 +61,10 @@ def rename_noreplace(src: str | Path, dst: str | Path) -> None:
         if _renameat2(_AT_FDCWD, os.fsencode(src), _AT_FDCWD, os.fsencode(dst), _NOREPLACE) == 0:
             return
         err = ctypes.get_errno()
-        if err not in (22, 38, 95):  # EINVAL, ENOSYS, EOPNOTSUPP: not supported here
+        if err not in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):  # else: not supported here
             raise OSError(err, os.strerror(err), str(dst))
     if os.path.lexists(dst):
-        raise FileExistsError(17, "queue file exists", str(dst))
+        raise FileExistsError(errno.EEXIST, "queue file exists", str(dst))
     os.rename(src, dst)
 
 
