@@ -61,7 +61,7 @@ def rename_noreplace(src: str | Path, dst: str | Path) -> None:
         if _renameat2(_AT_FDCWD, os.fsencode(src), _AT_FDCWD, os.fsencode(dst), _NOREPLACE) == 0:
             return
         err = ctypes.get_errno()
-        if err not in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):  # else: not supported here
+        if err not in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):  # these: fall back below
             raise OSError(err, os.strerror(err), str(dst))
     if os.path.lexists(dst):
         raise FileExistsError(errno.EEXIST, "queue file exists", str(dst))
