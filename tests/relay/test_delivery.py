@@ -365,6 +365,8 @@ def test_a_second_submit_of_a_deferred_message_reads_its_state(tmp_path: Path, h
     assert [m[1] for m in hop.handler.messages] == [["bob@corp.test"], ["carol@corp.test"]]
     assert s.spool.list() == []
     assert os.listdir(tmp_path / "spool" / "state") == []
+    # The finished message's file waits in free/ for the next message (palisade.spool.recycle).
+    assert os.listdir(tmp_path / "spool" / "free") == [env.queue_id]
 
 
 def test_submit_and_background_loop(tmp_path: Path, hop: Hop) -> None:

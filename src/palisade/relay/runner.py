@@ -277,7 +277,7 @@ class QueueRunner:
 
     async def _complete(self, queue_id: str, *, state_file: bool = True) -> None:
         self._due.pop(queue_id, None)
-        self.spool.remove(queue_id, state_file=state_file)
+        self.spool.remove(queue_id, state_file=state_file, recycle=True)
         self.log.main(f"{queue_id} Completed", queue_id=queue_id, event="completed")
 
     async def _save(self, queue_id: str, state: DeliveryState) -> bool:

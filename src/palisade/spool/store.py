@@ -3,6 +3,7 @@
 Owns: the directory tree under the spool root and every file in it::
 
     tmp/<id>            a message being received (never delivered, deleted at recovery)
+    free/<id>           a delivered message's file kept for reuse (palisade.spool.recycle)
     queue/<id>          a committed message: header record, body bytes, END record
     state/<id>.json     its delivery state (absent = nothing attempted yet)
     state/<id>.tmp      a state file being replaced (deleted at recovery)
@@ -65,6 +66,7 @@ from palisade.obs.log import EventLog, escape
 from palisade.obs.queueid import is_queue_id
 from palisade.spool.commit import CommitJob, CommitStats, GroupCommitter, rename_noreplace
 from palisade.spool.envelope import DeliveryState, Envelope
+from palisade.spool.recycle import FilePool
 
 MAGIC = b"PALISADE-SPOOL 1 "  # version 1: no ADD record (still read)
 MAGIC_V2 = b"PALISADE-SPOOL 2 "
@@ -268,7 +270,12 @@ class SpoolWriter:
         self._tmp_path = f"{spool.tmp_dir}/{envelope.queue_id}"
         self._final_path = f"{spool.queue_dir}/{envelope.queue_id}"
         # An id already in queue/ is caught at the commit (rename_noreplace), never replaced.
-        self._file: BinaryIO | None = open(self._tmp_path, "xb")  # noqa: SIM115 (kept open)
+        # A recycled file still holds an old message: it is overwritten from the start and cut
+        # to length at the commit (see palisade.spool.recycle).
+        self._recycled = spool.pool.claim(self._tmp_path)
+        self._file: BinaryIO | None = open(  # noqa: SIM115 (kept open)
+            self._tmp_path, "r+b" if self._recycled else "xb"
+        )
         self._hash = hashlib.sha256()
         self.size = 0
         self._added: list[bytes] = []
@@ -315,6 +322,8 @@ class SpoolWriter:
             f.write(added)
             f.write(b"\nADD %020d\n" % len(added))
             f.write(_trailer(self.size, self._hash.hexdigest()))
+            if self._recycled:
+                f.truncate()  # what is left of the file's previous message goes
             f.flush()
             if not self._spool.fsync:
                 rename_noreplace(self._tmp_path, self._final_path)
@@ -358,7 +367,7 @@ class SpoolWriter:
 class Spool:
     """The queue under ``root``. ``fsync=False`` skips every fsync (tests, benchmarks)."""
 
-    SUBDIRS = ("tmp", "queue", "state", "corrupt")
+    SUBDIRS = ("tmp", "queue", "state", "corrupt", "free")
 
     def __init__(self, root: Path, *, fsync: bool = True) -> None:
         self.root = Path(root)
@@ -369,6 +378,7 @@ class Spool:
         for sub in self.SUBDIRS:
             (self.root / sub).mkdir(parents=True, exist_ok=True)
         self.committer = GroupCommitter(self.root / "queue")
+        self.pool = FilePool(str(self.root / "free"))
 
     @property
     def commit_stats(self) -> CommitStats:
@@ -416,11 +426,14 @@ class Spool:
         if self.fsync:
             _fsync_dir(self.root / "state")
 
-    def remove(self, queue_id: str, *, state_file: bool = True) -> bool:
+    def remove(self, queue_id: str, *, state_file: bool = True, recycle: bool = False) -> bool:
         """Delete the message, then its state file. Returns False if it was not queued.
 
         ``state_file=False``: the caller knows there is none (a message delivered at its first
         attempt); an orphan left anyway would be deleted by ``recover``.
+        ``recycle=True`` (the delivering process, for a message it finished with): the file goes
+        to ``free/`` for reuse instead of being unlinked, when the pool takes it
+        (palisade.spool.recycle). Either way it leaves ``queue/`` in one step.
 
         The unlink is not followed by a directory fsync: if power fails before the kernel writes
         the directory, the message reappears and is delivered again (a duplicate, never a loss),
@@ -428,7 +441,8 @@ class Spool:
         """
         qpath = self._queue_path(queue_id)
         try:
-            os.unlink(qpath)
+            if not (recycle and self.pool.recycle(qpath, queue_id)):
+                os.unlink(qpath)
             existed = True
         except FileNotFoundError:
             existed = False
@@ -557,11 +571,13 @@ class Spool:
     def recover(self, log: EventLog, *, verify_checksum: bool = True) -> builtins.list[str]:
         """Clean up after a crash and return the ids to deliver, oldest first.
 
-        Deletes everything in tmp/ (never acknowledged) and half-written state files; validates
+        Deletes everything in tmp/ (never acknowledged), files in free/ beyond the pool's limit
+        and half-written state files; validates
         every queue file (END record, and the body checksum unless ``verify_checksum=False``);
         moves damaged ones to corrupt/ with a panic log line; deletes orphan state files.
         Call it before anything writes to the spool.
         """
+        self.pool.trim()
         tmp_dir = self.root / "tmp"
         for name in os.listdir(tmp_dir):
             try:
