@@ -7,6 +7,7 @@ as in the server; the tests do the same with separate objects.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 from pathlib import Path
 
@@ -109,3 +110,15 @@ def test_recover_trims_the_pool_and_never_delivers_from_it(tmp_path: Path) -> No
     left = os.listdir(tmp_path / "free")
     assert len(left) == 3
     assert "not-a-queue-id" not in left
+
+
+def test_a_link_in_the_pool_is_never_written_through(tmp_path: Path) -> None:
+    """Only the delivering process puts files in free/; a symbolic link found there anyway
+    (someone with write access to the spool) must not make a worker write to its target."""
+    target = tmp_path / "elsewhere"
+    target.write_bytes(b"precious")
+    Spool(tmp_path, fsync=False)  # makes the directories
+    (tmp_path / "free" / IDS.new()).symlink_to(target)
+    with contextlib.suppress(OSError):  # refused (ELOOP) is fine; writing through it is not
+        queue(Spool(tmp_path, fsync=False), b"x\r\n")
+    assert target.read_bytes() == b"precious"

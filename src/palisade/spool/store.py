@@ -273,9 +273,11 @@ class SpoolWriter:
         # A recycled file still holds an old message: it is overwritten from the start and cut
         # to length at the commit (see palisade.spool.recycle).
         self._recycled = spool.pool.claim(self._tmp_path)
-        self._file: BinaryIO | None = open(  # noqa: SIM115 (kept open)
-            self._tmp_path, "r+b" if self._recycled else "xb"
-        )
+        if self._recycled:  # never through a link, whatever were put in free/
+            fd = os.open(self._tmp_path, os.O_RDWR | os.O_NOFOLLOW)
+            self._file: BinaryIO | None = open(fd, "r+b")  # noqa: SIM115 (kept open)
+        else:
+            self._file = open(self._tmp_path, "xb")  # noqa: SIM115 (kept open)
         self._hash = hashlib.sha256()
         self.size = 0
         self._added: list[bytes] = []
