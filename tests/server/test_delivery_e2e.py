@@ -163,3 +163,27 @@ def test_next_hop_down_then_up_is_retried(make_gateway: Any, next_hop: NextHop) 
     wait_for(lambda: next_hop.handler.messages, timeout=20)
     assert len(next_hop.handler.messages) == 1
     assert wait_for(lambda: "=> later@corp.test" in gw.mainlog())
+
+
+def test_a_spool_that_cannot_commit_gets_451_and_keeps_nothing(gateway: GatewayProcess) -> None:
+    """A real fault: queue/ replaced by a plain file, so the commit's rename fails (ENOTDIR)."""
+    queue_dir = gateway.spool_dir / "queue"
+    moved = gateway.spool_dir / "queue.moved"
+    queue_dir.rename(moved)
+    queue_dir.write_bytes(b"")
+    try:
+        with smtplib.SMTP("127.0.0.1", gateway.port, timeout=10) as client:
+            client.ehlo("client.outside.test")
+            client.mail("sender@outside.test")
+            client.rcpt("user@example.test")
+            code, reply = client.data(MESSAGE.encode())
+            assert (code, reply) == (451, b"4.3.0 Local error in processing")
+            assert client.noop()[0] == 250  # the connection goes on, ready for a new MAIL
+    finally:
+        queue_dir.unlink()
+        moved.rename(queue_dir)
+    assert re.search(rf"{QUEUE_ID} spool commit failed: ", gateway.paniclog())
+    assert list((gateway.spool_dir / "tmp").iterdir()) == []  # the aborted file is gone
+    with smtplib.SMTP("127.0.0.1", gateway.port, timeout=10) as client:
+        assert client.sendmail("sender@outside.test", ["user@example.test"], MESSAGE) == {}
+    assert len(wait_for(lambda: gateway.maildir_messages("user"))) == 1
