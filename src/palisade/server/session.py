@@ -506,7 +506,7 @@ class Session:
                 tx.writer.write(_header_line(header))
         except OSError as exc:
             self.ctx.log.panic(f"spool write failed: {exc}")
-            self._send(Reply(451, "4.3.0", "Local error in processing"))
+            self._send(replies.LOCAL_ERROR)
             self._abort_transaction()
             return
         self._send(replies.DATA_START)
@@ -559,10 +559,7 @@ class Session:
                 fields = tuple(splitter.fields)
                 self.facts.message = MessageFacts(fields, writer.received(), writer.size)
             except OSError as exc:
-                writer.abort()
-                self.ctx.log.panic(f"{tx.queue_id} spool write failed: {exc}")
-                self._send(Reply(451, "4.3.0", "Local error in processing"))
-                self.tx = Transaction()
+                self._spool_failed(writer, "write", exc)
                 return
             if splitter.dropped:
                 names = ", ".join(sorted({escape(name, 40) for name, _ in splitter.dropped}))
@@ -589,15 +586,19 @@ class Session:
         try:
             await writer.commit()
         except OSError as exc:
-            writer.abort()
-            self.ctx.log.panic(f"{tx.queue_id} spool commit failed: {exc}")
-            self._send(Reply(451, "4.3.0", "Local error in processing"))
-            self.tx = Transaction()
+            self._spool_failed(writer, "commit", exc)
             return
         assert tx.queue_id is not None
         self._log_arrival(tx, event.size)
         self.ctx.submit(tx.queue_id)
         self._send(Reply(250, "2.0.0", f"Ok: queued as {tx.queue_id}"))
+        self.tx = Transaction()
+
+    def _spool_failed(self, writer: SpoolWriter, step: str, exc: OSError) -> None:
+        """The spool could not keep the message: nothing of it stays, the client tries later."""
+        writer.abort()
+        self.ctx.log.panic(f"{self.tx.queue_id} spool {step} failed: {exc}")
+        self._send(replies.LOCAL_ERROR)
         self.tx = Transaction()
 
     def _log_data_refusal(self, event: events.DataEnd) -> None:

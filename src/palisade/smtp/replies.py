@@ -163,3 +163,4 @@ DATA_LINE_TOO_LONG = Reply(550, "5.6.0", "Message refused: text line too long")
 # Only the application can accept a message (after committing it); a DataEnd without a flaw
 # therefore has a temporary failure as its "suggestion", so a mistake never acknowledges mail.
 DATA_NOT_ACCEPTED = Reply(451, "4.3.0", "Error: message not accepted, try again later")
+LOCAL_ERROR = Reply(451, "4.3.0", "Local error in processing")  # e.g. the spool failed

@@ -574,9 +574,9 @@ class Spool:
         """Clean up after a crash and return the ids to deliver, oldest first.
 
         Deletes everything in tmp/ (never acknowledged), files in free/ beyond the pool's limit
-        and half-written state files; validates
-        every queue file (END record, and the body checksum unless ``verify_checksum=False``);
-        moves damaged ones to corrupt/ with a panic log line; deletes orphan state files.
+        and half-written state files; validates every queue file (END record, and the body
+        checksum unless ``verify_checksum=False``); moves damaged ones to corrupt/ with a panic
+        log line; deletes orphan state files.
         Call it before anything writes to the spool.
         """
         self.pool.trim()
