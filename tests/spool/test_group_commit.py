@@ -125,3 +125,31 @@ def test_commit_never_replaces_a_queued_message_with_the_same_id(
     spool.close()
     assert queued.read_bytes() == b"an acknowledged message"
     assert os.listdir(tmp_path / "tmp") == []
+
+
+def test_close_finishes_the_commits_already_submitted_then_refuses_new_ones(
+    tmp_path: Path,
+) -> None:
+    """A commit submitted just before close() is still made durable and answered; one after it
+    gets an error at once instead of waiting for a thread that is gone."""
+    spool = Spool(tmp_path)
+
+    async def main() -> None:
+        writers = []
+        for i in range(5):
+            writer = spool.open_message(make_envelope())
+            writer.write(b"Subject: %d\r\n\r\nbody\r\n" % i)
+            writers.append(writer)
+        commits = [asyncio.ensure_future(w.commit()) for w in writers]
+        await asyncio.sleep(0)  # every commit is submitted ...
+        await asyncio.to_thread(spool.close)  # ... before the committer is told to stop
+        await asyncio.wait_for(asyncio.gather(*commits), 10)
+        late = spool.open_message(make_envelope())
+        late.write(b"Subject: late\r\n\r\nbody\r\n")
+        with pytest.raises(RuntimeError, match="closed"):
+            await asyncio.wait_for(late.commit(), 10)
+        late.abort()
+
+    asyncio.run(main())
+    assert len(os.listdir(tmp_path / "queue")) == 5
+    assert os.listdir(tmp_path / "tmp") == []

@@ -1,13 +1,15 @@
 """Group commit: many sessions' "make this message durable" requests share one directory fsync.
 
 Owns: one worker thread per spool that takes every commit waiting at that moment as a batch,
-fsyncs each file (in parallel when the batch has several, so the file system can merge journal
-commits), renames each ``tmp/<id>`` into ``queue/<id>`` without ever replacing a file there
-(renameat2 RENAME_NOREPLACE), then fsyncs the queue directory ONCE for the whole batch and wakes
-each waiting coroutine in its own event loop.
+fsyncs each file (one after the other: on ext4 or XFS the first fsync commits the journal
+transaction that holds the others' metadata too, so theirs return quickly), renames each
+``tmp/<id>`` into ``queue/<id>`` without ever replacing a file there (renameat2
+RENAME_NOREPLACE), then fsyncs the queue directory ONCE for the whole batch and wakes each
+waiting coroutine in its own event loop.
 Why one thread with a batch: a version with several committer threads taking jobs directly made
 ~60% more futex calls per message in an SMTP worker (threads contending for the GIL) and batched
-the directory fsync less, for no measurable gain (2026-11-23).
+the directory fsync less, for no measurable gain (2026-11-23); fsyncing a batch's files in a
+thread pool cost more in hand-offs than it won (2026-11-24).
 Must not touch: anything but the files handed to it and the queue directory; it never decides what
 a message is (the store does) and never answers a client (the server does, after ``commit``).
 Trust: jobs come from :class:`palisade.spool.store.SpoolWriter` only; paths were validated there.
@@ -25,9 +27,9 @@ import contextlib
 import ctypes
 import errno
 import os
+import queue
 import threading
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -103,49 +105,64 @@ def _settle(job: CommitJob) -> None:
 
 
 class GroupCommitter:
-    """The worker thread. Started on first use; :meth:`close` stops it after the current batch."""
+    """The worker thread. Started on first use; :meth:`close` stops it after the jobs queued.
 
-    def __init__(self, queue_dir: Path, *, fsync_workers: int = 8) -> None:
+    Jobs travel on a :class:`queue.SimpleQueue` (C code: a put costs no Python-level lock, and the
+    waiting thread sleeps in one futex without holding the GIL). An earlier version with a
+    ``threading.Condition`` made twice the context switches per commit and cost ~80 µs more CPU
+    per message in an SMTP worker (2026-11-24, ``bench`` A/B in BENCHMARKS.md).
+    """
+
+    def __init__(self, queue_dir: Path) -> None:
         self._queue_dir = queue_dir
         self._dir_fd: int | None = None  # opened once, closed by close()
-        self._cond = threading.Condition()
-        self._pending: list[CommitJob] = []
+        self._jobs: queue.SimpleQueue[CommitJob | None] = queue.SimpleQueue()
+        self._lock = threading.Lock()  # orders submit against close; uncontended: no syscall
         self._closed = False
         self._thread: threading.Thread | None = None
-        self._pool = ThreadPoolExecutor(fsync_workers, thread_name_prefix="spool-fsync")
         self.stats = CommitStats()
 
     def submit(self, job: CommitJob) -> None:
-        with self._cond:
+        with self._lock:
             if self._closed:
                 raise RuntimeError("spool committer is closed")
-            self._pending.append(job)
             if self._thread is None:
                 self._thread = threading.Thread(target=self._run, name="spool-commit", daemon=True)
                 self._thread.start()
-            self._cond.notify()
+            self._jobs.put(job)
 
     def close(self) -> None:
-        with self._cond:
+        with self._lock:
             self._closed = True
-            self._cond.notify()
             thread = self._thread
+            self._jobs.put(None)  # after every job already queued
         if thread is not None:
             thread.join()
-        self._pool.shutdown(wait=True)
         if self._dir_fd is not None:
             os.close(self._dir_fd)
             self._dir_fd = None
 
     def _run(self) -> None:
+        jobs = self._jobs
         while True:
-            with self._cond:
-                while not self._pending and not self._closed:
-                    self._cond.wait()
-                if not self._pending and self._closed:
-                    return
-                batch, self._pending = self._pending, []
-            self._commit(batch)
+            first = jobs.get()
+            batch: list[CommitJob] = []
+            stop = first is None
+            if first is not None:
+                batch.append(first)
+            while True:  # everything else waiting at this moment joins the batch
+                try:
+                    more = jobs.get_nowait()
+                except queue.Empty:
+                    break
+                if more is None:
+                    stop = True
+                else:
+                    batch.append(more)
+            if batch:
+                self._commit(batch)
+            if stop:
+                return
 
     @staticmethod
     def _fsync_one(job: CommitJob) -> None:
@@ -155,10 +172,8 @@ class GroupCommitter:
             job.error = exc
 
     def _commit(self, batch: list[CommitJob]) -> None:
-        if len(batch) == 1:
-            self._fsync_one(batch[0])
-        else:
-            list(self._pool.map(self._fsync_one, batch))
+        for job in batch:  # on a journalling file system the first fsync commits them all
+            self._fsync_one(job)
         for job in batch:
             if job.error is not None:
                 continue
