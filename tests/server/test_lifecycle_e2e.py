@@ -184,6 +184,25 @@ def _children(pid: int) -> list[int]:
     return [int(p) for p in text.split()]
 
 
+def test_a_stalled_worker_does_not_hold_up_new_clients(make_gateway: Any) -> None:
+    """Without steering every worker accepts from every listening socket of the group, so while
+    one worker is stopped (SIGSTOP: a worker busy with something long) the other greets every
+    new client. With one socket per worker, the kernel's hash would leave about half of these
+    clients waiting in the stopped worker's queue."""
+    gw = make_gateway(server={"workers": 2})
+    workers = _children(gw.proc.pid)
+    assert len(workers) == 2
+    os.kill(workers[0], signal.SIGSTOP)
+    try:
+        for n in range(12):  # distinct source ports: the hash spreads them over both sockets
+            with smtplib.SMTP("127.0.0.1", gw.port, timeout=5) as client:
+                client.sendmail("s@outside.test", ["st@example.test"], f"Subject: {n}\r\n\r\nx\r\n")
+    finally:
+        os.kill(workers[0], signal.SIGCONT)
+    wait_for(lambda: len(gw.maildir_messages("st")) == 12, timeout=20)
+    assert gw.stop() == 0
+
+
 def test_restarted_workers_serve_the_port_and_sigterm_closes_it(make_gateway: Any) -> None:
     """Workers started again after a crash accept on the port, and after SIGTERM a new client
     is refused, not left waiting in a backlog nobody reads."""
