@@ -705,7 +705,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--clients", type=int, default=20)
     ap.add_argument("--messages", type=int, default=3000, help="per measured run")
     ap.add_argument("--warmup", type=int, default=500)
-    ap.add_argument("--rounds", type=int, default=2, help="rounds of (Postfix, Palisade)")
+    ap.add_argument(
+        "--rounds",
+        type=int,
+        default=3,
+        help="rounds of (Postfix, Palisade); the median is reported",
+    )
     ap.add_argument("--drivers", default="py,c", help="py (smtp_load.py), c (smtp-source)")
     ap.add_argument("--run-bound", type=float, default=30.0, help="seconds per load run")
     ap.add_argument("--drain-timeout", type=float, default=30.0)
