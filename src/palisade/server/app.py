@@ -180,8 +180,9 @@ def listening_ips(config: Config) -> frozenset[ipaddress.IPv4Address | ipaddress
 
 
 def needs_steering(config: Config) -> bool:
-    """Per-client counters (ratelimit rules) want each client on one worker. Without them the
-    kernel's 4-tuple hash spreads even a single busy client over every worker, which is better."""
+    """Per-client counters (ratelimit rules) want each client on one worker. Without them every
+    worker accepts from every socket, so even a single busy client is spread over the workers
+    that are free, which is better."""
     return any(rule.check == "ratelimit" for rule in config.rules)
 
 

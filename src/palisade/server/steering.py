@@ -1,8 +1,9 @@
 """Steer every client IP to one worker process (SO_ATTACH_REUSEPORT_CBPF).
 
 Owns: the classic BPF program the kernel runs for each new connection to the shared port. By
-default SO_REUSEPORT spreads connections by a hash of the whole 4-tuple, so one client's
-connections land in different workers; this program picks the worker from the source address
+default SO_REUSEPORT spreads connections by a hash of the whole 4-tuple (and unsteered, every
+worker accepts from every socket), so one client's connections land in different workers; this
+program picks the socket, and with it the one worker accepting from it, from the source address
 alone (an IPv6 client by its /64), so per-client state (rate counters, the DNS cache of its PTR)
 lives in one process and is exact there. Linux only; when the kernel refuses the program the
 caller falls back to state shared through the store.
