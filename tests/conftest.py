@@ -73,6 +73,25 @@ def wait_for(predicate: Any, timeout: float = 10.0, interval: float = 0.02) -> A
         time.sleep(interval)
 
 
+def listening_sockets(pid: int, port: int) -> int:
+    """How many listening IPv4 TCP sockets on ``port`` process ``pid`` holds open (from /proc:
+    the kernel's socket table and the process's descriptors)."""
+    inodes = set()
+    with open("/proc/net/tcp") as table:
+        next(table)
+        for line in table:
+            fields = line.split()
+            if fields[3] == "0A" and int(fields[1].rsplit(":", 1)[1], 16) == port:  # LISTEN
+                inodes.add(f"socket:[{fields[9]}]")
+    held = 0
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            held += os.readlink(f"/proc/{pid}/fd/{fd}") in inodes
+        except FileNotFoundError:
+            continue
+    return held
+
+
 @dataclass
 class GatewayProcess:
     """A running ``palisade serve`` and the paths it writes to."""

@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from tests.conftest import ROOT, NextHop, free_port, wait_for, write_config
+from tests.conftest import ROOT, NextHop, free_port, listening_sockets, wait_for, write_config
 from tests.server.smtpclient import RawClient, transaction
 
 QUEUE_ID = r"[0-9A-Za-z]{6}-[0-9A-Za-z]{6}-[0-9A-Za-z]{2}"
@@ -172,6 +172,10 @@ def test_queue_commands(make_gateway: Any, next_hop: NextHop) -> None:
 
 def test_two_workers_share_the_port(make_gateway: Any) -> None:
     gw = make_gateway(server={"workers": 2})
+    # Unsteered: the group has one socket per worker, and every worker accepts from both; the
+    # parent keeps both for the workers it may have to start again.
+    for pid in [gw.proc.pid, *_children(gw.proc.pid)]:
+        assert listening_sockets(pid, gw.port) == 2, pid
     for n in range(10):
         with smtplib.SMTP("127.0.0.1", gw.port, timeout=10) as client:
             client.sendmail("s@outside.test", ["w@example.test"], f"Subject: w{n}\r\n\r\nx\r\n")

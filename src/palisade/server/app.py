@@ -478,11 +478,10 @@ def serve(config_path: Path | None) -> int:
             code = 0
             try:
                 os.close(notify_read)
-                asyncio.run(
-                    run_worker(
-                        config, config_path, worker_sockets(groups, slot, steered), notify_write
-                    )
-                )
+                mine = worker_sockets(groups, slot, steered)
+                for sock in (s for group in groups for s in group if s not in mine):
+                    sock.close()  # another worker's: holding it would keep it open at shutdown
+                asyncio.run(run_worker(config, config_path, mine, notify_write))
             except BaseException:
                 import traceback
 
