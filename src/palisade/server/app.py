@@ -464,6 +464,9 @@ def serve(config_path: Path | None) -> int:
         )
         return 1
     steered = needs_steering(config)
+    if steered:  # before any client can arrive; each worker attaches it again and logs a refusal
+        for sock in sockets:
+            steer_by_source(sock, workers)
     # Recovery empties tmp/: it must be over before any worker can write a message there.
     recovery_log = FileEventLog(config.paths.log)
     recovery_spool = Spool(config.paths.spool)
