@@ -2,7 +2,7 @@
 
 Owns: process layout and signals. With ``workers = 1`` one process listens and delivers. With
 more, the parent binds one SO_REUSEPORT socket per worker and address, forks workers that accept
-from them (see :func:`worker_sockets`) and send the queue id of every committed message down a
+from them (see :func:`serve`) and send the queue id of every committed message down a
 pipe; the parent alone runs the queue runner, so no message is ever delivered by two processes.
 SIGTERM: stop accepting, finish or tempfail transactions in flight, stop delivery, exit 0.
 SIGHUP: reload the config; a broken new config is logged and the old one stays.
@@ -318,12 +318,17 @@ async def run_single(
 
 
 async def run_worker(
-    config: Config, config_path: Path | None, sockets: list[socket.socket], notify_fd: int
+    config: Config,
+    config_path: Path | None,
+    sockets: list[socket.socket],
+    notify_fd: int,
+    *,
+    steered: bool,
 ) -> None:
-    """A listening worker: commits to the spool and tells the parent the queue id."""
-    steered = needs_steering(config) and all(
-        steer_by_source(sock, config.server.workers) for sock in sockets
-    )
+    """A listening worker: commits to the spool and tells the parent the queue id.
+
+    ``steered``: the parent attached the steering program to the group, so every client of this
+    worker comes to it alone and its rate counters can be kept in memory."""
     gw = Gateway(config, config_path, local_rates=steered)
     if needs_steering(config) and not steered:
         gw.log.main(
@@ -443,30 +448,30 @@ def serve(config_path: Path | None) -> int:
     for path in (config.paths.spool, config.paths.log, config.paths.mail):
         path.mkdir(parents=True, exist_ok=True)
     workers = config.server.workers
-    try:
-        sockets = [bind_socket(a, reuse_port=workers > 1) for a in config.server.listen]
-    except OSError as exc:
-        print(
-            f"palisade: cannot listen on {', '.join(config.server.listen)}: {exc}", file=sys.stderr
-        )
-        return 1
-    if workers == 1:
-        asyncio.run(run_single(config, config_path, sockets))
-        return 0
-    try:  # one more SO_REUSEPORT socket per further worker and address, all made before fork
-        groups = [sockets] + [
-            [bind_socket(a, reuse_port=True) for a in config.server.listen]
-            for _ in range(workers - 1)
+    try:  # with workers, one SO_REUSEPORT socket per worker and address, all made before fork
+        groups = [
+            [bind_socket(a, reuse_port=workers > 1) for a in config.server.listen]
+            for _ in range(workers)
         ]
     except OSError as exc:
         print(
             f"palisade: cannot listen on {', '.join(config.server.listen)}: {exc}", file=sys.stderr
         )
         return 1
+    if workers == 1:
+        asyncio.run(run_single(config, config_path, groups[0]))
+        return 0
+    # Without steering every worker accepts from every socket of the group: the kernel hashes
+    # each new client to one socket's queue, and whichever worker is free first takes it, instead
+    # of the hash handing it to a busy worker (p99 latency 18 % lower under the benchmark's load;
+    # the group's queues together still hold a burst of 10,000 idle clients). With steering
+    # (``ratelimit`` rules) worker ``slot`` accepts only from socket ``slot``, the one the
+    # steering program picks for its clients. The parent keeps every socket open, so a restarted
+    # worker takes over the same socket and the clients queued on it are not lost.
     steered = needs_steering(config)
-    if steered:  # before any client can arrive; each worker attaches it again and logs a refusal
-        for sock in sockets:
-            steer_by_source(sock, workers)
+    # Attached once, here, before any client can arrive; the group outlives restarted workers.
+    attached = steered and all(steer_by_source(sock, workers) for sock in groups[0])
+    every_socket = [sock for group in groups for sock in group]
     # Recovery empties tmp/: it must be over before any worker can write a message there.
     recovery_log = FileEventLog(config.paths.log)
     recovery_spool = Spool(config.paths.spool)
@@ -481,10 +486,11 @@ def serve(config_path: Path | None) -> int:
             code = 0
             try:
                 os.close(notify_read)
-                mine = worker_sockets(groups, slot, steered)
-                for sock in (s for group in groups for s in group if s not in mine):
-                    sock.close()  # another worker's: holding it would keep it open at shutdown
-                asyncio.run(run_worker(config, config_path, mine, notify_write))
+                mine = groups[slot] if steered else every_socket
+                for sock in every_socket:
+                    if sock not in mine:  # another worker's: holding it would keep it open
+                        sock.close()
+                asyncio.run(run_worker(config, config_path, mine, notify_write, steered=attached))
             except BaseException:
                 import traceback
 
@@ -494,27 +500,5 @@ def serve(config_path: Path | None) -> int:
         return pid
 
     children = {slot: spawn(slot) for slot in range(workers)}
-    asyncio.run(
-        run_parent(
-            config, config_path, notify_read, children, spawn, [s for g in groups for s in g]
-        )
-    )
+    asyncio.run(run_parent(config, config_path, notify_read, children, spawn, every_socket))
     return 0
-
-
-def worker_sockets(
-    groups: list[list[socket.socket]], slot: int, steered: bool
-) -> list[socket.socket]:
-    """The listening sockets a worker accepts from.
-
-    Without steering every worker accepts from every socket of the group: the kernel hashes each
-    new client to one socket's queue, and whichever worker is free first takes it, instead of the
-    hash handing it to a busy worker (p99 latency 18 % lower under the benchmark's load, and the
-    group's queues together still hold a burst of 10,000 idle clients). With steering
-    (``ratelimit`` rules), worker ``slot`` accepts only from socket ``slot``, the one the steering
-    program picks for its clients. The parent keeps every socket open, so a restarted worker
-    takes over the same socket and the clients queued on it are not lost.
-    """
-    if steered:
-        return groups[slot]
-    return [sock for group in groups for sock in group]
