@@ -145,23 +145,14 @@ class GroupCommitter:
     def _run(self) -> None:
         jobs = self._jobs
         while True:
-            first = jobs.get()
-            batch: list[CommitJob] = []
-            stop = first is None
-            if first is not None:
-                batch.append(first)
-            while True:  # everything else waiting at this moment joins the batch
-                try:
-                    more = jobs.get_nowait()
-                except queue.Empty:
-                    break
-                if more is None:
-                    stop = True
-                else:
-                    batch.append(more)
+            waiting = [jobs.get()]
+            with contextlib.suppress(queue.Empty):  # all else waiting now joins the batch
+                while True:
+                    waiting.append(jobs.get_nowait())
+            batch = [job for job in waiting if job is not None]
             if batch:
                 self._commit(batch)
-            if stop:
+            if len(batch) < len(waiting):  # close()'s None was among them
                 return
 
     @staticmethod
