@@ -73,6 +73,11 @@ def wait_for(predicate: Any, timeout: float = 10.0, interval: float = 0.02) -> A
         time.sleep(interval)
 
 
+def child_pids(pid: int) -> list[int]:
+    """The processes ``pid`` has forked (a gateway's workers), from /proc."""
+    return [int(p) for p in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+
+
 def listening_sockets(pid: int, port: int) -> int:
     """How many listening IPv4 TCP sockets on ``port`` process ``pid`` holds open (from /proc:
     the kernel's socket table and the process's descriptors)."""

@@ -12,7 +12,15 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from tests.conftest import ROOT, NextHop, free_port, listening_sockets, wait_for, write_config
+from tests.conftest import (
+    ROOT,
+    NextHop,
+    child_pids,
+    free_port,
+    listening_sockets,
+    wait_for,
+    write_config,
+)
 from tests.server.smtpclient import RawClient, transaction
 
 QUEUE_ID = r"[0-9A-Za-z]{6}-[0-9A-Za-z]{6}-[0-9A-Za-z]{2}"
@@ -174,7 +182,7 @@ def test_two_workers_share_the_port(make_gateway: Any) -> None:
     gw = make_gateway(server={"workers": 2})
     # Unsteered: the group has one socket per worker, and every worker accepts from both; the
     # parent keeps both for the workers it may have to start again.
-    for pid in [gw.proc.pid, *_children(gw.proc.pid)]:
+    for pid in [gw.proc.pid, *child_pids(gw.proc.pid)]:
         assert listening_sockets(pid, gw.port) == 2, pid
     for n in range(10):
         with smtplib.SMTP("127.0.0.1", gw.port, timeout=10) as client:
@@ -183,18 +191,13 @@ def test_two_workers_share_the_port(make_gateway: Any) -> None:
     assert gw.stop() == 0
 
 
-def _children(pid: int) -> list[int]:
-    text = Path(f"/proc/{pid}/task/{pid}/children").read_text()
-    return [int(p) for p in text.split()]
-
-
 def test_a_stalled_worker_does_not_hold_up_new_clients(make_gateway: Any) -> None:
     """Without steering every worker accepts from every listening socket of the group, so while
     one worker is stopped (SIGSTOP: a worker busy with something long) the other greets every
     new client. With one socket per worker, the kernel's hash would leave about half of these
     clients waiting in the stopped worker's queue."""
     gw = make_gateway(server={"workers": 2})
-    workers = _children(gw.proc.pid)
+    workers = child_pids(gw.proc.pid)
     assert len(workers) == 2
     os.kill(workers[0], signal.SIGSTOP)
     try:
@@ -211,11 +214,11 @@ def test_restarted_workers_serve_the_port_and_sigterm_closes_it(make_gateway: An
     """Workers started again after a crash accept on the port, and after SIGTERM a new client
     is refused, not left waiting in a backlog nobody reads."""
     gw = make_gateway(server={"workers": 2})
-    first = _children(gw.proc.pid)
+    first = child_pids(gw.proc.pid)
     assert len(first) == 2
     for pid in first:
         os.kill(pid, signal.SIGKILL)
-    wait_for(lambda: len(set(_children(gw.proc.pid)) - set(first)) == 2, timeout=20, interval=0.1)
+    wait_for(lambda: len(set(child_pids(gw.proc.pid)) - set(first)) == 2, timeout=20, interval=0.1)
     for n in range(6):
         with smtplib.SMTP("127.0.0.1", gw.port, timeout=10) as client:
             client.sendmail("s@outside.test", ["r@example.test"], f"Subject: r{n}\r\n\r\nx\r\n")

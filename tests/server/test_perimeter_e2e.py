@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import GatewayProcess, listening_sockets, wait_for
+from tests.conftest import GatewayProcess, child_pids, listening_sockets, wait_for
 from tests.dnsserver import ZoneServer, start_zone_server
 from tests.server.smtpclient import RawClient
 
@@ -367,9 +367,7 @@ def test_rate_limit_is_exact_with_two_steered_workers(make_gateway: Any, dns: Zo
     sections = perimeter(dns)
     sections["server"] = {"workers": 2}
     gw = make_gateway(files={"lists/whitelist": WHITELIST}, **sections)
-    workers = [
-        int(p) for p in Path(f"/proc/{gw.proc.pid}/task/{gw.proc.pid}/children").read_text().split()
-    ]
+    workers = child_pids(gw.proc.pid)
     assert len(workers) == 2
     # Steered: each worker holds (and accepts from) only its own socket of the group.
     assert [listening_sockets(pid, gw.port) for pid in workers] == [1, 1]
