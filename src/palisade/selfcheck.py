@@ -137,6 +137,13 @@ def _path_findings(config: Config, *, create: bool) -> list[Finding]:
     return findings
 
 
+def state_problem(state: Path) -> str:
+    """Why ``[paths] state`` cannot be opened, in one sentence (after an OSError elsewhere)."""
+    return _directory_problem("[paths] state", state.parent, create=False, shown=state) or (
+        f"cannot open [paths] state {state}"
+    )
+
+
 def _writable(path: Path) -> str:
     return "is writable" if path.exists() else "can be created"
 
@@ -158,14 +165,14 @@ def _directory_problem(
         target = target.parent
     if not target.is_dir():
         reason = os.strerror(errno.ENOTDIR)
-        if target == path:
+        if target == shown:
             return f"{what} {shown} is not a directory"
         return f"cannot create {what} {shown}: {reason} ({target} is not a directory)"
     try:  # a real write: permission bits do not stop root, a read-only mount does
         with tempfile.TemporaryFile(dir=target):
             pass
     except OSError as exc:
-        verb = "write in" if target == path else "create"
+        verb = "write in" if target == shown else "create"
         return f"cannot {verb} {what} {shown}: {exc.strerror or exc}"
     return None
 

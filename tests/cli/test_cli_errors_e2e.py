@@ -143,6 +143,21 @@ def test_a_path_under_a_file_is_one_clear_line(tmp_path: Path, command: tuple[st
     assert_one_clear_line(result, 1, f"cannot create [paths] spool {tmp_path}/plain-file/spool")
 
 
+@pytest.mark.parametrize(
+    "command",
+    [("history", "add", "192.0.2.1"), ("check-host", "192.0.2.1"), ("config", "check")],
+    ids=["history-add", "check-host", "config-check"],
+)
+def test_a_state_database_under_a_file_is_one_clear_line(
+    tmp_path: Path, command: tuple[str, ...]
+) -> None:
+    config = config_file(tmp_path, paths={"state": "/dev/null/state.sqlite"})
+    result = palisade(*command, "--config", str(config), cwd=tmp_path)
+    assert_one_clear_line(
+        result, 1, "cannot create [paths] state /dev/null/state.sqlite: Not a directory"
+    )
+
+
 def test_serve_refuses_to_start_before_binding(tmp_path: Path) -> None:
     """The self-check runs before the listening socket is made: with the port taken as well,
     the path is what the operator is told about."""

@@ -123,10 +123,10 @@ def _history(args: argparse.Namespace, state: Path) -> int:
     except (StateTempError, SchemaError) as exc:
         print(f"palisade: state database {state}: {exc}", file=sys.stderr)
         return 1
-    except OSError as exc:
-        print(
-            f"palisade: cannot create [paths] state {state}: {exc.strerror or exc}", file=sys.stderr
-        )
+    except OSError:
+        from palisade.selfcheck import state_problem
+
+        print(f"palisade: {state_problem(state)}", file=sys.stderr)
         return 1
     try:
         return history_cli.run(args, store)

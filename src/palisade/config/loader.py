@@ -155,7 +155,7 @@ def _parse_lists(table: Any, base: Path, source: str, finder: _LineFinder) -> tu
 
 # The ``$name`` placeholders a rule's ``message`` and ``log_message`` may use: these for every
 # rule (filled by the policy engine), plus the values of the rule's check (README, "The checks").
-# A new check must be added here: tests/policy/test_config_check.py compares this with REGISTRY.
+# A new check must be added here: tests/policy/test_rule_text_values.py compares it with REGISTRY.
 COMMON_TEXT_VALUES = ("ip", "helo", "sender", "recipient", "reason")
 CHECK_TEXT_VALUES: dict[str, tuple[str, ...]] = {
     "ip_list": (),
