@@ -57,8 +57,6 @@ class Finding:
 CertificateCheck = Callable[[Path, Path, str], list[tuple[str, str]]]
 CERTIFICATE_CHECKS: list[CertificateCheck] = []
 
-REFUSED_BY_LIST = "your resolver is refused by this list (public resolver or missing DQS key)"
-
 
 def run_selfcheck(
     config: Config, policy: Policy | None = None, *, create: bool = False, dns: bool = True
@@ -209,10 +207,14 @@ def _file_findings(config: Config, policy: Policy | None) -> list[Finding]:
             where = f"file {handle.path}" if handle.path else "inline"
             findings.append(
                 Finding(
-                    "ok", f"lists.{name}", f"[lists] {name}: {len(handle.value)} entries ({where})"
+                    "ok", f"lists.{name}", f"[lists] {name}: {entries(len(handle.value))} ({where})"
                 )
             )
     return findings
+
+
+def entries(count: int) -> str:
+    return "1 entry" if count == 1 else f"{count} entries"
 
 
 def _tls_findings(config: Config) -> list[Finding]:
@@ -279,10 +281,9 @@ async def _dns_findings(config: Config, policy: Policy | None) -> list[Finding]:
                 Finding("ok", "rules", f"DNSBL zone {zone.shown} passes the RFC 5782 probe")
             )
             continue
-        text = f"DNSBL zone {zone.shown} fails the RFC 5782 probe: {reason}"
-        if "127.255.255." in reason:
-            text += f": {REFUSED_BY_LIST}"
+        text = f"DNSBL zone {zone.shown} fails the RFC 5782 probe: {reason}"  # 127.255.255.x:
+        # the reason says "your resolver is refused by this list" (adapters.dnsbl_probe)
         findings.append(
-            Finding("warning", "rules", text + " (the server disables it until a probe passes)")
+            Finding("warning", "rules", text + "; the zone is not used until a probe passes")
         )
     return findings

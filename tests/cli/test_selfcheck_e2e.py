@@ -69,7 +69,8 @@ def test_config_check_probes_the_resolver_and_every_dnsbl_zone(
     assert "ok: DNSBL zone good.bl.test passes the RFC 5782 probe" in err
     assert (
         "warning: DNSBL zone refused.bl.test fails the RFC 5782 probe: answer 127.255.255.254 "
-        f"(Spamhaus: query via public/open resolver): {REFUSED}"
+        f"(Spamhaus: query via public/open resolver): {REFUSED}; the zone is not used until "
+        "a probe passes"
     ) in err
     assert "warning: DNSBL zone empty.bl.test fails the RFC 5782 probe: 127.0.0.2 not listed" in err
     assert "warning: DNSBL zone zen.spamhaus.org fails" in err and REFUSED in err
@@ -103,6 +104,11 @@ def test_serve_logs_the_warnings_and_starts(make_gateway: Any, dns: ZoneServer) 
     assert REFUSED in gw.paniclog() and line in gw.mainlog()
     assert "palisade: warning: DNSBL zone refused.bl.test fails" in gw.stderr()
     assert "good.bl.test passes" not in gw.paniclog()  # ok findings are not logged
+    disabled = "DNSBL zone refused.bl.test disabled: failed the RFC 5782 probe: answer"
+    assert wait_for(lambda: disabled in gw.paniclog())  # the periodic probe says it plainly too
+    assert f"{disabled} 127.255.255.254 (Spamhaus: query via public/open resolver): {REFUSED}" in (
+        gw.paniclog()
+    )
 
 
 # -- the effective config as TOML and JSON -----------------------------------------------------

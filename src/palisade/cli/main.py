@@ -197,6 +197,9 @@ def _config_check(config: Config, *, as_json: bool = False, dns: bool = True) ->
     status = 1 if has_errors(findings) else 0
     for finding in findings:
         print(finding.line(), file=sys.stderr)
+    errors = sum(f.level == "error" for f in findings)
+    warnings = sum(f.level == "warning" for f in findings)
+    print(f"self-check: {errors} error(s), {warnings} warning(s)", file=sys.stderr)
     effective = effective_config(config)
     try:
         if as_json:
@@ -311,6 +314,7 @@ def to_toml(effective: dict[str, Any], policy: Policy) -> str:
     comment with its number and description; the DATA rules ``[clamd]`` and ``[spamd]`` or
     ``[rspamd]`` imply (before and after the operator's) as comments."""
     from palisade.policy.rules import Stage
+    from palisade.selfcheck import entries
 
     lines: list[str] = []
     for section in _SECTIONS:
@@ -318,7 +322,7 @@ def to_toml(effective: dict[str, Any], policy: Policy) -> str:
     lines += ["", "[lists]"]
     for name, entry in effective["lists"].items():
         loaded = policy.lists.handles.get(name)
-        count = f"  # {len(loaded.value)} entries" if loaded is not None else ""
+        count = f"  # {entries(len(loaded.value))}" if loaded is not None else ""
         lines.append(f"{_toml_key(name)} = {_toml_value(entry)}{count}")
     for stage in Stage:
         tables = iter(effective["rules"].get(stage.value, []))
