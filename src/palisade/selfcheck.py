@@ -151,7 +151,7 @@ def _directory_problem(
 ) -> str | None:
     """None if files can be created in ``path`` (after creating it, with ``create``)."""
     shown = path if shown is None else shown
-    if create:
+    if create and not os.path.lexists(path):  # an existing non-directory is named below
         try:
             path.mkdir(parents=True, exist_ok=True)
         except OSError as exc:

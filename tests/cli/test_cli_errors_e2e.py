@@ -141,6 +141,9 @@ def test_a_path_under_a_file_is_one_clear_line(tmp_path: Path, command: tuple[st
     config = config_file(tmp_path, paths={"spool": str(tmp_path / "plain-file" / "spool")})
     result = palisade(*command, "--config", str(config), cwd=tmp_path)
     assert_one_clear_line(result, 1, f"cannot create [paths] spool {tmp_path}/plain-file/spool")
+    config = config_file(tmp_path, paths={"mail": str(tmp_path / "plain-file")})
+    result = palisade(*command, "--config", str(config), cwd=tmp_path)
+    assert_one_clear_line(result, 1, f"[paths] mail {tmp_path}/plain-file is not a directory")
 
 
 @pytest.mark.parametrize(
