@@ -146,6 +146,26 @@ def test_a_path_under_a_file_is_one_clear_line(tmp_path: Path, command: tuple[st
     assert_one_clear_line(result, 1, f"[paths] mail {tmp_path}/plain-file is not a directory")
 
 
+@pytest.mark.parametrize("command", [("config", "check"), ("serve",)])
+def test_an_immutable_spool_directory_fails_even_for_root(
+    tmp_path: Path, command: tuple[str, ...]
+) -> None:
+    """A directory root cannot write in: ``chattr +i`` (permission bits would not stop root).
+    The self-check creates a file there for real instead of trusting the mode bits."""
+    spool = tmp_path / "spool"
+    spool.mkdir()
+    if subprocess.run(["chattr", "+i", str(spool)], capture_output=True).returncode != 0:
+        pytest.skip("chattr +i is not supported here (no chattr, or the file system lacks it)")
+    try:
+        config = config_file(tmp_path, paths={"spool": str(spool)})
+        result = palisade(*command, "--config", str(config), cwd=tmp_path)
+    finally:
+        subprocess.run(["chattr", "-i", str(spool)], check=True)
+    assert_one_clear_line(
+        result, 1, f"cannot write in [paths] spool {spool}: Operation not permitted"
+    )
+
+
 @pytest.mark.parametrize(
     "command",
     [("history", "add", "192.0.2.1"), ("check-host", "192.0.2.1"), ("config", "check")],
