@@ -1,7 +1,11 @@
 """The ``palisade`` command: serve, queue administration, config checking.
 
 Owns argument parsing only; each command is a thin call into the public API of the other
-packages. Exit status: 0 success, 1 operational failure, 2 bad usage or bad config.
+packages. Exit status: 0 success; 1 operational failure (an unusable path, an error found by
+the start-up self-check); 2 bad usage or a bad config file. Every failure is one line on stderr
+naming the file or key, never a traceback. A standard output closed early
+(``palisade queue list | head -1``) ends the command quietly with status 0 (the reader had what
+it wanted; ``config check`` keeps its own status), without a message.
 """
 
 from __future__ import annotations
@@ -221,8 +225,13 @@ def _config_check(config: Config, *, as_json: bool = False, dns: bool = True) ->
 
 
 def _redact(key: str, value: Any) -> Any:
+    """``value`` with every secret replaced, at any depth (an option may be a table)."""
     if key in _SECRET_KEYS and value:
         return _NOT_SHOWN
+    if isinstance(value, dict):
+        return {k: _redact(k, v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_redact("", v) for v in value]
     return value
 
 
