@@ -7,6 +7,7 @@ normalised)."""
 from __future__ import annotations
 
 import re
+import shutil
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -391,21 +392,23 @@ def test_an_edited_whitelist_file_takes_effect_without_a_restart(gw: GatewayProc
     assert wait_for(lambda: greeting_code(gw, "127.0.0.20") == 220, timeout=10, interval=0.5)
 
 
-def test_the_example_perimeter_config_validates() -> None:
+def test_the_example_perimeter_config_validates(tmp_path: Path) -> None:
+    """The example as shipped, with its LDAP password file present (config check reads it:
+    without it the example is refused, naming the key)."""
     root = Path(__file__).resolve().parents[2]
+    example = (root / "examples" / "perimeter.toml").read_text()
+    assert 'bind_password_file = "/etc/palisade/ldap.pw"' in example
+    copy = tmp_path / "examples"  # lists/ beside the config, as the example expects
+    shutil.copytree(root / "examples", copy)
+    password = tmp_path / "ldap.pw"
+    password.write_text("not-a-real-password\n")
+    config = copy / "perimeter.toml"
+    config.write_text(example.replace("/etc/palisade/ldap.pw", str(password)))
     result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "palisade",
-            "config",
-            "check",
-            "--config",
-            str(root / "examples" / "perimeter.toml"),
-        ],
+        [sys.executable, "-m", "palisade", "config", "check", "--no-dns", "--config", str(config)],
         capture_output=True,
         text=True,
-        cwd=root / "examples",
+        cwd=tmp_path,
     )
     assert result.returncode == 0, result.stderr
     assert "7. deny if dnsbl: DNS blocklists" in result.stdout

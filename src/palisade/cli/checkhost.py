@@ -51,9 +51,17 @@ def main(args: argparse.Namespace, out: TextIO | None = None) -> int:
     except ConfigError as exc:
         print(f"palisade: {exc}", file=sys.stderr)
         return 2
+    from palisade.ports import StateTempError
+    from palisade.selfcheck import state_problem
     from palisade.server.app import build_ports, relay_policy
 
-    ports = build_ports(config)
+    try:  # the real state store: a rate-limit rule counts this simulated connection
+        ports = build_ports(config)
+    except (OSError, StateTempError) as exc:
+        reason = exc.reason if isinstance(exc, StateTempError) else exc.strerror or str(exc)
+        problem = state_problem(config.paths.state) if isinstance(exc, OSError) else reason
+        print(f"palisade: {problem}", file=sys.stderr)
+        return 1
     return asyncio.run(
         _simulate(
             args, ip, config.server.hostname, policy, relay_policy(config, policy), ports, out
