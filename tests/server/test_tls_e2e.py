@@ -5,16 +5,18 @@ from __future__ import annotations
 
 import concurrent.futures
 import os
+import re
 import shutil
 import socket
 import ssl
 import subprocess
+import warnings
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from tests.conftest import GatewayProcess
+from tests.conftest import GatewayProcess, wait_for
 from tests.server.smtpclient import RawClient
 
 
@@ -182,3 +184,100 @@ def test_swaks_delivers_over_starttls(tls_gateway: GatewayProcess) -> None:
     out = done.stdout.decode(errors="replace")
     assert done.returncode == 0, out
     assert "<~  250 2.0.0 Ok: queued as" in out, out
+
+
+# -- handshake failures in the main log ----------------------------------------------------------
+def _starttls_then(port: int, helo: str = "client.test") -> RawClient:
+    client = RawClient(port)
+    client.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    assert client.reply()[0] == 220
+    assert client.command(f"EHLO {helo}")[0] == 250
+    assert client.command("STARTTLS")[0] == 220
+    return client
+
+
+def _legacy_context(**settings: Any) -> ssl.SSLContext:
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    for name, value in settings.items():
+        if name == "ciphers":
+            context.set_ciphers(value)
+        else:
+            setattr(context, name, value)
+    return context
+
+
+def _tls11_only(client: RawClient) -> None:
+    with warnings.catch_warnings():  # TLS 1.1 is deprecated: that is the point
+        warnings.simplefilter("ignore", DeprecationWarning)
+        context = _legacy_context(
+            ciphers="DEFAULT:@SECLEVEL=0",
+            minimum_version=ssl.TLSVersion.TLSv1,
+            maximum_version=ssl.TLSVersion.TLSv1_1,
+        )
+    with pytest.raises(ssl.SSLError):
+        client.starttls(context)
+
+
+def _cbc_only(client: RawClient) -> None:  # static RSA with CBC: not offered by the gateway
+    context = _legacy_context(maximum_version=ssl.TLSVersion.TLSv1_2, ciphers="AES128-SHA")
+    with pytest.raises(ssl.SSLError):
+        client.starttls(context)
+
+
+def _plaintext(client: RawClient) -> None:  # goes on as if STARTTLS had not been said
+    client.send(b"MAIL FROM:<a@b.test>\r\n")
+    assert client.closed()
+
+
+def _half_hello(client: RawClient) -> None:  # the first bytes of a ClientHello, then gone
+    client.send(b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03")
+    client.sock.close()
+
+
+@pytest.mark.parametrize(
+    ("client_does", "reason"),
+    [
+        (_tls11_only, "unsupported protocol"),
+        (_cbc_only, "no shared cipher"),
+        (_plaintext, "wrong version number"),
+        (_half_hello, "connection closed by client"),
+    ],
+)
+def test_handshake_failure_is_logged_with_client_and_reason(
+    tls_gateway: GatewayProcess, client_does: Any, reason: str
+) -> None:
+    client = _starttls_then(tls_gateway.port)
+    port = client.sock.getsockname()[1]
+    try:
+        client_does(client)
+    finally:
+        client.close()
+    expected = (
+        f"TLS error on connection from (client.test) [127.0.0.1]:{port} (SSL_accept): {reason}"
+    )
+    lines = wait_for(
+        lambda: [line for line in tls_gateway.mainlog().splitlines() if "TLS error" in line]
+    )
+    assert [line[20:] for line in lines] == [expected]  # after "YYYY-MM-DD HH:MM:SS "
+    assert "TLS error" not in tls_gateway.rejectlog()  # exim: the main log only
+
+
+def test_helo_text_cannot_forge_an_address_in_the_tls_error_line(
+    tls_gateway: GatewayProcess,
+) -> None:
+    client = _starttls_then(tls_gateway.port, helo='x) [10.9.8.7]:25 (SSL_accept): "forged"')
+    port = client.sock.getsockname()[1]
+    try:
+        _half_hello(client)
+    finally:
+        client.close()
+    line = wait_for(
+        lambda: [line for line in tls_gateway.mainlog().splitlines() if "TLS error" in line]
+    )[0]
+    assert line[20:] == (
+        r"TLS error on connection from (x\x29 \x5b10.9.8.7\x5d:25 \x28SSL_accept\x29: "
+        rf"\x22forged\x22) [127.0.0.1]:{port} (SSL_accept): connection closed by client"
+    )
+    assert re.findall(r"\[([^\]]*)\]", line) == ["127.0.0.1"]
