@@ -29,12 +29,13 @@ def _parser() -> argparse.ArgumentParser:
     check = config_commands.add_parser("check", help="validate a config and print it")
     check.add_argument("--config", type=Path)
 
-    from palisade.cli import checkhost
+    from palisade.cli import checkhost, tlscheck
     from palisade.cli import history as history_cli
     from palisade.cli import queue as queue_cli
     from palisade.cli import recipients as recipients_cli
 
     checkhost.add_arguments(commands)
+    tlscheck.add_arguments(commands)
     history = history_cli.add_arguments(commands)
     history.add_argument("--config", type=Path)
     _config_after_subcommand(history)
@@ -64,6 +65,10 @@ def main(argv: list[str] | None = None) -> int:
         from palisade.cli import checkhost
 
         return checkhost.main(args)
+    if args.command == "tls":
+        from palisade.cli import tlscheck
+
+        return tlscheck.run(args)
     try:
         config = load_config(args.config)
     except ConfigError as exc:
