@@ -108,7 +108,9 @@ def _order(certs: Sequence[x509.Certificate]) -> list[Finding]:
             for other, candidate in enumerate(certs)
             if other != index and other != index + 1 and issued_by(cert, candidate)
         ]
-        if elsewhere:
+        if _self_signed(cert):
+            why = "it is a self-signed root: only the end of a chain may have one"
+        elif elsewhere:
             why = f"its issuer is certificate {elsewhere[0]}: wrong order"
         else:
             why = f"its issuer {name(cert.issuer)} is not in the chain: missing intermediate?"
