@@ -20,6 +20,16 @@ from tests.conftest import GatewayProcess, wait_for
 from tests.server.smtpclient import RawClient
 
 
+def without_uvloop(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Gateways started from here run on the stdlib loop, as on a machine without uvloop (the
+    ``fast`` extra): ``import uvloop`` fails in them."""
+    hidden = tmp_path / "no-uvloop"
+    hidden.mkdir()
+    (hidden / "uvloop.py").write_text('raise ImportError("uvloop hidden by the test")\n')
+    path = os.environ.get("PYTHONPATH")
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(hidden), *([path] if path else [])]))
+
+
 @pytest.fixture(params=["uvloop", "asyncio"])
 def tls_gateway(
     request: pytest.FixtureRequest,
@@ -32,12 +42,7 @@ def tls_gateway(
     and the stdlib loop, as on a machine without uvloop (their TLS layers deliver the bytes
     that follow the handshake differently)."""
     if request.param == "asyncio":
-        hidden = tmp_path / "no-uvloop"
-        hidden.mkdir()
-        (hidden / "uvloop.py").write_text('raise ImportError("uvloop hidden by the test")\n')
-        monkeypatch.setenv(
-            "PYTHONPATH", os.pathsep.join(filter(None, [str(hidden), os.environ.get("PYTHONPATH")]))
-        )
+        without_uvloop(tmp_path, monkeypatch)
     return make_gateway(  # type: ignore[no-any-return]
         server={"max_connections_per_ip": 100},
         tls={
@@ -52,11 +57,12 @@ def _ehlo_right_after_handshake(
 ) -> tuple[bool, str]:
     """One connection: STARTTLS, handshake, EHLO written the moment the handshake completes.
     True when the EHLO is answered (within 5 s: the gateway's command timeout is 20 s)."""
-    sock = socket.create_connection(("127.0.0.1", port), timeout=5)
-    if nodelay:
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    client = RawClient.__new__(RawClient)
-    client.sock, client.buffer = sock, b""
+    try:
+        client = RawClient(port, timeout=5)
+    except OSError as exc:
+        return False, f"connect: {exc}"
+    if nodelay:  # before the client writes anything
+        client.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     try:
         assert client.reply()[0] == 220
         assert client.command("EHLO fast.test")[0] == 250
@@ -281,3 +287,27 @@ def test_helo_text_cannot_forge_an_address_in_the_tls_error_line(
         rf"\x22forged\x22) [127.0.0.1]:{port} (SSL_accept): connection closed by client"
     )
     assert re.findall(r"\[([^\]]*)\]", line) == ["127.0.0.1"]
+
+
+@pytest.mark.parametrize("loop", ["uvloop", "asyncio"])
+def test_handshake_timeout_is_logged(
+    make_gateway: Any, tls_files: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, loop: str
+) -> None:
+    """A client that says STARTTLS and then nothing: the handshake times out (the command
+    time-out bounds it) and the line says so."""
+    if loop == "asyncio":
+        without_uvloop(tmp_path, monkeypatch)
+    gw = make_gateway(
+        limits={"command_timeout": 1},
+        tls={
+            "certificate": str(tls_files["certificate"]),
+            "private_key": str(tls_files["private_key"]),
+        },
+    )
+    with _starttls_then(gw.port) as client:
+        port = client.sock.getsockname()[1]
+        assert client.closed(timeout=10)  # the gateway gives up, not the client
+    line = wait_for(lambda: [line for line in gw.mainlog().splitlines() if "TLS error" in line])
+    assert [entry[20:] for entry in line] == [
+        f"TLS error on connection from (client.test) [127.0.0.1]:{port} (SSL_accept): timed out"
+    ]
