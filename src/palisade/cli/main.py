@@ -43,12 +43,13 @@ def _parser() -> argparse.ArgumentParser:
         "--no-dns", action="store_true", help="skip the resolver and DNSBL probes of the self-check"
     )
 
-    from palisade.cli import checkhost
+    from palisade.cli import checkhost, tlscheck
     from palisade.cli import history as history_cli
     from palisade.cli import queue as queue_cli
     from palisade.cli import recipients as recipients_cli
 
     checkhost.add_arguments(commands)
+    tlscheck.add_arguments(commands)
     history = history_cli.add_arguments(commands)
     history.add_argument("--config", type=Path)
     _config_after_subcommand(history)
@@ -98,6 +99,10 @@ def _main(argv: list[str] | None) -> int:
         from palisade.cli import checkhost
 
         return checkhost.main(args)
+    if args.command == "tls":
+        from palisade.cli import tlscheck
+
+        return tlscheck.run(args)
     try:
         config = load_config(args.config)
     except ConfigError as exc:

@@ -26,7 +26,7 @@ from palisade.policy.rules import Facts, MessageFacts, Stage
 from palisade.policy.verdict import Action, Verdict
 from palisade.server import data_stage
 from palisade.server.stream import ClientStream
-from palisade.server.tls import describe
+from palisade.server.tls import describe, handshake_error_line
 from palisade.smtp import (
     NEED_DATA,
     PAUSED,
@@ -467,8 +467,10 @@ class Session:
         except (OSError, ConnectionError, TimeoutError, asyncio.CancelledError) as exc:
             if isinstance(exc, asyncio.CancelledError):
                 raise
-            self.ctx.log.reject(
-                f"TLS error on connection from {self.host_field()}: {escape(str(exc))}"
+            # exim's words and place: the main log only.
+            self.ctx.log.main(
+                handshake_error_line(self.helo, self.ip_text, self.port, exc),
+                client_ip=self.ip_text,
             )
             raise _Closed from None
         self.conn.tls_started()
