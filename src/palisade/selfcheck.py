@@ -2,14 +2,14 @@
 binds a socket.
 
 Owns: the checks of the *environment* a valid config meets (the file itself is checked by
-``config.loader`` and ``config.policy``): every ``[paths]`` entry can be created and written by
-this user (a file is really created there, so a read-only file system or an immutable
-directory fails even for root), the LDAP CA file is readable, the resolver answers, every DNSBL
-zone passes its RFC 5782 probe, and the TLS certificate checks plugged into
-``CERTIFICATE_CHECKS``. Each result is a :class:`Finding`; an ``error`` stops ``serve`` (exit 1)
-and makes ``config check`` exit 1; a ``warning`` is printed (and logged by ``serve``) and the
-gateway starts anyway: a dead resolver or a refusing DNSBL is usually a transient or external
-problem, and the rules' ``on_error`` and the periodic zone probes already handle it.
+``config.loader`` and ``config.policy``): every ``[paths]`` entry can be created and written by this
+user (a file is really created there, so a read-only file system or an immutable directory fails
+even for root), the LDAP CA file is readable, the resolver answers, every DNSBL zone passes its RFC
+5782 probe, and the certificate checks of :mod:`palisade.tlscheck`. Each result is a
+:class:`Finding`; an ``error`` stops ``serve`` (exit 1) and makes ``config check`` exit 1; a
+``warning`` is printed (and logged by ``serve``) and the gateway starts anyway: a dead resolver or a
+refusing DNSBL is usually a transient or external problem, and the rules' ``on_error`` and the
+periodic zone probes already handle it.
 
 Trust: the config is already validated. DNS answers are network input and reach the findings
 only through ``probe_dnsbl_zone``'s classification; a Spamhaus DQS key never appears in a
@@ -23,13 +23,13 @@ import errno
 import os
 import sys
 import tempfile
-from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Literal
 
 from palisade.config import Config, parse_host_port
 from palisade.config.policy import Policy
+from palisade.tlscheck import check_certificate_files
 
 Level = Literal["ok", "warning", "error"]
 
@@ -48,14 +48,6 @@ class Finding:
 
     def as_dict(self) -> dict[str, str]:
         return asdict(self)
-
-
-# TLS certificate checks: f(certificate, private_key, server hostname) -> [(level, message)].
-# >>> HOOK for the lead: append ``check_certificate_files`` (chain order, expiry, hostname in
-# >>> the certificate) here; ``_tls_findings`` below is the single call site. A key that does not
-# >>> match its certificate is already a ConfigError at load (config.loader).
-CertificateCheck = Callable[[Path, Path, str], list[tuple[str, str]]]
-CERTIFICATE_CHECKS: list[CertificateCheck] = []
 
 
 def run_selfcheck(
@@ -221,12 +213,14 @@ def _tls_findings(config: Config) -> list[Finding]:
     cert, key = config.tls.certificate, config.tls.private_key
     if cert is None or key is None:
         return [Finding("ok", "tls", "[tls] no certificate: STARTTLS is not offered")]
-    findings = [Finding("ok", "tls", f"[tls] certificate {cert} and private_key {key} match")]
-    for check in CERTIFICATE_CHECKS:  # the single call site of the certificate checks
-        for level, message in check(cert, key, config.server.hostname):
-            known: Level = level if level in ("ok", "warning", "error") else "warning"  # type: ignore[assignment]
-            findings.append(Finding(known, "tls.certificate", message))
-    return findings
+    # A key that does not match is already a ConfigError at load (config.loader); this adds the
+    # chain order, the expiry and the host name (warnings only: see tlscheck.analyse_chain).
+    return [
+        Finding(level, "tls.certificate", f"[tls] {message}")
+        for level, message in check_certificate_files(
+            cert, key, config.server.hostname, serving=True
+        )
+    ]
 
 
 # -- DNS -------------------------------------------------------------------------------------

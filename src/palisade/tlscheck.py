@@ -186,18 +186,29 @@ def analyse_chain(
     private_key: PrivateKeyTypes | None = None,
     hostname: str | None = None,
     now: datetime.datetime | None = None,
+    *,
+    serving: bool = False,
 ) -> list[Finding]:
     """Findings about a chain, leaf first: validity of each certificate, order, whether
-    ``private_key`` belongs to the leaf, whether the leaf is valid for ``hostname``."""
+    ``private_key`` belongs to the leaf, whether the leaf is valid for ``hostname``.
+
+    ``serving``: the chain is our own, checked before ``serve`` starts. An expired (or not yet
+    valid) certificate and a host-name mismatch are then warnings, not errors: senders use
+    STARTTLS opportunistically and most do not verify, so refusing to start would turn a TLS
+    blemish into a mail outage. A wrong order or a key that does not match stay errors."""
     if not certs:
         return [Finding("error", "no certificate")]
     now = now or datetime.datetime.now(datetime.UTC)
-    findings = [_validity(index, cert, now) for index, cert in enumerate(certs)]
+    identity = [_validity(index, cert, now) for index, cert in enumerate(certs)]
+    if hostname:
+        identity.append(_hostname(certs[0], hostname))
+    if serving:
+        identity = [Finding("warning", f.message) if f.level == "error" else f for f in identity]
+    findings = identity[: len(certs)]
     findings.extend(_order(certs))
     if private_key is not None:
         findings.append(_key(private_key, certs[0], "the private key", "the certificate"))
-    if hostname:
-        findings.append(_hostname(certs[0], hostname))
+    findings.extend(identity[len(certs) :])
     return findings
 
 
@@ -206,10 +217,13 @@ def check_certificate_files(
     key_path: Path | None,
     hostname: str | None,
     now: datetime.datetime | None = None,
+    *,
+    serving: bool = False,
 ) -> list[Finding]:
-    """:func:`analyse_chain` for PEM files: the chain (leaf first) in ``cert_path``, the key in
-    ``key_path`` (None: also in ``cert_path``). An unreadable file, a file without PEM
-    certificates, and a key that cannot be loaded are error findings naming the file."""
+    """:func:`analyse_chain` (``serving`` as there) for PEM files: the chain (leaf first) in
+    ``cert_path``, the key in ``key_path`` (None: also in ``cert_path``). An unreadable file, a
+    file without PEM certificates, and a key that cannot be loaded are error findings naming the
+    file."""
     try:
         cert_data = cert_path.read_bytes()
     except OSError as exc:
@@ -223,7 +237,7 @@ def check_certificate_files(
         key_data = cert_data if key_path is None else key_path.read_bytes()
     except OSError as exc:
         return [Finding("error", f"{key_file}: cannot read: {exc.strerror or exc}")]
-    findings = analyse_chain(certs, None, hostname, now)
+    findings = analyse_chain(certs, None, hostname, now, serving=serving)
     try:
         private_key = serialization.load_pem_private_key(key_data, password=None)
     except TypeError:
