@@ -108,7 +108,7 @@ _SECRET_FIELDS = frozenset({"bind_password", "password"})
 
 def _config_check(config: object) -> int:
     from palisade.config import Config
-    from palisade.config.policy import build_policy
+    from palisade.config.policy import build_policy, permanent_on_error_warnings
     from palisade.policy.rules import Stage
 
     assert isinstance(config, Config)
@@ -118,6 +118,8 @@ def _config_check(config: object) -> int:
         print(f"palisade: {exc}", file=sys.stderr)
         return 2
     print(f"configuration {config.source} is valid")
+    for warning in permanent_on_error_warnings(config, policy):
+        print(f"palisade: warning: {warning}", file=sys.stderr)
     for section in (
         "server",
         "limits",

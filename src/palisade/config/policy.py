@@ -173,15 +173,16 @@ def _spam_kill_rules(config: Config, registry: ListRegistry) -> list[Rule]:
 _PERMANENT = frozenset({Verb.DENY, Verb.DROP})
 
 
-def permanent_on_error_warnings(config: Config) -> list[str]:
+def permanent_on_error_warnings(config: Config, policy: Policy | None = None) -> list[str]:
     """A warning for every DNS-based rule whose temporary failure gives a permanent refusal.
 
     ``on_error = "deny"``, or ``"match"`` on a deny/drop rule, turns a dead, silent or SERVFAIL
     resolver into a 5xx for every client: senders bounce legitimate mail instead of retrying.
     Rules in observe mode refuse nothing and are not named. ConfigError if the policy does
-    not build (as ``build_policy``).
+    not build (as ``build_policy``); pass ``policy`` when it is built already.
     """
-    policy = build_policy(config)
+    if policy is None:
+        policy = build_policy(config)
     warnings: list[str] = []
     for stage in Stage:
         # [clamd] puts its rule before the operator's DATA rules: number as the file does
