@@ -272,10 +272,14 @@ def test_a_failed_check_keeps_a_message_the_facts_can_fill() -> None:
                 Fixed(fail=DnsTempError("SERVFAIL")),
                 on_error=OnError.DENY,
                 message="No reverse DNS for $ip",
+                log_message="DENY - no PTR for $ip ($reason)",
             )
         ]
     )
     assert out.verdict.reply.text == "No reverse DNS for 192.0.2.1"
+    assert out.verdict.log_message == (
+        "DENY - fixed lookup failed (on_error = deny): fixed: SERVFAIL"
+    )
 
 
 def test_a_skipped_failure_says_so_and_goes_on() -> None:
