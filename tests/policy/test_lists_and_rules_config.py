@@ -215,11 +215,16 @@ def test_permanent_on_error_warnings_name_every_dns_rule_that_would_bounce(tmp_p
     assert 'on_error = "match"' in warnings[1]
 
 
-def test_the_example_perimeter_config_has_no_permanent_dns_refusal(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
+def test_the_example_perimeter_config_has_no_permanent_dns_refusal(tmp_path: Path) -> None:
+    import shutil
+
     from palisade.config.policy import permanent_on_error_warnings
 
     examples = Path(__file__).resolve().parents[2] / "examples"
-    monkeypatch.chdir(examples)
-    assert permanent_on_error_warnings(load_config(examples / "perimeter.toml")) == []
+    copy = tmp_path / "examples"  # lists/ beside the config; the LDAP password file present
+    shutil.copytree(examples, copy)
+    password = tmp_path / "ldap.pw"
+    password.write_text("not-a-real-password\n")
+    config = copy / "perimeter.toml"
+    config.write_text(config.read_text().replace("/etc/palisade/ldap.pw", str(password)))
+    assert permanent_on_error_warnings(load_config(config)) == []

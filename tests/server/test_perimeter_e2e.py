@@ -7,6 +7,7 @@ normalised)."""
 from __future__ import annotations
 
 import re
+import shutil
 import smtplib
 import socket
 import subprocess
@@ -394,21 +395,23 @@ def test_an_edited_whitelist_file_takes_effect_without_a_restart(gw: GatewayProc
     assert wait_for(lambda: greeting_code(gw, "127.0.0.20") == 220, timeout=10, interval=0.5)
 
 
-def test_the_example_perimeter_config_validates() -> None:
+def test_the_example_perimeter_config_validates(tmp_path: Path) -> None:
+    """The example as shipped, with its LDAP password file present (config check reads it:
+    without it the example is refused, naming the key)."""
     root = Path(__file__).resolve().parents[2]
+    example = (root / "examples" / "perimeter.toml").read_text()
+    assert 'bind_password_file = "/etc/palisade/ldap.pw"' in example
+    copy = tmp_path / "examples"  # lists/ beside the config, as the example expects
+    shutil.copytree(root / "examples", copy)
+    password = tmp_path / "ldap.pw"
+    password.write_text("not-a-real-password\n")
+    config = copy / "perimeter.toml"
+    config.write_text(example.replace("/etc/palisade/ldap.pw", str(password)))
     result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "palisade",
-            "config",
-            "check",
-            "--config",
-            str(root / "examples" / "perimeter.toml"),
-        ],
+        [sys.executable, "-m", "palisade", "config", "check", "--no-dns", "--config", str(config)],
         capture_output=True,
         text=True,
-        cwd=root / "examples",
+        cwd=tmp_path,
     )
     assert result.returncode == 0, result.stderr
     assert "7. deny if dnsbl: DNS blocklists" in result.stdout
@@ -627,20 +630,25 @@ def test_check_host_skipped_zone_and_a_bad_sender(make_gateway: Any, dns: ZoneSe
     assert null.returncode == 0, null.stdout + null.stderr  # the null sender is valid
 
 
-def test_config_check_warns_about_a_permanent_refusal_on_dns_failure(
+def test_config_check_and_serve_warn_about_a_permanent_refusal_on_dns_failure(
     make_gateway: Any, dns: ZoneServer
 ) -> None:
     sections = perimeter(dns)
     sections["rules"]["connect"][3]["on_error"] = "deny"  # the seed's rdns rule, as it was
-    gw = make_gateway(start=False, files={"lists/whitelist": WHITELIST}, **sections)
+    gw = make_gateway(files={"lists/whitelist": WHITELIST}, **sections)
     result = subprocess.run(
-        [sys.executable, "-m", "palisade", "config", "check", "--config", str(gw.config_path)],
+        [
+            sys.executable, "-m", "palisade", "config", "check", "--no-dns",
+            "--config", str(gw.config_path),
+        ],
         cwd=gw.base,
         capture_output=True,
         text=True,
-    )
-    assert result.returncode == 0
-    warnings = result.stderr.splitlines()
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    warnings = [line for line in result.stderr.splitlines() if "on_error" in line]
     assert len(warnings) == 1
-    assert warnings[0].startswith(f"palisade: warning: {gw.config_path}: rules.connect[4] ")
+    assert warnings[0].startswith(f"warning: {gw.config_path}: rules.connect[4] (rdns #4): ")
     assert 'on_error = "deny"' in warnings[0] and "permanent 5xx" in warnings[0]
+    # serve says it at start, in the panic log (and starts: it is a warning)
+    assert f"start-up self-check: {warnings[0].removeprefix('warning: ')}" in gw.paniclog()

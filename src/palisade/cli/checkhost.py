@@ -9,6 +9,7 @@ and one that a real client could not send is refused before anything is asked.
 Exit status (for scripts and monitoring): 0 the client would be accepted (a recipient accepted,
 or no further step asked for), 1 refused (a permanent 5xx), 3 deferred (a 4xx: try again
 later, e.g. a temporary DNS failure under ``on_error = "defer"``), 2 bad usage or a bad config.
+An unusable state store is one line on standard error and exit 1, as for the other commands.
 """
 
 from __future__ import annotations
@@ -70,9 +71,17 @@ def main(args: argparse.Namespace, out: TextIO | None = None) -> int:
     except ConfigError as exc:
         print(f"palisade: {exc}", file=sys.stderr)
         return EXIT_USAGE
+    from palisade.ports import StateTempError
+    from palisade.selfcheck import state_problem
     from palisade.server.app import build_ports, relay_policy
 
-    ports = build_ports(config)
+    try:  # the real state store: a rate-limit rule counts this simulated connection
+        ports = build_ports(config)
+    except (OSError, StateTempError) as exc:
+        reason = exc.reason if isinstance(exc, StateTempError) else exc.strerror or str(exc)
+        problem = state_problem(config.paths.state) if isinstance(exc, OSError) else reason
+        print(f"palisade: {problem}", file=sys.stderr)
+        return 1
     return asyncio.run(
         _simulate(
             args, ip, config.server.hostname, policy, relay_policy(config, policy), ports, out

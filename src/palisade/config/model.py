@@ -190,14 +190,17 @@ class SpamdConfig:
 
 @dataclass(frozen=True, slots=True)
 class RspamdConfig:
-    """rspamd's HTTP /checkv2, as an alternative to spamd (same tag and kill levels)."""
+    """rspamd's HTTP /checkv2, as an alternative to spamd (same headers and verbs). The levels
+    default to rspamd's own stock thresholds (actions.conf: "add header" 6, "reject" 15), not
+    SpamAssassin's: rspamd reports a forced action such as GTUBE's with that action's threshold
+    as the score (15.0), which a kill level of 16 would let through."""
 
     url: str = ""  # "http://127.0.0.1:11333"; empty: off
     password: str = ""  # the controller password, if rspamd asks for one (a secret)
     timeout: float = duration(30.0, 0.1)
     max_size: int = positive(512_000, 1024)
-    tag_level: float = 4.5
-    kill_level: float = 16.0
+    tag_level: float = 6.0  # rspamd's "add header"
+    kill_level: float = 15.0  # rspamd's "reject"
     on_failure: str = choice("accept", "defer")
 
 

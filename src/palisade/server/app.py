@@ -439,10 +439,14 @@ def serve(config_path: Path | None) -> int:
     """``palisade serve``: returns the process exit status."""
     try:
         config = load_config(config_path)
-        build_policy(config)  # every rule and list is checked before anything starts
+        policy = build_policy(config)  # every rule and list is checked before anything starts
     except ConfigError as exc:
         print(f"palisade: {exc}", file=sys.stderr)
         return 2
+    from palisade.selfcheck import check_before_serving
+
+    if check_before_serving(config, policy) is not None:  # paths, files, DNS, DNSBL zones, TLS
+        return 1
     raise_fd_limit()
     install_fast_loop()
     for path in (config.paths.spool, config.paths.log, config.paths.mail):
