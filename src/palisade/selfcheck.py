@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Literal
 
 from palisade.config import Config, parse_host_port
-from palisade.config.policy import Policy
+from palisade.config.policy import Policy, permanent_on_error_warnings
 from palisade.tlscheck import check_certificate_files
 
 Level = Literal["ok", "warning", "error"]
@@ -60,6 +60,9 @@ def run_selfcheck(
     queries per zone, all zones at once)."""
     findings = _path_findings(config, create=create)
     findings += _file_findings(config, policy)
+    findings += [  # a DNS rule that would bounce everybody's mail while the resolver is down
+        Finding("warning", "rules", text) for text in permanent_on_error_warnings(config, policy)
+    ]
     findings += _tls_findings(config)
     if dns:
         findings += asyncio.run(_dns_findings(config, policy))

@@ -260,7 +260,7 @@ def _parse_rules(table: Any, source: str, finder: _LineFinder) -> tuple[RuleSpec
             for key in ("observe", "negate"):
                 if key in fixed and not isinstance(fixed[key], bool):
                     fail(key, f"expected true or false, got {fixed[key]!r}")
-            if fixed.get("on_error", "defer") not in ON_ERROR:
+            if "on_error" in fixed and fixed["on_error"] not in ON_ERROR:
                 fail("on_error", f"expected one of {', '.join(ON_ERROR)}")
             timeout = fixed.get("timeout")
             if timeout is not None:

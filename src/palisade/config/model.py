@@ -144,7 +144,7 @@ class RuleSpec:
     message: str = ""
     log_message: str = ""
     observe: bool = False
-    on_error: str = "defer"
+    on_error: str | None = None  # None: the check's default (defer; skip for dnsbl and dbl)
     timeout: float | None = None
     negate: bool = False
     code: int | None = None

@@ -16,6 +16,7 @@ import contextlib
 import functools
 import ipaddress
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -227,11 +228,13 @@ class Session:
             if getattr(decision.rule.check, "log_rates", False) and "ratelimit.rate" in results:
                 lines.append(f"rate {results['ratelimit.rate']}")
             if decision.error is not None:
-                lines.append(
-                    f'{outcome.stage.value} rule "{escape(decision.rule.name)}": '
-                    f"temporary failure: {escape(decision.error)}"
-                    + (" (skipped)" if not decision.matched else "")
-                )
+                rule = f'{outcome.stage.value} rule "{escape(decision.rule.name)}"'
+                if decision.matched:
+                    lines.append(f"{rule}: temporary failure: {escape(decision.error)}")
+                else:  # skipped: this line is all that is said about it
+                    lines.append(f"{rule} (temporary failure): {escape(decision.log_text)}")
+                if decision.error_zones:
+                    self._report_zones(decision.error_zones)
             if not decision.matched:
                 continue
             if not decision.acted:
@@ -242,6 +245,22 @@ class Session:
             where = f"{self.host_field()}{self._sender_field()}"
             for line in lines:
                 self.ctx.log.main(f"{where} {line}")
+
+    def _report_zones(self, zones: Mapping[str, str]) -> None:
+        """A failing DNSBL zone goes to the panic log once per probe interval (5 min when probes
+        are off), so an operator sees a dead or refusing list without a line per client."""
+        interval = self.config.dns.dnsbl_probe_interval or 300.0
+        reported = self.ctx.zone_failure_reported
+        now = time.monotonic()
+        for zone, text in zones.items():
+            last = reported.get(zone)
+            if last is not None and now - last < interval:
+                continue
+            reported[zone] = now
+            self.ctx.log.panic(
+                f"DNSBL zone {escape(zone)} lookup failed: {escape(text, 400)} "
+                f"(said once per {interval:g}s per zone; each failed lookup is in the main log)"
+            )
 
     def _log_refusal(self, stage: Stage, subject: str, verdict: Verdict) -> None:
         temporarily = "temporarily " if verdict.action is Action.DEFER else ""
