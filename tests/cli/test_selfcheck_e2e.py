@@ -191,3 +191,27 @@ def test_config_check_prints_toml_that_round_trips_and_json_without_secrets(
     for secret in (DQS_KEY, "Sekrit-Bind-Pw-1", "Bind-Pw-From-File-9", "Rspamd-Pw-2"):
         for text in (toml_run.stdout, toml_run.stderr, json_run.stdout, json_run.stderr):
             assert secret not in text
+
+
+def test_config_check_reports_the_certificate_chain(tmp_path: Path) -> None:
+    """The configured ``[tls]`` chain goes through the self-check: a chain out of order stops
+    the gateway (exit 1), a certificate for another host name is only a warning."""
+    from tests.tls.certs import Pki
+
+    pki = Pki.make(hostname="mx.other.test")
+    cert, key = pki.write(tmp_path)
+    config = write_config(
+        tmp_path / "palisade.toml",
+        {
+            "server": {"hostname": "mx.example.test"},
+            "tls": {"certificate": str(cert), "private_key": str(key)},
+            "paths": {"spool": "var/spool", "log": "var/log", "mail": "var/mail"},
+        },
+    )
+    result = palisade("config", "check", "--no-dns", "--config", str(config), cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "warning: [tls] certificate is not valid for mx.example.test" in result.stderr
+    cert, key = pki.write(tmp_path, pki.leaf, pki.root, pki.intermediate)
+    result = palisade("config", "check", "--no-dns", "--config", str(config), cwd=tmp_path)
+    assert result.returncode == 1
+    assert "error: [tls] chain out of order: certificate 0" in result.stderr

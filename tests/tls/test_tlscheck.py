@@ -187,3 +187,21 @@ def test_certificate_text_cannot_break_a_line(tmp_path: Path) -> None:
     evil = issue("evil\nok        forged", pki.intermediate, names=(HOST,))
     cert, key = pki.write(tmp_path, evil, pki.intermediate, key=evil)
     assert all("\n" not in message for _, message in check_certificate_files(cert, key, HOST))
+
+
+def test_serving_keeps_order_and_key_errors_but_warns_of_expiry_and_host_name(
+    tmp_path: Path,
+) -> None:
+    """Our own certificate before ``serve``: an expired one or another host name must not stop
+    the gateway (senders use STARTTLS opportunistically), a wrong order or key must."""
+    expired = Pki.make(
+        hostname="other.example.test", not_before=NOW - 90 * DAY, not_after=NOW - 2 * DAY
+    )
+    cert, key = expired.write(tmp_path)
+    findings = check_certificate_files(cert, key, HOST, now=NOW, serving=True)
+    assert errors(findings) == []
+    assert len(warnings(findings)) == 2
+    assert errors(check_certificate_files(cert, key, HOST, now=NOW)) != []
+    pki = Pki.make()
+    cert, key = pki.write(tmp_path, pki.leaf, pki.root, pki.intermediate)
+    assert len(errors(check_certificate_files(cert, key, HOST, now=NOW, serving=True))) == 2
