@@ -127,6 +127,20 @@ class Envelope:
         return json.dumps(self.to_json(), ensure_ascii=True, separators=(",", ":"))
 
 
+_LATE_KEYS = frozenset({"message_id"})
+
+
+def merge_late(fields: object, late: object) -> object:
+    """The envelope JSON completed by a spool file's late fields (learnt from the message after
+    the envelope was written). Unknown keys or wrong types raise ``ValueError``."""
+    if not isinstance(late, dict) or not late.keys() <= _LATE_KEYS:
+        raise ValueError("late envelope fields must be an object with known keys")
+    if not isinstance(fields, dict):
+        return fields  # from_json says what is wrong
+    message_id = _opt_str(late, "message_id")
+    return {**fields, "message_id": message_id} if message_id is not None else fields
+
+
 @dataclass
 class RecipientState:
     """Where one recipient stands. ``dsn_queued`` is set once its failure has been reported.
