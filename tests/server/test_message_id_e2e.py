@@ -119,8 +119,9 @@ def test_hostile_message_id_is_cleaned_bounded_and_escaped(gateway: GatewayProce
     # in the log line: nothing there looks like another field
     assert re.search(r" id=a\\x20\[31m\\x20H=\[10\.0\.0\.1\]\\x20\\\\xy+\.\.\. T=", line)
     assert len(line) < 600
-    wait_for(lambda: gateway.maildir_messages("user"))
-    assert f"{queue_id} Completed" in wait_for(gateway.mainlog)
+    assert wait_for(lambda: f"{queue_id} Completed" in gateway.mainlog())
+    (delivered,) = gateway.maildir_messages("user")
+    assert b"Message-ID: <a\x1b[31m\x07 H=[10.0.0.1]" in delivered  # the message is untouched
 
 
 def test_hostile_message_id_is_bounded_in_the_spool(make_gateway: Any, next_hop: NextHop) -> None:

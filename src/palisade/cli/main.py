@@ -1,12 +1,14 @@
 """The ``palisade`` command: serve, queue administration, config checking.
 
-Owns argument parsing only; each command is a thin call into the public API of the other
-packages. Exit status: 0 success, 1 operational failure, 2 bad usage or bad config.
+Owns argument parsing and the process umask (0077, set before any command runs); each command is
+a thin call into the public API of the other packages. Exit status: 0 success, 1 operational
+failure, 2 bad usage or bad config.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -54,8 +56,16 @@ def _config_after_subcommand(parser: argparse.ArgumentParser) -> None:
             leaf.add_argument("--config", type=Path, default=argparse.SUPPRESS)
 
 
+# Mail, queue files and the state database are nobody else's business, whatever umask the
+# service manager or the operator's shell hands down: every command that may write starts with
+# this one. Modes wider than 0600/0700 are given explicitly where they are wanted (logs 0640,
+# the Maildir tree with ``[paths] group``).
+UMASK = 0o077
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    os.umask(UMASK)
     if args.command == "serve":
         from palisade.server.app import serve
 

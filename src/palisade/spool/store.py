@@ -46,6 +46,9 @@ protocol with the next hop, and it is the acceptable side: duplicating beats los
 SMTP-level window, a kill after the commit and before the client read 250, makes the client
 send again; RFC 1047.)
 
+Modes: every file 0600, every directory the spool creates 0700 (given explicitly, whatever the
+umask); a file recycled from ``free/`` with a wider mode (written by an older version) is
+narrowed before reuse. The ``[paths] group`` option never applies here.
 Must not touch: SMTP, MIME, routing, logging policy (only ``recover`` logs, via the given log).
 Trust: queue ids are validated with ``is_queue_id`` before any path is built; no path is ever
 built from other input. Files read back from disk are parsed defensively: any damage raises
@@ -68,6 +71,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, BinaryIO
 
+from palisade.obs.files import make_dirs
 from palisade.obs.log import EventLog, escape
 from palisade.obs.queueid import is_queue_id
 from palisade.spool.commit import CommitJob, CommitStats, GroupCommitter, rename_noreplace
@@ -102,6 +106,8 @@ class CorruptMessage(SpoolError, ValueError):
     """A queue file or state file failed validation."""
 
 
+FILE_MODE = 0o600  # every file of the spool (the umask cannot widen it; recycled ones are checked)
+DIR_MODE = 0o700  # every directory the spool creates
 SMALL_FILE = 256 * 1024  # queue files up to this size are read whole for delivery
 
 
@@ -312,8 +318,9 @@ class SpoolWriter:
         if self._recycled:  # never through a link, whatever were put in free/
             fd = os.open(self._tmp_path, os.O_RDWR | os.O_NOFOLLOW)
             self._file: BinaryIO | None = open(fd, "r+b")  # noqa: SIM115 (kept open)
-        else:
-            self._file = open(self._tmp_path, "xb")  # noqa: SIM115 (kept open)
+        else:  # 0600 whatever the umask: mail is nobody else's business
+            fd = os.open(self._tmp_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, FILE_MODE)
+            self._file = open(fd, "wb")  # noqa: SIM115 (kept open)
         self._hash = hashlib.sha256()
         self.size = 0
         self._added: list[bytes] = []
@@ -420,7 +427,7 @@ class Spool:
         self.queue_dir = str(self.root / "queue")
         self._state_dir = str(self.root / "state")
         for sub in self.SUBDIRS:
-            (self.root / sub).mkdir(parents=True, exist_ok=True)
+            make_dirs(self.root / sub, DIR_MODE)
         self.committer = GroupCommitter(self.root / "queue")
         self.pool = FilePool(str(self.root / "free"))
 
@@ -461,7 +468,8 @@ class Spool:
         final = self._state_path(queue_id)
         tmp = final.removesuffix(".json") + ".tmp"
         data = json.dumps(state.to_json(), separators=(",", ":")).encode("utf-8")
-        with open(tmp, "wb") as f:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, FILE_MODE)
+        with open(fd, "wb") as f:
             f.write(data)
             f.flush()
             if self.fsync:
