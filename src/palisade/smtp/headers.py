@@ -67,20 +67,22 @@ class MessageIdFinder:
         if self.done:
             return
         buf = self._buf
+        if not buf and _SECTION_END.search(data, 0, self._max_bytes) is not None:
+            self._parse(data[: self._max_bytes])  # the usual case: it all came in one chunk
+            return
         buf += data[: self._max_bytes - len(buf)]
         if _SECTION_END.search(buf, self._searched) is not None or len(buf) >= self._max_bytes:
-            self._parse()
+            self._parse(buf)
         else:
             self._searched = max(0, len(buf) - 2)
 
     def finish(self) -> str | None:
         """The end of the content: parse what was gathered if that has not happened yet."""
         if not self.done:
-            self._parse()
+            self._parse(self._buf)
         return self.value
 
-    def _parse(self) -> None:
-        buf = self._buf
+    def _parse(self, buf: bytes | bytearray) -> None:
         section = _SECTION.match(buf)
         end = section.end() if section is not None else 0
         found = _MESSAGE_ID.search(buf, 0, end)

@@ -116,7 +116,8 @@ def _trailer(length: int, digest: str) -> bytes:
 
 
 def _late_fields(message_id: str) -> bytes:
-    return json.dumps({"message_id": message_id}, ensure_ascii=True).encode("ascii")
+    """The LATE record's JSON object (one string encoded, not a dict: this runs per message)."""
+    return b'{"message_id":%s}' % json.dumps(message_id, ensure_ascii=True).encode("ascii")
 
 
 @dataclass(frozen=True)
