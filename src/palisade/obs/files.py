@@ -31,6 +31,8 @@ def make_dirs(path: Path, mode: int, gid: int | None = None) -> None:
         try:
             os.mkdir(directory, mode)
         except FileExistsError:
+            if not directory.is_dir():
+                raise  # a file in the way: the caller reports it
             continue  # made meanwhile by another process: its mode stands
         if gid is not None:
             os.chown(directory, -1, gid)

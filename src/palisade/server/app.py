@@ -455,8 +455,12 @@ def serve(config_path: Path | None) -> int:
         return 2
     raise_fd_limit()
     install_fast_loop()
-    make_dirs(config.paths.spool, 0o700)
-    make_dirs(config.paths.log, 0o750)
+    for key, path, mode in (("spool", config.paths.spool, 0o700), ("log", config.paths.log, 0o750)):
+        try:
+            make_dirs(path, mode)
+        except OSError as exc:
+            print(f"palisade: paths.{key}: cannot create {path}: {exc}", file=sys.stderr)
+            return 1
     # the Maildir root is made by MaildirDelivery, with the modes of [paths] group
     workers = config.server.workers
     try:  # with workers, one SO_REUSEPORT socket per worker and address, all made before fork
