@@ -51,14 +51,14 @@ class Finding:
 
 
 def run_selfcheck(
-    config: Config, policy: Policy | None = None, *, create: bool = False, dns: bool = True
+    config: Config, policy: Policy | None = None, *, dns: bool = True
 ) -> list[Finding]:
-    """Every check, in a fixed order. ``create``: make the missing ``[paths]`` directories
-    (``serve``); without it nothing is created (``config check``), a missing directory is
-    checked by writing a nameless temporary file in its nearest existing parent. ``dns``: also
+    """Every check, in a fixed order. Nothing is created: a missing directory is checked by
+    writing a nameless temporary file in its nearest existing parent (``serve`` then makes the
+    directories itself, with their modes and ``[paths] group``). ``dns``: also
     ask the resolver (one query, for the server's hostname) and probe the DNSBL zones (two
     queries per zone, all zones at once)."""
-    findings = _path_findings(config, create=create)
+    findings = _path_findings(config)
     findings += _file_findings(config, policy)
     findings += [  # a DNS rule that would bounce everybody's mail while the resolver is down
         Finding("warning", "rules", text) for text in permanent_on_error_warnings(config, policy)
@@ -77,7 +77,7 @@ def check_before_serving(config: Config, policy: Policy) -> int | None:
     """``serve``'s use: runs the self-check creating the directories, prints warnings and
     errors on stderr, logs warnings to mainlog and paniclog; returns 1 on an error (the
     gateway must not start) or None."""
-    findings = run_selfcheck(config, policy, create=True)
+    findings = run_selfcheck(config, policy)
     for finding in findings:
         if finding.level != "ok":
             print(f"palisade: {finding.line()}", file=sys.stderr)
@@ -100,19 +100,19 @@ def check_before_serving(config: Config, policy: Policy) -> int | None:
 # -- paths -----------------------------------------------------------------------------------
 
 
-def _path_findings(config: Config, *, create: bool) -> list[Finding]:
+def _path_findings(config: Config) -> list[Finding]:
     paths = config.paths
     findings = []
     for key in ("spool", "mail", "log"):
         path: Path = getattr(paths, key)
-        problem = _directory_problem(f"[paths] {key}", path, create=create)
+        problem = _directory_problem(f"[paths] {key}", path)
         findings.append(
             Finding("error", f"paths.{key}", problem)
             if problem
             else Finding("ok", f"paths.{key}", f"[paths] {key} {path} {_writable(path)}")
         )
     state = paths.state
-    problem = _directory_problem("[paths] state", state.parent, create=create, shown=state)
+    problem = _directory_problem("[paths] state", state.parent, shown=state)
     if problem is None and state.exists():
         if not state.is_file():
             problem = f"[paths] state {state} is not a regular file"
@@ -132,7 +132,7 @@ def _path_findings(config: Config, *, create: bool) -> list[Finding]:
 
 def state_problem(state: Path) -> str:
     """Why ``[paths] state`` cannot be opened, in one sentence (after an OSError elsewhere)."""
-    return _directory_problem("[paths] state", state.parent, create=False, shown=state) or (
+    return _directory_problem("[paths] state", state.parent, shown=state) or (
         f"cannot open [paths] state {state}"
     )
 
@@ -141,16 +141,9 @@ def _writable(path: Path) -> str:
     return "is writable" if path.exists() else "can be created"
 
 
-def _directory_problem(
-    what: str, path: Path, *, create: bool, shown: Path | None = None
-) -> str | None:
-    """None if files can be created in ``path`` (after creating it, with ``create``)."""
+def _directory_problem(what: str, path: Path, *, shown: Path | None = None) -> str | None:
+    """None if files can be created in ``path`` (or, while it is missing, where mkdir makes it)."""
     shown = path if shown is None else shown
-    if create and not os.path.lexists(path):  # an existing non-directory is named below
-        try:
-            path.mkdir(parents=True, exist_ok=True)
-        except OSError as exc:
-            return f"cannot create {what} {shown}: {exc.strerror or exc}"
     target = path
     while not os.path.lexists(target):  # the nearest existing parent is where mkdir would work
         if target.parent == target:

@@ -1,11 +1,11 @@
 """The ``palisade`` command: serve, queue administration, config checking.
 
-Owns argument parsing only; each command is a thin call into the public API of the other
-packages. Exit status: 0 success; 1 operational failure (an unusable path, an error found by
-the start-up self-check); 2 bad usage or a bad config file. Every failure is one line on stderr
-naming the file or key, never a traceback. A standard output closed early
-(``palisade queue list | head -1``) ends the command quietly with status 0 (the reader had what
-it wanted; ``config check`` keeps its own status), without a message.
+Owns argument parsing and the process umask (0077, set before any command runs); each command is a
+thin call into the public API of the other packages. Exit status: 0 success; 1 operational failure
+(an unusable path, an error found by the start-up self-check); 2 bad usage or a bad config file.
+Every failure is one line on stderr naming the file or key, never a traceback. A standard output
+closed early (``palisade queue list | head -1``) ends the command quietly with status 0 (the reader
+had what it wanted; ``config check`` keeps its own status), without a message.
 """
 
 from __future__ import annotations
@@ -69,6 +69,13 @@ def _config_after_subcommand(parser: argparse.ArgumentParser) -> None:
             leaf.add_argument("--config", type=Path, default=argparse.SUPPRESS)
 
 
+# Mail, queue files and the state database are nobody else's business, whatever umask the
+# service manager or the operator's shell hands down: every command that may write starts with
+# this one. Modes wider than 0600/0700 are given explicitly where they are wanted (logs 0640,
+# the Maildir tree with ``[paths] group``).
+UMASK = 0o077
+
+
 def main(argv: list[str] | None = None) -> int:
     try:
         status = _main(argv)
@@ -91,6 +98,7 @@ def _quiet_stdout() -> None:
 
 def _main(argv: list[str] | None) -> int:
     args = _parser().parse_args(argv)
+    os.umask(UMASK)
     if args.command == "serve":
         from palisade.server.app import serve
 

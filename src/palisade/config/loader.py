@@ -9,6 +9,7 @@ expected. Trust: the file is operator input, trusted in intent but not in form.
 from __future__ import annotations
 
 import dataclasses
+import grp
 import ipaddress
 import re
 import ssl
@@ -292,6 +293,8 @@ def _convert(raw: Any, hint: Any, meta: typing.Mapping[str, Any]) -> Any:
         if seconds < meta.get("min", 0):
             raise ValueError(f"expected a duration of at least {meta['min']} seconds")
         return seconds
+    if meta.get("kind") == "group":
+        return _group(raw)
     origin = typing.get_origin(hint)
     args = typing.get_args(hint)
     if origin in (types.UnionType, typing.Union) and type(None) in args:
@@ -334,6 +337,18 @@ def _convert(raw: Any, hint: Any, meta: typing.Mapping[str, Any]) -> Any:
         except ValueError:
             raise ValueError(f"expected an IP address or CIDR, got {raw!r}") from None
     raise ValueError(f"unsupported setting type {hint!r}")  # a bug in model.py, not the file
+
+
+def _group(raw: Any) -> int:
+    """A group name or gid that must exist on this host: its gid."""
+    if isinstance(raw, bool) or not isinstance(raw, int | str) or raw == "":
+        raise ValueError(f'expected a group name or gid, like "mail" or 8, got {_describe(raw)}')
+    try:
+        if isinstance(raw, int) or raw.isdigit():
+            return grp.getgrgid(int(raw)).gr_gid
+        return grp.getgrnam(raw).gr_gid
+    except (KeyError, OverflowError):
+        raise ValueError(f"no such group on this host: {raw!r}") from None
 
 
 def _duration(raw: Any) -> float:

@@ -95,12 +95,19 @@ class DeliveryConfig:
 
 @dataclass(frozen=True, slots=True)
 class PathsConfig:
-    """Where state lives. Relative paths are relative to the working directory at start-up."""
+    """Where state lives. Relative paths are relative to the working directory at start-up.
+
+    ``group``: a group name or gid (resolved to the gid when loaded) that may read the Maildir
+    tree: with it, the mailbox directories the gateway creates are 0750 and its files 0640, both
+    of that group, for a delivery agent (Dovecot's ``mail`` group); without it 0700 and 0600.
+    The spool, the state database and the logs never take it.
+    """
 
     spool: Path = Path("var/spool")
     mail: Path = Path("var/mail")
     log: Path = Path("var/log")
     state: Path = Path("var/state.sqlite")
+    group: int | None = field(default=None, metadata={"kind": "group"})
 
 
 @dataclass(frozen=True, slots=True)

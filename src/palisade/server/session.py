@@ -38,7 +38,7 @@ from palisade.smtp import (
     events,
     replies,
 )
-from palisade.smtp.headers import HeaderSplitter
+from palisade.smtp.headers import HeaderSplitter, MessageIdFinder
 from palisade.spool import Envelope
 
 if TYPE_CHECKING:
@@ -81,6 +81,7 @@ class Transaction:
     message_id: str | None = None
     headers: list[str] = field(default_factory=list)  # X-Warning lines of MAIL/RCPT warn rules
     splitter: HeaderSplitter | None = None  # the header section of the message being received
+    message_ids: MessageIdFinder | None = None  # its Message-ID (every message, examined or not)
 
 
 class Session:
@@ -344,9 +345,13 @@ class Session:
     # -- events ------------------------------------------------------------------------------
     async def _dispatch(self, event: object) -> None:
         if isinstance(event, events.DataChunk):
-            if self.tx.writer is not None:
-                splitter = self.tx.splitter
-                self.tx.writer.write(splitter.feed(event.data) if splitter else event.data)
+            tx = self.tx
+            if tx.writer is not None:
+                splitter = tx.splitter
+                tx.writer.write(splitter.feed(event.data) if splitter else event.data)
+                finder = tx.message_ids
+                if finder is not None and not finder.done:
+                    finder.feed(event.data)
             return
         match event:
             case events.Helo():
@@ -520,6 +525,7 @@ class Session:
         )
         if self._examines_content():
             tx.splitter = HeaderSplitter(data_stage.forged_header_filter(self.config))
+        tx.message_ids = MessageIdFinder()
         try:
             tx.writer = self.ctx.spool.open_message(envelope)
             tx.writer.write(self._received_header(tx))
@@ -604,6 +610,8 @@ class Session:
         added += b"".join(_header_line(h) for h in tx.headers)
         if added:
             writer.prepend(added)
+        if tx.message_ids is not None:
+            tx.message_id = writer.message_id = tx.message_ids.finish()
         try:
             await writer.commit()
         except OSError as exc:
@@ -645,8 +653,18 @@ class Session:
             parts.append(f"X={self.tls}")
         parts.append(f"S={size}")
         parts.extend(data_stage.log_fields(self.config, self.facts))
+        if tx.message_id is not None:
+            # exim's id=: the Message-ID without its angle brackets; a space would let the client
+            # write what looks like another field (" H=[...]"), so it is escaped too
+            msgid = escape(tx.message_id.removeprefix("<").removesuffix(">"))
+            parts.append(f"id={msgid.replace(' ', chr(92) + 'x20')}")
         parts.append("T=" + ",".join(f"<{escape(r, 200)}>" for r in tx.recipients))
-        self.ctx.log.main(" ".join(parts), queue_id=tx.queue_id, client_ip=self.ip_text)
+        self.ctx.log.main(
+            " ".join(parts),
+            queue_id=tx.queue_id,
+            client_ip=self.ip_text,
+            message_id=tx.message_id,
+        )
 
     def _abort_transaction(self) -> None:
         if self.tx.writer is not None:
