@@ -6,7 +6,8 @@ trickle bytes, reply batching (all replies to one pipelined group leave in one w
 log line for each decision. It never decides policy itself: relay control and, later, the rule
 engine return verdicts, and this module renders them.
 Trust: everything from the client is hostile; client text reaches the logs only through
-``obs.log.escape``.
+``obs.log.escape_field`` (which also escapes brackets, quotes and angle brackets, so the
+``[ip]`` of the ``H=`` field is the only bracketed address a line can show).
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from palisade.obs.log import escape, rfc5322_date
+from palisade.obs.log import escape, escape_field, rfc5322_date
 from palisade.policy.engine import StageOutcome, evaluate_stage
 from palisade.policy.relay import Route
 from palisade.policy.rules import Facts, MessageFacts, Stage
@@ -136,11 +137,13 @@ class Session:
     # -- log helpers ------------------------------------------------------------------------
     def host_field(self) -> str:
         """exim's ``H=`` field: ``(helo) [ip]:port`` (no PTR lookups in the core)."""
-        helo = f"({escape(self.helo, 100)}) " if self.helo else ""
+        helo = f"({escape_field(self.helo, 100)}) " if self.helo else ""
         return f"H={helo}[{self.ip_text}]:{self.port}"
 
     def _sender_field(self) -> str:
-        return f" F=<{escape(self.tx.sender or '', 200)}>" if self.tx.sender is not None else ""
+        return (
+            f" F=<{escape_field(self.tx.sender or '', 200)}>" if self.tx.sender is not None else ""
+        )
 
     # -- main loop ---------------------------------------------------------------------------
     async def run(self) -> None:
@@ -180,7 +183,7 @@ class Session:
                     self.ctx.log.reject(
                         f"SMTP protocol synchronization error (input sent without waiting for "
                         f"greeting): rejected connection from H=[{self.ip_text}]:{self.port} "
-                        f'input="{escape(early.decode("latin-1"), 60)}"'
+                        f'input="{escape_field(early.decode("latin-1"), 60)}"'
                     )
                     self._send(Reply(554, "5.5.0", "SMTP synchronization error"))
                     return False
@@ -228,16 +231,16 @@ class Session:
                 lines.append(f"rate {results['ratelimit.rate']}")
             if decision.error is not None:
                 lines.append(
-                    f'{outcome.stage.value} rule "{escape(decision.rule.name)}": '
-                    f"temporary failure: {escape(decision.error)}"
+                    f'{outcome.stage.value} rule "{escape_field(decision.rule.name)}": '
+                    f"temporary failure: {escape_field(decision.error)}"
                     + (" (skipped)" if not decision.matched else "")
                 )
             if not decision.matched:
                 continue
             if not decision.acted:
-                lines.append(escape(decision.log_text))
+                lines.append(escape_field(decision.log_text))
             elif decision.rule.verb.value == "warn":
-                lines.append(f"Warning: {escape(decision.log_text)}")
+                lines.append(f"Warning: {escape_field(decision.log_text)}")
         if lines:
             where = f"{self.host_field()}{self._sender_field()}"
             for line in lines:
@@ -248,16 +251,16 @@ class Session:
         if stage is Stage.CONNECT:
             what = 'connection in "connect" ACL'
         elif stage is Stage.HELO:
-            what = f"EHLO or HELO {escape(subject, 100)}"
+            what = f"EHLO or HELO {escape_field(subject, 100)}"
         elif stage is Stage.MAIL:
-            what = f"MAIL <{escape(subject, 200)}>"
+            what = f"MAIL <{escape_field(subject, 200)}>"
         elif stage is Stage.RCPT:
-            what = f"RCPT <{escape(subject, 200)}>"
+            what = f"RCPT <{escape_field(subject, 200)}>"
         else:
             what = "after DATA"
         self.ctx.log.reject(
             f"{self.host_field()}{self._sender_field()} {temporarily}rejected {what}: "
-            f"{escape(verdict.log_message, 400)}"
+            f"{escape_field(verdict.log_message, 400)}"
         )
 
     async def _receive(self) -> None:
@@ -366,9 +369,12 @@ class Session:
             case events.StartTls():
                 await self._on_starttls()
             case events.Auth():
+                # exim's line, which fail2ban's stock exim filter matches; the mechanism is
+                # escaped (no quote or bracket), so it cannot end the quotes or forge an address
+                mechanism = escape_field(event.argument.split(" ")[0], 20)
                 self.ctx.log.reject(
-                    f'SMTP protocol error in "AUTH {escape(event.argument.split(" ")[0], 20)}" '
-                    f"{self.host_field()} AUTH command used when not advertised"
+                    f'SMTP protocol error in "AUTH {mechanism}" {self.host_field()} '
+                    "AUTH command used when not advertised"
                 )
                 self._send(Reply(503, "5.5.1", "Error: authentication not enabled"))
             case events.CommandError():
@@ -452,7 +458,7 @@ class Session:
         else:
             self.ctx.log.reject(
                 f"SMTP protocol error in {event.kind}: {self.host_field()}{self._sender_field()} "
-                f"{escape(event.reason, 200)}"
+                f"{escape_field(event.reason, 200)}"
             )
         self._send(event.reply)
         if not self.conn.is_open:
@@ -468,7 +474,7 @@ class Session:
             if isinstance(exc, asyncio.CancelledError):
                 raise
             self.ctx.log.reject(
-                f"TLS error on connection from {self.host_field()}: {escape(str(exc))}"
+                f"TLS error on connection from {self.host_field()}: {escape_field(str(exc))}"
             )
             raise _Closed from None
         self.conn.tls_started()
@@ -562,7 +568,7 @@ class Session:
                 self._spool_failed(writer, "write", exc)
                 return
             if splitter.dropped:
-                names = ", ".join(sorted({escape(name, 40) for name, _ in splitter.dropped}))
+                names = ", ".join(sorted({escape_field(name, 40) for name, _ in splitter.dropped}))
                 self.ctx.log.main(
                     f"{tx.queue_id} {self.host_field()} removed {len(splitter.dropped)} inbound "
                     f"verdict header(s) that only we may write: {names}"
@@ -609,14 +615,14 @@ class Session:
             "line_too_long": "message line longer than the RFC 5322 limit",
             "size": "message too big",
         }.get(event.flaw or "", event.flaw_reason)
-        rcpts = ",".join(f"<{escape(r, 200)}>" for r in self.tx.recipients)
+        rcpts = ",".join(f"<{escape_field(r, 200)}>" for r in self.tx.recipients)
         self.ctx.log.reject(
             f"{self.host_field()}{self._sender_field()} T={rcpts} rejected after DATA: {what}"
         )
 
     def _log_arrival(self, tx: Transaction, size: int) -> None:
         parts = [
-            f"{tx.queue_id} <= {escape(tx.sender or '<>', 200)}",
+            f"{tx.queue_id} <= {escape_field(tx.sender, 200) if tx.sender else '<>'}",
             self.host_field(),
             f"P={self.protocol}",
         ]
@@ -624,7 +630,7 @@ class Session:
             parts.append(f"X={self.tls}")
         parts.append(f"S={size}")
         parts.extend(data_stage.log_fields(self.config, self.facts))
-        parts.append("T=" + ",".join(f"<{escape(r, 200)}>" for r in tx.recipients))
+        parts.append("T=" + ",".join(f"<{escape_field(r, 200)}>" for r in tx.recipients))
         self.ctx.log.main(" ".join(parts), queue_id=tx.queue_id, client_ip=self.ip_text)
 
     def _abort_transaction(self) -> None:
