@@ -25,6 +25,7 @@ from palisade.policy.engine import StageOutcome, evaluate_stage
 from palisade.policy.relay import Route
 from palisade.policy.rules import Facts, MessageFacts, Stage
 from palisade.policy.verdict import Action, Verdict
+from palisade.ports import StateTempError
 from palisade.server import data_stage
 from palisade.server.stream import ClientStream
 from palisade.server.tls import describe
@@ -114,6 +115,13 @@ class Session:
         self._deadline: float | None = None
         self._data_started: float | None = None
         self._data_bytes = 0
+        # pregreet (greeting_delay): whether a connect rule accepted the client, whether this
+        # connection waited and kept quiet, and how it went afterwards (see _behaved)
+        self._connect_accepted = False
+        self._waited = False
+        self._served = False  # a command other than QUIT was answered 2xx/3xx
+        self._refused = False  # a command was answered 5xx (rule, relay, protocol, content)
+        self._client_ended = False  # QUIT, or the client closed between commands
 
     @functools.cached_property
     def conn(self) -> SmtpConnection:
@@ -173,33 +181,95 @@ class Session:
             with contextlib.suppress(Exception):
                 await self._flush()
             self.stream.close()
+        if self._behaved():
+            await self._remember_pass()
 
     async def _greet(self) -> bool:
-        delay = self.config.server.greeting_delay
-        if delay > 0:
-            with contextlib.suppress(TimeoutError):
-                early = await self.stream.read(delay)
-                if early or self.stream.has_data():
-                    self.ctx.log.reject(
-                        f"SMTP protocol synchronization error (input sent without waiting for "
-                        f"greeting): rejected connection from H=[{self.ip_text}]:{self.port} "
-                        f'input="{escape_field(early.decode("latin-1"), 60)}"'
-                    )
-                    self._send(Reply(554, "5.5.0", "SMTP synchronization error"))
-                    return False
-                if early == b"":
-                    return False
         if self.ctx.draining:
             self._send(self._shutdown_reply())
             return False
+        # Connect rules come first: a refused client is refused at once, and a client that a
+        # connect rule accepts (a whitelist) never waits for the banner.
         verdict = await self._run_stage(Stage.CONNECT, "")
         if verdict is not None and not self._delay(Stage.CONNECT, verdict):
             self._log_refusal(Stage.CONNECT, "", verdict)
             assert verdict.reply is not None
             self._out.append(verdict.reply.to_bytes())
             return False  # refused before the banner: nothing more is said
+        if not await self._pregreet():
+            return False
+        if self.ctx.draining:
+            self._send(self._shutdown_reply())
+            return False
         self._out.append(self.conn.greeting(self.config.server.hostname))
         return True
+
+    # -- pregreet ----------------------------------------------------------------------------
+    def _pregreet_key(self) -> str:
+        return f"pregreet:{self.ip_text}"
+
+    async def _pregreet(self) -> bool:
+        """``greeting_delay``: waits that long before the banner and refuses a client that
+        talks meanwhile (Postfix postscreen's pregreet test). Skipped for a client that a
+        connect rule accepted and for one that passed within ``pregreet_pass_ttl``. False: the
+        connection is over."""
+        server = self.config.server
+        delay = server.greeting_delay
+        if delay <= 0 or self._connect_accepted:
+            return True
+        if server.pregreet_pass_ttl > 0:
+            try:
+                until = await self.ctx.ports.state.pass_until(self._pregreet_key(), time.time())
+            except StateTempError as exc:  # no pass known: the client waits, as everyone
+                until = None
+                self.ctx.log.main(
+                    f"{self.host_field()} pregreet pass unknown: {escape_field(exc.reason)}"
+                )
+            if until is not None:
+                self.ctx.log.main(
+                    f"{self.host_field()} pregreet skipped: passed before (until "
+                    f"{time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(until))})"
+                )
+                return True
+        with contextlib.suppress(TimeoutError):
+            early = await self.stream.read(delay)
+            if early or self.stream.has_data():
+                self.ctx.log.reject(
+                    f"SMTP protocol synchronization error (input sent without waiting for "
+                    f"greeting): rejected connection from H=[{self.ip_text}]:{self.port} "
+                    f'input="{escape_field(early.decode("latin-1"), 60)}"'
+                )
+                self._send(Reply(554, "5.5.0", "SMTP synchronization error"))
+                return False
+            if early == b"":
+                return False
+        self._waited = True
+        return True
+
+    def _behaved(self) -> bool:
+        """Whether a client that waited for the banner earned a pass: it was answered 2xx/3xx
+        to at least one command besides QUIT, never 5xx (a rule, relay control, a protocol
+        error, a content refusal), and the connection ended by its QUIT or its close between
+        commands, not by us (drop, timeout, too many errors, shutdown)."""
+        return (
+            self._waited
+            and self._served
+            and not self._refused
+            and self._client_ended
+            and self.config.server.pregreet_pass_ttl > 0
+        )
+
+    async def _remember_pass(self) -> None:
+        ttl = self.config.server.pregreet_pass_ttl
+        now = time.time()
+        try:
+            await self.ctx.ports.state.remember_pass(self._pregreet_key(), now + ttl, now)
+        except StateTempError as exc:
+            self.ctx.log.main(
+                f"{self.host_field()} pregreet passed, not remembered: {escape_field(exc.reason)}"
+            )
+            return
+        self.ctx.log.main(f"{self.host_field()} pregreet passed, remembered for {ttl:g}s")
 
     # -- policy ------------------------------------------------------------------------------
     async def _run_stage(self, stage: Stage, subject: str) -> Verdict | None:
@@ -209,6 +279,8 @@ class Session:
             return None
         outcome = await evaluate_stage(stage, rules, self.facts, self.ctx.ports)
         self._log_decisions(outcome, subject)
+        if stage is Stage.CONNECT:
+            self._connect_accepted = outcome.accepted
         target = self._warn_headers if stage in (Stage.CONNECT, Stage.HELO) else self.tx.headers
         for header in outcome.headers:
             if header not in target:
@@ -306,6 +378,10 @@ class Session:
         raise _Closed
 
     def _send(self, reply: Reply) -> None:
+        if reply.code >= 500:
+            self._refused = True
+        elif reply.code < 400 and not self._client_ended:
+            self._served = True
         self._out.append(
             self.conn.send_reply(reply) if self.conn.awaiting_reply else reply.to_bytes()
         )
@@ -351,6 +427,7 @@ class Session:
             case events.Noop():
                 self._send(replies.OK)
             case events.Quit():
+                self._client_ended = True
                 self._send(Reply(221, "2.0.0", f"{self.config.server.hostname} closing connection"))
                 raise _Closed
             case events.Help():
@@ -387,6 +464,7 @@ class Session:
                 self._send(event.reply)
                 raise _Closed
             case events.ConnectionClosed():
+                self._client_ended = self.tx.sender is None  # not in the middle of a transaction
                 if self.tx.sender is not None:
                     self.ctx.log.main(
                         f"unexpected disconnection while reading SMTP command from "
