@@ -9,12 +9,14 @@ The timing checks are behaviour, not performance: "the banner did not come befor
 
 from __future__ import annotations
 
+import contextlib
+import os
 import re
 import socket
 import time
 from typing import Any
 
-from tests.conftest import GatewayProcess, wait_for
+from tests.conftest import GatewayProcess, child_pids, wait_for
 from tests.server.smtpclient import RawClient
 
 DELAY = 1.5
@@ -129,11 +131,43 @@ def test_whitelisted_clients_never_wait(make_gateway: Any) -> None:
     assert polite(gw, "127.0.0.89") >= DELAY - 0.2  # not whitelisted
 
 
+def serving_pid(gw: GatewayProcess, client: RawClient) -> int:
+    """The worker process that holds the server side of ``client``'s connection (from /proc:
+    the kernel's socket table and the workers' descriptors)."""
+    assert gw.proc is not None
+    port = client.sock.getsockname()[1]
+    inodes = set()
+    with open("/proc/net/tcp") as table:
+        next(table)
+        for line in table:
+            fields = line.split()
+            local, remote = fields[1], fields[2]
+            if (
+                int(local.rsplit(":", 1)[1], 16) == gw.port
+                and int(remote.split(":")[1], 16) == port
+            ):
+                inodes.add(f"socket:[{fields[9]}]")
+    for pid in child_pids(gw.proc.pid):
+        for fd in os.listdir(f"/proc/{pid}/fd"):
+            with contextlib.suppress(FileNotFoundError):
+                if os.readlink(f"/proc/{pid}/fd/{fd}") in inodes:
+                    return pid
+    raise AssertionError("no worker holds the connection")
+
+
 def test_the_pass_is_shared_by_every_worker(make_gateway: Any) -> None:
     gw = make_gateway(server={"greeting_delay": DELAY, "workers": 2})
     assert polite(gw, "127.0.0.90") >= DELAY - 0.2
     wait_for(lambda: remembered(gw, "127.0.0.90") == 1)
-    # without a ratelimit rule whichever worker is free takes the client, so these visits land
-    # on either worker: each finds the pass in the one SQLite file
-    for _ in range(6):
-        assert polite(gw, "127.0.0.90") < DELAY / 2
+    # without a ratelimit rule whichever worker is free takes the client: visit until both
+    # workers have served it, each greeting it at once from the pass in the one SQLite file
+    served: set[int] = set()
+    for _ in range(40):
+        waited, client = greeted_after(gw, "127.0.0.90")
+        with client:
+            served.add(serving_pid(gw, client))
+            assert client.command("QUIT")[0] == 221
+        assert waited < DELAY / 2
+        if len(served) == 2:
+            break
+    assert len(served) == 2, served
