@@ -1,8 +1,13 @@
 """``palisade check-host``: what would happen to a client, rule by rule (exim's ``-bh``).
 
-Owns: the simulation and its printout. It runs the configured rules with the real resolver and
-the real state store (so a rate-limit rule counts this simulated connection, as it would count a
-real one), and relay control, in the order a session does; it sends no mail.
+Owns: the printout. The simulation is the server's own conversation
+(:class:`palisade.conversation.Conversation`) driven with the events a client's commands would
+give, with the real resolver and the real state store (so a rate-limit rule counts this
+simulated connection, as it would count a real one), the real scanners when configured, and
+relay control: the rules, the replies and the log lines are the server's. With ``--message`` the
+message file goes through the DATA stage (the header filter, SPF, DKIM, DMARC, the scanners,
+the DATA rules) into a spool in a temporary directory that is thrown away; no mail is sent or
+queued.
 Trust: the arguments are the operator's; addresses are parsed by the SMTP grammar all the same,
 and one that a real client could not send is refused before anything is asked.
 
@@ -17,18 +22,26 @@ from __future__ import annotations
 import argparse
 import asyncio
 import ipaddress
+import ssl
 import sys
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
 
-from palisade.config import ConfigError, load_config
+from palisade.config import Config, ConfigError, load_config
 from palisade.config.policy import Policy, build_policy
-from palisade.policy.engine import Decision, StageOutcome, evaluate_stage
-from palisade.policy.relay import RelayPolicy
-from palisade.policy.rules import Facts, Ports, Stage
+from palisade.conversation import Conversation, Step
+from palisade.obs.log import escape
+from palisade.obs.queueid import QueueIdGenerator
+from palisade.policy.engine import Decision, StageOutcome
+from palisade.policy.relay import RelayPolicy, Route
+from palisade.policy.rules import IPAddress, Ports, Stage
 from palisade.policy.verdict import Action, Verdict
-from palisade.smtp.address import AddressError, parse_path
-from palisade.smtp.replies import Reply
+from palisade.smtp import events
+from palisade.smtp.address import Address, AddressError, parse_path
+from palisade.spool import Spool
 
 EXIT_ACCEPTED = 0
 EXIT_REFUSED = 1
@@ -47,6 +60,13 @@ def add_arguments(subparsers: Any) -> argparse.ArgumentParser:
     )
     parser.add_argument("--rcpt", action="append", default=[], help="a recipient (repeatable)")
     parser.add_argument("--tls", action="store_true", help="as if STARTTLS had been done")
+    parser.add_argument(
+        "--message",
+        type=Path,
+        metavar="FILE",
+        help="a message (RFC 5322, as sent after DATA) to run the DATA stage on; "
+        "needs --from and --rcpt",
+    )
     parser.add_argument("--config", type=Path)
     return parser
 
@@ -59,12 +79,25 @@ def main(args: argparse.Namespace, out: TextIO | None = None) -> int:
         print(f"palisade check-host: not an IP address: {args.ip!r}", file=sys.stderr)
         return EXIT_USAGE
     try:
-        if args.sender is not None:
-            args.sender = _address(args.sender, null=True)
-        args.rcpt = [_address(rcpt, null=False) for rcpt in args.rcpt]
+        sender = _address(args.sender, null=True) if args.sender is not None else None
+        rcpts = [_address(rcpt, null=False) for rcpt in args.rcpt]
     except AddressError as exc:
         print(f"palisade check-host: {exc}", file=sys.stderr)
         return EXIT_USAGE
+    message: bytes | None = None
+    if args.message is not None:
+        if args.sender is None or not rcpts:
+            print("palisade check-host: --message needs --from and --rcpt", file=sys.stderr)
+            return EXIT_USAGE
+        try:
+            message = _message(args.message.read_bytes())
+        except OSError as exc:
+            print(
+                f"palisade check-host: --message {args.message}: cannot read: "
+                f"{exc.strerror or exc}",
+                file=sys.stderr,
+            )
+            return EXIT_USAGE
     try:
         config = load_config(args.config)
         policy = build_policy(config)
@@ -82,16 +115,14 @@ def main(args: argparse.Namespace, out: TextIO | None = None) -> int:
         problem = state_problem(config.paths.state, reason)
         print(f"palisade: {problem}", file=sys.stderr)
         return 1
-    return asyncio.run(
-        _simulate(
-            args, ip, config.server.hostname, policy, relay_policy(config, policy), ports, out
-        )
-    )
+    ctx = _Context(config, policy, relay_policy(config, policy), ports, _PrintedLog(out))
+    client = _Client(str(ip), args.helo, args.sender is not None, sender, rcpts, args.tls, message)
+    return asyncio.run(_simulate(ctx, client, out))
 
 
-def _address(text: str, *, null: bool) -> str:
+def _address(text: str, *, null: bool) -> Address | None:
     """An address as given on the command line (with or without <>), checked as a client's
-    MAIL FROM / RCPT TO would be; "" or "<>" is the null sender where ``null``."""
+    MAIL FROM / RCPT TO would be; "" or "<>" is the null sender (None) where ``null``."""
     option = "--from" if null else "--rcpt"
     path = text if text.startswith("<") else f"<{text}>"
     try:
@@ -100,7 +131,13 @@ def _address(text: str, *, null: bool) -> str:
         raise AddressError(f"{option} {text!r}: bad address: {exc}") from None
     if rest:
         raise AddressError(f"{option} {text!r}: bad address: text after the closing '>'")
-    return "" if address is None else str(address)
+    return address
+
+
+def _message(data: bytes) -> bytes:
+    """A message file as the content of DATA: CRLF line ends, ending with one."""
+    data = data.replace(b"\r\n", b"\n").replace(b"\n", b"\r\n")
+    return data if data.endswith(b"\r\n") or not data else data + b"\r\n"
 
 
 def _error_result(decision: Decision) -> str:
@@ -114,10 +151,6 @@ def _error_result(decision: Decision) -> str:
     if decision.matched and not decision.acted:
         then += " (observe only)"
     return f"ERROR (temporary): {decision.error} -> {then}"
-
-
-def _status(verdict: Verdict) -> int:
-    return EXIT_DEFERRED if verdict.action is Action.DEFER else EXIT_REFUSED
 
 
 def _print_outcome(outcome: StageOutcome, out: TextIO) -> None:
@@ -138,109 +171,195 @@ def _print_outcome(outcome: StageOutcome, out: TextIO) -> None:
         out.write("  (no rules)\n")
 
 
-def _reply(reply: Reply | None, out: TextIO) -> None:
-    if reply is not None:
-        out.write(f"  <<< {reply.to_bytes().decode().rstrip()}\n")
+class _PrintedLog:
+    """The server's log lines, printed where they would be written."""
+
+    def __init__(self, out: TextIO) -> None:
+        self.out = out
+
+    def _write(self, where: str, line: str) -> None:
+        self.out.write(f"  {where}: {escape(line, 2000)}\n")
+
+    def main(self, line: str, **fields: object) -> None:
+        self._write("mainlog", line)
+
+    def reject(self, line: str, **fields: object) -> None:
+        self._write("rejectlog", line)
+
+    def panic(self, line: str, **fields: object) -> None:
+        self._write("paniclog", line)
 
 
-async def _simulate(
-    args: argparse.Namespace,
-    ip: Any,
-    hostname: str,
-    policy: Policy,
-    relay: RelayPolicy,
-    ports: Ports,
-    out: TextIO,
-) -> int:
-    facts = Facts(
-        client_ip=ip,
-        client_port=0,
-        local_domains=relay.local_domains,
-        our_names=frozenset({hostname.lower()}),
-        tls=args.tls,
-    )
-    facts.results["relay_client"] = relay.client_may_relay(ip)
-    out.write(
-        f"Simulated SMTP session from [{ip}]"
-        f"{' (relay_from_hosts)' if facts.results['relay_client'] else ''}\n"
-    )
-    delayed: Verdict | None = None
+def _no_delivery(queue_id: str) -> None:
+    """check-host queues nothing: the spool it writes to is thrown away."""
 
-    async def stage(which: Stage, subject: str) -> Verdict | None:
-        nonlocal delayed
-        if which is not Stage.RCPT:  # the RCPT heading is written before relay control
-            out.write(f"\n{which.value}{' ' + subject if subject else ''}:\n")
-        outcome = await evaluate_stage(which, policy.for_stage(which), facts, ports)
-        _print_outcome(outcome, out)
-        verdict = outcome.verdict
-        if (
-            verdict is not None
-            and policy.delay_reject
-            and which in (Stage.CONNECT, Stage.HELO, Stage.MAIL)
-            and verdict.action is not Action.DROP
-        ):
-            out.write("  (delay_reject: this refusal is given at RCPT)\n")
-            delayed = delayed or verdict
-            return None
-        if verdict is not None:
-            _reply(verdict.reply, out)
-            if verdict.closes or which is Stage.CONNECT:
-                out.write("  connection closed\n")
-        return verdict
 
-    verdict = await stage(Stage.CONNECT, "")
-    if verdict is not None:
-        return _status(verdict)
-    out.write(f"  <<< 220 {hostname} ESMTP\n")
-    facts.helo = args.helo
-    if args.helo is not None:
-        verdict = await stage(Stage.HELO, args.helo)
-        if verdict is not None:
-            return _status(verdict)
-        out.write(f"  <<< 250 {hostname}\n")
-    if args.sender is None:
-        return EXIT_ACCEPTED if delayed is None else _status(delayed)
-    facts.sender = args.sender
-    verdict = await stage(Stage.MAIL, f"<{args.sender}>")
-    if verdict is not None:
-        return _status(verdict)
-    out.write("  <<< 250 2.1.0 Ok\n")
-    if not args.rcpt:
-        return EXIT_ACCEPTED if delayed is None else _status(delayed)
-    statuses: list[int] = []
-    for rcpt in args.rcpt:
-        out.write(f"\nrcpt <{rcpt}>:\n")
-        try:
-            address, _ = parse_path(f"<{rcpt}>", allow_null=False, allow_postmaster=True)
-        except AddressError as exc:  # checked in main(): not reached
-            out.write(f"  <<< 501 5.1.3 Bad recipient address syntax ({exc})\n")
-            statuses.append(EXIT_REFUSED)
-            continue
-        assert address is not None
-        decision = relay.decide(address, ip)
+@dataclass
+class _Context:
+    """What the conversation reads of a server, for one simulated client."""
+
+    config: Config
+    policy: Policy
+    relay_policy: RelayPolicy
+    ports: Ports
+    log: _PrintedLog
+    tls_context: ssl.SSLContext | None = None
+    queue_ids: QueueIdGenerator = field(default_factory=QueueIdGenerator)
+    submit: Callable[[str], None] = _no_delivery
+    our_ips: frozenset[IPAddress] = frozenset()
+    draining: bool = False
+    zone_failure_reported: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class _Client:
+    """What the simulated client says."""
+
+    ip: str
+    helo: str | None
+    mail: bool  # --from was given (MAIL is said)
+    sender: Address | None  # None: the null sender
+    recipients: list[Address | None]
+    tls: bool
+    message: bytes | None
+
+
+class _Printer:
+    """The conversation's observer: each stage's rules, relay control, delay_reject."""
+
+    def __init__(self, out: TextIO) -> None:
+        self.out = out
+
+    def stage(self, stage: Stage, subject: str, outcome: StageOutcome) -> None:
+        if stage not in (Stage.RCPT, Stage.DATA):  # their headings come before their replies
+            if stage is Stage.MAIL:
+                subject = f"<{subject}>"
+            self.out.write(f"\n{stage.value}{' ' + subject if subject else ''}:\n")
+        _print_outcome(outcome, self.out)
+
+    def delayed(self, stage: Stage, verdict: Verdict) -> None:
+        self.out.write("  (delay_reject: this refusal is given at RCPT)\n")
+
+    def relay(self, recipient: str, decision: Route | Verdict) -> None:
+        self.out.write(f"\nrcpt <{recipient}>:\n")
         if isinstance(decision, Verdict):
-            out.write(f"  relay control: {decision.log_message}\n")
-            _reply(decision.reply, out)
-            statuses.append(_status(decision))
-            continue
-        out.write(f"  relay control: route {decision.value}\n")
-        if delayed is not None:
-            out.write(f"  delayed refusal: {delayed.log_message}\n")
-            _reply(delayed.reply, out)
-            statuses.append(_status(delayed))
-            continue
-        facts.recipient = rcpt
-        verdict = await stage(Stage.RCPT, f"<{rcpt}>")
-        if verdict is None:
-            out.write("  <<< 250 2.1.5 Ok\n")
-            facts.recipients.append(rcpt)
-            statuses.append(EXIT_ACCEPTED)
+            self.out.write(f"  relay control: {decision.log_message}\n")
         else:
-            statuses.append(_status(verdict))
-            if verdict.closes:
-                break
+            self.out.write(f"  relay control: route {decision.value}\n")
+
+    def delayed_refusal(self, verdict: Verdict) -> None:
+        self.out.write(f"  delayed refusal: {verdict.log_message}\n")
+
+    def added_headers(self, lines: bytes) -> None:
+        for line in lines.decode("utf-8", "replace").splitlines():
+            self.out.write(f"  header added: {line}\n")
+
+
+def _status(code: int) -> int:
+    if code < 400:
+        return EXIT_ACCEPTED
+    return EXIT_DEFERRED if code < 500 else EXIT_REFUSED
+
+
+class _Replies:
+    """Prints what the conversation answers and remembers the last code."""
+
+    def __init__(self, conversation: Conversation, out: TextIO) -> None:
+        self.conversation = conversation
+        self.out = out
+        self.code = 0
+
+    def flush(self) -> int:
+        pending = self.conversation.out
+        for chunk in pending:
+            for line in chunk.decode("utf-8", "replace").splitlines():
+                self.out.write(f"  <<< {line}\n")
+                self.code = int(line[:3])
+        pending.clear()
+        return self.code
+
+
+async def _simulate(ctx: _Context, client: _Client, out: TextIO) -> int:
+    conversation = Conversation(ctx, client.ip, 0, observer=_Printer(out))
+    conversation.facts.tls = client.tls
+    relay_client = conversation.facts.results["relay_client"]
+    out.write(
+        f"Simulated SMTP session from [{client.ip}]"
+        f"{' (relay_from_hosts)' if relay_client else ''}\n"
+    )
+    replies = _Replies(conversation, out)
+    closed = "  connection closed\n"
+    if not await conversation.connect():
+        replies.flush()
+        out.write(closed)
+        return _status(replies.code)
+    conversation.greet()
+    replies.flush()
+
+    def delayed() -> int:
+        """No recipient was asked for: what a refusal kept for RCPT would have made of it."""
+        if conversation.delayed is None:
+            return EXIT_ACCEPTED
+        return EXIT_DEFERRED if conversation.delayed[1].action is Action.DEFER else EXIT_REFUSED
+
+    async def say(event: object) -> tuple[Step, int]:
+        step = await conversation.handle(event)
+        code = replies.flush()
+        if step is Step.CLOSE:
+            out.write(closed)
+        return step, code
+
+    if client.helo is not None:
+        step, code = await say(events.Helo(client.helo, extended=False))
+        if code >= 400:
+            return _status(code)
+    if not client.mail:
+        return delayed()
+    step, code = await say(events.Mail(client.sender))
+    if code >= 400:
+        return _status(code)
+    if not client.recipients:
+        return delayed()
+    statuses: list[int] = []
+    for rcpt in client.recipients:
+        assert rcpt is not None
+        step, code = await say(events.Rcpt(rcpt))
+        statuses.append(_status(code))
+        if step is Step.CLOSE:
+            break
+    if client.message is not None and EXIT_ACCEPTED in statuses:
+        return await _data(conversation, replies, client.message, out)
     # one recipient accepted: the mail gets in; else a deferral means "try again"
     for status in (EXIT_ACCEPTED, EXIT_DEFERRED):
         if status in statuses:
             return status
     return EXIT_REFUSED
+
+
+async def _data(conversation: Conversation, replies: _Replies, message: bytes, out: TextIO) -> int:
+    """DATA, the message, the final dot: into a spool in a temporary directory, thrown away."""
+    out.write(f"\ndata ({len(message)} octets):\n")
+    with tempfile.TemporaryDirectory(prefix="palisade-check-host-") as tmp:
+        spool = Spool(Path(tmp), fsync=False)
+        try:
+            step = await conversation.handle(events.Data())
+            if step is Step.OPEN_SPOOL:
+                envelope = conversation.tx.envelope
+                assert envelope is not None
+                try:
+                    writer = spool.open_message(envelope)
+                except OSError as exc:
+                    conversation.spool_failed(exc)
+                else:
+                    conversation.spool_opened(writer)
+            if replies.flush() != 354:
+                return _status(replies.code)
+            conversation.content(message)
+            await conversation.handle(events.DataEnd(size=len(message)))
+            code = replies.flush()
+        finally:
+            conversation.abort_transaction()
+            spool.close()
+    if code < 400:
+        out.write("  (check-host: nothing was queued; the spool copy is thrown away)\n")
+    return _status(code)

@@ -1,6 +1,8 @@
-"""Builds the rule engine's input from a loaded config: named lists and per-stage rules.
+"""Builds the rule engine's input from a loaded config: named lists, per-stage rules, findings.
 
-Owns: turning ``[lists]`` and ``[[rules.<stage>]]`` into list handles and ``Rule`` objects, so
+Owns: turning ``[lists]`` and ``[[rules.<stage>]]`` into list handles and ``Rule`` objects, and
+``[authentication]`` and the scanner sections into the DATA stage's always-on findings
+(``policy.findings``) and the rules they imply, so
 that every mistake (an unknown check, a bad option, a list that does not exist or does not parse,
 a check used at a stage it cannot serve) is a ConfigError with the file, the rule and its line,
 before the server starts or a reload is accepted.
@@ -15,8 +17,10 @@ from dataclasses import dataclass, field
 from palisade.config.lists import ListHandle, ListRegistry
 from palisade.config.loader import ConfigError, load_config
 from palisade.config.model import Config, RuleSpec
+from palisade.policy import findings
 from palisade.policy.checks import REGISTRY
 from palisade.policy.engine import Rule
+from palisade.policy.findings import Finding
 from palisade.policy.lists import ListKind
 from palisade.policy.rules import OnError, Stage, Verb, default_on_error, uses_dns
 
@@ -28,9 +32,14 @@ class Policy:
     rules: dict[Stage, tuple[Rule, ...]] = field(default_factory=dict)
     lists: ListRegistry = field(default_factory=ListRegistry)
     delay_reject: bool = False
+    # always-on work per stage (authentication, scans), run by the engine before the rules
+    findings: dict[Stage, tuple[Finding, ...]] = field(default_factory=dict)
 
     def for_stage(self, stage: Stage) -> tuple[Rule, ...]:
         return self.rules.get(stage, ())
+
+    def findings_for(self, stage: Stage) -> tuple[Finding, ...]:
+        return self.findings.get(stage, ())
 
 
 def _rule_line(config: Config, spec: RuleSpec) -> int | None:
@@ -122,7 +131,21 @@ def build_policy(config: Config, on_list_error: Callable[[str], None] | None = N
         {stage: tuple(items) for stage, items in rules.items()},
         registry,
         config.policy.delay_reject,
+        _findings(config),
     )
+
+
+def _findings(config: Config) -> dict[Stage, tuple[Finding, ...]]:
+    """The DATA stage's always-on findings: authentication, then the spam and virus scans."""
+    found: list[Finding] = []
+    auth = config.authentication
+    if auth.enabled:
+        found.append(findings.Authentication(spf=auth.spf, dkim=auth.dkim, dmarc=auth.dmarc))
+    if config.spam_scanner is not None:
+        found.append(findings.SpamScan())
+    if config.clamd.address:
+        found.append(findings.VirusScan())
+    return {Stage.DATA: tuple(found)} if found else {}
 
 
 def _virus_rules(config: Config, registry: ListRegistry) -> list[Rule]:

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from string import Template
 from typing import Any
 
+from palisade.policy.findings import Finding
 from palisade.policy.rules import (
     Check,
     CheckError,
@@ -243,10 +244,28 @@ def _failure_text(rule: Rule, verb: Verb, error: str) -> str:
     return f"{verb.value.upper()} - {what} (on_error = {rule.on_error.value}): {error}"
 
 
+async def gather_findings(findings: Sequence[Finding], facts: Facts, ports: Ports) -> None:
+    """Starts a stage's findings together and waits for them all (see ``policy.findings``).
+
+    Errors stay in the memoised futures (the rules that read them see them); nothing is raised.
+    """
+    if findings:
+        await asyncio.gather(
+            *(finding.compute(facts, ports) for finding in findings), return_exceptions=True
+        )
+
+
 async def evaluate_stage(
-    stage: Stage, rules: Sequence[Rule], facts: Facts, ports: Ports
+    stage: Stage,
+    rules: Sequence[Rule],
+    facts: Facts,
+    ports: Ports,
+    findings: Sequence[Finding] = (),
 ) -> StageOutcome:
-    """Runs ``rules`` (already those of ``stage``) in order until one decides."""
+    """Works out the stage's ``findings``, then runs ``rules`` (already those of ``stage``) in
+    order until one decides."""
+    if findings:
+        await gather_findings(findings, facts, ports)
     outcome = StageOutcome(stage)
     if facts.results.get("accept_all"):
         return outcome

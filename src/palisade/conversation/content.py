@@ -1,32 +1,26 @@
-"""What happens between the final dot and the DATA rules: authentication, scans, added headers.
+"""What the conversation adds to a message after the final dot: headers and log fields.
 
-Owns: which DATA-stage findings the session computes for every message whatever the rules say
-(SPF, DKIM and DMARC when ``[authentication]`` is on; a spam score when spamd or rspamd is
-configured; a virus scan when clamd is), started together so their latencies overlap; the
-header lines those findings add to the stored message (Authentication-Results, Received-SPF,
-X-Spam-*); the inbound Authentication-Results headers that must be removed (RFC 8601 section 5:
-those claiming our authserv-id); and the fields the arrival log line gets (``spam=``).
-
-The checks compute and memoise (``policy.rules.memo``), so a rule that asks again gets the same
-answer without a second lookup or scan. Failures are not decided here: a scan that failed is a
-``CheckError`` for the rule that reads it (the scanner sections' ``on_failure``), and only the
-header says ``unchecked``.
+Owns: the header lines the DATA stage's findings add to the stored message
+(Authentication-Results, Received-SPF, X-Spam-*), the inbound headers that must be removed
+because only we may write them (RFC 8601 section 5: Authentication-Results claiming our
+authserv-id; X-Spam-* with a spam scanner on), and the fields the arrival log line gets
+(``spam=``). The findings themselves (SPF, DKIM, DMARC, scans) are computed by the policy engine
+(``policy.findings``) before the DATA rules; this module only renders what they left in the
+per-transaction store, so a failed scan is ``unchecked`` here and a ``CheckError`` for a rule.
 Trust: every value placed into a header came from the network: the builders quote or clean it,
 and the lines are folded below the RFC 5322 limit here.
 """
 
 from __future__ import annotations
 
-import asyncio
-from collections.abc import Awaitable, Callable
-from typing import Any
+from collections.abc import Callable
 
 from palisade.config import Config
 from palisade.policy.checks import authres, content, spf
-from palisade.policy.rules import Facts, Ports, known
+from palisade.policy.rules import Facts, known
 from palisade.ports import SpamReport
 
-__all__ = ["added_headers", "configured", "examine", "forged_header_filter", "log_fields"]
+__all__ = ["added_headers", "forged_header_filter", "log_fields"]
 
 
 def authserv_id(config: Config) -> str:
@@ -58,34 +52,6 @@ def forged_header_filter(config: Config) -> Callable[[str, str], bool] | None:
         )
 
     return forged
-
-
-def configured(config: Config) -> bool:
-    """Authentication or a scanner is on (the DATA stage has work whatever the rules say)."""
-    return (
-        config.authentication.enabled
-        or config.spam_scanner is not None
-        or bool(config.clamd.address)
-    )
-
-
-async def examine(config: Config, facts: Facts, ports: Ports) -> None:
-    """Starts every always-on finding for the message in ``facts.message`` and waits for them.
-
-    Errors are kept in the memoised futures (the rules see them); nothing is raised here.
-    """
-    work: list[Awaitable[Any]] = []
-    auth = config.authentication
-    if auth.enabled:
-        work.append(
-            authres.authenticate(facts, ports, spf=auth.spf, dkim=auth.dkim, dmarc=auth.dmarc)
-        )
-    if ports.spam is not None:
-        work.append(content.spam_report(facts, ports))
-    if ports.virus is not None:
-        work.append(content.virus_report(facts, ports))
-    if work:
-        await asyncio.gather(*work, return_exceptions=True)
 
 
 def _spam_state(facts: Facts) -> tuple[SpamReport | None, bool]:

@@ -1,0 +1,18 @@
+"""The SMTP conversation, without I/O: one object per client that the server's session,
+``check-host`` and the tests all drive.
+
+Owns: stages, ``delay_reject``, the transaction and its facts, replies, log lines, the Received
+header and the headers the DATA stage adds (:mod:`.conversation`, :mod:`.content`). It imports
+neither ``server`` nor ``adapters``: checks reach the world through the policy engine's ports,
+the spool file is opened by the caller and handed in.
+"""
+
+from palisade.conversation.conversation import (
+    Conversation,
+    ConversationContext,
+    Observer,
+    Step,
+    Transaction,
+)
+
+__all__ = ["Conversation", "ConversationContext", "Observer", "Step", "Transaction"]

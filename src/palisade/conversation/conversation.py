@@ -1,0 +1,760 @@
+"""One SMTP conversation, without I/O: events in; replies, log lines and requests out.
+
+Owns: the order of work of a conversation (connect rules, the banner, HELO, MAIL, RCPT, DATA and
+the final dot), ``delay_reject``, the transaction record (:class:`Transaction`), the facts the
+rules read, every literal reply and every log line of a session, the Received header and the
+headers the DATA stage adds. The caller (the server's session, ``check-host``) owns the I/O:
+
+* it hands in SMTP events (:meth:`Conversation.handle`, :meth:`Conversation.content` for DATA
+  content, the hot path) and sends the reply bytes gathered in :attr:`Conversation.out`;
+* it acts on the :class:`Step` :meth:`~Conversation.handle` returns: close the connection, run
+  the TLS handshake, or open a spool file for :attr:`Transaction.envelope` and give the writer
+  back (:meth:`~Conversation.spool_opened`);
+* it keeps the time: a deadline that passed is :meth:`~Conversation.timed_out`, a client that
+  spoke before the banner :meth:`~Conversation.pregreet_spoke`.
+
+Checks run through the policy engine, which sees the outside world only through ports; log lines
+go to the ``EventLog`` the context hands in. Nothing here reads a socket, a clock deadline or a
+file but through those.
+Trust: everything from the client is hostile; client text reaches the logs only through
+``obs.log.escape_field`` (which also escapes brackets, quotes and angle brackets, so the
+``[ip]`` of the ``H=`` field is the only bracketed address a line can show).
+"""
+
+from __future__ import annotations
+
+import enum
+import functools
+import ipaddress
+import ssl
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from palisade.config import Config
+from palisade.config.policy import Policy
+from palisade.conversation import content
+from palisade.obs.log import EventLog, escape, escape_field, rfc5322_date
+from palisade.obs.queueid import QueueIdGenerator
+from palisade.policy.engine import StageOutcome, evaluate_stage
+from palisade.policy.relay import RelayPolicy, Route
+from palisade.policy.rules import Facts, IPAddress, MessageFacts, Ports, Stage
+from palisade.policy.verdict import Action, Verdict
+from palisade.ports import StateTempError
+from palisade.smtp import Features, Limits, Reply, SmtpConnection, events, replies
+from palisade.smtp.headers import HeaderSplitter, MessageIdFinder
+from palisade.spool import Envelope, SpoolWriter
+
+__all__ = [
+    "Conversation",
+    "ConversationContext",
+    "Observer",
+    "Step",
+    "Transaction",
+]
+
+
+class Step(enum.Enum):
+    """What the caller must do after an event was handled."""
+
+    GO_ON = "go on"  # send what is in ``out`` when the client waits for it, read on
+    CLOSE = "close"  # send what is in ``out``, then close the connection
+    START_TLS = "start tls"  # send ``out`` now, then the TLS handshake (tls_started/tls_failed)
+    OPEN_SPOOL = "open spool"  # open a spool file for ``tx.envelope``: spool_opened/spool_failed
+
+
+class ConversationContext(Protocol):
+    """What a conversation reads of its server (or of ``check-host``'s stand-in); read at
+    each use, so a reload's new policy applies from the next command."""
+
+    @property
+    def config(self) -> Config: ...
+    @property
+    def log(self) -> EventLog: ...
+    @property
+    def relay_policy(self) -> RelayPolicy: ...
+    @property
+    def tls_context(self) -> ssl.SSLContext | None: ...
+    @property
+    def queue_ids(self) -> QueueIdGenerator: ...
+    @property
+    def submit(self) -> Callable[[str], None]: ...
+    @property
+    def policy(self) -> Policy: ...
+    @property
+    def ports(self) -> Ports: ...
+    @property
+    def our_ips(self) -> frozenset[IPAddress]: ...
+    @property
+    def draining(self) -> bool: ...
+    @property
+    def zone_failure_reported(self) -> dict[str, float]: ...
+
+
+class Observer(Protocol):
+    """What ``check-host`` is told besides replies and log lines (the server gives none)."""
+
+    def stage(self, stage: Stage, subject: str, outcome: StageOutcome) -> None: ...
+
+    def delayed(self, stage: Stage, verdict: Verdict) -> None: ...
+
+    def relay(self, recipient: str, decision: Route | Verdict) -> None: ...
+
+    def delayed_refusal(self, verdict: Verdict) -> None: ...
+
+    def added_headers(self, lines: bytes) -> None: ...
+
+
+def _header_line(header: str) -> bytes:
+    """``X-Warning: ...`` as one header line; text that came from DNS is made safe first."""
+    if ":" not in header.split(" ", 1)[0]:
+        header = f"X-Warning: {header}"
+    return (escape(header, 900) + "\r\n").encode("utf-8", "replace")
+
+
+@functools.lru_cache(maxsize=4096)
+def _client_address(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
+    """The peer address as an object, parsed once per address seen lately (addresses are
+    immutable; the same clients come back, and listed ones hammer)."""
+    return ipaddress.ip_address(text)
+
+
+@functools.lru_cache(maxsize=16)
+def _our_names(hostname: str) -> frozenset[str]:
+    return frozenset({hostname.lower()})
+
+
+class _Closed(Exception):
+    """The conversation is over (QUIT, drop, too many errors, EOF)."""
+
+
+_DATA_FLAWS = {
+    "bare_lf": "SMTP smuggling attempt: bare LF in message data",
+    "bare_cr": "SMTP smuggling attempt: bare CR in message data",
+    "nul": "SMTP smuggling attempt: NUL in message data",
+    "line_too_long": "message line longer than the RFC 5322 limit",
+    "size": "message too big",
+}
+
+
+@dataclass
+class Transaction:
+    """What one MAIL ... DATA exchange has gathered so far."""
+
+    sender: str | None = None
+    recipients: list[str] = field(default_factory=list)
+    routes: list[Route] = field(default_factory=list)
+    envelope: Envelope | None = None  # made at DATA, for the spool
+    writer: SpoolWriter | None = None
+    queue_id: str | None = None
+    message_id: str | None = None
+    headers: list[str] = field(default_factory=list)  # X-Warning lines of MAIL/RCPT warn rules
+    splitter: HeaderSplitter | None = None  # the header section of the message being received
+    message_ids: MessageIdFinder | None = None  # its Message-ID (every message, examined or not)
+
+
+class Conversation:
+    """One client's conversation from the connect rules to the last reply."""
+
+    def __init__(
+        self,
+        ctx: ConversationContext,
+        ip_text: str,
+        port: int,
+        *,
+        observer: Observer | None = None,
+    ) -> None:
+        self.ctx = ctx
+        self.config = ctx.config
+        self.ip_text = ip_text
+        self.port = port
+        self.ip = _client_address(ip_text)
+        self.observer = observer
+        # The SMTP state machine (``conn``) is built on first use, after the connect rules:
+        # a client refused instead of the banner never needs one.
+        self.helo: str | None = None
+        self.esmtp = False
+        self.tls: str | None = None
+        self.tx = Transaction()
+        self.facts = Facts(
+            client_ip=self.ip,
+            client_port=port,
+            local_domains=ctx.relay_policy.local_domains,
+            our_names=_our_names(self.config.server.hostname),
+            our_ips=ctx.our_ips,
+        )
+        self.facts.results["relay_client"] = ctx.relay_policy.client_may_relay(self.ip)
+        self.delayed: tuple[Stage, Verdict] | None = None  # delay_reject: answered at RCPT
+        self._warn_headers: list[str] = []
+        self.out: list[bytes] = []  # reply bytes not sent yet
+        # pregreet (greeting_delay): whether a connect rule accepted the client, whether this
+        # connection waited and kept quiet, and how it went afterwards (see behaved)
+        self._connect_accepted = False
+        self._waited = False
+        self._served = False  # a command other than QUIT was answered 2xx/3xx
+        self._refused = False  # a command was answered 5xx (rule, relay, protocol, content)
+        self._client_ended = False  # QUIT, or the client closed between commands
+
+    @functools.cached_property
+    def conn(self) -> SmtpConnection:
+        """The SMTP protocol state of this connection (built once, on first use)."""
+        limits = self.config.limits
+        return SmtpConnection(
+            features=Features(
+                hostname=self.config.server.hostname,
+                max_size=limits.max_message_size,
+                starttls=self.ctx.tls_context is not None,
+            ),
+            limits=Limits(
+                max_command_line=limits.max_command_line,
+                max_text_line=limits.max_text_line,
+                max_message_size=limits.max_message_size,
+                max_recipients=limits.max_recipients,
+                max_errors=limits.max_errors,
+            ),
+        )
+
+    # -- state the caller reads --------------------------------------------------------------
+    @property
+    def in_transaction(self) -> bool:
+        """A MAIL was accepted or a message is being received (shutdown waits for it)."""
+        return self.tx.sender is not None or self.tx.writer is not None
+
+    @property
+    def protocol(self) -> str:
+        base = "esmtp" if self.esmtp else "smtp"
+        return base + ("s" if self.tls else "")
+
+    # -- log helpers ------------------------------------------------------------------------
+    def host_field(self) -> str:
+        """exim's ``H=`` field: ``(helo) [ip]:port`` (no PTR lookups in the core)."""
+        helo = f"({escape_field(self.helo, 100)}) " if self.helo else ""
+        return f"H={helo}[{self.ip_text}]:{self.port}"
+
+    def _sender_field(self) -> str:
+        return (
+            f" F=<{escape_field(self.tx.sender or '', 200)}>" if self.tx.sender is not None else ""
+        )
+
+    # -- before the banner ------------------------------------------------------------------
+    async def connect(self) -> bool:
+        """The connect rules; False: refused before the banner (the reply is in ``out``)."""
+        verdict = await self._run_stage(Stage.CONNECT, "")
+        if verdict is not None and not self._delay(Stage.CONNECT, verdict):
+            self._log_refusal(Stage.CONNECT, "", verdict)
+            assert verdict.reply is not None
+            self.out.append(verdict.reply.to_bytes())
+            return False  # refused before the banner: nothing more is said
+        return True
+
+    def _pregreet_key(self) -> str:
+        return f"pregreet:{self.ip_text}"
+
+    async def pregreet_delay(self, now: float) -> float:
+        """``greeting_delay``: how long the caller waits before the banner, refusing a client
+        that talks meanwhile (Postfix postscreen's pregreet test); 0: no wait. None is asked of
+        a client that a connect rule accepted or that passed within ``pregreet_pass_ttl``."""
+        server = self.config.server
+        delay = server.greeting_delay
+        if delay <= 0 or self._connect_accepted:
+            return 0.0
+        if server.pregreet_pass_ttl > 0:
+            try:
+                until = await self.ctx.ports.state.pass_until(self._pregreet_key(), now)
+            except StateTempError as exc:  # no pass known: the client waits, as everyone
+                until = None
+                self.ctx.log.main(
+                    f"{self.host_field()} pregreet pass unknown: {escape_field(exc.reason)}"
+                )
+            if until is not None:
+                self.ctx.log.main(
+                    f"{self.host_field()} pregreet skipped: passed before (until "
+                    f"{time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(until))})"
+                )
+                return 0.0
+        return delay
+
+    def pregreet_spoke(self, early: bytes) -> None:
+        """The client sent ``early`` before the banner: refused (the caller closes)."""
+        self.ctx.log.reject(
+            f"SMTP protocol synchronization error (input sent without waiting for "
+            f"greeting): rejected connection from H=[{self.ip_text}]:{self.port} "
+            f'input="{escape_field(early.decode("latin-1"), 60)}"'
+        )
+        self.send(Reply(554, "5.5.0", "SMTP synchronization error"))
+
+    def pregreet_waited(self) -> None:
+        """The client kept quiet through the whole delay."""
+        self._waited = True
+
+    def greet(self) -> None:
+        self.out.append(self.conn.greeting(self.config.server.hostname))
+
+    def behaved(self) -> bool:
+        """Whether a client that waited for the banner earned a pass: it was answered 2xx/3xx
+        to at least one command besides QUIT, never 5xx (a rule, relay control, a protocol
+        error, a content refusal), and the connection ended by its QUIT or its close between
+        commands, not by us (drop, timeout, too many errors, shutdown)."""
+        return (
+            self._waited
+            and self._served
+            and not self._refused
+            and self._client_ended
+            and self.config.server.pregreet_pass_ttl > 0
+        )
+
+    async def finish(self, now: float) -> None:
+        """After the connection closed: a client that behaved is remembered (pregreet)."""
+        if not self.behaved():
+            return
+        ttl = self.config.server.pregreet_pass_ttl
+        try:
+            await self.ctx.ports.state.remember_pass(self._pregreet_key(), now + ttl, now)
+        except StateTempError as exc:
+            self.ctx.log.main(
+                f"{self.host_field()} pregreet passed, not remembered: {escape_field(exc.reason)}"
+            )
+            return
+        self.ctx.log.main(f"{self.host_field()} pregreet passed, remembered for {ttl:g}s")
+
+    # -- the end, as the caller sees it -------------------------------------------------------
+    def shutdown_reply(self) -> Reply:
+        return Reply(421, "4.3.2", f"{self.config.server.hostname} Service shutting down")
+
+    def shutting_down(self) -> None:
+        """The server is stopping: the client is told to come back."""
+        self.send(self.shutdown_reply())
+
+    def timed_out(self, what: str) -> None:
+        """A deadline passed (``what``: "SMTP command timeout", ...): 421, the caller closes."""
+        self.ctx.log.main(f"{what} on connection from {self.host_field()}{self._sender_field()}")
+        self.send(Reply(421, "4.4.2", f"{self.config.server.hostname} {what} - closing connection"))
+
+    # -- policy ------------------------------------------------------------------------------
+    async def _run_stage(self, stage: Stage, subject: str) -> Verdict | None:
+        """Runs the stage's rules, logs every decision, returns the verdict (None: go on)."""
+        policy = self.ctx.policy
+        rules = policy.for_stage(stage)
+        findings = policy.findings_for(stage) if self.facts.message is not None else ()
+        if not rules and not findings:
+            if self.observer is not None:
+                self.observer.stage(stage, subject, StageOutcome(stage))
+            return None
+        outcome = await evaluate_stage(stage, rules, self.facts, self.ctx.ports, findings)
+        if self.observer is not None:
+            self.observer.stage(stage, subject, outcome)
+        self._log_decisions(outcome, subject)
+        if stage is Stage.CONNECT:
+            self._connect_accepted = outcome.accepted
+        target = self._warn_headers if stage in (Stage.CONNECT, Stage.HELO) else self.tx.headers
+        for header in outcome.headers:
+            if header not in target:
+                target.append(header)
+        return outcome.verdict
+
+    def _delay(self, stage: Stage, verdict: Verdict) -> bool:
+        """delay_reject: keep a connect/HELO/MAIL refusal for the first RCPT (not a drop)."""
+        if not self.ctx.policy.delay_reject or verdict.action is Action.DROP:
+            return False
+        if self.delayed is None:
+            self.delayed = (stage, verdict)
+        if self.observer is not None:
+            self.observer.delayed(stage, verdict)
+        return True
+
+    def _log_decisions(self, outcome: StageOutcome, subject: str) -> None:
+        lines: list[str] = []  # most stages log nothing: the prefix is built only when needed
+        results = self.facts.results
+        for decision in outcome.decisions:
+            if getattr(decision.rule.check, "log_rates", False) and "ratelimit.rate" in results:
+                lines.append(f"rate {results['ratelimit.rate']}")
+            if decision.error is not None:
+                rule = f'{outcome.stage.value} rule "{escape_field(decision.rule.name)}"'
+                if decision.matched:
+                    lines.append(f"{rule}: temporary failure: {escape_field(decision.error)}")
+                else:  # skipped: this line is all that is said about it
+                    lines.append(f"{rule} (temporary failure): {escape_field(decision.log_text)}")
+                if decision.error_zones:
+                    self._report_zones(decision.error_zones)
+            if not decision.matched:
+                continue
+            if not decision.acted:
+                lines.append(escape_field(decision.log_text))
+            elif decision.rule.verb.value == "warn":
+                lines.append(f"Warning: {escape_field(decision.log_text)}")
+        if lines:
+            where = f"{self.host_field()}{self._sender_field()}"
+            for line in lines:
+                self.ctx.log.main(f"{where} {line}")
+
+    def _report_zones(self, zones: Mapping[str, str]) -> None:
+        """A failing DNSBL zone goes to the panic log once per probe interval (5 min when probes
+        are off), so an operator sees a dead or refusing list without a line per client."""
+        interval = self.config.dns.dnsbl_probe_interval or 300.0
+        reported = self.ctx.zone_failure_reported
+        now = time.monotonic()
+        for zone, text in zones.items():
+            last = reported.get(zone)
+            if last is not None and now - last < interval:
+                continue
+            reported[zone] = now
+            self.ctx.log.panic(
+                f"DNSBL zone {escape(zone)} lookup failed: {escape(text, 400)} "
+                f"(said once per {interval:g}s per zone; each failed lookup is in the main log)"
+            )
+
+    def _log_refusal(self, stage: Stage, subject: str, verdict: Verdict) -> None:
+        temporarily = "temporarily " if verdict.action is Action.DEFER else ""
+        if stage is Stage.CONNECT:
+            what = 'connection in "connect" ACL'
+        elif stage is Stage.HELO:
+            what = f"EHLO or HELO {escape_field(subject, 100)}"
+        elif stage is Stage.MAIL:
+            what = f"MAIL <{escape_field(subject, 200)}>"
+        elif stage is Stage.RCPT:
+            what = f"RCPT <{escape_field(subject, 200)}>"
+        else:
+            what = "after DATA"
+        self.ctx.log.reject(
+            f"{self.host_field()}{self._sender_field()} {temporarily}rejected {what}: "
+            f"{escape_field(verdict.log_message, 400)}"
+        )
+
+    # -- replies -----------------------------------------------------------------------------
+    def send(self, reply: Reply) -> None:
+        """Queues ``reply`` in ``out`` (rendered by the SMTP core when it answers a command)."""
+        if reply.code >= 500:
+            self._refused = True
+        elif reply.code < 400 and not self._client_ended:
+            self._served = True
+        self.out.append(
+            self.conn.send_reply(reply) if self.conn.awaiting_reply else reply.to_bytes()
+        )
+
+    # -- events ------------------------------------------------------------------------------
+    def content(self, data: bytes) -> None:
+        """DATA content as it arrives (the hot path: no coroutine, no event object kept)."""
+        tx = self.tx
+        if tx.writer is not None:
+            splitter = tx.splitter
+            tx.writer.write(splitter.feed(data) if splitter else data)
+            finder = tx.message_ids
+            if finder is not None and not finder.done:
+                finder.feed(data)
+
+    async def handle(self, event: object) -> Step:
+        """Answers one SMTP event (not ``DataChunk``: see :meth:`content`)."""
+        try:
+            match event:
+                case events.Helo():
+                    await self._on_helo(event)
+                case events.Mail():
+                    await self._on_mail(event)
+                case events.Rcpt():
+                    await self._on_rcpt(event)
+                case events.Data():
+                    return self._on_data()
+                case events.DataEnd():
+                    await self._on_data_end(event)
+                case events.Rset():
+                    self.abort_transaction()
+                    self.facts.sender, self.facts.recipient, self.facts.recipients = None, None, []
+                    self.facts.tx = {}
+                    self.send(replies.OK)
+                case events.Noop():
+                    self.send(replies.OK)
+                case events.Quit():
+                    self._client_ended = True
+                    self.send(
+                        Reply(221, "2.0.0", f"{self.config.server.hostname} closing connection")
+                    )
+                    return Step.CLOSE
+                case events.Help():
+                    self.send(
+                        Reply(
+                            214,
+                            "2.0.0",
+                            "See RFC 5321; commands: EHLO HELO MAIL RCPT DATA "
+                            "RSET NOOP QUIT HELP VRFY STARTTLS",
+                        )
+                    )
+                case events.Vrfy():
+                    self.send(Reply(252, "2.5.2", "Cannot VRFY user; try RCPT to attempt delivery"))
+                case events.Expn():
+                    self.send(Reply(502, "5.5.1", "EXPN not available"))
+                case events.StartTls():
+                    self.send(Reply(220, "2.0.0", "Ready to start TLS"))
+                    return Step.START_TLS
+                case events.Auth():
+                    # exim's line, which fail2ban's stock exim filter matches; the mechanism is
+                    # escaped (no quote or bracket), so it cannot end the quotes or forge an
+                    # address
+                    mechanism = escape_field(event.argument.split(" ")[0], 20)
+                    self.ctx.log.reject(
+                        f'SMTP protocol error in "AUTH {mechanism}" {self.host_field()} '
+                        "AUTH command used when not advertised"
+                    )
+                    self.send(Reply(503, "5.5.1", "Error: authentication not enabled"))
+                case events.CommandError():
+                    return self._on_command_error(event)
+                case events.TooManyErrors():
+                    self.ctx.log.reject(
+                        f"SMTP call from {self.host_field()} dropped: "
+                        "too many syntax or protocol errors"
+                    )
+                    self.send(event.reply)
+                    return Step.CLOSE
+                case events.ConnectionClosed():
+                    self._client_ended = self.tx.sender is None  # not in the middle of a tx
+                    if self.tx.sender is not None:
+                        self.ctx.log.main(
+                            f"unexpected disconnection while reading SMTP command from "
+                            f"{self.host_field()}{self._sender_field()}"
+                        )
+                    return Step.CLOSE
+                case _:
+                    raise AssertionError(f"unhandled SMTP event {event!r}")
+        except _Closed:
+            return Step.CLOSE
+        return Step.GO_ON
+
+    async def _on_helo(self, event: events.Helo) -> None:
+        self.abort_transaction()
+        self.helo = event.name
+        self.esmtp = event.extended
+        self.facts.helo = event.name
+        verdict = await self._run_stage(Stage.HELO, event.name)
+        if verdict is not None and not self._delay(Stage.HELO, verdict):
+            self._refuse_stage(Stage.HELO, event.name, verdict)
+            return
+        self.send(self.conn.helo_reply(event, self.config.server.hostname))
+
+    async def _on_mail(self, event: events.Mail) -> None:
+        self.tx = Transaction(sender="" if event.address is None else event.address.text)
+        self.facts.sender = self.tx.sender
+        self.facts.recipient = None
+        self.facts.recipients = []
+        self.facts.tx = {}  # SPF, DKIM, DMARC and scan results belong to one transaction
+        self.facts.message = None
+        verdict = await self._run_stage(Stage.MAIL, self.tx.sender or "")
+        if verdict is not None and not self._delay(Stage.MAIL, verdict):
+            self._refuse_stage(Stage.MAIL, self.tx.sender or "", verdict)
+            self.tx = Transaction()
+            return
+        self.send(replies.SENDER_OK)
+
+    async def _on_rcpt(self, event: events.Rcpt) -> None:
+        decision = self.ctx.relay_policy.decide(event.address, self.ip)
+        if self.observer is not None:
+            self.observer.relay(event.address.text, decision)
+        if isinstance(decision, Verdict):
+            self._refuse_stage(Stage.RCPT, event.address.text, decision)
+            return
+        rcpt = event.address.text
+        if event.address.domain == "":  # RCPT TO:<postmaster> (RFC 5321 4.5.1)
+            rcpt = f"postmaster@{self.ctx.relay_policy.postmaster_domain}"
+        if self.delayed is not None:  # a delayed connect/HELO/MAIL refusal answers here
+            if self.observer is not None:
+                self.observer.delayed_refusal(self.delayed[1])
+            self._refuse_stage(Stage.RCPT, rcpt, self.delayed[1])
+            return
+        self.facts.recipient = rcpt
+        verdict = await self._run_stage(Stage.RCPT, rcpt)
+        if verdict is not None:
+            self._refuse_stage(Stage.RCPT, rcpt, verdict)
+            return
+        self.facts.recipients.append(rcpt)
+        self.tx.recipients.append(rcpt)
+        self.tx.routes.append(decision)
+        self.send(replies.RECIPIENT_OK)
+
+    def _refuse_stage(self, stage: Stage, subject: str, verdict: Verdict) -> None:
+        self._log_refusal(stage, subject, verdict)
+        assert verdict.reply is not None
+        self.send(verdict.reply)
+        if verdict.closes:
+            raise _Closed
+
+    def _on_command_error(self, event: events.CommandError) -> Step:
+        if event.kind == "pipelining":
+            self.ctx.log.reject(
+                f"SMTP protocol synchronization error (next input sent too soon: pipelining was "
+                f"not advertised): rejected connection from {self.host_field()}"
+            )
+        else:
+            self.ctx.log.reject(
+                f"SMTP protocol error in {event.kind}: {self.host_field()}{self._sender_field()} "
+                f"{escape_field(event.reason, 200)}"
+            )
+        self.send(event.reply)
+        return Step.GO_ON if self.conn.is_open else Step.CLOSE
+
+    # -- STARTTLS ----------------------------------------------------------------------------
+    def tls_started(self, description: str | None) -> None:
+        """The handshake after STARTTLS finished: the conversation starts over (RFC 3207)."""
+        self.conn.tls_started()
+        self.tls = description
+        self.helo = None
+        self.facts.tls = True
+        self.facts.helo = None
+        self.tx = Transaction()
+
+    # -- DATA ------------------------------------------------------------------------------
+    def _on_data(self) -> Step:
+        tx = self.tx
+        if self.ctx.draining:
+            self.shutting_down()
+            return Step.CLOSE
+        tx.queue_id = self.ctx.queue_ids.new()
+        tx.envelope = Envelope(
+            queue_id=tx.queue_id,
+            sender=tx.sender or "",
+            recipients=tuple(tx.recipients),
+            received_at=time.time(),
+            client_ip=self.ip_text,
+            client_port=self.port,
+            helo=self.helo or "",
+            client_name=None,
+            protocol=self.protocol,
+            tls=self.tls,
+            extra={"outbound": "1"} if Route.OUTBOUND in tx.routes else {},
+        )
+        return Step.OPEN_SPOOL
+
+    def spool_opened(self, writer: SpoolWriter) -> None:
+        """The caller opened a spool file for ``tx.envelope``: the message may come."""
+        tx = self.tx
+        if self._examines_content():
+            tx.splitter = HeaderSplitter(content.forged_header_filter(self.config))
+        tx.message_ids = MessageIdFinder()
+        tx.writer = writer
+        try:
+            writer.write(self._received_header(tx))
+            for header in self._warn_headers + tx.headers:
+                writer.write(_header_line(header))
+        except OSError as exc:
+            self.spool_failed(exc)
+            return
+        self.send(replies.DATA_START)
+
+    def spool_failed(self, exc: OSError) -> None:
+        """No spool file for this message: the client tries later."""
+        self.ctx.log.panic(f"spool write failed: {exc}")
+        self.send(replies.LOCAL_ERROR)
+        self.abort_transaction()
+
+    def _examines_content(self) -> bool:
+        """Whether anything looks at the message: DATA rules or findings (authentication, a
+        scanner). Without them the content goes to the spool untouched, with no parsing."""
+        policy = self.ctx.policy
+        return bool(policy.for_stage(Stage.DATA)) or bool(policy.findings_for(Stage.DATA))
+
+    def _received_header(self, tx: Transaction) -> bytes:
+        helo = escape(self.helo or "unknown", 100).replace("(", "").replace(")", "")
+        tls = f" ({self.tls})" if self.tls else ""
+        rcpt = f"\r\n\tfor <{escape(tx.recipients[0], 200)}>" if len(tx.recipients) == 1 else ""
+        return (
+            f"Received: from {helo} ([{self.ip_text}])\r\n"
+            f"\tby {self.config.server.hostname} (Palisade) with {self.protocol.upper()}{tls}\r\n"
+            f"\tid {tx.queue_id}{rcpt};\r\n"
+            f"\t{rfc5322_date()}\r\n"
+        ).encode("utf-8", "replace")
+
+    async def _on_data_end(self, event: events.DataEnd) -> None:
+        tx = self.tx
+        writer, tx.writer = tx.writer, None
+        if event.flaw is not None or writer is None:
+            if writer is not None:
+                writer.abort()
+            self._log_data_refusal(event)
+            self.send(event.suggested_reply)
+            self.tx = Transaction()
+            return
+        splitter = tx.splitter
+        if splitter is not None:
+            try:
+                writer.write(splitter.finish())
+                fields = tuple(splitter.fields)
+                self.facts.message = MessageFacts(fields, writer.received(), writer.size)
+            except OSError as exc:
+                self._spool_failed(writer, "write", exc)
+                return
+            if splitter.dropped:
+                names = ", ".join(sorted({escape_field(name, 40) for name, _ in splitter.dropped}))
+                self.ctx.log.main(
+                    f"{tx.queue_id} {self.host_field()} removed {len(splitter.dropped)} inbound "
+                    f"verdict header(s) that only we may write: {names}"
+                )
+        tx.headers.clear()  # MAIL/RCPT warn headers are written already; DATA ones come now
+        verdict = await self._run_stage(Stage.DATA, "")
+        if verdict is not None:
+            writer.abort()  # refused after the final dot: nothing of it is kept
+            self._log_refusal(Stage.DATA, "", verdict)
+            assert verdict.reply is not None
+            self.send(verdict.reply)
+            self.tx = Transaction()
+            if verdict.closes:
+                raise _Closed
+            return
+        added = content.added_headers(self.config, self.facts)
+        added += b"".join(_header_line(h) for h in tx.headers)
+        if added:
+            writer.prepend(added)
+            if self.observer is not None:
+                self.observer.added_headers(added)
+        if tx.message_ids is not None:
+            tx.message_id = writer.message_id = tx.message_ids.finish()
+        try:
+            await writer.commit()
+        except OSError as exc:
+            self._spool_failed(writer, "commit", exc)
+            return
+        assert tx.queue_id is not None
+        self._log_arrival(tx, event.size)
+        self.ctx.submit(tx.queue_id)
+        self.send(Reply(250, "2.0.0", f"Ok: queued as {tx.queue_id}"))
+        self.tx = Transaction()
+
+    def _spool_failed(self, writer: SpoolWriter, step: str, exc: OSError) -> None:
+        """The spool could not keep the message: nothing of it stays, the client tries later."""
+        writer.abort()
+        self.ctx.log.panic(f"{self.tx.queue_id} spool {step} failed: {exc}")
+        self.send(replies.LOCAL_ERROR)
+        self.tx = Transaction()
+
+    def _log_data_refusal(self, event: events.DataEnd) -> None:
+        what = _DATA_FLAWS.get(event.flaw or "", event.flaw_reason)
+        rcpts = ",".join(f"<{escape_field(r, 200)}>" for r in self.tx.recipients)
+        self.ctx.log.reject(
+            f"{self.host_field()}{self._sender_field()} T={rcpts} rejected after DATA: {what}"
+        )
+
+    def _log_arrival(self, tx: Transaction, size: int) -> None:
+        parts = [
+            f"{tx.queue_id} <= {escape_field(tx.sender, 200) if tx.sender else '<>'}",
+            self.host_field(),
+            f"P={self.protocol}",
+        ]
+        if self.tls:
+            parts.append(f"X={self.tls}")
+        parts.append(f"S={size}")
+        parts.extend(content.log_fields(self.config, self.facts))
+        if tx.message_id is not None:
+            # exim's id=: the Message-ID without its angle brackets; a space would let the client
+            # write what looks like another field (" H=[...]"), so it is escaped too
+            msgid = escape_field(tx.message_id.removeprefix("<").removesuffix(">"))
+            parts.append(f"id={msgid.replace(' ', chr(92) + 'x20')}")
+        parts.append("T=" + ",".join(f"<{escape_field(r, 200)}>" for r in tx.recipients))
+        self.ctx.log.main(
+            " ".join(parts),
+            queue_id=tx.queue_id,
+            client_ip=self.ip_text,
+            message_id=tx.message_id,
+        )
+
+    def abort_transaction(self) -> None:
+        """Forgets the transaction; a message being received is thrown away."""
+        if self.tx.writer is not None:
+            self.tx.writer.abort()
+        self.tx = Transaction()
