@@ -6,6 +6,7 @@ Real parts: ``python -m palisade check-host`` in a subprocess, the DNS server on
 
 from __future__ import annotations
 
+import itertools
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -116,8 +117,10 @@ def test_a_signed_message_passes_and_shows_the_headers_the_server_would_add(
     out = result.stdout
     assert result.returncode == 0, out + result.stderr
     assert "\ndata (" in out and "1. deny if dmarc: dmarc reject" in out
-    added = [line for line in out.splitlines() if line.startswith("  header added: ")]
-    assert added[0].startswith("  header added: Authentication-Results: mx.example.test;")
+    lines = out.splitlines()
+    start = lines.index("  headers added:") + 1
+    added = list(itertools.takewhile(lambda line: line.startswith("    "), lines[start:]))
+    assert added[0].startswith("    Authentication-Results: mx.example.test;")
     text = "\n".join(added)
     assert "spf=pass" in text and "dkim=pass" in text and "dmarc=pass" in text
     assert "Received-SPF: pass" in text

@@ -35,6 +35,7 @@ from palisade.config.policy import Policy, build_policy
 from palisade.conversation import Conversation, Step
 from palisade.obs.log import escape
 from palisade.obs.queueid import QueueIdGenerator
+from palisade.policy import keys
 from palisade.policy.engine import Decision, StageOutcome
 from palisade.policy.relay import RelayPolicy, Route
 from palisade.policy.rules import IPAddress, Ports, Stage
@@ -251,8 +252,10 @@ class _Printer:
         self.out.write(f"  delayed refusal: {verdict.log_message}\n")
 
     def added_headers(self, lines: bytes) -> None:
+        self.out.write("  headers added:\n")
         for line in lines.decode("utf-8", "replace").splitlines():
-            self.out.write(f"  header added: {line}\n")
+            folded = line[:1] in (" ", "\t")
+            self.out.write(f"{'        ' if folded else '    '}{escape(line.lstrip(), 2000)}\n")
 
 
 def _status(code: int) -> int:
@@ -282,7 +285,7 @@ class _Replies:
 async def _simulate(ctx: _Context, client: _Client, out: TextIO) -> int:
     conversation = Conversation(ctx, client.ip, 0, observer=_Printer(out))
     conversation.facts.tls = client.tls
-    relay_client = conversation.facts.results["relay_client"]
+    relay_client = conversation.facts.results[keys.RELAY_CLIENT]
     out.write(
         f"Simulated SMTP session from [{client.ip}]"
         f"{' (relay_from_hosts)' if relay_client else ''}\n"

@@ -56,7 +56,7 @@ def forged_header_filter(config: Config) -> Callable[[str, str], bool] | None:
 
 def _spam_state(facts: Facts) -> tuple[SpamReport | None, bool]:
     """(the SpamReport or None, whether the scan failed); (None, False) when not scanned."""
-    future = facts.tx.get("spam")
+    future = facts.tx.get(content.SPAM)
     if future is None or not future.done():
         return None, False
     if future.cancelled() or future.exception() is not None:
@@ -93,7 +93,7 @@ def added_headers(config: Config, facts: Facts) -> bytes:
         if header:
             lines.append(header)
         if auth.spf and auth.received_spf:
-            outcome = known(facts, "spf")
+            outcome = known(facts, spf.SPF)
             if outcome is not None:
                 lines.append(spf.received_spf_header(outcome, config.server.hostname))
     scanner = config.spam_scanner

@@ -37,9 +37,10 @@ from palisade.config.policy import Policy
 from palisade.conversation import content
 from palisade.obs.log import EventLog, escape, escape_field, rfc5322_date
 from palisade.obs.queueid import QueueIdGenerator
+from palisade.policy import keys
 from palisade.policy.engine import StageOutcome, evaluate_stage
 from palisade.policy.relay import RelayPolicy, Route
-from palisade.policy.rules import Facts, IPAddress, MessageFacts, Ports, Stage
+from palisade.policy.rules import Facts, Findings, IPAddress, MessageFacts, Ports, Stage
 from palisade.policy.verdict import Action, Verdict
 from palisade.ports import StateTempError
 from palisade.smtp import Features, Limits, Reply, SmtpConnection, events, replies
@@ -184,7 +185,7 @@ class Conversation:
             our_names=_our_names(self.config.server.hostname),
             our_ips=ctx.our_ips,
         )
-        self.facts.results["relay_client"] = ctx.relay_policy.client_may_relay(self.ip)
+        self.facts.results[keys.RELAY_CLIENT] = ctx.relay_policy.client_may_relay(self.ip)
         self.delayed: tuple[Stage, Verdict] | None = None  # delay_reject: answered at RCPT
         self._warn_headers: list[str] = []
         self.out: list[bytes] = []  # reply bytes not sent yet
@@ -367,8 +368,8 @@ class Conversation:
         lines: list[str] = []  # most stages log nothing: the prefix is built only when needed
         results = self.facts.results
         for decision in outcome.decisions:
-            if getattr(decision.rule.check, "log_rates", False) and "ratelimit.rate" in results:
-                lines.append(f"rate {results['ratelimit.rate']}")
+            if getattr(decision.rule.check, "log_rates", False) and keys.RATELIMIT_RATE in results:
+                lines.append(f"rate {results[keys.RATELIMIT_RATE]}")
             if decision.error is not None:
                 rule = f'{outcome.stage.value} rule "{escape_field(decision.rule.name)}"'
                 if decision.matched:
@@ -460,7 +461,7 @@ class Conversation:
                 case events.Rset():
                     self.abort_transaction()
                     self.facts.sender, self.facts.recipient, self.facts.recipients = None, None, []
-                    self.facts.tx = {}
+                    self.facts.tx = Findings()
                     self.send(replies.OK)
                 case events.Noop():
                     self.send(replies.OK)
@@ -535,7 +536,7 @@ class Conversation:
         self.facts.sender = self.tx.sender
         self.facts.recipient = None
         self.facts.recipients = []
-        self.facts.tx = {}  # SPF, DKIM, DMARC and scan results belong to one transaction
+        self.facts.tx = Findings()  # SPF, DKIM, DMARC and scan results belong to one transaction
         self.facts.message = None
         verdict = await self._run_stage(Stage.MAIL, self.tx.sender or "")
         if verdict is not None and not self._delay(Stage.MAIL, verdict):

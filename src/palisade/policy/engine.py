@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from string import Template
 from typing import Any
 
+from palisade.policy import keys
 from palisade.policy.findings import Finding
 from palisade.policy.rules import (
     Check,
@@ -267,7 +268,7 @@ async def evaluate_stage(
     if findings:
         await gather_findings(findings, facts, ports)
     outcome = StageOutcome(stage)
-    if facts.results.get("accept_all"):
+    if facts.results.get(keys.ACCEPT_ALL):
         return outcome
     for rule in rules:
         if rule.recipient_domains and not rule.applies_to(facts):
@@ -345,7 +346,7 @@ async def evaluate_stage(
             continue
         if verb in (Verb.ACCEPT, Verb.ACCEPT_ALL):
             if verb is Verb.ACCEPT_ALL:
-                facts.results["accept_all"] = True
+                facts.results[keys.ACCEPT_ALL] = True
             outcome.accepted = True
             return outcome
         if error is not None and verb is Verb.DEFER and rule.on_error is OnError.DEFER:

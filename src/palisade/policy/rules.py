@@ -17,7 +17,7 @@ import functools
 import ipaddress
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Protocol, TypeVar
+from typing import Any, ClassVar, Generic, Protocol, TypeVar, cast
 
 from palisade.ports import (
     Clock,
@@ -60,6 +60,69 @@ class OnError(enum.Enum):
     SKIP = "skip"  # log it and go on to the next rule (documented fail-open; dnsbl/dbl default)
 
 
+class Key(str, Generic[T]):
+    """A typed key of :class:`Results` or :class:`Findings`: a ``str`` (it prints, compares and
+    hashes as its name, ``"rdns.names"``) whose type parameter says what it holds. Declare one
+    with its type: ``RDNS_NAMES: Key[tuple[str, ...]] = Key("rdns.names")``."""
+
+    __slots__ = ()
+
+
+class Results:
+    """What checks learnt about the connection (Haraka's results store), by typed key, so a
+    later check (and check-host) can read it without a second lookup. The connection-wide keys
+    are in :mod:`palisade.policy.keys`."""
+
+    __slots__ = ("_values",)
+
+    def __init__(self) -> None:
+        self._values: dict[str, object] = {}
+
+    def __getitem__(self, key: Key[T]) -> T:
+        return cast(T, self._values[key])
+
+    def __setitem__(self, key: Key[T], value: T) -> None:
+        self._values[key] = value
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._values
+
+    def get(self, key: Key[T]) -> T | None:
+        return cast("T | None", self._values.get(key))
+
+    def setdefault(self, key: Key[T], default: T) -> T:
+        return cast(T, self._values.setdefault(key, default))
+
+    def __repr__(self) -> str:
+        return repr(self._values)
+
+
+class Findings:
+    """The per-transaction findings (SPF, DKIM, DMARC, iprev, scans): one future per typed key,
+    filled by :func:`memo`; emptied (replaced) at every MAIL. Each key is declared beside the
+    finding it holds (``checks.spf.SPF``, ``checks.content.SPAM``, ...)."""
+
+    __slots__ = ("_futures",)
+
+    def __init__(self) -> None:
+        self._futures: dict[str, asyncio.Future[Any]] = {}
+
+    def __getitem__(self, key: Key[T]) -> asyncio.Future[T]:
+        return self._futures[key]
+
+    def __setitem__(self, key: Key[T], future: asyncio.Future[T]) -> None:
+        self._futures[key] = future
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._futures
+
+    def get(self, key: Key[T]) -> asyncio.Future[T] | None:
+        return self._futures.get(key)
+
+    def __repr__(self) -> str:
+        return repr(self._futures)
+
+
 @dataclass(frozen=True)
 class MessageFacts:
     """The message of a transaction after the final dot, for DATA-stage checks.
@@ -93,11 +156,10 @@ class Facts:
     sender: str | None = None  # "" is the null sender
     recipient: str | None = None  # the RCPT being checked
     recipients: list[str] = field(default_factory=list)
-    # Haraka's results store: checks may note what they learnt (e.g. "rdns.names") so that
-    # later checks (and check-host) can read it without a second lookup.
-    results: dict[str, Any] = field(default_factory=dict)
+    # what checks learnt about the connection (typed keys: ``policy.keys``)
+    results: Results = field(default_factory=Results)
     # Per-transaction findings (SPF, DKIM, DMARC, scans), emptied at every MAIL; see ``memo``.
-    tx: dict[str, Any] = field(default_factory=dict)
+    tx: Findings = field(default_factory=Findings)
     message: MessageFacts | None = None  # set after the final dot of DATA
 
     @functools.cached_property
@@ -130,7 +192,7 @@ class Ports:
     virus: VirusScanner | None = None  # clamd; None: not configured
 
 
-async def memo(facts: Facts, key: str, compute: Callable[[], Awaitable[T]]) -> T:
+async def memo(facts: Facts, key: Key[T], compute: Callable[[], Awaitable[T]]) -> T:
     """Computes a per-transaction finding once, however many rules (or the session) ask.
 
     The first caller starts ``compute``; later callers, even concurrent ones, await the same
@@ -144,7 +206,7 @@ async def memo(facts: Facts, key: str, compute: Callable[[], Awaitable[T]]) -> T
     return await asyncio.shield(future)
 
 
-def known(facts: Facts, key: str) -> Any:
+def known(facts: Facts, key: Key[T]) -> T | None:
     """The finding stored under ``key`` if it was computed successfully, else None."""
     future = facts.tx.get(key)
     if future is None or not future.done() or future.cancelled() or future.exception():

@@ -33,11 +33,12 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-from palisade.policy.checks.dkim import DkimOutcome, dkim_outcome
-from palisade.policy.checks.dmarc import DmarcOutcome, dmarc_outcome
+from palisade.policy import keys
+from palisade.policy.checks.dkim import DKIM, DkimOutcome, dkim_outcome
+from palisade.policy.checks.dmarc import DMARC, DmarcOutcome, dmarc_outcome
 from palisade.policy.checks.dnsnames import IPAddress, normalise_name, safe_text, unmapped
-from palisade.policy.checks.spf import spf_outcome
-from palisade.policy.rules import Facts, Ports, memo
+from palisade.policy.checks.spf import SPF, spf_outcome
+from palisade.policy.rules import Facts, Key, Ports, T, memo
 from palisade.ports import DnsAnswer, DnsTempError
 
 MAX_NAMES = 10  # PTR names forward-checked at most (as the rdns check)
@@ -64,26 +65,29 @@ class IprevOutcome:
     reason: str = ""
 
 
+IPREV: Key[IprevOutcome] = Key("iprev")  # the per-transaction finding
+
+
 async def iprev_outcome(facts: Facts, ports: Ports) -> IprevOutcome:
     """The iprev finding, memoised under ``facts.tx["iprev"]``; reuses (and fills in) the
     connection-wide ``rdns.names`` / ``rdns.verified_names`` of the ``rdns`` check."""
-    return await memo(facts, "iprev", lambda: _iprev(facts, ports))
+    return await memo(facts, IPREV, lambda: _iprev(facts, ports))
 
 
 async def _iprev(facts: Facts, ports: Ports) -> IprevOutcome:
     ip = unmapped(facts.client_ip)
     text = str(ip)
-    names = facts.results.get("rdns.names")
+    names = facts.results.get(keys.RDNS_NAMES)
     if not isinstance(names, tuple):
         try:
             answer = await ports.resolver.ptr(text)
         except DnsTempError as exc:
             return IprevOutcome("temperror", text, reason=safe_text(exc.reason, 100))
         names = tuple(dict.fromkeys(normalise_name(n) for n in answer.records if n.strip(".")))
-        facts.results["rdns.names"] = names
+        facts.results[keys.RDNS_NAMES] = names
     if not names:
         return IprevOutcome("permerror", text, reason="no PTR record")
-    verified = facts.results.get("rdns.verified_names")
+    verified = facts.results.get(keys.RDNS_VERIFIED_NAMES)
     if isinstance(verified, tuple):
         if verified:
             return IprevOutcome("pass", text, verified)
@@ -101,8 +105,8 @@ async def _iprev(facts: Facts, ports: Ports) -> IprevOutcome:
         else:
             failed = True
     if found or not failed:
-        facts.results["rdns.verified"] = bool(found)
-        facts.results["rdns.verified_names"] = tuple(found)
+        facts.results[keys.RDNS_VERIFIED] = bool(found)
+        facts.results[keys.RDNS_VERIFIED_NAMES] = tuple(found)
     if found:
         return IprevOutcome("pass", text, tuple(found))
     if failed:
@@ -155,7 +159,7 @@ async def authenticate(
 # --------------------------------------------------------------------------------------------
 
 
-def _state(facts: Facts, key: str) -> tuple[Any, bool]:
+def _state(facts: Facts, key: Key[T]) -> tuple[T | None, bool]:
     """(the finding or None, whether its computation failed); (None, False) if not started."""
     future = facts.tx.get(key)
     if future is None or not future.done():
@@ -169,22 +173,26 @@ def authentication_results(authserv_id: str, facts: Facts) -> str | None:
     """``Authentication-Results: <authserv-id>; <resinfo>; ...`` as one line (no CRLF), or None
     when no method was computed."""
     parts: list[str] = []
-    spf, spf_failed = _state(facts, "spf")
+    spf_state = _state(facts, SPF)
+    spf, spf_failed = spf_state
     if spf is not None:
         parts.append(_spf_part(spf, facts))
     elif spf_failed:
         parts.append("spf=temperror")
-    dkim, dkim_failed = _state(facts, "dkim")
+    dkim_state = _state(facts, DKIM)
+    dkim, dkim_failed = dkim_state
     if isinstance(dkim, DkimOutcome):
         parts.extend(_dkim_parts(dkim))
     elif dkim_failed:
         parts.append("dkim=temperror")
-    dmarc, dmarc_failed = _state(facts, "dmarc")
+    dmarc_state = _state(facts, DMARC)
+    dmarc, dmarc_failed = dmarc_state
     if isinstance(dmarc, DmarcOutcome):
         parts.append(_dmarc_part(dmarc))
     elif dmarc_failed:
         parts.append("dmarc=temperror")
-    iprev, iprev_failed = _state(facts, "iprev")
+    iprev_state = _state(facts, IPREV)
+    iprev, iprev_failed = iprev_state
     if isinstance(iprev, IprevOutcome):
         parts.append(_iprev_part(iprev))
     elif iprev_failed:
@@ -254,8 +262,8 @@ def _iprev_part(iprev: IprevOutcome) -> str:
 def _iprev_from_rdns(facts: Facts) -> IprevOutcome | None:
     """What the ``rdns`` check learnt, when iprev itself was not computed."""
     ip = str(unmapped(facts.client_ip))
-    names = facts.results.get("rdns.names")
-    verified = facts.results.get("rdns.verified_names")
+    names = facts.results.get(keys.RDNS_NAMES)
+    verified = facts.results.get(keys.RDNS_VERIFIED_NAMES)
     if names == ():
         return IprevOutcome("permerror", ip)
     if isinstance(verified, tuple):

@@ -51,6 +51,7 @@ from palisade.policy.rules import (
     CheckFactory,
     CheckResult,
     Facts,
+    Key,
     ListLookup,
     Ports,
     Stage,
@@ -70,6 +71,8 @@ __all__ = [
     "virus_report",
 ]
 
+SPAM: Key[SpamReport | None] = Key("spam")  # the spam scanner's report (None: not scanned)
+VIRUS: Key[VirusReport | None] = Key("virus")  # clamd's report (None: not scanned)
 _RULE_NAME = re.compile(r"[A-Za-z0-9_.:-]{1,100}")
 _FOLD_AT = 76  # SpamAssassin folds its X-Spam-Status near here
 
@@ -83,7 +86,9 @@ class _Scanner(Protocol[_Report]):
     async def scan(self, message: MessageSource) -> _Report: ...
 
 
-async def _report_once(facts: Facts, scanner: _Scanner[_Report] | None, key: str) -> _Report | None:
+async def _report_once(
+    facts: Facts, scanner: _Scanner[_Report] | None, key: Key[_Report | None]
+) -> _Report | None:
     """The scanner's report on the message, memoised under ``facts.tx[key]``; None when there is
     no scanner or no message yet, or the message is over the scanner's ``max_size``."""
     message = facts.message
@@ -104,7 +109,7 @@ async def spam_report(facts: Facts, ports: Ports) -> SpamReport | None:
 
     Raises ``CheckError`` when the scanner failed (now or for an earlier caller).
     """
-    return await _report_once(facts, ports.spam, "spam")
+    return await _report_once(facts, ports.spam, SPAM)
 
 
 async def virus_report(facts: Facts, ports: Ports) -> VirusReport | None:
@@ -112,7 +117,7 @@ async def virus_report(facts: Facts, ports: Ports) -> VirusReport | None:
 
     Raises ``CheckError`` when the scanner failed (now or for an earlier caller).
     """
-    return await _report_once(facts, ports.virus, "virus")
+    return await _report_once(facts, ports.virus, VIRUS)
 
 
 def format_score(score: float) -> str:

@@ -27,6 +27,7 @@ import ipaddress
 from collections.abc import Mapping
 from typing import Any, ClassVar
 
+from palisade.policy import keys
 from palisade.policy.checks.dnsbl import (
     Zone,
     describe,
@@ -100,11 +101,11 @@ class DblCheck:
         outcomes = await asyncio.gather(*(lookup(ports, n, self.zone) for n in names))
         problems = trouble(outcomes)
         if problems:
-            errors = facts.results.setdefault("dbl.errors", [])
+            errors = facts.results.setdefault(keys.DBL_ERRORS, [])
             if isinstance(errors, list):
                 errors.extend(problems)
         listed = [(n, o) for n, o in zip(names, outcomes, strict=True) if o.listed]
-        facts.results["dbl.listed"] = [n for n, _ in listed]
+        facts.results[keys.DBL_LISTED] = [n for n, _ in listed]
         if listed:
             domain, outcome = listed[0]
             text = f"{domain} is listed at {describe(outcome)}"

@@ -57,6 +57,7 @@ from palisade.policy.rules import (
     CheckFactory,
     CheckResult,
     Facts,
+    Key,
     ListLookup,
     Ports,
     Stage,
@@ -112,6 +113,9 @@ class DkimOutcome:
         return tuple(s.domain for s in self.signatures if s.result == "pass")
 
 
+DKIM: Key[DkimOutcome] = Key("dkim")  # the per-transaction finding
+
+
 @dataclass
 class _Parsed:
     """What the first worker-thread step learnt: dkimpy's verifier and each signature."""
@@ -128,7 +132,7 @@ async def dkim_outcome(facts: Facts, ports: Ports) -> DkimOutcome:
     """
     if facts.message is None:
         return DkimOutcome()
-    return await memo(facts, "dkim", lambda: _compute(facts, ports))
+    return await memo(facts, DKIM, lambda: _compute(facts, ports))
 
 
 async def _compute(facts: Facts, ports: Ports) -> DkimOutcome:

@@ -66,6 +66,7 @@ from palisade.policy.rules import (
     CheckFactory,
     CheckResult,
     Facts,
+    Key,
     ListLookup,
     Ports,
     Stage,
@@ -98,6 +99,9 @@ class DmarcOutcome:
     spf_aligned: bool = False
     dkim_aligned: bool = False
     reason: str = ""
+
+
+DMARC: Key[DmarcOutcome] = Key("dmarc")  # the per-transaction finding
 
 
 class SpfLike(Protocol):
@@ -214,7 +218,7 @@ async def dmarc_outcome(
     """
     if facts.message is None:
         return DmarcOutcome("none", reason="no message yet")
-    return await memo(facts, "dmarc", lambda: _compute(facts, ports, rng))
+    return await memo(facts, DMARC, lambda: _compute(facts, ports, rng))
 
 
 async def _compute(facts: Facts, ports: Ports, rng: random.Random | None) -> DmarcOutcome:

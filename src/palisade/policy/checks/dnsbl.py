@@ -42,6 +42,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
+from palisade.policy import keys
 from palisade.policy.checks.dnsnames import (
     header_text,
     is_hostname,
@@ -340,10 +341,10 @@ class DnsblCheck:
         listing = [o for o in outcomes if o.listed]
         problems = trouble(outcomes)
         if problems:
-            errors = facts.results.setdefault("dnsbl.errors", [])
+            errors = facts.results.setdefault(keys.DNSBL_ERRORS, [])
             if isinstance(errors, list):
                 errors.extend(problems)
-        facts.results["dnsbl.listed"] = [o.zone.shown for o in listing]
+        facts.results[keys.DNSBL_LISTED] = [o.zone.shown for o in listing]
         score = sum(o.zone.weight for o in listing)
         if listing and score >= self.threshold:
             first = listing[0]

@@ -12,7 +12,7 @@ integer of at least 1.
 
 Values for the rule's texts: ``$count``, ``$first_seen``, ``$last_seen`` (local time,
 ``YYYY-MM-DD HH:MM:SS`` as exim stamps its logs), ``$threshold``; also set when the check does not
-match but a record exists (check-host shows them). ``facts.results["history.count"]`` holds the
+match but a record exists (check-host shows them). ``facts.results[keys.HISTORY_COUNT]`` holds the
 count (0 without a record). Suggested rule::
 
     [[rules.connect]]
@@ -32,6 +32,7 @@ import time
 from collections.abc import Mapping
 from typing import Any, ClassVar
 
+from palisade.policy import keys
 from palisade.policy.checks.options import Options
 from palisade.policy.rules import (
     NO_MATCH,
@@ -64,9 +65,9 @@ class HistoryCheck:
     async def evaluate(self, facts: Facts, ports: Ports) -> CheckResult:
         incident = await ports.state.get_incident(str(facts.client_ip))
         if incident is None:
-            facts.results["history.count"] = 0
+            facts.results[keys.HISTORY_COUNT] = 0
             return NO_MATCH
-        facts.results["history.count"] = incident.count
+        facts.results[keys.HISTORY_COUNT] = incident.count
         values = {
             "count": str(incident.count),
             "first_seen": stamp(incident.first_seen),

@@ -44,6 +44,7 @@ import re
 from collections.abc import Mapping
 from typing import Any, ClassVar
 
+from palisade.policy import keys
 from palisade.policy.checks.options import Options
 from palisade.policy.rules import (
     Check,
@@ -146,8 +147,8 @@ class RateLimitCheck:
         )
         window = self._window_text
         rate = f"{count}/{window}"
-        facts.results["ratelimit.rate"] = rate
-        facts.results["ratelimit.count"] = count
+        facts.results[keys.RATELIMIT_RATE] = rate
+        facts.results[keys.RATELIMIT_COUNT] = count
         values = {"rate": rate, "count": str(count), "limit": self._limit_text, "window": window}
         matched = count > self.limit
         verdict = "over" if matched else "within"

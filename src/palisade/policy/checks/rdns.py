@@ -43,6 +43,7 @@ import re
 from collections.abc import Mapping
 from typing import Any, ClassVar
 
+from palisade.policy import keys
 from palisade.policy.checks.dnsnames import IPAddress, normalise_name, safe_text, unmapped
 from palisade.policy.checks.options import Options
 from palisade.policy.rules import (
@@ -164,7 +165,7 @@ class RdnsCheck:
         if self.generic:
             reasons = [(n, generic_reason(n, ip)) for n in considered]
             generic = all(why is not None for _, why in reasons)
-            facts.results["rdns.generic"] = generic
+            facts.results[keys.RDNS_GENERIC] = generic
             if generic:
                 name, why = reasons[0]
                 shown = safe_text(name)
@@ -173,7 +174,7 @@ class RdnsCheck:
 
     @staticmethod
     async def _names(facts: Facts, ports: Ports, ip: IPAddress) -> tuple[str, ...]:
-        known = facts.results.get("rdns.names")
+        known = facts.results.get(keys.RDNS_NAMES)
         if isinstance(known, tuple):
             return known
         try:
@@ -183,13 +184,13 @@ class RdnsCheck:
         except DnsTempError as exc:
             raise CheckError(f"PTR lookup for {ip} failed: {safe_text(exc.reason)}") from None
         names = _ptr_names(tuple(answer.records))
-        facts.results["rdns.names"] = names
+        facts.results[keys.RDNS_NAMES] = names
         return names
 
     async def _verified(
         self, facts: Facts, ports: Ports, ip: IPAddress, names: tuple[str, ...]
     ) -> tuple[str, ...]:
-        known = facts.results.get("rdns.verified_names")
+        known = facts.results.get(keys.RDNS_VERIFIED_NAMES)
         if isinstance(known, tuple):
             return known
         rdtype = "A" if ip.version == 4 else "AAAA"
@@ -208,8 +209,8 @@ class RdnsCheck:
                 verified.append(name)
         if not verified and failures:
             raise CheckError(f"forward lookup of PTR name failed: {'; '.join(failures)}")
-        facts.results["rdns.verified"] = bool(verified)
-        facts.results["rdns.verified_names"] = tuple(verified)
+        facts.results[keys.RDNS_VERIFIED] = bool(verified)
+        facts.results[keys.RDNS_VERIFIED_NAMES] = tuple(verified)
         return tuple(verified)
 
 

@@ -33,6 +33,7 @@ import re
 from collections.abc import Mapping
 from typing import Any, ClassVar
 
+from palisade.policy import keys
 from palisade.policy.checks.dnsnames import address_literal, normalise_name, safe_text
 from palisade.policy.checks.helo import compile_patterns
 from palisade.policy.checks.options import Options
@@ -143,7 +144,7 @@ class LocalSenderCheck:
 
     async def evaluate(self, facts: Facts, ports: Ports) -> CheckResult:
         domain = facts.sender_domain
-        if not domain or facts.results.get("relay_client") is not True:
+        if not domain or facts.results.get(keys.RELAY_CLIENT) is not True:
             return NO_MATCH
         if domain not in {normalise_name(d) for d in facts.local_domains}:
             return NO_MATCH

@@ -54,6 +54,7 @@ from palisade.policy.rules import (
     CheckFactory,
     CheckResult,
     Facts,
+    Key,
     ListLookup,
     Ports,
     Stage,
@@ -103,13 +104,17 @@ class SpfOutcome:
 # ---------------------------------------------------------------------------- evaluation
 
 
+SPF: Key[SpfOutcome] = Key("spf")  # for MAIL FROM (the HELO identity for the null sender)
+SPF_HELO: Key[SpfOutcome] = Key("spf.helo")  # for the HELO identity
+
+
 async def spf_outcome(facts: Facts, ports: Ports) -> SpfOutcome:
     """SPF for MAIL FROM; for the null sender, for the HELO identity (RFC 7208 2.4).
 
     Without a HELO name the null sender's result is ``none`` (nothing to check); so is a check
     before MAIL (no sender yet). Computed once per transaction (``memo`` key ``"spf"``).
     """
-    return await memo(facts, "spf", lambda: _evaluate(facts, ports, helo_identity=False))
+    return await memo(facts, SPF, lambda: _evaluate(facts, ports, helo_identity=False))
 
 
 async def spf_helo_outcome(facts: Facts, ports: Ports) -> SpfOutcome:
@@ -119,7 +124,7 @@ async def spf_helo_outcome(facts: Facts, ports: Ports) -> SpfOutcome:
     """
     if facts.sender == "":
         return await spf_outcome(facts, ports)
-    return await memo(facts, "spf.helo", lambda: _evaluate(facts, ports, helo_identity=True))
+    return await memo(facts, SPF_HELO, lambda: _evaluate(facts, ports, helo_identity=True))
 
 
 async def _evaluate(facts: Facts, ports: Ports, *, helo_identity: bool) -> SpfOutcome:
