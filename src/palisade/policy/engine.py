@@ -1,15 +1,16 @@
 """The rule engine: per stage, rules in the operator's order; the first decisive verdict wins.
 
-Owns: evaluating one stage's rules against the facts (each check under its own deadline), what a
-temporary failure turns into (the rule's ``on_error``; by default 451 4.4.3, never a silent
-accept; a blocklist's default is to skip) and the log text it gets -- its own
-(``DEFER - dnsbl lookup failed: <reason>``), never the rule's text for a match, whose
-placeholders a failure cannot fill -- observe mode (``would deny ...``), ``accept`` /
-``accept_all``, ``warn`` headers, and the texts a matched rule produces. It returns
-decisions; it writes no log and no reply (the session does both), as Postfix's smtpd_check
-returns a reply for smtpd to send.
+Owns: starting a stage's always-on findings together before its rules (``policy.findings``:
+SPF, DKIM, DMARC and the scans of the DATA stage), evaluating one stage's rules against the
+facts (each check under its own deadline), what a temporary failure turns into (the rule's
+``on_error``; by default 451 4.4.3, never a silent accept; a blocklist's default is to skip) and
+the log text it gets -- its own (``DEFER - dnsbl lookup failed: <reason>``), never the rule's
+text for a match, whose placeholders a failure cannot fill -- observe mode (``would deny ...``),
+``accept`` / ``accept_all``, ``warn`` headers, and the texts a matched rule produces. It returns
+decisions; it writes no log and no reply (the conversation does both), as Postfix's
+smtpd_check returns a reply for smtpd to send.
 Trust: check results carry remote text (PTR names, DNSBL TXT records); the engine only places it
-into templates, the session escapes it for the log.
+into templates, the conversation escapes it for the log.
 """
 
 from __future__ import annotations

@@ -1,5 +1,8 @@
 """What every session of one process shares: config, log, spool, policy, TLS, queue ids.
 
+It is also what a session's conversation reads (``conversation.ConversationContext``: all of it
+but the spool, which the session keeps).
+
 Owns nothing but references; the composition root (``app``) builds it and swaps its fields on
 reload, so a reload changes what new commands see without touching sessions mid-command.
 """

@@ -1,0 +1,166 @@
+"""The conversation without a socket: SMTP bytes in through its SMTP core, replies, log lines and
+spool requests out, as the server's session and ``check-host`` drive it.
+
+Real parts: the DNS server on loopback (``tests/dnsserver.py``) behind the real resolver, the
+SQLite state store and a spool in a temporary directory; the log is the in-memory ``EventLog``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from palisade.config import load_config
+from palisade.config.policy import build_policy
+from palisade.conversation import Conversation, Step
+from palisade.obs.log import MemoryEventLog
+from palisade.obs.queueid import QueueIdGenerator
+from palisade.server.app import build_ports, close_ports, relay_policy
+from palisade.server.context import ServerContext
+from palisade.smtp import NEED_DATA, PAUSED, events
+from palisade.spool import Spool
+from tests.conftest import gateway_sections, write_config
+from tests.dnsserver import ZoneServer, start_zone_server
+
+ZONE = "zen.spamhaus.org"
+
+
+@pytest.fixture
+def dns() -> Iterator[ZoneServer]:
+    server = start_zone_server()
+    server.add_zone(ZONE)
+    server.list_address(ZONE, "127.0.0.21", "127.0.0.4", txt="listed")
+    yield server
+    server.stop()
+
+
+class Server(ServerContext):
+    """The server's own context, with what it logged and queued kept for the test."""
+
+    log: MemoryEventLog
+    submitted: list[str]
+
+
+@pytest.fixture
+def ctx(dns: ZoneServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Server]:
+    monkeypatch.chdir(tmp_path)  # the config's relative paths (state, spool) land here
+    sections = gateway_sections(2525)
+    sections["dns"] = {"nameservers": [f"127.0.0.1:{dns.port}"], "timeout": 1, "retries": 0}
+    sections["policy"] = {"delay_reject": True}
+    sections["rules"] = {
+        "connect": [
+            {
+                "name": "zen",
+                "check": "dnsbl",
+                "zones": [{"zone": ZONE, "codes": ["127.0.0.2-127.0.0.11"]}],
+                "verb": "deny",
+                "message": "$ip is listed at $zone",
+                "log_message": "DENY - listed at $zone ($codes)",
+            }
+        ]
+    }
+    config = load_config(write_config(tmp_path / "palisade.toml", sections))
+    policy = build_policy(config)
+    submitted: list[str] = []
+    context = Server(
+        config=config,
+        log=MemoryEventLog(),
+        spool=Spool(tmp_path / "spool", fsync=False),
+        relay_policy=relay_policy(config, policy),
+        tls_context=None,
+        queue_ids=QueueIdGenerator(),
+        submit=submitted.append,
+        policy=policy,
+        ports=build_ports(config),
+    )
+    context.submitted = submitted
+    yield context
+    close_ports(context.ports)
+    context.spool.close()
+
+
+async def talk(ctx: ServerContext, ip: str, *client: bytes) -> tuple[Conversation, bytes]:
+    """What the session does, without the socket: each piece of ``client`` arrives when the
+    conversation waits for input (then the end of input)."""
+    conversation = Conversation(ctx, ip, 4000)
+    sent: list[bytes] = []
+    if await conversation.connect():
+        conversation.greet()
+        conn = conversation.conn
+        pieces = list(client)
+        while True:
+            event = conn.next_event()
+            if event is NEED_DATA or event is PAUSED:
+                conn.receive_data(pieces.pop(0) if pieces else b"")  # b"": the end of input
+                continue
+            if isinstance(event, events.DataChunk):
+                conversation.content(event.data)
+                continue
+            step = await conversation.handle(event)
+            if step is Step.OPEN_SPOOL:
+                assert conversation.tx.envelope is not None
+                conversation.spool_opened(ctx.spool.open_message(conversation.tx.envelope))
+            elif step is Step.CLOSE:
+                break
+    sent.extend(conversation.out)
+    return conversation, b"".join(sent)
+
+
+def test_a_pipelined_transaction_is_answered_logged_and_spooled(ctx: Server) -> None:
+    pipelined = b"MAIL FROM:<a@outside.test>\r\nRCPT TO:<user@example.test>\r\nDATA\r\n"
+    message = b"Subject: hi\r\nMessage-ID: <1@outside.test>\r\n\r\nhello\r\n.\r\nQUIT\r\n"
+    conversation, replies = asyncio.run(
+        talk(ctx, "127.0.0.30", b"EHLO client.test\r\n", pipelined, message)
+    )
+    lines = replies.decode().split("\r\n")
+    queue_id = ctx.submitted[0]
+    assert lines == [
+        "220 mx.example.test ESMTP Palisade",
+        "250-mx.example.test",
+        "250-PIPELINING",
+        "250-SIZE 26214400",
+        "250-8BITMIME",
+        "250-ENHANCEDSTATUSCODES",
+        "250 HELP",
+        "250 2.1.0 Ok",
+        "250 2.1.5 Ok",
+        "354 End data with <CR><LF>.<CR><LF>",
+        f"250 2.0.0 Ok: queued as {queue_id}",
+        "221 2.0.0 mx.example.test closing connection",
+        "",
+    ]
+    log = ctx.log.lines
+    assert log == [
+        (
+            "main",
+            f"{queue_id} <= a@outside.test H=(client.test) [127.0.0.30]:4000 P=esmtp S=52 "
+            "id=1@outside.test T=<user@example.test>",
+        )
+    ]
+    body = ctx.spool.read_body(queue_id)
+    assert body.startswith(b"Received: from client.test ([127.0.0.30])\r\n\tby mx.example.test")
+    assert body.endswith(b"Subject: hi\r\nMessage-ID: <1@outside.test>\r\n\r\nhello\r\n")
+    assert conversation.behaved() is False  # it never waited for a banner delay
+
+
+def test_delay_reject_answers_a_listed_client_at_rcpt_with_the_envelope_in_the_log(
+    ctx: Server,
+) -> None:
+    commands = b"MAIL FROM:<a@outside.test>\r\nRCPT TO:<user@example.test>\r\nQUIT\r\n"
+    conversation, replies = asyncio.run(talk(ctx, "127.0.0.21", b"EHLO client.test\r\n", commands))
+    lines = replies.decode().split("\r\n")
+    assert lines[0] == "220 mx.example.test ESMTP Palisade"  # the refusal waits for RCPT
+    assert "250 2.1.0 Ok" in lines
+    assert "554 5.7.1 127.0.0.21 is listed at zen.spamhaus.org" in lines
+    assert conversation.delayed is not None
+    assert ctx.log.lines == [
+        (
+            "reject",
+            "H=(client.test) [127.0.0.21]:4000 F=<a@outside.test> rejected RCPT "
+            "<user@example.test>: DENY - listed at zen.spamhaus.org (127.0.0.4)",
+        )
+    ]
+    assert ctx.submitted == []
