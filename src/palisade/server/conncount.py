@@ -24,13 +24,14 @@ Why a shared table, and how it is kept cheap and honest:
 - Cost on the hot path: two ``fcntl`` calls (uncontended) and a scan of at most 8 entries, at
   connect and again at disconnect: a few microseconds against a session's milliseconds.
 - An entry whose counts are all zero is free. With ``buckets`` the next power of two at or above
-  the connections all workers may hold together, a bucket's 8 entries overflow only when more than
-  8 addresses with open connections share it; a client that finds its bucket full is counted by its
-  worker alone (per worker, as without this table), and one panic line says so.
+  the connections all workers may hold together (at most 16,384), a bucket's 8 entries overflow
+  only when more than 8 addresses with open connections share it; a client that finds its bucket
+  full is counted by its worker alone (per worker, as without this table), with a panic line.
 """
 
 from __future__ import annotations
 
+import array
 import fcntl
 import mmap
 import os
@@ -38,7 +39,7 @@ import socket
 from collections.abc import Callable
 
 ENTRIES_PER_BUCKET = 8
-MAX_BUCKETS = 1 << 16
+MAX_BUCKETS = 1 << 14  # 128 Ki entries: 3 MB of shared memory with two workers
 _KEY_WORDS = 4  # 16 bytes as four 32-bit words
 _V4_PREFIX = b"\x00" * 10 + b"\xff\xff"
 
@@ -111,11 +112,10 @@ class SharedCounts:
 
     def clear_slot(self, slot: int) -> None:
         """Forgets every connection counted by worker ``slot`` (it died with them)."""
+        column = self.words[_KEY_WORDS + slot :: self.stride]
         self._lock()
         try:
-            words, column = self.words, _KEY_WORDS + slot
-            for base in range(0, len(words), self.stride):
-                words[base + column] = 0
+            column[:] = array.array("I", bytes(4 * len(column)))
         finally:
             self._unlock()
 
