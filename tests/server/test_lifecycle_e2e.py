@@ -400,12 +400,13 @@ def test_max_connections_per_ip_counts_across_workers(
     make_gateway: Any, workers: int, steered: bool
 ) -> None:
     """30 idle connections from one address, limit 20: exactly 20 are greeted and 10 refused,
-    however many workers accept them."""
+    however many workers accept them. (From 127.0.0.2: the connection that saw the gateway up
+    came from 127.0.0.1, and its session may not have ended yet.)"""
     gw = make_gateway(
         server={"workers": workers, "max_connections_per_ip": 20},
         **({"rules": RATELIMIT} if steered else {}),
     )
-    clients = [RawClient(gw.port) for _ in range(30)]
+    clients = [RawClient(gw.port, source="127.0.0.2") for _ in range(30)]
     try:
         replies = [client.reply() for client in clients]
         assert sum(code == 220 for code, _ in replies) == 20, replies
@@ -422,9 +423,10 @@ def test_connections_of_a_killed_worker_no_longer_count_for_their_ip(make_gatewa
     after it is started again, the address gets exactly as many new connections as it lost."""
     gw = make_gateway(server={"workers": 2, "max_connections_per_ip": 20})
     workers = child_pids(gw.proc.pid)
-    clients = [RawClient(gw.port) for _ in range(20)]
+    clients = [RawClient(gw.port, source="127.0.0.2") for _ in range(20)]
     try:
-        assert all(client.reply()[0] == 220 for client in clients)
+        greetings = [client.reply() for client in clients]
+        assert all(code == 220 for code, _ in greetings), greetings
         held = {pid: open_connections(pid, gw.port) for pid in workers}
         victim = max(held, key=lambda pid: held[pid])  # unsteered: often both hold some
         os.kill(victim, signal.SIGKILL)
@@ -433,7 +435,7 @@ def test_connections_of_a_killed_worker_no_longer_count_for_their_ip(make_gatewa
         ready, _, _ = select.select([client.sock for client in clients], [], [], 1)
         lost = sum(client.closed(timeout=1) for client in clients if client.sock in ready)
         assert lost == held[victim] > 0, held
-        more = [RawClient(gw.port) for _ in range(20)]
+        more = [RawClient(gw.port, source="127.0.0.2") for _ in range(20)]
         clients += more
         codes = [client.reply()[0] for client in more]
         assert codes.count(220) == lost and codes.count(421) == 20 - lost, codes

@@ -404,20 +404,19 @@ async def run_worker(
             gw.log.panic(f"{queue_id} could not notify the queue runner: {exc}")
 
     loop = asyncio.get_running_loop()
+    parent = os.getppid()
+    parent_gone = False
 
     def on_parent_pipe() -> None:
+        nonlocal parent_gone
         try:
             if os.read(parent_fd, 64):
                 return
         except BlockingIOError:
             return
         loop.remove_reader(parent_fd)
-        if not gw.stopping.is_set():
-            gw.log.panic(
-                f"worker {os.getpid()}: the parent process is gone: no longer accepting "
-                "connections, finishing transactions"
-            )
-            gw.stopping.set()
+        parent_gone = True
+        gw.stopping.set()
 
     os.set_blocking(parent_fd, False)
     loop.add_reader(parent_fd, on_parent_pipe)
@@ -434,6 +433,11 @@ async def run_worker(
     await listener.start()
     probes = gw.start_probes(ctx)
     await gw.stopping.wait()
+    if parent_gone or os.getppid() != parent:  # the pipe's end of file, or PR_SET_PDEATHSIG
+        gw.log.panic(
+            f"worker {os.getpid()}: the parent process {parent} is gone: no longer accepting "
+            "connections, finishing transactions"
+        )
     if probes is not None:
         probes.cancel()
     await listener.shutdown(SHUTDOWN_GRACE)
