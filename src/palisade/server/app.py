@@ -10,10 +10,12 @@ SIGHUP: reload the config; a broken new config is logged and the old one stays.
 Signals are handled from the first moment of ``serve`` (:class:`StartupSignals` remembers one that
 comes before the event loop's handlers are in place, and the loop acts on it when they are), so a
 SIGTERM during start-up never kills the parent alone. Workers never outlive the parent: each asks
-the kernel for SIGTERM when the parent dies (``PR_SET_PDEATHSIG``) and also watches a pipe whose
-write end only the parent holds (end of file: the parent is gone, however it died); either way
-the worker stops accepting and ends like after SIGTERM. Messages it committed meanwhile stay in
-the spool, and the next start delivers them.
+the kernel for SIGUSR2 when the parent dies (``PR_SET_PDEATHSIG``; a signal of its own, so the
+worker knows why it stops: the parent's thread that forked may die before the process, and
+``getppid()`` still names it then) and also watches a pipe whose write end only the parent holds
+(end of file: the parent is gone, however it died); either way the worker stops accepting and
+ends like after SIGTERM. Messages it committed meanwhile stay in the spool, and the next start
+delivers them.
 """
 
 from __future__ import annotations
@@ -54,6 +56,7 @@ from palisade.spool import Spool
 
 SHUTDOWN_GRACE = 10.0
 PR_SET_PDEATHSIG = 1
+PARENT_DEATH_SIGNAL = signal.SIGUSR2  # what a worker gets from the kernel when the parent dies
 
 
 class StartupSignals:
@@ -67,10 +70,12 @@ class StartupSignals:
         self.stop = False
         self.reload = False
 
-    def install(self) -> None:
+    def install(self, *, worker: bool = False) -> None:
         signal.set_wakeup_fd(-1)
         for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             signal.signal(signum, self._remember)
+        if worker:
+            signal.signal(PARENT_DEATH_SIGNAL, self._remember)
 
     def _remember(self, signum: int, _frame: object) -> None:
         if signum == signal.SIGHUP:
@@ -83,11 +88,11 @@ startup_signals = StartupSignals()
 
 
 def die_with_parent(parent: int) -> None:
-    """In a worker: SIGTERM from the kernel when the parent dies (Linux), and exit at once if it
-    died before the request was made."""
+    """In a worker: PARENT_DEATH_SIGNAL from the kernel when the parent dies (Linux), and exit at
+    once if it died before the request was made."""
     with contextlib.suppress(OSError, AttributeError):
         libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(PR_SET_PDEATHSIG, int(signal.SIGTERM), 0, 0, 0)
+        libc.prctl(PR_SET_PDEATHSIG, int(PARENT_DEATH_SIGNAL), 0, 0, 0)
     if os.getppid() != parent:
         os._exit(0)
 
@@ -404,22 +409,25 @@ async def run_worker(
             gw.log.panic(f"{queue_id} could not notify the queue runner: {exc}")
 
     loop = asyncio.get_running_loop()
-    parent = os.getppid()
     parent_gone = False
 
-    def on_parent_pipe() -> None:
+    def on_parent_gone() -> None:
         nonlocal parent_gone
+        parent_gone = True
+        gw.stopping.set()
+
+    def on_parent_pipe() -> None:
         try:
             if os.read(parent_fd, 64):
                 return
         except BlockingIOError:
             return
         loop.remove_reader(parent_fd)
-        parent_gone = True
-        gw.stopping.set()
+        on_parent_gone()
 
     os.set_blocking(parent_fd, False)
     loop.add_reader(parent_fd, on_parent_pipe)
+    loop.add_signal_handler(PARENT_DEATH_SIGNAL, on_parent_gone)
     ctx = gw.make_context(submit)
     gw.install_signals(lambda: gw.reload_and_probe(ctx))
     if gw.stopping.is_set():  # SIGTERM, or the parent gone, while this worker started
@@ -433,9 +441,9 @@ async def run_worker(
     await listener.start()
     probes = gw.start_probes(ctx)
     await gw.stopping.wait()
-    if parent_gone or os.getppid() != parent:  # the pipe's end of file, or PR_SET_PDEATHSIG
+    if parent_gone:
         gw.log.panic(
-            f"worker {os.getpid()}: the parent process {parent} is gone: no longer accepting "
+            f"worker {os.getpid()}: the parent process is gone: no longer accepting "
             "connections, finishing transactions"
         )
     if probes is not None:
@@ -584,7 +592,7 @@ def serve(config_path: Path | None) -> int:
         if pid == 0:
             code = 0
             try:
-                startup_signals.install()  # not the parent loop's handlers, which wake the parent
+                startup_signals.install(worker=True)  # not the parent loop's, which wake it
                 os.close(parent_write)
                 die_with_parent(parent)
                 os.close(notify_read)
