@@ -561,6 +561,8 @@ def serve(config_path: Path | None) -> int:
             f"palisade: cannot listen on {', '.join(config.server.listen)}: {exc}", file=sys.stderr
         )
         return 1
+    if startup_signals.stop:  # SIGTERM while starting: nothing forked, nothing to recover
+        return 0
     if workers == 1:
         asyncio.run(run_single(config, config_path, groups[0]))
         return 0
