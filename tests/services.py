@@ -1,4 +1,4 @@
-"""Finding the real servers the tests start (slapd, spamd, clamd): a missing one fails in CI.
+"""Finding the real servers the tests start (slapd, spamd, rspamd, clamd): missing fails in CI.
 
 ``make test`` installs them with apt-get. Outside CI a developer without them gets a skip that
 names the package; with ``CI=true`` the same absence is a failure, never a skip.

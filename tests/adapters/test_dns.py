@@ -511,7 +511,10 @@ def test_probe_spamhaus_public_resolver_code(dns_server: ZoneServer) -> None:
     dns_server.list_address("zen.test", "127.0.0.2", "127.255.255.254")
     ok, reason = run(probe_dnsbl_zone(make(dns_server), "zen.test"))
     assert not ok
-    assert reason == "answer 127.255.255.254 (Spamhaus: query via public/open resolver)"
+    assert reason == (
+        "answer 127.255.255.254 (Spamhaus: query via public/open resolver): "
+        "your resolver is refused by this list (public resolver or missing DQS key)"
+    )
 
 
 def test_probe_bogus_answer(dns_server: ZoneServer) -> None:

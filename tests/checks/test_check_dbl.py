@@ -159,3 +159,10 @@ def test_dqs_failure_never_shows_the_key(dns: ZoneServer, behaviour: str) -> Non
 def test_option_errors(options: dict[str, Any], named: str) -> None:
     with pytest.raises(ValueError, match=re.escape(named)):
         check(**options)
+
+
+def test_check_error_names_the_failed_zone(dns: ZoneServer) -> None:
+    dns.set(f"spam.example.net.{DBL}", "A", ["127.255.255.254"])
+    error = run_error(check(), make_facts(sender="a@spam.example.net"), make_ports(dns))
+    assert list(error.zones) == [DBL]
+    assert "public/open resolver" in error.zones[DBL]

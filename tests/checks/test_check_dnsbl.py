@@ -350,3 +350,54 @@ def test_engine_warn_header_and_deny_texts(dns: ZoneServer) -> None:
     decision = outcome.decisions[0]
     assert decision.error is not None and KEY not in decision.error
     assert KEY not in decision.log_text
+
+
+# ---------------------------------------------------------------- a failed zone is "not listed"
+
+
+def test_check_error_names_the_failed_zones(dns: ZoneServer) -> None:
+    dns.list_address(ZEN, V4, "127.255.255.254")
+    dns.behave(f"1.2.0.192.{BARRACUDA}", "servfail")
+    error = run_error(check(zones=seed_zones()), make_facts(), make_ports(dns))
+    assert set(error.zones) == {ZEN, BARRACUDA}
+    assert "Spamhaus: query via a public/open resolver" in error.zones[ZEN]
+    assert error.zones[BARRACUDA].startswith(f"{BARRACUDA}: lookup failed")
+
+
+def test_dqs_failed_zone_is_named_by_its_public_name(dns: ZoneServer) -> None:
+    dns.list_address(DQS_ZEN, V4, "127.255.255.252")
+    error = run_error(check(zones=seed_zones(), dqs_key=KEY), make_facts(), make_ports(dns))
+    assert list(error.zones) == [ZEN]
+    assert_no_key(None, make_facts(), repr(error.zones))
+
+
+@pytest.mark.parametrize("answer", ["127.255.255.254", "timeout"])
+def test_a_rule_without_on_error_skips_a_failed_lookup(
+    dns: ZoneServer, answer: str, tmp_path: Any
+) -> None:
+    """Spamhaus' "query refused" or a silent zone is "not listed" (as Postfix and exim): the
+    rule goes on with a line of its own, not a deferral and not the match text."""
+    import asyncio
+
+    from palisade.config import load_config
+    from palisade.config.policy import build_policy
+    from palisade.policy.engine import evaluate_stage
+
+    if answer == "timeout":
+        dns.behave(f"1.2.0.192.{ZEN}", "timeout")
+    else:
+        dns.list_address(ZEN, V4, answer)
+    path = tmp_path / "palisade.toml"
+    path.write_text(
+        f'[[rules.connect]]\nname = "zen"\ncheck = "dnsbl"\nzones = ["{ZEN}"]\nverb = "deny"\n'
+        'message = "$ip is listed at $zone"\nlog_message = "DENY - listed at $zone ($codes)"\n'
+    )
+    rules = build_policy(load_config(path)).for_stage(Stage.CONNECT)
+    outcome = asyncio.run(
+        evaluate_stage(Stage.CONNECT, rules, make_facts(), make_ports(dns, timeout=0.2))
+    )
+    assert outcome.verdict is None
+    decision = outcome.decisions[0]
+    assert decision.log_text.startswith(f"dnsbl lookup failed, skipped: {ZEN}: ")
+    assert "listed at" not in decision.log_text and "$" not in decision.log_text
+    assert list(decision.error_zones) == [ZEN]

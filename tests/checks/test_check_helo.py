@@ -1,4 +1,5 @@
-"""``helo``: patterns, exact names, missing, syntax and "claims to be us" (no DNS involved)."""
+"""``helo``: patterns, exact names, missing, syntax and "claims to be us" (no DNS involved), and
+``resolvable`` against a real DNS server on loopback."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import pytest
 
 from palisade.policy.checks.helo import FACTORIES
 from palisade.policy.rules import Stage
-from tests.checks.harness import build, make_facts, make_ports, run
+from tests.checks.harness import build, make_facts, make_ports, run, run_error
 from tests.dnsserver import ZoneServer
 
 OURS = {
@@ -161,8 +162,83 @@ def test_hostile_helo_is_cleaned(dns: ZoneServer) -> None:
         ({"syntax": 1}, "syntax"),
         ({"ours": None}, "ours"),
         ({"ours": True, "our": True}, "our"),
+        ({"resolvable": "yes"}, "resolvable"),
     ],
 )
 def test_option_errors(options: dict[str, Any], named: str) -> None:
     with pytest.raises(ValueError, match=re.escape(named)):
         check(**options)
+
+
+# ---------------------------------------------------------------- resolvable (A or AAAA)
+
+
+def test_resolvable_name_with_an_a_or_only_an_aaaa_record(dns: ZoneServer) -> None:
+    dns.set("mail.example.net", "A", ["192.0.2.25"])
+    dns.set("v6only.example.net", "AAAA", ["2001:db8::25"])
+    for helo in ("mail.example.net", "MAIL.example.net.", "v6only.example.net"):
+        result = run(check(resolvable=True), make_facts(helo=helo), make_ports(dns))
+        assert not result.matched, helo
+    assert dns.queries("v6only.example.net", "AAAA") == 1
+
+
+@pytest.mark.parametrize(
+    ("helo", "reason"),
+    [
+        ("nowhere.example.net", "has no A or AAAA record"),  # NXDOMAIN
+        ("mx-only.example.net", "has no A or AAAA record"),  # exists, no address (NODATA)
+        ("ylmf-pc", "is not a resolvable hostname"),  # not a hostname: nothing to ask
+    ],
+)
+def test_unresolvable_helo_matches(dns: ZoneServer, helo: str, reason: str) -> None:
+    dns.set("mx-only.example.net", "MX", ["10 mail.example.net."])
+    result = run(check(resolvable=True), make_facts(helo=helo), make_ports(dns))
+    assert result.matched
+    assert result.reason == f"HELO {helo} {reason}"
+    assert result.values == {"helo": helo, "pattern": "", "condition": "unresolvable"}
+
+
+def test_resolvable_asks_nothing_for_address_literals(dns: ZoneServer) -> None:
+    for helo in ("[192.0.2.1]", "[IPv6:2001:db8::1]", "192.0.2.1"):
+        assert not run(check(resolvable=True), make_facts(helo=helo), make_ports(dns)).matched
+    assert not run(check(resolvable=True), make_facts(), make_ports(dns)).matched  # no HELO
+    assert dns.total_queries == 0
+
+
+@pytest.mark.parametrize("behaviour", ["timeout", "servfail"])
+def test_resolvable_dns_trouble_is_a_check_error(dns: ZoneServer, behaviour: str) -> None:
+    dns.behave("flaky.example.net", behaviour)
+    facts = make_facts(helo="flaky.example.net")
+    error = run_error(check(resolvable=True), facts, make_ports(dns, timeout=0.2))
+    assert str(error).startswith("HELO flaky.example.net: address lookup failed: ")
+
+
+def test_resolvable_one_answer_is_enough_when_the_other_type_fails(dns: ZoneServer) -> None:
+    dns.set("half.example.net", "A", ["192.0.2.25"])
+    dns.behave("half.example.net", "servfail", rdtype="AAAA")
+    result = run(check(resolvable=True), make_facts(helo="half.example.net"), make_ports(dns))
+    assert not result.matched
+
+
+def test_resolvable_comes_after_the_cheap_conditions(dns: ZoneServer) -> None:
+    built = check(patterns=["^ylmf"], resolvable=True)
+    result = run(built, make_facts(helo="ylmf.example.net"), make_ports(dns))
+    assert result.values["condition"] == "pattern"
+    assert dns.total_queries == 0
+
+
+def test_resolvable_failure_follows_on_error_defer_by_default(dns: ZoneServer) -> None:
+    import asyncio
+
+    from palisade.policy.engine import TEMPFAIL_REPLY, Rule, evaluate_stage
+    from palisade.policy.rules import Verb
+
+    dns.behave("flaky.example.net", "servfail")
+    rule = Rule("helo resolvable", Stage.HELO, check(resolvable=True), Verb.DENY)
+    outcome = asyncio.run(
+        evaluate_stage(Stage.HELO, [rule], make_facts(helo="flaky.example.net"), make_ports(dns))
+    )
+    assert outcome.verdict is not None and outcome.verdict.reply == TEMPFAIL_REPLY
+    assert outcome.verdict.log_message.startswith(
+        "DEFER - helo lookup failed: HELO flaky.example.net: address lookup failed: "
+    )

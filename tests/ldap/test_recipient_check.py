@@ -93,7 +93,7 @@ def test_ldap_down_and_not_in_file_is_451_4_4_3(
     decision = outcome.decisions[-1]
     assert decision.error is not None
     assert decision.log_text.startswith(
-        "valid_recipients: temporary failure: recipient ann@example.test: "
+        "DEFER - recipient lookup failed: recipient ann@example.test: "
         "not in list recipients, LDAP lookup failed: no LDAP server answered: "
     )
     assert slapd.uri in decision.log_text

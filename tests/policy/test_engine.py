@@ -232,3 +232,85 @@ def test_rule_texts_fill_as_string_template_does(text: str) -> None:
     )
     assert out.verdict.log_message == expected
     assert out.verdict.reply.text == (expected or "Access denied")
+
+
+# ---------------------------------------------------------------- a failure logs its own line
+
+
+MATCH_TEXTS = {
+    "message": "$ip is listed at $zone",
+    "log_message": "DENY - listed at $zone ($codes)",
+}
+
+
+@pytest.mark.parametrize(
+    ("on_error", "log_text", "reply"),
+    [
+        (OnError.DEFER, "DEFER - fixed lookup failed: fixed: SERVFAIL", TEMPFAIL_REPLY),
+        (OnError.DENY, "DENY - fixed lookup failed (on_error = deny): fixed: SERVFAIL", None),
+        (OnError.MATCH, "DENY - fixed lookup failed (on_error = match): fixed: SERVFAIL", None),
+    ],
+)
+def test_a_failed_check_never_logs_the_match_text(
+    on_error: OnError, log_text: str, reply: Any
+) -> None:
+    out = run([rule(Fixed(fail=DnsTempError("SERVFAIL")), on_error=on_error, **MATCH_TEXTS)])
+    assert out.verdict.log_message == log_text
+    assert out.decisions[0].log_text == log_text
+    # the rule's message names $zone, which a failure cannot fill: the plain default is sent
+    if reply is not None:
+        assert out.verdict.reply == reply
+    assert "$" not in out.verdict.reply.text and "listed" not in out.verdict.reply.text
+    if on_error is not OnError.DEFER:
+        assert out.verdict.reply.text == "Access denied"
+
+
+def test_a_failed_check_keeps_a_message_the_facts_can_fill() -> None:
+    out = run(
+        [
+            rule(
+                Fixed(fail=DnsTempError("SERVFAIL")),
+                on_error=OnError.DENY,
+                message="No reverse DNS for $ip",
+                log_message="DENY - no PTR for $ip ($reason)",
+            )
+        ]
+    )
+    assert out.verdict.reply.text == "No reverse DNS for 192.0.2.1"
+    assert out.verdict.log_message == (
+        "DENY - fixed lookup failed (on_error = deny): fixed: SERVFAIL"
+    )
+
+
+def test_a_skipped_failure_says_so_and_goes_on() -> None:
+    later = Fixed()
+    out = run(
+        [
+            rule(Fixed(fail=CheckError("zen: answer 127.255.255.254")), on_error=OnError.SKIP),
+            rule(later, log_message="second"),
+        ]
+    )
+    skipped = out.decisions[0]
+    assert not skipped.matched and not skipped.acted
+    assert skipped.log_text == "fixed lookup failed, skipped: zen: answer 127.255.255.254"
+    assert later.calls == 1 and out.verdict.log_message == "second"
+
+
+def test_an_observed_failure_is_a_would_line_of_its_own() -> None:
+    out = run([rule(Fixed(fail=DnsTempError("SERVFAIL")), observe=True, **MATCH_TEXTS)])
+    assert out.verdict is None
+    assert out.decisions[0].log_text == "would defer: DEFER - fixed lookup failed: fixed: SERVFAIL"
+
+
+class Zoned(Fixed):
+    """A stand-in blocklist: names the zones it asks."""
+
+    active_zones = ("bl.test", "other.test")
+
+
+def test_failed_zones_travel_with_the_decision() -> None:
+    error = CheckError("bl.test: answer 127.255.255.254", {"bl.test": "answer 127.255.255.254"})
+    out = run([rule(Zoned(fail=error), on_error=OnError.SKIP)])
+    assert out.decisions[0].error_zones == {"bl.test": "answer 127.255.255.254"}
+    out = run([rule(Zoned(hang=True), timeout=0.05, on_error=OnError.SKIP)])
+    assert set(out.decisions[0].error_zones) == {"bl.test", "other.test"}

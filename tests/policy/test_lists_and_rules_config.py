@@ -147,3 +147,84 @@ def test_rule_errors_carry_the_line_of_the_rule(tmp_path: Path) -> None:
     )
     with pytest.raises(ConfigError, match=r"palisade\.toml:5: rules\.connect\[2\]\.check"):
         build_policy(load_config(path))
+
+
+# ---------------------------------------------------------------- on_error defaults and warnings
+
+
+def test_blocklists_skip_on_error_by_default_and_every_other_check_defers(tmp_path: Path) -> None:
+    from palisade.policy.rules import OnError
+
+    path = write(
+        tmp_path,
+        '[[rules.connect]]\ncheck = "dnsbl"\nzones = ["zen.spamhaus.org"]\nverb = "deny"\n'
+        '[[rules.connect]]\ncheck = "dnsbl"\nzones = ["bl.test"]\nverb = "deny"\n'
+        'on_error = "defer"\n'
+        '[[rules.connect]]\ncheck = "rdns"\nverb = "deny"\n'
+        '[[rules.helo]]\ncheck = "dbl"\nfield = "helo"\nverb = "deny"\n'
+        '[[rules.helo]]\ncheck = "helo"\nresolvable = true\nverb = "deny"\n'
+        '[[rules.mail]]\ncheck = "sender"\nverify = true\nverb = "deny"\n',
+    )
+    policy = build_policy(load_config(path))
+    on_error = [r.on_error for stage in Stage for r in policy.for_stage(stage)]
+    assert on_error == [
+        OnError.SKIP,  # dnsbl: a failed lookup is "not listed"
+        OnError.DEFER,  # ... unless the rule says otherwise
+        OnError.DEFER,
+        OnError.SKIP,  # dbl
+        OnError.DEFER,
+        OnError.DEFER,
+    ]
+
+
+def test_permanent_on_error_warnings_name_every_dns_rule_that_would_bounce(tmp_path: Path) -> None:
+    from palisade.config.policy import permanent_on_error_warnings
+
+    path = write(
+        tmp_path,
+        '[[rules.connect]]\ncheck = "rdns"\nverb = "deny"\non_error = "deny"\n'
+        '[[rules.connect]]\ncheck = "rdns"\nverb = "deny"\n'  # default defer: fine
+        '[[rules.connect]]\ncheck = "dnsbl"\nzones = ["zen.spamhaus.org"]\nverb = "drop"\n'
+        'on_error = "match"\n'
+        '[[rules.connect]]\ncheck = "dnsbl"\nzones = ["bl.test"]\nverb = "defer"\n'
+        'on_error = "match"\n'  # a match defers: fine
+        '[[rules.connect]]\ncheck = "rdns"\nverb = "deny"\non_error = "deny"\nobserve = true\n'
+        '[[rules.helo]]\ncheck = "helo"\nresolvable = true\nverb = "deny"\non_error = "deny"\n'
+        '[[rules.helo]]\ncheck = "helo"\npatterns = ["x"]\nverb = "deny"\non_error = "deny"\n'
+        '[[rules.mail]]\ncheck = "sender"\nverify = true\nverb = "deny"\non_error = "deny"\n'
+        '[[rules.mail]]\ncheck = "sender"\npatterns = ["x"]\nverb = "deny"\non_error = "deny"\n'
+        '[[rules.mail]]\ncheck = "spf"\nresult = "fail"\nverb = "deny"\non_error = "deny"\n'
+        '[[rules.mail]]\ncheck = "dbl"\nverb = "deny"\non_error = "deny"\n'
+        '[[rules.data]]\ncheck = "dmarc"\npolicy = ["reject"]\nverb = "deny"\n'
+        'on_error = "deny"\n'
+        '[[rules.data]]\ncheck = "header_sender"\nverb = "deny"\non_error = "deny"\n',
+    )
+    warnings = permanent_on_error_warnings(load_config(path))
+    named = [w.split(": ", 2)[1] for w in warnings]
+    assert named == [
+        "rules.connect[1] (rdns #1)",
+        "rules.connect[3] (dnsbl #3)",
+        "rules.helo[1] (helo #1)",
+        "rules.mail[1] (sender #1)",
+        "rules.mail[3] (spf #3)",
+        "rules.mail[4] (dbl #4)",
+        "rules.data[1] (dmarc #1)",
+        "rules.data[2] (header_sender #2)",
+    ]
+    assert all(str(path) in w and "permanent 5xx" in w for w in warnings)
+    assert 'on_error = "match"' in warnings[1]
+
+
+def test_the_example_perimeter_config_has_no_permanent_dns_refusal(tmp_path: Path) -> None:
+    import shutil
+
+    from palisade.config.policy import permanent_on_error_warnings
+
+    examples = Path(__file__).resolve().parents[2] / "examples"
+    copy = tmp_path / "examples"  # lists/ beside the config; the LDAP password file present
+    shutil.copytree(examples, copy)
+    password = tmp_path / "ldap.pw"
+    password.write_text("not-a-real-password\n")
+    config = copy / "perimeter.toml"
+    config.write_text(config.read_text().replace("/etc/palisade/ldap.pw", str(password)))
+    assert permanent_on_error_warnings(load_config(config)) == []

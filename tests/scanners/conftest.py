@@ -1,7 +1,9 @@
-"""Fixtures for the scanner tests: real spamd and clamd on loopback (started once per session,
-spamd being the slow one), messages as spool-like files, and ports around the real adapters.
+"""Fixtures for the scanner tests: real spamd, rspamd and clamd on loopback (started once per
+session, spamd being the slow one), messages as spool-like files, and ports around the real
+adapters.
 
-With ``CI=true`` a missing spamd or clamd fails the tests (``tests/services.py``), never skips.
+With ``CI=true`` a missing spamd, rspamd or clamd fails the tests (``tests/services.py``), never
+skips.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from palisade.policy.rules import Facts, MessageFacts, Ports
 from palisade.ports import SpamScanner, VirusScanner
 from tests.messages import FileSource
 from tests.scanners.clamd import ClamdProcess, start_clamd
+from tests.scanners.rspamd import RspamdProcess, start_rspamd
 from tests.scanners.spamd import SpamdProcess, start_spamd
 
 T = TypeVar("T")
@@ -132,6 +135,13 @@ class SilentServer:
 @pytest.fixture(scope="session")
 def spamd() -> Iterator[SpamdProcess]:
     process = start_spamd()
+    yield process
+    process.stop()
+
+
+@pytest.fixture(scope="session")
+def rspamd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RspamdProcess]:
+    process = start_rspamd(tmp_path_factory.mktemp("rspamd"))
     yield process
     process.stop()
 

@@ -470,10 +470,10 @@ def test_config_check_shows_the_scanner_and_ldap_sections_without_secrets(tmp_pa
     out = result.stdout
     for section in ("[ldap]", "[spamd]", "[rspamd]", "[clamd]", "[authentication]"):
         assert section in out
-    assert "servers = ('ldap://127.0.0.1:3890',)" in out
-    assert "address = '127.0.0.1:7830'" in out
-    assert "bind_password = '(set, not shown)'" in out
-    assert "password = ''" in out  # rspamd's, not set
+    assert 'servers = ["ldap://127.0.0.1:3890"]' in out
+    assert 'address = "127.0.0.1:7830"' in out
+    assert 'bind_password = "(set, not shown)"' in out
+    assert 'password = ""' in out  # rspamd's, not set
     assert "Sekrit-Bind-Pw-1" not in out + result.stderr
 
 

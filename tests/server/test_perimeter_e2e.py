@@ -7,8 +7,12 @@ normalised)."""
 from __future__ import annotations
 
 import re
+import shutil
+import smtplib
+import socket
 import subprocess
 import sys
+import tomllib
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -85,10 +89,9 @@ def perimeter(dns: ZoneServer, **extra: Any) -> dict[str, Any]:
                     "message": "Too many connections, slow down",
                     "log_message": "DEFER - rate limit exceeded ($rate)",
                 },
-                {
+                {  # as examples/perimeter.toml: on_error is the default (defer)
                     "check": "rdns",
                     "verb": "deny",
-                    "on_error": "deny",
                     "message": "Reverse DNS lookup failed",
                     "log_message": "DENY - Reverse DNS check failed",
                 },
@@ -287,9 +290,10 @@ def test_dqs_key_never_appears_in_replies_or_logs(make_gateway: Any, dns: ZoneSe
     dns.behave(f"53.0.0.127.{DQS_KEY}.zen.dq.spamhaus.net", "timeout")  # a zone that hangs
     dns.set(ptr_name("127.0.0.53"), "PTR", ["host53.client.test."])
     dns.set("host53.client.test", "A", ["127.0.0.53"])
-    code, text, _ = greeting(gw, "127.0.0.53")
-    assert code == 421 and DQS_KEY not in text  # on_error defer at the greeting
-    wait_for(lambda: "127.0.0.53" in gw.rejectlog())
+    code, text, client = greeting(gw, "127.0.0.53")
+    assert code == 220 and DQS_KEY not in text  # a silent zone is "not listed" (on_error skip)
+    client.close()
+    wait_for(lambda: "127.0.0.53" in gw.mainlog() and "DNSBL zone" in gw.paniclog())
     for log in Path(gw.log_dir).iterdir():
         assert DQS_KEY not in log.read_text(), log.name
     assert dns.queries(f"21.0.0.127.{DQS_KEY}.zen.dq.spamhaus.net") >= 1  # the key was used
@@ -322,7 +326,7 @@ def test_check_host_shows_each_rule_and_the_reply(gw: GatewayProcess) -> None:
         capture_output=True,
         text=True,
     )
-    assert result.returncode == 0, result.stderr
+    assert result.returncode == 1, result.stderr  # refused
     out = result.stdout
     assert "1. accept_all if ip_list" in out and "-> no match" in out
     assert "deny if dnsbl: zen" in out
@@ -391,21 +395,23 @@ def test_an_edited_whitelist_file_takes_effect_without_a_restart(gw: GatewayProc
     assert wait_for(lambda: greeting_code(gw, "127.0.0.20") == 220, timeout=10, interval=0.5)
 
 
-def test_the_example_perimeter_config_validates() -> None:
+def test_the_example_perimeter_config_validates(tmp_path: Path) -> None:
+    """The example as shipped, with its LDAP password file present (config check reads it:
+    without it the example is refused, naming the key)."""
     root = Path(__file__).resolve().parents[2]
+    example = (root / "examples" / "perimeter.toml").read_text()
+    assert 'bind_password_file = "/etc/palisade/ldap.pw"' in example
+    copy = tmp_path / "examples"  # lists/ beside the config, as the example expects
+    shutil.copytree(root / "examples", copy)
+    password = tmp_path / "ldap.pw"
+    password.write_text("not-a-real-password\n")
+    config = copy / "perimeter.toml"
+    config.write_text(example.replace("/etc/palisade/ldap.pw", str(password)))
     result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "palisade",
-            "config",
-            "check",
-            "--config",
-            str(root / "examples" / "perimeter.toml"),
-        ],
+        [sys.executable, "-m", "palisade", "config", "check", "--no-dns", "--config", str(config)],
         capture_output=True,
         text=True,
-        cwd=root / "examples",
+        cwd=tmp_path,
     )
     assert result.returncode == 0, result.stderr
     assert "7. deny if dnsbl: DNS blocklists" in result.stdout
@@ -413,3 +419,236 @@ def test_the_example_perimeter_config_validates() -> None:
     assert "3. deny if recipient: valid recipients" in result.stdout
     assert "1. deny if virus: clamd" in result.stdout  # implied by [clamd], before the operator's
     assert "5. deny if spam_score: spam kill level" in result.stdout  # implied by [spamd], last
+
+
+# ---------------------------------------------------------------- DNS trouble is never a bounce
+
+ZEN = "zen.spamhaus.org"
+REFUSED = "zen.spamhaus.org: answer 127.255.255.254 (Spamhaus: query via a public/open resolver)"
+
+
+def zone_panics(gw: GatewayProcess) -> list[str]:
+    return [line for line in gw.paniclog().splitlines() if "DNSBL zone zen.spamhaus.org" in line]
+
+
+def test_a_dnsbl_error_answer_or_silence_is_not_a_listing_and_the_zone_is_reported_once(
+    gw: GatewayProcess, dns: ZoneServer
+) -> None:
+    """Spamhaus answers 127.255.255.254 ("query refused") for these clients: they are not
+    deferred (that was every retry, forever), each lookup is logged, the zone once."""
+    dns.list_address(ZEN, "127.0.0.41", "127.255.255.254")
+    dns.list_address(ZEN, "127.0.0.42", "127.255.255.254")
+    dns.behave(f"43.0.0.127.{ZEN}", "timeout")
+    code, _, client = greeting(gw, "127.0.0.41")  # a raw client
+    assert code == 220
+    assert client.command("EHLO host41.client.test")[0] == 250
+    client.close()
+    with smtplib.SMTP("127.0.0.1", gw.port, source_address=("127.0.0.42", 0), timeout=10) as smtp:
+        assert smtp.ehlo("host42.client.test")[0] == 250  # smtplib got a 220 to get here
+    code, _, client = greeting(gw, "127.0.0.43")  # the zone does not answer at all
+    assert code == 220
+    client.close()
+    skipped = wait_for(
+        lambda: (
+            [
+                line
+                for line in map(normalise, gw.mainlog().splitlines())
+                if "dnsbl lookup failed, skipped" in line
+            ]
+            if "127.0.0.43" in gw.mainlog()
+            else None
+        )
+    )
+    assert skipped[:2] == [
+        f'H=[127.0.0.{n}]:PORT connect rule "zen" (temporary failure): '
+        f"dnsbl lookup failed, skipped: {REFUSED}"
+        for n in (41, 42)
+    ]
+    assert skipped[2].startswith(
+        'H=[127.0.0.43]:PORT connect rule "zen" (temporary failure): dnsbl lookup failed, '
+        "skipped: zen.spamhaus.org: lookup failed: "
+    )
+    assert len(skipped) == 3
+    panics = zone_panics(gw)
+    assert len(panics) == 1  # once per zone per probe interval, however many lookups fail
+    assert f"DNSBL zone zen.spamhaus.org lookup failed: {REFUSED}" in panics[0]
+    assert gw.rejectlog() == ""
+
+
+@pytest.mark.parametrize(
+    ("on_error", "code", "reply", "log"),
+    [
+        (
+            "defer",
+            421,
+            "4.4.3 Temporary local problem, please try again later",
+            f'temporarily rejected connection in "connect" ACL: DEFER - dnsbl lookup failed: '
+            f"{REFUSED}",
+        ),
+        (
+            "deny",
+            554,
+            "5.7.1 Access denied",  # the rule's "$ip is listed at $zone" would be a lie
+            f'rejected connection in "connect" ACL: DENY - dnsbl lookup failed '
+            f"(on_error = deny): {REFUSED}",
+        ),
+    ],
+)
+def test_a_dnsbl_failure_under_on_error_logs_a_failure_never_a_listing(
+    make_gateway: Any, dns: ZoneServer, on_error: str, code: int, reply: str, log: str
+) -> None:
+    gw = make_gateway(
+        files={"lists/whitelist": WHITELIST}, **perimeter(dns, dnsbl={"on_error": on_error})
+    )
+    dns.list_address(ZEN, "127.0.0.44", "127.255.255.254")
+    got, text, client = greeting(gw, "127.0.0.44")
+    assert (got, text) == (code, reply)
+    assert client.closed()
+    assert wait_for(lambda: rejects(gw)) == [f"H=[127.0.0.44]:PORT {log}"]
+    assert "listed at" not in gw.rejectlog() and "$" not in gw.rejectlog()
+
+
+def example_rule(stage: str, name: str) -> dict[str, Any]:
+    root = Path(__file__).resolve().parents[2]
+    with open(root / "examples" / "perimeter.toml", "rb") as f:
+        rules = tomllib.load(f)["rules"][stage]
+    found: dict[str, Any] = next(r for r in rules if r.get("name") == name)
+    return found
+
+
+@pytest.fixture
+def resolver(request: pytest.FixtureRequest, dns: ZoneServer) -> Iterator[str]:
+    """A resolver address that is dead (nothing listening), silent (a UDP socket that never
+    answers) or answering SERVFAIL for every PTR question."""
+    kind = request.param
+    if kind == "servfail":
+        for n in (45, 46):
+            dns.behave(ptr_name(f"127.0.0.{n}"), "servfail")
+        yield f"127.0.0.1:{dns.port}"
+        return
+    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    if kind == "dead":
+        sock.close()  # the port answers ICMP "unreachable" now
+        yield f"127.0.0.1:{port}"
+        return
+    try:
+        yield f"127.0.0.1:{port}"  # silent: queries arrive and are never read
+    finally:
+        sock.close()
+
+
+@pytest.mark.parametrize("resolver", ["dead", "silent", "servfail"], indirect=True)
+def test_the_example_rdns_rule_defers_while_the_resolver_is_down(
+    make_gateway: Any, resolver: str
+) -> None:
+    """The shipped example must never turn a resolver outage into a bounce: 4xx, never 5xx."""
+    rule = example_rule("connect", "reverse DNS")
+    gw = make_gateway(
+        dns={"nameservers": [resolver], "timeout": 0.5, "retries": 0},
+        rules={"connect": [rule]},
+    )
+    code, text, client = greeting(gw, "127.0.0.45")  # a raw client
+    assert (code, text) == (421, "4.4.3 Temporary local problem, please try again later")
+    assert client.closed()
+    with pytest.raises(smtplib.SMTPConnectError) as refused:  # and smtplib
+        smtplib.SMTP("127.0.0.1", gw.port, source_address=("127.0.0.46", 0), timeout=10)
+    assert refused.value.smtp_code == 421
+
+    def clients() -> list[str]:  # the readiness probe from 127.0.0.1 is refused as well
+        lines = [line for line in rejects(gw) if re.match(r"H=\[127\.0\.0\.4[56]\]", line)]
+        return lines if len(lines) == 2 else []
+
+    for n, line in zip((45, 46), wait_for(clients), strict=True):
+        assert line.startswith(
+            f'H=[127.0.0.{n}]:PORT temporarily rejected connection in "connect" ACL: '
+            f"DEFER - rdns lookup failed: PTR lookup for 127.0.0.{n} failed: "
+        )
+
+
+# ---------------------------------------------------------------- check-host exit status
+
+
+def check_host(gw: GatewayProcess, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "palisade", "check-host", *args, "--config", str(gw.config_path)],
+        cwd=gw.base,
+        capture_output=True,
+        text=True,
+    )
+
+
+def test_check_host_exit_status_says_accepted_refused_or_deferred(
+    make_gateway: Any, dns: ZoneServer
+) -> None:
+    sections = perimeter(dns)
+    sections["rules"]["connect"][-1]["on_error"] = "defer"
+    sections["rules"]["helo"].append(
+        {"check": "helo", "resolvable": True, "verb": "deny", "message": "Unknown HELO name"}
+    )
+    gw = make_gateway(start=False, files={"lists/whitelist": WHITELIST}, **sections)
+    dns.set("host30.client.test", "A", ["127.0.0.30"])
+    accepted = check_host(
+        gw, "127.0.0.30", "--helo", "host30.client.test", "--from", "a@outside.test",
+        "--rcpt", "user@example.test",
+    )  # fmt: skip
+    assert accepted.returncode == 0, accepted.stdout + accepted.stderr
+    assert "<<< 250 2.1.5 Ok" in accepted.stdout
+
+    listed = check_host(gw, "127.0.0.21")
+    assert listed.returncode == 1
+    unknown_helo = check_host(gw, "127.0.0.31", "--helo", "nowhere.client.test")
+    assert unknown_helo.returncode == 1
+    assert "HELO nowhere.client.test has no A or AAAA record" in unknown_helo.stdout
+    assert "<<< 550 5.7.1 Unknown HELO name" in unknown_helo.stdout
+
+    dns.behave(f"47.0.0.127.{ZEN}", "servfail")
+    deferred = check_host(gw, "127.0.0.47", "--helo", "host47.client.test")
+    assert deferred.returncode == 3, deferred.stdout + deferred.stderr
+    out = deferred.stdout
+    assert re.search(
+        r"-> ERROR \(temporary\): zen\.spamhaus\.org: lookup failed: .* -> on_error=defer \[", out
+    )
+    assert "MATCH" not in out and "listed at" not in out
+    assert "<<< 421 4.4.3 Temporary local problem, please try again later" in out
+
+
+def test_check_host_skipped_zone_and_a_bad_sender(make_gateway: Any, dns: ZoneServer) -> None:
+    gw = make_gateway(start=False, files={"lists/whitelist": WHITELIST}, **perimeter(dns))
+    dns.list_address(ZEN, "127.0.0.48", "127.255.255.254")
+    skipped = check_host(gw, "127.0.0.48")
+    assert skipped.returncode == 0, skipped.stdout + skipped.stderr
+    assert f"-> ERROR (temporary): {REFUSED} -> on_error=skip, skipped [" in skipped.stdout
+    for bad in ("no spaces allowed@outside.test", "a@", "<a@outside.test> SIZE=1", "a@b@c"):
+        result = check_host(gw, "127.0.0.30", "--from", bad)
+        assert result.returncode == 2, (bad, result.stdout)
+        assert result.stdout == ""
+        lines = result.stderr.splitlines()
+        assert len(lines) == 1 and lines[0].startswith("palisade check-host: --from "), lines
+    null = check_host(gw, "127.0.0.30", "--from", "")
+    assert null.returncode == 0, null.stdout + null.stderr  # the null sender is valid
+
+
+def test_config_check_and_serve_warn_about_a_permanent_refusal_on_dns_failure(
+    make_gateway: Any, dns: ZoneServer
+) -> None:
+    sections = perimeter(dns)
+    sections["rules"]["connect"][3]["on_error"] = "deny"  # the seed's rdns rule, as it was
+    gw = make_gateway(files={"lists/whitelist": WHITELIST}, **sections)
+    result = subprocess.run(
+        [
+            sys.executable, "-m", "palisade", "config", "check", "--no-dns",
+            "--config", str(gw.config_path),
+        ],
+        cwd=gw.base,
+        capture_output=True,
+        text=True,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    warnings = [line for line in result.stderr.splitlines() if "on_error" in line]
+    assert len(warnings) == 1
+    assert warnings[0].startswith(f"warning: {gw.config_path}: rules.connect[4] (rdns #4): ")
+    assert 'on_error = "deny"' in warnings[0] and "permanent 5xx" in warnings[0]
+    # serve says it at start, in the panic log (and starts: it is a warning)
+    assert f"start-up self-check: {warnings[0].removeprefix('warning: ')}" in gw.paniclog()

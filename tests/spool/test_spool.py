@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import hashlib
 import json
 import os
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -18,7 +20,7 @@ from palisade.spool import (
     Spool,
     UnknownMessage,
 )
-from palisade.spool.store import MAGIC, MAGIC_V2, SMALL_FILE, TRAILER_LEN
+from palisade.spool.store import MAGIC, MAGIC_V2, MAGIC_V3, SMALL_FILE, TRAILER_LEN
 from tests.spool.spoolkit import make_envelope
 
 
@@ -58,7 +60,7 @@ def test_round_trip(tmp_path: Path, fsync: bool) -> None:
     (entry,) = spool.list()
     assert entry.queue_id == env.queue_id and entry.size == len(body) and entry.age >= 0
     raw = (tmp_path / "queue" / env.queue_id).read_bytes()
-    assert raw.startswith(MAGIC_V2) and raw.endswith(b"\n") and b"\nEND " in raw[-TRAILER_LEN:]
+    assert raw.startswith(MAGIC_V3) and raw.endswith(b"\n") and b"\nEND " in raw[-TRAILER_LEN:]
     spool.close()
 
 
@@ -117,6 +119,80 @@ def record(env: Envelope, body: bytes) -> bytes:
     digest = hashlib.sha256(body).hexdigest().encode()
     trailer = b"\nEND %020d sha256=%s\n" % (len(body), digest)
     return MAGIC + env.dumps().encode() + b"\n" + body + trailer
+
+
+def test_message_id_learnt_after_the_envelope_is_kept_in_the_late_record(tmp_path: Path) -> None:
+    spool = Spool(tmp_path, fsync=False)
+    small, large = (dataclasses.replace(make_envelope(), message_id=None) for _ in range(2))
+    body = b"Message-ID: <late@x.test>\r\n\r\nbody\r\n"
+    for env, size in ((small, 1), (large, SMALL_FILE // 4)):
+        writer = spool.open_message(env)
+        writer.write(body * size)
+        writer.prepend(b"X-Added: 1\r\n")
+        writer.message_id = '<late@x.test> "\u00e9\\'
+        asyncio.run(writer.commit())
+    for env, size in ((small, 1), (large, SMALL_FILE // 4)):
+        loaded, _ = spool.load(env.queue_id)
+        assert loaded == dataclasses.replace(env, message_id='<late@x.test> "\u00e9\\')
+        delivered_env, _, message = spool.load_for_delivery(env.queue_id)
+        assert delivered_env == loaded
+        assert message == (b"X-Added: 1\r\n" + body * size if size == 1 else None)
+        assert spool.read_body(env.queue_id) == b"X-Added: 1\r\n" + body * size
+    assert [e.envelope.message_id for e in spool.list()] == ['<late@x.test> "\u00e9\\'] * 2
+    assert spool.recover(MemoryEventLog()) == sorted([small.queue_id, large.queue_id])
+    # none found: the LATE record is empty and the first record's (here None) stands
+    env = dataclasses.replace(make_envelope(), message_id=None)
+    asyncio.run(queue(spool, env, b"no id\r\n"))
+    assert spool.load(env.queue_id)[0].message_id is None
+    assert (
+        (tmp_path / "queue" / env.queue_id)
+        .read_bytes()
+        .endswith(
+            b"no id\r\n\nLATE %020d\n\nADD %020d\n" % (0, 0)
+            + b"\nEND %020d sha256=%s\n" % (7, hashlib.sha256(b"no id\r\n").hexdigest().encode())
+        )
+    )
+
+
+def test_version_2_file_without_a_late_record_is_still_read(tmp_path: Path) -> None:
+    spool = Spool(tmp_path, fsync=False)
+    env = dataclasses.replace(make_envelope(), message_id=None)
+    body, added = b"Subject: old\r\n\r\nbody\r\n", b"X-Added: 1\r\n"
+    digest = hashlib.sha256(body + added).hexdigest().encode()
+    raw = (
+        MAGIC_V2 + env.dumps().encode() + b"\n" + body + added + b"\nADD %020d\n" % len(added)
+    ) + b"\nEND %020d sha256=%s\n" % (len(body), digest)
+    (tmp_path / "queue" / env.queue_id).write_bytes(raw)
+    assert spool.recover(MemoryEventLog()) == [env.queue_id]
+    assert spool.load(env.queue_id)[0] == env  # message_id unknown: None
+    assert spool.read_body(env.queue_id) == added + body
+
+
+@pytest.mark.parametrize(
+    "damage",
+    [
+        lambda raw: raw.replace(b"\nLATE 000", b"\nLATE 100"),  # length past the file
+        lambda raw: raw.replace(b"\nLATE ", b"\nLAME "),
+        lambda raw: raw.replace(b'{"message_id"', b'{"queue_id"\x20\x20'),  # unknown late key
+        lambda raw: raw.replace(b'"<m@x.test>"', b"123456789012"),  # not a string
+    ],
+)
+def test_damaged_late_record_is_refused_at_recovery(tmp_path: Path, damage: Any) -> None:
+    spool = Spool(tmp_path, fsync=False)
+    env = make_envelope()
+    writer = spool.open_message(env)
+    writer.write(b"body\r\n")
+    writer.message_id = "<m@x.test>"
+    asyncio.run(writer.commit())
+    path = tmp_path / "queue" / env.queue_id
+    raw = path.read_bytes()
+    damaged = damage(raw)
+    assert damaged != raw and len(damaged) == len(raw)
+    path.write_bytes(damaged)
+    with pytest.raises(CorruptMessage):
+        spool.load(env.queue_id)
+    assert spool.recover(MemoryEventLog()) == []
+    assert os.listdir(tmp_path / "corrupt") == [env.queue_id]
 
 
 TORN = {

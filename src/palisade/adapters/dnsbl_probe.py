@@ -24,6 +24,7 @@ from palisade.adapters.dns import reverse_ip_labels
 from palisade.ports import DnsTempError, Resolver
 
 __all__ = [
+    "REFUSED_BY_LIST",
     "SPAMHAUS_ERROR_CODES",
     "DnsblClass",
     "classify_dnsbl_answer",
@@ -42,6 +43,10 @@ SPAMHAUS_ERROR_CODES: dict[str, str] = {
     "127.255.255.254": "Spamhaus: query via public/open resolver",
     "127.255.255.255": "Spamhaus: excessive number of queries",
 }
+
+
+# What a 127.255.255.x answer to a probe means for the operator, said plainly.
+REFUSED_BY_LIST = "your resolver is refused by this list (public resolver or missing DQS key)"
 
 
 def classify_dnsbl_answer(address: str) -> DnsblClass:
@@ -95,7 +100,10 @@ async def _lookup_point(resolver: Resolver, ip: str, zone: str, shown: str) -> t
     if not answer.records:
         return "not-listed", ""
     for record in answer.records:
-        if classify_dnsbl_answer(record) != "listed":
+        kind = classify_dnsbl_answer(record)
+        if kind == "error":
+            return "failed", f"{describe_dnsbl_answer(record)}: {REFUSED_BY_LIST}"
+        if kind != "listed":
             return "failed", describe_dnsbl_answer(record)
     return "listed", ", ".join(answer.records)
 

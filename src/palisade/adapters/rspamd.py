@@ -3,15 +3,17 @@
 Owns: one HTTP/1.1 request per message, written on asyncio streams (no HTTP library needed for
 one POST): ``POST <base path>/checkv2`` with ``Content-Length`` and ``Connection: close``, the
 optional ``Password`` header, and the message from the spool file as the body in 64 KiB chunks
-(never whole in memory). The reply's JSON body gives the report::
+(never whole in memory). The reply's JSON body gives the report (rspamd 3.4, stock rules)::
 
-    {"score": 12.3, "required_score": 15.0, "action": "add header",
-     "symbols": {"GTUBE": {"name": "GTUBE", "score": 0.0}, ...}, ...}
+    {"is_skipped": false, "score": 1.0, "required_score": 15.0, "action": "no action",
+     "symbols": {"MIME_GOOD": {"name": "MIME_GOOD", "score": -0.1, ...}, ...}, ...}
 
 ``score`` becomes ``SpamReport.score``; the names in ``symbols`` (sorted) become
 ``SpamReport.rules``. rspamd's own ``required_score`` and ``action`` are not used: Palisade's tag
-and kill levels are compared with the score (so an action rspamd forces without a score, such as
-its GTUBE "reject" pre-result, is not followed).
+and kill levels are compared with the score. An action rspamd forces comes with that action's
+threshold as the score: GTUBE is ``"action": "reject"`` with ``"score": 15.0`` (rspamd's reject
+threshold) and one symbol ``GTUBE`` of weight 0, so it is refused when ``kill_level`` is at
+most rspamd's reject threshold, as by default.
 
 ``url`` is ``http://host:port`` (or ``https://``, verified against the system CA store), with an
 optional base path (``http://127.0.0.1:11333/rspamd``).

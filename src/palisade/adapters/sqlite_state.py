@@ -10,6 +10,9 @@ Must not touch: policy (it counts; whether a count is "too many" is the checks' 
 configuration files (the composition root passes the path), and any project module other than
 ``palisade.ports`` (import-linter contract "Adapters import ports only").
 
+Files: the database is created 0600 by this module (not left to SQLite and the umask), and
+SQLite gives its -wal and -shm files the same mode. An existing file keeps its mode.
+
 Trust: the file is ours; its contents are trusted as far as SQLite can read them. Addresses come
 from the socket or, through the CLI, from the operator: they are parsed by :mod:`ipaddress`, and a
 malformed one raises ``ValueError`` before anything is asked of the database. Rate keys are opaque
@@ -65,6 +68,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ipaddress
+import os
 import sqlite3
 import threading
 import time
@@ -167,7 +171,13 @@ class SqliteStateStore:
         self._hits = 0
         self._conn: sqlite3.Connection | None = None
         if str(self.path) != ":memory:":
-            self.path.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+                # Made here, 0600, before SQLite opens it: SQLite gives the -wal and -shm files
+                # the mode of the database file, so all three are private whatever the umask.
+                os.close(os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600))
+            except OSError as exc:
+                raise StateTempError(f"cannot open state database {self.path}: {exc}") from None
         try:
             conn = sqlite3.connect(
                 str(self.path),

@@ -1,17 +1,25 @@
 """The ``palisade`` command: serve, queue administration, config checking.
 
-Owns argument parsing only; each command is a thin call into the public API of the other
-packages. Exit status: 0 success, 1 operational failure, 2 bad usage or bad config.
+Owns argument parsing and the process umask (0077, set before any command runs); each command is a
+thin call into the public API of the other packages. Exit status: 0 success; 1 operational failure
+(an unusable path, an error found by the start-up self-check); 2 bad usage or a bad config file.
+Every failure is one line on stderr naming the file or key, never a traceback. A standard output
+closed early (``palisade queue list | head -1``) ends the command quietly with status 0 (the reader
+had what it wanted; ``config check`` keeps its own status), without a message.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import sys
 from pathlib import Path
+from typing import Any
 
 from palisade import __version__
-from palisade.config import ConfigError, load_config
+from palisade.config import Config, ConfigError, load_config
+from palisade.config.policy import Policy
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -28,13 +36,20 @@ def _parser() -> argparse.ArgumentParser:
     config_commands = config.add_subparsers(dest="config_command", required=True)
     check = config_commands.add_parser("check", help="validate a config and print it")
     check.add_argument("--config", type=Path)
+    check.add_argument(
+        "--json", action="store_true", help="print the effective config as JSON (for tools)"
+    )
+    check.add_argument(
+        "--no-dns", action="store_true", help="skip the resolver and DNSBL probes of the self-check"
+    )
 
-    from palisade.cli import checkhost
+    from palisade.cli import checkhost, tlscheck
     from palisade.cli import history as history_cli
     from palisade.cli import queue as queue_cli
     from palisade.cli import recipients as recipients_cli
 
     checkhost.add_arguments(commands)
+    tlscheck.add_arguments(commands)
     history = history_cli.add_arguments(commands)
     history.add_argument("--config", type=Path)
     _config_after_subcommand(history)
@@ -54,8 +69,36 @@ def _config_after_subcommand(parser: argparse.ArgumentParser) -> None:
             leaf.add_argument("--config", type=Path, default=argparse.SUPPRESS)
 
 
+# Mail, queue files and the state database are nobody else's business, whatever umask the
+# service manager or the operator's shell hands down: every command that may write starts with
+# this one. Modes wider than 0600/0700 are given explicitly where they are wanted (logs 0640,
+# the Maildir tree with ``[paths] group``).
+UMASK = 0o077
+
+
 def main(argv: list[str] | None = None) -> int:
+    try:
+        status = _main(argv)
+        sys.stdout.flush()  # inside the try: a closed pipe is often only seen here
+    except BrokenPipeError:
+        _quiet_stdout()
+        return 0
+    return status
+
+
+def _quiet_stdout() -> None:
+    """After EPIPE: point stdout at /dev/null so the interpreter's final flush cannot fail again
+    (the idiom of the Python documentation, "Note on SIGPIPE")."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, sys.stdout.fileno())
+    finally:
+        os.close(devnull)
+
+
+def _main(argv: list[str] | None) -> int:
     args = _parser().parse_args(argv)
+    os.umask(UMASK)
     if args.command == "serve":
         from palisade.server.app import serve
 
@@ -64,92 +107,257 @@ def main(argv: list[str] | None = None) -> int:
         from palisade.cli import checkhost
 
         return checkhost.main(args)
+    if args.command == "tls":
+        from palisade.cli import tlscheck
+
+        return tlscheck.run(args)
     try:
         config = load_config(args.config)
     except ConfigError as exc:
         print(f"palisade: {exc}", file=sys.stderr)
         return 2
     if args.command == "config":
-        return _config_check(config)
+        return _config_check(config, as_json=args.json, dns=not args.no_dns)
     if args.command == "recipients":
         from palisade.cli import recipients as recipients_cli
 
         return recipients_cli.run(args, config)
     if args.command == "history":
-        from palisade.adapters.sqlite_state import SchemaError, SqliteStateStore
-        from palisade.cli import history as history_cli
-        from palisade.ports import StateTempError
+        return _history(args, config.paths.state)
+    return _queue(args, config.paths.spool, config.paths.log)
 
-        try:
-            store = SqliteStateStore(config.paths.state)
-        except (StateTempError, SchemaError) as exc:
-            print(f"palisade: state database {config.paths.state}: {exc}", file=sys.stderr)
-            return 1
-        try:
-            return history_cli.run(args, store)
-        finally:
-            store.close()
+
+def _history(args: argparse.Namespace, state: Path) -> int:
+    from palisade.adapters.sqlite_state import SchemaError, SqliteStateStore
+    from palisade.cli import history as history_cli
+    from palisade.ports import StateTempError
+
+    # list and remove only read (remove of an absent record): a missing database is an empty
+    # one, in memory, so that a read never creates the file or its directory.
+    read_only = args.history_command in ("list", "remove") and not state.exists()
+    try:
+        store = SqliteStateStore(Path(":memory:") if read_only else state)
+    except (StateTempError, SchemaError) as exc:
+        print(f"palisade: state database {state}: {exc}", file=sys.stderr)
+        return 1
+    except OSError:
+        from palisade.selfcheck import state_problem
+
+        print(f"palisade: {state_problem(state)}", file=sys.stderr)
+        return 1
+    try:
+        return history_cli.run(args, store)
+    finally:
+        store.close()
+
+
+def _queue(args: argparse.Namespace, spool_path: Path, log_path: Path) -> int:
     from palisade.cli import queue as queue_cli
-    from palisade.obs.log import FileEventLog
+    from palisade.obs.log import FileEventLog, MemoryEventLog
     from palisade.spool import Spool
 
-    spool = Spool(config.paths.spool)
-    log = FileEventLog(config.paths.log)
+    if not spool_path.is_dir():  # nothing was ever queued here: create nothing
+        if args.queue_command == "list":
+            print(
+                f"palisade: note: no spool at [paths] spool {spool_path} (nothing was ever "
+                "queued here; is --config right?)",
+                file=sys.stderr,
+            )
+            print("0 message(s) in the queue")
+            return 0
+        print(f"palisade queue: no spool at [paths] spool {spool_path}", file=sys.stderr)
+        return 1
+    try:
+        spool = Spool(spool_path)
+    except OSError as exc:
+        print(
+            f"palisade: cannot open [paths] spool {spool_path}: {exc.strerror or exc}",
+            file=sys.stderr,
+        )
+        return 1
+    try:  # only delete writes a log line
+        log = FileEventLog(log_path) if args.queue_command == "delete" else MemoryEventLog()
+    except OSError as exc:
+        spool.close()
+        print(
+            f"palisade: cannot create [paths] log {log_path}: {exc.strerror or exc}",
+            file=sys.stderr,
+        )
+        return 1
     try:
         return queue_cli.run(args, spool, log)
     finally:
         spool.close()
-        log.close()
+        if isinstance(log, FileEventLog):
+            log.close()
 
 
-# Fields whose value is a secret: config check says whether they are set, never what they are.
-_SECRET_FIELDS = frozenset({"bind_password", "password"})
+# Keys whose value is a secret: config check says whether they are set, never what they are.
+_SECRET_KEYS = frozenset({"bind_password", "password", "dqs_key"})
+_NOT_SHOWN = "(set, not shown)"
+_SECTIONS = (
+    "server", "limits", "tls", "domains", "relay", "delivery", "paths", "log", "dns", "policy",
+    "ldap", "spamd", "rspamd", "clamd", "authentication",
+)  # fmt: skip
 
 
-def _config_check(config: object) -> int:
-    from palisade.config import Config
+def _config_check(config: Config, *, as_json: bool = False, dns: bool = True) -> int:
     from palisade.config.policy import build_policy
-    from palisade.policy.rules import Stage
+    from palisade.selfcheck import has_errors, run_selfcheck
 
-    assert isinstance(config, Config)
     try:
         policy = build_policy(config)
     except ConfigError as exc:
         print(f"palisade: {exc}", file=sys.stderr)
         return 2
-    print(f"configuration {config.source} is valid")
-    for section in (
-        "server",
-        "limits",
-        "tls",
-        "domains",
-        "relay",
-        "delivery",
-        "paths",
-        "log",
-        "dns",
-        "policy",
-        "ldap",
-        "spamd",
-        "rspamd",
-        "clamd",
-        "authentication",
-    ):
-        print(f"[{section}]")
+    findings = run_selfcheck(config, policy, dns=dns)
+    status = 1 if has_errors(findings) else 0
+    for finding in findings:
+        print(finding.line(), file=sys.stderr)
+    errors = sum(f.level == "error" for f in findings)
+    warnings = sum(f.level == "warning" for f in findings)
+    print(f"self-check: {errors} error(s), {warnings} warning(s)", file=sys.stderr)
+    effective = effective_config(config)
+    try:
+        if as_json:
+            document = {
+                "source": config.source,
+                "valid": status == 0,
+                "findings": [f.as_dict() for f in findings],
+                "config": effective,
+            }
+            print(json.dumps(document, indent=2))
+        else:
+            verdict = "is valid" if status == 0 else "is valid, but the self-check found errors"
+            print(f"# palisade config check: {config.source} {verdict}")
+            print(to_toml(effective, policy))
+        sys.stdout.flush()
+    except BrokenPipeError:
+        _quiet_stdout()
+    return status
+
+
+def _redact(key: str, value: Any) -> Any:
+    """``value`` with every secret replaced, at any depth (an option may be a table)."""
+    if key in _SECRET_KEYS and value:
+        return _NOT_SHOWN
+    if isinstance(value, dict):
+        return {k: _redact(k, v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_redact("", v) for v in value]
+    return value
+
+
+def _plain(value: Any) -> Any:
+    """A config value as a TOML/JSON value: paths and networks as strings, tuples as lists."""
+    if isinstance(value, bool | int | float | str) or value is None:
+        return value
+    if isinstance(value, tuple | list):
+        return [_plain(v) for v in value]
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    return str(value)  # Path, IPv4Network, IPv6Network
+
+
+def effective_config(config: Config) -> dict[str, Any]:
+    """The config with every default filled in, secrets replaced by "(set, not shown)", in the
+    shape the file is written in; ``None`` for a setting that is not set."""
+    out: dict[str, Any] = {}
+    for section in _SECTIONS:
         value = getattr(config, section)
-        for name in value.__dataclass_fields__:
-            shown = getattr(value, name)
-            if name in _SECRET_FIELDS and shown:
-                shown = "(set, not shown)"
-            print(f"  {name} = {shown!r}")
-    print("[lists]")
-    for name, handle in policy.lists.handles.items():
-        where = handle.path or "inline"
-        print(f"  {name}: {handle.kind.value} list, {len(handle.value)} entries ({where})")
-    print("rule order:")
+        out[section] = {
+            name: _redact(name, _plain(getattr(value, name))) for name in value.__dataclass_fields__
+        }
+    lists: dict[str, Any] = {}
+    for spec in config.lists:
+        entry: dict[str, Any] = {"type": spec.kind}
+        if spec.file is not None:
+            entry["file"] = str(spec.file)
+        else:
+            entry["entries"] = list(spec.entries)
+        lists[spec.name] = entry
+    out["lists"] = lists
+    rules: dict[str, list[dict[str, Any]]] = {}
+    for rule in config.rules:
+        table: dict[str, Any] = {"check": rule.check, "verb": rule.verb}
+        for name in (
+            "name", "message", "log_message", "observe", "on_error", "timeout", "negate", "code",
+            "enhanced", "recipient_domains",
+        ):  # fmt: skip
+            table[name] = _plain(getattr(rule, name))
+        for key, option in rule.options:
+            table[key] = _redact(key, _plain(option))
+        rules.setdefault(rule.stage, []).append(table)
+    out["rules"] = rules
+    return out
+
+
+def _toml_key(key: str) -> str:
+    if key and all(c.isascii() and (c.isalnum() or c in "_-") for c in key):
+        return key
+    return _toml_string(key)
+
+
+def _toml_string(text: str) -> str:
+    # JSON's escapes are TOML's (ensure_ascii=False: no surrogate pairs); DEL must be escaped.
+    return json.dumps(text, ensure_ascii=False).replace("\x7f", "\\u007f")
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return repr(value)
+    if isinstance(value, str):
+        return _toml_string(value)
+    if isinstance(value, list):
+        return "[" + ", ".join(_toml_value(v) for v in value if v is not None) + "]"
+    if isinstance(value, dict):
+        items = ", ".join(
+            f"{_toml_key(k)} = {_toml_value(v)}" for k, v in value.items() if v is not None
+        )
+        return "{ " + items + " }" if items else "{}"
+    raise TypeError(f"no TOML form for {value!r}")
+
+
+def _toml_table(table: dict[str, Any]) -> list[str]:
+    lines = []
+    for key, value in table.items():
+        if value is None:  # TOML has no null: say it is not set, in a comment
+            lines.append(f"# {key} is not set")
+        else:
+            lines.append(f"{_toml_key(key)} = {_toml_value(value)}")
+    return lines
+
+
+def to_toml(effective: dict[str, Any], policy: Policy) -> str:
+    """``effective_config`` as TOML that ``tomllib`` reads back to the same values (``None``
+    settings left out); rules as ``[[rules.<stage>]]`` tables in evaluation order, each under a
+    comment with its number and description; the DATA rules ``[clamd]`` and ``[spamd]`` or
+    ``[rspamd]`` imply (before and after the operator's) as comments."""
+    from palisade.policy.rules import Stage
+    from palisade.selfcheck import entries
+
+    lines: list[str] = []
+    for section in _SECTIONS:
+        lines += ["", f"[{section}]", *_toml_table(effective[section])]
+    lines += ["", "[lists]"]
+    for name, entry in effective["lists"].items():
+        loaded = policy.lists.handles.get(name)
+        count = f"  # {entries(len(loaded.value))}" if loaded is not None else ""
+        lines.append(f"{_toml_key(name)} = {_toml_value(entry)}{count}")
     for stage in Stage:
+        tables = iter(effective["rules"].get(stage.value, []))
         rules = policy.for_stage(stage)
-        print(f"  {stage.value}:" + ("" if rules else " (none)"))
+        if not rules:
+            continue
+        lines += ["", f"# rules.{stage.value}, in evaluation order:"]
+        implied_before = 1 if stage is Stage.DATA and effective["clamd"]["address"] else 0
+        written = len(effective["rules"].get(stage.value, []))
         for number, rule in enumerate(rules, 1):
-            print(f"    {number}. {rule.describe()}")
-    return 0
+            if number <= implied_before or number > implied_before + written:
+                lines.append(f"# {number}. {rule.describe()} (implied by its section)")
+                continue
+            lines += ["", f"# {number}. {rule.describe()}", f"[[rules.{stage.value}]]"]
+            lines += _toml_table(next(tables))
+    return "\n".join(lines).lstrip("\n")

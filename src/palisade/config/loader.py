@@ -9,8 +9,11 @@ expected. Trust: the file is operator input, trusted in intent but not in form.
 from __future__ import annotations
 
 import dataclasses
+import grp
 import ipaddress
 import re
+import ssl
+import string
 import tomllib
 import types
 import typing
@@ -151,6 +154,50 @@ def _parse_lists(table: Any, base: Path, source: str, finder: _LineFinder) -> tu
     return tuple(specs)
 
 
+# The ``$name`` placeholders a rule's ``message`` and ``log_message`` may use: these for every
+# rule (filled by the policy engine), plus the values of the rule's check (README, "The checks").
+# A new check must be added here: tests/policy/test_rule_text_values.py compares it with REGISTRY.
+COMMON_TEXT_VALUES = ("ip", "helo", "sender", "recipient", "reason")
+CHECK_TEXT_VALUES: dict[str, tuple[str, ...]] = {
+    "ip_list": (),
+    "private_ip": (),
+    "domain_list": (),
+    "address_list": (),
+    "regex": ("pattern",),
+    "tls_required": (),
+    "rdns": ("ptr",),
+    "dnsbl": ("zone", "codes", "txt", "zones"),
+    "dbl": ("domain", "field", "zone", "codes", "txt"),
+    "helo": ("pattern", "condition"),
+    "sender": ("domain", "pattern", "condition"),
+    "local_sender": ("domain",),
+    "history": ("count", "first_seen", "last_seen", "threshold"),
+    "ratelimit": ("rate", "count", "limit", "window"),
+    "recipient": ("domain",),
+    "header_sender": ("condition", "addresses"),
+    "spf": ("spf_result", "spf_domain", "spf_explanation"),
+    "dkim": ("result", "domain", "selector"),
+    "dmarc": ("result", "domain", "policy", "disposition"),
+    "spam_score": ("spam_score", "spam_rules", "scanner"),
+    "virus": ("virus",),
+}
+
+
+def unknown_text_values(check: str, text: str) -> list[str]:
+    """The ``$name``/``${name}`` placeholders of ``text`` that a rule of ``check`` never fills
+    (they would reach the client or the log as written). An unknown check gives none (the
+    policy builder reports the check itself)."""
+    known = CHECK_TEXT_VALUES.get(check)
+    if known is None:
+        return []
+    unknown = []
+    for match in string.Template.pattern.finditer(text):
+        name = match.group("named") or match.group("braced")
+        if name is not None and name not in known and name not in COMMON_TEXT_VALUES:
+            unknown.append(name)
+    return unknown
+
+
 _RULE_KEYS = {
     "check", "verb", "name", "message", "log_message", "observe", "on_error", "timeout",
     "negate", "code", "enhanced", "recipient_domains",
@@ -198,10 +245,23 @@ def _parse_rules(table: Any, source: str, finder: _LineFinder) -> tuple[RuleSpec
             for key in ("name", "message", "log_message", "enhanced"):
                 if key in fixed and not isinstance(fixed[key], str):
                     fail(key, f"expected a string, got {fixed[key]!r}")
+            for key in ("message", "log_message"):
+                unknown = unknown_text_values(rule["check"], fixed.get(key, ""))
+                if unknown:
+                    names = ", ".join(f"${n}" for n in unknown)
+                    usable = ", ".join(
+                        f"${n}"
+                        for n in (*COMMON_TEXT_VALUES, *CHECK_TEXT_VALUES.get(rule["check"], ()))
+                    )
+                    fail(
+                        key,
+                        f"unknown variable {names} for check {rule['check']!r} "
+                        f"(known: {usable}; write $$ for a dollar sign)",
+                    )
             for key in ("observe", "negate"):
                 if key in fixed and not isinstance(fixed[key], bool):
                     fail(key, f"expected true or false, got {fixed[key]!r}")
-            if fixed.get("on_error", "defer") not in ON_ERROR:
+            if "on_error" in fixed and fixed["on_error"] not in ON_ERROR:
                 fail("on_error", f"expected one of {', '.join(ON_ERROR)}")
             timeout = fixed.get("timeout")
             if timeout is not None:
@@ -233,6 +293,8 @@ def _convert(raw: Any, hint: Any, meta: typing.Mapping[str, Any]) -> Any:
         if seconds < meta.get("min", 0):
             raise ValueError(f"expected a duration of at least {meta['min']} seconds")
         return seconds
+    if meta.get("kind") == "group":
+        return _group(raw)
     origin = typing.get_origin(hint)
     args = typing.get_args(hint)
     if origin in (types.UnionType, typing.Union) and type(None) in args:
@@ -275,6 +337,18 @@ def _convert(raw: Any, hint: Any, meta: typing.Mapping[str, Any]) -> Any:
         except ValueError:
             raise ValueError(f"expected an IP address or CIDR, got {raw!r}") from None
     raise ValueError(f"unsupported setting type {hint!r}")  # a bug in model.py, not the file
+
+
+def _group(raw: Any) -> int:
+    """A group name or gid that must exist on this host: its gid."""
+    if isinstance(raw, bool) or not isinstance(raw, int | str) or raw == "":
+        raise ValueError(f'expected a group name or gid, like "mail" or 8, got {_describe(raw)}')
+    try:
+        if isinstance(raw, int) or raw.isdigit():
+            return grp.getgrgid(int(raw)).gr_gid
+        return grp.getgrnam(raw).gr_gid
+    except (KeyError, OverflowError):
+        raise ValueError(f"no such group on this host: {raw!r}") from None
 
 
 def _duration(raw: Any) -> float:
@@ -374,10 +448,54 @@ def _check_cross_rules(config: Config, source: str, finder: _LineFinder) -> None
         path = getattr(tls, key)
         if path is not None and not path.is_file():
             fail("tls", key, f"no such file: {path}")
+    if tls.certificate is not None and tls.private_key is not None:
+        problem = certificate_key_problem(tls.certificate, tls.private_key)
+        if problem:
+            fail("tls", "certificate", problem)
+    password_file = config.ldap.bind_password_file
+    if password_file is not None:
+        try:
+            with open(password_file, "rb") as f:
+                f.read(1)
+        except OSError as exc:
+            fail("ldap", "bind_password_file", f"cannot be read: {exc.strerror or exc}")
+    for name in ("spamd", "rspamd"):
+        scanner = getattr(config, name)
+        if scanner.tag_level > scanner.kill_level:
+            fail(
+                name,
+                "tag_level",
+                f"tag_level {scanner.tag_level:g} is above kill_level {scanner.kill_level:g}: "
+                "spam between them would be refused without ever being tagged",
+            )
     if config.delivery.tls_ca_file is not None and not config.delivery.tls_ca_file.is_file():
         fail("delivery", "tls_ca_file", f"no such file: {config.delivery.tls_ca_file}")
     if config.delivery.retry_max_interval < config.delivery.retry_initial:
         fail("delivery", "retry_max_interval", "must not be shorter than retry_initial")
+
+
+def certificate_key_problem(certificate: Path, private_key: Path) -> str | None:
+    """Loads the chain and key as the listener will (OpenSSL); a sentence naming both files
+    when they do not load or do not belong together, else None. An encrypted key is refused:
+    the server cannot ask for its passphrase."""
+
+    def no_passphrase() -> bytes:
+        raise ValueError("the private key is encrypted: give an unencrypted key")
+
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    try:
+        context.load_cert_chain(str(certificate), str(private_key), password=no_passphrase)
+    except ssl.SSLError as exc:
+        reason = exc.reason or str(exc)
+        if "KEY_VALUES_MISMATCH" in str(exc) or reason == "KEY_VALUES_MISMATCH":
+            return (
+                f"certificate {certificate} does not match [tls] private_key {private_key} "
+                "(the first certificate of the chain must be the key's)"
+            )
+        return f"certificate {certificate} or private_key {private_key} cannot be loaded: {exc}"
+    except (OSError, ValueError) as exc:
+        return f"certificate {certificate} or private_key {private_key} cannot be loaded: {exc}"
+    return None
 
 
 def _line_from_decode_error(message: str) -> int | None:

@@ -95,12 +95,19 @@ class DeliveryConfig:
 
 @dataclass(frozen=True, slots=True)
 class PathsConfig:
-    """Where state lives. Relative paths are relative to the working directory at start-up."""
+    """Where state lives. Relative paths are relative to the working directory at start-up.
+
+    ``group``: a group name or gid (resolved to the gid when loaded) that may read the Maildir
+    tree: with it, the mailbox directories the gateway creates are 0750 and its files 0640, both
+    of that group, for a delivery agent (Dovecot's ``mail`` group); without it 0700 and 0600.
+    The spool, the state database and the logs never take it.
+    """
 
     spool: Path = Path("var/spool")
     mail: Path = Path("var/mail")
     log: Path = Path("var/log")
     state: Path = Path("var/state.sqlite")
+    group: int | None = field(default=None, metadata={"kind": "group"})
 
 
 @dataclass(frozen=True, slots=True)
@@ -144,7 +151,7 @@ class RuleSpec:
     message: str = ""
     log_message: str = ""
     observe: bool = False
-    on_error: str = "defer"
+    on_error: str | None = None  # None: the check's default (defer; skip for dnsbl and dbl)
     timeout: float | None = None
     negate: bool = False
     code: int | None = None
@@ -190,14 +197,17 @@ class SpamdConfig:
 
 @dataclass(frozen=True, slots=True)
 class RspamdConfig:
-    """rspamd's HTTP /checkv2, as an alternative to spamd (same tag and kill levels)."""
+    """rspamd's HTTP /checkv2, as an alternative to spamd (same headers and verbs). The levels
+    default to rspamd's own stock thresholds (actions.conf: "add header" 6, "reject" 15), not
+    SpamAssassin's: rspamd reports a forced action such as GTUBE's with that action's threshold
+    as the score (15.0), which a kill level of 16 would let through."""
 
     url: str = ""  # "http://127.0.0.1:11333"; empty: off
     password: str = ""  # the controller password, if rspamd asks for one (a secret)
     timeout: float = duration(30.0, 0.1)
     max_size: int = positive(512_000, 1024)
-    tag_level: float = 4.5
-    kill_level: float = 16.0
+    tag_level: float = 6.0  # rspamd's "add header"
+    kill_level: float = 15.0  # rspamd's "reject"
     on_failure: str = choice("accept", "defer")
 
 

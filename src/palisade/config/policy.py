@@ -18,7 +18,7 @@ from palisade.config.model import Config, RuleSpec
 from palisade.policy.checks import REGISTRY
 from palisade.policy.engine import Rule
 from palisade.policy.lists import ListKind
-from palisade.policy.rules import OnError, Stage, Verb
+from palisade.policy.rules import OnError, Stage, Verb, default_on_error, uses_dns
 
 
 @dataclass(frozen=True)
@@ -103,7 +103,9 @@ def build_policy(config: Config, on_list_error: Callable[[str], None] | None = N
                 message=spec.message,
                 log_message=spec.log_message,
                 observe=spec.observe,
-                on_error=OnError(spec.on_error),
+                on_error=default_on_error(check)
+                if spec.on_error is None
+                else OnError(spec.on_error),
                 timeout=spec.timeout if spec.timeout is not None else config.policy.check_timeout,
                 negate=spec.negate,
                 code=spec.code,
@@ -166,6 +168,39 @@ def _spam_kill_rules(config: Config, registry: ListRegistry) -> list[Rule]:
             enhanced="5.7.1",
         )
     ]
+
+
+_PERMANENT = frozenset({Verb.DENY, Verb.DROP})
+
+
+def permanent_on_error_warnings(config: Config, policy: Policy | None = None) -> list[str]:
+    """A warning for every DNS-based rule whose temporary failure gives a permanent refusal.
+
+    ``on_error = "deny"``, or ``"match"`` on a deny/drop rule, turns a dead, silent or SERVFAIL
+    resolver into a 5xx for every client: senders bounce legitimate mail instead of retrying.
+    Rules in observe mode refuse nothing and are not named. ConfigError if the policy does
+    not build (as ``build_policy``); pass ``policy`` when it is built already.
+    """
+    if policy is None:
+        policy = build_policy(config)
+    warnings: list[str] = []
+    for stage in Stage:
+        # [clamd] puts its rule before the operator's DATA rules: number as the file does
+        implied = 1 if stage is Stage.DATA and config.clamd.address else 0
+        for number, rule in enumerate(policy.for_stage(stage), 1 - implied):
+            if rule.observe or not uses_dns(rule.check):
+                continue
+            permanent = rule.on_error is OnError.DENY or (
+                rule.on_error is OnError.MATCH and rule.verb in _PERMANENT
+            )
+            if permanent:
+                warnings.append(
+                    f"{config.source}: rules.{stage.value}[{number}] ({rule.name}): "
+                    f'on_error = "{rule.on_error.value}" turns a DNS failure (resolver down, '
+                    f"time-out, SERVFAIL) into a permanent 5xx refusal: senders bounce "
+                    f'legitimate mail; use "defer" (451) instead'
+                )
+    return warnings
 
 
 def load_everything(

@@ -4,6 +4,7 @@ Owns: the file format of ``mainlog`` / ``rejectlog`` (and optional JSON lines). 
 in a line it has built; client-supplied text must go through :func:`escape` first, because these
 files are read by firewalls (fail2ban, nftfw) and a client must never be able to forge a line.
 Trust: none of the text is trusted; control characters are escaped here as a last line of defence.
+Files: the log files it creates are 0640 (see ``_open_log``), the directory 0750.
 """
 
 from __future__ import annotations
@@ -16,6 +17,8 @@ from collections.abc import Callable
 from email.utils import formatdate
 from pathlib import Path
 from typing import Protocol
+
+from palisade.obs.files import make_dirs
 
 _ESCAPES = {i: f"\\x{i:02x}" for i in range(32)} | {127: "\\x7f"}
 _ESCAPES[ord("\\")] = "\\\\"
@@ -64,6 +67,22 @@ class EventLog(Protocol):
         """Something the operator must look at (broken config on reload, spool corruption)."""
 
 
+LOG_MODE = 0o640  # as exim's: the owner writes, its group (e.g. adm) reads, nobody else
+
+
+def _open_log(path: Path) -> int:
+    """An O_APPEND descriptor on ``path``. A file this call creates gets mode 0640 whatever the
+    umask (the gateway runs with 0077); an existing file keeps the mode the operator or
+    logrotate gave it. The group is the process's, or the directory's when it is setgid."""
+    flags = os.O_WRONLY | os.O_APPEND
+    try:
+        fd = os.open(path, flags | os.O_CREAT | os.O_EXCL, LOG_MODE)
+    except FileExistsError:
+        return os.open(path, flags | os.O_CREAT, LOG_MODE)  # O_CREAT: it may vanish meanwhile
+    os.fchmod(fd, LOG_MODE)
+    return fd
+
+
 class FileEventLog:
     """Appends lines to ``mainlog``, ``rejectlog`` and ``paniclog`` in one directory.
 
@@ -73,15 +92,14 @@ class FileEventLog:
     """
 
     def __init__(self, directory: Path, *, json_lines: bool = False, echo: bool = False) -> None:
-        directory.mkdir(parents=True, exist_ok=True)
+        make_dirs(directory, 0o750)
         self.directory = directory
         self._echo = echo
         self._lock = threading.Lock()
-        flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT
-        self._main = os.open(directory / "mainlog", flags, 0o640)
-        self._reject = os.open(directory / "rejectlog", flags, 0o640)
-        self._panic = os.open(directory / "paniclog", flags, 0o640)
-        self._json = os.open(directory / "main.jsonl", flags, 0o640) if json_lines else None
+        self._main = _open_log(directory / "mainlog")
+        self._reject = _open_log(directory / "rejectlog")
+        self._panic = _open_log(directory / "paniclog")
+        self._json = _open_log(directory / "main.jsonl") if json_lines else None
 
     def _write(self, fds: tuple[int, ...], kind: str, line: str, fields: dict[str, object]) -> None:
         now = time.time()

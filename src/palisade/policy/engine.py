@@ -2,9 +2,12 @@
 
 Owns: evaluating one stage's rules against the facts (each check under its own deadline), what a
 temporary failure turns into (the rule's ``on_error``; by default 451 4.4.3, never a silent
-accept), observe mode (``would deny ...``), ``accept`` / ``accept_all``, ``warn`` headers, and the
-texts a matched rule produces. It returns decisions; it writes no log and no reply (the session
-does both), as Postfix's smtpd_check returns a reply for smtpd to send.
+accept; a blocklist's default is to skip) and the log text it gets -- its own
+(``DEFER - dnsbl lookup failed: <reason>``), never the rule's text for a match, whose
+placeholders a failure cannot fill -- observe mode (``would deny ...``), ``accept`` /
+``accept_all``, ``warn`` headers, and the texts a matched rule produces. It returns
+decisions; it writes no log and no reply (the session does both), as Postfix's smtpd_check
+returns a reply for smtpd to send.
 Trust: check results carry remote text (PTR names, DNSBL TXT records); the engine only places it
 into templates, the session escapes it for the log.
 """
@@ -15,12 +18,22 @@ import asyncio
 import time
 import types
 import typing
-from collections.abc import Coroutine, Generator, Sequence
+from collections.abc import Coroutine, Generator, Mapping, Sequence
 from dataclasses import dataclass, field
 from string import Template
 from typing import Any
 
-from palisade.policy.rules import Check, CheckError, CheckResult, Facts, OnError, Ports, Stage, Verb
+from palisade.policy.rules import (
+    Check,
+    CheckError,
+    CheckResult,
+    Facts,
+    OnError,
+    Ports,
+    Stage,
+    Verb,
+    active_zones,
+)
 from palisade.policy.verdict import Action, Verdict
 from palisade.ports import DnsTempError, StateTempError
 from palisade.smtp.replies import Reply
@@ -77,6 +90,8 @@ class Decision:
     elapsed: float
     error: str | None = None
     header: str | None = None
+    # a failed blocklist lookup: public zone name -> what went wrong (for the panic log)
+    error_zones: Mapping[str, str] = field(default_factory=dict)
 
 
 @dataclass
@@ -200,9 +215,32 @@ async def _run_check(rule: Rule, facts: Facts, ports: Ports) -> CheckResult:
         async with asyncio.timeout(rule.timeout):
             return await _Resume(coro, pending)
     except TimeoutError:
-        raise CheckError(f"{rule.check.name} check timed out after {rule.timeout:g}s") from None
+        text = f"{rule.check.name} check timed out after {rule.timeout:g}s"
+        raise CheckError(text, dict.fromkeys(active_zones(rule.check), text)) from None
     except (DnsTempError, StateTempError) as exc:
-        raise CheckError(f"{rule.check.name}: {exc}") from None
+        text = f"{rule.check.name}: {exc}"
+        raise CheckError(text, dict.fromkeys(active_zones(rule.check), text)) from None
+
+
+_FIXED_VALUES = frozenset({"ip", "helo", "sender", "recipient"})
+
+
+def _fill_without_result(template: str, facts: Facts) -> str | None:
+    """A rule's message for a check that failed: filled from the facts alone, or None when it
+    names a value only a match provides (``$zone``): that text would be a lie or half empty."""
+    for match in Template.pattern.finditer(template):
+        named = match.group("named") or match.group("braced")
+        if named is not None and named not in _FIXED_VALUES:
+            return None
+    return _fill(template, CheckResult(True), facts)
+
+
+def _failure_text(rule: Rule, verb: Verb, error: str) -> str:
+    """The log text of a rule whose check failed temporarily (never the match text)."""
+    what = f"{rule.check.name} lookup failed"
+    if rule.on_error is OnError.DEFER:
+        return f"DEFER - {what}: {error}"
+    return f"{verb.value.upper()} - {what} (on_error = {rule.on_error.value}): {error}"
 
 
 async def evaluate_stage(
@@ -217,11 +255,13 @@ async def evaluate_stage(
             continue
         started = time.monotonic()
         error: str | None = None
+        error_zones: Mapping[str, str] = {}
         try:
             result = await _run_check(rule, facts, ports)
             matched = result.matched != rule.negate
         except CheckError as exc:
             error = str(exc)
+            error_zones = exc.zones
             result = CheckResult(True, reason=f"temporary failure: {error}")
             matched = True
         elapsed = time.monotonic() - started
@@ -231,15 +271,27 @@ async def evaluate_stage(
         verb = rule.verb
         if error is not None:
             if rule.on_error is OnError.SKIP:
+                text = f"{rule.check.name} lookup failed, skipped: {error}"
                 outcome.decisions.append(
-                    Decision(rule, False, False, result.reason, "", elapsed, error=error)
+                    Decision(
+                        rule,
+                        False,
+                        False,
+                        result.reason,
+                        text,
+                        elapsed,
+                        error=error,
+                        error_zones=error_zones,
+                    )
                 )
                 continue
             if rule.on_error is OnError.DEFER:
                 verb = Verb.DEFER
             elif rule.on_error is OnError.DENY:
                 verb = Verb.DENY
-        log_text = _fill(rule.log_message or f"{rule.name}: $reason", result, facts)
+            log_text = _failure_text(rule, verb, error)
+        else:
+            log_text = _fill(rule.log_message or f"{rule.name}: $reason", result, facts)
         if rule.observe:
             outcome.decisions.append(
                 Decision(
@@ -250,6 +302,7 @@ async def evaluate_stage(
                     f"would {verb.value}: {log_text}",
                     elapsed,
                     error=error,
+                    error_zones=error_zones,
                 )
             )
             continue
@@ -262,6 +315,7 @@ async def evaluate_stage(
                 log_text,
                 elapsed,
                 error=error,
+                error_zones=error_zones,
                 # only a warn rule adds its header: the others never fill it
                 header=_fill(result.header, result, facts)
                 if verb is Verb.WARN and result.header
@@ -277,6 +331,8 @@ async def evaluate_stage(
             return outcome
         if error is not None and verb is Verb.DEFER and rule.on_error is OnError.DEFER:
             reply = CONNECT_TEMPFAIL_REPLY if rule.stage is Stage.CONNECT else TEMPFAIL_REPLY
+        elif error is not None:
+            reply = _reply(rule, verb, _fill_without_result(rule.message, facts) or "")
         else:
             reply = _reply(rule, verb, _fill(rule.message, result, facts))
         action = {Verb.DENY: Action.DENY, Verb.DROP: Action.DROP, Verb.DEFER: Action.DEFER}[verb]

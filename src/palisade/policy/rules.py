@@ -54,10 +54,10 @@ class Verb(enum.Enum):
 class OnError(enum.Enum):
     """What a rule does when its check fails temporarily (DNS timeout, store down)."""
 
-    DEFER = "defer"  # 451 4.4.3: the default, never a silent accept
+    DEFER = "defer"  # 451 4.4.3: the default of most checks, never a silent accept
     DENY = "deny"  # treat the failure like a match of a deny rule (the seed's exim condition)
     MATCH = "match"  # act as if the condition held, with the rule's own verb
-    SKIP = "skip"  # log it and go on to the next rule (documented fail-open)
+    SKIP = "skip"  # log it and go on to the next rule (documented fail-open; dnsbl/dbl default)
 
 
 @dataclass(frozen=True)
@@ -171,16 +171,46 @@ NO_MATCH = CheckResult(False)
 
 
 class CheckError(Exception):
-    """The check could not decide right now (a temporary failure): the rule's on_error applies."""
+    """The check could not decide right now (a temporary failure): the rule's on_error applies.
+
+    ``zones``: for a blocklist check, the public name of each zone that failed and why, so the
+    server can report a failing zone (rate-limited) apart from the per-lookup log line.
+    """
+
+    def __init__(self, message: str, zones: Mapping[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.zones: Mapping[str, str] = dict(zones or {})
 
 
 class Check(Protocol):
-    """One condition, configured by a rule's options."""
+    """One condition, configured by a rule's options.
+
+    Optional attributes, read with the helpers below: ``default_on_error`` (what a rule that
+    does not set ``on_error`` does on a temporary failure; ``defer`` unless the check says
+    otherwise), ``uses_dns`` (the check asks DNS as configured), ``active_zones`` (blocklist
+    zones it would ask, for a failure that is reported per zone).
+    """
 
     name: ClassVar[str]
     stages: ClassVar[frozenset[Stage]]
 
     async def evaluate(self, facts: Facts, ports: Ports) -> CheckResult: ...
+
+
+def default_on_error(check: Check) -> OnError:
+    """The check's own ``on_error`` default: ``defer`` but for blocklists (``skip``)."""
+    value = getattr(check, "default_on_error", OnError.DEFER)
+    return value if isinstance(value, OnError) else OnError.DEFER
+
+
+def uses_dns(check: Check) -> bool:
+    """Whether the check, as configured, depends on DNS answers."""
+    return getattr(check, "uses_dns", False) is True
+
+
+def active_zones(check: Check) -> tuple[str, ...]:
+    """Public names of the blocklist zones the check asks (empty for other checks)."""
+    return tuple(getattr(check, "active_zones", ()))
 
 
 class CheckFactory(Protocol):

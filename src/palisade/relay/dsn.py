@@ -7,7 +7,10 @@ Must not touch: the spool, the network, the log: the runner queues what this ret
 only ever made for mail already accepted (rejecting at SMTP time prevents backscatter), and never
 for the null sender (the runner checks that before calling).
 Trust: failure reasons and original headers are remote text: reasons are folded onto one line
-with control characters and non-ASCII replaced; headers are attached as data, never parsed.
+with control characters and non-ASCII replaced; headers are attached as data, never parsed. The
+original Message-ID (client text, cleaned when it was received) is quoted in In-Reply-To and
+References only when it has the shape of a msg-id, written as is: the ``email`` package would
+encode a long one as RFC 2047 words, which no mail reader matches against a Message-ID.
 """
 
 from __future__ import annotations
@@ -24,6 +27,9 @@ from palisade.relay.outcome import RecipientResult
 from palisade.spool import Envelope
 
 _UNSAFE = re.compile(r"[^\x20-\x7e]")
+# A msg-id fit to quote (RFC 5322 3.6.4): one token of printable ASCII in angle brackets, short
+# enough that "In-Reply-To: <id>" is one line within 998 octets. Anything else is left out.
+_MSG_ID = re.compile(r"<[!-;=?-~]{1,983}>")
 
 
 def _clean(text: str, limit: int = 900) -> str:
@@ -106,7 +112,8 @@ def build_dsn(
     report["Date"] = email.utils.formatdate(now, localtime=True)
     report["Message-ID"] = message_id
     report["Auto-Submitted"] = "auto-replied"
-    if original.message_id and _UNSAFE.search(original.message_id) is None:
-        report["In-Reply-To"] = original.message_id
-        report["References"] = original.message_id
-    return report.as_bytes(policy=email.policy.SMTP)
+    threading = b""
+    if original.message_id and _MSG_ID.fullmatch(original.message_id):
+        mid = original.message_id.encode("ascii")
+        threading = b"In-Reply-To: %s\r\nReferences: %s\r\n" % (mid, mid)
+    return threading + report.as_bytes(policy=email.policy.SMTP)

@@ -6,6 +6,9 @@ expect) into ``tmp/`` under a unique name, fsyncs it, renames it into ``new/`` a
 The name is derived from the queue id and the recipient, so when a crash falls between the rename
 and the spool's record of the delivery, the redelivery finds the file in ``new/`` and does not
 write it twice (a copy a mail reader already moved to ``cur/`` in that window is not looked for).
+Files and directories it creates are 0600 and 0700; with ``group`` (``[paths] group``, for a
+delivery agent such as Dovecot that reads the tree) 0640 and 0750, of that group. Existing
+directories keep their modes.
 Must not touch: the spool (it only reads the body chunks handed to it), anything outside ``root``.
 Trust: the recipient address comes from the network (validated by the SMTP session, but not
 trusted here): the mailbox name is derived from its local part, lowercased, and anything that
@@ -23,6 +26,7 @@ import threading
 from collections.abc import Iterable
 from pathlib import Path
 
+from palisade.obs.files import make_dirs
 from palisade.spool import Envelope
 
 
@@ -67,9 +71,13 @@ class MaildirDelivery:
     _counter = itertools.count()
     _counter_lock = threading.Lock()
 
-    def __init__(self, root: Path, *, fsync: bool = True) -> None:
+    def __init__(self, root: Path, *, fsync: bool = True, group: int | None = None) -> None:
         self.root = Path(root)
         self.fsync = fsync
+        self.group = group
+        # Private unless a delivery agent's group is named ([paths] group): then it may read.
+        self.dir_mode, self.file_mode = (0o700, 0o600) if group is None else (0o750, 0o640)
+        make_dirs(self.root, self.dir_mode, group)
         host = socket.gethostname() or "localhost"
         self._host = host.replace("/", "\\057").replace(":", "\\072")
 
@@ -89,7 +97,7 @@ class MaildirDelivery:
             raise MailboxRefused("control characters in the envelope")
         box = self.root / mailbox_name(rcpt)
         for sub in ("tmp", "new", "cur"):
-            (box / sub).mkdir(mode=0o700, parents=True, exist_ok=True)
+            make_dirs(box / sub, self.dir_mode, self.group)
         name = self._unique(envelope, rcpt)
         tmp, final = box / "tmp" / name, box / "new" / name
         if final.exists():
@@ -100,7 +108,11 @@ class MaildirDelivery:
             "utf-8", "surrogateescape"
         )
         try:
-            with open(tmp, "xb") as f:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, self.file_mode)
+            with open(fd, "wb") as f:
+                if self.group is not None:
+                    os.fchown(fd, -1, self.group)
+                    os.fchmod(fd, self.file_mode)  # the umask (0077) narrowed it
                 f.write(header)
                 for chunk in _crlf_to_lf(body):
                     f.write(chunk)

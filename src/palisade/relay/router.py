@@ -46,11 +46,12 @@ class Router:
         command_timeout: float = 60.0,
         data_timeout: float = 600.0,
         maildir_fsync: bool = True,
+        maildir_group: int | None = None,
     ) -> None:
         self.local_domains = frozenset(d.lower().rstrip(".") for d in local_domains)
         self.relay_domains = frozenset(d.lower().rstrip(".") for d in relay_domains)
         self.helo_name = helo_name
-        self.maildir = MaildirDelivery(maildir_root, fsync=maildir_fsync)
+        self.maildir = MaildirDelivery(maildir_root, fsync=maildir_fsync, group=maildir_group)
         self.next_hop = (
             None
             if next_hop is None

@@ -42,6 +42,7 @@ from palisade.adapters.sqlite_state import SqliteStateStore
 from palisade.config import Config, ConfigError, load_config, parse_host_port
 from palisade.config.model import LdapConfig, RspamdConfig, SpamdConfig
 from palisade.config.policy import Policy, build_policy
+from palisade.obs.files import make_dirs
 from palisade.obs.log import FileEventLog
 from palisade.obs.queueid import QueueIdGenerator
 from palisade.policy.relay import RelayPolicy
@@ -244,6 +245,7 @@ def build_router(config: Config) -> Router:
         local_domains=frozenset(d.lower() for d in config.domains.local),
         relay_domains=frozenset(d.lower() for d in config.domains.relay),
         maildir_root=config.paths.mail,
+        maildir_group=config.paths.group,
         next_hop=next_hop,
         require_tls=config.delivery.require_tls,
         tls_context=client_context(config.delivery.tls_ca_file),
@@ -542,14 +544,31 @@ def serve(config_path: Path | None) -> int:
     startup_signals.install()  # before anything else: see StartupSignals
     try:
         config = load_config(config_path)
-        build_policy(config)  # every rule and list is checked before anything starts
+        policy = build_policy(config)  # every rule and list is checked before anything starts
     except ConfigError as exc:
         print(f"palisade: {exc}", file=sys.stderr)
         return 2
+    group = config.paths.group
+    if group is not None and os.geteuid() != 0 and group not in (os.getegid(), *os.getgroups()):
+        print(
+            f"palisade: {config.source}: paths.group: this user may not give files group {group}"
+            " (run as root, or as a member of that group)",
+            file=sys.stderr,
+        )
+        return 2
+    from palisade.selfcheck import check_before_serving
+
+    if check_before_serving(config, policy) is not None:  # paths, files, DNS, DNSBL zones, TLS
+        return 1
     raise_fd_limit()
     install_fast_loop()
-    for path in (config.paths.spool, config.paths.log, config.paths.mail):
-        path.mkdir(parents=True, exist_ok=True)
+    for key, path, mode in (("spool", config.paths.spool, 0o700), ("log", config.paths.log, 0o750)):
+        try:
+            make_dirs(path, mode)
+        except OSError as exc:
+            print(f"palisade: paths.{key}: cannot create {path}: {exc}", file=sys.stderr)
+            return 1
+    # the Maildir root is made by MaildirDelivery, with the modes of [paths] group
     workers = config.server.workers
     try:  # with workers, one SO_REUSEPORT socket per worker and address, all made before fork
         groups = [

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import ssl
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from palisade.config import Config
 from palisade.config.policy import Policy
@@ -32,3 +32,6 @@ class ServerContext:
     ports: Ports
     our_ips: frozenset[IPAddress] = frozenset()
     draining: bool = False
+    # DNSBL zone -> when (monotonic) its failure last went to the panic log: once per probe
+    # interval per zone, however many lookups fail (each is in the main log).
+    zone_failure_reported: dict[str, float] = field(default_factory=dict)

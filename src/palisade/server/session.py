@@ -16,6 +16,7 @@ import contextlib
 import functools
 import ipaddress
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -26,7 +27,7 @@ from palisade.policy.rules import Facts, MessageFacts, Stage
 from palisade.policy.verdict import Action, Verdict
 from palisade.server import data_stage
 from palisade.server.stream import ClientStream
-from palisade.server.tls import describe
+from palisade.server.tls import describe, handshake_error_line
 from palisade.smtp import (
     NEED_DATA,
     PAUSED,
@@ -37,7 +38,7 @@ from palisade.smtp import (
     events,
     replies,
 )
-from palisade.smtp.headers import HeaderSplitter
+from palisade.smtp.headers import HeaderSplitter, MessageIdFinder
 from palisade.spool import Envelope
 
 if TYPE_CHECKING:
@@ -80,6 +81,7 @@ class Transaction:
     message_id: str | None = None
     headers: list[str] = field(default_factory=list)  # X-Warning lines of MAIL/RCPT warn rules
     splitter: HeaderSplitter | None = None  # the header section of the message being received
+    message_ids: MessageIdFinder | None = None  # its Message-ID (every message, examined or not)
 
 
 class Session:
@@ -227,11 +229,13 @@ class Session:
             if getattr(decision.rule.check, "log_rates", False) and "ratelimit.rate" in results:
                 lines.append(f"rate {results['ratelimit.rate']}")
             if decision.error is not None:
-                lines.append(
-                    f'{outcome.stage.value} rule "{escape(decision.rule.name)}": '
-                    f"temporary failure: {escape(decision.error)}"
-                    + (" (skipped)" if not decision.matched else "")
-                )
+                rule = f'{outcome.stage.value} rule "{escape(decision.rule.name)}"'
+                if decision.matched:
+                    lines.append(f"{rule}: temporary failure: {escape(decision.error)}")
+                else:  # skipped: this line is all that is said about it
+                    lines.append(f"{rule} (temporary failure): {escape(decision.log_text)}")
+                if decision.error_zones:
+                    self._report_zones(decision.error_zones)
             if not decision.matched:
                 continue
             if not decision.acted:
@@ -242,6 +246,22 @@ class Session:
             where = f"{self.host_field()}{self._sender_field()}"
             for line in lines:
                 self.ctx.log.main(f"{where} {line}")
+
+    def _report_zones(self, zones: Mapping[str, str]) -> None:
+        """A failing DNSBL zone goes to the panic log once per probe interval (5 min when probes
+        are off), so an operator sees a dead or refusing list without a line per client."""
+        interval = self.config.dns.dnsbl_probe_interval or 300.0
+        reported = self.ctx.zone_failure_reported
+        now = time.monotonic()
+        for zone, text in zones.items():
+            last = reported.get(zone)
+            if last is not None and now - last < interval:
+                continue
+            reported[zone] = now
+            self.ctx.log.panic(
+                f"DNSBL zone {escape(zone)} lookup failed: {escape(text, 400)} "
+                f"(said once per {interval:g}s per zone; each failed lookup is in the main log)"
+            )
 
     def _log_refusal(self, stage: Stage, subject: str, verdict: Verdict) -> None:
         temporarily = "temporarily " if verdict.action is Action.DEFER else ""
@@ -325,9 +345,13 @@ class Session:
     # -- events ------------------------------------------------------------------------------
     async def _dispatch(self, event: object) -> None:
         if isinstance(event, events.DataChunk):
-            if self.tx.writer is not None:
-                splitter = self.tx.splitter
-                self.tx.writer.write(splitter.feed(event.data) if splitter else event.data)
+            tx = self.tx
+            if tx.writer is not None:
+                splitter = tx.splitter
+                tx.writer.write(splitter.feed(event.data) if splitter else event.data)
+                finder = tx.message_ids
+                if finder is not None and not finder.done:
+                    finder.feed(event.data)
             return
         match event:
             case events.Helo():
@@ -467,8 +491,10 @@ class Session:
         except (OSError, ConnectionError, TimeoutError, asyncio.CancelledError) as exc:
             if isinstance(exc, asyncio.CancelledError):
                 raise
-            self.ctx.log.reject(
-                f"TLS error on connection from {self.host_field()}: {escape(str(exc))}"
+            # exim's words and place: the main log only.
+            self.ctx.log.main(
+                handshake_error_line(self.helo, self.ip_text, self.port, exc),
+                client_ip=self.ip_text,
             )
             raise _Closed from None
         self.conn.tls_started()
@@ -499,6 +525,7 @@ class Session:
         )
         if self._examines_content():
             tx.splitter = HeaderSplitter(data_stage.forged_header_filter(self.config))
+        tx.message_ids = MessageIdFinder()
         try:
             tx.writer = self.ctx.spool.open_message(envelope)
             tx.writer.write(self._received_header(tx))
@@ -583,6 +610,8 @@ class Session:
         added += b"".join(_header_line(h) for h in tx.headers)
         if added:
             writer.prepend(added)
+        if tx.message_ids is not None:
+            tx.message_id = writer.message_id = tx.message_ids.finish()
         try:
             await writer.commit()
         except OSError as exc:
@@ -624,8 +653,18 @@ class Session:
             parts.append(f"X={self.tls}")
         parts.append(f"S={size}")
         parts.extend(data_stage.log_fields(self.config, self.facts))
+        if tx.message_id is not None:
+            # exim's id=: the Message-ID without its angle brackets; a space would let the client
+            # write what looks like another field (" H=[...]"), so it is escaped too
+            msgid = escape(tx.message_id.removeprefix("<").removesuffix(">"))
+            parts.append(f"id={msgid.replace(' ', chr(92) + 'x20')}")
         parts.append("T=" + ",".join(f"<{escape(r, 200)}>" for r in tx.recipients))
-        self.ctx.log.main(" ".join(parts), queue_id=tx.queue_id, client_ip=self.ip_text)
+        self.ctx.log.main(
+            " ".join(parts),
+            queue_id=tx.queue_id,
+            client_ip=self.ip_text,
+            message_id=tx.message_id,
+        )
 
     def _abort_transaction(self) -> None:
         if self.tx.writer is not None:

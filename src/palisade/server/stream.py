@@ -135,7 +135,13 @@ class ClientStream(asyncio.Protocol):
             await self._drain_waiter
 
     async def start_tls(self, context: ssl.SSLContext, timeout: float) -> None:
-        """Upgrades the connection; plaintext received before this point is discarded."""
+        """Upgrades the connection; plaintext received before this point is discarded.
+
+        Only that plaintext (CVE-2011-0411). From here the transport hands every byte to the TLS
+        layer, so whatever this stream holds once the handshake is done arrived encrypted: the
+        client's first command, sent with or right after its Finished message (the stdlib loop
+        delivers it before this coroutine resumes). It is kept for the session to read.
+        """
         assert self.transport is not None
         self.discard_input()
         loop = asyncio.get_running_loop()
@@ -145,7 +151,6 @@ class ClientStream(asyncio.Protocol):
         if new_transport is None:
             raise ConnectionError("TLS handshake did not complete")
         self.transport = new_transport
-        self.discard_input()
 
     def close(self) -> None:
         if self.transport is not None and not self.transport.is_closing():

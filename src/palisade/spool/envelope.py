@@ -127,6 +127,24 @@ class Envelope:
         return json.dumps(self.to_json(), ensure_ascii=True, separators=(",", ":"))
 
 
+_LATE_KEYS = frozenset({"message_id"})
+
+
+def merge_late(fields: object, late: object) -> object:
+    """The envelope JSON ``fields`` (a freshly parsed object: updated in place) completed by a
+    spool file's late fields, learnt from the message after the envelope was written. Unknown
+    keys or wrong types raise ``ValueError``."""
+    if not isinstance(late, dict) or not late.keys() <= _LATE_KEYS:
+        raise ValueError("late envelope fields must be an object with known keys")
+    message_id = late.get("message_id")
+    if message_id is not None:
+        if not isinstance(message_id, str):
+            raise ValueError("late field 'message_id' must be a string or null")
+        if isinstance(fields, dict):  # else from_json says what is wrong
+            fields["message_id"] = message_id
+    return fields
+
+
 @dataclass
 class RecipientState:
     """Where one recipient stands. ``dsn_queued`` is set once its failure has been reported.

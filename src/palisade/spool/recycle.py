@@ -21,7 +21,9 @@ queue file is exactly the new message, which its END record and checksum prove. 
 ``limit`` files wait in ``free/``; beyond that a finished file is unlinked as before, and only
 files up to ``max_bytes`` are kept (a large one would keep its blocks allocated for nothing).
 Privacy: a file in ``free/`` keeps a delivered message's bytes until it is reused (mode 0600,
-same owner as ``queue/``; at most ``limit`` files); nothing ever reads them. ``palisade queue
+same owner as ``queue/``; at most ``limit`` files); nothing ever reads them. A file with a wider
+mode (created by a version that left modes to the umask) is narrowed to 0600 when it enters the
+pool and, at start-up, when ``trim`` finds it there. ``palisade queue
 delete`` unlinks instead of recycling.
 Must not touch: ``queue/``, ``tmp/`` beyond the one rename asked for.
 """
@@ -77,8 +79,11 @@ class FilePool:
     def recycle(self, path: str, name: str) -> bool:
         """Move a finished message file into the pool; False if it should be unlinked instead
         (pool full, or the file larger than ``max_bytes``). ``name`` must be a queue id."""
-        if not is_queue_id(name) or os.stat(path).st_size > self.max_bytes:
+        info = os.stat(path)
+        if not is_queue_id(name) or info.st_size > self.max_bytes:
             return False
+        if info.st_mode & 0o077:  # a file from before modes were explicit: private before reuse
+            os.chmod(path, 0o600)
         if self._count is None or self._since_count >= _RESCAN_EVERY:
             self._count = len(self._list())
             self._since_count = 0
@@ -101,6 +106,9 @@ class FilePool:
                 and kept < self.limit
             ):
                 kept += 1
+                with contextlib.suppress(OSError):
+                    if entry.stat(follow_symlinks=False).st_mode & 0o077:
+                        os.chmod(entry.path, 0o600)  # written before modes were explicit
                 continue
             with contextlib.suppress(FileNotFoundError, IsADirectoryError, PermissionError):
                 os.unlink(entry.path)

@@ -9,22 +9,28 @@ Owns: the directory tree under the spool root and every file in it::
     state/<id>.tmp      a state file being replaced (deleted at recovery)
     corrupt/<id>        a queue file that failed validation at recovery (kept for the operator)
 
-Record format of ``queue/<id>`` (version 2; version 1 files, without the ADD record, are still
-read)::
+Record format of ``queue/<id>`` (version 3; version 2 files, without the LATE record, and
+version 1 files, without the ADD record either, are still read)::
 
-    PALISADE-SPOOL 2 {"queue_id": ..., ...envelope JSON, ASCII, one line...}\n
+    PALISADE-SPOOL 3 {"queue_id": ..., ...envelope JSON, ASCII, one line...}\n
     <body bytes, exactly as handed to SpoolWriter.write>
     <added header lines, as handed to SpoolWriter.prepend (may be empty)>
+    <late envelope fields: a JSON object, ASCII, or nothing>
+    \nLATE <length of the late fields, 20 decimal digits>\n
     \nADD <length of the added lines, 20 decimal digits>\n
     \nEND <body length, 20 decimal digits> sha256=<64 hex digits over body and added lines>\n
 
 The END record has a fixed length (98 bytes) and must end the file exactly where the lengths
-say; a file without it is incomplete. The added lines are header fields that are known only
-after the whole message was read (Authentication-Results, X-Spam-Status): like Postfix's
-pointer records they are stored after the body and delivered *before* it, so the message is
-never copied to insert them. A message counts only once it has been renamed into
-``queue/`` and the directory fsynced (``SpoolWriter.commit`` returns only then): that rename is
-the commit point, and the server must not answer 250 before it.
+say; a file without it is incomplete. The late fields are envelope fields learnt from the
+message itself, after the first record was written: today only ``message_id`` (the client's
+Message-ID, cleaned and bounded by the session). An empty LATE record, or a version 1 or 2 file,
+means "unknown"; a ``message_id`` in the late fields replaces the first record's. The added
+lines are header fields that are known only after the whole message was read
+(Authentication-Results, X-Spam-Status): like Postfix's pointer records they are stored after
+the body and delivered *before* it, so the message is never copied to insert them. A message
+counts only once it has been renamed into ``queue/`` and the directory fsynced
+(``SpoolWriter.commit`` returns only then): that rename is the commit point, and the server
+must not answer 250 before it.
 
 Durability and duplicates. Nothing acknowledged is lost: the file is fsynced before the rename
 and the directory after it; the delivery state is replaced atomically (tmp, fsync, rename, fsync
@@ -40,6 +46,9 @@ protocol with the next hop, and it is the acceptable side: duplicating beats los
 SMTP-level window, a kill after the commit and before the client read 250, makes the client
 send again; RFC 1047.)
 
+Modes: every file 0600, every directory the spool creates 0700 (given explicitly, whatever the
+umask); a file recycled from ``free/`` with a wider mode (written by an older version) is
+narrowed before reuse. The ``[paths] group`` option never applies here.
 Must not touch: SMTP, MIME, routing, logging policy (only ``recover`` logs, via the given log).
 Trust: queue ids are validated with ``is_queue_id`` before any path is built; no path is ever
 built from other input. Files read back from disk are parsed defensively: any damage raises
@@ -62,19 +71,24 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, BinaryIO
 
+from palisade.obs.files import make_dirs
 from palisade.obs.log import EventLog, escape
 from palisade.obs.queueid import is_queue_id
 from palisade.spool.commit import CommitJob, CommitStats, GroupCommitter, rename_noreplace
-from palisade.spool.envelope import DeliveryState, Envelope
+from palisade.spool.envelope import DeliveryState, Envelope, merge_late
 from palisade.spool.recycle import FilePool
 
 MAGIC = b"PALISADE-SPOOL 1 "  # version 1: no ADD record (still read)
-MAGIC_V2 = b"PALISADE-SPOOL 2 "
+MAGIC_V2 = b"PALISADE-SPOOL 2 "  # version 2: no LATE record (still read)
+MAGIC_V3 = b"PALISADE-SPOOL 3 "
 MAX_HEADER = 4 * 1024 * 1024
 TRAILER_LEN = len(b"\nEND ") + 20 + len(b" sha256=") + 64 + 1
 ADD_LEN = len(b"\nADD ") + 20 + 1
+LATE_LEN = len(b"\nLATE ") + 20 + 1
+MAX_LATE = 64 * 1024  # the late fields are small (a bounded Message-ID): more is damage
 _TRAILER_RE = re.compile(rb"\nEND ([0-9]{20}) sha256=([0-9a-f]{64})\n")
 _ADD_RE = re.compile(rb"\nADD ([0-9]{20})\n")
+_LATE_RE = re.compile(rb"\nLATE ([0-9]{20})\n")
 
 
 class SpoolError(Exception):
@@ -92,11 +106,18 @@ class CorruptMessage(SpoolError, ValueError):
     """A queue file or state file failed validation."""
 
 
+FILE_MODE = 0o600  # every file of the spool (the umask cannot widen it; recycled ones are checked)
+DIR_MODE = 0o700  # every directory the spool creates
 SMALL_FILE = 256 * 1024  # queue files up to this size are read whole for delivery
 
 
 def _trailer(length: int, digest: str) -> bytes:
     return b"\nEND %020d sha256=%s\n" % (length, digest.encode("ascii"))
+
+
+def _late_fields(message_id: str) -> bytes:
+    """The LATE record's JSON object (one string encoded, not a dict: this runs per message)."""
+    return b'{"message_id":%s}' % json.dumps(message_id, ensure_ascii=True).encode("ascii")
 
 
 @dataclass(frozen=True)
@@ -108,6 +129,7 @@ class Records:
     body_length: int
     added_length: int  # the added lines start at body_start + body_length
     sha256: str
+    late_json: bytes  # the late envelope fields (after the added lines); b"": none
 
     @property
     def message_length(self) -> int:
@@ -186,12 +208,17 @@ def _fsync_dir(path: Path) -> None:
 def _read_records(f: IO[bytes], size: int) -> Records:
     f.seek(0)
     first = f.readline(MAX_HEADER + 1)
-    version = 2 if first.startswith(MAGIC_V2) else 1
-    magic = MAGIC_V2 if version == 2 else MAGIC
+    if first.startswith(MAGIC_V3):
+        version, magic = 3, MAGIC_V3
+    elif first.startswith(MAGIC_V2):
+        version, magic = 2, MAGIC_V2
+    else:
+        version, magic = 1, MAGIC
     if not first.startswith(magic) or not first.endswith(b"\n"):
         raise CorruptMessage("missing or oversized header record")
     body_start = len(first)
-    tail = TRAILER_LEN + (ADD_LEN if version == 2 else 0)
+    late_rec = LATE_LEN if version == 3 else 0
+    tail = TRAILER_LEN + (ADD_LEN if version >= 2 else 0) + late_rec
     if size < body_start + tail:
         raise CorruptMessage("no END record (file too short)")
     f.seek(size - tail)
@@ -200,23 +227,39 @@ def _read_records(f: IO[bytes], size: int) -> Records:
     if match is None:
         raise CorruptMessage("no END record")
     body_length = int(match.group(1))
-    added_length = 0
-    if version == 2:
-        added = _ADD_RE.fullmatch(end, 0, ADD_LEN)
+    added_length = late_length = 0
+    if version >= 2:
+        added = _ADD_RE.fullmatch(end, late_rec, late_rec + ADD_LEN)
         if added is None:
             raise CorruptMessage("no ADD record")
         added_length = int(added.group(1))
-    if body_start + body_length + added_length + tail != size:
+    if version == 3:
+        late = _LATE_RE.fullmatch(end, 0, LATE_LEN)
+        if late is None:
+            raise CorruptMessage("no LATE record")
+        late_length = int(late.group(1))
+        if late_length > MAX_LATE:
+            raise CorruptMessage("LATE record too long")
+    if body_start + body_length + added_length + late_length + tail != size:
         raise CorruptMessage("END record does not match the file length")
+    late_json = b""
+    if late_length:
+        f.seek(body_start + body_length + added_length)
+        late_json = f.read(late_length)
+        if len(late_json) != late_length:
+            raise CorruptMessage("LATE record shorter than recorded")
     digest = match.group(2).decode("ascii")
-    return Records(first[len(magic) : -1], body_start, body_length, added_length, digest)
+    return Records(first[len(magic) : -1], body_start, body_length, added_length, digest, late_json)
 
 
 def read_layout(f: IO[bytes], size: int, *, verify: bool = False) -> Layout:
     """Parse and validate a queue file opened for reading; raise CorruptMessage when damaged."""
     records = _read_records(f, size)
     try:
-        envelope = Envelope.from_json(json.loads(records.envelope_json))
+        fields = json.loads(records.envelope_json)
+        if records.late_json:
+            fields = merge_late(fields, json.loads(records.late_json))
+        envelope = Envelope.from_json(fields)
     except (ValueError, UnicodeDecodeError) as exc:
         raise CorruptMessage(f"bad envelope: {exc}") from None
     if verify:
@@ -276,13 +319,16 @@ class SpoolWriter:
         if self._recycled:  # never through a link, whatever were put in free/
             fd = os.open(self._tmp_path, os.O_RDWR | os.O_NOFOLLOW)
             self._file: BinaryIO | None = open(fd, "r+b")  # noqa: SIM115 (kept open)
-        else:
-            self._file = open(self._tmp_path, "xb")  # noqa: SIM115 (kept open)
+        else:  # 0600 whatever the umask: mail is nobody else's business
+            fd = os.open(self._tmp_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, FILE_MODE)
+            self._file = open(fd, "wb")  # noqa: SIM115 (kept open)
         self._hash = hashlib.sha256()
         self.size = 0
         self._added: list[bytes] = []
         self._committed = False
-        first = MAGIC_V2 + envelope.dumps().encode("ascii") + b"\n"
+        # The message's Message-ID, when the session found one (stored in the LATE record).
+        self.message_id: str | None = None
+        first = MAGIC_V3 + envelope.dumps().encode("ascii") + b"\n"
         self._body_start = len(first)
         try:
             self._file.write(first)
@@ -321,9 +367,13 @@ class SpoolWriter:
         try:
             added = b"".join(self._added)
             self._hash.update(added)
+            late = b"" if self.message_id is None else _late_fields(self.message_id)
             f.write(added)
-            f.write(b"\nADD %020d\n" % len(added))
-            f.write(_trailer(self.size, self._hash.hexdigest()))
+            f.write(
+                late
+                + b"\nLATE %020d\n\nADD %020d\n" % (len(late), len(added))
+                + _trailer(self.size, self._hash.hexdigest())
+            )
             if self._recycled:
                 f.truncate()  # what is left of the file's previous message goes
             f.flush()
@@ -378,7 +428,7 @@ class Spool:
         self.queue_dir = str(self.root / "queue")
         self._state_dir = str(self.root / "state")
         for sub in self.SUBDIRS:
-            (self.root / sub).mkdir(parents=True, exist_ok=True)
+            make_dirs(self.root / sub, DIR_MODE)
         self.committer = GroupCommitter(self.root / "queue")
         self.pool = FilePool(str(self.root / "free"))
 
@@ -419,7 +469,8 @@ class Spool:
         final = self._state_path(queue_id)
         tmp = final.removesuffix(".json") + ".tmp"
         data = json.dumps(state.to_json(), separators=(",", ":")).encode("utf-8")
-        with open(tmp, "wb") as f:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, FILE_MODE)
+        with open(fd, "wb") as f:
             f.write(data)
             f.flush()
             if self.fsync:

@@ -11,7 +11,8 @@ Trust: the names come from the client (HELO, MAIL FROM) and are only checked for
 placed under the zone; answers are network input classified as in ``dnsbl``: DBL codes
 127.0.1.2-127.0.1.254 are listings (the default ``codes``), 127.0.1.255 ("IP queries are not
 supported"), 127.255.255.0/24 and anything outside 127.0.0.0/8 are errors: recorded, and when
-no name is listed, ``CheckError`` so the rule's ``on_error`` decides. A DQS key never reaches
+no name is listed, ``CheckError`` so the rule's ``on_error`` decides (``skip`` unless the
+rule sets it, as for ``dnsbl``). A DQS key never reaches
 any text this check produces.
 
 Result for a match: ``reason`` ``example.com is listed at dbl.spamhaus.org (127.0.1.2: text)``;
@@ -34,6 +35,7 @@ from palisade.policy.checks.dnsbl import (
     parse_codes,
     trouble,
     zone_names,
+    zone_trouble,
 )
 from palisade.policy.checks.dnsnames import (
     address_literal,
@@ -51,6 +53,7 @@ from palisade.policy.rules import (
     CheckResult,
     Facts,
     ListLookup,
+    OnError,
     Ports,
     Stage,
 )
@@ -75,10 +78,16 @@ def candidate(value: str | None) -> str | None:
 class DblCheck:
     name: ClassVar[str] = "dbl"
     stages: ClassVar[frozenset[Stage]] = frozenset({Stage.HELO, Stage.MAIL, Stage.RCPT})
+    default_on_error: ClassVar[OnError] = OnError.SKIP  # as dnsbl: a failure is "not listed"
+    uses_dns: ClassVar[bool] = True
 
     def __init__(self, zone: Zone, fields: tuple[str, ...]) -> None:
         self.zone = zone
         self.fields = fields
+
+    @property
+    def active_zones(self) -> tuple[str, ...]:
+        return (self.zone.shown,)
 
     async def evaluate(self, facts: Facts, ports: Ports) -> CheckResult:
         names: dict[str, str] = {}  # domain -> the field it came from (first one)
@@ -108,7 +117,7 @@ class DblCheck:
             }
             return CheckResult(True, text, values, header_text(f"X-Warning: {text}"))
         if problems:
-            raise CheckError(f"DBL trouble: {'; '.join(problems)}")
+            raise CheckError("; ".join(problems), zone_trouble(outcomes))
         return NO_MATCH
 
 

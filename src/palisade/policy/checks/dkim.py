@@ -308,6 +308,7 @@ def _why(exc: BaseException) -> str:
 class DkimCheck:
     name: ClassVar[str] = "dkim"
     stages: ClassVar[frozenset[Stage]] = frozenset({Stage.DATA})
+    uses_dns: ClassVar[bool] = True
 
     def __init__(self, results: frozenset[str], domain: str | None) -> None:
         self.results = results

@@ -359,6 +359,7 @@ def _method_ok(method: str, spf_ok: bool, dkim_ok: bool) -> bool:
 class DmarcCheck:
     name: ClassVar[str] = "dmarc"
     stages: ClassVar[frozenset[Stage]] = frozenset({Stage.DATA})
+    uses_dns: ClassVar[bool] = True
 
     def __init__(self, results: frozenset[str], policies: frozenset[str] | None) -> None:
         self.results = results

@@ -12,9 +12,12 @@ Trust: answers are network input. Only addresses in 127.0.0.0/8 can be listings,
 in the zone's ``codes``; 127.255.255.0/24 (Spamhaus: .252 typo or bad DQS key, .254 public
 resolver, .255 excessive queries), an address outside 127.0.0.0/8 (a resolver rewriting
 NXDOMAIN) or anything unparsable is an *error*, never a listing: it is recorded in
-``dnsbl.errors`` and, unless another zone lists the client, raises ``CheckError`` so the
-rule's ``on_error`` decides and the session logs it loudly. A timeout or SERVFAIL raises
-``CheckError`` the same way (fail closed). TXT text is cleaned of control characters and cut
+``dnsbl.errors`` and, unless another zone lists the client, raises ``CheckError`` (naming the
+failing zones) so the rule's ``on_error`` decides. A timeout or SERVFAIL raises ``CheckError``
+the same way. A rule that does not set ``on_error`` skips (the default of this check and of
+``dbl`` only): an error code or a silent zone means "not listed", as Postfix and exim treat
+it; the session logs every such lookup and reports each failing zone to the panic log at most
+once per probe interval. TXT text is cleaned of control characters and cut
 before it reaches ``$txt``, the reason or the header.
 
 Secrets: a DQS key is part of the query name. It never appears in a ``CheckResult`` (reason,
@@ -56,6 +59,7 @@ from palisade.policy.rules import (
     CheckResult,
     Facts,
     ListLookup,
+    OnError,
     Ports,
     Stage,
 )
@@ -287,12 +291,27 @@ def trouble(outcomes: Sequence[ZoneOutcome]) -> list[str]:
     return texts
 
 
+def zone_trouble(outcomes: Sequence[ZoneOutcome]) -> dict[str, str]:
+    """Public zone name -> its error and failure texts, for the zones that had any."""
+    found: dict[str, str] = {}
+    for outcome in outcomes:
+        texts = trouble([outcome])
+        if texts:
+            shown = outcome.zone.shown
+            found[shown] = "; ".join(filter(None, (found.get(shown), *texts)))
+    return found
+
+
 # -------------------------------------------------------------------------- the check
 
 
 class DnsblCheck:
     name: ClassVar[str] = "dnsbl"
     stages: ClassVar[frozenset[Stage]] = frozenset({Stage.CONNECT, Stage.RCPT})
+    # A blocklist that cannot answer is "not listed", as Postfix and exim treat it: logged, and
+    # reported once per zone per probe interval, but never a deferral of everybody's mail.
+    default_on_error: ClassVar[OnError] = OnError.SKIP
+    uses_dns: ClassVar[bool] = True
 
     def __init__(self, zones: Sequence[Zone], threshold: float) -> None:
         self.zones = tuple(zones)
@@ -301,6 +320,10 @@ class DnsblCheck:
         # it): they are not asked until a probe passes again, so a dead or hostile zone can
         # neither list everybody nor slow every connection down.
         self.disabled: set[str] = set()
+
+    @property
+    def active_zones(self) -> tuple[str, ...]:
+        return tuple(z.shown for z in self.zones if z.shown not in self.disabled)
 
     async def evaluate(self, facts: Facts, ports: Ports) -> CheckResult:
         ip = unmapped(facts.client_ip)
@@ -335,7 +358,7 @@ class DnsblCheck:
             }
             return CheckResult(True, text, values, header_text(f"X-Warning: {text}"))
         if problems:
-            raise CheckError(f"DNSBL trouble for {ip}: {'; '.join(problems)}")
+            raise CheckError("; ".join(problems), zone_trouble(outcomes))
         return NO_MATCH
 
 

@@ -72,6 +72,7 @@ def _domain(address: str) -> str | None:
 class HeaderSenderCheck:
     name: ClassVar[str] = "header_sender"
     stages: ClassVar[frozenset[Stage]] = frozenset({Stage.DATA})
+    uses_dns: ClassVar[bool] = True
 
     def __init__(self, except_domains: Any, except_hosts: Any, max_addresses: int) -> None:
         self.except_domains = except_domains

@@ -1,8 +1,9 @@
-"""``helo``: what the client said in HELO/EHLO -- patterns, exact names, missing, syntax, "us".
+"""``helo``: what the client said in HELO/EHLO -- patterns, exact names, missing, syntax, "us",
+resolvable.
 
 Owns: the HELO conditions of exim/Postfix hardening recipes, any number of which one rule may
-switch on; they are tried in the order missing, syntax, ours, exact, patterns, and the first
-that holds is the match (``reason`` says which, ``$condition`` names it):
+switch on; they are tried in the order missing, syntax, ours, exact, patterns, resolvable, and
+the first that holds is the match (``reason`` says which, ``$condition`` names it):
 
 * ``missing``: no HELO/EHLO was given (useful at MAIL/RCPT; at the HELO stage there is one);
 * ``syntax``: the HELO is neither a hostname with at least one dot (letters, digits, ``-``,
@@ -12,18 +13,25 @@ that holds is the match (``reason`` says which, ``$condition`` names it):
   ``facts.local_domains``, or one of ``facts.our_ips`` (as a literal or a bare address) --
   unless the client address itself is one of ours;
 * ``exact``: the HELO equals one of the listed names (case-insensitive, trailing dot ignored);
-* ``patterns``: a regular expression (case-insensitive, ``re.search``) finds the HELO.
+* ``patterns``: a regular expression (case-insensitive, ``re.search``) finds the HELO;
+* ``resolvable``: the HELO name has no A and no AAAA record (Postfix
+  ``reject_unknown_helo_hostname``). Address literals and bare addresses are not names: never
+  matched, never looked up. A HELO that is not a valid hostname cannot have records: matched
+  without a query. A temporary DNS failure of a lookup that found nothing (timeout, SERVFAIL)
+  raises ``CheckError``: the rule's ``on_error`` decides (``defer`` by default).
 
-Must not touch: the reply, logs, globals, the network.
+Must not touch: the reply, logs, globals; the network only through the resolver port, and only
+for ``resolvable``.
 Trust: the HELO is client text: it is only compared and searched, never compiled; it is cleaned
 of control characters before it reaches ``reason``. The patterns are operator input, compiled
 once at build time (a bad one is a ``ValueError`` naming ``patterns``).
 Values: ``$helo``, ``$pattern`` (the pattern or exact name that hit, else empty),
-``$condition``.
+``$condition`` (``missing``, ``syntax``, ``ours``, ``exact``, ``pattern``, ``unresolvable``).
 """
 
 from __future__ import annotations
 
+import asyncio
 import ipaddress
 import re
 from collections.abc import Mapping, Sequence
@@ -40,6 +48,7 @@ from palisade.policy.checks.options import Options
 from palisade.policy.rules import (
     NO_MATCH,
     Check,
+    CheckError,
     CheckFactory,
     CheckResult,
     Facts,
@@ -47,6 +56,7 @@ from palisade.policy.rules import (
     Ports,
     Stage,
 )
+from palisade.ports import DnsAnswer, DnsTempError
 
 
 def compile_patterns(texts: Sequence[str], option: str = "patterns") -> tuple[re.Pattern[str], ...]:
@@ -81,12 +91,15 @@ class HeloCheck:
         missing: bool,
         syntax: bool,
         ours: bool,
+        resolvable: bool = False,
     ) -> None:
         self.patterns = patterns
         self.exact = exact
         self.missing = missing
         self.syntax = syntax
         self.ours = ours
+        self.resolvable = resolvable
+        self.uses_dns = resolvable
 
     async def evaluate(self, facts: Facts, ports: Ports) -> CheckResult:
         helo = (facts.helo or "").strip()
@@ -108,7 +121,31 @@ class HeloCheck:
             if pattern.search(helo):
                 reason = f"HELO {shown} matches /{pattern.pattern}/"
                 return self._hit("pattern", reason, shown, pattern.pattern)
+        if self.resolvable:
+            return await self._resolvable(helo, shown, ports)
         return NO_MATCH
+
+    async def _resolvable(self, helo: str, shown: str, ports: Ports) -> CheckResult:
+        if _claimed_ip(helo) is not None:
+            return NO_MATCH  # an address, not a name: nothing to resolve
+        name = normalise_name(helo)
+        if not is_hostname(name):
+            return self._hit("unresolvable", f"HELO {shown} is not a resolvable hostname", shown)
+        outcomes = await asyncio.gather(
+            ports.resolver.query(name, "A"),
+            ports.resolver.query(name, "AAAA"),
+            return_exceptions=True,
+        )
+        if any(isinstance(o, DnsAnswer) and o.records for o in outcomes):
+            return NO_MATCH
+        for outcome in outcomes:
+            if isinstance(outcome, DnsTempError):
+                raise CheckError(
+                    f"HELO {shown}: address lookup failed: {safe_text(outcome.reason)}"
+                )
+            if isinstance(outcome, BaseException):
+                raise outcome
+        return self._hit("unresolvable", f"HELO {shown} has no A or AAAA record", shown)
 
     @staticmethod
     def _claims_us(helo: str, facts: Facts) -> str | None:
@@ -137,12 +174,14 @@ def build(options: Mapping[str, Any], lists: ListLookup) -> Check:
     missing = opts.flag("missing", False)
     syntax = opts.flag("syntax", False)
     ours = opts.flag("ours", False)
+    resolvable = opts.flag("resolvable", False)
     opts.done()
-    if not (patterns or exact or missing or syntax or ours):
+    if not (patterns or exact or missing or syntax or ours or resolvable):
         raise ValueError(
-            "check 'helo' needs at least one of 'patterns', 'exact', 'missing', 'syntax', 'ours'"
+            "check 'helo' needs at least one of 'patterns', 'exact', 'missing', 'syntax', "
+            "'ours', 'resolvable'"
         )
-    return HeloCheck(patterns, exact, missing, syntax, ours)
+    return HeloCheck(patterns, exact, missing, syntax, ours, resolvable)
 
 
 FACTORIES: dict[str, CheckFactory] = {"helo": build}

@@ -140,6 +140,7 @@ class RdnsCheck:
     stages: ClassVar[frozenset[Stage]] = frozenset(
         {Stage.CONNECT, Stage.HELO, Stage.MAIL, Stage.RCPT}
     )
+    uses_dns: ClassVar[bool] = True
 
     def __init__(self, fcrdns: bool, generic: bool) -> None:
         self.fcrdns = fcrdns

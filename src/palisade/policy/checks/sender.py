@@ -63,6 +63,7 @@ class SenderCheck:
     def __init__(self, patterns: tuple[re.Pattern[str], ...], verify: bool) -> None:
         self.patterns = patterns
         self.verify = verify
+        self.uses_dns = verify
 
     async def evaluate(self, facts: Facts, ports: Ports) -> CheckResult:
         sender = facts.sender

@@ -440,6 +440,7 @@ def _fold(parts: list[str]) -> str:
 class SpfCheck:
     name: ClassVar[str] = "spf"
     stages: ClassVar[frozenset[Stage]] = frozenset({Stage.MAIL, Stage.RCPT, Stage.DATA})
+    uses_dns: ClassVar[bool] = True
 
     def __init__(self, results: frozenset[str], helo: bool) -> None:
         self.results = results

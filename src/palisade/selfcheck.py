@@ -1,0 +1,279 @@
+"""The start-up self-check: what ``config check`` reports and what ``serve`` verifies before it
+binds a socket.
+
+Owns: the checks of the *environment* a valid config meets (the file itself is checked by
+``config.loader`` and ``config.policy``): every ``[paths]`` entry can be created and written by this
+user (a file is really created there, so a read-only file system or an immutable directory fails
+even for root), the LDAP CA file is readable, the resolver answers, every DNSBL zone passes its RFC
+5782 probe, and the certificate checks of :mod:`palisade.tlscheck`. Each result is a
+:class:`Finding`; an ``error`` stops ``serve`` (exit 1) and makes ``config check`` exit 1; a
+``warning`` is printed (and logged by ``serve``) and the gateway starts anyway: a dead resolver or a
+refusing DNSBL is usually a transient or external problem, and the rules' ``on_error`` and the
+periodic zone probes already handle it.
+
+Trust: the config is already validated. DNS answers are network input and reach the findings
+only through ``probe_dnsbl_zone``'s classification; a Spamhaus DQS key never appears in a
+finding (zones are named by their public name).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import os
+import sys
+import tempfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Literal
+
+from palisade.config import Config, parse_host_port
+from palisade.config.policy import Policy, permanent_on_error_warnings
+from palisade.tlscheck import check_certificate_files
+
+Level = Literal["ok", "warning", "error"]
+
+
+@dataclass(frozen=True, slots=True)
+class Finding:
+    """One result: ``where`` names the config section or key, ``message`` is a whole sentence
+    that names it too (it is printed alone)."""
+
+    level: Level
+    where: str
+    message: str
+
+    def line(self) -> str:
+        return f"{self.level}: {self.message}"
+
+    def as_dict(self) -> dict[str, str]:
+        return asdict(self)
+
+
+def run_selfcheck(
+    config: Config, policy: Policy | None = None, *, dns: bool = True
+) -> list[Finding]:
+    """Every check, in a fixed order. Nothing is created: a missing directory is checked by
+    writing a nameless temporary file in its nearest existing parent (``serve`` then makes the
+    directories itself, with their modes and ``[paths] group``). ``dns``: also
+    ask the resolver (one query, for the server's hostname) and probe the DNSBL zones (two
+    queries per zone, all zones at once)."""
+    findings = _path_findings(config)
+    findings += _file_findings(config, policy)
+    findings += [  # a DNS rule that would bounce everybody's mail while the resolver is down
+        Finding("warning", "rules", text) for text in permanent_on_error_warnings(config, policy)
+    ]
+    findings += _tls_findings(config)
+    if dns:
+        findings += asyncio.run(_dns_findings(config, policy))
+    return findings
+
+
+def has_errors(findings: list[Finding]) -> bool:
+    return any(f.level == "error" for f in findings)
+
+
+def check_before_serving(config: Config, policy: Policy) -> int | None:
+    """``serve``'s use: runs the self-check creating the directories, prints warnings and
+    errors on stderr, logs warnings to mainlog and paniclog; returns 1 on an error (the
+    gateway must not start) or None."""
+    findings = run_selfcheck(config, policy)
+    for finding in findings:
+        if finding.level != "ok":
+            print(f"palisade: {finding.line()}", file=sys.stderr)
+    if has_errors(findings):
+        print("palisade: not starting: the self-check found errors", file=sys.stderr)
+        return 1
+    warnings = [f for f in findings if f.level == "warning"]
+    if warnings:
+        from palisade.obs.log import FileEventLog
+
+        log = FileEventLog(config.paths.log, json_lines=config.log.json)
+        try:
+            for finding in warnings:
+                log.panic(f"start-up self-check: {finding.message}")
+        finally:
+            log.close()
+    return None
+
+
+# -- paths -----------------------------------------------------------------------------------
+
+
+def _path_findings(config: Config) -> list[Finding]:
+    paths = config.paths
+    findings = []
+    for key in ("spool", "mail", "log"):
+        path: Path = getattr(paths, key)
+        problem = _directory_problem(f"[paths] {key}", path)
+        findings.append(
+            Finding("error", f"paths.{key}", problem)
+            if problem
+            else Finding("ok", f"paths.{key}", f"[paths] {key} {path} {_writable(path)}")
+        )
+    state = paths.state
+    problem = _directory_problem("[paths] state", state.parent, shown=state)
+    if problem is None and state.exists():
+        if not state.is_file():
+            problem = f"[paths] state {state} is not a regular file"
+        else:
+            try:
+                with open(state, "r+b"):
+                    pass
+            except OSError as exc:
+                problem = f"cannot write [paths] state {state}: {exc.strerror or exc}"
+    findings.append(
+        Finding("error", "paths.state", problem)
+        if problem
+        else Finding("ok", "paths.state", f"[paths] state {state} {_writable(state)}")
+    )
+    return findings
+
+
+def state_problem(state: Path) -> str:
+    """Why ``[paths] state`` cannot be opened, in one sentence (after an OSError elsewhere)."""
+    return _directory_problem("[paths] state", state.parent, shown=state) or (
+        f"cannot open [paths] state {state}"
+    )
+
+
+def _writable(path: Path) -> str:
+    return "is writable" if path.exists() else "can be created"
+
+
+def _directory_problem(what: str, path: Path, *, shown: Path | None = None) -> str | None:
+    """None if files can be created in ``path`` (or, while it is missing, where mkdir makes it)."""
+    shown = path if shown is None else shown
+    target = path
+    while not os.path.lexists(target):  # the nearest existing parent is where mkdir would work
+        if target.parent == target:
+            break
+        target = target.parent
+    if not target.is_dir():
+        reason = os.strerror(errno.ENOTDIR)
+        if target == shown:
+            return f"{what} {shown} is not a directory"
+        return f"cannot create {what} {shown}: {reason} ({target} is not a directory)"
+    try:  # a real write: permission bits do not stop root, a read-only mount does
+        with tempfile.TemporaryFile(dir=target):
+            pass
+    except OSError as exc:
+        verb = "write in" if target == shown else "create"
+        return f"cannot {verb} {what} {shown}: {exc.strerror or exc}"
+    return None
+
+
+# -- files -----------------------------------------------------------------------------------
+
+
+def _file_findings(config: Config, policy: Policy | None) -> list[Finding]:
+    findings = []
+    ca_file = config.ldap.ca_file
+    if config.ldap.servers and ca_file is not None:
+        try:
+            with open(ca_file, "rb") as f:
+                f.read(1)
+            findings.append(Finding("ok", "ldap.ca_file", f"[ldap] ca_file {ca_file} is readable"))
+        except OSError as exc:
+            findings.append(
+                Finding(
+                    "error",
+                    "ldap.ca_file",
+                    f"cannot read [ldap] ca_file {ca_file}: {exc.strerror or exc}",
+                )
+            )
+    if config.ldap.bind_password_file is not None:  # unreadable: a ConfigError at load
+        findings.append(
+            Finding(
+                "ok",
+                "ldap.bind_password_file",
+                f"[ldap] bind_password_file {config.ldap.bind_password_file} is readable",
+            )
+        )
+    if policy is not None:  # an unreadable list is a ConfigError in build_policy
+        for name, handle in policy.lists.handles.items():
+            where = f"file {handle.path}" if handle.path else "inline"
+            findings.append(
+                Finding(
+                    "ok", f"lists.{name}", f"[lists] {name}: {entries(len(handle.value))} ({where})"
+                )
+            )
+    return findings
+
+
+def entries(count: int) -> str:
+    return "1 entry" if count == 1 else f"{count} entries"
+
+
+def _tls_findings(config: Config) -> list[Finding]:
+    cert, key = config.tls.certificate, config.tls.private_key
+    if cert is None or key is None:
+        return [Finding("ok", "tls", "[tls] no certificate: STARTTLS is not offered")]
+    # A key that does not match is already a ConfigError at load (config.loader); this adds the
+    # chain order, the expiry and the host name (warnings only: see tlscheck.analyse_chain).
+    return [
+        Finding(level, "tls.certificate", f"[tls] {message}")
+        for level, message in check_certificate_files(
+            cert, key, config.server.hostname, serving=True
+        )
+    ]
+
+
+# -- DNS -------------------------------------------------------------------------------------
+
+
+async def _dns_findings(config: Config, policy: Policy | None) -> list[Finding]:
+    from palisade.adapters.dns import DnsResolver
+    from palisade.adapters.dnsbl_probe import probe_dnsbl_zone
+    from palisade.ports import DnsTempError
+    from palisade.server.app import secrets_of
+    from palisade.server.probes import dnsbl_checks
+
+    dns = config.dns
+    shown = ", ".join(dns.nameservers) if dns.nameservers else "of /etc/resolv.conf"
+    where = "dns.nameservers"
+    try:
+        resolver = DnsResolver(
+            [parse_host_port(n, default_port=53) for n in dns.nameservers] or None,
+            timeout=dns.timeout,
+            retries=0,
+            redact=secrets_of(config),
+        )
+        await resolver.query(config.server.hostname, "A")  # any answer will do, NXDOMAIN too
+    except (DnsTempError, ValueError, OSError) as exc:
+        reason = exc.reason if isinstance(exc, DnsTempError) else str(exc)
+        findings = [
+            Finding(
+                "warning",
+                where,
+                f"[dns] the resolver {shown} did not answer a query for "
+                f"{config.server.hostname} A ({reason}): "
+                "DNS-based rules will fail and their on_error applies until it answers "
+                "(a warning, not an error: DNS outages are usually transient)",
+            )
+        ]
+        if policy is not None and any(True for _ in dnsbl_checks(policy)):
+            findings.append(
+                Finding("warning", "rules", "DNSBL zones not probed: the resolver did not answer")
+            )
+        return findings
+    findings = [Finding("ok", where, f"[dns] the resolver {shown} answers")]
+    if policy is None:
+        return findings
+    zones = {zone.shown: zone for check in dnsbl_checks(policy) for zone in check.zones}
+    results = await asyncio.gather(  # at once: a dead zone costs one timeout, not one each
+        *(probe_dnsbl_zone(resolver, z.query, display_zone=z.shown) for z in zones.values())
+    )
+    for zone, (healthy, reason) in zip(zones.values(), results, strict=True):
+        reason = zone.scrub(reason)
+        if healthy:
+            findings.append(
+                Finding("ok", "rules", f"DNSBL zone {zone.shown} passes the RFC 5782 probe")
+            )
+            continue
+        text = f"DNSBL zone {zone.shown} fails the RFC 5782 probe: {reason}"  # 127.255.255.x:
+        # the reason says "your resolver is refused by this list" (adapters.dnsbl_probe)
+        findings.append(
+            Finding("warning", "rules", text + "; the zone is not used until a probe passes")
+        )
+    return findings
