@@ -130,10 +130,11 @@ def _path_findings(config: Config) -> list[Finding]:
     return findings
 
 
-def state_problem(state: Path) -> str:
-    """Why ``[paths] state`` cannot be opened, in one sentence (after an OSError elsewhere)."""
+def state_problem(state: Path, reason: str | None = None) -> str:
+    """Why ``[paths] state`` cannot be opened, in one sentence: the path's own problem if it has
+    one (a file where a directory should be), else ``reason`` (the store's error)."""
     return _directory_problem("[paths] state", state.parent, shown=state) or (
-        f"cannot open [paths] state {state}"
+        reason or f"cannot open [paths] state {state}"
     )
 
 

@@ -79,7 +79,7 @@ def main(args: argparse.Namespace, out: TextIO | None = None) -> int:
         ports = build_ports(config)
     except (OSError, StateTempError) as exc:
         reason = exc.reason if isinstance(exc, StateTempError) else exc.strerror or str(exc)
-        problem = state_problem(config.paths.state) if isinstance(exc, OSError) else reason
+        problem = state_problem(config.paths.state, reason)
         print(f"palisade: {problem}", file=sys.stderr)
         return 1
     return asyncio.run(

@@ -137,13 +137,12 @@ def _history(args: argparse.Namespace, state: Path) -> int:
     read_only = args.history_command in ("list", "remove") and not state.exists()
     try:
         store = SqliteStateStore(Path(":memory:") if read_only else state)
-    except (StateTempError, SchemaError) as exc:
-        print(f"palisade: state database {state}: {exc}", file=sys.stderr)
-        return 1
-    except OSError:
+    except (StateTempError, SchemaError, OSError) as exc:
         from palisade.selfcheck import state_problem
 
-        print(f"palisade: {state_problem(state)}", file=sys.stderr)
+        print(
+            f"palisade: {state_problem(state, f'state database {state}: {exc}')}", file=sys.stderr
+        )
         return 1
     try:
         return history_cli.run(args, store)
