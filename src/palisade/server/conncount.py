@@ -96,18 +96,22 @@ class SharedCounts:
 
     def _find(self, key: bytes, *, claim: bool) -> int | None:
         """The word offset of ``key``'s entry; with ``claim`` a free entry is taken for it.
-        Call with the lock held."""
-        words, stride, workers = self.words, self.stride, self.workers
-        first = (hash(key) & (self.buckets - 1)) * ENTRIES_PER_BUCKET * stride
-        free = None
-        for base in range(first, first + ENTRIES_PER_BUCKET * stride, stride):
-            if words[base : base + _KEY_WORDS].tobytes() == key:
-                return base
-            if free is None and not any(words[base + _KEY_WORDS : base + _KEY_WORDS + workers]):
-                free = base
-        if claim and free is not None:
-            words[free : free + _KEY_WORDS] = memoryview(key).cast("I")
-            return free
+        Call with the lock held. The bucket is read in one copy and searched with ``find``."""
+        size = self.stride * 4  # bytes per entry
+        start = (hash(key) & (self.buckets - 1)) * ENTRIES_PER_BUCKET * size
+        bucket = self._map[start : start + ENTRIES_PER_BUCKET * size]
+        at = bucket.find(key)
+        while at > 0 and at % size:  # a match across two fields is not a key
+            at = bucket.find(key, at + 1)
+        if at >= 0:
+            return (start + at) // 4
+        if not claim:
+            return None
+        no_counts = bytes(4 * self.workers)
+        for at in range(0, len(bucket), size):
+            if bucket[at + 4 * _KEY_WORDS : at + size] == no_counts:
+                self._map[start + at : start + at + len(key)] = key
+                return (start + at) // 4
         return None
 
     def clear_slot(self, slot: int) -> None:
