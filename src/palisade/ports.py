@@ -253,3 +253,13 @@ class StateStore(Protocol):
         """Records one event for ``key`` and returns how many fell within the last ``window``
         seconds, this one included."""
         ...
+
+    async def pass_until(self, key: str, now: float) -> float | None:
+        """When the pass remembered for ``key`` (e.g. a client that waited for the banner and
+        behaved) runs out, or None: never remembered, or expired at ``now``."""
+        ...
+
+    async def remember_pass(self, key: str, until: float, now: float) -> None:
+        """Remembers a pass for ``key`` until ``until``, replacing an older one. Passes expired
+        at ``now`` (of any key) may be forgotten on the way."""
+        ...

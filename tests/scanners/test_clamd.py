@@ -76,7 +76,14 @@ def test_stream_size_limit_is_a_temporary_error(clamd: ClamdProcess, tmp_path: P
     with pytest.raises(ServiceTempError) as info:
         run(ClamdScanner(clamd.address).scan(source))
     assert info.value.reason.startswith(f"clamd {clamd.address}: ")
-    assert "size limit exceeded" in info.value.reason
+    # clamd answers "size limit exceeded" and closes while we are still sending: our next
+    # segment draws a RST, and Linux drops a reply still unread in the receive queue when the
+    # RST arrives. Which of the two the client sees is a race on the wire (about 1 run in 20
+    # under load); either way it is a temporary error, which is what the gateway acts on.
+    reason = info.value.reason
+    assert "size limit exceeded" in reason or reason.endswith(
+        ("Connection lost", "Connection reset by peer", "Broken pipe")
+    ), reason
 
 
 def test_clamd_stopped_is_a_temporary_error(tmp_path: Path) -> None:

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import os
 import re
+import shutil
 import socket
 import ssl
+import subprocess
 import time
 from typing import Any
 
@@ -122,6 +125,53 @@ def test_pipelining_after_helo_is_refused_and_closed(gateway: GatewayProcess) ->
         assert code in (521, 554) and "synchronization" in text.lower()
         assert client.closed()
     assert wait_for(lambda: "SMTP protocol synchronization error" in gateway.rejectlog())
+
+
+def test_helo_with_a_space_is_refused_and_counted(make_gateway: Any) -> None:
+    """``EHLO a b`` is not a domain or address literal: 501 5.5.4, counted towards max_errors,
+    logged as a protocol error; trailing spaces after a real name are tolerated."""
+    gw = make_gateway(limits={"max_errors": 3})
+    with RawClient(gw.port) as client:
+        client.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        assert client.reply()[0] == 220
+        code, text = client.command("EHLO a b")
+        assert (code, text[:5]) == (501, "5.5.4"), text
+        assert client.command("HELO  a.test  b  ")[0] == 501
+        code, text = client.command("EHLO client.test   ")  # trailing spaces: still a name
+        assert code == 250, text
+        assert client.command("EHLO x [192.0.2.1] rejected")[0] == 501
+        assert client.command("NOOP")[0] == 421  # the third error was the last one allowed
+        assert client.closed()
+    wait_for(lambda: gw.rejectlog().count("not one domain or address literal") == 3)
+    assert re.search(
+        r"SMTP protocol error in syntax: H=\[127\.0\.0\.1\]:\d+ EHLO argument is not one "
+        r"domain or address literal",
+        gw.rejectlog(),
+    )
+    assert "192.0.2.1" not in gw.rejectlog() + gw.mainlog()
+    assert re.search(r"H=\(client\.test\) \[127\.0\.0\.1\]:\d+ dropped", gw.rejectlog())
+
+
+@pytest.mark.skipif(
+    shutil.which("swaks") is None and not os.environ.get("CI"),
+    reason="swaks not installed (make test installs it)",
+)
+def test_swaks_helo_with_a_space_is_refused(gateway: GatewayProcess) -> None:
+    result = subprocess.run(
+        [
+            *("swaks", "--server", f"127.0.0.1:{gateway.port}", "--helo", "a b"),
+            *("--from", "a@outside.test", "--to", "user@example.test"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert result.returncode != 0, result.stdout
+    # swaks tries EHLO, then falls back to HELO: both refused, nothing accepted
+    assert re.search(r"-> EHLO a b\s+<\*\* 501 5\.5\.4 ", result.stdout), result.stdout
+    assert re.search(r"-> HELO a b\s+<\*\* 501 5\.5\.4 ", result.stdout), result.stdout
+    assert "MAIL FROM" not in result.stdout
+    wait_for(lambda: gateway.rejectlog().count("not one domain or address literal") == 2)
 
 
 def test_early_talker_is_refused_before_the_greeting(make_gateway: Any) -> None:

@@ -273,7 +273,7 @@ def test_handshake_failure_is_logged_with_client_and_reason(
 def test_helo_text_cannot_forge_an_address_in_the_tls_error_line(
     tls_gateway: GatewayProcess,
 ) -> None:
-    client = _starttls_then(tls_gateway.port, helo='x) [10.9.8.7]:25 (SSL_accept): "forged"')
+    client = _starttls_then(tls_gateway.port, helo='x)[10.9.8.7]:25(SSL_accept):"forged"')
     port = client.sock.getsockname()[1]
     try:
         _half_hello(client)
@@ -283,7 +283,7 @@ def test_helo_text_cannot_forge_an_address_in_the_tls_error_line(
         lambda: [line for line in tls_gateway.mainlog().splitlines() if "TLS error" in line]
     )[0]
     assert line[20:] == (
-        r"TLS error on connection from (x\x29 \x5b10.9.8.7\x5d:25 \x28SSL_accept\x29: "
+        r"TLS error on connection from (x\x29\x5b10.9.8.7\x5d:25\x28SSL_accept\x29:"
         rf"\x22forged\x22) [127.0.0.1]:{port} (SSL_accept): connection closed by client"
     )
     assert re.findall(r"\[([^\]]*)\]", line) == ["127.0.0.1"]

@@ -233,6 +233,47 @@ def test_command_syntax_errors(line: bytes, code: int, enhanced: str, kind: str)
 
 
 @pytest.mark.parametrize(
+    "line",
+    [
+        b"EHLO a b\r\n",
+        b"HELO a b\r\n",
+        b"EHLO client.example  x\r\n",
+        b"ehlo x [1.2.3.4] rejected\r\n",
+    ],
+)
+@pytest.mark.parametrize("bytewise", [False, True])
+def test_helo_with_inner_space_is_refused_and_counted(line: bytes, bytewise: bool) -> None:
+    """A HELO/EHLO argument with a space is neither a domain nor an address literal: 501 5.5.4,
+    one error counted, and the session stays in its greeting state. (No trailing-data variant:
+    input after HELO/EHLO in the same group is a pipelining violation, tested on its own.)"""
+    d = session(line, b"EHLO ok.example\r\n", conn=make(max_errors=5), bytewise=bytewise)
+    err = d.events()[0]
+    assert isinstance(err, events.CommandError), d.events()
+    assert codes(err) == (501, "5.5.4", "syntax")
+    assert d.replies()[0].startswith(b"501 5.5.4 Syntax: ")
+    assert d.conn.error_count == 1
+    helo = d.events()[1]  # the client may still greet properly afterwards
+    assert isinstance(helo, events.Helo) and helo.name == "ok.example"
+    assert [ev for ev in d.events() if isinstance(ev, events.Helo)] == [helo]
+
+
+@pytest.mark.parametrize(
+    ("line", "name"),
+    [
+        (b"EHLO a.example \r\n", "a.example"),
+        (b"HELO a.example  \t \r\n", "a.example"),
+        (b"EHLO  [192.0.2.1]\r\n", "[192.0.2.1]"),
+    ],
+)
+@pytest.mark.parametrize("bytewise", [False, True])
+def test_helo_trailing_blanks_are_stripped(line: bytes, name: str, bytewise: bool) -> None:
+    d = session(line, bytewise=bytewise)
+    ev = d.events()[0]
+    assert isinstance(ev, events.Helo) and ev.name == name
+    assert d.conn.state is State.READY and d.conn.error_count == 0
+
+
+@pytest.mark.parametrize(
     ("line", "code", "enhanced", "kind"),
     [
         (b"MAIL\r\n", 501, "5.5.4", "syntax"),

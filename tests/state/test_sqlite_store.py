@@ -357,3 +357,31 @@ def test_a_flooding_key_costs_no_more_per_hit(store: SqliteStateStore) -> None:
     per_hit = (time.perf_counter() - started) / 200
     assert count == 20200
     assert per_hit < 0.005, per_hit
+
+
+# ------------------------------------------------------------------------------------ passes
+
+
+def test_pass_remembered_until_it_expires(store: SqliteStateStore) -> None:
+    assert run(store.pass_until("pregreet:192.0.2.1", T0)) is None
+    run(store.remember_pass("pregreet:192.0.2.1", T0 + 10, T0))
+    assert run(store.pass_until("pregreet:192.0.2.1", T0 + 9.9)) == T0 + 10
+    assert run(store.pass_until("pregreet:192.0.2.1", T0 + 10)) is None  # expired at its end
+    assert run(store.pass_until("pregreet:192.0.2.2", T0)) is None  # per key
+    run(store.remember_pass("pregreet:192.0.2.1", T0 + 50, T0 + 20))  # a new pass replaces it
+    assert run(store.pass_until("pregreet:192.0.2.1", T0 + 30)) == T0 + 50
+    # another process (another worker) sees it: same file, its own connection
+    with SqliteStateStore(store.path) as other:
+        assert run(other.pass_until("pregreet:192.0.2.1", T0 + 30)) == T0 + 50
+
+
+def test_expired_passes_are_swept(store: SqliteStateStore) -> None:
+    from palisade.adapters.sqlite_state import PASS_SWEEP_EVERY
+
+    for i in range(PASS_SWEEP_EVERY - 1):
+        run(store.remember_pass(f"k{i}", T0 + 1, T0))
+    rows = sqlite3.connect(store.path).execute("SELECT count(*) FROM passes").fetchone()[0]
+    assert rows == PASS_SWEEP_EVERY - 1
+    run(store.remember_pass("fresh", T0 + 100, T0 + 2))  # the sweep forgets the expired ones
+    rows = sqlite3.connect(store.path).execute("SELECT key FROM passes").fetchall()
+    assert rows == [("fresh",)]

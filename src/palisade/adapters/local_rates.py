@@ -48,6 +48,12 @@ class WriteBehindRates:
     async def list_incidents(self) -> list[Incident]:
         return await self.store.list_incidents()
 
+    async def pass_until(self, key: str, now: float) -> float | None:
+        return await self.store.pass_until(key, now)
+
+    async def remember_pass(self, key: str, until: float, now: float) -> None:
+        await self.store.remember_pass(key, until, now)
+
     async def rate_hit(self, key: str, window: float, now: float) -> int:
         if not window > 0:
             raise ValueError(f"rate window must be positive, got {window!r}")

@@ -4,7 +4,10 @@ Owns: one SQLite file shared by every gateway worker process on the machine (and
 ``palisade history`` command): its schema and ``schema_version``, the connection settings (WAL
 journal, ``synchronous=NORMAL``, a busy timeout), the incident key of an address (IPv4 as is,
 IPv4-mapped IPv6 as IPv4, other IPv6 by its /64 network), the exact sliding-window event counting
-behind ``rate_hit`` and the pruning of expired events.
+behind ``rate_hit`` and the pruning of expired events, and the passes (``pass_until`` /
+``remember_pass``: a key, e.g. ``pregreet:<ip>``, and the time its pass runs out; expired ones
+are forgotten in batches by later writes). The ``passes`` table came after schema version 1 was
+fixed; it is created when missing and an older Palisade ignores it, so the version stays 1.
 
 Must not touch: policy (it counts; whether a count is "too many" is the checks' business), logging,
 configuration files (the composition root passes the path), and any project module other than
@@ -83,6 +86,7 @@ __all__ = ["SCHEMA_VERSION", "SchemaError", "SqliteStateStore", "incident_key"]
 SCHEMA_VERSION = 1
 SWEEP_EVERY = 1000  # rate_hit calls between two sweeps of expired events (per process)
 SWEEP_BATCH = 500  # at most this many expired keys forgotten per sweep
+PASS_SWEEP_EVERY = 100  # remember_pass calls between two sweeps of expired passes (per process)
 
 _T = TypeVar("_T")
 
@@ -103,6 +107,11 @@ CREATE TABLE IF NOT EXISTS rate_keys (
     expires REAL NOT NULL
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS rate_keys_by_expiry ON rate_keys (expires);
+CREATE TABLE IF NOT EXISTS passes (
+    key   TEXT PRIMARY KEY,
+    until REAL NOT NULL
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS passes_by_expiry ON passes (until);
 CREATE TABLE IF NOT EXISTS rate_events (
     key TEXT NOT NULL,
     at  REAL NOT NULL,
@@ -169,6 +178,7 @@ class SqliteStateStore:
         self.busy_timeout = busy_timeout
         self._lock = threading.Lock()
         self._hits = 0
+        self._passes = 0
         self._conn: sqlite3.Connection | None = None
         if str(self.path) != ":memory:":
             try:
@@ -449,6 +459,39 @@ class SqliteStateStore:
 
         return self._run("sweep", work)
 
+    # ---------------------------------------------------------------------------- passes
+
+    def pass_until_sync(self, key: str, now: float) -> float | None:
+        def work(conn: sqlite3.Connection) -> float | None:
+            row = conn.execute(
+                "SELECT until FROM passes WHERE key = ? AND until > ?", (key, now)
+            ).fetchone()
+            return None if row is None else float(row[0])
+
+        return self._run("pass lookup", work, read=True)
+
+    def remember_pass_sync(self, key: str, until: float, now: float) -> None:
+        self._passes += 1
+        sweep = self._passes % PASS_SWEEP_EVERY == 0
+
+        def work(conn: sqlite3.Connection) -> None:
+            def body() -> None:
+                conn.execute(
+                    "INSERT INTO passes (key, until) VALUES (?, ?) "
+                    "ON CONFLICT (key) DO UPDATE SET until = excluded.until",
+                    (key, until),
+                )
+                if sweep:
+                    conn.execute(
+                        "DELETE FROM passes WHERE key IN "
+                        "(SELECT key FROM passes WHERE until <= ? LIMIT ?)",
+                        (now, SWEEP_BATCH),
+                    )
+
+            self._transaction(conn, body)
+
+        self._run("pass update", work)
+
     # ---------------------------------------------------------------------------- the port
 
     async def get_incident(self, ip: str) -> Incident | None:
@@ -475,6 +518,15 @@ class SqliteStateStore:
         worker waiting for it must not stall its event loop (measured: +43 ms p99 under load).
         """
         return await asyncio.to_thread(self.rate_hit_sync, key, window, now)
+
+    async def pass_until(self, key: str, now: float) -> float | None:
+        """When the pass remembered for ``key`` runs out, or None (absent or expired)."""
+        return self.pass_until_sync(key, now)
+
+    async def remember_pass(self, key: str, until: float, now: float) -> None:
+        """Remembers a pass for ``key`` until ``until`` (a write: in a worker thread, as
+        ``rate_hit``)."""
+        await asyncio.to_thread(self.remember_pass_sync, key, until, now)
 
     def close(self) -> None:
         """Closes the connection; later calls raise ``StateTempError``. Idempotent."""

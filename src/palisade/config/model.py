@@ -37,6 +37,7 @@ class ServerConfig:
     listen: tuple[str, ...] = ("127.0.0.1:2525",)
     workers: int = positive(1)
     greeting_delay: float = duration(0.0)
+    pregreet_pass_ttl: float = duration(86400.0)  # 0: every connection waits greeting_delay
     max_connections: int = positive(2000)
     max_connections_per_ip: int = positive(20)
 

@@ -1,9 +1,12 @@
 """Event log: one line per event, in exim's shape, to a main log and a reject log.
 
 Owns: the file format of ``mainlog`` / ``rejectlog`` (and optional JSON lines). Every caller hands
-in a line it has built; client-supplied text must go through :func:`escape` first, because these
-files are read by firewalls (fail2ban, nftfw) and a client must never be able to forge a line.
-Trust: none of the text is trusted; control characters are escaped here as a last line of defence.
+in a line it has built; client-supplied text must go through :func:`escape_field` first,
+because these files are read by firewalls (fail2ban, nftfw) and a client must never be able to
+forge a line or put an address of its choosing where a reader looks for the client's: the only
+bracketed address a line may show is the one Palisade writes in ``H=... [ip]:port``, and nothing
+client-supplied comes before the ``H=`` field except the sender of an arrival line (escaped).
+Trust: none of the text is trusted; line breaks are replaced here as a last line of defence.
 Files: the log files it creates are 0640 (see ``_open_log``), the directory 0750.
 """
 
@@ -20,13 +23,39 @@ from typing import Protocol
 
 from palisade.obs.files import make_dirs
 
-_ESCAPES = {i: f"\\x{i:02x}" for i in range(32)} | {127: "\\x7f"}
+# C0 and C1 controls and DEL (U+0085 is a line break to Python's ``splitlines``; client bytes
+# are decoded as latin-1, so 0x80-0x9f arrive as those code points).
+_ESCAPES = {i: f"\\x{i:02x}" for i in (*range(32), *range(127, 160))}
 _ESCAPES[ord("\\")] = "\\\\"
+# In a field of a log line, also the characters that delimit fields: ``[`` and ``]`` (the one
+# bracketed address of a line is the client's, in ``H=... [ip]:port``), quotes (``input="..."``,
+# rule names) and angle brackets (``F=<...>``, ``RCPT <...>``).
+# Everything ``str.splitlines`` breaks on: a last line of defence in the writer itself.
+_LINE_BREAKS = dict.fromkeys(map(ord, "\n\r\v\f\x1c\x1d\x1e\x85\u2028\u2029"), " ")
+_FIELD_ESCAPES = _ESCAPES | {ord(c): f"\\x{ord(c):02x}" for c in '[]"<>'}
 
 
 def escape(text: str, limit: int = 256) -> str:
-    """Make client text safe for one log line: no control characters, bounded length."""
+    """Make text safe for one line (a log line, a header, terminal output): no control
+    characters, bounded length. For client text in a log line use :func:`escape_field`."""
     out = text.translate(_ESCAPES)
+    if len(out) > limit:
+        out = out[:limit] + "..."
+    return out
+
+
+def escape_field(text: str, limit: int = 256) -> str:
+    """Client-supplied text (HELO name, addresses, AUTH mechanism, early input, rule log texts
+    that may quote them) made safe for one field of a log line.
+
+    Besides what :func:`escape` does, ``[``, ``]``, ``"``, ``<`` and ``>`` become ``\\x5b``,
+    ``\\x5d``, ``\\x22``, ``\\x3c`` and ``\\x3e``: a log reader (fail2ban, nftfw, a grep) that
+    takes the first or any bracketed address of a line can only ever find the address Palisade
+    itself wrote in ``H=... [ip]:port``, never one a client typed (``HELO x [1.2.3.4] rejected``),
+    and a field can never be closed early from inside. The backslash is escaped too, so the
+    form is unambiguous. Length is bounded after escaping; a cut never makes a bracket.
+    """
+    out = text.translate(_FIELD_ESCAPES)
     if len(out) > limit:
         out = out[:limit] + "..."
     return out
@@ -103,7 +132,7 @@ class FileEventLog:
 
     def _write(self, fds: tuple[int, ...], kind: str, line: str, fields: dict[str, object]) -> None:
         now = time.time()
-        text = f"{timestamp(now)} {line.replace(chr(10), ' ')}\n".encode("utf-8", "replace")
+        text = f"{timestamp(now)} {line.translate(_LINE_BREAKS)}\n".encode("utf-8", "replace")
         with self._lock:
             for fd in fds:
                 os.write(fd, text)

@@ -28,7 +28,7 @@ import contextlib
 import time
 from collections.abc import Callable
 
-from palisade.obs.log import EventLog, escape
+from palisade.obs.log import EventLog, escape, escape_field
 from palisade.obs.queueid import QueueIdGenerator, is_queue_id
 from palisade.relay.dsn import build_dsn, header_block
 from palisade.relay.outcome import RecipientResult
@@ -299,7 +299,7 @@ class QueueRunner:
         rstate = state.recipients[res.rcpt]
         rstate.updated_at = now
         rstate.detail = res.reply or res.detail
-        rcpt = escape(res.rcpt)
+        rcpt = escape_field(res.rcpt)  # the client's text: no brackets, quotes or <> (obs.log)
         route = _route_text(res)
         host = f" {res.host}" if res.host else ""
         fields: dict[str, object] = {"queue_id": queue_id, "rcpt": res.rcpt}

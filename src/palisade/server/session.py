@@ -6,7 +6,8 @@ trickle bytes, reply batching (all replies to one pipelined group leave in one w
 log line for each decision. It never decides policy itself: relay control and, later, the rule
 engine return verdicts, and this module renders them.
 Trust: everything from the client is hostile; client text reaches the logs only through
-``obs.log.escape``.
+``obs.log.escape_field`` (which also escapes brackets, quotes and angle brackets, so the
+``[ip]`` of the ``H=`` field is the only bracketed address a line can show).
 """
 
 from __future__ import annotations
@@ -20,11 +21,12 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from palisade.obs.log import escape, rfc5322_date
+from palisade.obs.log import escape, escape_field, rfc5322_date
 from palisade.policy.engine import StageOutcome, evaluate_stage
 from palisade.policy.relay import Route
 from palisade.policy.rules import Facts, MessageFacts, Stage
 from palisade.policy.verdict import Action, Verdict
+from palisade.ports import StateTempError
 from palisade.server import data_stage
 from palisade.server.stream import ClientStream
 from palisade.server.tls import describe, handshake_error_line
@@ -115,6 +117,13 @@ class Session:
         self._deadline: float | None = None
         self._data_started: float | None = None
         self._data_bytes = 0
+        # pregreet (greeting_delay): whether a connect rule accepted the client, whether this
+        # connection waited and kept quiet, and how it went afterwards (see _behaved)
+        self._connect_accepted = False
+        self._waited = False
+        self._served = False  # a command other than QUIT was answered 2xx/3xx
+        self._refused = False  # a command was answered 5xx (rule, relay, protocol, content)
+        self._client_ended = False  # QUIT, or the client closed between commands
 
     @functools.cached_property
     def conn(self) -> SmtpConnection:
@@ -138,11 +147,13 @@ class Session:
     # -- log helpers ------------------------------------------------------------------------
     def host_field(self) -> str:
         """exim's ``H=`` field: ``(helo) [ip]:port`` (no PTR lookups in the core)."""
-        helo = f"({escape(self.helo, 100)}) " if self.helo else ""
+        helo = f"({escape_field(self.helo, 100)}) " if self.helo else ""
         return f"H={helo}[{self.ip_text}]:{self.port}"
 
     def _sender_field(self) -> str:
-        return f" F=<{escape(self.tx.sender or '', 200)}>" if self.tx.sender is not None else ""
+        return (
+            f" F=<{escape_field(self.tx.sender or '', 200)}>" if self.tx.sender is not None else ""
+        )
 
     # -- main loop ---------------------------------------------------------------------------
     async def run(self) -> None:
@@ -172,33 +183,95 @@ class Session:
             with contextlib.suppress(Exception):
                 await self._flush()
             self.stream.close()
+        if self._behaved():
+            await self._remember_pass()
 
     async def _greet(self) -> bool:
-        delay = self.config.server.greeting_delay
-        if delay > 0:
-            with contextlib.suppress(TimeoutError):
-                early = await self.stream.read(delay)
-                if early or self.stream.has_data():
-                    self.ctx.log.reject(
-                        f"SMTP protocol synchronization error (input sent without waiting for "
-                        f"greeting): rejected connection from H=[{self.ip_text}]:{self.port} "
-                        f'input="{escape(early.decode("latin-1"), 60)}"'
-                    )
-                    self._send(Reply(554, "5.5.0", "SMTP synchronization error"))
-                    return False
-                if early == b"":
-                    return False
         if self.ctx.draining:
             self._send(self._shutdown_reply())
             return False
+        # Connect rules come first: a refused client is refused at once, and a client that a
+        # connect rule accepts (a whitelist) never waits for the banner.
         verdict = await self._run_stage(Stage.CONNECT, "")
         if verdict is not None and not self._delay(Stage.CONNECT, verdict):
             self._log_refusal(Stage.CONNECT, "", verdict)
             assert verdict.reply is not None
             self._out.append(verdict.reply.to_bytes())
             return False  # refused before the banner: nothing more is said
+        if not await self._pregreet():
+            return False
+        if self.ctx.draining:
+            self._send(self._shutdown_reply())
+            return False
         self._out.append(self.conn.greeting(self.config.server.hostname))
         return True
+
+    # -- pregreet ----------------------------------------------------------------------------
+    def _pregreet_key(self) -> str:
+        return f"pregreet:{self.ip_text}"
+
+    async def _pregreet(self) -> bool:
+        """``greeting_delay``: waits that long before the banner and refuses a client that
+        talks meanwhile (Postfix postscreen's pregreet test). Skipped for a client that a
+        connect rule accepted and for one that passed within ``pregreet_pass_ttl``. False: the
+        connection is over."""
+        server = self.config.server
+        delay = server.greeting_delay
+        if delay <= 0 or self._connect_accepted:
+            return True
+        if server.pregreet_pass_ttl > 0:
+            try:
+                until = await self.ctx.ports.state.pass_until(self._pregreet_key(), time.time())
+            except StateTempError as exc:  # no pass known: the client waits, as everyone
+                until = None
+                self.ctx.log.main(
+                    f"{self.host_field()} pregreet pass unknown: {escape_field(exc.reason)}"
+                )
+            if until is not None:
+                self.ctx.log.main(
+                    f"{self.host_field()} pregreet skipped: passed before (until "
+                    f"{time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(until))})"
+                )
+                return True
+        with contextlib.suppress(TimeoutError):
+            early = await self.stream.read(delay)
+            if early or self.stream.has_data():
+                self.ctx.log.reject(
+                    f"SMTP protocol synchronization error (input sent without waiting for "
+                    f"greeting): rejected connection from H=[{self.ip_text}]:{self.port} "
+                    f'input="{escape_field(early.decode("latin-1"), 60)}"'
+                )
+                self._send(Reply(554, "5.5.0", "SMTP synchronization error"))
+                return False
+            if early == b"":
+                return False
+        self._waited = True
+        return True
+
+    def _behaved(self) -> bool:
+        """Whether a client that waited for the banner earned a pass: it was answered 2xx/3xx
+        to at least one command besides QUIT, never 5xx (a rule, relay control, a protocol
+        error, a content refusal), and the connection ended by its QUIT or its close between
+        commands, not by us (drop, timeout, too many errors, shutdown)."""
+        return (
+            self._waited
+            and self._served
+            and not self._refused
+            and self._client_ended
+            and self.config.server.pregreet_pass_ttl > 0
+        )
+
+    async def _remember_pass(self) -> None:
+        ttl = self.config.server.pregreet_pass_ttl
+        now = time.time()
+        try:
+            await self.ctx.ports.state.remember_pass(self._pregreet_key(), now + ttl, now)
+        except StateTempError as exc:
+            self.ctx.log.main(
+                f"{self.host_field()} pregreet passed, not remembered: {escape_field(exc.reason)}"
+            )
+            return
+        self.ctx.log.main(f"{self.host_field()} pregreet passed, remembered for {ttl:g}s")
 
     # -- policy ------------------------------------------------------------------------------
     async def _run_stage(self, stage: Stage, subject: str) -> Verdict | None:
@@ -208,6 +281,8 @@ class Session:
             return None
         outcome = await evaluate_stage(stage, rules, self.facts, self.ctx.ports)
         self._log_decisions(outcome, subject)
+        if stage is Stage.CONNECT:
+            self._connect_accepted = outcome.accepted
         target = self._warn_headers if stage in (Stage.CONNECT, Stage.HELO) else self.tx.headers
         for header in outcome.headers:
             if header not in target:
@@ -229,19 +304,19 @@ class Session:
             if getattr(decision.rule.check, "log_rates", False) and "ratelimit.rate" in results:
                 lines.append(f"rate {results['ratelimit.rate']}")
             if decision.error is not None:
-                rule = f'{outcome.stage.value} rule "{escape(decision.rule.name)}"'
+                rule = f'{outcome.stage.value} rule "{escape_field(decision.rule.name)}"'
                 if decision.matched:
-                    lines.append(f"{rule}: temporary failure: {escape(decision.error)}")
+                    lines.append(f"{rule}: temporary failure: {escape_field(decision.error)}")
                 else:  # skipped: this line is all that is said about it
-                    lines.append(f"{rule} (temporary failure): {escape(decision.log_text)}")
+                    lines.append(f"{rule} (temporary failure): {escape_field(decision.log_text)}")
                 if decision.error_zones:
                     self._report_zones(decision.error_zones)
             if not decision.matched:
                 continue
             if not decision.acted:
-                lines.append(escape(decision.log_text))
+                lines.append(escape_field(decision.log_text))
             elif decision.rule.verb.value == "warn":
-                lines.append(f"Warning: {escape(decision.log_text)}")
+                lines.append(f"Warning: {escape_field(decision.log_text)}")
         if lines:
             where = f"{self.host_field()}{self._sender_field()}"
             for line in lines:
@@ -268,16 +343,16 @@ class Session:
         if stage is Stage.CONNECT:
             what = 'connection in "connect" ACL'
         elif stage is Stage.HELO:
-            what = f"EHLO or HELO {escape(subject, 100)}"
+            what = f"EHLO or HELO {escape_field(subject, 100)}"
         elif stage is Stage.MAIL:
-            what = f"MAIL <{escape(subject, 200)}>"
+            what = f"MAIL <{escape_field(subject, 200)}>"
         elif stage is Stage.RCPT:
-            what = f"RCPT <{escape(subject, 200)}>"
+            what = f"RCPT <{escape_field(subject, 200)}>"
         else:
             what = "after DATA"
         self.ctx.log.reject(
             f"{self.host_field()}{self._sender_field()} {temporarily}rejected {what}: "
-            f"{escape(verdict.log_message, 400)}"
+            f"{escape_field(verdict.log_message, 400)}"
         )
 
     async def _receive(self) -> None:
@@ -323,6 +398,10 @@ class Session:
         raise _Closed
 
     def _send(self, reply: Reply) -> None:
+        if reply.code >= 500:
+            self._refused = True
+        elif reply.code < 400 and not self._client_ended:
+            self._served = True
         self._out.append(
             self.conn.send_reply(reply) if self.conn.awaiting_reply else reply.to_bytes()
         )
@@ -372,6 +451,7 @@ class Session:
             case events.Noop():
                 self._send(replies.OK)
             case events.Quit():
+                self._client_ended = True
                 self._send(Reply(221, "2.0.0", f"{self.config.server.hostname} closing connection"))
                 raise _Closed
             case events.Help():
@@ -390,9 +470,12 @@ class Session:
             case events.StartTls():
                 await self._on_starttls()
             case events.Auth():
+                # exim's line, which fail2ban's stock exim filter matches; the mechanism is
+                # escaped (no quote or bracket), so it cannot end the quotes or forge an address
+                mechanism = escape_field(event.argument.split(" ")[0], 20)
                 self.ctx.log.reject(
-                    f'SMTP protocol error in "AUTH {escape(event.argument.split(" ")[0], 20)}" '
-                    f"{self.host_field()} AUTH command used when not advertised"
+                    f'SMTP protocol error in "AUTH {mechanism}" {self.host_field()} '
+                    "AUTH command used when not advertised"
                 )
                 self._send(Reply(503, "5.5.1", "Error: authentication not enabled"))
             case events.CommandError():
@@ -405,6 +488,7 @@ class Session:
                 self._send(event.reply)
                 raise _Closed
             case events.ConnectionClosed():
+                self._client_ended = self.tx.sender is None  # not in the middle of a transaction
                 if self.tx.sender is not None:
                     self.ctx.log.main(
                         f"unexpected disconnection while reading SMTP command from "
@@ -476,7 +560,7 @@ class Session:
         else:
             self.ctx.log.reject(
                 f"SMTP protocol error in {event.kind}: {self.host_field()}{self._sender_field()} "
-                f"{escape(event.reason, 200)}"
+                f"{escape_field(event.reason, 200)}"
             )
         self._send(event.reply)
         if not self.conn.is_open:
@@ -589,7 +673,7 @@ class Session:
                 self._spool_failed(writer, "write", exc)
                 return
             if splitter.dropped:
-                names = ", ".join(sorted({escape(name, 40) for name, _ in splitter.dropped}))
+                names = ", ".join(sorted({escape_field(name, 40) for name, _ in splitter.dropped}))
                 self.ctx.log.main(
                     f"{tx.queue_id} {self.host_field()} removed {len(splitter.dropped)} inbound "
                     f"verdict header(s) that only we may write: {names}"
@@ -638,14 +722,14 @@ class Session:
             "line_too_long": "message line longer than the RFC 5322 limit",
             "size": "message too big",
         }.get(event.flaw or "", event.flaw_reason)
-        rcpts = ",".join(f"<{escape(r, 200)}>" for r in self.tx.recipients)
+        rcpts = ",".join(f"<{escape_field(r, 200)}>" for r in self.tx.recipients)
         self.ctx.log.reject(
             f"{self.host_field()}{self._sender_field()} T={rcpts} rejected after DATA: {what}"
         )
 
     def _log_arrival(self, tx: Transaction, size: int) -> None:
         parts = [
-            f"{tx.queue_id} <= {escape(tx.sender or '<>', 200)}",
+            f"{tx.queue_id} <= {escape_field(tx.sender, 200) if tx.sender else '<>'}",
             self.host_field(),
             f"P={self.protocol}",
         ]
@@ -656,9 +740,9 @@ class Session:
         if tx.message_id is not None:
             # exim's id=: the Message-ID without its angle brackets; a space would let the client
             # write what looks like another field (" H=[...]"), so it is escaped too
-            msgid = escape(tx.message_id.removeprefix("<").removesuffix(">"))
+            msgid = escape_field(tx.message_id.removeprefix("<").removesuffix(">"))
             parts.append(f"id={msgid.replace(' ', chr(92) + 'x20')}")
-        parts.append("T=" + ",".join(f"<{escape(r, 200)}>" for r in tx.recipients))
+        parts.append("T=" + ",".join(f"<{escape_field(r, 200)}>" for r in tx.recipients))
         self.ctx.log.main(
             " ".join(parts),
             queue_id=tx.queue_id,

@@ -11,7 +11,7 @@ import re
 import ssl
 from pathlib import Path
 
-from palisade.obs.log import escape
+from palisade.obs.log import escape, escape_field
 
 # TLS 1.2 suites: forward secret AEAD only. No NULL, EXPORT, RC4, 3DES, MD5, CBC-SHA1 or static RSA.
 TLS12_CIPHERS = (
@@ -61,14 +61,14 @@ def handshake_error_line(helo: str | None, ip: str, port: int, exc: BaseExceptio
     quotes and angle brackets become ``\\xNN``, so the only bracketed address in the line is
     the one written here and a fail2ban/nftfw pattern cannot be pointed at another host.
     """
-    shown = f"({escape(helo, 100).translate(_DELIMITERS)}) " if helo else ""
+    shown = f"({escape_field(helo, 100).translate(_PARENS)}) " if helo else ""
     return (
         f"TLS error on connection from {shown}[{ip}]:{port} (SSL_accept): "
         f"{escape(handshake_failure(exc), 200)}"
     )
 
 
-_DELIMITERS = {ord(c): f"\\x{ord(c):02x}" for c in '[]()"<>'}
+_PARENS = {ord(c): f"\\x{ord(c):02x}" for c in "()"}  # the HELO's own delimiters here
 
 
 def handshake_failure(exc: BaseException) -> str:

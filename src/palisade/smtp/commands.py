@@ -93,7 +93,9 @@ def parse_command(verb: str, args: str, *, limits: Limits, features: Features) -
         return _parse_mail(args, limits, features)
     if verb == "RCPT":
         return _parse_rcpt(args)
-    arg = args.strip(" ")
+    # Surrounding spaces are tolerated, and a trailing tab after a HELO name (some real clients
+    # send ``HELO name `` or ``HELO name\t``); a blank inside a HELO name is not.
+    arg = args.lstrip(" ").rstrip(" \t" if verb in ("HELO", "EHLO") else " ")
     if _TEXT_BAD_RE.search(arg):
         return _error(
             Reply(501, "5.5.2", "Syntax error: invalid characters in argument"),
@@ -107,6 +109,15 @@ def parse_command(verb: str, args: str, *, limits: Limits, features: Features) -
                 return _error(
                     Reply(501, "5.5.4", f"Syntax: {verb} hostname"),
                     f"{verb} without a name",
+                    "syntax",
+                    verb,
+                )
+            if " " in arg:
+                # A domain or address literal has no space (RFC 5321 4.1.1.1): ``EHLO a b`` is
+                # refused and counted, and no second word ever reaches a log line as a name.
+                return _error(
+                    Reply(501, "5.5.4", f"Syntax: {verb} hostname"),
+                    f"{verb} argument is not one domain or address literal",
                     "syntax",
                     verb,
                 )
