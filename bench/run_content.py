@@ -457,7 +457,7 @@ AREAS = (
     ("spamd client", ("palisade/adapters/spamd",)),
     ("palisade policy", ("palisade/policy/",)),
     ("spool (write, fsync)", ("palisade/spool/",)),
-    ("relay to the next hop", ("palisade/relay/", "aiosmtplib/")),
+    ("relay to the next hop", ("palisade/delivery/", "aiosmtplib/")),
     ("SMTP session / DATA", ("palisade/server/", "palisade/smtp/")),
     ("logging", ("palisade/obs/",)),
     ("asyncio / uvloop", ("asyncio/", "uvloop/")),

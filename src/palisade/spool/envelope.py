@@ -55,7 +55,7 @@ class Envelope:
     """What the SMTP session learnt about a message; fixed once the message is queued.
 
     ``sender`` is ``''`` for the null sender (bounces). ``extra`` is free-form string data for
-    later features (the relay uses ``bounce_of`` to mark a DSN); it is stored read-only.
+    later features (delivery uses ``bounce_of`` to mark a DSN); it is stored read-only.
     """
 
     queue_id: str

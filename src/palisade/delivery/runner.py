@@ -28,11 +28,11 @@ import contextlib
 import time
 from collections.abc import Callable
 
+from palisade.delivery.dsn import build_dsn, header_block
+from palisade.delivery.outcome import RecipientResult
+from palisade.delivery.router import Router
 from palisade.obs.log import EventLog, escape, escape_field
 from palisade.obs.queueid import QueueIdGenerator, is_queue_id
-from palisade.relay.dsn import build_dsn, header_block
-from palisade.relay.outcome import RecipientResult
-from palisade.relay.router import Router
 from palisade.spool import (
     CorruptMessage,
     DeliveryState,

@@ -15,8 +15,8 @@ from typing import Any
 
 import pytest
 
-from palisade.relay import MailboxRefused, mailbox_name
-from tests.relay.relaykit import BODY, Hop, envelope, queue, run, setup
+from palisade.delivery import MailboxRefused, mailbox_name
+from tests.delivery.deliverykit import BODY, Hop, envelope, queue, run, setup
 
 
 @pytest.fixture
@@ -400,7 +400,7 @@ def test_submit_and_background_loop(tmp_path: Path, hop: Hop) -> None:
 def test_maildir_redelivery_after_crash_window_writes_no_second_copy(tmp_path: Path) -> None:
     """The crash window: delivered into new/, killed before the spool recorded it. A second
     delivery of the same (queue id, recipient) must find the first copy and not write another."""
-    from palisade.relay import MaildirDelivery
+    from palisade.delivery import MaildirDelivery
     from palisade.spool import Envelope
 
     env = Envelope(

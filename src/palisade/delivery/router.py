@@ -17,9 +17,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Literal
 
-from palisade.relay.maildir import MailboxRefused, MaildirDelivery
-from palisade.relay.nexthop import SmtpNextHop
-from palisade.relay.outcome import RecipientResult
+from palisade.delivery.maildir import MailboxRefused, MaildirDelivery
+from palisade.delivery.nexthop import SmtpNextHop
+from palisade.delivery.outcome import RecipientResult
 from palisade.spool import Envelope, Spool, SpoolError
 
 Route = Literal["local", "relay", "none"]
