@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import email
 import email.policy
 import os
@@ -16,6 +17,7 @@ from typing import Any
 import pytest
 
 from palisade.delivery import MailboxRefused, mailbox_name
+from palisade.ports import Route
 from tests.delivery.deliverykit import BODY, Hop, envelope, queue, run, setup
 
 
@@ -319,6 +321,66 @@ def test_bounce_without_a_route_is_dropped(tmp_path: Path) -> None:
     assert any(" ** someone@remote.test: bounce undeliverable: no route" in line for line in lines)
     assert any("no bounce message sent" in line for line in lines)  # a bounce is not bounced
     assert s.spool.list() == []
+
+
+def test_delivery_follows_the_routes_stored_at_rcpt_not_its_own_domains(
+    tmp_path: Path, hop: Hop
+) -> None:
+    # The router knows example.test as local and corp.test as relay domain; relay control decided
+    # otherwise at RCPT (a domain added by a reload, a trusted client's outbound mail): the
+    # stored route wins, whatever the domain.
+    hop.start()
+    s = setup(tmp_path, hop)
+    env = dataclasses.replace(
+        envelope(recipients=("amy@new.test", "carl@far.test", "dora@example.test")),
+        routes=(Route.LOCAL, Route.OUTBOUND, Route.RELAY),
+    )
+
+    async def go() -> None:
+        await queue(s.spool, env)
+        assert await s.runner().run_once() == 1
+
+    run(go())
+    assert len(s.maildir("amy")) == 1 and s.maildir("dora") == []
+    assert [m[1] for m in hop.handler.messages] == [["carl@far.test", "dora@example.test"]]
+    lines = s.lines()
+    assert f"{env.queue_id} => amy@new.test R=local_maildir T=maildir" in lines
+    assert any(line.startswith(f"{env.queue_id} => carl@far.test R=relay T=smtp") for line in lines)
+    assert f"{env.queue_id} Completed" in lines
+
+
+def test_outbound_route_without_a_next_hop_is_unrouteable(tmp_path: Path) -> None:
+    s = setup(tmp_path)
+    env = dataclasses.replace(
+        envelope(sender="", recipients=("carl@far.test",)), routes=(Route.OUTBOUND,)
+    )
+
+    async def go() -> None:
+        await queue(s.spool, env)
+        await s.runner().run_once()
+
+    run(go())
+    assert f"{env.queue_id} ** carl@far.test: Unrouteable address" in s.lines()
+
+
+def test_a_bounce_is_queued_with_its_route(tmp_path: Path, hop: Hop) -> None:
+    hop.handler.rcpt_reply["bad@corp.test"] = "550 5.1.1 <bad@corp.test>: no such user"
+    hop.start()
+    s = setup(tmp_path, hop)
+    env = envelope(sender="someone@remote.test", recipients=("bad@corp.test",))
+    bounces: list[tuple[str, ...]] = []
+
+    async def go() -> None:
+        await queue(s.spool, env)
+        runner = s.runner()
+        await runner.attempt(env.queue_id)  # queues the bounce; not yet delivered
+        bounces.extend(e.envelope.recipients for e in s.spool.list())
+        assert [e.envelope.routes for e in s.spool.list()] == [(Route.OUTBOUND,)]
+        await runner.wait_idle()
+
+    run(go())
+    assert bounces == [("someone@remote.test",)]
+    assert [m[1] for m in hop.handler.messages] == [["someone@remote.test"]]
 
 
 def test_restart_skips_recipients_already_done(tmp_path: Path, hop: Hop) -> None:

@@ -4,7 +4,7 @@ from palisade.delivery.dsn import build_dsn
 from palisade.delivery.maildir import MailboxRefused, MaildirDelivery, mailbox_name
 from palisade.delivery.nexthop import SmtpNextHop
 from palisade.delivery.outcome import Outcome, RecipientResult
-from palisade.delivery.router import Route, Router
+from palisade.delivery.router import Router
 from palisade.delivery.runner import QueueRunner
 
 __all__ = [
@@ -13,7 +13,6 @@ __all__ = [
     "Outcome",
     "QueueRunner",
     "RecipientResult",
-    "Route",
     "Router",
     "SmtpNextHop",
     "build_dsn",

@@ -382,6 +382,7 @@ class QueueRunner:
             tls=None,
             message_id=f"<{bounce_id}@{helo}>",
             extra={"bounce_of": queue_id},
+            routes=(self.router.bounce_route(envelope.sender),),
         )
         writer = await asyncio.to_thread(self.spool.open_message, bounce)
         try:
