@@ -21,7 +21,8 @@ from palisade.spool import (
     Spool,
     UnknownMessage,
 )
-from palisade.spool.store import MAGIC, MAGIC_V2, MAGIC_V3, SMALL_FILE, TRAILER_LEN
+from palisade.spool.format import MAGIC, MAGIC_V2, MAGIC_V3, TRAILER_LEN
+from palisade.spool.message import SMALL_FILE
 from tests.spool.spoolkit import make_envelope
 
 
@@ -347,3 +348,29 @@ def test_load_for_delivery_reads_a_small_file_whole_and_leaves_a_large_one_on_di
     delivered = b"".join(spool.iter_body(large.queue_id))
     assert delivered.startswith(b"X-Added: 1\r\n" + head) and len(delivered) > SMALL_FILE
     assert spool.recover(MemoryEventLog()) == sorted([small.queue_id, large.queue_id])
+
+
+def test_the_message_handle_reads_from_memory_or_from_the_one_open_file(tmp_path: Path) -> None:
+    spool = Spool(tmp_path, fsync=False)
+    head = b"Subject: handle\r\n\r\n"
+    for lines in (3, SMALL_FILE // 1000 + 1):
+        env = make_envelope()
+        body = head + b"z" * 998 * lines
+        writer = spool.open_message(env)
+        writer.write(body)
+        writer.prepend(b"X-Added: 1\r\n")
+        asyncio.run(writer.commit())
+        expected = b"X-Added: 1\r\n" + body
+        envelope, state, message = spool.open_for_delivery(env.queue_id, fresh=True)
+        with message:
+            assert envelope == env and state == DeliveryState.fresh(env.recipients)
+            assert (message.data is None) == (len(expected) > SMALL_FILE)
+            # Gone from the queue: a reader of the handle never opens the file again.
+            assert spool.remove(env.queue_id)
+            for _ in range(2):  # every reader starts at the first byte
+                assert b"".join(message.chunks(4096)) == expected
+            assert message.read(30) == expected[:30] and message.read() == expected
+            assert message.length == len(expected)
+        if message.data is None:  # closed: the large message's descriptor is gone
+            with pytest.raises(ValueError):
+                list(message.chunks())

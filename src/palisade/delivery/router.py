@@ -9,7 +9,8 @@ The router decides a route itself in two cases only, from its domain sets: a bou
 queues (:meth:`Router.bounce_route`, stored with it like an RCPT route), and a recipient of a
 spool file written before routes were stored (:meth:`Router.fallback_route`). Domains compare
 case-insensitively.
-Must not touch: delivery state or logs (the runner does both); the spool is only read.
+Must not touch: delivery state or logs (the runner does both), the spool (it reads the message
+through the handle the runner loaded once per attempt: palisade.spool.message).
 Trust: recipients were accepted by the SMTP session, but the Maildir transport re-checks the
 local part before using it as a directory name.
 """
@@ -25,7 +26,7 @@ from palisade.delivery.maildir import MailboxRefused, MaildirDelivery
 from palisade.delivery.nexthop import SmtpNextHop
 from palisade.delivery.outcome import RecipientResult
 from palisade.ports import Route
-from palisade.spool import Envelope, Spool, SpoolError
+from palisade.spool import Envelope, Message, SpoolError
 
 
 def domain_of(rcpt: str) -> str:
@@ -111,16 +112,12 @@ class Router:
         return {r: stored.get(r) or self.fallback_route(envelope, r) for r in rcpts}
 
     async def deliver(
-        self,
-        spool: Spool,
-        envelope: Envelope,
-        rcpts: Sequence[str],
-        message: bytes | None = None,
+        self, envelope: Envelope, rcpts: Sequence[str], message: Message
     ) -> list[RecipientResult]:
         """One attempt for ``rcpts``; results in the same order. Never raises for I/O trouble.
 
-        ``message``: the message as delivered when the caller already read it (a small queue
-        file); otherwise it is read from the spool here.
+        ``message`` is the handle the runner loaded once for this attempt: every Maildir copy
+        and the next hop read the message from it.
         """
         routes = self.routes(envelope, rcpts)
         results: dict[str, RecipientResult] = {}
@@ -135,21 +132,21 @@ class Router:
                 reason = "bounce undeliverable: no route" if bounce else "Unrouteable address"
                 results[rcpt] = RecipientResult(rcpt, "failed", reason, "", "", status="5.4.4")
         if local:
-            for res in await asyncio.to_thread(self._deliver_local, spool, envelope, local):
+            for res in await asyncio.to_thread(self._deliver_local, envelope, local, message):
                 results[res.rcpt] = res
         if relay:
-            for res in await self._deliver_relay(spool, envelope, relay, message):
+            for res in await self._deliver_relay(envelope, relay, message):
                 results[res.rcpt] = res
         return [results[r] for r in rcpts]
 
     def _deliver_local(
-        self, spool: Spool, envelope: Envelope, rcpts: Sequence[str]
+        self, envelope: Envelope, rcpts: Sequence[str], message: Message
     ) -> list[RecipientResult]:
         out = []
         r, t = "local_maildir", "maildir"
         for rcpt in rcpts:
             try:
-                self.maildir.deliver(envelope, rcpt, spool.iter_body(envelope.queue_id))
+                self.maildir.deliver(envelope, rcpt, message.chunks())
             except MailboxRefused as exc:
                 detail = f"Unrouteable address: {exc}"
                 out.append(RecipientResult(rcpt, "failed", detail, r, t, status="5.1.3"))
@@ -162,13 +159,13 @@ class Router:
         return out
 
     async def _deliver_relay(
-        self, spool: Spool, envelope: Envelope, rcpts: Sequence[str], message: bytes | None
+        self, envelope: Envelope, rcpts: Sequence[str], message: Message
     ) -> list[RecipientResult]:
         if self.next_hop is None:
             reason = "no next hop configured for a relay domain"
             return [RecipientResult(r, "deferred", reason, "relay", "smtp") for r in rcpts]
         try:
-            body = message if message is not None else spool.read_body(envelope.queue_id)
+            body = message.read()  # in memory already for a small file: no copy, no I/O
         except (OSError, SpoolError) as exc:
             return [RecipientResult(r, "deferred", str(exc), "relay", "smtp") for r in rcpts]
         return await self.next_hop.deliver(envelope, rcpts, body)

@@ -2,7 +2,7 @@
 
 Owns: the two small records the spool keeps next to the body bytes (the envelope, fixed at
 acceptance, and the delivery state, rewritten after each attempt) and their JSON encodings.
-Must not touch: files (the :mod:`palisade.spool.store` module does the I/O), SMTP or MIME.
+Must not touch: files (palisade.spool.format, .writer and .queue do the I/O), SMTP or MIME.
 Trust: the records are written by this program, but they are read back from disk, where a crash or
 an operator may have damaged them, so decoding checks every type and raises ``ValueError`` on any
 mismatch rather than hand a half-valid record to the delivery code.
