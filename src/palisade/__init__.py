@@ -5,4 +5,4 @@ The package is split by job (see DESIGN.md section 4): ``smtp`` is the sans-I/O 
 ``server`` is the only asyncio glue, ``config`` loads the operator's TOML, ``obs`` writes log lines.
 """
 
-__version__ = "0.3.3"
+__version__ = "0.4.0"

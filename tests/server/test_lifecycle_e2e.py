@@ -4,19 +4,25 @@ from __future__ import annotations
 
 import os
 import re
+import select
 import signal
 import smtplib
 import socket
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 from typing import Any
+
+import pytest
 
 from tests.conftest import (
     ROOT,
     NextHop,
     child_pids,
     free_port,
+    gateway_sections,
     listening_sockets,
     wait_for,
     write_config,
@@ -25,6 +31,57 @@ from tests.server.smtpclient import RawClient, transaction
 
 QUEUE_ID = r"[0-9A-Za-z]{6}-[0-9A-Za-z]{6}-[0-9A-Za-z]{2}"
 BODY = b"Subject: durable\r\nMessage-ID: <d1@outside.test>\r\n\r\nkeep me\r\n.\r\n"
+
+
+def refuses(port: int) -> bool:
+    """True when nothing listens on ``port`` (a connection is refused, not left in a backlog)."""
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=2).close()
+    except ConnectionRefusedError:
+        return True
+    return False
+
+
+def alive(pid: int) -> bool:
+    """True while ``pid`` runs (a zombie nobody has reaped yet counts as gone)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"
+
+
+def open_connections(pid: int, port: int) -> int:
+    """How many established IPv4 TCP connections to local ``port`` process ``pid`` holds."""
+    inodes = set()
+    with open("/proc/net/tcp") as table:
+        next(table)
+        for line in table:
+            fields = line.split()
+            if fields[3] == "01" and int(fields[1].rsplit(":", 1)[1], 16) == port:
+                inodes.add(f"socket:[{fields[9]}]")
+    held = 0
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            held += os.readlink(f"/proc/{pid}/fd/{fd}") in inodes
+        except FileNotFoundError:
+            continue
+    return held
+
+
+def group_members(pgid: int) -> list[int]:
+    """Live processes of process group ``pgid``, from /proc."""
+    members = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            fields = Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()
+        except (FileNotFoundError, ProcessLookupError):
+            continue
+        if int(fields[2]) == pgid and fields[0] != "Z":
+            members.append(int(entry))
+    return members
 
 
 def palisade(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
@@ -226,16 +283,174 @@ def test_restarted_workers_serve_the_port_and_sigterm_closes_it(make_gateway: An
     assert "starting a new one" in gw.paniclog()
     gw.signal(signal.SIGTERM)
     wait_for(lambda: "SIGTERM received" in gw.mainlog(), timeout=10)
-
-    def refused() -> bool:
-        try:
-            socket.create_connection(("127.0.0.1", gw.port), timeout=2).close()
-        except ConnectionRefusedError:
-            return True
-        return False
-
-    wait_for(refused, timeout=10, interval=0.1)
+    wait_for(lambda: refuses(gw.port), timeout=10, interval=0.1)
     assert gw.proc.wait(20) == 0
+
+
+def test_workers_stop_when_the_parent_is_killed_and_the_restart_delivers_every_250(
+    make_gateway: Any,
+) -> None:
+    """SIGKILL of the parent under load (the OOM killer): the workers notice at once, stop
+    accepting, finish what is in flight and exit, so the port closes; the next start delivers
+    every message that got its 250 (committed, but never handed to the dead queue runner)."""
+    gw = make_gateway(server={"workers": 2})
+    workers = child_pids(gw.proc.pid)
+    assert len(workers) == 2
+    accepted: list[str] = []
+    stop = threading.Event()
+
+    def sender(n: int) -> None:
+        for i in range(10_000):
+            if stop.is_set():
+                return
+            subject = f"k{n}-{i}"
+            try:
+                if n % 2:  # smtplib: sendmail() returns only after a 250 to DATA
+                    with smtplib.SMTP("127.0.0.1", gw.port, timeout=15) as smtp:
+                        smtp.sendmail(
+                            "s@outside.test",
+                            ["load@example.test"],
+                            f"Subject: {subject}\r\n\r\nb\r\n",
+                        )
+                    code = 250
+                else:
+                    with RawClient(gw.port, timeout=15) as client:
+                        code, _ = transaction(
+                            client,
+                            "s@outside.test",
+                            "load@example.test",
+                            f"Subject: {subject}\r\n\r\nbody\r\n.\r\n".encode(),
+                        )
+            except (OSError, smtplib.SMTPException, AssertionError, ValueError):
+                continue  # refused, 421, closed: not accepted
+            if code == 250:
+                accepted.append(subject)
+
+    clients = [threading.Thread(target=sender, args=(n,), daemon=True) for n in range(6)]
+    for thread in clients:
+        thread.start()
+    try:
+        wait_for(lambda: len(accepted) >= 30, timeout=30)
+        gw.kill()  # SIGKILL, nothing graceful in the parent
+        wait_for(lambda: refuses(gw.port), timeout=2.5, interval=0.05)  # bound: "at once"
+    finally:
+        stop.set()
+        for thread in clients:
+            thread.join(20)
+    wait_for(lambda: not any(alive(pid) for pid in workers), timeout=15)
+    assert "the parent process is gone" in gw.paniclog()
+    gw.start()  # owns the port alone: only its own processes hold it
+    for pid in [gw.proc.pid, *child_pids(gw.proc.pid)]:
+        assert listening_sockets(pid, gw.port) == 2, pid
+
+    def delivered() -> list[str]:
+        return [
+            re.search(rb"Subject: (k\d+-\d+)", m).group(1).decode()  # type: ignore[union-attr]
+            for m in gw.maildir_messages("load")
+        ]
+
+    wait_for(lambda: set(accepted) <= set(delivered()), timeout=30)
+    assert len(delivered()) == len(set(delivered()))  # and none twice
+    assert gw.stop() == 0
+
+
+RATELIMIT = {
+    "connect": [
+        {
+            "check": "ratelimit",
+            "limit": 100_000,
+            "window": "15m",
+            "verb": "defer",
+            "message": "Too many connections, slow down",
+            "log_message": "DEFER - rate limit exceeded ($rate)",
+        }
+    ]
+}
+
+
+@pytest.mark.parametrize("steered", [False, True], ids=["plain", "ratelimit"])
+@pytest.mark.parametrize("delay", [0.0, 0.05, 0.2, 0.5, 1.0])
+def test_sigterm_at_any_moment_of_start_up_ends_every_process(
+    tmp_path: Path, delay: float, steered: bool
+) -> None:
+    """SIGTERM while ``serve`` starts (before, during and after forking the workers): the whole
+    process group ends and nothing listens on the port. The sleep is the moment under test, not a
+    wait for an event."""
+    port = free_port()
+    sections = gateway_sections(port, server={"workers": 2})
+    if steered:
+        sections["rules"] = RATELIMIT
+    config = write_config(tmp_path / "palisade.toml", sections)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "palisade", "serve", "--config", str(config)],
+        cwd=tmp_path,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,  # its own process group: the workers are found by it
+    )
+    try:
+        time.sleep(delay)
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(20)
+        wait_for(lambda: not group_members(proc.pid), timeout=10)
+        assert refuses(port)
+    finally:
+        for pid in group_members(proc.pid):  # only what this test started, by id
+            os.kill(pid, signal.SIGKILL)
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+@pytest.mark.parametrize(
+    "workers,steered", [(1, False), (2, False), (2, True)], ids=["one", "two", "two-steered"]
+)
+def test_max_connections_per_ip_counts_across_workers(
+    make_gateway: Any, workers: int, steered: bool
+) -> None:
+    """30 idle connections from one address, limit 20: exactly 20 are greeted and 10 refused,
+    however many workers accept them. (From 127.0.0.2: the connection that saw the gateway up
+    came from 127.0.0.1, and its session may not have ended yet.)"""
+    gw = make_gateway(
+        server={"workers": workers, "max_connections_per_ip": 20},
+        **({"rules": RATELIMIT} if steered else {}),
+    )
+    clients = [RawClient(gw.port, source="127.0.0.2") for _ in range(30)]
+    try:
+        replies = [client.reply() for client in clients]
+        assert sum(code == 220 for code, _ in replies) == 20, replies
+        refused = [text for code, text in replies if code == 421]
+        assert len(refused) == 10 and all(t.startswith("4.7.0") for t in refused), replies
+    finally:
+        for client in clients:
+            client.close()
+    assert "too many connections from that IP address" in gw.rejectlog()
+
+
+def test_connections_of_a_killed_worker_no_longer_count_for_their_ip(make_gateway: Any) -> None:
+    """A worker killed with connections open does not leave them counted against the client:
+    after it is started again, the address gets exactly as many new connections as it lost."""
+    gw = make_gateway(server={"workers": 2, "max_connections_per_ip": 20})
+    workers = child_pids(gw.proc.pid)
+    clients = [RawClient(gw.port, source="127.0.0.2") for _ in range(20)]
+    try:
+        greetings = [client.reply() for client in clients]
+        assert all(code == 220 for code, _ in greetings), greetings
+        held = {pid: open_connections(pid, gw.port) for pid in workers}
+        victim = max(held, key=lambda pid: held[pid])  # unsteered: often both hold some
+        os.kill(victim, signal.SIGKILL)
+        wait_for(lambda: len(set(child_pids(gw.proc.pid)) - set(workers)) == 1, timeout=20)
+        # the kernel closed the dead worker's connections before the parent could reap it
+        ready, _, _ = select.select([client.sock for client in clients], [], [], 1)
+        lost = sum(client.closed(timeout=1) for client in clients if client.sock in ready)
+        assert lost == held[victim] > 0, held
+        more = [RawClient(gw.port, source="127.0.0.2") for _ in range(20)]
+        clients += more
+        codes = [client.reply()[0] for client in more]
+        assert codes.count(220) == lost and codes.count(421) == 20 - lost, codes
+    finally:
+        for client in clients:
+            client.close()
 
 
 def test_config_check_shows_the_scanner_and_ldap_sections_without_secrets(tmp_path: Path) -> None:

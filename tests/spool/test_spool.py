@@ -188,7 +188,7 @@ def test_routes_decided_at_rcpt_are_stored_per_recipient_and_given_back(tmp_path
 def test_a_file_written_before_routes_were_stored_reads_without_routes(tmp_path: Path) -> None:
     spool = Spool(tmp_path, fsync=False)
     env = make_envelope()
-    old = {k: v for k, v in env.to_json().items() if k != "routes"}  # as 0.3.3 wrote it
+    old = {k: v for k, v in env.to_json().items() if k != "routes"}  # as 0.4.0 wrote it
     body = b"Subject: old\r\n\r\nbody\r\n"
     digest = hashlib.sha256(body).hexdigest().encode()
     raw = MAGIC_V3 + json.dumps(old).encode() + b"\n" + body + b"\nLATE %020d\n" % 0

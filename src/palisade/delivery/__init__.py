@@ -5,7 +5,7 @@ router (router: each recipient to the transport its route names, the route relay
 at RCPT and the spool stored with the recipient), the transports (maildir; nexthop over the
 hand-written client smtpclient), per-recipient outcomes (outcome) and DSN bounces (dsn). A
 message is read once per attempt, through the spool's message handle. "relay" names relay
-control only (palisade.policy.relay); this package was ``palisade.relay`` up to 0.3.3.
+control only (palisade.policy.relay); this package was ``palisade.relay`` up to 0.4.0.
 Must not touch: SMTP sessions, policy (it follows the routes, never decides acceptance).
 """
 

@@ -96,10 +96,10 @@ class Router:
     def fallback_route(self, envelope: Envelope, rcpt: str) -> Route | None:
         """The route of a recipient stored without one, worked out as before routes were stored.
 
-        Only spool files written by versions up to 0.3.3 lack routes. This method (with the
+        Only spool files written by versions up to 0.4.0 lack routes. This method (with the
         ``outbound`` mark in ``extra`` that those files carry) can go once no such file can be
         left in any queue: ``[delivery] max_age`` (5 days by default) after every gateway was
-        upgraded past 0.3.3.
+        upgraded past 0.4.0.
         """
         route = self.domain_route(rcpt)
         if route is None and ("bounce_of" in envelope.extra or "outbound" in envelope.extra):

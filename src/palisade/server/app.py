@@ -6,12 +6,23 @@ from them (see :func:`serve`) and send the queue id of every committed message d
 pipe; the parent alone runs the queue runner, so no message is ever delivered by two processes.
 SIGTERM: stop accepting, finish or tempfail transactions in flight, stop delivery, exit 0.
 SIGHUP: reload the config; a broken new config is logged and the old one stays.
+
+Signals are handled from the first moment of ``serve`` (:class:`StartupSignals` remembers one that
+comes before the event loop's handlers are in place, and the loop acts on it when they are), so a
+SIGTERM during start-up never kills the parent alone. Workers never outlive the parent: each asks
+the kernel for SIGUSR2 when the parent dies (``PR_SET_PDEATHSIG``; a signal of its own, so the
+worker knows why it stops: the parent's thread that forked may die before the process, and
+``getppid()`` still names it then) and also watches a pipe whose write end only the parent holds
+(end of file: the parent is gone, however it died); either way the worker stops accepting and
+ends like after SIGTERM. Messages it committed meanwhile stay in the spool, and the next start
+delivers them.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
 import ipaddress
 import os
 import resource
@@ -37,6 +48,7 @@ from palisade.obs.log import FileEventLog
 from palisade.obs.queueid import QueueIdGenerator
 from palisade.policy.relay import RelayPolicy
 from palisade.policy.rules import Ports
+from palisade.server.conncount import SharedCounts
 from palisade.server.context import ServerContext
 from palisade.server.listener import Listener, bind_socket
 from palisade.server.steering import steer_by_source
@@ -44,6 +56,46 @@ from palisade.server.tls import client_context, server_context
 from palisade.spool import Spool
 
 SHUTDOWN_GRACE = 10.0
+PR_SET_PDEATHSIG = 1
+PARENT_DEATH_SIGNAL = signal.SIGUSR2  # what a worker gets from the kernel when the parent dies
+
+
+class StartupSignals:
+    """SIGTERM, SIGINT and SIGHUP that arrive before a process's event loop handles them.
+
+    Installed at the start of ``serve`` and again in each worker right after fork (the parent's
+    loop handlers would write to the parent's wake-up pipe); :meth:`Gateway.install_signals`
+    then acts on what was remembered."""
+
+    def __init__(self) -> None:
+        self.stop = False
+        self.reload = False
+
+    def install(self, *, worker: bool = False) -> None:
+        signal.set_wakeup_fd(-1)
+        for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            signal.signal(signum, self._remember)
+        if worker:
+            signal.signal(PARENT_DEATH_SIGNAL, self._remember)
+
+    def _remember(self, signum: int, _frame: object) -> None:
+        if signum == signal.SIGHUP:
+            self.reload = True
+        else:
+            self.stop = True
+
+
+startup_signals = StartupSignals()
+
+
+def die_with_parent(parent: int) -> None:
+    """In a worker: PARENT_DEATH_SIGNAL from the kernel when the parent dies (Linux), and exit at
+    once if it died before the request was made."""
+    with contextlib.suppress(OSError, AttributeError):
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, int(PARENT_DEATH_SIGNAL), 0, 0, 0)
+    if os.getppid() != parent:
+        os._exit(0)
 
 
 def install_fast_loop() -> None:
@@ -286,10 +338,16 @@ class Gateway:
         )
 
     def install_signals(self, on_hup: object) -> None:
+        """The loop's handlers; then acts on a signal that came before them."""
         loop = asyncio.get_running_loop()
         loop.add_signal_handler(signal.SIGTERM, self.stopping.set)
         loop.add_signal_handler(signal.SIGINT, self.stopping.set)
         loop.add_signal_handler(signal.SIGHUP, on_hup)  # type: ignore[arg-type]
+        if startup_signals.stop:
+            self.stopping.set()
+        elif startup_signals.reload:
+            startup_signals.reload = False
+            on_hup()  # type: ignore[operator]
 
 
 async def run_single(
@@ -324,13 +382,19 @@ async def run_worker(
     config_path: Path | None,
     sockets: list[socket.socket],
     notify_fd: int,
+    parent_fd: int,
     *,
     steered: bool,
+    slot: int,
+    counts: SharedCounts | None,
 ) -> None:
     """A listening worker: commits to the spool and tells the parent the queue id.
 
     ``steered``: the parent attached the steering program to the group, so every client of this
-    worker comes to it alone and its rate counters can be kept in memory."""
+    worker comes to it alone and its rate counters can be kept in memory. ``parent_fd``: the
+    read end of a pipe only the parent can write to; end of file on it means the parent is gone.
+    ``counts``: the per-IP connection counts shared with the other workers, of which column
+    ``slot`` is this worker's (None: this worker's own counts are exact)."""
     gw = Gateway(config, config_path, local_rates=steered)
     if needs_steering(config) and not steered:
         gw.log.main(
@@ -341,15 +405,49 @@ async def run_worker(
     def submit(queue_id: str) -> None:
         try:
             os.write(notify_fd, queue_id.encode() + b"\n")
+        except BrokenPipeError:
+            gw.log.panic(f"{queue_id} stays in the spool: the parent process is gone")
         except OSError as exc:  # the parent's periodic scan still finds the message
             gw.log.panic(f"{queue_id} could not notify the queue runner: {exc}")
 
+    loop = asyncio.get_running_loop()
+    parent_gone = False
+
+    def on_parent_gone() -> None:
+        nonlocal parent_gone
+        parent_gone = True
+        gw.stopping.set()
+
+    def on_parent_pipe() -> None:
+        try:
+            if os.read(parent_fd, 64):
+                return
+        except BlockingIOError:
+            return
+        loop.remove_reader(parent_fd)
+        on_parent_gone()
+
+    os.set_blocking(parent_fd, False)
+    loop.add_reader(parent_fd, on_parent_pipe)
+    loop.add_signal_handler(PARENT_DEATH_SIGNAL, on_parent_gone)
     ctx = gw.make_context(submit)
-    listener = Listener(ctx, sockets)
+    gw.install_signals(lambda: gw.reload_and_probe(ctx))
+    if gw.stopping.is_set():  # SIGTERM, or the parent gone, while this worker started
+        for sock in sockets:
+            sock.close()
+        gw.spool.close()
+        _close_state(ctx)
+        return
+    shared = counts.for_slot(slot, gw.log.panic) if counts is not None else None
+    listener = Listener(ctx, sockets, shared)
     await listener.start()
     probes = gw.start_probes(ctx)
-    gw.install_signals(lambda: gw.reload_and_probe(ctx))
     await gw.stopping.wait()
+    if parent_gone:
+        gw.log.panic(
+            f"worker {os.getpid()}: the parent process is gone: no longer accepting "
+            "connections, finishing transactions"
+        )
     if probes is not None:
         probes.cancel()
     await listener.shutdown(SHUTDOWN_GRACE)
@@ -364,12 +462,22 @@ async def run_parent(
     workers: dict[int, int],
     spawn: object,
     listening: list[socket.socket],
+    counts: SharedCounts | None = None,
 ) -> None:
     """The parent of workers: runs the queue runner, forwards signals, restarts dead workers.
 
     It holds the ``listening`` sockets for the workers it restarts, never accepts on them, and
-    closes them when it stops."""
+    closes them when it stops. ``counts``: the per-IP table shared by unsteered workers; a dead
+    worker's counts are cleared before its slot is started again."""
     gw = Gateway(config, config_path)
+
+    def on_hup() -> None:
+        gw.reload(None)
+        for pid in workers.values():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGHUP)
+
+    gw.install_signals(on_hup)
     runner = build_runner(config, gw.spool, gw.log)
     await runner.start(recover=False)  # serve() recovered the spool before forking the workers
     loop = asyncio.get_running_loop()
@@ -388,14 +496,6 @@ async def run_parent(
 
     os.set_blocking(notify_read, False)
     loop.add_reader(notify_read, on_notify)
-
-    def on_hup() -> None:
-        gw.reload(None)
-        for pid in workers.values():
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGHUP)
-
-    gw.install_signals(on_hup)
     gw.log.main(
         f"palisade daemon started: pid={os.getpid()}, {len(workers)} workers listening on "
         f"{', '.join(config.server.listen)}, config {config.source}"
@@ -408,6 +508,8 @@ async def run_parent(
                 done, status = os.waitpid(pid, os.WNOHANG)
                 if done and not gw.stopping.is_set():
                     gw.log.panic(f"worker {pid} exited (status {status}); starting a new one")
+                    if counts is not None:
+                        counts.clear_slot(slot)
                     workers[slot] = spawn(slot)  # type: ignore[operator]
 
     reaper = loop.create_task(reap())
@@ -439,6 +541,7 @@ def _wait_pid(pid: int) -> None:
 
 def serve(config_path: Path | None) -> int:
     """``palisade serve``: returns the process exit status."""
+    startup_signals.install()  # before anything else: see StartupSignals
     try:
         config = load_config(config_path)
         policy = build_policy(config)  # every rule and list is checked before anything starts
@@ -477,6 +580,8 @@ def serve(config_path: Path | None) -> int:
             f"palisade: cannot listen on {', '.join(config.server.listen)}: {exc}", file=sys.stderr
         )
         return 1
+    if startup_signals.stop:  # SIGTERM while starting: nothing forked, nothing to recover
+        return 0
     if workers == 1:
         asyncio.run(run_single(config, config_path, groups[0]))
         return 0
@@ -498,18 +603,36 @@ def serve(config_path: Path | None) -> int:
     recovery_spool.close()  # no commit thread may live across fork()
     recovery_log.close()
     notify_read, notify_write = os.pipe()
+    parent_read, parent_write = os.pipe()  # the write end stays in the parent alone
+    parent = os.getpid()
+    # Unsteered, one client's connections reach several workers: they count them together.
+    counts = None if attached else SharedCounts(workers, config.server.max_connections)
 
     def spawn(slot: int) -> int:
         pid = os.fork()
         if pid == 0:
             code = 0
             try:
+                startup_signals.install(worker=True)  # not the parent loop's, which wake it
+                os.close(parent_write)
+                die_with_parent(parent)
                 os.close(notify_read)
                 mine = groups[slot] if steered else every_socket
                 for sock in every_socket:
                     if sock not in mine:  # another worker's: holding it would keep it open
                         sock.close()
-                asyncio.run(run_worker(config, config_path, mine, notify_write, steered=attached))
+                asyncio.run(
+                    run_worker(
+                        config,
+                        config_path,
+                        mine,
+                        notify_write,
+                        parent_read,
+                        steered=attached,
+                        slot=slot,
+                        counts=counts,
+                    )
+                )
             except BaseException:
                 import traceback
 
@@ -518,6 +641,10 @@ def serve(config_path: Path | None) -> int:
             os._exit(code)
         return pid
 
-    children = {slot: spawn(slot) for slot in range(workers)}
-    asyncio.run(run_parent(config, config_path, notify_read, children, spawn, every_socket))
+    children = {}
+    for slot in range(workers):
+        if startup_signals.stop:  # SIGTERM already: run_parent stops the ones started
+            break
+        children[slot] = spawn(slot)
+    asyncio.run(run_parent(config, config_path, notify_read, children, spawn, every_socket, counts))
     return 0

@@ -1,8 +1,10 @@
 """The listening sockets: accept, enforce connection caps, start one session per client.
 
-Owns: the sockets (SO_REUSEPORT so that several worker processes share a port), the count of
-connections in total and per client IP (421 when over, before any SMTP is spoken), and graceful
-shutdown (stop accepting, let transactions in flight finish, then tempfail the rest).
+Owns: the sockets (SO_REUSEPORT so that several worker processes share a port), the caps on
+connections (421 when over, before any SMTP is spoken) and graceful shutdown (stop accepting,
+let transactions in flight finish, then tempfail the rest). ``max_connections`` counts this
+process's sessions (with workers, each worker has that many); ``max_connections_per_ip`` is
+counted by the ``counts`` it is given, across all workers (see :mod:`.conncount`).
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import functools
 import socket
 
 from palisade.config import parse_host_port
+from palisade.server.conncount import LocalCounts, SlotCounts
 from palisade.server.context import ServerContext
 from palisade.server.session import Session
 from palisade.server.stream import ClientStream
@@ -37,12 +40,19 @@ def bind_socket(address: str, reuse_port: bool) -> socket.socket:
 class Listener:
     """Accepts clients on the configured addresses and runs their sessions."""
 
-    def __init__(self, ctx: ServerContext, sockets: list[socket.socket]) -> None:
+    def __init__(
+        self,
+        ctx: ServerContext,
+        sockets: list[socket.socket],
+        counts: LocalCounts | SlotCounts | None = None,
+    ) -> None:
+        """``counts``: open connections per client IP; by default this process's alone (one
+        worker, or steered workers)."""
         self.ctx = ctx
         self.sockets = sockets
         self.servers: list[asyncio.Server] = []
         self.sessions: dict[asyncio.Task[None], Session] = {}
-        self.per_ip: dict[str, int] = {}  # open connections per client IP (none: absent)
+        self.counts = counts if counts is not None else LocalCounts()
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
@@ -57,7 +67,6 @@ class Listener:
         ip, port = peer
         limits = self.ctx.config.server
         host = self.ctx.config.server.hostname
-        open_here = self.per_ip.get(ip, 0)
         if len(self.sessions) >= limits.max_connections:
             self._turn_away(stream, f"421 4.7.0 {host} Too many connections, try later\r\n")
             self.ctx.log.reject(
@@ -65,14 +74,14 @@ class Listener:
                 f"({len(self.sessions)}, max={limits.max_connections})"
             )
             return
-        if open_here >= limits.max_connections_per_ip:
+        admitted, open_now = self.counts.admit(ip, limits.max_connections_per_ip)
+        if not admitted:
             self._turn_away(stream, f"421 4.7.0 {host} Too many connections from your host\r\n")
             self.ctx.log.reject(
                 f"Connection from [{ip}]:{port} refused: too many connections from that IP "
-                f"address ({open_here}, max={limits.max_connections_per_ip})"
+                f"address ({open_now}, max={limits.max_connections_per_ip})"
             )
             return
-        self.per_ip[ip] = open_here + 1
         session = Session(self.ctx, stream, peer)
         task = stream.loop.create_task(session.run())
         self.sessions[task] = session
@@ -85,11 +94,7 @@ class Listener:
 
     def _finished(self, task: asyncio.Task[None], *, ip: str) -> None:
         self.sessions.pop(task, None)
-        left = self.per_ip.get(ip, 0) - 1
-        if left > 0:
-            self.per_ip[ip] = left
-        else:
-            self.per_ip.pop(ip, None)
+        self.counts.release(ip)
         if not task.cancelled() and task.exception() is not None:
             self.ctx.log.panic(f"session for [{ip}] failed: {task.exception()!r}")
 

@@ -21,7 +21,7 @@ lines are header fields that are known only after the whole message was read
 (Authentication-Results, X-Spam-Status): like Postfix's pointer records they are stored after
 the body and delivered *before* it, so the message is never copied to insert them. The envelope
 (palisade.spool.envelope) carries each recipient's route as a field of the first record; files
-written by 0.3.3 and before have none and are still read.
+written by 0.4.0 and before have none and are still read.
 Must not touch: files beyond the reader handed in, directories, the delivery state.
 Trust: a file read back from disk may be torn by a crash or damaged by hand: every length is
 checked against the file's size before it is used, and any damage raises
