@@ -37,9 +37,10 @@ from palisade.obs.log import escape
 from palisade.obs.queueid import QueueIdGenerator
 from palisade.policy import keys
 from palisade.policy.engine import Decision, StageOutcome
-from palisade.policy.relay import RelayPolicy, Route
+from palisade.policy.relay import RelayPolicy
 from palisade.policy.rules import IPAddress, Ports, Stage
 from palisade.policy.verdict import Action, Verdict
+from palisade.ports import Route
 from palisade.smtp import events
 from palisade.smtp.address import Address, AddressError, parse_path
 from palisade.spool import Spool

@@ -39,10 +39,10 @@ from palisade.obs.log import EventLog, escape, escape_field, rfc5322_date
 from palisade.obs.queueid import QueueIdGenerator
 from palisade.policy import keys
 from palisade.policy.engine import StageOutcome, evaluate_stage
-from palisade.policy.relay import RelayPolicy, Route
+from palisade.policy.relay import RelayPolicy
 from palisade.policy.rules import Facts, Findings, IPAddress, MessageFacts, Ports, Stage
 from palisade.policy.verdict import Action, Verdict
-from palisade.ports import StateTempError
+from palisade.ports import Route, StateTempError
 from palisade.smtp import Features, Limits, Reply, SmtpConnection, events, replies
 from palisade.smtp.headers import HeaderSplitter, MessageIdFinder
 from palisade.spool import Envelope, SpoolWriter
@@ -619,7 +619,7 @@ class Conversation:
             client_name=None,
             protocol=self.protocol,
             tls=self.tls,
-            extra={"outbound": "1"} if Route.OUTBOUND in tx.routes else {},
+            routes=tuple(tx.routes),  # decided at RCPT; delivery follows them
         )
         return Step.OPEN_SPOOL
 

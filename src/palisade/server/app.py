@@ -42,12 +42,12 @@ from palisade.adapters.sqlite_state import SqliteStateStore
 from palisade.config import Config, ConfigError, load_config, parse_host_port
 from palisade.config.model import LdapConfig, RspamdConfig, SpamdConfig
 from palisade.config.policy import Policy, build_policy
+from palisade.delivery import QueueRunner, Router
 from palisade.obs.files import make_dirs
 from palisade.obs.log import FileEventLog
 from palisade.obs.queueid import QueueIdGenerator
 from palisade.policy.relay import RelayPolicy
 from palisade.policy.rules import Ports
-from palisade.relay import QueueRunner, Router
 from palisade.server.conncount import SharedCounts
 from palisade.server.context import ServerContext
 from palisade.server.listener import Listener, bind_socket
