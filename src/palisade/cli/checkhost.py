@@ -73,7 +73,7 @@ def main(args: argparse.Namespace, out: TextIO | None = None) -> int:
         return EXIT_USAGE
     from palisade.ports import StateTempError
     from palisade.selfcheck import state_problem
-    from palisade.server.app import build_ports, relay_policy
+    from palisade.server.generation import build_ports, relay_policy
 
     try:  # the real state store: a rate-limit rule counts this simulated connection
         ports = build_ports(config)

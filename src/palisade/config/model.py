@@ -277,3 +277,28 @@ class Config:
     @property
     def starttls_available(self) -> bool:
         return self.tls.certificate is not None and self.tls.private_key is not None
+
+
+# Settings a running gateway cannot change: they shape the processes, sockets and files made at
+# start-up. A reload names each one that changed in the panic log (the old value stays in force
+# until the next restart) and applies the rest; ``config check`` marks them.
+RESTART_KEYS: tuple[str, ...] = (
+    "server.listen",
+    "server.workers",
+    "paths.spool",
+    "paths.log",
+    "log.json",
+    "log.echo",
+    "delivery.concurrency",
+    "dns.dnsbl_probe_interval",
+)
+
+
+def restart_needed(old: Config, new: Config) -> list[str]:
+    """The keys of :data:`RESTART_KEYS` whose value differs between ``old`` and ``new``."""
+    changed = []
+    for key in RESTART_KEYS:
+        section, name = key.split(".")
+        if getattr(getattr(old, section), name) != getattr(getattr(new, section), name):
+            changed.append(key)
+    return changed

@@ -4,7 +4,8 @@ Owns: the order of work for a connection (greeting, commands, STARTTLS, DATA str
 spool, the 250 only after the spool commit), the per-request deadlines that stop clients who
 trickle bytes, reply batching (all replies to one pipelined group leave in one write), and the
 log line for each decision. It never decides policy itself: relay control and, later, the rule
-engine return verdicts, and this module renders them.
+engine return verdicts, and this module renders them. Everything built from the config (rules,
+clients, domains, TLS) comes from the generation it was started with, to its end.
 Trust: everything from the client is hostile; client text reaches the logs only through
 ``obs.log.escape_field`` (which also escapes brackets, quotes and angle brackets, so the
 ``[ip]`` of the ``H=`` field is the only bracketed address a line can show).
@@ -45,6 +46,7 @@ from palisade.spool import Envelope
 
 if TYPE_CHECKING:
     from palisade.server.context import ServerContext
+    from palisade.server.generation import Generation
     from palisade.spool import SpoolWriter
 
 
@@ -90,11 +92,19 @@ class Session:
     """Drives one client connection from greeting to close."""
 
     def __init__(
-        self, ctx: ServerContext, stream: ClientStream, peer: tuple[str, int] | None = None
+        self,
+        ctx: ServerContext,
+        generation: Generation,
+        stream: ClientStream,
+        peer: tuple[str, int] | None = None,
     ) -> None:
+        """``generation``: what the config decides (rules, clients, domains, TLS), for the
+        whole connection whatever a reload does meanwhile; ``ctx``: the process's shared parts."""
         self.ctx = ctx
         self.stream = stream
-        self.config = ctx.config
+        self.generation = generation
+        self.config = generation.config
+        self.ports = generation.session_ports
         self.ip_text, self.port = peer if peer is not None else stream.peer
         self.ip = _client_address(self.ip_text)
         # The SMTP state machine (``conn``) is built on first use, after the connect rules:
@@ -106,11 +116,11 @@ class Session:
         self.facts = Facts(
             client_ip=self.ip,
             client_port=self.port,
-            local_domains=ctx.relay_policy.local_domains,
+            local_domains=generation.relay_policy.local_domains,
             our_names=_our_names(self.config.server.hostname),
-            our_ips=ctx.our_ips,
+            our_ips=generation.our_ips,
         )
-        self.facts.results["relay_client"] = ctx.relay_policy.client_may_relay(self.ip)
+        self.facts.results["relay_client"] = generation.relay_policy.client_may_relay(self.ip)
         self._delayed: tuple[Stage, Verdict] | None = None  # delay_reject: answered at RCPT
         self._warn_headers: list[str] = []
         self._out: list[bytes] = []
@@ -133,7 +143,7 @@ class Session:
             features=Features(
                 hostname=self.config.server.hostname,
                 max_size=limits.max_message_size,
-                starttls=self.ctx.tls_context is not None,
+                starttls=self.generation.tls_context is not None,
             ),
             limits=Limits(
                 max_command_line=limits.max_command_line,
@@ -221,7 +231,7 @@ class Session:
             return True
         if server.pregreet_pass_ttl > 0:
             try:
-                until = await self.ctx.ports.state.pass_until(self._pregreet_key(), time.time())
+                until = await self.ports.state.pass_until(self._pregreet_key(), time.time())
             except StateTempError as exc:  # no pass known: the client waits, as everyone
                 until = None
                 self.ctx.log.main(
@@ -265,7 +275,7 @@ class Session:
         ttl = self.config.server.pregreet_pass_ttl
         now = time.time()
         try:
-            await self.ctx.ports.state.remember_pass(self._pregreet_key(), now + ttl, now)
+            await self.ports.state.remember_pass(self._pregreet_key(), now + ttl, now)
         except StateTempError as exc:
             self.ctx.log.main(
                 f"{self.host_field()} pregreet passed, not remembered: {escape_field(exc.reason)}"
@@ -276,10 +286,10 @@ class Session:
     # -- policy ------------------------------------------------------------------------------
     async def _run_stage(self, stage: Stage, subject: str) -> Verdict | None:
         """Runs the stage's rules, logs every decision, returns the verdict (None: go on)."""
-        rules = self.ctx.policy.for_stage(stage)
+        rules = self.generation.policy.for_stage(stage)
         if not rules:
             return None
-        outcome = await evaluate_stage(stage, rules, self.facts, self.ctx.ports)
+        outcome = await evaluate_stage(stage, rules, self.facts, self.ports)
         self._log_decisions(outcome, subject)
         if stage is Stage.CONNECT:
             self._connect_accepted = outcome.accepted
@@ -291,7 +301,7 @@ class Session:
 
     def _delay(self, stage: Stage, verdict: Verdict) -> bool:
         """delay_reject: keep a connect/HELO/MAIL refusal for the first RCPT (not a drop)."""
-        if not self.ctx.policy.delay_reject or verdict.action is Action.DROP:
+        if not self.generation.policy.delay_reject or verdict.action is Action.DROP:
             return False
         if self._delayed is None:
             self._delayed = (stage, verdict)
@@ -524,13 +534,13 @@ class Session:
         self._send(replies.SENDER_OK)
 
     async def _on_rcpt(self, event: events.Rcpt) -> None:
-        decision = self.ctx.relay_policy.decide(event.address, self.ip)
+        decision = self.generation.relay_policy.decide(event.address, self.ip)
         if isinstance(decision, Verdict):
             self._refuse_stage(Stage.RCPT, event.address.text, decision)
             return
         rcpt = event.address.text
         if event.address.domain == "":  # RCPT TO:<postmaster> (RFC 5321 4.5.1)
-            rcpt = f"postmaster@{self.ctx.relay_policy.postmaster_domain}"
+            rcpt = f"postmaster@{self.generation.relay_policy.postmaster_domain}"
         if self._delayed is not None:  # a delayed connect/HELO/MAIL refusal answers here
             self._refuse_stage(Stage.RCPT, rcpt, self._delayed[1])
             return
@@ -567,11 +577,13 @@ class Session:
             raise _Closed
 
     async def _on_starttls(self) -> None:
-        assert self.ctx.tls_context is not None
+        assert self.generation.tls_context is not None
         self._send(Reply(220, "2.0.0", "Ready to start TLS"))
         await self._flush()
         try:
-            await self.stream.start_tls(self.ctx.tls_context, self.config.limits.command_timeout)
+            await self.stream.start_tls(
+                self.generation.tls_context, self.config.limits.command_timeout
+            )
         except (OSError, ConnectionError, TimeoutError, asyncio.CancelledError) as exc:
             if isinstance(exc, asyncio.CancelledError):
                 raise
@@ -627,7 +639,9 @@ class Session:
     def _examines_content(self) -> bool:
         """Whether anything looks at the message: DATA rules, authentication or a scanner.
         Without them the content goes to the spool untouched, with no parsing at all."""
-        return bool(self.ctx.policy.for_stage(Stage.DATA)) or data_stage.configured(self.config)
+        return bool(self.generation.policy.for_stage(Stage.DATA)) or data_stage.configured(
+            self.config
+        )
 
     def _after_dispatch(self, event: object) -> None:
         """Starts the next request's deadline: DATA content gets data_timeout, commands theirs."""
@@ -678,7 +692,7 @@ class Session:
                     f"{tx.queue_id} {self.host_field()} removed {len(splitter.dropped)} inbound "
                     f"verdict header(s) that only we may write: {names}"
                 )
-            await data_stage.examine(self.config, self.facts, self.ctx.ports)
+            await data_stage.examine(self.config, self.facts, self.ports)
         tx.headers.clear()  # MAIL/RCPT warn headers are written already; DATA ones come now
         verdict = await self._run_stage(Stage.DATA, "")
         if verdict is not None:
