@@ -213,3 +213,37 @@ def test_a_session_in_progress_keeps_its_clients_open_across_a_reload(make_gatew
         assert client.command("QUIT")[0] == 221
     wait_for(lambda: "pregreet passed" in gw.mainlog())
     assert "pregreet passed, remembered for" in gw.mainlog(), gw.mainlog()
+
+
+def test_a_worker_started_again_after_a_reload_runs_the_new_generation(
+    make_gateway: Any,
+) -> None:
+    """The parent starts a dead worker again with its own newest config, not the one the
+    gateway started with (the file may have changed since, or be broken by now)."""
+    gw = make_gateway(server={"workers": 2})
+    rewrite(gw, domains={"local": ["example.test", "new.test"], "relay": []})
+    gw.signal(signal.SIGHUP)
+    wait_for(lambda: reloaded(gw, 3))
+    gw.config_path.write_text(gw.config_path.read_text() + "\n[server]\nbogus_key = 1\n")
+    victim = child_pids(gw.proc.pid)[0]
+    os.kill(victim, signal.SIGKILL)
+    wait_for(lambda: f"worker {victim} exited" in gw.paniclog())
+    workers = wait_for(
+        lambda: (lambda p: p if len(p) == 2 and victim not in p else None)(child_pids(gw.proc.pid))
+    )
+    clients: list[RawClient] = []
+    try:
+        for _ in range(40):
+            client = RawClient(gw.port)
+            assert client.reply()[0] == 220  # the new worker is up once it greets
+            clients.append(client)
+            if all(established(pid, gw.port) for pid in workers):
+                break
+        assert all(established(pid, gw.port) for pid in workers), "one worker got them all"
+        for client in clients:
+            client.command("EHLO again.test")
+            assert client.command("MAIL FROM:<s@outside.test>")[0] == 250
+            assert client.command("RCPT TO:<amy@new.test>")[0] == 250
+    finally:
+        for client in clients:
+            client.close()

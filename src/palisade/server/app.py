@@ -386,7 +386,7 @@ async def run_parent(
     config_path: Path | None,
     notify_read: int,
     workers: dict[int, int],
-    spawn: object,
+    spawn: Callable[[int, Config], int],
     listening: list[socket.socket],
     counts: SharedCounts | None = None,
 ) -> None:
@@ -394,7 +394,9 @@ async def run_parent(
 
     It holds the ``listening`` sockets for the workers it restarts, never accepts on them, and
     closes them when it stops. ``counts``: the per-IP table shared by unsteered workers; a dead
-    worker's counts are cleared before its slot is started again."""
+    worker's counts are cleared before its slot is started again. A worker started again gets
+    the parent's newest config (the one its generation was built from), not the file as it is
+    now nor the one the gateway started with."""
     gw = Gateway(config, config_path, listening=False)
 
     def on_hup() -> None:
@@ -436,7 +438,7 @@ async def run_parent(
                     gw.log.panic(f"worker {pid} exited (status {status}); starting a new one")
                     if counts is not None:
                         counts.clear_slot(slot)
-                    workers[slot] = spawn(slot)  # type: ignore[operator]
+                    workers[slot] = spawn(slot, gw.config)
 
     reaper = loop.create_task(reap())
     await gw.stopping.wait()
@@ -529,7 +531,8 @@ def serve(config_path: Path | None) -> int:
     # Unsteered, one client's connections reach several workers: they count them together.
     counts = None if attached else SharedCounts(workers, config.server.max_connections)
 
-    def spawn(slot: int) -> int:
+    def spawn(slot: int, config: Config) -> int:
+        """Starts worker ``slot`` on ``config`` (the parent's newest)."""
         pid = os.fork()
         if pid == 0:
             code = 0
@@ -566,6 +569,6 @@ def serve(config_path: Path | None) -> int:
     for slot in range(workers):
         if startup_signals.stop:  # SIGTERM already: run_parent stops the ones started
             break
-        children[slot] = spawn(slot)
+        children[slot] = spawn(slot, config)
     asyncio.run(run_parent(config, config_path, notify_read, children, spawn, every_socket, counts))
     return 0
