@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from palisade.config import parse_config
-from palisade.config.model import Config, restart_needed
+from palisade.config.model import Config, keep_running, restart_needed
 from palisade.ports import StateTempError
 from palisade.server.generation import GenerationError, build_generation
 
@@ -77,3 +77,31 @@ def test_restart_needed_names_only_the_keys_a_reload_cannot_change(tmp_path: Pat
     old = config(tmp_path)
     new = config(tmp_path, '[log]\njson = true\n[dns]\ntimeout = "3s"\n')
     assert restart_needed(old, new) == ["log.json"]
+
+
+def test_a_reload_keeps_the_running_values_of_the_keys_it_cannot_change(tmp_path: Path) -> None:
+    running = config(tmp_path)
+    loaded = parse_config(
+        f"""
+[server]
+hostname = "mx2.example.test"
+listen = ["127.0.0.1:2626"]
+workers = 4
+[paths]
+spool = "{tmp_path / "other-spool"}"
+state = "{tmp_path / "other.db"}"
+""",
+        "new.toml",
+    )
+    in_force = keep_running(running, loaded)
+    assert in_force.server.listen == ("127.0.0.1:2525",) and in_force.server.workers == 1
+    assert in_force.paths.spool == tmp_path / "spool"
+    assert in_force.server.hostname == "mx2.example.test"  # the rest is the new config's
+    assert in_force.paths.state == tmp_path / "other.db"
+    assert restart_needed(running, loaded) == [
+        "server.listen",
+        "server.workers",
+        "paths.spool",
+        "paths.log",
+    ]
+    assert restart_needed(running, in_force) == []

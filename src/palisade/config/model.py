@@ -8,8 +8,9 @@ swapped atomically on reload.
 from __future__ import annotations
 
 import ipaddress
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Any
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
@@ -292,6 +293,17 @@ RESTART_KEYS: tuple[str, ...] = (
     "delivery.concurrency",
     "dns.dnsbl_probe_interval",
 )
+
+
+def keep_running(running: Config, new: Config) -> Config:
+    """``new`` with the :data:`RESTART_KEYS` values of ``running``: what a reload puts in force
+    (the rest of ``new``), so every part sees the values the processes really run with."""
+    sections: dict[str, Any] = {}
+    for key in RESTART_KEYS:
+        section, name = key.split(".")
+        current = sections.get(section, getattr(new, section))
+        sections[section] = replace(current, **{name: getattr(getattr(running, section), name)})
+    return replace(new, **sections)
 
 
 def restart_needed(old: Config, new: Config) -> list[str]:

@@ -39,7 +39,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from palisade.config import Config, ConfigError, load_config
-from palisade.config.model import restart_needed
+from palisade.config.model import keep_running, restart_needed
 from palisade.config.policy import build_policy
 from palisade.obs.files import make_dirs
 from palisade.obs.log import FileEventLog
@@ -223,12 +223,14 @@ class Gateway:
         closed when the last of them ends. Returns the new generation, or None."""
         old = self.generation
         try:
-            new = self._build(load_config(self.config_path), number=old.number + 1, check=True)
+            loaded = load_config(self.config_path)
+            config = keep_running(old.config, loaded)  # restart keys keep their running values
+            new = self._build(config, number=old.number + 1, check=True)
         except (ConfigError, GenerationError, OSError) as exc:
             self.log.panic(f"reload refused, old configuration stays in force: {exc}")
             return None
         if self.announces:
-            for key in restart_needed(old.config, new.config):
+            for key in restart_needed(old.config, loaded):
                 self.log.panic(
                     f"reload: {key} changed in {new.config.source}: restart needed for it to "
                     "take effect (the running value stays in force until then)"
