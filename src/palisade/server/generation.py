@@ -144,7 +144,7 @@ def build_generation(
 
             errors = [f for f in run_selfcheck(config, policy, dns=False) if f.level == "error"]
             if errors:
-                raise GenerationError("; ".join(f.message for f in errors))
+                raise GenerationError(f"{config.source}: " + "; ".join(f.message for f in errors))
         part = "[tls]"
         tls = server_tls(config)
         part = "relay control"
