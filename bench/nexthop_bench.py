@@ -76,7 +76,7 @@ def start_sink(port: int, pipelining: bool) -> subprocess.Popen[bytes]:
 
 def load_hop_class(impl: str | None) -> Any:
     if impl is None:
-        from palisade.relay.nexthop import SmtpNextHop
+        from palisade.delivery.nexthop import SmtpNextHop
 
         return SmtpNextHop
     spec = importlib.util.spec_from_file_location("nexthop_under_test", impl)
@@ -185,7 +185,7 @@ def main() -> None:
     rates, cpus = [], []
     loop_name = "uvloop" if loop_factory else "asyncio"
     print(
-        f"impl={args.impl or 'palisade.relay.nexthop'} loop={loop_name}"
+        f"impl={args.impl or 'palisade.delivery.nexthop'} loop={loop_name}"
         f" pipelining={'no' if args.no_pipelining else 'yes'} messages={args.messages}"
         f" concurrency={args.concurrency} size~{args.size}"
     )

@@ -65,8 +65,7 @@ REPO = HERE.parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(REPO))  # tests.dnsserver
 
-from postfix_instance import PostfixInstance  # noqa: E402
-from run import (  # noqa: E402
+from harness import (  # noqa: E402
     BENCH_ROOT,
     Gateway,
     Sink,
@@ -81,6 +80,7 @@ from run import (  # noqa: E402
     stop_proc,
     tree_pids,
 )
+from postfix_instance import PostfixInstance  # noqa: E402
 from smtp_load import build_message  # noqa: E402
 
 SENDER = "load@client.example"
@@ -457,7 +457,7 @@ AREAS = (
     ("spamd client", ("palisade/adapters/spamd",)),
     ("palisade policy", ("palisade/policy/",)),
     ("spool (write, fsync)", ("palisade/spool/",)),
-    ("relay to the next hop", ("palisade/relay/", "aiosmtplib/")),
+    ("relay to the next hop", ("palisade/delivery/", "aiosmtplib/")),
     ("SMTP session / DATA", ("palisade/server/", "palisade/smtp/")),
     ("logging", ("palisade/obs/",)),
     ("asyncio / uvloop", ("asyncio/", "uvloop/")),

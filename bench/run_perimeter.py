@@ -45,9 +45,7 @@ HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 sys.path.insert(0, str(HERE))
 
-from perimeter_dns import BenchDns  # noqa: E402
-from postfix_instance import PostfixInstance, perimeter_settings  # noqa: E402
-from run import (  # noqa: E402
+from harness import (  # noqa: E402
     BENCH_ROOT,
     Gateway,
     Sink,
@@ -61,6 +59,8 @@ from run import (  # noqa: E402
     set_subreaper,
     tree_pids,
 )
+from perimeter_dns import BenchDns  # noqa: E402
+from postfix_instance import PostfixInstance, perimeter_settings  # noqa: E402
 
 SENDER = "load@client.example"
 RCPT = "rcpt@bench.test"

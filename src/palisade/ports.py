@@ -12,6 +12,7 @@ but must still treat the *content* (names, TXT strings) as attacker-controlled t
 
 from __future__ import annotations
 
+import enum
 from dataclasses import dataclass
 from typing import BinaryIO, Protocol, runtime_checkable
 
@@ -22,6 +23,7 @@ __all__ = [
     "MessageSource",
     "RecipientDirectory",
     "Resolver",
+    "Route",
     "ServiceTempError",
     "SpamReport",
     "SpamScanner",
@@ -112,6 +114,25 @@ class Clock(Protocol):
     def monotonic(self) -> float:
         """Monotonic seconds (for timeouts, cache lifetimes, rate windows)."""
         ...
+
+
+# --------------------------------------------------------------------------------------------
+# Routes: decided once, at RCPT, by relay control; stored per recipient in the spool; obeyed by
+# delivery.
+# --------------------------------------------------------------------------------------------
+
+
+class Route(enum.Enum):
+    """Where an accepted recipient goes. The value is what the spool stores (``"local"``...).
+
+    Relay control (``palisade.policy.relay``) decides it when it accepts the RCPT; the spool keeps
+    it per recipient in the envelope; delivery (``palisade.delivery.router``) follows it without
+    looking at the domain again.
+    """
+
+    LOCAL = "local"  # a local domain: Maildir
+    RELAY = "relay"  # a relay domain: the internal next hop
+    OUTBOUND = "outbound"  # any other domain, from relay_from_hosts (or a bounce): the next hop
 
 
 # --------------------------------------------------------------------------------------------

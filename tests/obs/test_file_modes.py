@@ -15,8 +15,8 @@ import pytest
 
 from palisade.adapters.sqlite_state import SqliteStateStore
 from palisade.config import ConfigError, load_config
+from palisade.delivery.maildir import MaildirDelivery
 from palisade.obs.log import FileEventLog
-from palisade.relay.maildir import MaildirDelivery
 from palisade.spool import Spool
 from tests.spool.spoolkit import make_envelope
 

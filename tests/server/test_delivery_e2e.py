@@ -5,14 +5,16 @@ from __future__ import annotations
 import json
 import re
 import shutil
+import signal
 import smtplib
 import ssl
 import subprocess
+from pathlib import Path
 from typing import Any
 
 import pytest
 
-from tests.conftest import GatewayProcess, NextHop, wait_for
+from tests.conftest import GatewayProcess, NextHop, child_pids, wait_for, write_config
 
 QUEUE_ID = r"[0-9A-Za-z]{6}-[0-9A-Za-z]{6}-[0-9A-Za-z]{2}"
 MESSAGE = (
@@ -187,3 +189,49 @@ def test_a_spool_that_cannot_commit_gets_451_and_keeps_nothing(gateway: GatewayP
     with smtplib.SMTP("127.0.0.1", gateway.port, timeout=10) as client:
         assert client.sendmail("sender@outside.test", ["user@example.test"], MESSAGE) == {}
     assert len(wait_for(lambda: gateway.maildir_messages("user"))) == 1
+
+
+def catches_sighup(pid: int) -> bool:
+    """True once process ``pid`` has a SIGHUP handler (the SigCgt mask in /proc)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("SigCgt:"):
+            return bool(int(line.split()[1], 16) & (1 << (signal.SIGHUP - 1)))
+    return False
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_a_local_domain_added_by_reload_is_delivered_by_the_route_decided_at_rcpt(
+    make_gateway: Any, workers: int
+) -> None:
+    # Delivery used to route again with the domains it was started with, so mail accepted for
+    # a domain added by SIGHUP got 250 and then "Unrouteable address" (issue 12). It follows
+    # the route stored with the recipient at RCPT now.
+    gw = make_gateway(server={"workers": workers})
+    assert gw.proc is not None
+    parent = gw.proc.pid
+
+    def ready() -> list[int] | None:
+        """The gateway's processes once each catches SIGHUP (a worker greets before it does;
+        one that died at start-up is replaced by the parent)."""
+        try:
+            pids = [parent, *(child_pids(parent) if workers > 1 else [])]
+            whole = len(pids) == (1 if workers == 1 else 1 + workers)
+            return pids if whole and all(catches_sighup(pid) for pid in pids) else None
+        except FileNotFoundError:
+            return None
+
+    pids = wait_for(ready)
+    sections = dict(gw.sections)
+    sections["domains"] = {"local": ["example.test", "new.test"], "relay": []}
+    write_config(gw.config_path, sections)
+    gw.signal(signal.SIGHUP)
+    wait_for(lambda: gw.mainlog().count("configuration reloaded") == len(pids))
+    with smtplib.SMTP("127.0.0.1", gw.port, timeout=10) as client:
+        client.ehlo("client.outside.test")
+        client.mail("sender@outside.test")
+        assert client.rcpt("amy@new.test")[0] == 250
+        code, _reply = client.data(MESSAGE.encode())
+    assert code == 250
+    (message,) = wait_for(lambda: gw.maildir_messages("amy"))
+    assert message.startswith(b"Return-Path: <sender@outside.test>\nDelivered-To: amy@new.test\n")
+    assert "Unrouteable" not in gw.mainlog()

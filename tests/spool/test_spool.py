@@ -13,6 +13,7 @@ from typing import Any
 import pytest
 
 from palisade.obs.log import MemoryEventLog
+from palisade.ports import Route
 from palisade.spool import (
     CorruptMessage,
     DeliveryState,
@@ -20,7 +21,8 @@ from palisade.spool import (
     Spool,
     UnknownMessage,
 )
-from palisade.spool.store import MAGIC, MAGIC_V2, MAGIC_V3, SMALL_FILE, TRAILER_LEN
+from palisade.spool.format import MAGIC, MAGIC_V2, MAGIC_V3, TRAILER_LEN
+from palisade.spool.message import SMALL_FILE
 from tests.spool.spoolkit import make_envelope
 
 
@@ -168,6 +170,51 @@ def test_version_2_file_without_a_late_record_is_still_read(tmp_path: Path) -> N
     assert spool.read_body(env.queue_id) == added + body
 
 
+def test_routes_decided_at_rcpt_are_stored_per_recipient_and_given_back(tmp_path: Path) -> None:
+    spool = Spool(tmp_path, fsync=False)
+    env = dataclasses.replace(
+        make_envelope(recipients=("a@x.test", "b@y.test")), routes=(Route.LOCAL, Route.OUTBOUND)
+    )
+    asyncio.run(queue(spool, env, b"body\r\n"))
+    assert spool.recover(MemoryEventLog()) == [env.queue_id]
+    loaded, _ = spool.load(env.queue_id)
+    assert loaded.routes == (Route.LOCAL, Route.OUTBOUND) and loaded == env
+    assert loaded.route_of("b@y.test") is Route.OUTBOUND and loaded.route_of("c@z.test") is None
+    assert spool.load_for_delivery(env.queue_id)[0] == env
+    with pytest.raises(ValueError):  # one route per recipient, or none
+        dataclasses.replace(env, routes=(Route.LOCAL,))
+
+
+def test_a_file_written_before_routes_were_stored_reads_without_routes(tmp_path: Path) -> None:
+    spool = Spool(tmp_path, fsync=False)
+    env = make_envelope()
+    old = {k: v for k, v in env.to_json().items() if k != "routes"}  # as 0.4.0 wrote it
+    body = b"Subject: old\r\n\r\nbody\r\n"
+    digest = hashlib.sha256(body).hexdigest().encode()
+    raw = MAGIC_V3 + json.dumps(old).encode() + b"\n" + body + b"\nLATE %020d\n" % 0
+    raw += b"\nADD %020d\n" % 0 + b"\nEND %020d sha256=%s\n" % (len(body), digest)
+    (tmp_path / "queue" / env.queue_id).write_bytes(raw)
+    assert spool.recover(MemoryEventLog()) == [env.queue_id]
+    loaded, _ = spool.load(env.queue_id)
+    assert loaded == env and loaded.routes == ()
+
+
+@pytest.mark.parametrize("routes", [["local", "teleport"], ["local"], "local", [1, 2]], ids=str)
+def test_bad_stored_routes_are_refused_at_recovery(tmp_path: Path, routes: Any) -> None:
+    spool = Spool(tmp_path, fsync=False)
+    env = make_envelope(recipients=("a@x.test", "b@y.test"))
+    fields = {**env.to_json(), "routes": routes}
+    body = b"body\r\n"
+    digest = hashlib.sha256(body).hexdigest().encode()
+    raw = MAGIC_V3 + json.dumps(fields).encode() + b"\n" + body + b"\nLATE %020d\n" % 0
+    raw += b"\nADD %020d\n" % 0 + b"\nEND %020d sha256=%s\n" % (len(body), digest)
+    (tmp_path / "queue" / env.queue_id).write_bytes(raw)
+    with pytest.raises(CorruptMessage):
+        spool.load(env.queue_id)
+    assert spool.recover(MemoryEventLog()) == []
+    assert os.listdir(tmp_path / "corrupt") == [env.queue_id]
+
+
 @pytest.mark.parametrize(
     "damage",
     [
@@ -301,3 +348,29 @@ def test_load_for_delivery_reads_a_small_file_whole_and_leaves_a_large_one_on_di
     delivered = b"".join(spool.iter_body(large.queue_id))
     assert delivered.startswith(b"X-Added: 1\r\n" + head) and len(delivered) > SMALL_FILE
     assert spool.recover(MemoryEventLog()) == sorted([small.queue_id, large.queue_id])
+
+
+def test_the_message_handle_reads_from_memory_or_from_the_one_open_file(tmp_path: Path) -> None:
+    spool = Spool(tmp_path, fsync=False)
+    head = b"Subject: handle\r\n\r\n"
+    for lines in (3, SMALL_FILE // 1000 + 1):
+        env = make_envelope()
+        body = head + b"z" * 998 * lines
+        writer = spool.open_message(env)
+        writer.write(body)
+        writer.prepend(b"X-Added: 1\r\n")
+        asyncio.run(writer.commit())
+        expected = b"X-Added: 1\r\n" + body
+        envelope, state, message = spool.open_for_delivery(env.queue_id, fresh=True)
+        with message:
+            assert envelope == env and state == DeliveryState.fresh(env.recipients)
+            assert (message.data is None) == (len(expected) > SMALL_FILE)
+            # Gone from the queue: a reader of the handle never opens the file again.
+            assert spool.remove(env.queue_id)
+            for _ in range(2):  # every reader starts at the first byte
+                assert b"".join(message.chunks(4096)) == expected
+            assert message.read(30) == expected[:30] and message.read() == expected
+            assert message.length == len(expected)
+        if message.data is None:  # closed: the large message's descriptor is gone
+            with pytest.raises(ValueError):
+                list(message.chunks())

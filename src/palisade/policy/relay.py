@@ -1,8 +1,10 @@
 """Relay control: which recipients a client may name. Palisade is never an open relay.
 
 Owns: the decision, per RCPT, between a local domain (Maildir), a relay domain (next hop), a
-trusted client's outbound mail, and refusal. Kept apart from spam policy, as Postfix keeps
-``smtpd_relay_restrictions`` apart from the rest: spam rules may be loosened, this one may not.
+trusted client's outbound mail, and refusal: the :class:`palisade.ports.Route` that is stored
+with the recipient in the spool and that delivery follows without routing again. Kept apart
+from spam policy, as Postfix keeps ``smtpd_relay_restrictions`` apart from the rest: spam rules
+may be loosened, this one may not.
 Refusals are permanent (550 5.7.1), never 4xx, so a relay prober learns nothing by retrying.
 
 Trust: the address comes from the client and has only passed the SMTP grammar. Routing tricks
@@ -13,23 +15,17 @@ that hide an ``@``.
 
 from __future__ import annotations
 
-import enum
 import ipaddress
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
 from palisade.policy.verdict import Verdict, deny
+from palisade.ports import Route
 from palisade.smtp.address import Address
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
-
-
-class Route(enum.Enum):
-    LOCAL = "local"  # a local domain: Maildir
-    RELAY = "relay"  # a relay domain: the internal next hop
-    OUTBOUND = "outbound"  # anything else, allowed only for relay_from_hosts
 
 
 @dataclass(frozen=True, slots=True)
@@ -70,7 +66,11 @@ class RelayPolicy:
         return self.relay_list is not None and client_ip in self.relay_list.current()
 
     def decide(self, address: Address, client_ip: IPAddress) -> Route | Verdict:
-        """A route for an acceptable recipient, or the refusal verdict."""
+        """A route for an acceptable recipient, or the refusal verdict.
+
+        The route is decided here once: the session stores it with the recipient in the spool
+        envelope and delivery follows it (:class:`palisade.ports.Route`).
+        """
         trick = routing_trick(address)
         if trick is not None:
             return deny(550, "5.7.1", "Relay access denied", f"relay attempt refused: {trick}")

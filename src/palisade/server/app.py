@@ -41,10 +41,10 @@ from pathlib import Path
 from palisade.config import Config, ConfigError, load_config
 from palisade.config.model import keep_running, restart_needed
 from palisade.config.policy import build_policy
+from palisade.delivery import QueueRunner
 from palisade.obs.files import make_dirs
 from palisade.obs.log import FileEventLog
 from palisade.obs.queueid import QueueIdGenerator
-from palisade.relay import QueueRunner
 from palisade.server.conncount import SharedCounts
 from palisade.server.context import ServerContext
 from palisade.server.generation import (

@@ -24,10 +24,9 @@ from typing import TYPE_CHECKING
 
 from palisade.obs.log import escape, escape_field, rfc5322_date
 from palisade.policy.engine import StageOutcome, evaluate_stage
-from palisade.policy.relay import Route
 from palisade.policy.rules import Facts, MessageFacts, Stage
 from palisade.policy.verdict import Action, Verdict
-from palisade.ports import StateTempError
+from palisade.ports import Route, StateTempError
 from palisade.server import data_stage
 from palisade.server.stream import ClientStream
 from palisade.server.tls import describe, handshake_error_line
@@ -617,7 +616,7 @@ class Session:
             client_name=None,
             protocol=self.protocol,
             tls=self.tls,
-            extra={"outbound": "1"} if Route.OUTBOUND in tx.routes else {},
+            routes=tuple(tx.routes),  # decided at RCPT; delivery follows them
         )
         if self._examines_content():
             tx.splitter = HeaderSplitter(data_stage.forged_header_filter(self.config))

@@ -12,7 +12,7 @@ the directory fsync less, for no measurable gain (2026-11-23); fsyncing a batch'
 thread pool cost more in hand-offs than it won (2026-11-24).
 Must not touch: anything but the files handed to it and the queue directory; it never decides what
 a message is (the store does) and never answers a client (the server does, after ``commit``).
-Trust: jobs come from :class:`palisade.spool.store.SpoolWriter` only; paths were validated there.
+Trust: jobs come from :class:`palisade.spool.writer.SpoolWriter` only; paths were validated there.
 
 Failure rules: a job whose file fsync or rename fails fails alone. If the directory fsync fails,
 every file renamed in that batch is unlinked again and every job in it fails, so that no client is

@@ -2,7 +2,7 @@
 
 Owns: the two small records the spool keeps next to the body bytes (the envelope, fixed at
 acceptance, and the delivery state, rewritten after each attempt) and their JSON encodings.
-Must not touch: files (the :mod:`palisade.spool.store` module does the I/O), SMTP or MIME.
+Must not touch: files (palisade.spool.format, .writer and .queue do the I/O), SMTP or MIME.
 Trust: the records are written by this program, but they are read back from disk, where a crash or
 an operator may have damaged them, so decoding checks every type and raises ``ValueError`` on any
 mismatch rather than hand a half-valid record to the delivery code.
@@ -17,6 +17,7 @@ from types import MappingProxyType
 from typing import Any, Literal, cast
 
 from palisade.obs.queueid import is_queue_id
+from palisade.ports import Route
 
 RecipientStatus = Literal["pending", "delivered", "failed"]
 _STATUSES: frozenset[str] = frozenset({"pending", "delivered", "failed"})
@@ -55,7 +56,10 @@ class Envelope:
     """What the SMTP session learnt about a message; fixed once the message is queued.
 
     ``sender`` is ``''`` for the null sender (bounces). ``extra`` is free-form string data for
-    later features (the relay uses ``bounce_of`` to mark a DSN); it is stored read-only.
+    later features (delivery uses ``bounce_of`` to mark a DSN); it is stored read-only.
+    ``routes`` holds, in the order of ``recipients``, the route relay control decided for each
+    one at RCPT (or delivery for a bounce it queued); the spool only stores it. Empty: a file
+    written before routes were stored (delivery then routes by domain, as it used to).
     """
 
     queue_id: str
@@ -70,6 +74,7 @@ class Envelope:
     tls: str | None
     message_id: str | None = None
     extra: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}))
+    routes: tuple[Route, ...] = ()
 
     def __post_init__(self) -> None:
         if not is_queue_id(self.queue_id):
@@ -78,6 +83,17 @@ class Envelope:
             object.__setattr__(self, "recipients", tuple(self.recipients))
         if not isinstance(self.extra, MappingProxyType):
             object.__setattr__(self, "extra", MappingProxyType(dict(self.extra)))
+        if not isinstance(self.routes, tuple):
+            object.__setattr__(self, "routes", tuple(self.routes))
+        if self.routes and len(self.routes) != len(self.recipients):
+            raise ValueError("one route per recipient, or none")
+
+    def route_of(self, rcpt: str) -> Route | None:
+        """The route stored for ``rcpt`` (None: not stored, or not a recipient)."""
+        for address, route in zip(self.recipients, self.routes, strict=False):
+            if address == rcpt:
+                return route
+        return None
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -93,6 +109,7 @@ class Envelope:
             "tls": self.tls,
             "message_id": self.message_id,
             "extra": dict(self.extra),
+            "routes": [route.value for route in self.routes],
         }
 
     @classmethod
@@ -107,6 +124,9 @@ class Envelope:
             isinstance(k, str) and isinstance(v, str) for k, v in extra.items()
         ):
             raise ValueError("field 'extra' must map strings to strings")
+        routes = obj.get("routes", [])  # absent in files written before routes were stored
+        if not isinstance(routes, list) or not all(isinstance(r, str) for r in routes):
+            raise ValueError("field 'routes' must be a list of strings")
         return cls(
             queue_id=_str(obj, "queue_id"),
             sender=_str(obj, "sender"),
@@ -120,6 +140,7 @@ class Envelope:
             tls=_opt_str(obj, "tls"),
             message_id=_opt_str(obj, "message_id"),
             extra=cast(dict[str, str], extra),
+            routes=tuple(Route(r) for r in routes),  # an unknown one: ValueError
         )
 
     def dumps(self) -> str:

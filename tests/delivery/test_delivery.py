@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import ctypes
+import dataclasses
 import email
 import email.policy
 import os
 import re
 import ssl
+import struct
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -15,8 +18,9 @@ from typing import Any
 
 import pytest
 
-from palisade.relay import MailboxRefused, mailbox_name
-from tests.relay.relaykit import BODY, Hop, envelope, queue, run, setup
+from palisade.delivery import MailboxRefused, mailbox_name
+from palisade.ports import Route
+from tests.delivery.deliverykit import BODY, Hop, envelope, queue, run, setup
 
 
 @pytest.fixture
@@ -79,6 +83,76 @@ def test_maildir_delivery(tmp_path: Path) -> None:
 def test_unsafe_local_parts_are_refused(rcpt: str) -> None:
     with pytest.raises(MailboxRefused):
         mailbox_name(rcpt)
+
+
+class OpenWatch:
+    """Counts the opens of each file in a directory, as the kernel reports them (inotify).
+
+    Closes are watched too: inotify merges an event into an identical one still unread, so
+    open, close, open is three events where open, open would be one.
+    """
+
+    IN_CLOSE_NOWRITE = 0x10
+    IN_OPEN = 0x20
+
+    def __init__(self, directory: Path) -> None:
+        self._libc = ctypes.CDLL(None, use_errno=True)
+        self.fd = self._libc.inotify_init1(os.O_NONBLOCK | os.O_CLOEXEC)
+        assert self.fd >= 0, os.strerror(ctypes.get_errno())
+        mask = self.IN_OPEN | self.IN_CLOSE_NOWRITE
+        wd = self._libc.inotify_add_watch(self.fd, os.fsencode(directory), mask)
+        assert wd >= 0, os.strerror(ctypes.get_errno())
+
+    def opens(self) -> dict[str, int]:
+        counts: dict[str, int] = {}
+        try:
+            data = os.read(self.fd, 1 << 16)
+        except BlockingIOError:
+            return counts
+        offset = 0
+        while offset < len(data):
+            _wd, mask, _cookie, length = struct.unpack_from("iIII", data, offset)
+            name = data[offset + 16 : offset + 16 + length].rstrip(b"\0").decode()
+            if mask & self.IN_OPEN:
+                counts[name] = counts.get(name, 0) + 1
+            offset += 16 + length
+        return counts
+
+    def close(self) -> None:
+        os.close(self.fd)
+
+
+@pytest.mark.parametrize("lines", [1, 400], ids=["small", "large"])
+def test_an_attempt_reads_the_queue_file_once_for_maildir_copies_and_the_dsn(
+    tmp_path: Path, lines: int
+) -> None:
+    # Two Maildir copies and a DSN (the third recipient's mailbox name is refused) used to
+    # reopen the queue file once per recipient and once more for the DSN's headers.
+    s = setup(tmp_path)
+    body = BODY + (b"y" * 998 + b"\r\n") * lines
+    rcpts = ("bob@example.test", "carol@example.test", ".bad@example.test")
+    env = envelope(sender="alice@example.test", recipients=rcpts)
+    counts: dict[str, int] = {}
+
+    async def go() -> None:
+        await queue(s.spool, env, body)
+        watch = OpenWatch(tmp_path / "spool" / "queue")
+        try:
+            runner = s.runner()
+            await runner.attempt(env.queue_id, fresh=True)
+            counts.update(watch.opens())
+            await runner.wait_idle()  # the bounce
+        finally:
+            watch.close()
+
+    run(go())
+    assert counts.get(env.queue_id) == 1
+    for box in ("bob", "carol"):
+        (copy,) = s.maildir(box)
+        assert copy.endswith(body.replace(b"\r\n", b"\n"))
+    (dsn,) = s.maildir("alice")
+    assert "Subject: hello" in _parts(dsn)["text/rfc822-headers"]
+    assert f"{env.queue_id} Completed" in s.lines()
 
 
 def test_unsafe_mailbox_fails_permanently_with_a_dsn(tmp_path: Path) -> None:
@@ -321,6 +395,70 @@ def test_bounce_without_a_route_is_dropped(tmp_path: Path) -> None:
     assert s.spool.list() == []
 
 
+def test_delivery_follows_the_routes_stored_at_rcpt_not_its_own_domains(
+    tmp_path: Path, hop: Hop
+) -> None:
+    # The router knows example.test as local and corp.test as relay domain; relay control decided
+    # otherwise at RCPT (a domain added by a reload, a trusted client's outbound mail): the
+    # stored route wins, whatever the domain.
+    hop.start()
+    s = setup(tmp_path, hop)
+    env = dataclasses.replace(
+        envelope(recipients=("amy@new.test", "carl@far.test", "dora@example.test")),
+        routes=(Route.LOCAL, Route.OUTBOUND, Route.RELAY),
+    )
+
+    async def go() -> None:
+        await queue(s.spool, env)
+        assert await s.runner().run_once() == 1
+
+    run(go())
+    assert len(s.maildir("amy")) == 1 and s.maildir("dora") == []
+    assert [m[1] for m in hop.handler.messages] == [["carl@far.test", "dora@example.test"]]
+    lines = s.lines()
+    assert f"{env.queue_id} => amy@new.test R=local_maildir T=maildir" in lines
+    assert any(line.startswith(f"{env.queue_id} => carl@far.test R=relay T=smtp") for line in lines)
+    assert f"{env.queue_id} Completed" in lines
+
+
+def test_outbound_route_without_a_next_hop_is_unrouteable(tmp_path: Path) -> None:
+    s = setup(tmp_path)
+    env = dataclasses.replace(
+        envelope(sender="", recipients=("carl@far.test",)), routes=(Route.OUTBOUND,)
+    )
+
+    async def go() -> None:
+        await queue(s.spool, env)
+        await s.runner().run_once()
+
+    run(go())
+    assert f"{env.queue_id} ** carl@far.test: Unrouteable address" in s.lines()
+
+
+def test_a_bounce_is_queued_with_its_route(tmp_path: Path, hop: Hop) -> None:
+    hop.handler.rcpt_reply["bad@corp.test"] = "550 5.1.1 <bad@corp.test>: no such user"
+    hop.handler.rcpt_reply["someone@remote.test"] = "450 4.2.0 try later"  # the bounce waits
+    hop.start()
+    s = setup(tmp_path, hop)
+    env = envelope(sender="someone@remote.test", recipients=("bad@corp.test",))
+
+    async def go() -> None:
+        await queue(s.spool, env)
+        runner = s.runner()
+        await runner.run_once()
+        await runner.wait_idle()
+
+    run(go())
+    (bounce,) = s.spool.list()
+    assert bounce.envelope.extra["bounce_of"] == env.queue_id
+    assert bounce.envelope.recipients == ("someone@remote.test",)
+    assert bounce.envelope.routes == (Route.OUTBOUND,)
+    assert any(
+        line.startswith(f"{bounce.queue_id} == someone@remote.test R=relay T=smtp")
+        for line in s.lines()
+    )
+
+
 def test_restart_skips_recipients_already_done(tmp_path: Path, hop: Hop) -> None:
     s = setup(tmp_path, hop)
     env = envelope(recipients=("bob@example.test", "carol@corp.test"))
@@ -400,7 +538,7 @@ def test_submit_and_background_loop(tmp_path: Path, hop: Hop) -> None:
 def test_maildir_redelivery_after_crash_window_writes_no_second_copy(tmp_path: Path) -> None:
     """The crash window: delivered into new/, killed before the spool recorded it. A second
     delivery of the same (queue id, recipient) must find the first copy and not write another."""
-    from palisade.relay import MaildirDelivery
+    from palisade.delivery import MaildirDelivery
     from palisade.spool import Envelope
 
     env = Envelope(

@@ -1,4 +1,4 @@
-"""Helpers for the relay tests: a real aiosmtpd next hop (optionally with STARTTLS), spool setup."""
+"""Helpers for the delivery tests: a real aiosmtpd next hop (optionally with STARTTLS), spool."""
 
 from __future__ import annotations
 
@@ -11,9 +11,9 @@ from typing import Any
 
 from aiosmtpd.controller import Controller
 
+from palisade.delivery import QueueRunner, Router
 from palisade.obs.log import MemoryEventLog
 from palisade.obs.queueid import QueueIdGenerator
-from palisade.relay import QueueRunner, Router
 from palisade.spool import Envelope, Spool
 from tests.conftest import free_port
 

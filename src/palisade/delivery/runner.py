@@ -10,14 +10,15 @@ Retry: exponential backoff per message, ``retry_initial * retry_factor ** (attem
 at ``retry_max_interval``; a temporary failure of a message older than ``max_age`` becomes
 permanent ("retry timeout exceeded").
 Duplicates: a recipient is recorded as done only after the attempt; a kill between the delivery
-and the state save makes the next run deliver it again (see palisade.spool.store). The same holds
+and the state save makes the next run deliver it again (see palisade.spool.queue). The same holds
 for a DSN queued just before a kill: it may be queued twice, never lost.
 Spool I/O: loading, reading and removing a message are done on the event loop, not in a worker
 thread. They are a few microseconds on a just-written, page-cached local file, while a thread hop
 cost the delivering process more CPU than the delivery itself (benchmark of 2026-11-23: 0.91 ->
 0.57 ms of parent CPU per relayed message). Only what fsyncs (state files, bounces, scans of the
 whole spool) still runs in a thread, as Postfix's qmgr does its file work synchronously too.
-Must not touch: message bodies (the router streams them), sockets, the SMTP session.
+Must not touch: message bodies (it loads each message once into a handle, palisade.spool.message,
+that the router's transports and the DSN read), sockets, the SMTP session.
 Trust: results carry remote text; everything logged passes through ``escape``.
 """
 
@@ -28,15 +29,16 @@ import contextlib
 import time
 from collections.abc import Callable
 
+from palisade.delivery.dsn import build_dsn, header_block
+from palisade.delivery.outcome import RecipientResult
+from palisade.delivery.router import Router
 from palisade.obs.log import EventLog, escape, escape_field
 from palisade.obs.queueid import QueueIdGenerator, is_queue_id
-from palisade.relay.dsn import build_dsn, header_block
-from palisade.relay.outcome import RecipientResult
-from palisade.relay.router import Router
 from palisade.spool import (
     CorruptMessage,
     DeliveryState,
     Envelope,
+    Message,
     Spool,
     SpoolError,
     UnknownMessage,
@@ -241,17 +243,33 @@ class QueueRunner:
         """
         now = self.clock() if now is None else now
         try:
-            envelope, state, message = self.spool.load_for_delivery(queue_id, fresh=fresh)
+            envelope, state, message = self.spool.open_for_delivery(queue_id, fresh=fresh)
         except UnknownMessage:
             return
         except CorruptMessage as exc:
             self.log.panic(f"{queue_id} cannot be delivered: {escape(str(exc))}")
             return
+        # The one handle every reader of this attempt uses (Maildir, next hop, the DSN); a
+        # small message is in memory, a large one open once (closed when the attempt is over;
+        # unlinking it meanwhile is fine: only small files are recycled, palisade.spool.recycle).
+        with message:
+            await self._attempt(queue_id, now, envelope, state, message, due_only, fresh)
+
+    async def _attempt(
+        self,
+        queue_id: str,
+        now: float,
+        envelope: Envelope,
+        state: DeliveryState,
+        message: Message,
+        due_only: bool,
+        fresh: bool,
+    ) -> None:
         if due_only and state.next_attempt > now and not state.unreported_failures():
             return
         pending = state.pending()
         if pending:
-            results = await self.router.deliver(self.spool, envelope, pending, message)
+            results = await self.router.deliver(envelope, pending, message)
             for res in results:
                 self._record(queue_id, envelope, state, res, now)
             state.attempts += 1
@@ -269,7 +287,7 @@ class QueueRunner:
             if not await self._save(queue_id, state):
                 return
         if state.unreported_failures():
-            await self._report_failures(queue_id, envelope, state, now)
+            await self._report_failures(queue_id, envelope, state, message, now)
             if not await self._save(queue_id, state):
                 return
         if state.finished():
@@ -330,7 +348,12 @@ class QueueRunner:
         self.log.main(line, event="failed", **fields)
 
     async def _report_failures(
-        self, queue_id: str, envelope: Envelope, state: DeliveryState, now: float
+        self,
+        queue_id: str,
+        envelope: Envelope,
+        state: DeliveryState,
+        message: Message,
+        now: float,
     ) -> None:
         failed = state.unreported_failures()
         if not envelope.sender:
@@ -356,8 +379,8 @@ class QueueRunner:
             for rcpt in failed
         ]
         try:
-            prefix = self.spool.read_body(queue_id, 64 * 1024)
-        except SpoolError:
+            prefix = message.read(64 * 1024)  # the original's header section, from the handle
+        except (OSError, SpoolError):
             prefix = b""
         helo = self.router.helo_name
         bounce_id = self._ids.new()
@@ -382,6 +405,7 @@ class QueueRunner:
             tls=None,
             message_id=f"<{bounce_id}@{helo}>",
             extra={"bounce_of": queue_id},
+            routes=(self.router.bounce_route(envelope.sender),),
         )
         writer = await asyncio.to_thread(self.spool.open_message, bounce)
         try:

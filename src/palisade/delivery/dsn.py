@@ -23,7 +23,7 @@ from email.message import Message
 from email.mime.multipart import MIMEMultipart
 from email.mime.text import MIMEText
 
-from palisade.relay.outcome import RecipientResult
+from palisade.delivery.outcome import RecipientResult
 from palisade.spool import Envelope
 
 _UNSAFE = re.compile(r"[^\x20-\x7e]")

@@ -2,7 +2,7 @@
 
 Owns: the outbound SMTP connections, their TLS policy and the mapping of every outcome
 to a per-recipient result: 2xx delivered, 4xx / refused connection / timeout / broken connection
-temporary, 5xx permanent. The wire protocol is palisade.relay.smtpclient (hand-written: see its
+temporary, 5xx permanent. The wire protocol is palisade.delivery.smtpclient (hand-written: see its
 docstring for why it replaced aiosmtplib).
 Pipelining (RFC 2920): when the next hop offers PIPELINING, MAIL FROM, every RCPT TO and DATA go
 out in one write and their replies are read in order; the body follows only after DATA's 354 and
@@ -38,8 +38,8 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from palisade.relay.outcome import Outcome, RecipientResult
-from palisade.relay.smtpclient import SmtpClient, SmtpClientError, mailbox
+from palisade.delivery.outcome import Outcome, RecipientResult
+from palisade.delivery.smtpclient import SmtpClient, SmtpClientError, mailbox
 from palisade.spool import Envelope
 
 _ENHANCED = re.compile(r"^([245]\.\d{1,3}\.\d{1,3})\b")

@@ -8,9 +8,9 @@ import email.policy
 
 import pytest
 
-from palisade.relay.dsn import build_dsn
-from palisade.relay.outcome import RecipientResult
-from tests.relay.relaykit import envelope
+from palisade.delivery.dsn import build_dsn
+from palisade.delivery.outcome import RecipientResult
+from tests.delivery.deliverykit import envelope
 
 FAILED = RecipientResult("bob@corp.test", "failed", "550 no such user", "relay", "smtp")
 

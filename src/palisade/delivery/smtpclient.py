@@ -6,7 +6,7 @@ task per command, regular-expression passes over the whole body for DATA). Relay
 parent process's main CPU cost per message, so this client does only what ``SmtpNextHop`` needs,
 cheaply: connect and read the greeting, EHLO, STARTTLS (``loop.start_tls``), commands written
 singly or as one pipelined group, replies read in order, and the DATA body dot-stuffed and
-written at once. What to send and what the replies mean stays in ``palisade.relay.nexthop``.
+written at once. What to send and what the replies mean stays in ``palisade.delivery.nexthop``.
 
 Owns: one TCP connection (TLS after STARTTLS), the reply parser and the per-reply timeouts.
 Replies: ``Reply(code, text)``; a multi-line reply's text is its lines' texts joined by ``\\n``.

@@ -1,10 +1,16 @@
 """Routing: which transport gets each recipient, and one delivery attempt over all of them.
 
-Owns: the decision local domain -> Maildir (``R=local_maildir T=maildir``), relay domain -> the
-SMTP next hop (``R=relay T=smtp``), anything else -> "Unrouteable address". A bounce (an envelope
-marked ``extra["bounce_of"]``) to a non-local domain goes to the next hop when one is configured
-(it is the smarthost), else it is undeliverable. Domains compare case-insensitively.
-Must not touch: delivery state or logs (the runner does both); the spool is only read.
+Owns: following each recipient's :class:`palisade.ports.Route`, decided once at RCPT by relay
+control and stored with the recipient in the spool envelope: ``LOCAL`` -> Maildir
+(``R=local_maildir T=maildir``), ``RELAY`` -> the SMTP next hop (``R=relay T=smtp``; deferred
+while none is configured), ``OUTBOUND`` (relay_from_hosts' mail to other domains, and bounces to
+them) -> the next hop as smarthost, or "Unrouteable address" when there is none.
+The router decides a route itself in two cases only, from its domain sets: a bounce the runner
+queues (:meth:`Router.bounce_route`, stored with it like an RCPT route), and a recipient of a
+spool file written before routes were stored (:meth:`Router.fallback_route`). Domains compare
+case-insensitively.
+Must not touch: delivery state or logs (the runner does both), the spool (it reads the message
+through the handle the runner loaded once per attempt: palisade.spool.message).
 Trust: recipients were accepted by the SMTP session, but the Maildir transport re-checks the
 local part before using it as a directory name.
 """
@@ -15,14 +21,12 @@ import asyncio
 import ssl
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Literal
 
-from palisade.relay.maildir import MailboxRefused, MaildirDelivery
-from palisade.relay.nexthop import SmtpNextHop
-from palisade.relay.outcome import RecipientResult
-from palisade.spool import Envelope, Spool, SpoolError
-
-Route = Literal["local", "relay", "none"]
+from palisade.delivery.maildir import MailboxRefused, MaildirDelivery
+from palisade.delivery.nexthop import SmtpNextHop
+from palisade.delivery.outcome import RecipientResult
+from palisade.ports import Route
+from palisade.spool import Envelope, Message, SpoolError
 
 
 def domain_of(rcpt: str) -> str:
@@ -72,56 +76,77 @@ class Router:
         if self.next_hop is not None:
             self.next_hop.close_idle()
 
-    def route(self, envelope: Envelope, rcpt: str) -> Route:
+    def domain_route(self, rcpt: str) -> Route | None:
+        """``LOCAL`` or ``RELAY`` by the domain of ``rcpt``; None for any other domain."""
         domain = domain_of(rcpt)
         if domain in self.local_domains:
-            return "local"
+            return Route.LOCAL
         if domain in self.relay_domains:
-            return "relay"
-        # Bounces, and mail from relay_from_hosts to other domains (accepted only when a next hop
-        # exists), leave through the next hop acting as smarthost.
-        outbound = "bounce_of" in envelope.extra or "outbound" in envelope.extra
-        if outbound and self.next_hop is not None:
-            return "relay"
-        return "none"
+            return Route.RELAY
+        return None
+
+    def bounce_route(self, rcpt: str) -> Route:
+        """The route of a bounce to ``rcpt`` (the original sender), stored when it is queued.
+
+        Not a local or relay domain: ``OUTBOUND``, which leaves through the next hop acting as
+        smarthost, or is undeliverable when there is none.
+        """
+        return self.domain_route(rcpt) or Route.OUTBOUND
+
+    def fallback_route(self, envelope: Envelope, rcpt: str) -> Route | None:
+        """The route of a recipient stored without one, worked out as before routes were stored.
+
+        Only spool files written by versions up to 0.4.0 lack routes. This method (with the
+        ``outbound`` mark in ``extra`` that those files carry) can go once no such file can be
+        left in any queue: ``[delivery] max_age`` (5 days by default) after every gateway was
+        upgraded past 0.4.0.
+        """
+        route = self.domain_route(rcpt)
+        if route is None and ("bounce_of" in envelope.extra or "outbound" in envelope.extra):
+            return Route.OUTBOUND
+        return route
+
+    def routes(self, envelope: Envelope, rcpts: Sequence[str]) -> dict[str, Route | None]:
+        """The route of each of ``rcpts``: as stored at RCPT, else :meth:`fallback_route`."""
+        stored = dict(zip(envelope.recipients, envelope.routes, strict=False))
+        return {r: stored.get(r) or self.fallback_route(envelope, r) for r in rcpts}
 
     async def deliver(
-        self,
-        spool: Spool,
-        envelope: Envelope,
-        rcpts: Sequence[str],
-        message: bytes | None = None,
+        self, envelope: Envelope, rcpts: Sequence[str], message: Message
     ) -> list[RecipientResult]:
         """One attempt for ``rcpts``; results in the same order. Never raises for I/O trouble.
 
-        ``message``: the message as delivered when the caller already read it (a small queue
-        file); otherwise it is read from the spool here.
+        ``message`` is the handle the runner loaded once for this attempt: every Maildir copy
+        and the next hop read the message from it.
         """
-        routes = {r: self.route(envelope, r) for r in rcpts}
+        routes = self.routes(envelope, rcpts)
         results: dict[str, RecipientResult] = {}
-        local = [r for r in rcpts if routes[r] == "local"]
-        relay = [r for r in rcpts if routes[r] == "relay"]
+        local = [r for r in rcpts if routes[r] is Route.LOCAL]
+        hop = self.next_hop is not None
+        relay = [
+            r for r in rcpts if routes[r] is Route.RELAY or (routes[r] is Route.OUTBOUND and hop)
+        ]
         for rcpt in rcpts:
-            if routes[rcpt] == "none":
+            if routes[rcpt] is None or (routes[rcpt] is Route.OUTBOUND and not hop):
                 bounce = "bounce_of" in envelope.extra
                 reason = "bounce undeliverable: no route" if bounce else "Unrouteable address"
                 results[rcpt] = RecipientResult(rcpt, "failed", reason, "", "", status="5.4.4")
         if local:
-            for res in await asyncio.to_thread(self._deliver_local, spool, envelope, local):
+            for res in await asyncio.to_thread(self._deliver_local, envelope, local, message):
                 results[res.rcpt] = res
         if relay:
-            for res in await self._deliver_relay(spool, envelope, relay, message):
+            for res in await self._deliver_relay(envelope, relay, message):
                 results[res.rcpt] = res
         return [results[r] for r in rcpts]
 
     def _deliver_local(
-        self, spool: Spool, envelope: Envelope, rcpts: Sequence[str]
+        self, envelope: Envelope, rcpts: Sequence[str], message: Message
     ) -> list[RecipientResult]:
         out = []
         r, t = "local_maildir", "maildir"
         for rcpt in rcpts:
             try:
-                self.maildir.deliver(envelope, rcpt, spool.iter_body(envelope.queue_id))
+                self.maildir.deliver(envelope, rcpt, message.chunks())
             except MailboxRefused as exc:
                 detail = f"Unrouteable address: {exc}"
                 out.append(RecipientResult(rcpt, "failed", detail, r, t, status="5.1.3"))
@@ -134,13 +159,13 @@ class Router:
         return out
 
     async def _deliver_relay(
-        self, spool: Spool, envelope: Envelope, rcpts: Sequence[str], message: bytes | None
+        self, envelope: Envelope, rcpts: Sequence[str], message: Message
     ) -> list[RecipientResult]:
         if self.next_hop is None:
             reason = "no next hop configured for a relay domain"
             return [RecipientResult(r, "deferred", reason, "relay", "smtp") for r in rcpts]
         try:
-            body = message if message is not None else spool.read_body(envelope.queue_id)
+            body = message.read()  # in memory already for a small file: no copy, no I/O
         except (OSError, SpoolError) as exc:
             return [RecipientResult(r, "deferred", str(exc), "relay", "smtp") for r in rcpts]
         return await self.next_hop.deliver(envelope, rcpts, body)

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from palisade.cli import queue as qcli
-from tests.relay.relaykit import envelope, queue, run, setup
+from tests.delivery.deliverykit import envelope, queue, run, setup
 
 
 def call(s: object, *argv: str, now: float | None = None) -> tuple[int, str, str]:

@@ -18,9 +18,9 @@ from typing import Any
 
 import pytest
 
-from palisade.relay.nexthop import SmtpNextHop
-from palisade.relay.outcome import RecipientResult
-from palisade.relay.smtpclient import (
+from palisade.delivery.nexthop import SmtpNextHop
+from palisade.delivery.outcome import RecipientResult
+from palisade.delivery.smtpclient import (
     Reply,
     SmtpDisconnected,
     SmtpProtocolError,
@@ -28,7 +28,7 @@ from palisade.relay.smtpclient import (
     data_payload,
     mailbox,
 )
-from tests.relay.relaykit import BODY, Handler, Hop, envelope, run
+from tests.delivery.deliverykit import BODY, Handler, Hop, envelope, run
 
 # -- the reply parser ---------------------------------------------------------------------------
 

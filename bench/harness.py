@@ -1,0 +1,499 @@
+"""The parts every benchmark harness here shares: process trees and their memory and CPU, the
+smtp-sink, the gateway under test, the load drivers, and the check that nothing already listens
+on a harness's ports. ``run.py``, ``run_perimeter.py`` and ``run_content.py`` import it; it
+imports none of them (they used to import ``run.py``, which imported them back).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import json
+import os
+import platform
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
+sys.path.insert(0, str(HERE))
+
+from postfix_instance import _ppid_table  # noqa: E402
+
+SMTP_SINK = shutil.which("smtp-sink") or "/usr/sbin/smtp-sink"
+SMTP_SOURCE = shutil.which("smtp-source") or "/usr/sbin/smtp-source"
+BENCH_ROOT = Path("/tmp/palisade-bench")
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+PAGE_KB = os.sysconf("SC_PAGE_SIZE") // 1024
+
+SENDER = "load@client.example"
+RCPT = "rcpt@bench.test"
+
+
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+# --------------------------------------------------------------------------------------
+# Process trees, memory, CPU
+
+
+def tree_pids(root: int) -> list[int]:
+    table = _ppid_table()
+    kids: dict[int, list[int]] = {}
+    for pid, ppid in table.items():
+        kids.setdefault(ppid, []).append(pid)
+    out, todo = [], [root] if root in table else []
+    while todo:
+        p = todo.pop()
+        out.append(p)
+        todo.extend(kids.get(p, ()))
+    return out
+
+
+def _status_kb(pid: int, fields: tuple[str, ...]) -> dict[str, int]:
+    res = {}
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                k = line.split(":", 1)[0]
+                if k in fields:
+                    res[k] = int(line.split()[1])
+    except OSError:
+        pass
+    return res
+
+
+def rss_kb(pids: list[int]) -> int:
+    total = 0
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/statm") as f:
+                total += int(f.read().split()[1]) * PAGE_KB
+        except (OSError, ValueError, IndexError):
+            pass
+    return total
+
+
+def pss_kb(pids: list[int]) -> int:
+    total = 0
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/smaps_rollup") as f:
+                for line in f:
+                    if line.startswith("Pss:"):
+                        total += int(line.split()[1])
+                        break
+        except (OSError, ValueError):
+            pass
+    return total
+
+
+def hwm_kb(pids: list[int]) -> int:
+    return sum(_status_kb(p, ("VmHWM",)).get("VmHWM", 0) for p in pids)
+
+
+def cpu_s(pids: list[int]) -> float:
+    """utime+stime of live processes plus what they have reaped from dead children."""
+    ticks = 0
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+            ticks += sum(int(x) for x in fields[11:15])
+        except (OSError, ValueError, IndexError):
+            pass
+    return ticks / CLK_TCK
+
+
+class System:
+    """A system under test: where it listens and which processes are its own."""
+
+    def __init__(self, name: str, port: int, pids_fn) -> None:
+        self.name = name
+        self.port = port
+        self.pids_fn = pids_fn
+
+    def pids(self) -> list[int]:
+        return self.pids_fn()
+
+
+class Target:
+    """One server under test in run_perimeter.py and run_content.py: its key and label in the
+    results, its port and processes, its Postfix instance (None for a gateway: to wait for its
+    queue to drain) and, for a gateway, its main log."""
+
+    def __init__(self, key: str, label: str, port: int, pids_fn, postfix=None) -> None:
+        self.key = key
+        self.label = label
+        self.port = port
+        self.pids_fn = pids_fn
+        self.postfix = postfix
+        self.mainlog: Path | None = None
+
+    def pids(self) -> list[int]:
+        return self.pids_fn()
+
+
+class MemSampler(threading.Thread):
+    def __init__(self, system: System, interval: float = 0.25, pss_every: int = 0) -> None:
+        super().__init__(daemon=True)
+        self.system = system
+        self.interval = interval
+        self.pss_every = pss_every
+        self.peak_rss = 0
+        self.peak_pss = 0
+        self.peak_procs = 0
+        self.hwm = 0
+        self._stop_evt = threading.Event()
+
+    def run(self) -> None:
+        i = 0
+        while not self._stop_evt.is_set():
+            pids = self.system.pids()
+            self.peak_procs = max(self.peak_procs, len(pids))
+            self.peak_rss = max(self.peak_rss, rss_kb(pids))
+            self.hwm = max(self.hwm, hwm_kb(pids))
+            if self.pss_every and i % self.pss_every == 0:
+                self.peak_pss = max(self.peak_pss, pss_kb(pids))
+            i += 1
+            self._stop_evt.wait(self.interval)
+
+    def stop(self) -> None:
+        self._stop_evt.set()
+        self.join(5)
+
+
+# --------------------------------------------------------------------------------------
+# The sink
+
+
+class Sink:
+    def __init__(self, port: int) -> None:
+        self.port = port
+        self.count = 0
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        self.proc = subprocess.Popen(
+            [
+                SMTP_SINK,
+                "-c",
+                "-4",
+                "-u",
+                "postfix",
+                "-m",
+                "2000",
+                f"127.0.0.1:{self.port}",
+                "2000",
+            ],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        threading.Thread(target=self._read, daemon=True).start()
+        if not wait_greeting(self.port, 10):
+            raise RuntimeError("smtp-sink did not start")
+
+    def _read(self) -> None:
+        assert self.proc and self.proc.stdout
+        rx = re.compile(rb"mesg=(\d+)")
+        tail = b""
+        while True:
+            chunk = self.proc.stdout.read1(65536)
+            if not chunk:
+                return
+            tail = (tail + chunk)[-256:]
+            m = rx.findall(tail)
+            if m:
+                self.count = int(m[-1])
+
+    def wait_for(self, target: int, timeout: float) -> bool:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.count >= target:
+                return True
+            time.sleep(0.1)
+        return self.count >= target
+
+    def stop(self) -> None:
+        stop_proc(self.proc)
+
+
+def stop_proc(proc: subprocess.Popen | None, timeout: float = 10) -> None:
+    """Stop a process we started (its own session) by its process-group id."""
+    if proc is None or proc.poll() is not None:
+        return
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, sig)
+        try:
+            proc.wait(timeout)
+            break
+        except subprocess.TimeoutExpired:
+            continue
+    # Descendants that left the group are not ours to hunt; the gateway's workers share it.
+
+
+def wait_greeting(port: int, timeout: float, proc: subprocess.Popen | None = None) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            return False
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=2) as s:
+                if s.recv(512).startswith(b"220"):
+                    s.sendall(b"QUIT\r\n")
+                    return True
+        except OSError:
+            pass
+        time.sleep(0.2)
+    return False
+
+
+# --------------------------------------------------------------------------------------
+# Drivers (run as child processes so that their CPU is measured the same way)
+
+
+def run_child(cmd: list[str], timeout: float) -> tuple[int, str, str, float, float]:
+    """Run cmd, return (rc, stdout, stderr, wall_s, cpu_s of the child)."""
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(
+        cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True
+    )
+    out_chunks: list[bytes] = []
+    err_chunks: list[bytes] = []
+    t_out = threading.Thread(target=lambda: out_chunks.append(proc.stdout.read()), daemon=True)
+    t_err = threading.Thread(target=lambda: err_chunks.append(proc.stderr.read()), daemon=True)
+    t_out.start()
+    t_err.start()
+    timer = threading.Timer(timeout, lambda: stop_proc(proc, 2))
+    timer.start()
+    _, status, ru = os.wait4(proc.pid, 0)
+    timer.cancel()
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    wall = time.perf_counter() - t0
+    t_out.join(5)
+    t_err.join(5)
+    out = b"".join(out_chunks).decode(errors="replace")
+    err = b"".join(err_chunks).decode(errors="replace")
+    return proc.returncode, out, err, wall, ru.ru_utime + ru.ru_stime
+
+
+def drive_python(port: int, clients: int, messages: int, bound_s: float) -> dict:
+    cmd = [
+        sys.executable,
+        str(HERE / "smtp_load.py"),
+        "throughput",
+        "--port",
+        str(port),
+        "--clients",
+        str(clients),
+        "--messages",
+        str(messages),
+        "--duration",
+        str(bound_s),
+        "--sender",
+        SENDER,
+        "--rcpt",
+        RCPT,
+    ]
+    rc, out, err, _wall, cpu = run_child(cmd, bound_s + 30)
+    try:
+        res = json.loads(out.strip().splitlines()[-1])
+    except (ValueError, IndexError):
+        return {"driver": "smtp_load.py", "failed": f"rc={rc}: {err.strip()[-300:]}"}
+    res["driver_process_cpu_s"] = round(cpu, 3)
+    res["driver_cpu_per_1k"] = round(cpu / max(1, res["accepted"]) * 1000, 3)
+    return res
+
+
+def drive_smtp_source(port: int, clients: int, messages: int, bound_s: float) -> dict:
+    cmd = [
+        SMTP_SOURCE,
+        "-s",
+        str(clients),
+        "-m",
+        str(messages),
+        "-l",
+        "4096",
+        "-M",
+        "client.example",
+        "-f",
+        SENDER,
+        "-t",
+        RCPT,
+        f"127.0.0.1:{port}",
+    ]
+    rc, _out, err, wall, cpu = run_child(cmd, bound_s)
+    accepted = messages if rc == 0 else 0
+    res = {
+        "driver": "smtp-source",
+        "port": port,
+        "clients": clients,
+        "accepted": accepted,
+        "errors": 0 if rc == 0 else 1,
+        "elapsed_s": round(wall, 3),
+        "msgs_per_s": round(accepted / wall, 1) if rc == 0 else 0.0,
+        "p50_ms": None,
+        "p99_ms": None,
+        "driver_process_cpu_s": round(cpu, 3),
+        "driver_cpu_per_1k": round(cpu / max(1, accepted) * 1000, 3),
+    }
+    if rc != 0:
+        res["failed"] = f"rc={rc}: {err.strip()[-300:]}"
+    return res
+
+
+def drive_idle(port: int, connections: int, bound_s: float, source_addrs: int) -> dict:
+    cmd = [
+        sys.executable,
+        str(HERE / "smtp_load.py"),
+        "idle",
+        "--port",
+        str(port),
+        "--connections",
+        str(connections),
+        "--duration",
+        str(bound_s),
+        "--source-addrs",
+        str(source_addrs),
+        "--timeout",
+        "20",
+    ]
+    rc, out, err, _wall, _cpu = run_child(cmd, bound_s + 60)
+    try:
+        return json.loads(out.strip().splitlines()[-1])
+    except (ValueError, IndexError):
+        return {"failed": f"rc={rc}: {err.strip()[-300:]}"}
+
+
+# --------------------------------------------------------------------------------------
+# Orchestration
+
+
+class Gateway:
+    def __init__(
+        self,
+        config: Path,
+        port: int,
+        cmd: list[str] | None,
+        state_root: Path = BENCH_ROOT,
+        logfile: Path | None = None,
+    ) -> None:
+        self.config = config
+        self.port = port
+        self.cmd = cmd or [sys.executable, "-m", "palisade", "serve", "--config", str(config)]
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.why_not: str | None = None
+        # spool/, mail/, log/ and state.sqlite under state_root, as the config's [paths] say
+        self.state_root = state_root
+        self.logfile = logfile or BENCH_ROOT / "gateway.out"
+
+    def start(self, timeout: float) -> bool:
+        for d in ("spool", "mail", "log"):
+            shutil.rmtree(self.state_root / d, ignore_errors=True)
+            (self.state_root / d).mkdir(parents=True, exist_ok=True)
+        with contextlib.suppress(FileNotFoundError):
+            (self.state_root / "state.sqlite").unlink()
+        env = dict(os.environ)
+        env["PYTHONPATH"] = os.pathsep.join(
+            [str(REPO / "src"), *filter(None, [env.get("PYTHONPATH")])]
+        )
+        out = open(self.logfile, "wb")  # noqa: SIM115 - handed to the child
+        try:
+            self.proc = subprocess.Popen(
+                self.cmd,
+                cwd=REPO,
+                env=env,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        except OSError as e:
+            self.why_not = f"cannot exec: {e}"
+            return False
+        finally:
+            out.close()
+        if wait_greeting(self.port, timeout, self.proc):
+            return True
+        rc = self.proc.poll()
+        out_lines = self.logfile.read_text(errors="replace").strip().splitlines()
+        tail = out_lines[-1][-300:] if out_lines else ""
+        self.why_not = (
+            f"exited rc={rc}" if rc is not None else f"no 220 on port {self.port} in {timeout}s"
+        ) + (f": {tail}" if tail else "")
+        self.stop()
+        return False
+
+    def pids(self) -> list[int]:
+        if self.proc is None or self.proc.poll() is not None:
+            return []
+        return tree_pids(self.proc.pid)
+
+    def stop(self) -> None:
+        stop_proc(self.proc)
+
+
+def set_subreaper() -> None:
+    """Become the reaper of orphaned descendants (Postfix's master daemonizes)."""
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None, use_errno=True).prctl(36, 1, 0, 0, 0)  # PR_SET_CHILD_SUBREAPER
+
+
+def reap() -> None:
+    while True:
+        try:
+            pid, _ = os.waitpid(-1, os.WNOHANG)
+        except ChildProcessError:
+            return
+        if pid == 0:
+            return
+
+
+def machine_info(postfix_version: str) -> dict:
+    cpu = "?"
+    with contextlib.suppress(OSError), open("/proc/cpuinfo") as f:
+        for line in f:
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    return {
+        "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+        "nproc": os.cpu_count(),
+        "cpu": cpu,
+        "kernel": platform.release(),
+        "python": platform.python_version(),
+        "postfix": postfix_version,
+    }
+
+
+def port_taken(port: int) -> bool:
+    """True when a server already accepts connections on 127.0.0.1:``port``."""
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=1).close()
+    except OSError:
+        return False
+    return True
+
+
+def ports_taken(program: str, ports: list[int]) -> bool:
+    """Says on stderr which of ``ports`` a server already listens on; True if any.
+
+    A leftover server on one of them (several processes can share a port with SO_REUSEPORT)
+    would silently take part of the load and falsify every number of the run.
+    """
+    busy = [p for p in ports if port_taken(p)]
+    if busy:
+        print(
+            f"{program}: something already listens on 127.0.0.1 port(s) {busy}; stop it first",
+            file=sys.stderr,
+        )
+    return bool(busy)
