@@ -196,7 +196,7 @@ class SqliteStateStore:
         self._reader: sqlite3.Connection | None = None
         self._read_lock = threading.Lock()
         try:
-            self._setup(conn)
+            self._setup_retrying(conn)
             if str(self.path) != ":memory:":
                 self._reader = sqlite3.connect(
                     str(self.path),
@@ -215,6 +215,27 @@ class SqliteStateStore:
             raise
 
     # ---------------------------------------------------------------------------- setup
+
+    def _setup_retrying(self, conn: sqlite3.Connection) -> None:
+        """:meth:`_setup`, tried again while the database is locked, up to ``busy_timeout``.
+
+        Processes starting together (a gateway's workers, a CLI command beside them) all set up
+        the same new file: switching it to WAL and a reader meeting a WAL recovery in progress
+        answer SQLITE_BUSY at once, without SQLite's busy handler, so ``busy_timeout`` alone
+        does not cover them (a worker died at start-up with "database is locked" about one
+        start in twenty)."""
+        deadline = time.monotonic() + self.busy_timeout
+        pause = 0.01
+        while True:
+            try:
+                self._setup(conn)
+                return
+            except sqlite3.OperationalError as exc:
+                locked = "locked" in str(exc) or "busy" in str(exc)
+                if not locked or time.monotonic() + pause > deadline:
+                    raise
+            time.sleep(pause)  # start-up only, before this store serves any session
+            pause = min(pause * 2, 0.2)
 
     def _setup(self, conn: sqlite3.Connection) -> None:
         conn.execute(f"PRAGMA busy_timeout = {int(self.busy_timeout * 1000)}")
