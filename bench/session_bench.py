@@ -28,11 +28,10 @@ except ImportError:  # pragma: no cover - the benchmark machine has it
     uvloop = None  # type: ignore[assignment]
 
 from palisade.config import load_config
-from palisade.config.policy import build_policy
 from palisade.obs.log import MemoryEventLog
 from palisade.obs.queueid import QueueIdGenerator
-from palisade.server.app import build_ports, relay_policy
 from palisade.server.context import ServerContext
+from palisade.server.generation import Generation, build_generation
 from palisade.server.session import Session
 from palisade.server.stream import ClientStream
 from palisade.spool import Spool
@@ -51,13 +50,15 @@ def _recv_reply(sock: socket.socket) -> bytes:
     return data
 
 
-async def measure(ctx: ServerContext, n: int) -> tuple[float, float, float, float]:
+async def measure(
+    ctx: ServerContext, generation: Generation, n: int
+) -> tuple[float, float, float, float]:
     loop = asyncio.get_running_loop()
     server_side, client_side = socket.socketpair()
     done: asyncio.Future[None] = loop.create_future()
 
     def on_connect(stream: ClientStream) -> None:
-        task = loop.create_task(Session(ctx, stream, ("192.0.2.1", 40000)).run())
+        task = loop.create_task(Session(ctx, generation, stream, ("192.0.2.1", 40000)).run())
         task.add_done_callback(lambda _: done.done() or done.set_result(None))
 
     await loop.connect_accepted_socket(lambda: ClientStream(on_connect, loop), server_side)
@@ -106,22 +107,18 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="palisade-session-bench-") as tmp:
         os.chdir(tmp)  # the demo config's relative paths (state, spool) land here
         config = load_config(None)
-        policy = build_policy(config)
+        generation = build_generation(config, delivering=False)
         spool = Spool(Path(tmp) / "spool", fsync=False)
         ctx = ServerContext(
-            config=config,
             log=MemoryEventLog(),
             spool=spool,
-            relay_policy=relay_policy(config, policy),
-            tls_context=None,
             queue_ids=QueueIdGenerator(),
             submit=lambda _queue_id: None,
-            policy=policy,
-            ports=build_ports(config),
+            current=lambda: generation,
         )
         run = uvloop.run if uvloop is not None else asyncio.run
         for _ in range(2):
-            noop_wall, noop_cpu, tx_wall, tx_cpu = run(measure(ctx, args.n))
+            noop_wall, noop_cpu, tx_wall, tx_cpu = run(measure(ctx, generation, args.n))
             print(
                 f"NOOP {noop_wall:6.1f} us wall, {noop_cpu:6.1f} us CPU per round trip; "
                 f"transaction {tx_wall:7.1f} us wall, {tx_cpu:7.1f} us CPU"

@@ -227,7 +227,7 @@ async def _dns_findings(config: Config, policy: Policy | None) -> list[Finding]:
     from palisade.adapters.dns import DnsResolver
     from palisade.adapters.dnsbl_probe import probe_dnsbl_zone
     from palisade.ports import DnsTempError
-    from palisade.server.app import secrets_of
+    from palisade.server.generation import secrets_of
     from palisade.server.probes import dnsbl_checks
 
     dns = config.dns

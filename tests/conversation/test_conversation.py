@@ -14,12 +14,11 @@ from pathlib import Path
 import pytest
 
 from palisade.config import load_config
-from palisade.config.policy import build_policy
 from palisade.conversation import Conversation, Step
 from palisade.obs.log import MemoryEventLog
 from palisade.obs.queueid import QueueIdGenerator
-from palisade.server.app import build_ports, close_ports, relay_policy
 from palisade.server.context import ServerContext
+from palisade.server.generation import Generation, build_generation
 from palisade.smtp import NEED_DATA, PAUSED, events
 from palisade.spool import Spool
 from tests.conftest import gateway_sections, write_config
@@ -42,6 +41,7 @@ class Server(ServerContext):
 
     log: MemoryEventLog
     submitted: list[str]
+    generation: Generation
 
 
 @pytest.fixture
@@ -63,29 +63,26 @@ def ctx(dns: ZoneServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Ite
         ]
     }
     config = load_config(write_config(tmp_path / "palisade.toml", sections))
-    policy = build_policy(config)
+    generation = build_generation(config, delivering=False)  # the server's composition root
     submitted: list[str] = []
     context = Server(
-        config=config,
         log=MemoryEventLog(),
         spool=Spool(tmp_path / "spool", fsync=False),
-        relay_policy=relay_policy(config, policy),
-        tls_context=None,
         queue_ids=QueueIdGenerator(),
         submit=submitted.append,
-        policy=policy,
-        ports=build_ports(config),
+        current=lambda: generation,
     )
     context.submitted = submitted
+    context.generation = generation
     yield context
-    close_ports(context.ports)
+    generation.close()
     context.spool.close()
 
 
-async def talk(ctx: ServerContext, ip: str, *client: bytes) -> tuple[Conversation, bytes]:
+async def talk(ctx: Server, ip: str, *client: bytes) -> tuple[Conversation, bytes]:
     """What the session does, without the socket: each piece of ``client`` arrives when the
     conversation waits for input (then the end of input)."""
-    conversation = Conversation(ctx, ip, 4000)
+    conversation = Conversation(ctx, ctx.generation, ip, 4000)
     sent: list[bytes] = []
     if await conversation.connect():
         conversation.greet()

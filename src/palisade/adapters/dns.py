@@ -58,7 +58,6 @@ import functools
 import ipaddress
 import math
 import re
-import time
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
@@ -76,9 +75,10 @@ import dns.resolver
 import dns.reversename
 import dns.rrset
 
+from palisade.clock import SYSTEM_CLOCK
 from palisade.ports import Clock, DnsAnswer, DnsTempError
 
-__all__ = ["DnsResolver", "DnsStats", "SystemClock", "reverse_ip_labels"]
+__all__ = ["DnsResolver", "DnsStats", "reverse_ip_labels"]
 
 MAX_CNAME_HOPS = 8
 _META_TYPES = frozenset(
@@ -93,16 +93,6 @@ _META_TYPES = frozenset(
 )
 _NAME_TYPES = frozenset({dns.rdatatype.PTR, dns.rdatatype.CNAME, dns.rdatatype.NS})
 _TEXT_TYPES = frozenset({dns.rdatatype.TXT, dns.rdatatype.SPF})
-
-
-class SystemClock:
-    """The real clock (``time.time`` / ``time.monotonic``)."""
-
-    def now(self) -> float:
-        return time.time()
-
-    def monotonic(self) -> float:
-        return time.monotonic()
 
 
 @dataclass
@@ -272,7 +262,7 @@ class DnsResolver:
         self._cache_size = int(cache_size)
         self._tcp_fallback = bool(use_tcp_fallback)
         self._edns_payload = int(edns_payload)
-        self._clock: Clock = clock if clock is not None else SystemClock()
+        self._clock: Clock = clock if clock is not None else SYSTEM_CLOCK
         self._cache: OrderedDict[_Key, tuple[float, _Entry]] = OrderedDict()
         self._inflight: dict[_Key, asyncio.Task[_Entry]] = {}
         # (name text, rdtype text) -> parsed key: a warm-cache lookup then costs two dict probes

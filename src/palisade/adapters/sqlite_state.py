@@ -79,6 +79,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TypeVar
 
+from palisade.clock import SYSTEM_CLOCK
 from palisade.ports import Clock, Incident, StateTempError
 
 __all__ = ["SCHEMA_VERSION", "SchemaError", "SqliteStateStore", "incident_key"]
@@ -125,14 +126,6 @@ class SchemaError(Exception):
     """The file was written by a newer Palisade (a schema version this code does not know)."""
 
 
-class _WallClock:
-    def now(self) -> float:
-        return time.time()
-
-    def monotonic(self) -> float:
-        return time.monotonic()
-
-
 def incident_key(ip: str) -> str:
     """The incident key of an address: ``"192.0.2.1"`` or ``"2001:db8:1:2::/64"``.
 
@@ -174,7 +167,7 @@ class SqliteStateStore:
         busy_timeout: float = 2.0,
     ) -> None:
         self.path = Path(path)
-        self.clock: Clock = clock if clock is not None else _WallClock()
+        self.clock: Clock = clock if clock is not None else SYSTEM_CLOCK
         self.busy_timeout = busy_timeout
         self._lock = threading.Lock()
         self._hits = 0

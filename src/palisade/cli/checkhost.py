@@ -108,7 +108,7 @@ def main(args: argparse.Namespace, out: TextIO | None = None) -> int:
         return EXIT_USAGE
     from palisade.ports import StateTempError
     from palisade.selfcheck import state_problem
-    from palisade.server.app import build_ports, relay_policy
+    from palisade.server.generation import build_ports, relay_policy
 
     try:  # the real state store: a rate-limit rule counts this simulated connection
         ports = build_ports(config)
@@ -198,12 +198,13 @@ def _no_delivery(queue_id: str) -> None:
 
 @dataclass
 class _Context:
-    """What the conversation reads of a server, for one simulated client."""
+    """What the conversation reads of a server process and of its generation, for one
+    simulated client."""
 
     config: Config
     policy: Policy
     relay_policy: RelayPolicy
-    ports: Ports
+    session_ports: Ports
     log: _PrintedLog
     tls_context: ssl.SSLContext | None = None
     queue_ids: QueueIdGenerator = field(default_factory=QueueIdGenerator)
@@ -284,7 +285,7 @@ class _Replies:
 
 
 async def _simulate(ctx: _Context, client: _Client, out: TextIO) -> int:
-    conversation = Conversation(ctx, client.ip, 0, observer=_Printer(out))
+    conversation = Conversation(ctx, ctx, client.ip, 0, observer=_Printer(out))
     conversation.facts.tls = client.tls
     relay_client = conversation.facts.results[keys.RELAY_CLIENT]
     out.write(

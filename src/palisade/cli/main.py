@@ -19,6 +19,7 @@ from typing import Any
 
 from palisade import __version__
 from palisade.config import Config, ConfigError, load_config
+from palisade.config.model import RESTART_KEYS
 from palisade.config.policy import Policy
 
 
@@ -224,6 +225,7 @@ def _config_check(config: Config, *, as_json: bool = False, dns: bool = True) ->
                 "valid": status == 0,
                 "findings": [f.as_dict() for f in findings],
                 "config": effective,
+                "restart_needed": list(RESTART_KEYS),  # what a reload cannot change
             }
             print(json.dumps(document, indent=2))
         else:
@@ -319,13 +321,18 @@ def _toml_value(value: Any) -> str:
     raise TypeError(f"no TOML form for {value!r}")
 
 
-def _toml_table(table: dict[str, Any]) -> list[str]:
+RESTART_NOTE = "  # a reload does not change it: restart needed"
+
+
+def _toml_table(table: dict[str, Any], restart: frozenset[str] = frozenset()) -> list[str]:
+    """``restart``: the keys a reload cannot change, marked with :data:`RESTART_NOTE`."""
     lines = []
     for key, value in table.items():
+        note = RESTART_NOTE if key in restart else ""
         if value is None:  # TOML has no null: say it is not set, in a comment
-            lines.append(f"# {key} is not set")
+            lines.append(f"# {key} is not set{note}")
         else:
-            lines.append(f"{_toml_key(key)} = {_toml_value(value)}")
+            lines.append(f"{_toml_key(key)} = {_toml_value(value)}{note}")
     return lines
 
 
@@ -333,13 +340,15 @@ def to_toml(effective: dict[str, Any], policy: Policy) -> str:
     """``effective_config`` as TOML that ``tomllib`` reads back to the same values (``None``
     settings left out); rules as ``[[rules.<stage>]]`` tables in evaluation order, each under a
     comment with its number and description; the DATA rules ``[clamd]`` and ``[spamd]`` or
-    ``[rspamd]`` imply (before and after the operator's) as comments."""
+    ``[rspamd]`` imply (before and after the operator's) as comments; the keys a reload cannot
+    change (``RESTART_KEYS``) each with a comment saying so."""
     from palisade.policy.rules import Stage
     from palisade.selfcheck import entries
 
     lines: list[str] = []
     for section in _SECTIONS:
-        lines += ["", f"[{section}]", *_toml_table(effective[section])]
+        restart = frozenset(k.split(".")[1] for k in RESTART_KEYS if k.startswith(f"{section}."))
+        lines += ["", f"[{section}]", *_toml_table(effective[section], restart)]
     lines += ["", "[lists]"]
     for name, entry in effective["lists"].items():
         loaded = policy.lists.handles.get(name)

@@ -1,7 +1,7 @@
 """``palisade recipients sync``: LDAP's addresses written into the static recipients file.
 
 Owns: fetching every address LDAP knows (the filter with ``*`` as the value; the adapter's
-settings come from ``server.app.ldap_settings``, as the server's do), and replacing the file
+settings come from ``server.generation.ldap_settings``, as the server's do), and replacing the file
 atomically: a temporary file in the same directory, fsync, rename over the old one, fsync of
 the directory, so a gateway reloading the list sees the old file or the new one, never half of
 one. The file is sorted, one address per line, under a comment header, and keeps the mode of the
@@ -102,7 +102,7 @@ def run(
     if not config.ldap.servers:
         err.write("palisade recipients sync: no [ldap] servers configured\n")
         return 2
-    from palisade.server.app import ldap_settings  # ldap3 only when this command runs
+    from palisade.server.generation import ldap_settings  # ldap3 only when this command runs
 
     try:
         settings = ldap_settings(config.ldap)

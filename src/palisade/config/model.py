@@ -8,8 +8,9 @@ swapped atomically on reload.
 from __future__ import annotations
 
 import ipaddress
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Any
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
@@ -277,3 +278,39 @@ class Config:
     @property
     def starttls_available(self) -> bool:
         return self.tls.certificate is not None and self.tls.private_key is not None
+
+
+# Settings a running gateway cannot change: they shape the processes, sockets and files made at
+# start-up. A reload names each one that changed in the panic log (the old value stays in force
+# until the next restart) and applies the rest; ``config check`` marks them.
+RESTART_KEYS: tuple[str, ...] = (
+    "server.listen",
+    "server.workers",
+    "paths.spool",
+    "paths.log",
+    "log.json",
+    "log.echo",
+    "delivery.concurrency",
+    "dns.dnsbl_probe_interval",
+)
+
+
+def keep_running(running: Config, new: Config) -> Config:
+    """``new`` with the :data:`RESTART_KEYS` values of ``running``: what a reload puts in force
+    (the rest of ``new``), so every part sees the values the processes really run with."""
+    sections: dict[str, Any] = {}
+    for key in RESTART_KEYS:
+        section, name = key.split(".")
+        current = sections.get(section, getattr(new, section))
+        sections[section] = replace(current, **{name: getattr(getattr(running, section), name)})
+    return replace(new, **sections)
+
+
+def restart_needed(old: Config, new: Config) -> list[str]:
+    """The keys of :data:`RESTART_KEYS` whose value differs between ``old`` and ``new``."""
+    changed = []
+    for key in RESTART_KEYS:
+        section, name = key.split(".")
+        if getattr(getattr(old, section), name) != getattr(getattr(new, section), name):
+            changed.append(key)
+    return changed

@@ -11,8 +11,9 @@ from palisade.conversation.conversation import (
     Conversation,
     ConversationContext,
     Observer,
+    Settings,
     Step,
     Transaction,
 )
 
-__all__ = ["Conversation", "ConversationContext", "Observer", "Step", "Transaction"]
+__all__ = ["Conversation", "ConversationContext", "Observer", "Settings", "Step", "Transaction"]

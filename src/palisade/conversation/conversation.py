@@ -51,6 +51,7 @@ __all__ = [
     "Conversation",
     "ConversationContext",
     "Observer",
+    "Settings",
     "Step",
     "Transaction",
 ]
@@ -66,31 +67,36 @@ class Step(enum.Enum):
 
 
 class ConversationContext(Protocol):
-    """What a conversation reads of its server (or of ``check-host``'s stand-in); read at
-    each use, so a reload's new policy applies from the next command."""
+    """What a conversation reads of its process (the server's, or ``check-host``'s stand-in)."""
 
     @property
-    def config(self) -> Config: ...
-    @property
     def log(self) -> EventLog: ...
-    @property
-    def relay_policy(self) -> RelayPolicy: ...
-    @property
-    def tls_context(self) -> ssl.SSLContext | None: ...
     @property
     def queue_ids(self) -> QueueIdGenerator: ...
     @property
     def submit(self) -> Callable[[str], None]: ...
     @property
-    def policy(self) -> Policy: ...
-    @property
-    def ports(self) -> Ports: ...
-    @property
-    def our_ips(self) -> frozenset[IPAddress]: ...
-    @property
     def draining(self) -> bool: ...
     @property
     def zone_failure_reported(self) -> dict[str, float]: ...
+
+
+class Settings(Protocol):
+    """What the config decides, fixed for the whole conversation (the server gives the
+    generation the connection began with, ``server.generation.Generation``)."""
+
+    @property
+    def config(self) -> Config: ...
+    @property
+    def policy(self) -> Policy: ...
+    @property
+    def relay_policy(self) -> RelayPolicy: ...
+    @property
+    def tls_context(self) -> ssl.SSLContext | None: ...
+    @property
+    def our_ips(self) -> frozenset[IPAddress]: ...
+    @property
+    def session_ports(self) -> Ports: ...
 
 
 class Observer(Protocol):
@@ -161,13 +167,20 @@ class Conversation:
     def __init__(
         self,
         ctx: ConversationContext,
+        settings: Settings,
         ip_text: str,
         port: int,
         *,
         observer: Observer | None = None,
     ) -> None:
+        """``settings``: the rules, clients and domains for the whole conversation, whatever a
+        reload does meanwhile; ``ctx``: the process's shared parts (log, queue ids, ...)."""
         self.ctx = ctx
-        self.config = ctx.config
+        self.settings = settings
+        self.config = settings.config
+        self.policy = settings.policy
+        self.relay_policy = settings.relay_policy
+        self.ports = settings.session_ports
         self.ip_text = ip_text
         self.port = port
         self.ip = _client_address(ip_text)
@@ -181,11 +194,11 @@ class Conversation:
         self.facts = Facts(
             client_ip=self.ip,
             client_port=port,
-            local_domains=ctx.relay_policy.local_domains,
+            local_domains=settings.relay_policy.local_domains,
             our_names=_our_names(self.config.server.hostname),
-            our_ips=ctx.our_ips,
+            our_ips=settings.our_ips,
         )
-        self.facts.results[keys.RELAY_CLIENT] = ctx.relay_policy.client_may_relay(self.ip)
+        self.facts.results[keys.RELAY_CLIENT] = settings.relay_policy.client_may_relay(self.ip)
         self.delayed: tuple[Stage, Verdict] | None = None  # delay_reject: answered at RCPT
         self._warn_headers: list[str] = []
         self.out: list[bytes] = []  # reply bytes not sent yet
@@ -205,7 +218,7 @@ class Conversation:
             features=Features(
                 hostname=self.config.server.hostname,
                 max_size=limits.max_message_size,
-                starttls=self.ctx.tls_context is not None,
+                starttls=self.settings.tls_context is not None,
             ),
             limits=Limits(
                 max_command_line=limits.max_command_line,
@@ -262,7 +275,7 @@ class Conversation:
             return 0.0
         if server.pregreet_pass_ttl > 0:
             try:
-                until = await self.ctx.ports.state.pass_until(self._pregreet_key(), now)
+                until = await self.ports.state.pass_until(self._pregreet_key(), now)
             except StateTempError as exc:  # no pass known: the client waits, as everyone
                 until = None
                 self.ctx.log.main(
@@ -311,7 +324,7 @@ class Conversation:
             return
         ttl = self.config.server.pregreet_pass_ttl
         try:
-            await self.ctx.ports.state.remember_pass(self._pregreet_key(), now + ttl, now)
+            await self.ports.state.remember_pass(self._pregreet_key(), now + ttl, now)
         except StateTempError as exc:
             self.ctx.log.main(
                 f"{self.host_field()} pregreet passed, not remembered: {escape_field(exc.reason)}"
@@ -335,14 +348,14 @@ class Conversation:
     # -- policy ------------------------------------------------------------------------------
     async def _run_stage(self, stage: Stage, subject: str) -> Verdict | None:
         """Runs the stage's rules, logs every decision, returns the verdict (None: go on)."""
-        policy = self.ctx.policy
+        policy = self.policy
         rules = policy.for_stage(stage)
         findings = policy.findings_for(stage) if self.facts.message is not None else ()
         if not rules and not findings:
             if self.observer is not None:
                 self.observer.stage(stage, subject, StageOutcome(stage))
             return None
-        outcome = await evaluate_stage(stage, rules, self.facts, self.ctx.ports, findings)
+        outcome = await evaluate_stage(stage, rules, self.facts, self.ports, findings)
         if self.observer is not None:
             self.observer.stage(stage, subject, outcome)
         self._log_decisions(outcome, subject)
@@ -356,7 +369,7 @@ class Conversation:
 
     def _delay(self, stage: Stage, verdict: Verdict) -> bool:
         """delay_reject: keep a connect/HELO/MAIL refusal for the first RCPT (not a drop)."""
-        if not self.ctx.policy.delay_reject or verdict.action is Action.DROP:
+        if not self.policy.delay_reject or verdict.action is Action.DROP:
             return False
         if self.delayed is None:
             self.delayed = (stage, verdict)
@@ -546,7 +559,7 @@ class Conversation:
         self.send(replies.SENDER_OK)
 
     async def _on_rcpt(self, event: events.Rcpt) -> None:
-        decision = self.ctx.relay_policy.decide(event.address, self.ip)
+        decision = self.relay_policy.decide(event.address, self.ip)
         if self.observer is not None:
             self.observer.relay(event.address.text, decision)
         if isinstance(decision, Verdict):
@@ -554,7 +567,7 @@ class Conversation:
             return
         rcpt = event.address.text
         if event.address.domain == "":  # RCPT TO:<postmaster> (RFC 5321 4.5.1)
-            rcpt = f"postmaster@{self.ctx.relay_policy.postmaster_domain}"
+            rcpt = f"postmaster@{self.relay_policy.postmaster_domain}"
         if self.delayed is not None:  # a delayed connect/HELO/MAIL refusal answers here
             if self.observer is not None:
                 self.observer.delayed_refusal(self.delayed[1])
@@ -648,7 +661,7 @@ class Conversation:
     def _examines_content(self) -> bool:
         """Whether anything looks at the message: DATA rules or findings (authentication, a
         scanner). Without them the content goes to the spool untouched, with no parsing."""
-        policy = self.ctx.policy
+        policy = self.policy
         return bool(policy.for_stage(Stage.DATA)) or bool(policy.findings_for(Stage.DATA))
 
     def _received_header(self, tx: Transaction) -> bytes:

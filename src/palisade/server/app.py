@@ -1,11 +1,18 @@
-"""The composition root: builds every part from the config and runs the processes.
+"""The processes: builds each one's generation (:mod:`.generation`, the composition root), runs
+its listener and queue runner, handles its signals.
 
 Owns: process layout and signals. With ``workers = 1`` one process listens and delivers. With
 more, the parent binds one SO_REUSEPORT socket per worker and address, forks workers that accept
 from them (see :func:`serve`) and send the queue id of every committed message down a
 pipe; the parent alone runs the queue runner, so no message is ever delivered by two processes.
 SIGTERM: stop accepting, finish or tempfail transactions in flight, stop delivery, exit 0.
-SIGHUP: reload the config; a broken new config is logged and the old one stays.
+SIGHUP: every process (the parent forwards it to the workers) builds a whole new generation
+from the config file and swaps it in one assignment: new sessions and the parent's next delivery
+attempt use it, sessions in progress keep the one they began with, and the old one's clients are
+closed when its last session ends. A config or a part that fails is refused whole, with a
+paniclog line, and the old generation stays in every process. Keys that cannot change live
+(``config.model.RESTART_KEYS``: listen addresses, workers, spool and log paths...) are named in
+paniclog as needing a restart.
 
 Signals are handled from the first moment of ``serve`` (:class:`StartupSignals` remembers one that
 comes before the event loop's handlers are in place, and the loop acts on it when they are), so a
@@ -23,36 +30,31 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ctypes
-import ipaddress
 import os
 import resource
 import signal
 import socket
-import ssl
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
-from palisade.adapters.clamd import ClamdScanner
-from palisade.adapters.dns import DnsResolver, SystemClock
-from palisade.adapters.ldap_directory import LdapDirectory, LdapSettings
-from palisade.adapters.local_rates import WriteBehindRates
-from palisade.adapters.rspamd import RspamdScanner
-from palisade.adapters.spamd import SpamdScanner
-from palisade.adapters.sqlite_state import SqliteStateStore
-from palisade.config import Config, ConfigError, load_config, parse_host_port
-from palisade.config.model import LdapConfig, RspamdConfig, SpamdConfig
-from palisade.config.policy import Policy, build_policy
-from palisade.delivery import QueueRunner, Router
+from palisade.config import Config, ConfigError, load_config
+from palisade.config.model import keep_running, restart_needed
+from palisade.config.policy import build_policy
+from palisade.delivery import QueueRunner
 from palisade.obs.files import make_dirs
 from palisade.obs.log import FileEventLog
 from palisade.obs.queueid import QueueIdGenerator
-from palisade.policy.relay import RelayPolicy
-from palisade.policy.rules import Ports
 from palisade.server.conncount import SharedCounts
 from palisade.server.context import ServerContext
+from palisade.server.generation import (
+    Generation,
+    GenerationError,
+    build_generation,
+    close_ports,
+)
 from palisade.server.listener import Listener, bind_socket
 from palisade.server.steering import steer_by_source
-from palisade.server.tls import client_context, server_context
 from palisade.spool import Spool
 
 SHUTDOWN_GRACE = 10.0
@@ -114,124 +116,6 @@ def raise_fd_limit() -> None:
             resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
 
-def relay_policy(config: Config, policy: Policy | None = None) -> RelayPolicy:
-    """Relay control; a ``[lists] relay_from_hosts`` ip list adds to ``[relay]``'s networks."""
-    relay_list = policy.lists.get("relay_from_hosts") if policy is not None else None
-    return RelayPolicy.build(
-        config.domains.local,
-        config.domains.relay,
-        config.relay.relay_from_hosts,
-        outbound_available=config.delivery.next_hop is not None,
-        relay_list=relay_list,
-    )
-
-
-def server_tls(config: Config) -> ssl.SSLContext | None:
-    """The STARTTLS context, or None when no certificate is configured."""
-    if config.tls.certificate and config.tls.private_key:
-        return server_context(config.tls.certificate, config.tls.private_key)
-    return None
-
-
-def secrets_of(config: Config) -> list[str]:
-    """Strings that must never reach a log line (Spamhaus DQS keys), for the resolver to redact."""
-    return [str(v) for rule in config.rules for k, v in rule.options if k == "dqs_key" and v]
-
-
-def build_ports(config: Config, *, local_rates: bool = False) -> Ports:
-    """``local_rates``: every client of this process reaches only this process (one worker, or
-    steered workers), so rate counters can be kept here, exact, and written behind."""
-    dns = config.dns
-    nameservers = [parse_host_port(n, default_port=53) for n in dns.nameservers]
-    return Ports(
-        resolver=DnsResolver(
-            nameservers or None,
-            timeout=dns.timeout,
-            retries=dns.retries,
-            cache_max_ttl=dns.cache_max_ttl,
-            redact=secrets_of(config),
-        ),
-        state=(
-            WriteBehindRates(SqliteStateStore(config.paths.state))
-            if local_rates
-            else SqliteStateStore(config.paths.state)
-        ),
-        clock=SystemClock(),
-        recipients=build_directory(config),
-        spam=build_spam_scanner(config),
-        virus=(
-            ClamdScanner(
-                config.clamd.address, timeout=config.clamd.timeout, max_size=config.clamd.max_size
-            )
-            if config.clamd.address
-            else None
-        ),
-    )
-
-
-def build_spam_scanner(config: Config) -> SpamdScanner | RspamdScanner | None:
-    """The client of ``config.spam_scanner`` (spamd or rspamd), or None."""
-    scanner = config.spam_scanner
-    if isinstance(scanner, SpamdConfig):
-        return SpamdScanner(
-            scanner.address, timeout=scanner.timeout, max_size=scanner.max_size, user=scanner.user
-        )
-    if isinstance(scanner, RspamdConfig):
-        return RspamdScanner(
-            scanner.url,
-            password=scanner.password,
-            timeout=scanner.timeout,
-            max_size=scanner.max_size,
-        )
-    return None
-
-
-def ldap_settings(ldap: LdapConfig) -> LdapSettings:
-    """The LDAP adapter's settings from the ``[ldap]`` section (the server and the
-    ``recipients sync`` command both build theirs here)."""
-    return LdapSettings(
-        servers=tuple(ldap.servers),
-        base_dn=ldap.base_dn,
-        bind_dn=ldap.bind_dn,
-        bind_password=ldap.bind_password,
-        bind_password_file=ldap.bind_password_file,
-        filter=ldap.filter,
-        attributes=tuple(ldap.attributes),
-        start_tls=ldap.start_tls,
-        ca_file=ldap.ca_file,
-        timeout=ldap.timeout,
-        positive_ttl=ldap.positive_ttl,
-        negative_ttl=ldap.negative_ttl,
-    )
-
-
-def build_directory(config: Config) -> LdapDirectory | None:
-    """The LDAP recipient directory, or None when ``[ldap] servers`` is empty."""
-    if not config.ldap.servers:
-        return None
-    return LdapDirectory(ldap_settings(config.ldap), clock=SystemClock())
-
-
-def close_ports(ports: Ports) -> None:
-    """Closes what the ports hold open (state database, LDAP connection)."""
-    for part in (ports.state, ports.recipients, ports.spam, ports.virus):
-        close = getattr(part, "close", None)
-        if close is not None:
-            with contextlib.suppress(Exception):
-                close()
-
-
-def listening_ips(config: Config) -> frozenset[ipaddress.IPv4Address | ipaddress.IPv6Address]:
-    ips = set()
-    for entry in config.server.listen:
-        host, _ = parse_host_port(entry)
-        with contextlib.suppress(ValueError):
-            ip = ipaddress.ip_address(host)
-            if not ip.is_unspecified:
-                ips.add(ip)
-    return frozenset(ips)
-
-
 def needs_steering(config: Config) -> bool:
     """Per-client counters (ratelimit rules) want each client on one worker. Without them every
     worker accepts from every socket, so even a single busy client is spread over the workers
@@ -239,94 +123,126 @@ def needs_steering(config: Config) -> bool:
     return any(rule.check == "ratelimit" for rule in config.rules)
 
 
-def build_router(config: Config) -> Router:
-    next_hop = parse_host_port(config.delivery.next_hop) if config.delivery.next_hop else None
-    return Router(
-        local_domains=frozenset(d.lower() for d in config.domains.local),
-        relay_domains=frozenset(d.lower() for d in config.domains.relay),
-        maildir_root=config.paths.mail,
-        maildir_group=config.paths.group,
-        next_hop=next_hop,
-        require_tls=config.delivery.require_tls,
-        tls_context=client_context(config.delivery.tls_ca_file),
-        helo_name=config.server.hostname,
-        connect_timeout=min(30.0, config.delivery.timeout),
-        command_timeout=config.delivery.timeout,
-        data_timeout=max(600.0, config.delivery.timeout),
-    )
-
-
-def build_runner(config: Config, spool: Spool, log: FileEventLog) -> QueueRunner:
+def build_runner(generation: Generation, spool: Spool, log: FileEventLog) -> QueueRunner:
+    assert generation.router is not None
+    delivery = generation.config.delivery
     return QueueRunner(
         spool,
-        build_router(config),
+        generation.router,
         log,
-        retry_initial=config.delivery.retry_initial,
-        retry_max_interval=config.delivery.retry_max_interval,
-        max_age=config.delivery.max_age,
-        concurrency=config.delivery.concurrency,
+        retry_initial=delivery.retry_initial,
+        retry_max_interval=delivery.retry_max_interval,
+        max_age=delivery.max_age,
+        concurrency=delivery.concurrency,
     )
+
+
+def deliver_with(runner: QueueRunner, generation: Generation) -> None:
+    """The queue runner delivers with the newest generation from its next attempt on (an
+    attempt in flight finishes with the router it began with)."""
+    assert generation.router is not None
+    delivery = generation.config.delivery
+    runner.router = generation.router
+    runner.retry_initial = delivery.retry_initial
+    runner.retry_max_interval = delivery.retry_max_interval
+    runner.max_age = delivery.max_age
 
 
 class Gateway:
-    """One process's share of the work: listening, delivering, or both."""
+    """One process's share of the work: listening, delivering, or both.
+
+    ``generation`` is the one place this process keeps what the config decides; :meth:`reload`
+    replaces it in one assignment. ``listening``: sessions run here (the generation gets the
+    checks' clients); ``delivering``: the queue runner runs here (it gets the router);
+    ``announces``: this process reports the keys that need a restart (the parent, or the single
+    process: the workers would only repeat it)."""
 
     def __init__(
-        self, config: Config, config_path: Path | None, *, local_rates: bool = False
+        self,
+        config: Config,
+        config_path: Path | None,
+        *,
+        local_rates: bool = False,
+        listening: bool = True,
+        delivering: bool = True,
+        announces: bool = True,
     ) -> None:
-        self.config = config
         self.config_path = config_path
         self.local_rates = local_rates
+        self.listening = listening
+        self.delivering = delivering
+        self.announces = announces
         self.log = FileEventLog(config.paths.log, json_lines=config.log.json, echo=config.log.echo)
         self.spool = Spool(config.paths.spool)
         self.stopping = asyncio.Event()
-        self.policy: Policy = build_policy(config, self.log.panic)
+        self.runner: QueueRunner | None = None
+        self.generation = self._build(config, number=1)
 
-    def make_context(self, submit: object) -> ServerContext:
-        config = self.config
-        tls = server_tls(config)
-        return ServerContext(
-            config=config,
-            log=self.log,
-            spool=self.spool,
-            relay_policy=relay_policy(config, self.policy),
-            tls_context=tls,
-            queue_ids=QueueIdGenerator(),
-            submit=submit,  # type: ignore[arg-type]
-            policy=self.policy,
-            ports=build_ports(config, local_rates=self.local_rates),
-            our_ips=listening_ips(config),
+    @property
+    def config(self) -> Config:
+        return self.generation.config
+
+    def _build(self, config: Config, *, number: int, check: bool = False) -> Generation:
+        return build_generation(
+            config,
+            number=number,
+            listening=self.listening,
+            delivering=self.delivering,
+            local_rates=self.local_rates,
+            on_list_error=self.log.panic,
+            check_environment=check,
         )
 
-    def reload_and_probe(self, ctx: ServerContext) -> None:
+    def make_context(self, submit: Callable[[str], None]) -> ServerContext:
+        return ServerContext(
+            log=self.log,
+            spool=self.spool,
+            queue_ids=QueueIdGenerator(),
+            submit=submit,
+            current=lambda: self.generation,
+        )
+
+    def start_runner(self) -> QueueRunner:
+        self.runner = build_runner(self.generation, self.spool, self.log)
+        return self.runner
+
+    def reload_and_probe(self) -> None:
         """SIGHUP in a listening process: reload, then probe the new rules' zones at once."""
-        before = ctx.policy
-        self.reload(ctx)
-        if ctx.policy is not before and self.config.dns.dnsbl_probe_interval > 0:
+        new = self.reload()
+        if new is not None and new.config.dns.dnsbl_probe_interval > 0:
             from palisade.server.probes import probe_once
 
-            asyncio.get_running_loop().create_task(probe_once(ctx.policy, ctx.ports, self.log))
+            asyncio.get_running_loop().create_task(
+                probe_once(new.policy, new.session_ports, self.log)
+            )
 
-    def reload(self, ctx: ServerContext | None) -> None:
-        """SIGHUP: a valid new config replaces the old; a broken one is refused and logged."""
+    def reload(self) -> Generation | None:
+        """SIGHUP: builds a whole new generation from the config file and swaps it in; a config
+        or a part that fails is refused with a panic-log line and the old generation stays in
+        force, whole. Sessions in progress keep the generation they began with; the old one is
+        closed when the last of them ends. Returns the new generation, or None."""
+        old = self.generation
         try:
-            new = load_config(self.config_path)
-            policy = build_policy(new, self.log.panic)
-            tls = server_tls(new)
-        except (ConfigError, OSError) as exc:
+            loaded = load_config(self.config_path)
+            config = keep_running(old.config, loaded)  # restart keys keep their running values
+            new = self._build(config, number=old.number + 1, check=True)
+        except (ConfigError, GenerationError, OSError) as exc:
             self.log.panic(f"reload refused, old configuration stays in force: {exc}")
-            return
-        if new.server.listen != self.config.server.listen:
-            self.log.main("listen addresses changed: they take effect at the next restart")
-        self.config, self.policy = new, policy
-        if ctx is not None:
-            old_ports = ctx.ports
-            ctx.config, ctx.relay_policy, ctx.tls_context = new, relay_policy(new, policy), tls
-            ctx.policy, ctx.ports = policy, build_ports(new, local_rates=self.local_rates)
-            close_ports(old_ports)  # sessions still holding the old ports get temporary errors
-        self.log.main(f"configuration reloaded from {new.source}")
+            return None
+        if self.announces:
+            for key in restart_needed(old.config, loaded):
+                self.log.panic(
+                    f"reload: {key} changed in {new.config.source}: restart needed for it to "
+                    "take effect (the running value stays in force until then)"
+                )
+        self.generation = new  # the swap: new sessions and the next delivery attempt use it
+        if self.runner is not None:
+            deliver_with(self.runner, new)
+        old.retire()
+        self.log.main(f"configuration reloaded from {new.config.source} (generation {new.number})")
+        return new
 
-    def start_probes(self, ctx: ServerContext) -> asyncio.Task[None] | None:
+    def start_probes(self) -> asyncio.Task[None] | None:
         """DNSBL zone probes for this process's rules (each process holds its own policy)."""
         interval = self.config.dns.dnsbl_probe_interval
         if interval <= 0:
@@ -334,20 +250,35 @@ class Gateway:
         from palisade.server.probes import probe_forever
 
         return asyncio.get_running_loop().create_task(
-            probe_forever(lambda: (ctx.policy, ctx.ports), self.log, interval)
+            probe_forever(
+                lambda: (self.generation.policy, self.generation.session_ports), self.log, interval
+            )
         )
 
-    def install_signals(self, on_hup: object) -> None:
+    def close(self) -> None:
+        """At the end: the spool and the current generation's clients (the router is closed by
+        the queue runner's stop)."""
+        self.spool.close()
+        close_ports_of(self.generation)
+
+    def install_signals(self, on_hup: Callable[[], None]) -> None:
         """The loop's handlers; then acts on a signal that came before them."""
         loop = asyncio.get_running_loop()
         loop.add_signal_handler(signal.SIGTERM, self.stopping.set)
         loop.add_signal_handler(signal.SIGINT, self.stopping.set)
-        loop.add_signal_handler(signal.SIGHUP, on_hup)  # type: ignore[arg-type]
+        loop.add_signal_handler(signal.SIGHUP, on_hup)
         if startup_signals.stop:
             self.stopping.set()
         elif startup_signals.reload:
             startup_signals.reload = False
-            on_hup()  # type: ignore[operator]
+            on_hup()
+
+
+def close_ports_of(generation: Generation) -> None:
+    """Writes pending rate hits and closes the state database, the LDAP connection and the
+    scanners of ``generation`` (at shutdown, whoever still holds it)."""
+    if generation.ports is not None:
+        close_ports(generation.ports)
 
 
 async def run_single(
@@ -355,13 +286,13 @@ async def run_single(
 ) -> None:
     """workers = 1: listener and queue runner in one process."""
     gw = Gateway(config, config_path, local_rates=True)
-    runner = build_runner(config, gw.spool, gw.log)
+    runner = gw.start_runner()
     ctx = gw.make_context(runner.submit)
     await runner.start()
     listener = Listener(ctx, sockets)
     await listener.start()
-    probes = gw.start_probes(ctx)
-    gw.install_signals(lambda: gw.reload_and_probe(ctx))
+    probes = gw.start_probes()
+    gw.install_signals(gw.reload_and_probe)
     gw.log.main(
         f"palisade daemon started: pid={os.getpid()}, listening on "
         f"{', '.join(config.server.listen)}, config {config.source}"
@@ -372,8 +303,7 @@ async def run_single(
         probes.cancel()
     await listener.shutdown(SHUTDOWN_GRACE)
     await runner.stop()
-    gw.spool.close()
-    _close_state(ctx)
+    gw.close()
     gw.log.main("palisade daemon stopped")
 
 
@@ -395,7 +325,7 @@ async def run_worker(
     read end of a pipe only the parent can write to; end of file on it means the parent is gone.
     ``counts``: the per-IP connection counts shared with the other workers, of which column
     ``slot`` is this worker's (None: this worker's own counts are exact)."""
-    gw = Gateway(config, config_path, local_rates=steered)
+    gw = Gateway(config, config_path, local_rates=steered, delivering=False, announces=False)
     if needs_steering(config) and not steered:
         gw.log.main(
             "SO_REUSEPORT steering unavailable: rate counters are shared through the "
@@ -431,17 +361,16 @@ async def run_worker(
     loop.add_reader(parent_fd, on_parent_pipe)
     loop.add_signal_handler(PARENT_DEATH_SIGNAL, on_parent_gone)
     ctx = gw.make_context(submit)
-    gw.install_signals(lambda: gw.reload_and_probe(ctx))
+    gw.install_signals(gw.reload_and_probe)
     if gw.stopping.is_set():  # SIGTERM, or the parent gone, while this worker started
         for sock in sockets:
             sock.close()
-        gw.spool.close()
-        _close_state(ctx)
+        gw.close()
         return
     shared = counts.for_slot(slot, gw.log.panic) if counts is not None else None
     listener = Listener(ctx, sockets, shared)
     await listener.start()
-    probes = gw.start_probes(ctx)
+    probes = gw.start_probes()
     await gw.stopping.wait()
     if parent_gone:
         gw.log.panic(
@@ -451,8 +380,7 @@ async def run_worker(
     if probes is not None:
         probes.cancel()
     await listener.shutdown(SHUTDOWN_GRACE)
-    gw.spool.close()
-    _close_state(ctx)
+    gw.close()
 
 
 async def run_parent(
@@ -460,7 +388,7 @@ async def run_parent(
     config_path: Path | None,
     notify_read: int,
     workers: dict[int, int],
-    spawn: object,
+    spawn: Callable[[int, Config], int],
     listening: list[socket.socket],
     counts: SharedCounts | None = None,
 ) -> None:
@@ -468,17 +396,19 @@ async def run_parent(
 
     It holds the ``listening`` sockets for the workers it restarts, never accepts on them, and
     closes them when it stops. ``counts``: the per-IP table shared by unsteered workers; a dead
-    worker's counts are cleared before its slot is started again."""
-    gw = Gateway(config, config_path)
+    worker's counts are cleared before its slot is started again. A worker started again gets
+    the parent's newest config (the one its generation was built from), not the file as it is
+    now nor the one the gateway started with."""
+    gw = Gateway(config, config_path, listening=False)
 
     def on_hup() -> None:
-        gw.reload(None)
+        gw.reload()
         for pid in workers.values():
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGHUP)
 
     gw.install_signals(on_hup)
-    runner = build_runner(config, gw.spool, gw.log)
+    runner = gw.start_runner()
     await runner.start(recover=False)  # serve() recovered the spool before forking the workers
     loop = asyncio.get_running_loop()
     pending = bytearray()
@@ -510,7 +440,7 @@ async def run_parent(
                     gw.log.panic(f"worker {pid} exited (status {status}); starting a new one")
                     if counts is not None:
                         counts.clear_slot(slot)
-                    workers[slot] = spawn(slot)  # type: ignore[operator]
+                    workers[slot] = spawn(slot, gw.config)
 
     reaper = loop.create_task(reap())
     await gw.stopping.wait()
@@ -525,13 +455,8 @@ async def run_parent(
     reaper.cancel()
     on_notify()
     await runner.stop()
-    gw.spool.close()
+    gw.close()
     gw.log.main("palisade daemon stopped")
-
-
-def _close_state(ctx: ServerContext) -> None:
-    """Writes pending rate hits and closes the state database (and the LDAP connection)."""
-    close_ports(ctx.ports)
 
 
 def _wait_pid(pid: int) -> None:
@@ -608,7 +533,8 @@ def serve(config_path: Path | None) -> int:
     # Unsteered, one client's connections reach several workers: they count them together.
     counts = None if attached else SharedCounts(workers, config.server.max_connections)
 
-    def spawn(slot: int) -> int:
+    def spawn(slot: int, config: Config) -> int:
+        """Starts worker ``slot`` on ``config`` (the parent's newest)."""
         pid = os.fork()
         if pid == 0:
             code = 0
@@ -645,6 +571,6 @@ def serve(config_path: Path | None) -> int:
     for slot in range(workers):
         if startup_signals.stop:  # SIGTERM already: run_parent stops the ones started
             break
-        children[slot] = spawn(slot)
+        children[slot] = spawn(slot, config)
     asyncio.run(run_parent(config, config_path, notify_read, children, spawn, every_socket, counts))
     return 0

@@ -1,39 +1,31 @@
-"""What every session of one process shares: config, log, spool, policy, TLS, queue ids.
+"""What every session of one process shares: the log, the spool, queue ids, the way to the queue
+runner, shutdown state, and where to find the newest generation.
 
-It is also what a session's conversation reads (``conversation.ConversationContext``: all of it
-but the spool, which the session keeps).
-
-Owns nothing but references; the composition root (``app``) builds it and swaps its fields on
-reload, so a reload changes what new commands see without touching sessions mid-command.
+Owns nothing but references and two pieces of process state (``draining``, the DNSBL failure
+reports). Everything built from the config lives in a
+:class:`~palisade.server.generation.Generation`, never here: the listener asks ``current()`` for
+the newest one when a client connects, and the session keeps that one to its end, so a reload
+never changes the rules, the clients or the domains under a conversation in progress.
 """
 
 from __future__ import annotations
 
-import ssl
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from palisade.config import Config
-from palisade.config.policy import Policy
 from palisade.obs.log import EventLog
 from palisade.obs.queueid import QueueIdGenerator
-from palisade.policy.relay import RelayPolicy
-from palisade.policy.rules import IPAddress, Ports
+from palisade.server.generation import Generation
 from palisade.spool import Spool
 
 
 @dataclass
 class ServerContext:
-    config: Config
     log: EventLog
     spool: Spool
-    relay_policy: RelayPolicy
-    tls_context: ssl.SSLContext | None
     queue_ids: QueueIdGenerator
     submit: Callable[[str], None]
-    policy: Policy
-    ports: Ports
-    our_ips: frozenset[IPAddress] = frozenset()
+    current: Callable[[], Generation]  # this process's newest generation
     draining: bool = False
     # DNSBL zone -> when (monotonic) its failure last went to the panic log: once per probe
     # interval per zone, however many lookups fail (each is in the main log).

@@ -4,7 +4,9 @@ Owns: the sockets (SO_REUSEPORT so that several worker processes share a port), 
 connections (421 when over, before any SMTP is spoken) and graceful shutdown (stop accepting,
 let transactions in flight finish, then tempfail the rest). ``max_connections`` counts this
 process's sessions (with workers, each worker has that many); ``max_connections_per_ip`` is
-counted by the ``counts`` it is given, across all workers (see :mod:`.conncount`).
+counted by the ``counts`` it is given, across all workers (see :mod:`.conncount`). Each
+session gets the process's newest generation at connect and holds it (acquire/release) until it
+ends; the caps a client meets are that generation's.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import socket
 from palisade.config import parse_host_port
 from palisade.server.conncount import LocalCounts, SlotCounts
 from palisade.server.context import ServerContext
+from palisade.server.generation import Generation
 from palisade.server.session import Session
 from palisade.server.stream import ClientStream
 
@@ -65,8 +68,9 @@ class Listener:
     def _on_connect(self, stream: ClientStream) -> None:
         peer = stream.peer
         ip, port = peer
-        limits = self.ctx.config.server
-        host = self.ctx.config.server.hostname
+        generation = self.ctx.current()  # the session keeps this one to its end
+        limits = generation.config.server
+        host = limits.hostname
         if len(self.sessions) >= limits.max_connections:
             self._turn_away(stream, f"421 4.7.0 {host} Too many connections, try later\r\n")
             self.ctx.log.reject(
@@ -82,19 +86,21 @@ class Listener:
                 f"address ({open_now}, max={limits.max_connections_per_ip})"
             )
             return
-        session = Session(self.ctx, stream, peer)
+        generation.acquire()
+        session = Session(self.ctx, generation, stream, peer)
         task = stream.loop.create_task(session.run())
         self.sessions[task] = session
-        task.add_done_callback(functools.partial(self._finished, ip=ip))
+        task.add_done_callback(functools.partial(self._finished, ip=ip, generation=generation))
 
     @staticmethod
     def _turn_away(stream: ClientStream, reply: str) -> None:
         stream.write(reply.encode())
         stream.close()
 
-    def _finished(self, task: asyncio.Task[None], *, ip: str) -> None:
+    def _finished(self, task: asyncio.Task[None], *, ip: str, generation: Generation) -> None:
         self.sessions.pop(task, None)
         self.counts.release(ip)
+        generation.release()  # the last session of a replaced generation closes its clients
         if not task.cancelled() and task.exception() is not None:
             self.ctx.log.panic(f"session for [{ip}] failed: {task.exception()!r}")
 

@@ -4,7 +4,9 @@ Owns: the I/O of a connection and nothing of what is said on it -- reading bytes
 core, the per-request deadlines that stop clients who trickle bytes (and the minimum DATA rate),
 the wait before the banner (``greeting_delay``), reply batching (all replies to one pipelined
 group leave in one write), the TLS handshake, opening the spool file the conversation asks for,
-and shutdown. Replies, log lines, stages and the transaction are the conversation's.
+and shutdown. Replies, log lines, stages and the transaction are the conversation's; what the
+config decides (rules, clients, domains, TLS) comes from the generation the connection began
+with, to its end.
 Trust: everything from the client is hostile and goes to the SMTP core and the conversation
 untouched; the only text written here is the TLS handshake failure line (``server.tls``).
 """
@@ -23,6 +25,7 @@ from palisade.smtp import NEED_DATA, PAUSED, events
 
 if TYPE_CHECKING:
     from palisade.server.context import ServerContext
+    from palisade.server.generation import Generation
 
 
 class _Closed(Exception):
@@ -33,13 +36,20 @@ class Session:
     """Drives one client connection from greeting to close."""
 
     def __init__(
-        self, ctx: ServerContext, stream: ClientStream, peer: tuple[str, int] | None = None
+        self,
+        ctx: ServerContext,
+        generation: Generation,
+        stream: ClientStream,
+        peer: tuple[str, int] | None = None,
     ) -> None:
+        """``generation``: what the config decides (rules, clients, domains, TLS), for the
+        whole connection whatever a reload does meanwhile; ``ctx``: the process's shared parts."""
         self.ctx = ctx
         self.stream = stream
-        self.config = ctx.config
+        self.generation = generation
+        self.config = generation.config
         ip_text, port = peer if peer is not None else stream.peer
-        self.conversation = Conversation(ctx, ip_text, port)
+        self.conversation = Conversation(ctx, generation, ip_text, port)
         self._deadline: float | None = None
         self._data_started: float | None = None
         self._data_bytes = 0
@@ -203,10 +213,11 @@ class Session:
     # -- STARTTLS ----------------------------------------------------------------------------
     async def _start_tls(self) -> None:
         conv = self.conversation
-        assert self.ctx.tls_context is not None
+        tls_context = self.generation.tls_context
+        assert tls_context is not None
         await self._flush()
         try:
-            await self.stream.start_tls(self.ctx.tls_context, self.config.limits.command_timeout)
+            await self.stream.start_tls(tls_context, self.config.limits.command_timeout)
         except (OSError, ConnectionError, TimeoutError, asyncio.CancelledError) as exc:
             if isinstance(exc, asyncio.CancelledError):
                 raise

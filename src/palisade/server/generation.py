@@ -1,0 +1,332 @@
+"""The composition root: one immutable *generation* of everything the config decides.
+
+Owns: turning a loaded :class:`~palisade.config.Config` into the parts built from it (the rules
+and lists, relay control, the STARTTLS context, the resolver, the state store, the LDAP and
+scanner clients, the delivery router) and nothing else: no sockets are bound and no process is
+started here (``server.app`` does that). Every other module gets its parts from a generation;
+only this module names the concrete adapters (``cli/`` commands build theirs here too).
+
+A :class:`Generation` is built whole or not at all: :func:`build_generation` raises
+:class:`GenerationError` naming the part that failed and closes whatever it had already opened,
+so a reload either replaces everything or nothing. A process swaps its generation in one
+assignment; a session keeps the generation it began with to its end (it *acquires* it), and an
+old generation's clients are closed when it is retired and its last session has ended.
+Trust: the config is already validated by the loader; what can still fail here is the
+environment (a file gone, a directory where the state database should be, a bad CA file).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import ipaddress
+import ssl
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from palisade.adapters.clamd import ClamdScanner
+from palisade.adapters.dns import DnsResolver
+from palisade.adapters.ldap_directory import LdapDirectory, LdapSettings
+from palisade.adapters.local_rates import WriteBehindRates
+from palisade.adapters.rspamd import RspamdScanner
+from palisade.adapters.spamd import SpamdScanner
+from palisade.adapters.sqlite_state import SqliteStateStore
+from palisade.clock import SYSTEM_CLOCK
+from palisade.config import Config, ConfigError, parse_host_port
+from palisade.config.model import LdapConfig, RspamdConfig, SpamdConfig
+from palisade.config.policy import Policy, build_policy
+from palisade.delivery import Router
+from palisade.policy.relay import RelayPolicy
+from palisade.policy.rules import IPAddress, Ports
+from palisade.server.tls import client_context, server_context
+
+
+class GenerationError(Exception):
+    """A part of a new generation could not be built; the text names the part and the cause."""
+
+
+class _Users:
+    """How many sessions hold a generation, and whether a newer one replaced it."""
+
+    __slots__ = ("closed", "count", "retired")
+
+    def __init__(self) -> None:
+        self.count = 0
+        self.retired = False
+        self.closed = False
+
+
+@dataclass(frozen=True, eq=False)
+class Generation:
+    """Everything built from one config, never changed after it is built.
+
+    ``ports`` (the checks' clients) exist only in a process that listens, ``router`` only in one
+    that delivers; ``number`` counts the generations of a process (1 at start-up)."""
+
+    config: Config
+    policy: Policy
+    relay_policy: RelayPolicy
+    tls_context: ssl.SSLContext | None
+    our_ips: frozenset[IPAddress]
+    ports: Ports | None = None
+    router: Router | None = None
+    number: int = 1
+    _users: _Users = field(default_factory=_Users, repr=False)
+
+    @property
+    def session_ports(self) -> Ports:
+        """The clients a session's checks use (a listening process's generation has them)."""
+        if self.ports is None:
+            raise RuntimeError("this generation was built for a process that does not listen")
+        return self.ports
+
+    @property
+    def users(self) -> int:
+        return self._users.count
+
+    @property
+    def closed(self) -> bool:
+        return self._users.closed
+
+    def acquire(self) -> None:
+        """A session begins with this generation."""
+        self._users.count += 1
+
+    def release(self) -> None:
+        """A session that began with this generation ended."""
+        self._users.count -= 1
+        if self._users.retired and self._users.count <= 0:
+            self.close()
+
+    def retire(self) -> None:
+        """A newer generation took this one's place: close it once no session holds it."""
+        self._users.retired = True
+        if self._users.count <= 0:
+            self.close()
+
+    def close(self) -> None:
+        """Closes the clients (state database, LDAP connection, scanners) and the router's idle
+        next-hop connections. Idempotent."""
+        if self._users.closed:
+            return
+        self._users.closed = True
+        if self.ports is not None:
+            close_ports(self.ports)
+        if self.router is not None:
+            with contextlib.suppress(Exception):
+                self.router.close()
+
+
+def build_generation(
+    config: Config,
+    *,
+    number: int = 1,
+    listening: bool = True,
+    delivering: bool = True,
+    local_rates: bool = False,
+    on_list_error: Callable[[str], None] | None = None,
+    check_environment: bool = False,
+) -> Generation:
+    """Builds every part of ``config``'s generation, or raises :class:`GenerationError`.
+
+    ``listening``: build the checks' clients (a process with sessions); ``delivering``: build
+    the router (a process with the queue runner). ``local_rates``: see :func:`build_ports`.
+    ``check_environment``: also run the start-up self-check's file checks (no DNS) and refuse
+    on any error it finds, as ``serve`` would at start-up (a reload uses it)."""
+    part = "config"
+    opened: list[Callable[[], None]] = []
+    try:
+        part = "rules and lists"
+        policy = build_policy(config, on_list_error)
+        if check_environment:
+            part = "self-check"
+            from palisade.selfcheck import run_selfcheck
+
+            errors = [f for f in run_selfcheck(config, policy, dns=False) if f.level == "error"]
+            if errors:
+                raise GenerationError(f"{config.source}: " + "; ".join(f.message for f in errors))
+        part = "[tls]"
+        tls = server_tls(config)
+        part = "relay control"
+        relay = relay_policy(config, policy)
+        ports = None
+        if listening:
+            part = "clients ([paths] state, [ldap], scanners)"
+            ports = build_ports(config, local_rates=local_rates)
+            opened.append(functools.partial(close_ports, ports))
+        router = None
+        if delivering:
+            part = "delivery router ([delivery], [paths] mail)"
+            router = build_router(config)
+    except GenerationError:
+        _close_all(opened)
+        raise
+    except ConfigError as exc:
+        _close_all(opened)
+        raise GenerationError(str(exc)) from None
+    except Exception as exc:  # any part that cannot be built refuses the whole generation
+        _close_all(opened)
+        reason = getattr(exc, "reason", None) or str(exc) or type(exc).__name__
+        raise GenerationError(f"{config.source}: {part}: {reason}") from None
+    return Generation(
+        config=config,
+        policy=policy,
+        relay_policy=relay,
+        tls_context=tls,
+        our_ips=listening_ips(config),
+        ports=ports,
+        router=router,
+        number=number,
+    )
+
+
+def _close_all(closers: list[Callable[[], None]]) -> None:
+    for close in closers:
+        with contextlib.suppress(Exception):
+            close()
+
+
+# -- the parts -------------------------------------------------------------------------------
+
+
+def relay_policy(config: Config, policy: Policy | None = None) -> RelayPolicy:
+    """Relay control; a ``[lists] relay_from_hosts`` ip list adds to ``[relay]``'s networks."""
+    relay_list = policy.lists.get("relay_from_hosts") if policy is not None else None
+    return RelayPolicy.build(
+        config.domains.local,
+        config.domains.relay,
+        config.relay.relay_from_hosts,
+        outbound_available=config.delivery.next_hop is not None,
+        relay_list=relay_list,
+    )
+
+
+def server_tls(config: Config) -> ssl.SSLContext | None:
+    """The STARTTLS context, or None when no certificate is configured."""
+    if config.tls.certificate and config.tls.private_key:
+        return server_context(config.tls.certificate, config.tls.private_key)
+    return None
+
+
+def secrets_of(config: Config) -> list[str]:
+    """Strings that must never reach a log line (Spamhaus DQS keys), for the resolver to redact."""
+    return [str(v) for rule in config.rules for k, v in rule.options if k == "dqs_key" and v]
+
+
+def build_ports(config: Config, *, local_rates: bool = False) -> Ports:
+    """The checks' clients. ``local_rates``: every client of this process reaches only this
+    process (one worker, or steered workers), so rate counters can be kept here, exact, and
+    written behind. All of them share the one system clock."""
+    dns = config.dns
+    nameservers = [parse_host_port(n, default_port=53) for n in dns.nameservers]
+    store = SqliteStateStore(config.paths.state, clock=SYSTEM_CLOCK)
+    try:
+        return Ports(
+            resolver=DnsResolver(
+                nameservers or None,
+                timeout=dns.timeout,
+                retries=dns.retries,
+                cache_max_ttl=dns.cache_max_ttl,
+                redact=secrets_of(config),
+                clock=SYSTEM_CLOCK,
+            ),
+            state=WriteBehindRates(store) if local_rates else store,
+            clock=SYSTEM_CLOCK,
+            recipients=build_directory(config),
+            spam=build_spam_scanner(config),
+            virus=(
+                ClamdScanner(
+                    config.clamd.address,
+                    timeout=config.clamd.timeout,
+                    max_size=config.clamd.max_size,
+                )
+                if config.clamd.address
+                else None
+            ),
+        )
+    except BaseException:
+        store.close()
+        raise
+
+
+def build_spam_scanner(config: Config) -> SpamdScanner | RspamdScanner | None:
+    """The client of ``config.spam_scanner`` (spamd or rspamd), or None."""
+    scanner = config.spam_scanner
+    if isinstance(scanner, SpamdConfig):
+        return SpamdScanner(
+            scanner.address, timeout=scanner.timeout, max_size=scanner.max_size, user=scanner.user
+        )
+    if isinstance(scanner, RspamdConfig):
+        return RspamdScanner(
+            scanner.url,
+            password=scanner.password,
+            timeout=scanner.timeout,
+            max_size=scanner.max_size,
+        )
+    return None
+
+
+def ldap_settings(ldap: LdapConfig) -> LdapSettings:
+    """The LDAP adapter's settings from the ``[ldap]`` section (the server and the
+    ``recipients sync`` command both build theirs here)."""
+    return LdapSettings(
+        servers=tuple(ldap.servers),
+        base_dn=ldap.base_dn,
+        bind_dn=ldap.bind_dn,
+        bind_password=ldap.bind_password,
+        bind_password_file=ldap.bind_password_file,
+        filter=ldap.filter,
+        attributes=tuple(ldap.attributes),
+        start_tls=ldap.start_tls,
+        ca_file=ldap.ca_file,
+        timeout=ldap.timeout,
+        positive_ttl=ldap.positive_ttl,
+        negative_ttl=ldap.negative_ttl,
+    )
+
+
+def build_directory(config: Config) -> LdapDirectory | None:
+    """The LDAP recipient directory, or None when ``[ldap] servers`` is empty."""
+    if not config.ldap.servers:
+        return None
+    return LdapDirectory(ldap_settings(config.ldap), clock=SYSTEM_CLOCK)
+
+
+def close_ports(ports: Ports) -> None:
+    """Closes what the ports hold open (pending rate hits written, the state database, the LDAP
+    connection, scanner connections)."""
+    for part in (ports.state, ports.recipients, ports.spam, ports.virus):
+        close = getattr(part, "close", None)
+        if close is not None:
+            with contextlib.suppress(Exception):
+                close()
+
+
+def listening_ips(config: Config) -> frozenset[IPAddress]:
+    """The addresses of ``[server] listen`` (a HELO naming one of them claims to be us)."""
+    ips = set()
+    for entry in config.server.listen:
+        host, _ = parse_host_port(entry)
+        with contextlib.suppress(ValueError):
+            ip = ipaddress.ip_address(host)
+            if not ip.is_unspecified:
+                ips.add(ip)
+    return frozenset(ips)
+
+
+def build_router(config: Config) -> Router:
+    """The delivery router: Maildir for local domains, the next hop for relay domains."""
+    next_hop = parse_host_port(config.delivery.next_hop) if config.delivery.next_hop else None
+    return Router(
+        local_domains=frozenset(d.lower() for d in config.domains.local),
+        relay_domains=frozenset(d.lower() for d in config.domains.relay),
+        maildir_root=config.paths.mail,
+        maildir_group=config.paths.group,
+        next_hop=next_hop,
+        require_tls=config.delivery.require_tls,
+        tls_context=client_context(config.delivery.tls_ca_file),
+        helo_name=config.server.hostname,
+        connect_timeout=min(30.0, config.delivery.timeout),
+        command_timeout=config.delivery.timeout,
+        data_timeout=max(600.0, config.delivery.timeout),
+    )
