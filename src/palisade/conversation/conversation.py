@@ -13,9 +13,12 @@ headers the DATA stage adds. The caller (the server's session, ``check-host``) o
 * it keeps the time: a deadline that passed is :meth:`~Conversation.timed_out`, a client that
   spoke before the banner :meth:`~Conversation.pregreet_spoke`.
 
-Checks run through the policy engine, which sees the outside world only through ports; log lines
-go to the ``EventLog`` the context hands in. Nothing here reads a socket, a clock deadline or a
-file but through those.
+What the config decides (rules, relay control, the checks' clients, TLS on offer) comes as
+:class:`Settings`, fixed for the whole conversation (the server hands in the generation the
+connection began with); the process's shared parts (log, queue ids, the way to the queue runner,
+shutdown state) as :class:`ConversationContext`. Checks run through the policy engine, which sees
+the outside world only through ports; log lines go to the context's ``EventLog``. Nothing here
+reads a socket, a deadline or a file but through those.
 Trust: everything from the client is hostile; client text reaches the logs only through
 ``obs.log.escape_field`` (which also escapes brackets, quotes and angle brackets, so the
 ``[ip]`` of the ``H=`` field is the only bracketed address a line can show).
