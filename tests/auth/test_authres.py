@@ -15,6 +15,7 @@ from palisade.policy.checks.authres import (
 )
 from palisade.policy.checks.dkim import DkimOutcome, DkimSignatureResult
 from palisade.policy.checks.dmarc import DmarcOutcome
+from palisade.policy.keys import RDNS_NAMES, RDNS_VERIFIED_NAMES
 from palisade.policy.rules import Facts, Ports
 from tests.auth.conftest import (
     Messages,
@@ -184,8 +185,8 @@ def test_iprev_pass_records_rdns_results(dns: ZoneServer, ports: Ports) -> None:
     dns.set("other.example.net", "A", ["192.0.2.99"])
     facts = make_facts()
     assert iprev(facts, ports) == IprevOutcome("pass", "192.0.2.1", ("mail.example.com",))
-    assert facts.results["rdns.names"] == ("other.example.net", "mail.example.com")
-    assert facts.results["rdns.verified_names"] == ("mail.example.com",)
+    assert facts.results[RDNS_NAMES] == ("other.example.net", "mail.example.com")
+    assert facts.results[RDNS_VERIFIED_NAMES] == ("mail.example.com",)
 
 
 def test_iprev_fail(dns: ZoneServer, ports: Ports) -> None:
@@ -215,16 +216,16 @@ def test_iprev_forward_temperror(dns: ZoneServer, ports: Ports) -> None:
 
 def test_iprev_reuses_the_rdns_check_findings(dns: ZoneServer, ports: Ports) -> None:
     facts = make_facts()
-    facts.results["rdns.names"] = ("mail.example.com",)
-    facts.results["rdns.verified_names"] = ("mail.example.com",)
+    facts.results[RDNS_NAMES] = ("mail.example.com",)
+    facts.results[RDNS_VERIFIED_NAMES] = ("mail.example.com",)
     assert iprev(facts, ports).result == "pass"
     assert dns.total_queries == 0
 
 
 def test_header_uses_rdns_findings_without_iprev() -> None:
     facts = make_facts()
-    facts.results["rdns.names"] = ("mail.example.com",)
-    facts.results["rdns.verified_names"] = ()
+    facts.results[RDNS_NAMES] = ("mail.example.com",)
+    facts.results[RDNS_VERIFIED_NAMES] = ()
     header = authentication_results("mx.example.org", facts)
     assert header == "Authentication-Results: mx.example.org; iprev=fail policy.iprev=192.0.2.1"
 

@@ -8,6 +8,7 @@ from typing import Any
 import pytest
 
 from palisade.policy.checks.dbl import FACTORIES
+from palisade.policy.keys import DBL_ERRORS, DBL_LISTED
 from palisade.policy.rules import Stage
 from tests.checks.harness import build, make_facts, make_ports, run, run_error
 from tests.dnsserver import ZoneServer
@@ -39,7 +40,7 @@ def test_sender_domain_listed(dns: ZoneServer) -> None:
         "txt": "",
     }
     assert result.header == "X-Warning: " + result.reason
-    assert facts.results["dbl.listed"] == ["spam.example.net"]
+    assert facts.results[DBL_LISTED] == ["spam.example.net"]
 
 
 def test_sender_domain_not_listed(dns: ZoneServer) -> None:
@@ -104,7 +105,7 @@ def test_error_answers(dns: ZoneServer, answer: str, meaning: str) -> None:
     facts = make_facts(sender="a@spam.example.net")
     error = run_error(check(), facts, make_ports(dns))
     assert meaning in str(error)
-    assert facts.results["dbl.errors"]
+    assert facts.results[DBL_ERRORS]
 
 
 @pytest.mark.parametrize("behaviour", ["timeout", "servfail"])

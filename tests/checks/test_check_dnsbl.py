@@ -9,6 +9,7 @@ from typing import Any
 import pytest
 
 from palisade.policy.checks.dnsbl import FACTORIES
+from palisade.policy.keys import DNSBL_ERRORS, DNSBL_LISTED
 from palisade.policy.rules import CheckResult, Facts, Stage
 from tests.checks.harness import build, make_facts, make_ports, run, run_error
 from tests.dnsserver import ZoneServer
@@ -41,7 +42,7 @@ def test_stages() -> None:
 def test_not_listed(dns: ZoneServer) -> None:
     facts = make_facts()
     assert run(check(zones=seed_zones()), facts, make_ports(dns)).matched is False
-    assert facts.results["dnsbl.listed"] == []
+    assert facts.results[DNSBL_LISTED] == []
     assert "dnsbl.errors" not in facts.results
     for zone in (ZEN, SPAMCOP, BARRACUDA):
         assert dns.queries(f"1.2.0.192.{zone}", "A") == 1
@@ -62,7 +63,7 @@ def test_listed(dns: ZoneServer) -> None:
     assert result.header == (
         "X-Warning: 192.0.2.1 is listed at zen.spamhaus.org (127.0.0.11, 127.0.0.4)"
     )
-    assert facts.results["dnsbl.listed"] == [ZEN]
+    assert facts.results[DNSBL_LISTED] == [ZEN]
     assert dns.queries(f"1.2.0.192.{ZEN}", "TXT") == 0  # txt is off by default
 
 
@@ -126,7 +127,7 @@ def test_error_answers_are_check_errors(dns: ZoneServer, answer: str, meaning: s
     error = run_error(check(zones=seed_zones()), facts, make_ports(dns))
     assert meaning in str(error)
     assert ZEN in str(error)
-    assert any(meaning in text for text in facts.results["dnsbl.errors"])
+    assert any(meaning in text for text in facts.results[DNSBL_ERRORS])
 
 
 def test_error_answer_with_a_listing_elsewhere_still_matches(dns: ZoneServer) -> None:
@@ -135,7 +136,7 @@ def test_error_answer_with_a_listing_elsewhere_still_matches(dns: ZoneServer) ->
     facts = make_facts()
     result = run(check(zones=seed_zones()), facts, make_ports(dns))
     assert result.matched and result.values["zone"] == SPAMCOP
-    assert len(facts.results["dnsbl.errors"]) == 1
+    assert len(facts.results[DNSBL_ERRORS]) == 1
 
 
 @pytest.mark.parametrize("behaviour", ["timeout", "servfail"])
@@ -144,7 +145,7 @@ def test_zone_failure_is_a_check_error(dns: ZoneServer, behaviour: str) -> None:
     facts = make_facts()
     error = run_error(check(zones=seed_zones()), facts, make_ports(dns, timeout=0.2))
     assert f"{ZEN}: lookup failed" in str(error)
-    assert facts.results["dnsbl.errors"]
+    assert facts.results[DNSBL_ERRORS]
 
 
 # ---------------------------------------------------------------- IPv6

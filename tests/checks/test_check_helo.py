@@ -5,16 +5,25 @@ from __future__ import annotations
 
 import ipaddress
 import re
-from typing import Any
+from typing import Any, TypedDict
 
 import pytest
 
 from palisade.policy.checks.helo import FACTORIES
-from palisade.policy.rules import Stage
+from palisade.policy.rules import IPAddress, Stage
 from tests.checks.harness import build, make_facts, make_ports, run, run_error
 from tests.dnsserver import ZoneServer
 
-OURS = {
+
+class Ours(TypedDict):
+    """The ``Facts`` fields that say who we are (typed, so ``**OURS`` is checked field by field)."""
+
+    our_names: frozenset[str]
+    local_domains: frozenset[str]
+    our_ips: frozenset[IPAddress]
+
+
+OURS: Ours = {
     "our_names": frozenset({"mx.example.test"}),
     "local_domains": frozenset({"example.test"}),
     "our_ips": frozenset(

@@ -9,6 +9,7 @@ import dns.reversename
 import pytest
 
 from palisade.policy.checks.rdns import FACTORIES, generic_reason
+from palisade.policy.keys import RDNS_GENERIC, RDNS_NAMES, RDNS_VERIFIED
 from palisade.policy.rules import Stage
 from tests.checks.harness import build, make_facts, make_ports, run, run_error
 from tests.dnsserver import ZoneServer
@@ -38,7 +39,7 @@ def test_ptr_present_passes_and_is_noted(dns: ZoneServer, ip: str) -> None:
     facts = make_facts(ip)
     result = run(check(), facts, make_ports(dns))
     assert not result.matched
-    assert facts.results["rdns.names"] == ("mail.example.net",)
+    assert facts.results[RDNS_NAMES] == ("mail.example.net",)
     assert "rdns.verified" not in facts.results
 
 
@@ -49,7 +50,7 @@ def test_no_ptr_nxdomain_matches(dns: ZoneServer, ip: str) -> None:
     assert result.matched
     assert result.reason == f"no PTR record for {ip}"
     assert result.values == {"ptr": ""}
-    assert facts.results["rdns.names"] == ()
+    assert facts.results[RDNS_NAMES] == ()
 
 
 def test_no_ptr_nodata_matches(dns: ZoneServer) -> None:
@@ -94,7 +95,7 @@ def test_fcrdns_pass_ipv4(dns: ZoneServer) -> None:
     dns.set("mail.example.net", "A", ["192.0.2.99", V4])
     facts = make_facts()
     assert not run(check(fcrdns=True), facts, make_ports(dns)).matched
-    assert facts.results["rdns.verified"] is True
+    assert facts.results[RDNS_VERIFIED] is True
 
 
 def test_fcrdns_pass_ipv6(dns: ZoneServer) -> None:
@@ -103,7 +104,7 @@ def test_fcrdns_pass_ipv6(dns: ZoneServer) -> None:
     dns.set("mail6.example.net", "A", ["192.0.2.1"])
     facts = make_facts(V6)
     assert not run(check(fcrdns=True), facts, make_ports(dns)).matched
-    assert facts.results["rdns.verified"] is True
+    assert facts.results[RDNS_VERIFIED] is True
     assert dns.queries("mail6.example.net", "A") == 0
 
 
@@ -123,7 +124,7 @@ def test_fcrdns_fail(dns: ZoneServer, forward: list[str] | None) -> None:
     assert result.matched
     assert result.reason == "PTR name mail.example.net does not resolve back to 192.0.2.1"
     assert result.values == {"ptr": "mail.example.net"}
-    assert facts.results["rdns.verified"] is False
+    assert facts.results[RDNS_VERIFIED] is False
 
 
 def test_fcrdns_fail_ipv6_with_only_an_ipv4_forward(dns: ZoneServer) -> None:
@@ -220,7 +221,7 @@ def test_generic_option_matches(dns: ZoneServer) -> None:
         == "PTR name 192-0-2-1.dyn.example.net looks generic (dynamic-pool word 'dyn')"
     )
     assert result.values == {"ptr": "192-0-2-1.dyn.example.net"}
-    assert facts.results["rdns.generic"] is True
+    assert facts.results[RDNS_GENERIC] is True
     assert not run(check(), make_facts(), make_ports(dns)).matched  # generic is opt-in
 
 
@@ -235,7 +236,7 @@ def test_generic_one_proper_name_is_enough(dns: ZoneServer) -> None:
     dns.set(rev(V4), "PTR", ["192-0-2-1.dyn.example.net.", "mail.example.net."])
     facts = make_facts()
     assert not run(check(generic=True), facts, make_ports(dns)).matched
-    assert facts.results["rdns.generic"] is False
+    assert facts.results[RDNS_GENERIC] is False
 
 
 def test_generic_with_fcrdns_looks_at_verified_names(dns: ZoneServer) -> None:

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import re
-from typing import Any
+from typing import Any, TypedDict
 
 import pytest
 
 from palisade.policy.checks.sender import FACTORIES
-from palisade.policy.rules import Stage
+from palisade.policy.keys import RELAY_CLIENT
+from palisade.policy.rules import Key, Stage
 from tests.checks.harness import build, make_facts, make_ports, run, run_error
 from tests.dnsserver import ZoneServer
 
@@ -148,12 +149,18 @@ def test_patterns_before_verify(dns: ZoneServer) -> None:
 # ---------------------------------------------------------------- local_sender
 
 
-LOCAL = {"local_domains": frozenset({"example.test"})}
+class Local(TypedDict):
+    """The ``Facts`` field naming our domains (typed, so ``**LOCAL`` is checked)."""
+
+    local_domains: frozenset[str]
+
+
+LOCAL: Local = {"local_domains": frozenset({"example.test"})}
 
 
 def test_local_sender_from_relay_client(dns: ZoneServer) -> None:
     facts = make_facts(sender="alice@Example.Test", **LOCAL)
-    facts.results["relay_client"] = True
+    facts.results[RELAY_CLIENT] = True
     result = run(local_sender(), facts, make_ports(dns))
     assert result.matched
     assert result.values == {"sender": "alice@Example.Test", "domain": "example.test"}
@@ -173,7 +180,8 @@ def test_local_sender_from_relay_client(dns: ZoneServer) -> None:
 def test_local_sender_not_matched(dns: ZoneServer, sender: str | None, relay: object) -> None:
     facts = make_facts(sender=sender, **LOCAL)
     if relay is not None:
-        facts.results["relay_client"] = relay
+        # the same name with the value type left open: this test stores a non-bool on purpose
+        facts.results[Key[object](RELAY_CLIENT)] = relay
     assert not run(local_sender(), facts, make_ports(dns)).matched
 
 

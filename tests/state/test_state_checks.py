@@ -13,6 +13,7 @@ import pytest
 from palisade.adapters.sqlite_state import SqliteStateStore
 from palisade.policy.checks import history, ratelimit
 from palisade.policy.engine import Rule, evaluate_stage
+from palisade.policy.keys import HISTORY_COUNT, RATELIMIT_COUNT, RATELIMIT_RATE
 from palisade.policy.rules import OnError, Ports, Stage, Verb
 from palisade.policy.verdict import Action
 from tests.state.conftest import NoResolver, SettableClock, facts
@@ -50,11 +51,11 @@ def test_history_threshold_is_reached_at_count_equal(store: SqliteStateStore, po
     assert check.threshold == 10
     f = facts("192.0.2.1")
     assert run(check.evaluate(f, ports)).matched is False  # no record at all
-    assert f.results["history.count"] == 0
+    assert f.results[HISTORY_COUNT] == 0
     run(store.add_incident("192.0.2.1", 9))
     result = run(check.evaluate(f, ports))
     assert result.matched is False and result.values["count"] == "9"
-    assert f.results["history.count"] == 9
+    assert f.results[HISTORY_COUNT] == 9
     run(store.add_incident("192.0.2.1"))
     result = run(check.evaluate(f, ports))
     assert result.matched is True
@@ -136,13 +137,13 @@ def test_ratelimit_eleventh_connection_in_15_minutes_is_matched(
         result = run(check.evaluate(f, ports))
         assert result.matched is False, i
         assert result.values["rate"] == f"{i}/900s"
-        assert f.results["ratelimit.rate"] == f"{i}/900s"
+        assert f.results[RATELIMIT_RATE] == f"{i}/900s"
         clock.advance(80)  # ten connections within 800 s
     result = run(check.evaluate(f, ports))
     assert result.matched is True
     assert result.values == {"rate": "11/900s", "count": "11", "limit": "10", "window": "900s"}
-    assert f.results["ratelimit.rate"] == "11/900s"
-    assert f.results["ratelimit.count"] == 11
+    assert f.results[RATELIMIT_RATE] == "11/900s"
+    assert f.results[RATELIMIT_COUNT] == 11
     # another client is not affected
     assert run(check.evaluate(facts("192.0.2.11"), ports)).values["rate"] == "1/900s"
 
