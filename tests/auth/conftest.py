@@ -12,12 +12,12 @@ import asyncio
 import ipaddress
 from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TypeVar
 
 import dkim
 import pytest
 
-from palisade.policy.rules import Facts, MessageFacts, Ports, memo
+from palisade.policy.rules import Facts, Key, MessageFacts, Ports, memo
 from tests.checks.harness import make_ports
 from tests.dnsserver import ZoneServer, start_zone_server
 from tests.messages import message_facts
@@ -126,18 +126,19 @@ def run(coro_factory: Callable[[], Awaitable[T]]) -> T:
     return asyncio.run(main())
 
 
-async def remember(facts: Facts, key: str, value: Any) -> None:
-    """Stores a finding in ``facts.tx`` as if it had been computed (for header tests)."""
+async def remember(facts: Facts, key: str, value: object) -> None:
+    """Stores a finding in ``facts.tx`` as if it had been computed (for header tests). The key's
+    value type is left open: a test may store a stand-in for the real outcome."""
 
-    async def compute() -> Any:
+    async def compute() -> object:
         return value
 
-    await memo(facts, key, compute)
+    await memo(facts, Key[object](key), compute)
 
 
 async def remember_failure(facts: Facts, key: str) -> None:
-    async def compute() -> Any:
+    async def compute() -> object:
         raise RuntimeError("boom")
 
     with pytest.raises(RuntimeError):
-        await memo(facts, key, compute)
+        await memo(facts, Key[object](key), compute)

@@ -74,7 +74,7 @@ def test_spam_score_gtube_kill_level(spamd: SpamdProcess, tmp_path: Path) -> Non
         assert "GTUBE" in result.values["spam_rules"].split(",")
         assert result.values["scanner"] == "spamd"
     assert source.opened == 1
-    report = known(facts, "spam")
+    report = known(facts, content.SPAM)
     assert isinstance(report, SpamReport) and report.score >= 16
 
 
@@ -82,7 +82,8 @@ def test_spam_score_ham_does_not_match(spamd: SpamdProcess, tmp_path: Path) -> N
     facts = make_facts(write_message(tmp_path, message_bytes(HAM_BODY)))
     result = evaluate(build("spam_score", min=4.5), facts, make_ports(SpamdScanner(spamd.address)))
     assert not result.matched
-    assert known(facts, "spam").score < 4.5
+    report = known(facts, content.SPAM)
+    assert report is not None and report.score < 4.5
 
 
 def test_too_big_is_not_scanned(tmp_path: Path) -> None:
@@ -116,7 +117,7 @@ def test_spamd_down_is_a_check_error_remembered(tmp_path: Path) -> None:
     with pytest.raises(CheckError):  # the same answer for the session's X-Spam headers
         run(content.spam_report(facts, ports))
     assert source.opened == 0  # refused before the spool file was opened
-    assert facts.tx["spam"].done() and known(facts, "spam") is None
+    assert facts.tx[content.SPAM].done() and known(facts, content.SPAM) is None
 
 
 def test_engine_kill_level_and_failure(spamd: SpamdProcess, tmp_path: Path) -> None:
@@ -171,7 +172,8 @@ def test_virus_found_and_clean(clamd: ClamdProcess, tmp_path: Path) -> None:
     result = evaluate(check, facts, ports)
     assert result.matched and result.values == {"virus": REPORTED}
     assert result.reason == f"virus found: {REPORTED}"
-    assert known(facts, "virus").signature == REPORTED
+    report = known(facts, content.VIRUS)
+    assert report is not None and report.signature == REPORTED
     clean = make_facts(write_message(tmp_path, message_bytes(HAM_BODY), "clean.eml"))
     assert not evaluate(check, clean, ports).matched
 

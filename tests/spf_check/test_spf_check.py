@@ -19,12 +19,13 @@ from palisade.policy.checks import REGISTRY
 from palisade.policy.checks import spf as spf_check
 from palisade.policy.checks.spf import (
     FACTORIES,
+    SPF,
     SpfOutcome,
     received_spf_header,
     spf_helo_outcome,
     spf_outcome,
 )
-from palisade.policy.rules import Facts, Ports, Stage, known
+from palisade.policy.rules import Facts, Findings, Ports, Stage, known
 from palisade.ports import DnsAnswer
 from tests.adapters.conftest import SettableClock
 from tests.checks.harness import NoState, build, make_facts, make_ports, run
@@ -209,10 +210,11 @@ def test_one_evaluation_for_two_rules(dns: ZoneServer) -> None:
     deny, accept = asyncio.run(main())
     assert deny.matched and not accept.matched
     assert dns.queries("fail.example.net", "TXT") == 1
-    assert known(facts, "spf").result == "fail"
+    outcome = known(facts, SPF)
+    assert outcome is not None and outcome.result == "fail"
     assert run(check(), facts, ports).matched  # a later stage: still no second evaluation
     assert dns.queries("fail.example.net", "TXT") == 1
-    facts.tx = {}  # the session empties it at the next MAIL
+    facts.tx = Findings()  # the session empties it at the next MAIL
     run(check(), facts, ports)
     assert dns.queries("fail.example.net", "TXT") == 2
 
@@ -325,7 +327,7 @@ def test_cancelled_evaluation_abandons_its_lookup() -> None:
     async def main() -> None:
         waiter = asyncio.ensure_future(spf_outcome(facts, _ports(resolver)))
         await asyncio.wait_for(resolver.started.wait(), 5)
-        facts.tx["spf"].cancel()  # what loop shutdown does to the memoised evaluation
+        facts.tx[SPF].cancel()  # what loop shutdown does to the memoised evaluation
         await asyncio.wait_for(resolver.cancelled.wait(), 2)
         with pytest.raises(asyncio.CancelledError):
             await waiter
