@@ -18,6 +18,7 @@ from palisade.policy.engine import TEMPFAIL_REPLY, Rule, StageOutcome, evaluate_
 from palisade.policy.lists import ListKind
 from palisade.policy.rules import Check, Facts, Ports, Stage, Verb
 from palisade.policy.verdict import Action
+from palisade.smtp.replies import Reply
 from tests.ldap.slapd import SlapdServer
 
 MESSAGE = "<$recipient>: Recipient address rejected: User unknown"
@@ -59,6 +60,12 @@ def accepted(outcome: StageOutcome) -> bool:
     return outcome.verdict is None
 
 
+def reply_of(outcome: StageOutcome) -> Reply:
+    """The reply of the outcome's verdict; fails the test when there is no verdict or reply."""
+    assert outcome.verdict is not None and outcome.verdict.reply is not None
+    return outcome.verdict.reply
+
+
 def test_in_ldap_or_in_the_file_is_accepted(registry: ListRegistry, make_directory: Any) -> None:
     check = build(registry, list="recipients")
     directory = make_directory()
@@ -72,6 +79,7 @@ def test_unknown_recipient_is_550_5_1_1(registry: ListRegistry, make_directory: 
     assert outcome.verdict is not None
     assert outcome.verdict.action is Action.DENY
     reply = outcome.verdict.reply
+    assert reply is not None
     assert (reply.code, reply.enhanced) == (550, "5.1.1")
     assert reply.text == "<nobody@example.test>: Recipient address rejected: User unknown"
     decision = outcome.decisions[-1]
@@ -136,11 +144,11 @@ def test_the_file_alone(registry: ListRegistry) -> None:
     check = build(registry, list="recipients", ldap=False)
     assert accepted(rcpt(check, "listed@example.test", None))
     outcome = rcpt(check, "ann@example.test", None)
-    assert outcome.verdict is not None and outcome.verdict.reply.code == 550
+    assert reply_of(outcome).code == 550
     assert outcome.decisions[-1].reason == "unknown recipient (not in list recipients)"
     # a list and ldap = true, but the server has no directory: the file decides too
     outcome = rcpt(build(registry, list="recipients"), "ann@example.test", None)
-    assert outcome.verdict is not None and outcome.verdict.reply.code == 550
+    assert reply_of(outcome).code == 550
 
 
 def test_ldap_alone(registry: ListRegistry, make_directory: Any) -> None:
@@ -166,5 +174,4 @@ def test_build_errors(registry: ListRegistry) -> None:
 
 def test_control_characters_stay_out_of_the_reply(registry: ListRegistry) -> None:
     outcome = rcpt(build(registry, list="recipients", ldap=False), "a\r\nb@example.test", None)
-    assert outcome.verdict is not None
-    assert "\r" not in str(outcome.verdict.reply.text)
+    assert "\r" not in str(reply_of(outcome).text)

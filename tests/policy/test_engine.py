@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
-from typing import Any, ClassVar
+from typing import Any, ClassVar, TypedDict
 
 import pytest
 
@@ -237,7 +237,12 @@ def test_rule_texts_fill_as_string_template_does(text: str) -> None:
 # ---------------------------------------------------------------- a failure logs its own line
 
 
-MATCH_TEXTS = {
+class MatchTexts(TypedDict):
+    message: str
+    log_message: str
+
+
+MATCH_TEXTS: MatchTexts = {
     "message": "$ip is listed at $zone",
     "log_message": "DENY - listed at $zone ($codes)",
 }

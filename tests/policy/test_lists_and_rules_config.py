@@ -11,7 +11,7 @@ import pytest
 from palisade.config import ConfigError, load_config
 from palisade.config.lists import ListHandle
 from palisade.config.policy import build_policy
-from palisade.policy.lists import ListKind, parse_list
+from palisade.policy.lists import IpSet, ListKind, parse_list
 from palisade.policy.rules import Stage, Verb
 
 
@@ -19,6 +19,7 @@ def test_ip_lists_v4_v6_cidr_and_mapped() -> None:
     ips = parse_list(
         "# whitelist\n192.0.2.0/24\n2001:db8::/32  # docs\n198.51.100.7\n", ListKind.IP
     )
+    assert isinstance(ips, IpSet)
     for inside in ("192.0.2.200", "2001:db8:1::1", "198.51.100.7", "::ffff:192.0.2.9"):
         assert ipaddress.ip_address(inside) in ips
     for outside in ("192.0.3.1", "2001:db9::1", "198.51.100.8"):
