@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import pytest
-from smtp_harness import (
+
+from palisade.smtp import NEED_DATA, PAUSED, Address, LocalProtocolError, Reply, State, events
+from tests.smtp.smtp_harness import (
     DATA,
     EHLO,
     ENVELOPE,
@@ -16,9 +18,8 @@ from smtp_harness import (
     make,
     merged,
     session,
+    state_of,
 )
-
-from palisade.smtp import NEED_DATA, PAUSED, Address, LocalProtocolError, Reply, State, events
 
 
 def errors(d: Driver) -> list[events.CommandError]:
@@ -75,17 +76,17 @@ def test_ehlo_without_optional_features() -> None:
 
 def test_states_follow_replies() -> None:
     d = session(EHLO)
-    assert d.conn.state is State.READY
+    assert state_of(d.conn) is State.READY
     d.feed(MAIL)
-    assert d.conn.state is State.MAIL
+    assert state_of(d.conn) is State.MAIL
     assert d.conn.transaction_sender == Address("sender", "example.org")
     d.feed(RCPT)
-    assert d.conn.state is State.RCPT
+    assert state_of(d.conn) is State.RCPT
     assert d.conn.transaction_recipients == [Address("rcpt", "example.net")]
     d.feed(DATA)
-    assert d.conn.state is State.DATA
+    assert state_of(d.conn) is State.DATA
     d.feed(b"x\r\n.\r\n")
-    assert d.conn.state is State.READY
+    assert state_of(d.conn) is State.READY
     assert d.conn.transaction_recipients == []
     assert d.conn.transaction_sender is None
 
@@ -138,7 +139,7 @@ def test_data_after_all_recipients_refused_is_554() -> None:
     def answer(conn, ev):  # type: ignore[no-untyped-def]
         if isinstance(ev, events.Rcpt):
             return Reply(550, "5.1.1", "User unknown")
-        from smtp_harness import default_answer
+        from tests.smtp.smtp_harness import default_answer
 
         return default_answer(conn, ev)
 
@@ -173,7 +174,7 @@ def test_helo_resets_transaction_and_rset() -> None:
 
 def test_data_refused_keeps_lines_as_commands() -> None:
     def answer(conn, ev):  # type: ignore[no-untyped-def]
-        from smtp_harness import default_answer
+        from tests.smtp.smtp_harness import default_answer
 
         if isinstance(ev, events.Data):
             return Reply(451, "4.3.0", "try later")
@@ -405,7 +406,7 @@ def test_too_many_errors_closes() -> None:
 
 def test_app_5xx_replies_count_as_errors() -> None:
     def answer(conn, ev):  # type: ignore[no-untyped-def]
-        from smtp_harness import default_answer
+        from tests.smtp.smtp_harness import default_answer
 
         if isinstance(ev, events.Rcpt):
             return Reply(550, "5.1.1", "User unknown")
@@ -421,7 +422,7 @@ def test_app_5xx_replies_count_as_errors() -> None:
 
 def test_data_end_counting() -> None:
     def answer(conn, ev):  # type: ignore[no-untyped-def]
-        from smtp_harness import default_answer
+        from tests.smtp.smtp_harness import default_answer
 
         if isinstance(ev, events.DataEnd):
             return ev.suggested_reply if ev.flaw else Reply(550, "5.7.1", "spam")

@@ -4,11 +4,13 @@ stays bounded by the limits."""
 
 from __future__ import annotations
 
+import random
+
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from smtp_harness import EHLO, ENVELOPE, Driver, default_answer, make
 
 from palisade.smtp import NEED_DATA, PAUSED, Reply, SmtpConnection, State, events
+from tests.smtp.smtp_harness import EHLO, ENVELOPE, Driver, default_answer, make, state_of
 
 MAX_LINE = 64
 
@@ -63,9 +65,9 @@ def test_wellformed_prefix_then_anything(data: bytes, cuts: list[int]) -> None:
     conn = small_conn()
     d = Driver(conn)
     d.feed(EHLO).feed(ENVELOPE)
-    assert conn.state is State.DATA
+    assert state_of(conn) is State.DATA
     for chunk in chunks_of(b"Subject: x\r\n\r\n" + data, cuts):
-        if conn.state is State.CLOSED:
+        if state_of(conn) is State.CLOSED:
             break
         if chunk:
             d.feed(chunk)
@@ -77,7 +79,7 @@ CODES = [220, 221, 250, 251, 252, 354, 421, 450, 451, 452, 500, 501, 503, 550, 5
 
 @settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(data=STREAM, cuts=st.lists(st.integers(0, 1000), max_size=6), choices=st.randoms())
-def test_any_answers(data: bytes, cuts: list[int], choices) -> None:  # type: ignore[no-untyped-def]
+def test_any_answers(data: bytes, cuts: list[int], choices: random.Random) -> None:
     def answer(conn: SmtpConnection, ev: events.Event) -> Reply:
         if choices.random() < 0.5:
             return default_answer(conn, ev)

@@ -4,7 +4,9 @@ pipelining; and the three-way parser tests of whole sessions."""
 from __future__ import annotations
 
 import pytest
-from smtp_harness import (
+
+from palisade.smtp import NEED_DATA, Reply, State, events
+from tests.smtp.smtp_harness import (
     DATA,
     EHLO,
     ENVELOPE,
@@ -16,9 +18,8 @@ from smtp_harness import (
     make,
     merged,
     session,
+    state_of,
 )
-
-from palisade.smtp import NEED_DATA, Reply, State, events
 
 SMUGGLED = b"MAIL FROM:<admin@victim.example>\r\nRCPT TO:<x@example.net>\r\nDATA\r\nevil\r\n"
 
@@ -95,13 +96,13 @@ def test_starttls_injection_is_discarded() -> None:
     assert b"STARTTLS" in d.replies()[0]
     d.feed(b"STARTTLS\r\nRSET\r\n")
     assert d.events()[-1] == events.StartTls()
-    assert d.conn.state is State.STARTTLS_PENDING
+    assert state_of(d.conn) is State.STARTTLS_PENDING
     assert d.conn.pending_input() == 0
     assert d.conn.starttls_discarded == 6
     d.feed(b"MAIL FROM:<injected@example>\r\n")  # still plaintext, before the handshake ended
     assert d.conn.next_event() is NEED_DATA
     d.conn.tls_started()
-    assert d.conn.state is State.INITIAL
+    assert state_of(d.conn) is State.INITIAL
     d.feed(b"NOOP\r\n")
     assert [type(ev) for ev in d.events()] == [events.Helo, events.StartTls, events.Noop]
     # the session starts over: EHLO again, STARTTLS no longer offered or accepted
@@ -142,7 +143,7 @@ def test_starttls_refused(turns: tuple[bytes, ...], reply: bytes) -> None:
 
 def test_starttls_answered_454_keeps_plaintext_session() -> None:
     def answer(conn, ev):  # type: ignore[no-untyped-def]
-        from smtp_harness import default_answer
+        from tests.smtp.smtp_harness import default_answer
 
         if isinstance(ev, events.StartTls):
             return Reply(454, "4.7.0", "TLS not available due to temporary reason")
