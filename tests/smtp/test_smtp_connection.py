@@ -4,7 +4,16 @@ from __future__ import annotations
 
 import pytest
 
-from palisade.smtp import NEED_DATA, PAUSED, Address, LocalProtocolError, Reply, State, events
+from palisade.smtp import (
+    NEED_DATA,
+    PAUSED,
+    Address,
+    LocalProtocolError,
+    Reply,
+    SmtpConnection,
+    State,
+    events,
+)
 from tests.smtp.smtp_harness import (
     DATA,
     EHLO,
@@ -136,7 +145,7 @@ def test_sequence_errors(turns: tuple[bytes, ...], reply: bytes) -> None:
 
 
 def test_data_after_all_recipients_refused_is_554() -> None:
-    def answer(conn, ev):  # type: ignore[no-untyped-def]
+    def answer(conn: SmtpConnection, ev: events.Event) -> Reply:
         if isinstance(ev, events.Rcpt):
             return Reply(550, "5.1.1", "User unknown")
         from tests.smtp.smtp_harness import default_answer
@@ -173,7 +182,7 @@ def test_helo_resets_transaction_and_rset() -> None:
 
 
 def test_data_refused_keeps_lines_as_commands() -> None:
-    def answer(conn, ev):  # type: ignore[no-untyped-def]
+    def answer(conn: SmtpConnection, ev: events.Event) -> Reply:
         from tests.smtp.smtp_harness import default_answer
 
         if isinstance(ev, events.Data):
@@ -405,7 +414,7 @@ def test_too_many_errors_closes() -> None:
 
 
 def test_app_5xx_replies_count_as_errors() -> None:
-    def answer(conn, ev):  # type: ignore[no-untyped-def]
+    def answer(conn: SmtpConnection, ev: events.Event) -> Reply:
         from tests.smtp.smtp_harness import default_answer
 
         if isinstance(ev, events.Rcpt):
@@ -421,7 +430,7 @@ def test_app_5xx_replies_count_as_errors() -> None:
 
 
 def test_data_end_counting() -> None:
-    def answer(conn, ev):  # type: ignore[no-untyped-def]
+    def answer(conn: SmtpConnection, ev: events.Event) -> Reply:
         from tests.smtp.smtp_harness import default_answer
 
         if isinstance(ev, events.DataEnd):

@@ -10,7 +10,15 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from palisade.smtp import NEED_DATA, PAUSED, Reply, SmtpConnection, State, events
-from tests.smtp.smtp_harness import EHLO, ENVELOPE, Driver, default_answer, make, state_of
+from tests.smtp.smtp_harness import (
+    EHLO,
+    ENVELOPE,
+    Answer,
+    Driver,
+    default_answer,
+    make,
+    state_of,
+)
 
 MAX_LINE = 64
 
@@ -32,7 +40,7 @@ def chunks_of(data: bytes, cuts: list[int]) -> list[bytes]:
     return [data[a:b] for a, b in zip([0, *points], [*points, len(data)], strict=True)]
 
 
-def run(conn: SmtpConnection, chunks: list[bytes], answer=default_answer) -> Driver:  # type: ignore[no-untyped-def]
+def run(conn: SmtpConnection, chunks: list[bytes], answer: Answer = default_answer) -> Driver:
     d = Driver(conn, answer)
     for chunk in chunks:
         if conn.state is State.CLOSED:

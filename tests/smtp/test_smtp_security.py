@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from palisade.smtp import NEED_DATA, Reply, State, events
+from palisade.smtp import NEED_DATA, Reply, SmtpConnection, State, events
 from tests.smtp.smtp_harness import (
     DATA,
     EHLO,
@@ -142,7 +142,7 @@ def test_starttls_refused(turns: tuple[bytes, ...], reply: bytes) -> None:
 
 
 def test_starttls_answered_454_keeps_plaintext_session() -> None:
-    def answer(conn, ev):  # type: ignore[no-untyped-def]
+    def answer(conn: SmtpConnection, ev: events.Event) -> Reply:
         from tests.smtp.smtp_harness import default_answer
 
         if isinstance(ev, events.StartTls):
