@@ -24,6 +24,7 @@ from tests.auth.conftest import (
 )
 from tests.checks.harness import NoLists
 from tests.dnsserver import ZoneServer
+from tests.messages import FileSource
 
 FOOTBALL = "football.example.com"
 HAVE_NACL = importlib.util.find_spec("nacl") is not None
@@ -179,7 +180,7 @@ def test_unsigned_message_is_none_and_not_read(ports: Ports, messages: Messages)
     facts = make_facts(message)
     assert outcome(facts, ports) == DkimOutcome()
     assert outcome(facts, ports).result == "none"
-    assert message.source.opened == 0  # type: ignore[attr-defined]
+    assert isinstance(message.source, FileSource) and message.source.opened == 0
     assert evaluate(make_facts(message), ports, result=["none"]).matched
     assert not evaluate(make_facts(message), ports).matched
 
@@ -232,7 +233,7 @@ def test_outcome_is_memoised(dns: ZoneServer, ports: Ports, messages: Messages) 
     first, second = run(twice)
     assert first is second
     assert facts.message is not None
-    assert facts.message.source.opened == 1  # type: ignore[attr-defined]
+    assert isinstance(facts.message.source, FileSource) and facts.message.source.opened == 1
 
 
 def test_too_large_message_is_neutral(

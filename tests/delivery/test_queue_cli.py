@@ -10,12 +10,12 @@ from pathlib import Path
 import pytest
 
 from palisade.cli import queue as qcli
-from tests.delivery.deliverykit import envelope, queue, run, setup
+from tests.delivery.deliverykit import Setup, envelope, queue, run, setup
 
 
-def call(s: object, *argv: str, now: float | None = None) -> tuple[int, str, str]:
+def call(s: Setup, *argv: str, now: float | None = None) -> tuple[int, str, str]:
     out, err = io.StringIO(), io.StringIO()
-    code = qcli.run(list(argv), s.spool, s.log, out=out, err=err, now=now)  # type: ignore[attr-defined]
+    code = qcli.run(list(argv), s.spool, s.log, out=out, err=err, now=now)
     return code, out.getvalue(), err.getvalue()
 
 
