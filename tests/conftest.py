@@ -17,7 +17,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, AnyStr
 
 import pytest
 
@@ -59,6 +59,14 @@ def write_config(path: Path, sections: dict[str, dict[str, Any]]) -> Path:
         lines.append("")
     path.write_text("\n".join(lines))
     return path
+
+
+def search(pattern: AnyStr, text: AnyStr) -> re.Match[AnyStr]:
+    """``re.search`` that fails the test with the text when nothing matches (not with an
+    AttributeError on None)."""
+    match = re.search(pattern, text)
+    assert match is not None, (pattern, text)
+    return match
 
 
 def wait_for(predicate: Any, timeout: float = 10.0, interval: float = 0.02) -> Any:
@@ -242,7 +250,8 @@ def make_gateway(tmp_path: Path) -> Iterator[Any]:
 @pytest.fixture
 def gateway(make_gateway: Any) -> GatewayProcess:
     """A gateway on the defaults: local domain example.test, no TLS."""
-    return make_gateway()  # type: ignore[no-any-return]
+    gateway: GatewayProcess = make_gateway()
+    return gateway
 
 
 @pytest.fixture(scope="session")

@@ -82,7 +82,7 @@ def signed(body: str, *, extra: str = "") -> bytes:
         f"Subject: Tuesday\r\nMessage-ID: <1@client.example>\r\n{extra}\r\n"
         + body.replace("\n", "\r\n")
     ).encode()
-    signature = dkim.sign(
+    signature: bytes = dkim.sign(
         message,
         b"test",
         b"client.example",

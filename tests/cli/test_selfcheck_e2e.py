@@ -54,7 +54,7 @@ def dnsbl_rule(*zones: str, **extra: Any) -> dict[str, Any]:
 def test_config_check_probes_the_resolver_and_every_dnsbl_zone(
     tmp_path: Path, dns: ZoneServer
 ) -> None:
-    sections = {
+    sections: dict[str, dict[str, Any]] = {
         "dns": {"nameservers": [f"127.0.0.1:{dns.port}"]},
         "rules": {
             "connect": [dnsbl_rule("good.bl.test", "refused.bl.test", "empty.bl.test")],
@@ -81,7 +81,7 @@ def test_config_check_probes_the_resolver_and_every_dnsbl_zone(
 
 
 def test_a_dead_resolver_is_a_warning(tmp_path: Path) -> None:
-    sections = {
+    sections: dict[str, dict[str, Any]] = {
         "dns": {"nameservers": [f"127.0.0.1:{free_port()}"], "timeout": 0.5},
         "rules": {"connect": [dnsbl_rule("good.bl.test")]},
     }

@@ -434,7 +434,7 @@ def test_pipelined_connection_is_reused() -> None:
 
     async def go(s: Scripted) -> list[str]:
         hop = _hop(s.port)
-        outcomes = []
+        outcomes: list[str] = []
         for n in range(3):
             rcpt = f"r{n}@corp.test"
             outcomes += [r.outcome for r in await hop.deliver(envelope(), [rcpt], BODY)]

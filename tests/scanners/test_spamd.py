@@ -16,10 +16,10 @@ from palisade.adapters.scanner_io import parse_address
 from palisade.adapters.spamd import SpamdScanner
 from palisade.ports import ServiceTempError, SpamScanner
 from tests.conftest import free_port, wait_for
+from tests.messages import FileSource
 from tests.scanners.conftest import (
     GTUBE,
     HAM_BODY,
-    FileSource,
     ScriptedServer,
     SilentServer,
     message_bytes,

@@ -99,7 +99,7 @@ def signed(body: str, *, sender: str = "alice@client.example", extra: str = "") 
         f"From: Alice <{sender}>\r\nTo: postmaster@example.test\r\nSubject: Tuesday\r\n"
         f"Message-ID: <1@client.example>\r\n{extra}\r\n{body}"
     ).encode()
-    signature = dkim.sign(
+    signature: bytes = dkim.sign(
         message,
         b"test",
         b"client.example",
@@ -126,7 +126,8 @@ def send(gateway: GatewayProcess, message: bytes, sender: str = "alice@client.ex
 
 
 def delivered(gateway: GatewayProcess) -> bytes:
-    return wait_for(lambda: gateway.maildir_messages("postmaster"))[0]  # type: ignore[no-any-return]
+    messages: list[bytes] = wait_for(lambda: gateway.maildir_messages("postmaster"))
+    return messages[0]
 
 
 def header_block(message: bytes) -> str:

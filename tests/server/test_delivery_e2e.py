@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import GatewayProcess, NextHop, child_pids, wait_for, write_config
+from tests.conftest import GatewayProcess, NextHop, child_pids, search, wait_for, write_config
 
 QUEUE_ID = r"[0-9A-Za-z]{6}-[0-9A-Za-z]{6}-[0-9A-Za-z]{2}"
 MESSAGE = (
@@ -35,7 +35,7 @@ def test_smtplib_message_reaches_maildir_with_queue_id_in_reply_and_logs(
         client.rcpt("user@example.test")
         code, reply = client.data(MESSAGE.encode())
     assert code == 250
-    queue_id = re.search(QUEUE_ID, reply.decode()).group(0)  # type: ignore[union-attr]
+    queue_id = search(QUEUE_ID, reply.decode()).group(0)
     messages = wait_for(lambda: gateway.maildir_messages("user"))
     assert len(messages) == 1
     body = messages[0]

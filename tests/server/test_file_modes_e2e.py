@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import GatewayProcess, free_port, wait_for
+from tests.conftest import GatewayProcess, free_port, search, wait_for
 
 QUEUE_ID = r"[0-9A-Za-z]{6}-[0-9A-Za-z]{6}-[0-9A-Za-z]{2}"
 MESSAGE = "From: s@outside.test\r\nSubject: modes\r\nMessage-ID: <modes@outside.test>\r\n\r\nx\r\n"
@@ -43,7 +43,7 @@ def send(gw: GatewayProcess, rcpt: str) -> str:
         client.rcpt(rcpt)
         code, reply = client.data(MESSAGE.encode())
     assert code == 250, reply
-    return re.search(QUEUE_ID, reply.decode()).group(0)  # type: ignore[union-attr]
+    return search(QUEUE_ID, reply.decode()).group(0)
 
 
 def mode(path: Path) -> int:

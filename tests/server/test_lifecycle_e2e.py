@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import re
 import select
 import signal
 import smtplib
@@ -24,6 +23,7 @@ from tests.conftest import (
     free_port,
     gateway_sections,
     listening_sockets,
+    search,
     wait_for,
     write_config,
 )
@@ -108,7 +108,7 @@ def test_kill_9_after_250_then_restart_delivers_exactly_once(
     with RawClient(gw.port) as client:  # the next hop is down: the message waits in the spool
         code, text = transaction(client, "s@outside.test", "keep@corp.test", BODY)
     assert code == 250
-    queue_id = re.search(QUEUE_ID, text).group(0)  # type: ignore[union-attr]
+    queue_id = search(QUEUE_ID, text).group(0)
     gw.kill()  # SIGKILL right after the 250: nothing graceful happens
     next_hop.start()
     gw.start()
@@ -131,13 +131,13 @@ def test_kill_9_with_local_delivery_loses_and_duplicates_nothing(make_gateway: A
                 b"Subject: n%d\r\n\r\nbody\r\n.\r\n" % n,
             )
             assert code == 250
-            ids.append(re.search(QUEUE_ID, text).group(0))  # type: ignore[union-attr]
+            ids.append(search(QUEUE_ID, text).group(0))
     gw.kill()
     gw.start()
     messages = wait_for(
         lambda: (lambda m: m if len(m) >= 5 else None)(gw.maildir_messages("durable")), timeout=20
     )
-    subjects = sorted(re.search(rb"Subject: (n\d)", m).group(1) for m in messages)  # type: ignore[union-attr]
+    subjects = sorted(search(rb"Subject: (n\d)", m).group(1) for m in messages)
     assert subjects == [b"n0", b"n1", b"n2", b"n3", b"n4"]
 
 
@@ -215,7 +215,7 @@ def test_queue_commands(make_gateway: Any, next_hop: NextHop) -> None:
     for rcpt in ("a@corp.test", "b@corp.test"):
         with RawClient(gw.port) as client:
             _code, text = transaction(client, "s@outside.test", rcpt, BODY)
-            ids.append(re.search(QUEUE_ID, text).group(0))  # type: ignore[union-attr]
+            ids.append(search(QUEUE_ID, text).group(0))
     wait_for(lambda: "== b@corp.test" in gw.mainlog())
     listing = palisade("queue", "list", "--config", str(gw.config_path), cwd=gw.base)
     assert listing.returncode == 0, listing.stderr
@@ -345,7 +345,7 @@ def test_workers_stop_when_the_parent_is_killed_and_the_restart_delivers_every_2
 
     def delivered() -> list[str]:
         return [
-            re.search(rb"Subject: (k\d+-\d+)", m).group(1).decode()  # type: ignore[union-attr]
+            search(rb"Subject: (k\d+-\d+)", m).group(1).decode()
             for m in gw.maildir_messages("load")
         ]
 
@@ -454,7 +454,7 @@ def test_connections_of_a_killed_worker_no_longer_count_for_their_ip(make_gatewa
 
 
 def test_config_check_shows_the_scanner_and_ldap_sections_without_secrets(tmp_path: Path) -> None:
-    sections = {
+    sections: dict[str, dict[str, Any]] = {
         "ldap": {
             "servers": ["ldap://127.0.0.1:3890"],
             "base_dn": "dc=example,dc=test",

@@ -123,7 +123,9 @@ def early_talker(port: int, text: bytes) -> None:
 
 def hostile_logs(make_gateway: Any) -> GatewayProcess:
     # no pass cache: the early talker at the end comes from the same address as the rest
-    gw = make_gateway(server={"greeting_delay": 0.3, "pregreet_pass_ttl": 0}, rules=rules())
+    gw: GatewayProcess = make_gateway(
+        server={"greeting_delay": 0.3, "pregreet_pass_ttl": 0}, rules=rules()
+    )
     for turns in HOSTILE:
         converse(gw.port, turns)
     early_talker(gw.port, b'EHLO x\r\n2026-01-01 00:00:00 H=(a) [9.8.7.6]:1 rejected "[1.2.3.4]"')

@@ -12,7 +12,7 @@ import sys
 from typing import Any
 
 from palisade.spool import Spool
-from tests.conftest import GatewayProcess, NextHop, wait_for
+from tests.conftest import GatewayProcess, NextHop, search, wait_for
 
 QUEUE_ID = r"[0-9A-Za-z]{6}-[0-9A-Za-z]{6}-[0-9A-Za-z]{2}"
 LONG = "\r\n ".join(["y" * 900] * 6)  # folded: 5,400 characters, no line over the limit
@@ -33,7 +33,7 @@ def send(gw: GatewayProcess, content: str, rcpt: str = "later@corp.test") -> str
         client.rcpt(rcpt)
         code, reply = client.data(content.encode("latin-1"))
     assert code == 250, reply
-    return re.search(QUEUE_ID, reply.decode()).group(0)  # type: ignore[union-attr]
+    return search(QUEUE_ID, reply.decode()).group(0)
 
 
 def queue_show(gw: GatewayProcess, queue_id: str) -> str:

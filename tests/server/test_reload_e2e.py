@@ -20,7 +20,14 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import child_pids, free_port, gateway_sections, wait_for, write_config
+from tests.conftest import (
+    GatewayProcess,
+    child_pids,
+    free_port,
+    gateway_sections,
+    wait_for,
+    write_config,
+)
 from tests.server.smtpclient import RawClient
 
 MESSAGE = b"Subject: after reload\r\nMessage-ID: <r1@outside.test>\r\n\r\nhello\r\n"
@@ -31,15 +38,15 @@ def processes(workers: int) -> int:
     return 1 if workers == 1 else workers + 1
 
 
-def reloaded(gw: Any, count: int) -> bool:
+def reloaded(gw: GatewayProcess, count: int) -> bool:
     return gw.mainlog().count("configuration reloaded") >= count
 
 
-def refused(gw: Any, count: int) -> bool:
+def refused(gw: GatewayProcess, count: int) -> bool:
     return gw.paniclog().count("reload refused") >= count
 
 
-def rewrite(gw: Any, **changes: dict[str, Any]) -> None:
+def rewrite(gw: GatewayProcess, **changes: dict[str, Any]) -> None:
     sections = {name: dict(table) for name, table in gw.sections.items()}
     for name, table in changes.items():
         sections.setdefault(name, {}).update(table)

@@ -58,6 +58,7 @@ def send(gateway: GatewayProcess, data: bytes) -> tuple[int, bytes]:
         try:
             client.sendmail("alice@client.example", ["postmaster@example.test"], data)
         except smtplib.SMTPDataError as exc:
+            assert isinstance(exc.smtp_error, bytes)  # smtplib's own reply text is bytes
             return exc.smtp_code, exc.smtp_error
         return 250, b""
 

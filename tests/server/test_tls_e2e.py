@@ -43,13 +43,14 @@ def tls_gateway(
     that follow the handshake differently)."""
     if request.param == "asyncio":
         without_uvloop(tmp_path, monkeypatch)
-    return make_gateway(  # type: ignore[no-any-return]
+    gateway: GatewayProcess = make_gateway(
         server={"max_connections_per_ip": 100},
         tls={
             "certificate": str(tls_files["certificate"]),
             "private_key": str(tls_files["private_key"]),
         },
     )
+    return gateway
 
 
 def _ehlo_right_after_handshake(

@@ -7,6 +7,7 @@ import dataclasses
 import hashlib
 import json
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -242,7 +243,7 @@ def test_damaged_late_record_is_refused_at_recovery(tmp_path: Path, damage: Any)
     assert os.listdir(tmp_path / "corrupt") == [env.queue_id]
 
 
-TORN = {
+TORN: dict[str, Callable[[bytes, bytes], bytes]] = {  # damage(whole record, body)
     "empty": lambda whole, body: b"",
     "header cut": lambda whole, body: whole[:10],
     "header and part of the body": lambda whole, body: whole[: whole.index(b"\n") + 5],

@@ -72,10 +72,24 @@ class Pki:
     leaf: Issued
 
     @classmethod
-    def make(cls, hostname: str = "mx.example.test", **leaf: datetime.datetime) -> Pki:
+    def make(
+        cls,
+        hostname: str = "mx.example.test",
+        *,
+        not_before: datetime.datetime | None = None,
+        not_after: datetime.datetime | None = None,
+    ) -> Pki:
+        """The leaf's validity is ``issue``'s default unless ``not_before``/``not_after`` say."""
         root = issue("Palisade Test Root", ca=True)
         intermediate = issue("Palisade Test Intermediate", root, ca=True)
-        return cls(root, intermediate, issue(hostname, intermediate, names=(hostname,), **leaf))
+        leaf = issue(
+            hostname,
+            intermediate,
+            names=(hostname,),
+            not_before=not_before,
+            not_after=not_after,
+        )
+        return cls(root, intermediate, leaf)
 
     def write(
         self, directory: Path, *chain: Issued, key: Issued | None = None

@@ -35,9 +35,8 @@ def tls_check(*args: str) -> tuple[int, str, str]:
 
 def serving(make_gateway: Any, tmp_path: Path, pki: Pki, *chain: Issued) -> GatewayProcess:
     cert, key = pki.write(tmp_path, *chain)
-    return make_gateway(  # type: ignore[no-any-return]
-        tls={"certificate": str(cert), "private_key": str(key)}
-    )
+    gateway: GatewayProcess = make_gateway(tls={"certificate": str(cert), "private_key": str(key)})
+    return gateway
 
 
 def test_a_good_gateway(make_gateway: Any, tmp_path: Path) -> None:
