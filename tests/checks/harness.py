@@ -17,10 +17,7 @@ from palisade.adapters.dns import DnsResolver
 from palisade.policy.rules import Check, CheckError, CheckFactory, CheckResult, Facts, Ports
 from tests.adapters.conftest import SettableClock
 from tests.dnsserver import ZoneServer
-
-
-class NoState:
-    """Stands in for the StateStore port: these checks never touch it."""
+from tests.unused_ports import NoState
 
 
 class NoLists:
@@ -38,7 +35,7 @@ def make_ports(server: ZoneServer, timeout: float = 0.3, **kw: Any) -> Ports:
     resolver = DnsResolver(
         [server.address], timeout=timeout, retries=0, clock=SettableClock(), **kw
     )
-    return Ports(resolver=resolver, state=NoState(), clock=SettableClock())  # type: ignore[arg-type]
+    return Ports(resolver=resolver, state=NoState(), clock=SettableClock())
 
 
 def build(factories: Mapping[str, CheckFactory], name: str, **options: Any) -> Check:

@@ -20,6 +20,7 @@ from palisade.policy.rules import Check, Facts, Ports, Stage, Verb
 from palisade.policy.verdict import Action
 from palisade.smtp.replies import Reply
 from tests.ldap.slapd import SlapdServer
+from tests.unused_ports import NoClock, NoResolver, NoState
 
 MESSAGE = "<$recipient>: Recipient address rejected: User unknown"
 
@@ -52,7 +53,7 @@ def rcpt(check: Check, recipient: str, directory: Any) -> StageOutcome:
         sender="s@example.org",
         recipient=recipient,
     )
-    ports = Ports(resolver=None, state=None, clock=None, recipients=directory)  # type: ignore[arg-type]
+    ports = Ports(resolver=NoResolver(), state=NoState(), clock=NoClock(), recipients=directory)
     return asyncio.run(evaluate_stage(Stage.RCPT, [rule], facts, ports))
 
 

@@ -13,6 +13,7 @@ from palisade.policy.engine import TEMPFAIL_REPLY, Rule, evaluate_stage
 from palisade.policy.rules import CheckError, CheckResult, Facts, OnError, Ports, Stage, Verb
 from palisade.policy.verdict import Action
 from palisade.ports import DnsTempError
+from tests.unused_ports import NoClock, NoResolver, NoState
 
 
 class Fixed:
@@ -57,7 +58,7 @@ def facts() -> Facts:
     )
 
 
-PORTS = Ports(resolver=None, state=None, clock=None)  # type: ignore[arg-type]
+PORTS = Ports(resolver=NoResolver(), state=NoState(), clock=NoClock())
 
 
 def run(rules: list[Rule], f: Facts | None = None, stage: Stage = Stage.RCPT) -> Any:

@@ -24,6 +24,7 @@ from tests.messages import FileSource
 from tests.scanners.clamd import ClamdProcess, start_clamd
 from tests.scanners.rspamd import RspamdProcess, start_rspamd
 from tests.scanners.spamd import SpamdProcess, start_spamd
+from tests.unused_ports import NoState
 
 T = TypeVar("T")
 
@@ -76,10 +77,6 @@ class NoResolver:
         raise AssertionError("unexpected PTR query")
 
 
-class NoState:
-    """The content checks never touch the state store."""
-
-
 class NoClock:
     def now(self) -> float:
         return 0.0
@@ -91,7 +88,7 @@ class NoClock:
 def make_ports(spam: SpamScanner | None = None, virus: VirusScanner | None = None) -> Ports:
     return Ports(
         resolver=NoResolver(),
-        state=NoState(),  # type: ignore[arg-type]
+        state=NoState(),
         clock=NoClock(),
         spam=spam,
         virus=virus,

@@ -34,6 +34,7 @@ from palisade.policy.checks.spf import SpfOutcome, spf_outcome
 from palisade.policy.rules import Facts, Ports
 from tests.adapters.conftest import SettableClock
 from tests.dnsserver import ZoneServer, start_zone_server
+from tests.unused_ports import NoState
 
 SUITE = Path(__file__).resolve().parent.parent / "data" / "spf" / "rfc7208-tests.yml"
 TIMEOUT = 0.5  # seconds per DNS try; TIMEOUT names are never answered
@@ -144,7 +145,7 @@ def server_for(servers: dict[int, ZoneServer], scenario: Scenario) -> ZoneServer
 
 def run_case(server: ZoneServer, case: Case) -> SpfOutcome:
     resolver = DnsResolver([server.address], timeout=TIMEOUT, retries=0, clock=SettableClock())
-    ports = Ports(resolver=resolver, state=object(), clock=SettableClock())  # type: ignore[arg-type]
+    ports = Ports(resolver=resolver, state=NoState(), clock=SettableClock())
     facts = Facts(
         client_ip=ipaddress.ip_address(str(case.data["host"])),
         client_port=25,

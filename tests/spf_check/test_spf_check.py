@@ -28,8 +28,9 @@ from palisade.policy.checks.spf import (
 from palisade.policy.rules import Facts, Findings, Ports, Stage, known
 from palisade.ports import DnsAnswer
 from tests.adapters.conftest import SettableClock
-from tests.checks.harness import NoState, build, make_facts, make_ports, run
+from tests.checks.harness import build, make_facts, make_ports, run
 from tests.dnsserver import ZoneServer, start_zone_server
+from tests.unused_ports import NoState
 
 CLIENT = "192.0.2.1"
 
@@ -300,7 +301,7 @@ class _StubResolver:
 
 
 def _ports(resolver: Any) -> Ports:
-    return Ports(resolver=resolver, state=NoState(), clock=SettableClock())  # type: ignore[arg-type]
+    return Ports(resolver=resolver, state=NoState(), clock=SettableClock())
 
 
 def test_concurrent_evaluations_use_their_own_resolvers() -> None:

@@ -10,6 +10,7 @@ import pytest
 
 from palisade.adapters.sqlite_state import SqliteStateStore
 from palisade.policy.rules import Facts, Ports
+from tests.unused_ports import NoResolver
 
 
 class SettableClock:
@@ -26,16 +27,6 @@ class SettableClock:
 
     def advance(self, seconds: float) -> None:
         self.value += seconds
-
-
-class NoResolver:
-    """The state checks never resolve anything; any call is a test failure."""
-
-    async def query(self, name: str, rdtype: str) -> object:
-        raise AssertionError("unexpected DNS query")
-
-    async def ptr(self, ip: str) -> object:
-        raise AssertionError("unexpected PTR query")
 
 
 @pytest.fixture
@@ -57,7 +48,7 @@ def store(db_path: Path, clock: SettableClock) -> Iterator[SqliteStateStore]:
 
 @pytest.fixture
 def ports(store: SqliteStateStore, clock: SettableClock) -> Ports:
-    return Ports(resolver=NoResolver(), state=store, clock=clock)  # type: ignore[arg-type]
+    return Ports(resolver=NoResolver(), state=store, clock=clock)
 
 
 def facts(ip: str) -> Facts:

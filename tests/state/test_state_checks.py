@@ -16,7 +16,8 @@ from palisade.policy.engine import Rule, evaluate_stage
 from palisade.policy.keys import HISTORY_COUNT, RATELIMIT_COUNT, RATELIMIT_RATE
 from palisade.policy.rules import OnError, Ports, Stage, Verb
 from palisade.policy.verdict import Action
-from tests.state.conftest import NoResolver, SettableClock, facts
+from tests.state.conftest import SettableClock, facts
+from tests.unused_ports import NoResolver
 
 T = TypeVar("T")
 
@@ -265,7 +266,7 @@ def test_ratelimit_rule_defers_the_eleventh(ports: Ports) -> None:
 
 def test_locked_store_turns_into_the_rules_on_error(db_path: Path, clock: SettableClock) -> None:
     store = SqliteStateStore(db_path, clock=clock, busy_timeout=0.1)
-    ports = Ports(resolver=NoResolver(), state=store, clock=clock)  # type: ignore[arg-type]
+    ports = Ports(resolver=NoResolver(), state=store, clock=clock)
     defer_rule = Rule("conn_rate", Stage.CONNECT, build_ratelimit(), Verb.DENY)
     skip_rule = Rule(
         "conn_rate_skip",
