@@ -520,7 +520,7 @@ def test_submit_and_background_loop(tmp_path: Path, hop: Hop) -> None:
             if line.endswith(" Completed") and len(hop.handler.messages) == 6:
                 completed.set()
 
-        s.log.main = main  # type: ignore[method-assign]
+        s.log.main = main  # type: ignore[method-assign]  # wraps the real method, see above
         runner = s.runner(scan_interval=0.2)
         await runner.start()
         ids = [await queue(s.spool, envelope()) for _ in range(5)]

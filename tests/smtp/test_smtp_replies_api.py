@@ -95,7 +95,7 @@ def test_public_surface_is_pinned() -> None:
 def test_events_are_frozen() -> None:
     ev = events.Helo(name="x", extended=True)
     with pytest.raises(AttributeError):
-        ev.name = "y"  # type: ignore[misc]
+        ev.name = "y"  # type: ignore[misc]  # the frozen field is written on purpose
 
 
 @pytest.mark.parametrize(
