@@ -12,10 +12,11 @@ from typing import Any
 
 import pytest
 
-from palisade.config.lists import ListHandle, ListRegistry
+from palisade.config.lists import ListHandle
 from palisade.policy.checks import REGISTRY
 from palisade.policy.engine import TEMPFAIL_REPLY, Rule, StageOutcome, evaluate_stage
 from palisade.policy.lists import ListKind
+from palisade.policy.policy import ListRegistry
 from palisade.policy.rules import Check, Facts, Ports, Stage, Verb
 from palisade.policy.verdict import Action
 from tests.ldap.slapd import SlapdServer

@@ -31,12 +31,13 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from palisade.config import Config, ConfigError, load_config
-from palisade.config.policy import Policy, build_policy
+from palisade.config.policy import build_policy
 from palisade.conversation import Conversation, Step
 from palisade.obs.log import escape
 from palisade.obs.queueid import QueueIdGenerator
 from palisade.policy import keys
 from palisade.policy.engine import Decision, StageOutcome
+from palisade.policy.policy import Policy
 from palisade.policy.relay import RelayPolicy
 from palisade.policy.rules import IPAddress, Ports, Stage
 from palisade.policy.verdict import Action, Verdict

@@ -36,12 +36,12 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from palisade.config import Config
-from palisade.config.policy import Policy
 from palisade.conversation import content
 from palisade.obs.log import EventLog, escape, escape_field, rfc5322_date
 from palisade.obs.queueid import QueueIdGenerator
 from palisade.policy import keys
 from palisade.policy.engine import StageOutcome, evaluate_stage
+from palisade.policy.policy import Policy
 from palisade.policy.relay import RelayPolicy
 from palisade.policy.rules import Facts, Findings, IPAddress, MessageFacts, Ports, Stage
 from palisade.policy.verdict import Action, Verdict
