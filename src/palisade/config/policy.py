@@ -23,7 +23,8 @@ from palisade.policy.engine import Rule
 from palisade.policy.findings import Finding
 from palisade.policy.lists import ListKind
 from palisade.policy.policy import ListRegistry, Policy
-from palisade.policy.rules import OnError, Stage, Verb, default_on_error, uses_dns
+from palisade.policy.rules import OnError, Stage, default_on_error, uses_dns
+from palisade.policy.verdict import Verb
 
 
 def _rule_line(config: Config, spec: RuleSpec) -> int | None:
