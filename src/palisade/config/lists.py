@@ -60,7 +60,7 @@ class ListHandle:
                 self.reload_if_changed()
         return self.value
 
-    def reload_if_changed(self, force: bool = False) -> bool:
+    def reload_if_changed(self) -> bool:
         """Re-reads the file when its mtime changed; True when the contents were replaced."""
         if self.path is None:
             return False
@@ -69,7 +69,7 @@ class ListHandle:
         except OSError as exc:
             self._report(f"list {self.name!r}: cannot read {self.path}: {exc}; keeping the old one")
             return False
-        if mtime == self._mtime and not force:
+        if mtime == self._mtime:
             return False
         try:
             self.value = parse_list(self.path.read_text(encoding="utf-8"), self.kind)

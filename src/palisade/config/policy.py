@@ -15,7 +15,7 @@ import re
 from collections.abc import Callable
 
 from palisade.config.lists import ListHandle
-from palisade.config.loader import ConfigError, load_config
+from palisade.config.loader import ConfigError
 from palisade.config.model import Config, RuleSpec
 from palisade.policy import findings
 from palisade.policy.checks import REGISTRY
@@ -209,13 +209,3 @@ def permanent_on_error_warnings(config: Config, policy: Policy | None = None) ->
                     f'legitimate mail; use "defer" (451) instead'
                 )
     return warnings
-
-
-def load_everything(
-    path: object, on_list_error: Callable[[str], None] | None = None
-) -> tuple[Config, Policy]:
-    """``load_config`` then ``build_policy``: what serve, reload and config check use."""
-    from pathlib import Path
-
-    config = load_config(path if isinstance(path, Path) or path is None else Path(str(path)))
-    return config, build_policy(config, on_list_error)

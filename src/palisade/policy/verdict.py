@@ -34,10 +34,6 @@ class Verdict:
     log_message: str
 
     @property
-    def refuses(self) -> bool:
-        return self.action in (Verb.DENY, Verb.DROP, Verb.DEFER)
-
-    @property
     def closes(self) -> bool:
         return self.action is Verb.DROP
 

@@ -82,10 +82,6 @@ class Generation:
         return self.ports
 
     @property
-    def users(self) -> int:
-        return self._users.count
-
-    @property
     def closed(self) -> bool:
         return self._users.closed
 
