@@ -1,10 +1,10 @@
 """Rules: what the operator configures per stage, and the interface every check implements.
 
-Owns: the stages (the verbs are ``policy.verdict.Verb``), the
-per-connection facts checks read, the result a check returns, and the Check protocol. A check
-gathers facts through ports (DNS, state store) and says whether its condition holds; it never
-writes replies, logs or globals. Only the engine turns a matched rule into a verdict, and only the
-server turns a verdict into bytes.
+Owns: the stages (the verbs are ``policy.verdict.Verb``), the per-connection facts checks read,
+the result a check returns, and the Check protocol. A check gathers facts through ports (DNS,
+state store) and says whether its condition holds; it never writes replies, logs or globals.
+Only the engine turns a matched rule into a verdict, and only the conversation turns a verdict
+into a reply.
 Trust: facts come from the network (HELO, addresses) and are untrusted text; checks must treat
 them as data, never as patterns or paths.
 """

@@ -1,4 +1,4 @@
-"""Verdicts: what a check may conclude. Only the server core turns them into SMTP replies.
+"""Verdicts: what a rule may conclude. Only the conversation turns them into SMTP replies.
 
 Owns: the verbs of an exim-style ACL (accept, accept_all, deny, drop, defer, warn), one type for
 what a rule is configured to do and what a verdict concludes, and the pair of texts a rule
