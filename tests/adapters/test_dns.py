@@ -6,6 +6,7 @@ Caching and merging are asserted by what the server received, not by the client'
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import time
 from collections.abc import Awaitable
 from typing import Any, TypeVar
@@ -14,12 +15,13 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from palisade.adapters.dns import DnsResolver, reverse_ip_labels
-from palisade.adapters.dnsbl_probe import (
+from palisade.adapters.dns import DnsResolver
+from palisade.policy.checks.dnsbl_probe import (
     classify_dnsbl_answer,
     dnsbl_query_name,
     probe_dnsbl_zone,
 )
+from palisade.policy.checks.dnsnames import address_labels
 from palisade.ports import DnsAnswer, DnsTempError, Resolver
 from tests.adapters.conftest import SettableClock
 from tests.dnsserver import ZoneServer, start_zone_server
@@ -437,15 +439,10 @@ def _stop_shared_server() -> Any:
         ("::ffff:7f00:2", "2.0.0.0.0.0.f.7.f.f.f.f.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0"),
     ],
 )
-def test_reverse_ip_labels(ip: str, labels: str) -> None:
-    assert reverse_ip_labels(ip) == labels
-    assert len(reverse_ip_labels("2001:db8::1").split(".")) == 32
-
-
-def test_reverse_ip_labels_rejects_non_addresses() -> None:
-    for bad in ["", "1.2.3", "example.test", "1.2.3.4.5", "::g"]:
-        with pytest.raises(ValueError):
-            reverse_ip_labels(bad)
+def test_address_labels(ip: str, labels: str) -> None:
+    """The probe's labels: an IPv4-mapped address stays IPv6 (RFC 5782's IPv6 test points)."""
+    assert address_labels(ipaddress.ip_address(ip)) == labels
+    assert len(address_labels(ipaddress.ip_address("2001:db8::1")).split(".")) == 32
 
 
 def test_dnsbl_query_name() -> None:

@@ -12,7 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from palisade.adapters.spamd import SpamdScanner, parse_address
+from palisade.adapters.scanner_io import parse_address
+from palisade.adapters.spamd import SpamdScanner
 from palisade.ports import ServiceTempError, SpamScanner
 from tests.conftest import free_port, wait_for
 from tests.scanners.conftest import (

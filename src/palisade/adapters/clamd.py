@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import asyncio
 
-from palisade.adapters.spamd import (
+from palisade.adapters.scanner_io import (
     describe,
     open_stream,
     parse_address,

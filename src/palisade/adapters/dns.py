@@ -3,8 +3,7 @@
 Owns: talking DNS to the configured recursive resolvers (UDP with EDNS, TCP on truncation,
 timeouts and retries), following CNAME chains, rendering answers as the text that
 ``palisade.ports.DnsAnswer`` documents, the in-process answer cache, the merging of identical
-concurrent lookups, and the counters the benchmark reports (``DnsResolver.stats``). Also the
-small helper ``reverse_ip_labels`` that DNSBL and PTR code share.
+concurrent lookups, and the counters the benchmark reports (``DnsResolver.stats``).
 
 Must not touch: policy (it reports NXDOMAIN/NODATA/records or a ``DnsTempError``, never a
 verdict), logging, configuration files (the composition root passes plain values), and any
@@ -78,7 +77,7 @@ import dns.rrset
 from palisade.clock import SYSTEM_CLOCK
 from palisade.ports import Clock, DnsAnswer, DnsTempError
 
-__all__ = ["DnsResolver", "DnsStats", "reverse_ip_labels"]
+__all__ = ["DnsResolver", "DnsStats"]
 
 MAX_CNAME_HOPS = 8
 _META_TYPES = frozenset(
@@ -134,20 +133,6 @@ class _Entry:
     nxdomain: bool
     ttl: int  # seconds to keep, after caps
     error: str | None = None  # set for a temporary failure
-
-
-def reverse_ip_labels(ip: str) -> str:
-    """The labels of the reverse name of ``ip``, without a zone: ``1.2.3.4`` -> ``4.3.2.1``.
-
-    IPv6 gives the 32 nibbles of the full address, reversed and dot-separated (RFC 3596 / RFC 5782
-    order). IPv4-mapped IPv6 addresses are kept as IPv6 (the RFC 5782 IPv6 test points are such
-    addresses); callers that want the IPv4 form for a dual-stack peer unwrap it first.
-    Raises ``ValueError`` for anything that is not an IP address.
-    """
-    addr = ipaddress.ip_address(ip)
-    if addr.version == 4:
-        return ".".join(reversed(str(addr).split(".")))
-    return ".".join(reversed(addr.exploded.replace(":", "")))
 
 
 def _parse_rdtype(rdtype: str) -> dns.rdatatype.RdataType:

@@ -39,7 +39,7 @@ import ssl
 from typing import Any
 from urllib.parse import urlsplit
 
-from palisade.adapters.spamd import (
+from palisade.adapters.scanner_io import (
     parse_rules,
     read_headers,
     read_line,

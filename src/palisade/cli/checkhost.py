@@ -108,8 +108,8 @@ def main(args: argparse.Namespace, out: TextIO | None = None) -> int:
         print(f"palisade: {exc}", file=sys.stderr)
         return EXIT_USAGE
     from palisade.ports import StateTempError
-    from palisade.selfcheck import state_problem
     from palisade.server.generation import build_ports, relay_policy
+    from palisade.server.selfcheck import state_problem
 
     try:  # the real state store: a rate-limit rule counts this simulated connection
         ports = build_ports(config)

@@ -139,7 +139,7 @@ def _history(args: argparse.Namespace, state: Path) -> int:
     try:
         store = SqliteStateStore(Path(":memory:") if read_only else state)
     except (StateTempError, SchemaError, OSError) as exc:
-        from palisade.selfcheck import state_problem
+        from palisade.server.selfcheck import state_problem
 
         print(
             f"palisade: {state_problem(state, f'state database {state}: {exc}')}", file=sys.stderr
@@ -203,7 +203,7 @@ _SECTIONS = (
 
 def _config_check(config: Config, *, as_json: bool = False, dns: bool = True) -> int:
     from palisade.config.policy import build_policy
-    from palisade.selfcheck import has_errors, run_selfcheck
+    from palisade.server.selfcheck import has_errors, run_selfcheck
 
     try:
         policy = build_policy(config)
@@ -343,7 +343,7 @@ def to_toml(effective: dict[str, Any], policy: Policy) -> str:
     ``[rspamd]`` imply (before and after the operator's) as comments; the keys a reload cannot
     change (``RESTART_KEYS``) each with a comment saying so."""
     from palisade.policy.rules import Stage
-    from palisade.selfcheck import entries
+    from palisade.server.selfcheck import entries
 
     lines: list[str] = []
     for section in _SECTIONS:

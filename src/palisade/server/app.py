@@ -481,7 +481,7 @@ def serve(config_path: Path | None) -> int:
             file=sys.stderr,
         )
         return 2
-    from palisade.selfcheck import check_before_serving
+    from palisade.server.selfcheck import check_before_serving
 
     if check_before_serving(config, policy) is not None:  # paths, files, DNS, DNSBL zones, TLS
         return 1

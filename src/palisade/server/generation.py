@@ -137,7 +137,7 @@ def build_generation(
         policy = build_policy(config, on_list_error)
         if check_environment:
             part = "self-check"
-            from palisade.selfcheck import run_selfcheck
+            from palisade.server.selfcheck import run_selfcheck
 
             errors = [f for f in run_selfcheck(config, policy, dns=False) if f.level == "error"]
             if errors:

@@ -36,12 +36,13 @@ def reverse_labels(ip: IPAddress | str) -> str:
     """
     if not isinstance(ip, ipaddress.IPv4Address | ipaddress.IPv6Address):
         ip = ipaddress.ip_address(ip)
-    return _reverse_labels(unmapped(ip))
+    return address_labels(unmapped(ip))
 
 
 @functools.lru_cache(maxsize=4096)
-def _reverse_labels(addr: IPAddress) -> str:
-    """The labels of one address (memoised: the same clients come back)."""
+def address_labels(addr: IPAddress) -> str:
+    """The labels of one address as it is, an IPv4-mapped one as IPv6 (RFC 5782's IPv6 test
+    points are such addresses); memoised: the same clients come back."""
     if addr.version == 4:
         return ".".join(reversed(str(addr).split(".")))
     return ".".join(reversed(addr.exploded.replace(":", "")))

@@ -5,8 +5,9 @@ Spamhaus error codes in 127.255.255.0/24, the query name for an address in a zon
 that tells whether a zone answers sanely through our resolver (127.0.0.2 listed, 127.0.0.1 not).
 
 Must not touch: policy verdicts (a check decides what "listed" means for the session), logging,
-configuration, the network directly (it only uses a ``palisade.ports.Resolver``), and any
-project module other than ``palisade.ports`` and its sibling ``palisade.adapters.dns``.
+configuration, the network directly (it only uses a ``palisade.ports.Resolver``). It lives
+beside the ``dnsbl`` check because it is DNSBL semantics, not a client of anything; the server's
+periodic probe and the start-up self-check use it.
 
 Trust: DNSBL answers are network input. Only addresses in 127.0.0.0/8 are taken as listings;
 127.255.255.0/24 are error codes (the zone refuses to answer us honestly), anything else -- a
@@ -20,7 +21,7 @@ from __future__ import annotations
 import ipaddress
 from typing import Literal
 
-from palisade.adapters.dns import reverse_ip_labels
+from palisade.policy.checks.dnsnames import address_labels
 from palisade.ports import DnsTempError, Resolver
 
 __all__ = [
@@ -81,7 +82,7 @@ def dnsbl_query_name(ip: str, zone: str) -> str:
     addr = ipaddress.ip_address(ip)
     if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
         addr = addr.ipv4_mapped
-    return f"{reverse_ip_labels(str(addr))}.{_zone(zone)}"
+    return f"{address_labels(addr)}.{_zone(zone)}"
 
 
 def _zone(zone: str) -> str:
@@ -91,12 +92,15 @@ def _zone(zone: str) -> str:
 async def _lookup_point(resolver: Resolver, ip: str, zone: str, shown: str) -> tuple[str, str]:
     """Looks up a test point; returns (state, detail), state one of listed / not-listed / failed.
     ``shown`` replaces ``zone`` in the detail (the zone name may contain a secret key)."""
-    name = f"{reverse_ip_labels(ip)}.{zone}"
+    name = f"{address_labels(ipaddress.ip_address(ip))}.{zone}"
     try:
         answer = await resolver.query(name, "A")
     except DnsTempError as exc:
         reason = exc.reason.replace(zone, shown) if shown != zone else exc.reason
-        return "failed", f"lookup of {reverse_ip_labels(ip)}.{shown} failed: {reason}"
+        return (
+            "failed",
+            f"lookup of {address_labels(ipaddress.ip_address(ip))}.{shown} failed: {reason}",
+        )
     if not answer.records:
         return "not-listed", ""
     for record in answer.records:

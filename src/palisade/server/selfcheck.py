@@ -226,7 +226,7 @@ def _tls_findings(config: Config) -> list[Finding]:
 
 async def _dns_findings(config: Config, policy: Policy | None) -> list[Finding]:
     from palisade.adapters.dns import DnsResolver
-    from palisade.adapters.dnsbl_probe import probe_dnsbl_zone
+    from palisade.policy.checks.dnsbl_probe import probe_dnsbl_zone
     from palisade.ports import DnsTempError
     from palisade.server.generation import secrets_of
     from palisade.server.probes import dnsbl_checks
