@@ -56,6 +56,8 @@ def write_everything(gw: GatewayProcess) -> tuple[str, str]:
     held = send(gw, "later@corp.test")
     wait_for(lambda: f"{delivered} Completed" in gw.mainlog())
     wait_for(lambda: f"{held} == later@corp.test" in gw.mainlog())
+    # the runner logs the deferral before it writes the state file
+    wait_for(lambda: (gw.spool_dir / "state" / f"{held}.json").exists())
     wait_for(lambda: list((gw.spool_dir / "free").iterdir()))
     with smtplib.SMTP("127.0.0.1", gw.port, timeout=10) as client:  # a line in the reject log
         client.ehlo("client.outside.test")
