@@ -53,8 +53,10 @@ def mode(path: Path) -> int:
 def write_everything(gw: GatewayProcess) -> tuple[str, str]:
     """A message delivered to Maildir (its file recycled into free/) and one held in queue/ with
     its state file written."""
-    delivered = send(gw, "user@example.test")
+    # The held one first: a message received after the delivered one completed would take its
+    # file back out of free/ (FilePool.claim) and leave free/ empty.
     held = send(gw, "later@corp.test")
+    delivered = send(gw, "user@example.test")
     wait_for(lambda: f"{delivered} Completed" in gw.mainlog())
     wait_for(lambda: f"{held} == later@corp.test" in gw.mainlog())
     # The deferral is logged before its state file is written (in a thread, after the line):
