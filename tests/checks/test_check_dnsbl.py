@@ -316,7 +316,8 @@ def test_engine_warn_header_and_deny_texts(dns: ZoneServer) -> None:
     import asyncio
 
     from palisade.policy.engine import Rule, evaluate_stage
-    from palisade.policy.rules import OnError, Verb
+    from palisade.policy.rules import OnError
+    from palisade.policy.verdict import Verb
 
     dns.list_address(DQS_ZEN, V4, "127.0.0.11", "127.0.0.4", txt="costs $5 at $ip")
     built = check(zones=seed_zones(txt=True), dqs_key=KEY)

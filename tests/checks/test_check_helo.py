@@ -240,7 +240,7 @@ def test_resolvable_failure_follows_on_error_defer_by_default(dns: ZoneServer) -
     import asyncio
 
     from palisade.policy.engine import TEMPFAIL_REPLY, Rule, evaluate_stage
-    from palisade.policy.rules import Verb
+    from palisade.policy.verdict import Verb
 
     dns.behave("flaky.example.net", "servfail")
     rule = Rule("helo resolvable", Stage.HELO, check(resolvable=True), Verb.DENY)

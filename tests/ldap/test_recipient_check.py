@@ -12,12 +12,13 @@ from typing import Any
 
 import pytest
 
-from palisade.config.lists import ListHandle, ListRegistry
+from palisade.config.lists import ListHandle
 from palisade.policy.checks import REGISTRY
 from palisade.policy.engine import TEMPFAIL_REPLY, Rule, StageOutcome, evaluate_stage
 from palisade.policy.lists import ListKind
-from palisade.policy.rules import Check, Facts, Ports, Stage, Verb
-from palisade.policy.verdict import Action
+from palisade.policy.policy import ListRegistry
+from palisade.policy.rules import Check, Facts, Ports, Stage
+from palisade.policy.verdict import Verb
 from palisade.smtp.replies import Reply
 from tests.ldap.slapd import SlapdServer
 from tests.unused_ports import NoClock, NoResolver, NoState
@@ -78,7 +79,7 @@ def test_in_ldap_or_in_the_file_is_accepted(registry: ListRegistry, make_directo
 def test_unknown_recipient_is_550_5_1_1(registry: ListRegistry, make_directory: Any) -> None:
     outcome = rcpt(build(registry, list="recipients"), "nobody@example.test", make_directory())
     assert outcome.verdict is not None
-    assert outcome.verdict.action is Action.DENY
+    assert outcome.verdict.action is Verb.DENY
     reply = outcome.verdict.reply
     assert reply is not None
     assert (reply.code, reply.enhanced) == (550, "5.1.1")
@@ -97,7 +98,7 @@ def test_ldap_down_and_not_in_file_is_451_4_4_3(
     slapd.stop()
     outcome = rcpt(build(registry, list="recipients"), "ann@example.test", directory)
     assert outcome.verdict is not None
-    assert outcome.verdict.action is Action.DEFER
+    assert outcome.verdict.action is Verb.DEFER
     assert outcome.verdict.reply == TEMPFAIL_REPLY  # 451 4.4.3
     decision = outcome.decisions[-1]
     assert decision.error is not None

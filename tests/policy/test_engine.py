@@ -10,8 +10,8 @@ from typing import Any, ClassVar, TypedDict
 import pytest
 
 from palisade.policy.engine import TEMPFAIL_REPLY, Rule, evaluate_stage
-from palisade.policy.rules import CheckError, CheckResult, Facts, OnError, Ports, Stage, Verb
-from palisade.policy.verdict import Action
+from palisade.policy.rules import CheckError, CheckResult, Facts, OnError, Ports, Stage
+from palisade.policy.verdict import Verb
 from palisade.ports import DnsTempError
 from tests.unused_ports import NoClock, NoResolver, NoState
 
@@ -74,7 +74,7 @@ def test_first_decisive_rule_wins_and_later_rules_do_not_run() -> None:
             rule(later),
         ]
     )
-    assert out.verdict.action is Action.DENY
+    assert out.verdict.action is Verb.DENY
     assert out.verdict.reply.to_bytes() == b"550 5.7.1 no r@example.test\r\n"
     assert out.verdict.log_message == "TAG because"
     assert later.calls == 0
@@ -125,7 +125,7 @@ def test_temporary_failure_follows_on_error(on_error: OnError, expected: Any) ->
 
 def test_a_hanging_check_is_cut_by_its_deadline_and_deferred() -> None:
     out = run([rule(Fixed(hang=True), timeout=0.05)])
-    assert out.verdict.action is Action.DEFER
+    assert out.verdict.action is Verb.DEFER
     assert "timed out" in out.decisions[0].error
 
 
@@ -133,7 +133,7 @@ def test_check_error_is_a_temporary_failure_too() -> None:
     out = run(
         [rule(Fixed(fail=CheckError("zone answered 127.255.255.254")), on_error=OnError.DENY)]
     )
-    assert out.verdict.action is Action.DENY
+    assert out.verdict.action is Verb.DENY
 
 
 def test_negate_and_connect_codes_and_code_override() -> None:
@@ -194,7 +194,7 @@ def test_a_check_that_waits_is_followed_to_its_answer_or_error() -> None:
     out = run([rule(Waits(inner_timeout=0.01), log_message="got $v")])
     assert out.verdict is not None and out.verdict.log_message == "got inner timeout"
     out = run([rule(Waits(fail=DnsTempError("SERVFAIL")), on_error=OnError.DENY)])
-    assert out.verdict.action is Action.DENY
+    assert out.verdict.action is Verb.DENY
     assert out.decisions[0].error is not None and "SERVFAIL" in out.decisions[0].error
 
 

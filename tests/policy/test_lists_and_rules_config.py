@@ -12,7 +12,8 @@ from palisade.config import ConfigError, load_config
 from palisade.config.lists import ListHandle
 from palisade.config.policy import build_policy
 from palisade.policy.lists import AddressSet, DomainSet, IpSet, ListKind, parse_list
-from palisade.policy.rules import Stage, Verb
+from palisade.policy.rules import Stage
+from palisade.policy.verdict import Verb
 
 
 def test_ip_lists_v4_v6_cidr_and_mapped() -> None:

@@ -14,8 +14,8 @@ from palisade.adapters.clamd import ClamdScanner
 from palisade.adapters.spamd import SpamdScanner
 from palisade.policy.checks import REGISTRY, content
 from palisade.policy.engine import Rule, evaluate_stage
-from palisade.policy.rules import Check, CheckError, Facts, OnError, Ports, Stage, Verb, known
-from palisade.policy.verdict import Action
+from palisade.policy.rules import Check, CheckError, Facts, OnError, Ports, Stage, known
+from palisade.policy.verdict import Verb
 from palisade.ports import SpamReport
 from tests.conftest import free_port
 from tests.scanners.clamd import EICAR, REPORTED, ClamdProcess
@@ -134,7 +134,7 @@ def test_engine_kill_level_and_failure(spamd: SpamdProcess, tmp_path: Path) -> N
     facts = make_facts(write_message(tmp_path, message_bytes(GTUBE + "\n")))
     ports = make_ports(SpamdScanner(spamd.address, timeout=20))
     outcome = run(evaluate_stage(Stage.DATA, [rule], facts, ports))
-    assert outcome.verdict is not None and outcome.verdict.action is Action.DENY
+    assert outcome.verdict is not None and outcome.verdict.action is Verb.DENY
     assert outcome.verdict.reply is not None and outcome.verdict.reply.code == 550
     assert "GTUBE" in outcome.verdict.log_message
 
@@ -142,7 +142,7 @@ def test_engine_kill_level_and_failure(spamd: SpamdProcess, tmp_path: Path) -> N
     ports = make_ports(SpamdScanner(spamd.address, timeout=0.4))
     with spamd.paused():
         outcome = run(evaluate_stage(Stage.DATA, [rule], facts, ports))
-    assert outcome.verdict is not None and outcome.verdict.action is Action.DEFER
+    assert outcome.verdict is not None and outcome.verdict.action is Verb.DEFER
     assert outcome.verdict.reply is not None and outcome.verdict.reply.code == 451
     assert outcome.decisions[0].error == f"spamd: spamd {spamd.address}: no answer within 0.4s"
 
@@ -198,7 +198,7 @@ def test_virus_engine_deny_and_clamd_down(clamd: ClamdProcess, tmp_path: Path) -
     down = make_ports(virus=ClamdScanner(f"127.0.0.1:{free_port()}"))
     facts = make_facts(write_message(tmp_path, message_bytes(HAM_BODY), "ham.eml"))
     outcome = run(evaluate_stage(Stage.DATA, [rule], facts, down))
-    assert outcome.verdict is not None and outcome.verdict.action is Action.DEFER
+    assert outcome.verdict is not None and outcome.verdict.action is Verb.DEFER
     with pytest.raises(CheckError, match="Connection refused"):
         run(content.virus_report(facts, down))
 

@@ -51,11 +51,17 @@ def mode(path: Path) -> int:
 
 
 def write_everything(gw: GatewayProcess) -> tuple[str, str]:
-    """A message delivered to Maildir (its file recycled into free/) and one held in queue/."""
-    delivered = send(gw, "user@example.test")
+    """A message delivered to Maildir (its file recycled into free/) and one held in queue/ with
+    its state file written."""
+    # The held one first: a message received after the delivered one completed would take its
+    # file back out of free/ (FilePool.claim) and leave free/ empty.
     held = send(gw, "later@corp.test")
+    delivered = send(gw, "user@example.test")
     wait_for(lambda: f"{delivered} Completed" in gw.mainlog())
     wait_for(lambda: f"{held} == later@corp.test" in gw.mainlog())
+    # The deferral is logged before its state file is written (in a thread, after the line):
+    # the file the checks below stat exists only once that write is done.
+    wait_for(lambda: (gw.spool_dir / "state" / f"{held}.json").exists())
     wait_for(lambda: list((gw.spool_dir / "free").iterdir()))
     with smtplib.SMTP("127.0.0.1", gw.port, timeout=10) as client:  # a line in the reject log
         client.ehlo("client.outside.test")

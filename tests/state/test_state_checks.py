@@ -14,8 +14,8 @@ from palisade.adapters.sqlite_state import SqliteStateStore
 from palisade.policy.checks import history, ratelimit
 from palisade.policy.engine import Rule, evaluate_stage
 from palisade.policy.keys import HISTORY_COUNT, RATELIMIT_COUNT, RATELIMIT_RATE
-from palisade.policy.rules import OnError, Ports, Stage, Verb
-from palisade.policy.verdict import Action
+from palisade.policy.rules import OnError, Ports, Stage
+from palisade.policy.verdict import Verb
 from tests.state.conftest import SettableClock, facts
 from tests.unused_ports import NoResolver
 
@@ -116,7 +116,7 @@ def test_history_rule_denies_with_the_message(store: SqliteStateStore, ports: Po
     )
     run(store.add_incident("203.0.113.5", 12))
     outcome = run(evaluate_stage(Stage.CONNECT, [rule], facts("203.0.113.5"), ports))
-    assert outcome.verdict is not None and outcome.verdict.action is Action.DENY
+    assert outcome.verdict is not None and outcome.verdict.action is Verb.DENY
     assert outcome.verdict.reply is not None
     assert outcome.verdict.reply.code == 554
     assert "history of unwanted activity" in str(outcome.verdict.reply.text)
@@ -259,7 +259,7 @@ def test_ratelimit_rule_defers_the_eleventh(ports: Ports) -> None:
             run(evaluate_stage(Stage.CONNECT, [rule], facts("192.0.2.60"), ports)).verdict is None
         )
     outcome = run(evaluate_stage(Stage.CONNECT, [rule], facts("192.0.2.60"), ports))
-    assert outcome.verdict is not None and outcome.verdict.action is Action.DEFER
+    assert outcome.verdict is not None and outcome.verdict.action is Verb.DEFER
     assert outcome.verdict.reply is not None and outcome.verdict.reply.code == 421
     assert outcome.verdict.log_message == "connection rate 11/900s over 10"
 
@@ -279,7 +279,7 @@ def test_locked_store_turns_into_the_rules_on_error(db_path: Path, clock: Settab
     other.execute("BEGIN EXCLUSIVE")
     try:
         outcome = run(evaluate_stage(Stage.CONNECT, [defer_rule], facts("192.0.2.70"), ports))
-        assert outcome.verdict is not None and outcome.verdict.action is Action.DEFER
+        assert outcome.verdict is not None and outcome.verdict.action is Verb.DEFER
         assert outcome.decisions[0].error is not None
         assert "locked" in outcome.decisions[0].error
         skipped = run(evaluate_stage(Stage.CONNECT, [skip_rule], facts("192.0.2.70"), ports))

@@ -200,11 +200,6 @@ class LdapDirectory:
                     self._cache = dict(keep)
             self._cache[address] = (found, self._monotonic() + ttl)
 
-    def forget(self) -> None:
-        """Empties the answer cache (after the operator changed the directory)."""
-        with self._cache_lock:
-            self._cache.clear()
-
     # -- the worker thread -----------------------------------------------------------------
 
     def _lookup(self, address: str) -> bool:

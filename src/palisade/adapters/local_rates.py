@@ -34,7 +34,6 @@ class WriteBehindRates:
         self._pending: list[tuple[str, float, float]] = []
         self._flush: asyncio.TimerHandle | None = None
         self._writing: asyncio.Task[None] | None = None
-        self.flush_errors = 0
 
     async def get_incident(self, ip: str) -> Incident | None:
         return await self.store.get_incident(ip)
@@ -102,7 +101,6 @@ class WriteBehindRates:
             if writer is not None:
                 await asyncio.to_thread(writer, batch)
         except StateTempError:
-            self.flush_errors += 1
             self._pending[:0] = batch[-MAX_PENDING:]  # try again with the next batch
         self._forget_idle(max((at for _k, _w, at in batch), default=0.0))
 

@@ -31,15 +31,16 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from palisade.config import Config, ConfigError, load_config
-from palisade.config.policy import Policy, build_policy
+from palisade.config.policy import build_policy
 from palisade.conversation import Conversation, Step
 from palisade.obs.log import escape
 from palisade.obs.queueid import QueueIdGenerator
 from palisade.policy import keys
 from palisade.policy.engine import Decision, StageOutcome
+from palisade.policy.policy import Policy
 from palisade.policy.relay import RelayPolicy
 from palisade.policy.rules import IPAddress, Ports, Stage
-from palisade.policy.verdict import Action, Verdict
+from palisade.policy.verdict import Verb, Verdict
 from palisade.ports import Route
 from palisade.smtp import events
 from palisade.smtp.address import Address, AddressError, parse_path
@@ -305,7 +306,7 @@ async def _simulate(ctx: _Context, client: _Client, out: TextIO) -> int:
         """No recipient was asked for: what a refusal kept for RCPT would have made of it."""
         if conversation.delayed is None:
             return EXIT_ACCEPTED
-        return EXIT_DEFERRED if conversation.delayed[1].action is Action.DEFER else EXIT_REFUSED
+        return EXIT_DEFERRED if conversation.delayed[1].action is Verb.DEFER else EXIT_REFUSED
 
     async def say(event: object) -> tuple[Step, int]:
         step = await conversation.handle(event)

@@ -20,7 +20,7 @@ from typing import Any
 from palisade import __version__
 from palisade.config import Config, ConfigError, load_config
 from palisade.config.model import RESTART_KEYS
-from palisade.config.policy import Policy
+from palisade.policy.policy import Policy
 
 
 def _parser() -> argparse.ArgumentParser:

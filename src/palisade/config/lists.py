@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -60,7 +60,7 @@ class ListHandle:
                 self.reload_if_changed()
         return self.value
 
-    def reload_if_changed(self, force: bool = False) -> bool:
+    def reload_if_changed(self) -> bool:
         """Re-reads the file when its mtime changed; True when the contents were replaced."""
         if self.path is None:
             return False
@@ -69,7 +69,7 @@ class ListHandle:
         except OSError as exc:
             self._report(f"list {self.name!r}: cannot read {self.path}: {exc}; keeping the old one")
             return False
-        if mtime == self._mtime and not force:
+        if mtime == self._mtime:
             return False
         try:
             self.value = parse_list(self.path.read_text(encoding="utf-8"), self.kind)
@@ -83,17 +83,3 @@ class ListHandle:
     def _report(self, text: str) -> None:
         if self.on_error is not None:
             self.on_error(text)
-
-
-class ListRegistry:
-    """The named lists of one config (what ``ListLookup`` means to the checks)."""
-
-    def __init__(self, handles: Mapping[str, ListHandle] | None = None) -> None:
-        self.handles: dict[str, ListHandle] = dict(handles or {})
-
-    def get(self, name: str) -> ListHandle | None:
-        return self.handles.get(name)
-
-    def reload_all(self) -> None:
-        for handle in self.handles.values():
-            handle.reload_if_changed(force=True)

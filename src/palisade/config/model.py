@@ -275,10 +275,6 @@ class Config:
             return self.rspamd
         return None
 
-    @property
-    def starttls_available(self) -> bool:
-        return self.tls.certificate is not None and self.tls.private_key is not None
-
 
 # Settings a running gateway cannot change: they shape the processes, sockets and files made at
 # start-up. A reload names each one that changed in the panic log (the old value stays in force

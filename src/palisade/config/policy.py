@@ -1,4 +1,5 @@
-"""Builds the rule engine's input from a loaded config: named lists, per-stage rules, findings.
+"""Builds the runtime ``Policy`` (``palisade.policy.policy``) from a loaded config: named lists,
+per-stage rules, findings.
 
 Owns: turning ``[lists]`` and ``[[rules.<stage>]]`` into list handles and ``Rule`` objects, and
 ``[authentication]`` and the scanner sections into the DATA stage's always-on findings
@@ -12,34 +13,18 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable
-from dataclasses import dataclass, field
 
-from palisade.config.lists import ListHandle, ListRegistry
-from palisade.config.loader import ConfigError, load_config
+from palisade.config.lists import ListHandle
+from palisade.config.loader import ConfigError
 from palisade.config.model import Config, RuleSpec
 from palisade.policy import findings
 from palisade.policy.checks import REGISTRY
 from palisade.policy.engine import Rule
 from palisade.policy.findings import Finding
 from palisade.policy.lists import ListKind
-from palisade.policy.rules import OnError, Stage, Verb, default_on_error, uses_dns
-
-
-@dataclass(frozen=True)
-class Policy:
-    """Rules per stage, in the operator's order, and the lists they refer to."""
-
-    rules: dict[Stage, tuple[Rule, ...]] = field(default_factory=dict)
-    lists: ListRegistry = field(default_factory=ListRegistry)
-    delay_reject: bool = False
-    # always-on work per stage (authentication, scans), run by the engine before the rules
-    findings: dict[Stage, tuple[Finding, ...]] = field(default_factory=dict)
-
-    def for_stage(self, stage: Stage) -> tuple[Rule, ...]:
-        return self.rules.get(stage, ())
-
-    def findings_for(self, stage: Stage) -> tuple[Finding, ...]:
-        return self.findings.get(stage, ())
+from palisade.policy.policy import ListRegistry, Policy
+from palisade.policy.rules import OnError, Stage, default_on_error, uses_dns
+from palisade.policy.verdict import Verb
 
 
 def _rule_line(config: Config, spec: RuleSpec) -> int | None:
@@ -224,13 +209,3 @@ def permanent_on_error_warnings(config: Config, policy: Policy | None = None) ->
                     f'legitimate mail; use "defer" (451) instead'
                 )
     return warnings
-
-
-def load_everything(
-    path: object, on_list_error: Callable[[str], None] | None = None
-) -> tuple[Config, Policy]:
-    """``load_config`` then ``build_policy``: what serve, reload and config check use."""
-    from pathlib import Path
-
-    config = load_config(path if isinstance(path, Path) or path is None else Path(str(path)))
-    return config, build_policy(config, on_list_error)

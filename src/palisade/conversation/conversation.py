@@ -36,15 +36,15 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from palisade.config import Config
-from palisade.config.policy import Policy
 from palisade.conversation import content
 from palisade.obs.log import EventLog, escape, escape_field, rfc5322_date
 from palisade.obs.queueid import QueueIdGenerator
 from palisade.policy import keys
 from palisade.policy.engine import StageOutcome, evaluate_stage
+from palisade.policy.policy import Policy
 from palisade.policy.relay import RelayPolicy
 from palisade.policy.rules import Facts, Findings, IPAddress, MessageFacts, Ports, Stage
-from palisade.policy.verdict import Action, Verdict
+from palisade.policy.verdict import Verb, Verdict
 from palisade.ports import Route, StateTempError
 from palisade.smtp import Features, Limits, Reply, SmtpConnection, events, replies
 from palisade.smtp.headers import HeaderSplitter, MessageIdFinder
@@ -372,7 +372,7 @@ class Conversation:
 
     def _delay(self, stage: Stage, verdict: Verdict) -> bool:
         """delay_reject: keep a connect/HELO/MAIL refusal for the first RCPT (not a drop)."""
-        if not self.policy.delay_reject or verdict.action is Action.DROP:
+        if not self.policy.delay_reject or verdict.action is Verb.DROP:
             return False
         if self.delayed is None:
             self.delayed = (stage, verdict)
@@ -422,7 +422,7 @@ class Conversation:
             )
 
     def _log_refusal(self, stage: Stage, subject: str, verdict: Verdict) -> None:
-        temporarily = "temporarily " if verdict.action is Action.DEFER else ""
+        temporarily = "temporarily " if verdict.action is Verb.DEFER else ""
         if stage is Stage.CONNECT:
             what = 'connection in "connect" ACL'
         elif stage is Stage.HELO:

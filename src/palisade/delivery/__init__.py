@@ -7,6 +7,10 @@ hand-written client smtpclient), per-recipient outcomes (outcome) and DSN bounce
 message is read once per attempt, through the spool's message handle. "relay" names relay
 control only (palisade.policy.relay); this package was ``palisade.relay`` up to 0.4.0.
 Must not touch: SMTP sessions, policy (it follows the routes, never decides acceptance).
+Trust: the spool's records were written by this gateway and checked by its parser; the message
+is the sender's and is passed on as stored, never interpreted; a recipient's mailbox name is
+checked so it cannot leave the Maildir root (``maildir``). Next hops' replies are untrusted:
+parsed defensively (a malformed one is a failure of the attempt) and escaped by whoever logs them.
 """
 
 from palisade.delivery.dsn import build_dsn

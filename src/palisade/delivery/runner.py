@@ -89,7 +89,6 @@ class QueueRunner:
         self._wakeup = asyncio.Event()
         self._loop_task: asyncio.Task[None] | None = None
         self._stopping = False
-        self._next_due: float | None = None
         # Deferred messages known to this process and when they are due: the loop wakes for them
         # without listing the spool. Full scans (every scan_interval) catch everything else: an
         # operator's ``queue retry``, or a notification that never arrived.
@@ -167,7 +166,6 @@ class QueueRunner:
         current = self.clock() if now is None else now
         entries = await asyncio.to_thread(self.spool.list, current)
         tasks = []
-        next_due: float | None = None
         for entry in entries:
             if entry.queue_id in self._inflight:
                 continue
@@ -180,9 +178,6 @@ class QueueRunner:
                     tasks.append(task)
             else:
                 self._due[entry.queue_id] = state.next_attempt
-                if next_due is None or state.next_attempt < next_due:
-                    next_due = state.next_attempt
-        self._next_due = next_due
         return tasks
 
     async def _loop(self) -> None:

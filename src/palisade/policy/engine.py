@@ -34,10 +34,9 @@ from palisade.policy.rules import (
     OnError,
     Ports,
     Stage,
-    Verb,
     active_zones,
 )
-from palisade.policy.verdict import Action, Verdict
+from palisade.policy.verdict import Verb, Verdict
 from palisade.ports import DnsTempError, StateTempError
 from palisade.smtp.replies import Reply
 
@@ -356,7 +355,6 @@ async def evaluate_stage(
             reply = _reply(rule, verb, _fill_without_result(rule.message, facts) or "")
         else:
             reply = _reply(rule, verb, _fill(rule.message, result, facts))
-        action = {Verb.DENY: Action.DENY, Verb.DROP: Action.DROP, Verb.DEFER: Action.DEFER}[verb]
-        outcome.verdict = Verdict(action, reply, log_text)
+        outcome.verdict = Verdict(verb, reply, log_text)  # deny, drop or defer by now
         return outcome
     return outcome

@@ -1,10 +1,10 @@
 """Rules: what the operator configures per stage, and the interface every check implements.
 
-Owns: the stages, the verbs of an exim ACL (accept, accept_all, deny, drop, defer, warn), the
-per-connection facts checks read, the result a check returns, and the Check protocol. A check
-gathers facts through ports (DNS, state store) and says whether its condition holds; it never
-writes replies, logs or globals. Only the engine turns a matched rule into a verdict, and only the
-server turns a verdict into bytes.
+Owns: the stages (the verbs are ``policy.verdict.Verb``), the per-connection facts checks read,
+the result a check returns, and the Check protocol. A check gathers facts through ports (DNS,
+state store) and says whether its condition holds; it never writes replies, logs or globals.
+Only the engine turns a matched rule into a verdict, and only the conversation turns a verdict
+into a reply.
 Trust: facts come from the network (HELO, addresses) and are untrusted text; checks must treat
 them as data, never as patterns or paths.
 """
@@ -40,15 +40,6 @@ class Stage(enum.Enum):
     MAIL = "mail"
     RCPT = "rcpt"
     DATA = "data"
-
-
-class Verb(enum.Enum):
-    ACCEPT = "accept"  # ends this stage's checks
-    ACCEPT_ALL = "accept_all"  # ends every remaining check of the connection
-    DENY = "deny"  # 5xx
-    DROP = "drop"  # 5xx and close the connection
-    DEFER = "defer"  # 4xx
-    WARN = "warn"  # log line and/or header; checking goes on
 
 
 class OnError(enum.Enum):

@@ -15,14 +15,14 @@ paniclog line, and the old generation stays in every process. Keys that cannot c
 paniclog as needing a restart.
 
 Signals are handled from the first moment of ``serve`` (:class:`StartupSignals` remembers one that
-comes before the event loop's handlers are in place, and the loop acts on it when they are), so a
-SIGTERM during start-up never kills the parent alone. Workers never outlive the parent: each asks
-the kernel for SIGUSR2 when the parent dies (``PR_SET_PDEATHSIG``; a signal of its own, so the
-worker knows why it stops: the parent's thread that forked may die before the process, and
-``getppid()`` still names it then) and also watches a pipe whose write end only the parent holds
-(end of file: the parent is gone, however it died); either way the worker stops accepting and
-ends like after SIGTERM. Messages it committed meanwhile stay in the spool, and the next start
-delivers them.
+comes before the event loop is started, the kernel holds one that comes while it starts, and each
+is acted on once when the loop's handlers are in place), so a SIGTERM during start-up never kills
+the parent alone. Workers never outlive the parent: each asks the kernel for SIGUSR2 when the
+parent dies (``PR_SET_PDEATHSIG``; a signal of its own, so the worker knows why it stops: the
+parent's thread that forked may die before the process, and ``getppid()`` still names it then)
+and also watches a pipe whose write end only the parent holds (end of file: the parent is gone,
+however it died); either way the worker stops accepting and ends like after SIGTERM. Messages it
+committed meanwhile stay in the spool, and the next start delivers them.
 """
 
 from __future__ import annotations
@@ -62,12 +62,23 @@ PR_SET_PDEATHSIG = 1
 PARENT_DEATH_SIGNAL = signal.SIGUSR2  # what a worker gets from the kernel when the parent dies
 
 
+HELD_SIGNALS = {signal.SIGTERM, signal.SIGINT, signal.SIGHUP, PARENT_DEATH_SIGNAL}
+
+
 class StartupSignals:
     """SIGTERM, SIGINT and SIGHUP that arrive before a process's event loop handles them.
 
     Installed at the start of ``serve`` and again in each worker right after fork (the parent's
     loop handlers would write to the parent's wake-up pipe); :meth:`Gateway.install_signals`
-    then acts on what was remembered."""
+    then acts on what was remembered.
+
+    Remembering works only while no event loop runs: a running loop has its wake-up fd set
+    (uvloop sets it as it starts, asyncio with its first handler), and a signal that came then
+    would be both remembered and written to that fd, and acted on twice once the handlers are in
+    (two reloads, the restart-needed lines twice). So :meth:`hold` blocks the signals before a
+    process starts its loop (a forked worker is born with them blocked: see ``spawn``); the
+    kernel keeps them pending, and :meth:`Gateway.install_signals` unblocks them once the loop's
+    handlers are in place, which then get each exactly once."""
 
     def __init__(self) -> None:
         self.stop = False
@@ -77,8 +88,23 @@ class StartupSignals:
         signal.set_wakeup_fd(-1)
         for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             signal.signal(signum, self._remember)
-        if worker:
+        if worker:  # what the parent remembered is the parent's to act on
+            self.stop = self.reload = False
             signal.signal(PARENT_DEATH_SIGNAL, self._remember)
+
+    @staticmethod
+    def hold() -> set[int | signal.Signals]:
+        """Blocks the signals until :meth:`release`; returns the mask before."""
+        return signal.pthread_sigmask(signal.SIG_BLOCK, HELD_SIGNALS)
+
+    @staticmethod
+    def release() -> None:
+        """The loop's handlers are in: the signals held meanwhile are delivered to them now."""
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, HELD_SIGNALS)
+
+    def stopping(self) -> bool:
+        """SIGTERM or SIGINT came, remembered or held."""
+        return self.stop or bool({signal.SIGTERM, signal.SIGINT} & signal.sigpending())
 
     def _remember(self, signum: int, _frame: object) -> None:
         if signum == signal.SIGHUP:
@@ -262,7 +288,8 @@ class Gateway:
         close_ports_of(self.generation)
 
     def install_signals(self, on_hup: Callable[[], None]) -> None:
-        """The loop's handlers; then acts on a signal that came before them."""
+        """The loop's handlers; then acts on a signal remembered before the loop started, and
+        releases those held since (see :class:`StartupSignals`)."""
         loop = asyncio.get_running_loop()
         loop.add_signal_handler(signal.SIGTERM, self.stopping.set)
         loop.add_signal_handler(signal.SIGINT, self.stopping.set)
@@ -272,6 +299,7 @@ class Gateway:
         elif startup_signals.reload:
             startup_signals.reload = False
             on_hup()
+        startup_signals.release()
 
 
 def close_ports_of(generation: Generation) -> None:
@@ -507,6 +535,9 @@ def serve(config_path: Path | None) -> int:
         return 1
     if startup_signals.stop:  # SIGTERM while starting: nothing forked, nothing to recover
         return 0
+    # From here on a signal waits in the kernel until a loop's handlers take it (StartupSignals):
+    # the workers forked below are born with the same mask.
+    startup_signals.hold()
     if workers == 1:
         asyncio.run(run_single(config, config_path, groups[0]))
         return 0
@@ -535,7 +566,12 @@ def serve(config_path: Path | None) -> int:
 
     def spawn(slot: int, config: Config) -> int:
         """Starts worker ``slot`` on ``config`` (the parent's newest)."""
-        pid = os.fork()
+        before = startup_signals.hold()  # the worker is born with them held (StartupSignals)
+        try:
+            pid = os.fork()
+        finally:
+            if os.getpid() == parent:  # the parent goes on with the mask it had
+                signal.pthread_sigmask(signal.SIG_SETMASK, before)
         if pid == 0:
             code = 0
             try:
@@ -569,7 +605,7 @@ def serve(config_path: Path | None) -> int:
 
     children = {}
     for slot in range(workers):
-        if startup_signals.stop:  # SIGTERM already: run_parent stops the ones started
+        if startup_signals.stopping():  # SIGTERM already: run_parent stops the ones started
             break
         children[slot] = spawn(slot, config)
     asyncio.run(run_parent(config, config_path, notify_read, children, spawn, every_socket, counts))

@@ -34,8 +34,9 @@ from palisade.adapters.sqlite_state import SqliteStateStore
 from palisade.clock import SYSTEM_CLOCK
 from palisade.config import Config, ConfigError, parse_host_port
 from palisade.config.model import LdapConfig, RspamdConfig, SpamdConfig
-from palisade.config.policy import Policy, build_policy
+from palisade.config.policy import build_policy
 from palisade.delivery import Router
+from palisade.policy.policy import Policy
 from palisade.policy.relay import RelayPolicy
 from palisade.policy.rules import IPAddress, Ports
 from palisade.server.tls import client_context, server_context
@@ -79,10 +80,6 @@ class Generation:
         if self.ports is None:
             raise RuntimeError("this generation was built for a process that does not listen")
         return self.ports
-
-    @property
-    def users(self) -> int:
-        return self._users.count
 
     @property
     def closed(self) -> bool:

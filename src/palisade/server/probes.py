@@ -12,10 +12,10 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Callable, Iterator
 
-from palisade.config.policy import Policy
 from palisade.obs.log import EventLog, escape
 from palisade.policy.checks.dnsbl import DnsblCheck
 from palisade.policy.checks.dnsbl_probe import probe_dnsbl_zone
+from palisade.policy.policy import Policy
 from palisade.policy.rules import Ports
 
 

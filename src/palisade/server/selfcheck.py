@@ -28,7 +28,8 @@ from pathlib import Path
 from typing import Literal
 
 from palisade.config import Config, parse_host_port
-from palisade.config.policy import Policy, permanent_on_error_warnings
+from palisade.config.policy import permanent_on_error_warnings
+from palisade.policy.policy import Policy
 from palisade.tlscheck import check_certificate_files
 
 Level = Literal["ok", "warning", "error"]

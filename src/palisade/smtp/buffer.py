@@ -42,11 +42,6 @@ class ReceiveBuffer:
     def __bytes__(self) -> bytes:
         return bytes(self._buf)
 
-    @property
-    def discarding(self) -> bool:
-        """True while the rest of an over-long line is being thrown away."""
-        return self._discarding
-
     def append(self, data: bytes) -> None:
         """Adds received bytes (the rest of an over-long line is dropped at once)."""
         if self._discarding:

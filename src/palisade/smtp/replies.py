@@ -114,10 +114,6 @@ class Reply:
             return f"{code} {prefix}{text}\r\n".encode("ascii")  # the common case, fast
         return _render(code, prefix, self.lines)
 
-    def with_text(self, text: str | tuple[str, ...]) -> Reply:
-        """The same codes with other text."""
-        return Reply(self.code, self.enhanced, text)
-
 
 def service_closing(hostname: str, why: str = "Service not available") -> Reply:
     """``421 4.3.2 <host> <why>, closing transmission channel``."""

@@ -11,6 +11,12 @@ Knows nothing of SMTP or MIME. The modules, in the order a message meets them:
 * ``queue``: :class:`Spool`, the one public face: directory tree, loading, state, removal, listing;
 * ``message``: the handle delivery reads a message through, loaded once per attempt;
 * ``recovery``: what start-up does after a crash.
+
+Must not touch: SMTP, policy, the server or delivery (import-linter); it stores routes and
+states that others decide.
+Trust: the message body is the client's and is stored as bytes, never interpreted; queue files
+read back are checked by the defensive parser (``CorruptMessage`` for one that does not parse,
+never a crash of the queue); paths are built from queue ids this package made, never from text.
 """
 
 from palisade.spool.commit import CommitStats

@@ -3,6 +3,9 @@
 A check module defines a class with ``name``, ``stages`` and ``async evaluate(facts, ports)``,
 and a ``build(options, lists)`` factory registered here. Checks return facts (``CheckResult``)
 or raise ``CheckError`` for a temporary failure; they never decide the reply.
+Must not touch: anything but ``smtp``, ``ports`` and the rest of ``policy`` (the outside world
+only through the ports in ``Ports``). Trust: options were checked by each ``build`` at config
+load (``ValueError`` naming the option); facts from the network are untrusted text.
 """
 
 from __future__ import annotations
