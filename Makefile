@@ -54,8 +54,8 @@ system-deps:
 	fi
 
 lint: $(VENV)/.test-installed
-	$(BIN)/ruff format --check src tests bench
-	$(BIN)/ruff check src tests bench
+	$(BIN)/ruff format --check src tests bench loopback
+	$(BIN)/ruff check src tests bench loopback
 
 types: $(VENV)/.test-installed
 	$(BIN)/mypy

@@ -6,9 +6,9 @@ Both systems resolve through the same path::
                                                                   unbound 127.0.0.1:53 (cache)
     Palisade ([dns] nameservers = ["127.0.0.1:53"]) -------------/      |  stub-zones
                                                                         v
-                      tests/dnsserver.py ZoneServer on 127.0.0.1:<random port> (the zone data)
+                      loopback/dnsserver.py ZoneServer on 127.0.0.1:<random port> (the zone data)
 
-* The zone server (``tests.dnsserver.ZoneServer``, dnslib) holds ``bench.test`` (A records of the
+* The zone server (``loopback.dnsserver.ZoneServer``, dnslib) holds ``bench.test`` (A records of the
   client names), ``zen.bench.test`` (the DNSBL) and ``127.in-addr.arpa`` (PTR records), all with
   the same TTL and SOA MINIMUM (negative TTL).
 * unbound (``unbound -d -c /tmp/palisade-bench/unbound/unbound.conf``) listens on 127.0.0.1:53,
@@ -42,7 +42,7 @@ REPO = HERE.parent
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from tests.dnsserver import ZoneServer  # noqa: E402  (test helper, reused as the bench zone)
+from loopback.dnsserver import ZoneServer  # noqa: E402  (shared with the tests)
 
 UNBOUND = shutil.which("unbound") or "/usr/sbin/unbound"
 UNBOUND_CONTROL = shutil.which("unbound-control") or "/usr/sbin/unbound-control"

@@ -6,7 +6,7 @@
 
 What runs (everything on 127.0.0.1, every loop bounded in count and time):
 
-* DNS: the zone server of tests/dnsserver.py (dnslib, threads of this process) on a random
+* DNS: the zone server of loopback/dnsserver.py (dnslib, threads of this process) on a random
   loopback port, serving ``client.example`` (the sender's domain): ``v=spf1 ip4:127.0.0.0/8
   -all``, the DKIM key ``bench._domainkey.client.example`` (an RSA-2048 key generated for this
   run) and ``_dmarc.client.example`` ``v=DMARC1; p=reject``; TTLs --ttl.  The gateways with
@@ -63,7 +63,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 sys.path.insert(0, str(HERE))
-sys.path.insert(0, str(REPO))  # tests.dnsserver
+sys.path.insert(0, str(REPO))  # loopback.dnsserver
 
 from harness import (  # noqa: E402
     BENCH_ROOT,
@@ -779,7 +779,7 @@ def main(argv: list[str] | None = None) -> int:
         args.messages, args.spamd_messages, args.warmup, args.rounds = 300, 60, 50, 1
     if os.geteuid() != 0:
         ap.error("run as root (the private Postfix instance needs it)")
-    from tests.dnsserver import start_zone_server
+    from loopback.dnsserver import start_zone_server
 
     t_begin = time.monotonic()
 

@@ -6,7 +6,7 @@
 
 What runs (all on 127.0.0.0/8, every loop bounded in count and time):
 
-* DNS (bench/perimeter_dns.py): the zone server of tests/dnsserver.py on a random loopback
+* DNS (bench/perimeter_dns.py): the zone server of loopback/dnsserver.py on a random loopback
   port, a private unbound on 127.0.0.1:53 (stub zones to the zone server, TTLs --ttl), and
   /etc/resolv.conf pointing at it for the run (restored in a ``finally``, also on SIGTERM).
   Good clients 127.0.0.10-59 (PTR cNN.bench.test, A back, not listed), listed clients

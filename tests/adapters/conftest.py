@@ -1,6 +1,6 @@
-"""Fixtures for adapter tests: a real DNS server on loopback (see ``tests/dnsserver.py``).
+"""Fixtures for adapter tests: a real DNS server on loopback (see ``loopback/dnsserver.py``).
 
-Other test folders reuse it with ``from tests.dnsserver import start_zone_server`` (or copy the
+Other test folders reuse it with ``from loopback.dnsserver import start_zone_server`` (or copy the
 two fixtures below into their own conftest).
 """
 
@@ -10,7 +10,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from tests.dnsserver import ZoneServer, start_zone_server
+from loopback.dnsserver import ZoneServer, start_zone_server
 
 
 @pytest.fixture

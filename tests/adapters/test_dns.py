@@ -15,6 +15,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from loopback.dnsserver import ZoneServer, start_zone_server
 from palisade.adapters.dns import DnsResolver
 from palisade.policy.checks.dnsbl_probe import (
     classify_dnsbl_answer,
@@ -24,7 +25,6 @@ from palisade.policy.checks.dnsbl_probe import (
 from palisade.policy.checks.dnsnames import address_labels
 from palisade.ports import DnsAnswer, DnsTempError, Resolver
 from tests.adapters.conftest import SettableClock
-from tests.dnsserver import ZoneServer, start_zone_server
 
 T = TypeVar("T")
 

@@ -1,6 +1,6 @@
 """Fixtures for the authentication tests (DKIM, DMARC, Authentication-Results, iprev).
 
-A real DNS server on loopback (``tests/dnsserver.py``) serves DKIM keys, DMARC and SPF records
+A real DNS server on loopback (``loopback/dnsserver.py``) serves DKIM keys, DMARC and SPF records
 and PTR names; the checks reach it through a real ``DnsResolver`` (``tests/checks/harness.py``).
 Messages come from ``tests/data/dkim`` (see its README) or are built and signed here with the
 test key; ``MessageFacts`` is filled from the message bytes written to a temporary file.
@@ -17,9 +17,9 @@ from typing import TypeVar
 import dkim
 import pytest
 
+from loopback.dnsserver import ZoneServer, start_zone_server
 from palisade.policy.rules import Facts, Key, MessageFacts, Ports, memo
 from tests.checks.harness import make_ports
-from tests.dnsserver import ZoneServer, start_zone_server
 from tests.messages import message_facts
 
 T = TypeVar("T")

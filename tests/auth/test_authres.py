@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from loopback.dnsserver import ZoneServer
 from palisade.policy.checks.authres import (
     IprevOutcome,
     authenticate,
@@ -27,7 +28,6 @@ from tests.auth.conftest import (
     run,
     sign,
 )
-from tests.dnsserver import ZoneServer
 
 PTR = "1.2.0.192.in-addr.arpa"
 

@@ -9,6 +9,7 @@ from typing import Any
 
 import pytest
 
+from loopback.dnsserver import ZoneServer
 from palisade.policy.checks import dkim as dkim_module
 from palisade.policy.checks.dkim import FACTORIES, DkimOutcome, dkim_outcome
 from palisade.policy.rules import CheckError, CheckResult, Facts, Ports
@@ -23,7 +24,6 @@ from tests.auth.conftest import (
     sign,
 )
 from tests.checks.harness import NoLists
-from tests.dnsserver import ZoneServer
 from tests.messages import FileSource
 
 FOOTBALL = "football.example.com"

@@ -9,6 +9,7 @@ from typing import Any
 
 import pytest
 
+from loopback.dnsserver import ZoneServer
 from palisade.policy.checks.dmarc import (
     FACTORIES,
     DmarcOutcome,
@@ -30,7 +31,6 @@ from tests.auth.conftest import (
     sign,
 )
 from tests.checks.harness import NoLists
-from tests.dnsserver import ZoneServer
 
 
 class FixedDraw(random.Random):

@@ -6,11 +6,11 @@ from typing import Any
 
 import pytest
 
+from loopback.dnsserver import ZoneServer
 from palisade.policy.checks.lists import FACTORIES
 from palisade.policy.lists import ListKind, OperatorList, parse_list
 from palisade.policy.rules import Check, Facts, MessageFacts, Ports, Stage
 from tests.auth.conftest import Messages, make_facts, plain_message, publish_key, run, sign
-from tests.dnsserver import ZoneServer
 
 
 class Handle:

@@ -1,4 +1,4 @@
-"""Fixtures for the DNS-based check tests: a real DNS server on loopback (``tests/dnsserver.py``)
+"""Fixtures for the DNS-based check tests: a real DNS server on loopback (``loopback/dnsserver.py``)
 serving the zones the checks ask; helpers are in ``tests/checks/harness.py``.
 """
 
@@ -8,7 +8,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from tests.dnsserver import ZoneServer, start_zone_server
+from loopback.dnsserver import ZoneServer, start_zone_server
 
 ZONES = (
     "example.test",

@@ -13,10 +13,10 @@ from typing import Any
 
 import pytest
 
+from loopback.dnsserver import ZoneServer
 from palisade.adapters.dns import DnsResolver
 from palisade.policy.rules import Check, CheckError, CheckFactory, CheckResult, Facts, Ports
 from tests.adapters.conftest import SettableClock
-from tests.dnsserver import ZoneServer
 from tests.unused_ports import NoState
 
 

@@ -7,11 +7,11 @@ from typing import Any
 
 import pytest
 
+from loopback.dnsserver import ZoneServer
 from palisade.policy.checks.dbl import FACTORIES
 from palisade.policy.keys import DBL_ERRORS, DBL_LISTED
 from palisade.policy.rules import Stage
 from tests.checks.harness import build, make_facts, make_ports, run, run_error
-from tests.dnsserver import ZoneServer
 
 DBL = "dbl.spamhaus.org"
 KEY = "abcdefghijklmnopqrstuvwxyz0"

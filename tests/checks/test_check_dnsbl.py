@@ -8,11 +8,11 @@ from typing import Any
 
 import pytest
 
+from loopback.dnsserver import ZoneServer
 from palisade.policy.checks.dnsbl import FACTORIES
 from palisade.policy.keys import DNSBL_ERRORS, DNSBL_LISTED
 from palisade.policy.rules import CheckResult, Facts, Stage
 from tests.checks.harness import build, make_facts, make_ports, run, run_error
-from tests.dnsserver import ZoneServer
 
 V4 = "192.0.2.1"
 V6 = "2001:db8::25"

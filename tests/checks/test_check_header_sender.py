@@ -5,11 +5,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from loopback.dnsserver import ZoneServer
 from palisade.config.lists import ListHandle
 from palisade.policy.checks.header_sender import FACTORIES
 from palisade.policy.lists import ListKind
 from tests.checks.harness import build, make_facts, make_ports, run, run_error
-from tests.dnsserver import ZoneServer
 from tests.messages import message_facts
 
 

@@ -9,10 +9,10 @@ from typing import Any, TypedDict
 
 import pytest
 
+from loopback.dnsserver import ZoneServer
 from palisade.policy.checks.helo import FACTORIES
 from palisade.policy.rules import IPAddress, Stage
 from tests.checks.harness import build, make_facts, make_ports, run, run_error
-from tests.dnsserver import ZoneServer
 
 
 class Ours(TypedDict):

@@ -8,11 +8,11 @@ from typing import Any
 import dns.reversename
 import pytest
 
+from loopback.dnsserver import ZoneServer
 from palisade.policy.checks.rdns import FACTORIES, generic_reason
 from palisade.policy.keys import RDNS_GENERIC, RDNS_NAMES, RDNS_VERIFIED
 from palisade.policy.rules import Stage
 from tests.checks.harness import build, make_facts, make_ports, run, run_error
-from tests.dnsserver import ZoneServer
 
 V4 = "192.0.2.1"
 V6 = "2001:db8::25"

@@ -7,11 +7,11 @@ from typing import Any, TypedDict
 
 import pytest
 
+from loopback.dnsserver import ZoneServer
 from palisade.policy.checks.sender import FACTORIES
 from palisade.policy.keys import RELAY_CLIENT
 from palisade.policy.rules import Key, Stage
 from tests.checks.harness import build, make_facts, make_ports, run, run_error
-from tests.dnsserver import ZoneServer
 
 
 def check(**options: Any) -> Any:

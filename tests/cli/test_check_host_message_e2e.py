@@ -1,7 +1,7 @@
 """``check-host --message``: the DATA stage of the server's own conversation on a message file.
 
 Real parts: ``python -m palisade check-host`` in a subprocess, the DNS server on loopback
-(``tests/dnsserver.py``) serving SPF, DKIM and DMARC records, and a real spamd.
+(``loopback/dnsserver.py``) serving SPF, DKIM and DMARC records, and a real spamd.
 """
 
 from __future__ import annotations
@@ -16,8 +16,8 @@ from typing import Any
 import dkim
 import pytest
 
+from loopback.dnsserver import ZoneServer, start_zone_server
 from tests.conftest import GatewayProcess
-from tests.dnsserver import ZoneServer, start_zone_server
 from tests.scanners.conftest import GTUBE
 from tests.scanners.spamd import SpamdProcess, start_spamd
 

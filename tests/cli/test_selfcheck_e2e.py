@@ -1,7 +1,7 @@
 """The start-up self-check (resolver, DNSBL probes) and ``config check``'s TOML and JSON output.
 
 Real parts only: ``python -m palisade`` in a subprocess, a real DNS server on loopback
-(``tests/dnsserver.py``) serving the blocklist zones, a real gateway for ``serve``.
+(``loopback/dnsserver.py``) serving the blocklist zones, a real gateway for ``serve``.
 """
 
 from __future__ import annotations
@@ -16,8 +16,8 @@ from typing import Any
 
 import pytest
 
+from loopback.dnsserver import ZoneServer, start_zone_server
 from tests.conftest import free_port, wait_for, write_config
-from tests.dnsserver import ZoneServer, start_zone_server
 
 DQS_KEY = "s3cr3tdqsk3y0000000000000a"
 REFUSED = "your resolver is refused by this list (public resolver or missing DQS key)"

@@ -1,7 +1,7 @@
 """The conversation without a socket: SMTP bytes in through its SMTP core, replies, log lines and
 spool requests out, as the server's session and ``check-host`` drive it.
 
-Real parts: the DNS server on loopback (``tests/dnsserver.py``) behind the real resolver, the
+Real parts: the DNS server on loopback (``loopback/dnsserver.py``) behind the real resolver, the
 SQLite state store and a spool in a temporary directory; the log is the in-memory ``EventLog``.
 """
 
@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from loopback.dnsserver import ZoneServer, start_zone_server
 from palisade.config import load_config
 from palisade.conversation import Conversation, Step
 from palisade.obs.log import MemoryEventLog
@@ -22,7 +23,6 @@ from palisade.server.generation import Generation, build_generation
 from palisade.smtp import NEED_DATA, PAUSED, events
 from palisade.spool import Spool
 from tests.conftest import gateway_sections, write_config
-from tests.dnsserver import ZoneServer, start_zone_server
 
 ZONE = "zen.spamhaus.org"
 

@@ -17,8 +17,8 @@ from typing import Any
 import dkim
 import pytest
 
+from loopback.dnsserver import ZoneServer, start_zone_server
 from tests.conftest import GatewayProcess, free_port, wait_for
-from tests.dnsserver import ZoneServer, start_zone_server
 from tests.scanners.clamd import EICAR, REPORTED, ClamdProcess, start_clamd
 from tests.scanners.conftest import GTUBE
 from tests.scanners.spamd import SpamdProcess, start_spamd

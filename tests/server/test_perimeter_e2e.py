@@ -19,8 +19,8 @@ from typing import Any
 
 import pytest
 
+from loopback.dnsserver import ZoneServer, start_zone_server
 from tests.conftest import GatewayProcess, child_pids, listening_sockets, wait_for
-from tests.dnsserver import ZoneServer, start_zone_server
 from tests.server.smtpclient import RawClient
 
 DQS_KEY = "k3yk3yk3yk3yk3yk3yk3yk3yk3y"

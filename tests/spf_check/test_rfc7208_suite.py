@@ -1,6 +1,6 @@
 """The RFC 7208 test suite (``tests/data/spf/rfc7208-tests.yml``) through Palisade's DNS path.
 
-Each scenario's ``zonedata`` is served by the real loopback DNS server (``tests/dnsserver.py``);
+Each scenario's ``zonedata`` is served by the real loopback DNS server (``loopback/dnsserver.py``);
 each case builds a fresh ``DnsResolver`` (the production adapter) pointed at it and runs
 ``spf_outcome`` on facts made from the case's ``host``, ``helo`` and ``mailfrom``. So what is
 tested is the whole path: pyspf's evaluation, our DNS bridge, the adapter's wire handling and the
@@ -29,11 +29,11 @@ import pytest
 import spf as pyspf
 import yaml
 
+from loopback.dnsserver import ZoneServer, start_zone_server
 from palisade.adapters.dns import DnsResolver
 from palisade.policy.checks.spf import SpfOutcome, spf_outcome
 from palisade.policy.rules import Facts, Ports
 from tests.adapters.conftest import SettableClock
-from tests.dnsserver import ZoneServer, start_zone_server
 from tests.unused_ports import NoState
 
 SUITE = Path(__file__).resolve().parent.parent / "data" / "spf" / "rfc7208-tests.yml"

@@ -15,6 +15,7 @@ from typing import Any
 
 import pytest
 
+from loopback.dnsserver import ZoneServer, start_zone_server
 from palisade.policy.checks import REGISTRY
 from palisade.policy.checks import spf as spf_check
 from palisade.policy.checks.spf import (
@@ -29,7 +30,6 @@ from palisade.policy.rules import Facts, Findings, Ports, Stage, known
 from palisade.ports import DnsAnswer
 from tests.adapters.conftest import SettableClock
 from tests.checks.harness import build, make_facts, make_ports, run
-from tests.dnsserver import ZoneServer, start_zone_server
 from tests.unused_ports import NoState
 
 CLIENT = "192.0.2.1"
