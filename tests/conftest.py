@@ -86,15 +86,16 @@ def child_pids(pid: int) -> list[int]:
     return [int(p) for p in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
 
 
-def listening_sockets(pid: int, port: int) -> int:
-    """How many listening IPv4 TCP sockets on ``port`` process ``pid`` holds open (from /proc:
-    the kernel's socket table and the process's descriptors)."""
+def sockets_held(pid: int, port: int, state: str) -> int:
+    """How many IPv4 TCP sockets on local ``port`` in ``state`` (``/proc/net/tcp``'s hex code:
+    ``0A`` listening, ``01`` established) process ``pid`` holds open (from /proc: the kernel's
+    socket table and the process's descriptors)."""
     inodes = set()
     with open("/proc/net/tcp") as table:
         next(table)
         for line in table:
             fields = line.split()
-            if fields[3] == "0A" and int(fields[1].rsplit(":", 1)[1], 16) == port:  # LISTEN
+            if fields[3] == state and int(fields[1].rsplit(":", 1)[1], 16) == port:
                 inodes.add(f"socket:[{fields[9]}]")
     held = 0
     for fd in os.listdir(f"/proc/{pid}/fd"):
@@ -103,6 +104,16 @@ def listening_sockets(pid: int, port: int) -> int:
         except FileNotFoundError:
             continue
     return held
+
+
+def listening_sockets(pid: int, port: int) -> int:
+    """How many listening IPv4 TCP sockets on ``port`` process ``pid`` holds open."""
+    return sockets_held(pid, port, "0A")
+
+
+def open_connections(pid: int, port: int) -> int:
+    """How many established IPv4 TCP connections to local ``port`` process ``pid`` holds."""
+    return sockets_held(pid, port, "01")
 
 
 @dataclass

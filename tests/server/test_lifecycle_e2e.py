@@ -23,6 +23,7 @@ from tests.conftest import (
     free_port,
     gateway_sections,
     listening_sockets,
+    open_connections,
     search,
     wait_for,
     write_config,
@@ -49,24 +50,6 @@ def alive(pid: int) -> bool:
     except (FileNotFoundError, ProcessLookupError):
         return False
     return stat.rsplit(")", 1)[1].split()[0] != "Z"
-
-
-def open_connections(pid: int, port: int) -> int:
-    """How many established IPv4 TCP connections to local ``port`` process ``pid`` holds."""
-    inodes = set()
-    with open("/proc/net/tcp") as table:
-        next(table)
-        for line in table:
-            fields = line.split()
-            if fields[3] == "01" and int(fields[1].rsplit(":", 1)[1], 16) == port:
-                inodes.add(f"socket:[{fields[9]}]")
-    held = 0
-    for fd in os.listdir(f"/proc/{pid}/fd"):
-        try:
-            held += os.readlink(f"/proc/{pid}/fd/{fd}") in inodes
-        except FileNotFoundError:
-            continue
-    return held
 
 
 def group_members(pgid: int) -> list[int]:

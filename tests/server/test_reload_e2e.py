@@ -25,6 +25,7 @@ from tests.conftest import (
     child_pids,
     free_port,
     gateway_sections,
+    open_connections,
     wait_for,
     write_config,
 )
@@ -51,24 +52,6 @@ def rewrite(gw: GatewayProcess, **changes: dict[str, Any]) -> None:
     for name, table in changes.items():
         sections.setdefault(name, {}).update(table)
     write_config(gw.config_path, sections)
-
-
-def established(pid: int, port: int) -> int:
-    """How many established TCP connections to local ``port`` process ``pid`` holds (/proc)."""
-    inodes = set()
-    with open("/proc/net/tcp") as table:
-        next(table)
-        for line in table:
-            fields = line.split()
-            if fields[3] == "01" and int(fields[1].rsplit(":", 1)[1], 16) == port:
-                inodes.add(f"socket:[{fields[9]}]")
-    held = 0
-    for fd in os.listdir(f"/proc/{pid}/fd"):
-        try:
-            held += os.readlink(f"/proc/{pid}/fd/{fd}") in inodes
-        except FileNotFoundError:
-            continue
-    return held
 
 
 @pytest.mark.parametrize("workers", [1, 2])
@@ -156,9 +139,9 @@ def test_a_broken_reload_keeps_the_old_generation_in_every_process(
             client = RawClient(gw.port)
             assert client.reply()[0] == 220
             clients.append(client)
-            if all(established(pid, gw.port) for pid in workers):
+            if all(open_connections(pid, gw.port) for pid in workers):
                 break
-        assert all(established(pid, gw.port) for pid in workers), "one worker got them all"
+        assert all(open_connections(pid, gw.port) for pid in workers), "one worker got them all"
         for n, client in enumerate(clients):
             client.command("EHLO several.test")
             assert client.command("MAIL FROM:<s@outside.test>")[0] == 250
@@ -244,9 +227,9 @@ def test_a_worker_started_again_after_a_reload_runs_the_new_generation(
             client = RawClient(gw.port)
             assert client.reply()[0] == 220  # the new worker is up once it greets
             clients.append(client)
-            if all(established(pid, gw.port) for pid in workers):
+            if all(open_connections(pid, gw.port) for pid in workers):
                 break
-        assert all(established(pid, gw.port) for pid in workers), "one worker got them all"
+        assert all(open_connections(pid, gw.port) for pid in workers), "one worker got them all"
         for client in clients:
             client.command("EHLO again.test")
             assert client.command("MAIL FROM:<s@outside.test>")[0] == 250
