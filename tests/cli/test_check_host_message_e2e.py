@@ -13,19 +13,13 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import dkim
 import pytest
 
-from loopback.dnsserver import ZoneServer, start_zone_server
+from loopback.dnsserver import ZoneServer
+from tests.client_example import HAM, client_example_zones, signed
 from tests.conftest import GatewayProcess
 from tests.scanners.conftest import GTUBE
 from tests.scanners.spamd import SpamdProcess, start_spamd
-
-DATA = Path(__file__).resolve().parent.parent / "data" / "dkim"
-HAM = (
-    "Hello Bob,\n\nthank you for joining the meeting on Tuesday. Carol will send the\n"
-    "revised budget by Friday and we meet again next week.\n\nBest regards,\nAlice\n"
-)
 
 
 @pytest.fixture(scope="module")
@@ -37,17 +31,7 @@ def spamd() -> Iterator[SpamdProcess]:
 
 @pytest.fixture
 def dns() -> Iterator[ZoneServer]:
-    server = start_zone_server()
-    server.add_zone("client.example")
-    server.add_zone("other.example")
-    server.add_zone("in-addr.arpa")
-    server.set("client.example", "TXT", ["v=spf1 ip4:127.0.0.0/8 -all"])
-    server.set("client.example", "MX", ["10 mx.client.example."])
-    server.set("mx.client.example", "A", ["192.0.2.30"])
-    server.set("test._domainkey.client.example", "TXT", [(DATA / "test.txt").read_text().strip()])
-    server.set("_dmarc.client.example", "TXT", ["v=DMARC1; p=reject"])
-    server.set("other.example", "TXT", ["v=spf1 -all"])
-    server.set("other.example", "MX", ["10 mx.client.example."])
+    server = client_example_zones()
     yield server
     server.stop()
 
@@ -75,21 +59,9 @@ def configured(make_gateway: Any, dns: ZoneServer, spamd: str | None = None) -> 
     return gateway
 
 
-def signed(body: str, *, extra: str = "") -> bytes:
-    """A message signed by client.example, with LF line ends as a file on disk has them."""
-    message = (
-        "From: Alice <alice@client.example>\r\nTo: postmaster@example.test\r\n"
-        f"Subject: Tuesday\r\nMessage-ID: <1@client.example>\r\n{extra}\r\n"
-        + body.replace("\n", "\r\n")
-    ).encode()
-    signature: bytes = dkim.sign(
-        message,
-        b"test",
-        b"client.example",
-        (DATA / "test.private").read_bytes(),
-        include_headers=[b"from", b"to", b"subject", b"message-id"],
-    )
-    return (signature + message).replace(b"\r\n", b"\n")
+def as_file(message: bytes) -> bytes:
+    """A message with LF line ends, as a file on disk has them."""
+    return message.replace(b"\r\n", b"\n")
 
 
 def check_host(gw: GatewayProcess, message: Path, sender: str) -> subprocess.CompletedProcess[str]:
@@ -112,7 +84,7 @@ def test_a_signed_message_passes_and_shows_the_headers_the_server_would_add(
     gw = configured(make_gateway, dns, spamd.address)
     forged = "Authentication-Results: mx.example.test; dmarc=pass header.from=client.example\n"
     message = tmp_path / "ham.eml"
-    message.write_bytes(signed(HAM, extra=forged.replace("\n", "\r\n")))
+    message.write_bytes(as_file(signed(HAM, extra=forged.replace("\n", "\r\n"))))
     result = check_host(gw, message, "alice@client.example")
     out = result.stdout
     assert result.returncode == 0, out + result.stderr
@@ -139,7 +111,7 @@ def test_spam_and_a_dmarc_failure_are_refused_as_the_server_refuses_them(
 ) -> None:
     gw = configured(make_gateway, dns, spamd.address)
     spam = tmp_path / "spam.eml"
-    spam.write_bytes(signed(f"{GTUBE}\n"))
+    spam.write_bytes(as_file(signed(f"{GTUBE}\r\n")))
     result = check_host(gw, spam, "alice@client.example")
     assert result.returncode == 1, result.stdout + result.stderr
     assert "<<< 550 5.7.1 Message rejected as spam" in result.stdout

@@ -11,19 +11,16 @@ from __future__ import annotations
 
 import smtplib
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
-import dkim
 import pytest
 
-from loopback.dnsserver import ZoneServer, start_zone_server
+from loopback.dnsserver import ZoneServer
+from tests.client_example import HAM, client_example_zones, signed
 from tests.conftest import GatewayProcess, free_port, wait_for
 from tests.scanners.clamd import EICAR, REPORTED, ClamdProcess, start_clamd
 from tests.scanners.conftest import GTUBE
 from tests.scanners.spamd import SpamdProcess, start_spamd
-
-DATA = Path(__file__).resolve().parent.parent / "data" / "dkim"
 
 
 @pytest.fixture(scope="module")
@@ -42,17 +39,7 @@ def clamd() -> Iterator[ClamdProcess]:
 
 @pytest.fixture
 def dns() -> Iterator[ZoneServer]:
-    server = start_zone_server()
-    server.add_zone("client.example")
-    server.add_zone("other.example")
-    server.add_zone("in-addr.arpa")
-    server.set("client.example", "TXT", ["v=spf1 ip4:127.0.0.0/8 -all"])
-    server.set("client.example", "MX", ["10 mx.client.example."])
-    server.set("mx.client.example", "A", ["192.0.2.30"])
-    server.set("test._domainkey.client.example", "TXT", [(DATA / "test.txt").read_text().strip()])
-    server.set("_dmarc.client.example", "TXT", ["v=DMARC1; p=reject"])
-    server.set("other.example", "TXT", ["v=spf1 -all"])
-    server.set("other.example", "MX", ["10 mx.client.example."])
+    server = client_example_zones()
     yield server
     server.stop()
 
@@ -92,27 +79,6 @@ def gateway_for(
         sections["clamd"] = {"address": clamd, "timeout": "10s"}
     gateway: GatewayProcess = make_gateway(**sections)
     return gateway
-
-
-def signed(body: str, *, sender: str = "alice@client.example", extra: str = "") -> bytes:
-    message = (
-        f"From: Alice <{sender}>\r\nTo: postmaster@example.test\r\nSubject: Tuesday\r\n"
-        f"Message-ID: <1@client.example>\r\n{extra}\r\n{body}"
-    ).encode()
-    signature: bytes = dkim.sign(
-        message,
-        b"test",
-        b"client.example",
-        (DATA / "test.private").read_bytes(),
-        include_headers=[b"from", b"to", b"subject", b"message-id"],
-    )
-    return signature + message
-
-
-HAM = (
-    "Hello Bob,\r\n\r\nthank you for joining the meeting on Tuesday. Carol will send the\r\n"
-    "revised budget by Friday and we meet again next week.\r\n\r\nBest regards,\r\nAlice\r\n"
-)
 
 
 def send(gateway: GatewayProcess, message: bytes, sender: str = "alice@client.example") -> Any:
