@@ -1,4 +1,5 @@
-"""Finding the real servers the tests start (slapd, spamd, rspamd, clamd): missing fails in CI.
+"""Finding the real servers the tests start (slapd, spamd, rspamd, clamd): missing fails in CI;
+and pausing and stopping a daemon that runs in its own process group (spamd, rspamd).
 
 ``make test`` installs them with apt-get. Outside CI a developer without them gets a skip that
 names the package; with ``CI=true`` the same absence is a failure, never a skip.
@@ -8,6 +9,10 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
+import subprocess
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -32,3 +37,25 @@ def need_file(path: Path, package: str) -> Path:
     if os.environ.get("CI"):
         pytest.fail(message)
     pytest.skip(message)
+
+
+@contextmanager
+def paused_group(process: subprocess.Popen[bytes]) -> Iterator[None]:
+    """The daemon and its children stopped (SIGSTOP to its process group): connections are
+    accepted by the kernel but never answered, as with a hung daemon."""
+    os.killpg(process.pid, signal.SIGSTOP)
+    try:
+        yield
+    finally:
+        os.killpg(process.pid, signal.SIGCONT)
+
+
+def stop_group(process: subprocess.Popen[bytes]) -> None:
+    """SIGTERM to the daemon's process group, SIGKILL after 10 s."""
+    if process.poll() is None:
+        os.killpg(process.pid, signal.SIGTERM)
+        try:
+            process.wait(10)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait(10)

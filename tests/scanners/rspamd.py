@@ -25,17 +25,15 @@ from __future__ import annotations
 
 import os
 import secrets
-import signal
 import socket
 import subprocess
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
 
 from tests.conftest import free_port
-from tests.services import need_file, need_program
+from tests.services import need_file, need_program, paused_group, stop_group
 
 TLD_FILE = Path("/usr/share/rspamd/effective_tld_names.dat")
 
@@ -141,24 +139,12 @@ class RspamdProcess:
                 text += path.read_text(errors="replace")
         return text
 
-    @contextmanager
-    def paused(self) -> Iterator[None]:
-        """rspamd and its workers stopped (SIGSTOP): connections are accepted by the kernel
-        but never answered, as with a hung daemon."""
-        os.killpg(self.process.pid, signal.SIGSTOP)
-        try:
-            yield
-        finally:
-            os.killpg(self.process.pid, signal.SIGCONT)
+    def paused(self) -> AbstractContextManager[None]:
+        """rspamd and its workers stopped (SIGSTOP): a hung daemon."""
+        return paused_group(self.process)
 
     def stop(self) -> None:
-        if self.process.poll() is None:
-            os.killpg(self.process.pid, signal.SIGTERM)
-            try:
-                self.process.wait(10)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.process.pid, signal.SIGKILL)
-                self.process.wait(10)
+        stop_group(self.process)
 
 
 def ping(port: int) -> bool:

@@ -16,18 +16,16 @@ from __future__ import annotations
 
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import tempfile
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
 
 from tests.conftest import free_port
-from tests.services import need_file, need_program
+from tests.services import need_file, need_program, paused_group, stop_group
 
 SITE_CONFIG = """\
 use_bayes 0
@@ -52,24 +50,12 @@ class SpamdProcess:
     def log(self) -> str:
         return (self.base / "spamd.log").read_text(errors="replace")
 
-    @contextmanager
-    def paused(self) -> Iterator[None]:
-        """spamd and its children stopped (SIGSTOP): connections are accepted by the kernel
-        but never answered, as with a hung daemon."""
-        os.killpg(self.process.pid, signal.SIGSTOP)
-        try:
-            yield
-        finally:
-            os.killpg(self.process.pid, signal.SIGCONT)
+    def paused(self) -> AbstractContextManager[None]:
+        """spamd and its children stopped (SIGSTOP): a hung daemon."""
+        return paused_group(self.process)
 
     def stop(self) -> None:
-        if self.process.poll() is None:
-            os.killpg(self.process.pid, signal.SIGTERM)
-            try:
-                self.process.wait(10)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.process.pid, signal.SIGKILL)
-                self.process.wait(10)
+        stop_group(self.process)
         shutil.rmtree(self.base, ignore_errors=True)
 
 
