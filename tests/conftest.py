@@ -69,6 +69,20 @@ def search(pattern: AnyStr, text: AnyStr) -> re.Match[AnyStr]:
     return match
 
 
+def palisade(
+    *args: str, cwd: Path, stdout: Any = subprocess.PIPE
+) -> subprocess.CompletedProcess[str]:
+    """``python -m palisade ARGS`` in ``cwd``, as an operator runs it; stderr captured."""
+    return subprocess.run(
+        [sys.executable, "-m", "palisade", *args],
+        cwd=cwd,
+        stdout=stdout,
+        stderr=subprocess.PIPE,
+        text=True,
+        timeout=60,
+    )
+
+
 def wait_for(predicate: Any, timeout: float = 10.0, interval: float = 0.02) -> Any:
     """Polls ``predicate`` until it returns something truthy (files, log lines, sockets)."""
     deadline = time.monotonic() + timeout

@@ -15,20 +15,7 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import free_port, write_config
-
-
-def palisade(
-    *args: str, cwd: Path, stdout: Any = subprocess.PIPE
-) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "palisade", *args],
-        cwd=cwd,
-        stdout=stdout,
-        stderr=subprocess.PIPE,
-        text=True,
-        timeout=60,
-    )
+from tests.conftest import free_port, palisade, write_config
 
 
 def assert_one_clear_line(result: subprocess.CompletedProcess[str], status: int, text: str) -> None:

@@ -7,8 +7,6 @@ Real parts only: ``python -m palisade`` in a subprocess, a real DNS server on lo
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 import tomllib
 from collections.abc import Iterator
 from pathlib import Path
@@ -17,7 +15,7 @@ from typing import Any
 import pytest
 
 from loopback.dnsserver import ZoneServer, start_zone_server
-from tests.conftest import free_port, wait_for, write_config
+from tests.conftest import free_port, palisade, wait_for, write_config
 
 DQS_KEY = "s3cr3tdqsk3y0000000000000a"
 REFUSED = "your resolver is refused by this list (public resolver or missing DQS key)"
@@ -35,16 +33,6 @@ def dns() -> Iterator[ZoneServer]:
     server.list_address(f"{DQS_KEY}.zen.dq.spamhaus.net", "127.0.0.2", "127.255.255.252")
     yield server
     server.stop()
-
-
-def palisade(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "palisade", *args],
-        cwd=cwd,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
 
 
 def dnsbl_rule(*zones: str, **extra: Any) -> dict[str, Any]:

@@ -24,6 +24,7 @@ from tests.conftest import (
     gateway_sections,
     listening_sockets,
     open_connections,
+    palisade,
     search,
     wait_for,
     write_config,
@@ -65,16 +66,6 @@ def group_members(pgid: int) -> list[int]:
         if int(fields[2]) == pgid and fields[0] != "Z":
             members.append(int(entry))
     return members
-
-
-def palisade(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "palisade", *args],
-        cwd=cwd,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
 
 
 def test_kill_9_after_250_then_restart_delivers_exactly_once(
