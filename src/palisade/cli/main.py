@@ -46,11 +46,13 @@ def _parser() -> argparse.ArgumentParser:
 
     from palisade.cli import checkhost, tlscheck
     from palisade.cli import history as history_cli
+    from palisade.cli import init as init_cli
     from palisade.cli import queue as queue_cli
     from palisade.cli import recipients as recipients_cli
 
     checkhost.add_arguments(commands)
     tlscheck.add_arguments(commands)
+    init_cli.add_arguments(commands)
     history = history_cli.add_arguments(commands)
     history.add_argument("--config", type=Path)
     _config_after_subcommand(history)
@@ -112,6 +114,10 @@ def _main(argv: list[str] | None) -> int:
         from palisade.cli import tlscheck
 
         return tlscheck.run(args)
+    if args.command == "init":
+        from palisade.cli import init as init_cli
+
+        return init_cli.run(args)
     try:
         config = load_config(args.config)
     except ConfigError as exc:

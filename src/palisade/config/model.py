@@ -41,6 +41,8 @@ class ServerConfig:
     pregreet_pass_ttl: float = duration(86400.0)  # 0: every connection waits greeting_delay
     max_connections: int = positive(2000)
     max_connections_per_ip: int = positive(20)
+    user: str | None = None  # the unprivileged user every process runs as (svc-install drops)
+    group: str | None = None  # its group (default: the user's primary group)
 
 
 @dataclass(frozen=True, slots=True)
