@@ -402,6 +402,17 @@ class Terminal:
         os.write(self.fd, text.encode() + b"\n")
         self.seen += "\n"  # so the next prompt is read past this one
 
+    def drive(self, answers: dict[str, list[str]]) -> list[str]:
+        """Answers each question that starts with a key of ``answers`` with the next of its
+        texts, and every other one with Enter (the default); the questions asked."""
+        prompts = []
+        while (prompt := self.read_prompt()) is not None:
+            question = prompt.splitlines()[-1]
+            prompts.append(question)
+            key = next((k for k in answers if question.startswith(k)), None)
+            self.answer(answers[key].pop(0) if key else "")
+        return prompts
+
     def wait(self) -> int:
         _, status = os.waitpid(self.pid, 0)
         os.close(self.fd)
@@ -419,12 +430,7 @@ def test_an_interactive_run_on_a_terminal(tmp_path: Path) -> None:
         "Refuse clients listed in DNS blocklists": ["maybe", "no"],
         "Spam scanner": ["spamd"],
     }
-    prompts = []
-    while (prompt := terminal.read_prompt()) is not None:
-        question = prompt.splitlines()[-1]
-        prompts.append(question)
-        key = next((k for k in answers if question.startswith(k)), None)
-        terminal.answer(answers[key].pop(0) if key else "")
+    prompts = terminal.drive(answers)
     assert terminal.wait() == 0, terminal.seen
     assert f"{out} passes the self-check" in terminal.seen
     shown = "\n".join(prompts)
@@ -444,3 +450,17 @@ def test_an_interactive_run_on_a_terminal(tmp_path: Path) -> None:
     assert config["spamd"]["kill_level"] == 16.0
     saved = tomllib.loads((out.parent / "init-answers.toml").read_text())
     assert saved["dnsbl"] is False and saved["hostname"] == "mx.example.test"
+
+    # Next time, last time's answers are the defaults; a default that derives from an answer
+    # changed now (the scanner's levels) is the new answer's.
+    terminal = Terminal([*args, "--force"], tmp_path)
+    prompts = terminal.drive({"Spam scanner": ["rspamd"]})
+    assert terminal.wait() == 0, terminal.seen
+    shown = "\n".join(prompts)
+    assert "the defaults offered are your answers of last time" in terminal.seen
+    assert "Host name this gateway greets with [mx.example.test]: " in shown
+    assert "Refuse clients listed in DNS blocklists (yes/no) [no]: " in shown
+    assert "Spam scanner (none/spamd/rspamd) [spamd]: " in shown
+    assert "Score at which messages are refused [15]: " in shown
+    config = tomllib.loads(out.read_text())
+    assert config["rspamd"]["kill_level"] == 15.0 and "dnsbl" not in str(config["rules"])

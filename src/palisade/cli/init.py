@@ -179,6 +179,8 @@ def _ask(previous: dict[str, Any], flags: dict[str, Any], env: Environment) -> A
     answers: Answers = {}
     for question in QUESTIONS:
         earlier = previous.get(question.key)
+        if question.follows and previous.get(question.follows) != answers.get(question.follows):
+            earlier = None  # e.g. spamd's levels of last time, and rspamd chosen now
         default = earlier if earlier is not None else question.default(answers, env)
         if question.key in flags:
             answers[question.key] = flags[question.key]

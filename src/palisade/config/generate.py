@@ -95,6 +95,7 @@ class Question:
     asked: Callable[[Answers], bool] = _always
     choices: tuple[str, ...] = ()
     help: str = ""  # one line printed before the question
+    follows: str = ""  # the answer its default derives from (a new one: last time's is stale)
 
 
 # -- validators ----------------------------------------------------------------------------
@@ -308,6 +309,10 @@ def _on(key: str) -> Callable[[Answers], bool]:
     return lambda answers: bool(answers.get(key))
 
 
+def _scanning(answers: Answers) -> bool:
+    return answers.get("spam_scanner", "none") != "none"
+
+
 def _ldap(answers: Answers) -> bool:
     return answers.get("recipients") in ("ldap", "ad")
 
@@ -380,14 +385,14 @@ QUESTIONS: tuple[Question, ...] = (
              choices=("none", "file", "ldap", "ad")),
     Question("recipient_addresses", "Addresses for the recipients file (@domain: all of it)",
              "list", _default_recipients, _addresses,
-             asked=lambda a: a.get("recipients", "none") != "none"),
+             asked=lambda a: a.get("recipients", "none") != "none", follows="domains"),
     Question("ldap_servers", "LDAP servers, tried in order", "list",
              lambda a, e: [f"ldaps://dc1.{a['domains'][0]}"] if a.get("domains") else [],
-             _ldap_servers, asked=_ldap),
+             _ldap_servers, asked=_ldap, follows="domains"),
     Question("ldap_base_dn", "LDAP search base", "text", _default_base_dn, _not_empty,
-             asked=_ldap),
+             asked=_ldap, follows="domains"),
     Question("ldap_filter", "LDAP filter (%s: the address)", "text", _default_filter,
-             _ldap_filter, asked=_ldap),
+             _ldap_filter, asked=_ldap, follows="recipients"),
     Question("ldap_bind_dn", "LDAP bind DN (none: anonymous bind)", "text", _const(""),
              asked=_ldap),
     Question("ldap_bind_password_file", "File holding the bind password", "text",
@@ -399,11 +404,11 @@ QUESTIONS: tuple[Question, ...] = (
              choices=("none", "spamd", "rspamd")),
     Question("spam_address", "Scanner address (spamd: host:port or socket; rspamd: URL)",
              "text", _default_spam_address, _not_empty,
-             asked=lambda a: a.get("spam_scanner", "none") != "none"),
+             asked=_scanning, follows="spam_scanner"),
     Question("spam_tag_level", "Score at which messages are tagged (X-Spam-Flag)", "float",
-             _default_tag, asked=lambda a: a.get("spam_scanner", "none") != "none"),
+             _default_tag, asked=_scanning, follows="spam_scanner"),
     Question("spam_kill_level", "Score at which messages are refused", "float", _default_kill,
-             _kill_level, asked=lambda a: a.get("spam_scanner", "none") != "none"),
+             _kill_level, asked=_scanning, follows="spam_scanner"),
     Question("clamd", "Scan for viruses with ClamAV (clamd)", "bool", _const(False)),
     Question("clamd_address", "clamd socket or host:port", "text",
              _const("/run/clamav/clamd.ctl"), _not_empty, asked=_on("clamd")),
