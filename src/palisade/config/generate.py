@@ -310,7 +310,7 @@ def _on(key: str) -> Callable[[Answers], bool]:
 
 
 def _scanning(answers: Answers) -> bool:
-    return answers.get("spam_scanner", "none") != "none"
+    return bool(answers.get("spam_scanner", "none") != "none")
 
 
 def _ldap(answers: Answers) -> bool:
