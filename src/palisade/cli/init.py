@@ -41,6 +41,7 @@ from palisade.config.generate import (
 )
 
 SERVICE_GROUP = "palisade"
+_FLAGS = {"hostname": "--hostname", "domains": "--domain", "next_hop": "--next-hop"}
 
 
 class _Abort(Exception):
@@ -98,6 +99,8 @@ def run(args: argparse.Namespace) -> int:
             previous = _previous_answers(answers_out)
             answers = resolve(_ask(previous, flags, env), env)
     except AnswersError as exc:
+        if exc.key in _FLAGS and exc.key in flags:
+            return _usage(f"{_FLAGS[exc.key]}: {exc.problem}")
         where = f"answers file {args.answers}" if args.answers is not None else "answer"
         return _usage(f"{where}: {exc}")
     except _Abort as exc:
