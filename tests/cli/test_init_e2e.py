@@ -294,6 +294,10 @@ def test_an_existing_config_gets_a_new_file_and_a_diff_and_force_replaces_it(
     assert first.returncode == 0, first.stderr
     (out.parent / "lists" / "whitelist_connect_hosts").write_text("192.0.2.99\n")  # the admin's
     original = out.read_text()
+    same = init(tmp_path, *common, "--hostname", "mx.example.test", "--domain", "example.test")
+    assert same.returncode == 0, same.stderr
+    assert f"{out} is already what these answers make: unchanged" in same.stdout
+    assert not out.with_name("palisade.toml.new").exists()
     second = init(
         tmp_path, *common, "--hostname", "mx2.example.test", "--domain", "a.test",
         "--domain", "b.test", "--next-hop", "10.0.0.5:25",

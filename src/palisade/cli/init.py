@@ -280,6 +280,9 @@ def _write_config(output: Path, text: str, *, force: bool) -> Path:
     target = output
     if output.exists() and not force:
         old = output.read_text(encoding="utf-8", errors="replace")
+        if old == text:
+            print(f"palisade init: {output} is already what these answers make: unchanged")
+            return output
         target = output.with_name(output.name + ".new")
         diff = list(
             difflib.unified_diff(
@@ -290,11 +293,8 @@ def _write_config(output: Path, text: str, *, force: bool) -> Path:
             )
         )
         _write_file(target, text, 0o640, gid)
-        if diff:
-            print(f"palisade init: {output} exists: wrote {target} instead (--force replaces it)")
-            sys.stdout.writelines(diff)
-        else:
-            print(f"palisade init: {output} exists and is the same; wrote {target} anyway")
+        print(f"palisade init: {output} exists: wrote {target} instead (--force replaces it)")
+        sys.stdout.writelines(diff)
         return target
     _write_file(output, text, 0o640, gid)
     print(f"palisade init: wrote {output}")
