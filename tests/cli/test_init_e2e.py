@@ -381,9 +381,12 @@ class Terminal:
 
     def __init__(self, args: list[str], cwd: Path) -> None:
         pid, fd = pty.fork()
-        if pid == 0:  # the child: the command on the terminal
-            os.chdir(cwd)
-            os.execv(sys.executable, [sys.executable, "-m", "palisade", *args])
+        if pid == 0:  # the child: the command on the terminal (never back into pytest)
+            try:
+                os.chdir(cwd)
+                os.execv(sys.executable, [sys.executable, "-m", "palisade", *args])
+            finally:
+                os._exit(127)
         self.pid, self.fd, self.seen = pid, fd, ""
 
     def read_prompt(self, timeout: float = 30) -> str | None:
