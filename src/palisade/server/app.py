@@ -12,7 +12,9 @@ attempt use it, sessions in progress keep the one they began with, and the old o
 closed when its last session ends. A config or a part that fails is refused whole, with a
 paniclog line, and the old generation stays in every process. Keys that cannot change live
 (``config.model.RESTART_KEYS``: listen addresses, workers, spool and log paths...) are named in
-paniclog as needing a restart.
+paniclog as needing a restart. SIGUSR1: every process (the parent forwards it too) reopens its
+log files (:mod:`palisade.obs.log`). The parent, or the single process, tells systemd READY,
+RELOADING and STOPPING (:mod:`.notify`).
 
 Signals are handled from the first moment of ``serve`` (:class:`StartupSignals` remembers one that
 comes before the event loop is started, the kernel holds one that comes while it starts, and each
