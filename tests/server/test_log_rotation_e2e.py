@@ -21,7 +21,16 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import ROOT, GatewayProcess, child_pids, wait_for, write_config
+from tests.conftest import (
+    ROOT,
+    GatewayProcess,
+    child_pids,
+    free_port,
+    gateway_sections,
+    palisade,
+    wait_for,
+    write_config,
+)
 from tests.server.smtpclient import RawClient
 
 SNIPPET = ROOT / "contrib" / "palisade.logrotate"
@@ -261,3 +270,38 @@ def test_syslog_facility_and_a_missing_socket(make_gateway: Any, tmp_path: Path)
     receiver.until(r"^<158>palisade\[\d+\]: H=.*rejected RCPT <heard@elsewhere.test>")
     assert gw.stop() == 0
     receiver.sock.close()
+
+
+def test_a_pid_file_that_cannot_be_written_stops_the_start(tmp_path: Path) -> None:
+    """One line naming the file and the key, exit 1, nothing left listening."""
+    port = free_port()
+    (tmp_path / "taken").write_text("a file where the pid file's directory should be")
+    config = write_config(
+        tmp_path / "palisade.toml",
+        gateway_sections(port, server={"pid_file": "taken/palisade.pid"}),
+    )
+    done = palisade("serve", "--config", str(config), cwd=tmp_path)
+    assert done.returncode == 1
+    assert done.stderr == (
+        f"palisade: {config}: server.pid_file: cannot write taken/palisade.pid: Not a directory\n"
+    )
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", port))  # released
+
+
+@pytest.mark.parametrize(
+    "key,value,expected",
+    [
+        ("syslog_facility", "kern", "log.syslog_facility: expected one of 'mail', 'user'"),
+        ("syslog", "yes", "log.syslog: expected"),
+    ],
+)
+def test_bad_syslog_keys_are_refused_with_the_key_named(
+    tmp_path: Path, key: str, value: str, expected: str
+) -> None:
+    config = write_config(
+        tmp_path / "palisade.toml", gateway_sections(free_port(), log={key: value})
+    )
+    done = palisade("config", "check", "--config", str(config), "--no-dns", cwd=tmp_path)
+    assert done.returncode == 2, done.stderr
+    assert expected in done.stderr and "Traceback" not in done.stderr

@@ -570,7 +570,11 @@ def serve(config_path: Path | None) -> int:
     try:
         write_pid_file(config)
     except OSError as exc:
-        print(f"palisade: server.pid_file: cannot write it: {exc}", file=sys.stderr)
+        print(
+            f"palisade: {config.source}: server.pid_file: cannot write "
+            f"{config.server.pid_file}: {exc.strerror or exc}",
+            file=sys.stderr,
+        )
         return 1
     try:
         return _serve_bound(config, config_path, groups)

@@ -11,6 +11,7 @@ Trust: paths come from the validated configuration.
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 from pathlib import Path
 
@@ -34,6 +35,8 @@ def write_pid_file(config: Config) -> None:
     path = config.server.pid_file
     if path is None:
         return
+    if path.parent.exists() and not path.parent.is_dir():  # make_dirs would say "File exists"
+        raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), str(path.parent))
     make_dirs(path.parent, 0o750)
     temporary = path.with_name(f".{path.name}.{os.getpid()}")
     fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
