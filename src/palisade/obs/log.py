@@ -20,6 +20,7 @@ line``, to the local syslog socket; never blocking, dropped when the daemon does
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import socket
@@ -159,7 +160,9 @@ class SyslogSink:
                 return
             except BlockingIOError:
                 return  # the receiver is behind: this line is only in the files
-            except OSError:  # the receiver restarted: its socket is a new one
+            except OSError as exc:  # the receiver restarted: its socket is a new one
+                if exc.errno == errno.EMSGSIZE:
+                    return  # this line is too long for a datagram; the socket is fine
                 self._sock.close()
                 self._sock = None
 
