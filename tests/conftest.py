@@ -172,8 +172,10 @@ class GatewayProcess:
             return []
         return [p.read_bytes() for p in sorted(new.iterdir())]
 
-    def start(self) -> GatewayProcess:
-        env = dict(os.environ, PYTHONUNBUFFERED="1")
+    def start(self, env: dict[str, str] | None = None, greet: bool = True) -> GatewayProcess:
+        """Starts it (with ``env`` added to the environment) and, with ``greet``, waits until
+        it greets a client."""
+        env = dict(os.environ, PYTHONUNBUFFERED="1", **(env or {}))
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "palisade", "serve", "--config", str(self.config_path)],
             cwd=self.base,
@@ -182,6 +184,8 @@ class GatewayProcess:
             stderr=subprocess.PIPE,
         )
         threading.Thread(target=self._drain_stderr, daemon=True).start()
+        if not greet:
+            return self
         deadline = time.monotonic() + 15
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:

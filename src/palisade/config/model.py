@@ -30,6 +30,13 @@ def choice(default: str, *others: str) -> str:
     return field(default=default, metadata={"choices": (default, *others)})
 
 
+# syslog(3)'s facility names other than ``mail`` (the default), in the order of their codes.
+SYSLOG_FACILITIES = (
+    "user", "daemon", "auth", "authpriv", "local0", "local1", "local2", "local3", "local4",
+    "local5", "local6", "local7",
+)  # fmt: skip
+
+
 @dataclass(frozen=True, slots=True)
 class ServerConfig:
     """The listener: who we say we are, where we listen, how many clients we hold."""
@@ -43,6 +50,7 @@ class ServerConfig:
     max_connections_per_ip: int = positive(20)
     user: str | None = None  # the unprivileged user every process runs as (svc-install drops)
     group: str | None = None  # its group (default: the user's primary group)
+    pid_file: Path | None = None  # the parent writes its pid there (logrotate without systemd)
 
 
 @dataclass(frozen=True, slots=True)
@@ -239,10 +247,14 @@ class AuthenticationConfig:
 
 @dataclass(frozen=True, slots=True)
 class LogConfig:
-    """Log options: JSON lines beside the exim-shaped text, echo to standard output."""
+    """Log options: JSON lines beside the exim-shaped text, echo to standard output, and every
+    line also to syslog (``syslog_facility``, ident ``palisade``) through ``syslog_socket``."""
 
     json: bool = False
     echo: bool = False
+    syslog: bool = False
+    syslog_facility: str = choice("mail", *SYSLOG_FACILITIES)
+    syslog_socket: Path = Path("/dev/log")
 
 
 @dataclass(frozen=True, slots=True)
@@ -288,6 +300,10 @@ RESTART_KEYS: tuple[str, ...] = (
     "paths.log",
     "log.json",
     "log.echo",
+    "log.syslog",
+    "log.syslog_facility",
+    "log.syslog_socket",
+    "server.pid_file",
     "delivery.concurrency",
     "dns.dnsbl_probe_interval",
 )

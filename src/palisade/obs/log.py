@@ -8,12 +8,22 @@ bracketed address a line may show is the one Palisade writes in ``H=... [ip]:por
 client-supplied comes before the ``H=`` field except the sender of an arrival line (escaped).
 Trust: none of the text is trusted; line breaks are replaced here as a last line of defence.
 Files: the log files it creates are 0640 (see ``_open_log``), the directory 0750.
+Rotation: before each write the file's path is checked (``stat``: device and inode, as
+``logging.handlers.WatchedFileHandler`` does); a log renamed or removed by logrotate is noticed
+and a new file opened at the path, in every process, with no signal. :meth:`FileEventLog.reopen`
+(SIGUSR1) reopens every file at once, for copy-and-truncate set-ups and a forced reopen.
+Syslog: with :class:`SyslogSink` every line also goes, as one datagram ``<PRI>palisade[pid]:
+line``, to the local syslog socket; never blocking, dropped when the daemon does not take it
+(the files stay the record).
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import os
+import socket
 import threading
 import time
 from collections.abc import Callable
@@ -99,6 +109,107 @@ class EventLog(Protocol):
 LOG_MODE = 0o640  # as exim's: the owner writes, its group (e.g. adm) reads, nobody else
 
 
+# syslog(3)'s facility codes (RFC 5424 section 6.2.1) for ``[log] syslog_facility``.
+FACILITIES = {
+    "user": 1, "mail": 2, "daemon": 3, "auth": 4, "authpriv": 10,
+    "local0": 16, "local1": 17, "local2": 18, "local3": 19,
+    "local4": 20, "local5": 21, "local6": 22, "local7": 23,
+}  # fmt: skip
+SEVERITY = {"main": 6, "reject": 6, "panic": 3}  # info; panic lines are errors (err)
+
+
+class SyslogSink:
+    """Sends each line to the syslog socket (``/dev/log``: rsyslog, or journald which passes it
+    on) as ``<facility*8+severity>palisade[pid]: line``, without a time stamp (the receiver adds
+    its own, as for Python's ``SysLogHandler``). Non-blocking: a line the receiver cannot take at
+    once is dropped, never waited for; a socket that fails is connected again at most once a
+    second."""
+
+    RETRY = 1.0
+
+    def __init__(self, path: Path, facility: str, ident: str = "palisade") -> None:
+        self.path = path
+        self.facility = FACILITIES[facility]
+        self.ident = ident
+        self._sock: socket.socket | None = None
+        self._next_try = 0.0
+        self._connect()
+
+    def _connect(self) -> None:
+        self._next_try = time.monotonic() + self.RETRY
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
+        sock.setblocking(False)
+        try:
+            sock.connect(str(self.path))
+        except OSError:
+            sock.close()
+            return
+        self._sock = sock
+
+    def send(self, kind: str, line: str) -> None:
+        data = f"<{self.facility * 8 + SEVERITY[kind]}>{self.ident}[{os.getpid()}]: {line}"
+        for _attempt in range(2):
+            if self._sock is None:
+                if time.monotonic() < self._next_try:
+                    return
+                self._connect()
+                if self._sock is None:
+                    return
+            try:
+                self._sock.send(data.encode("utf-8", "replace"))
+                return
+            except BlockingIOError:
+                return  # the receiver is behind: this line is only in the files
+            except OSError as exc:  # the receiver restarted: its socket is a new one
+                if exc.errno == errno.EMSGSIZE:
+                    return  # this line is too long for a datagram; the socket is fine
+                self._sock.close()
+                self._sock = None
+
+    def close(self) -> None:
+        if self._sock is not None:
+            self._sock.close()
+            self._sock = None
+
+
+class _LogFile:
+    """One log file: its path, the descriptor written to, and the file that descriptor is
+    (device, inode), to notice a rename or removal of the path."""
+
+    __slots__ = ("fd", "ident", "path")
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.fd = -1
+        self.ident = (0, 0)
+        self.open()
+
+    def open(self) -> None:
+        """Opens the path (creating the file) and closes the descriptor it replaces."""
+        fd = _open_log(self.path)
+        status = os.fstat(fd)
+        old, self.fd, self.ident = self.fd, fd, (status.st_dev, status.st_ino)
+        if old >= 0:
+            os.close(old)
+
+    def current(self) -> int:
+        """The descriptor to write to: a new one when the path names another file now or none.
+        If the new file cannot be made (the directory gone), the old descriptor serves on."""
+        try:
+            status = os.stat(self.path)
+        except FileNotFoundError:
+            pass
+        else:
+            if (status.st_dev, status.st_ino) == self.ident:
+                return self.fd
+        with contextlib.suppress(OSError):
+            self.open()
+        return self.fd
+
+    def close(self) -> None:
+        os.close(self.fd)
+
+
 def _open_log(path: Path) -> int:
     """An O_APPEND descriptor on ``path``. A file this call creates gets mode 0640 whatever the
     umask (the gateway runs with 0077); an existing file keeps the mode the operator or
@@ -117,28 +228,44 @@ class FileEventLog:
 
     Lines are written with ``os.write`` on O_APPEND descriptors so that several worker processes
     can share the files without interleaving inside a line. ``json_lines`` adds ``main.jsonl``
-    with one object per event (``fields`` plus the text).
+    with one object per event (``fields`` plus the text). ``syslog``: every line also goes there.
     """
 
-    def __init__(self, directory: Path, *, json_lines: bool = False, echo: bool = False) -> None:
+    def __init__(
+        self,
+        directory: Path,
+        *,
+        json_lines: bool = False,
+        echo: bool = False,
+        syslog: SyslogSink | None = None,
+    ) -> None:
         make_dirs(directory, 0o750)
         self.directory = directory
         self._echo = echo
+        self._syslog = syslog
         self._lock = threading.Lock()
-        self._main = _open_log(directory / "mainlog")
-        self._reject = _open_log(directory / "rejectlog")
-        self._panic = _open_log(directory / "paniclog")
-        self._json = _open_log(directory / "main.jsonl") if json_lines else None
+        self._main = _LogFile(directory / "mainlog")
+        self._reject = _LogFile(directory / "rejectlog")
+        self._panic = _LogFile(directory / "paniclog")
+        self._json = _LogFile(directory / "main.jsonl") if json_lines else None
 
-    def _write(self, fds: tuple[int, ...], kind: str, line: str, fields: dict[str, object]) -> None:
+    def _files(self) -> tuple[_LogFile, ...]:
+        return tuple(f for f in (self._main, self._reject, self._panic, self._json) if f)
+
+    def _write(
+        self, files: tuple[_LogFile, ...], kind: str, line: str, fields: dict[str, object]
+    ) -> None:
         now = time.time()
-        text = f"{timestamp(now)} {line.translate(_LINE_BREAKS)}\n".encode("utf-8", "replace")
+        flat = line.translate(_LINE_BREAKS)
+        text = f"{timestamp(now)} {flat}\n".encode("utf-8", "replace")
         with self._lock:
-            for fd in fds:
-                os.write(fd, text)
+            for file in files:
+                os.write(file.current(), text)
             if self._json is not None:
                 record = {"time": now, "kind": kind, "line": line, **fields}
-                os.write(self._json, (json.dumps(record, default=str) + "\n").encode())
+                os.write(self._json.current(), (json.dumps(record, default=str) + "\n").encode())
+            if self._syslog is not None:
+                self._syslog.send(kind, flat)
         if self._echo:
             print(text.decode(), end="", flush=True)
 
@@ -151,10 +278,24 @@ class FileEventLog:
     def panic(self, line: str, **fields: object) -> None:
         self._write((self._main, self._panic), "panic", line, fields)
 
+    def reopen(self) -> None:
+        """SIGUSR1: every file opened again at its path (a new one made if it is gone). A file
+        that cannot be opened keeps its old descriptor, and a panic line says why."""
+        failed = []
+        with self._lock:
+            for file in self._files():
+                try:
+                    file.open()
+                except OSError as exc:
+                    failed.append(f"{file.path}: {exc.strerror or exc}")
+        for problem in failed:
+            self.panic(f"log reopen: cannot open {problem}: writing to the old file")
+
     def close(self) -> None:
-        for fd in (self._main, self._reject, self._panic, self._json):
-            if fd is not None:
-                os.close(fd)
+        for file in self._files():
+            file.close()
+        if self._syslog is not None:
+            self._syslog.close()
 
 
 class MemoryEventLog:

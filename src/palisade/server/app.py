@@ -12,7 +12,9 @@ attempt use it, sessions in progress keep the one they began with, and the old o
 closed when its last session ends. A config or a part that fails is refused whole, with a
 paniclog line, and the old generation stays in every process. Keys that cannot change live
 (``config.model.RESTART_KEYS``: listen addresses, workers, spool and log paths...) are named in
-paniclog as needing a restart.
+paniclog as needing a restart. SIGUSR1: every process (the parent forwards it too) reopens its
+log files (:mod:`palisade.obs.log`). The parent, or the single process, tells systemd READY,
+RELOADING and STOPPING (:mod:`.notify`).
 
 Signals are handled from the first moment of ``serve`` (:class:`StartupSignals` remembers one that
 comes before the event loop is started, the kernel holds one that comes while it starts, and each
@@ -45,6 +47,7 @@ from palisade.delivery import QueueRunner
 from palisade.obs.files import make_dirs
 from palisade.obs.log import FileEventLog
 from palisade.obs.queueid import QueueIdGenerator
+from palisade.server import notify
 from palisade.server.conncount import SharedCounts
 from palisade.server.context import ServerContext
 from palisade.server.generation import (
@@ -54,6 +57,7 @@ from palisade.server.generation import (
     close_ports,
 )
 from palisade.server.listener import Listener, bind_socket
+from palisade.server.service import open_event_log, remove_pid_file, write_pid_file
 from palisade.server.steering import steer_by_source
 from palisade.spool import Spool
 
@@ -62,7 +66,7 @@ PR_SET_PDEATHSIG = 1
 PARENT_DEATH_SIGNAL = signal.SIGUSR2  # what a worker gets from the kernel when the parent dies
 
 
-HELD_SIGNALS = {signal.SIGTERM, signal.SIGINT, signal.SIGHUP, PARENT_DEATH_SIGNAL}
+HELD_SIGNALS = {signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1, PARENT_DEATH_SIGNAL}
 
 
 class StartupSignals:
@@ -88,6 +92,7 @@ class StartupSignals:
         signal.set_wakeup_fd(-1)
         for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             signal.signal(signum, self._remember)
+        signal.signal(signal.SIGUSR1, self._ignore)  # reopen logs: those opened later are new
         if worker:  # what the parent remembered is the parent's to act on
             self.stop = self.reload = False
             signal.signal(PARENT_DEATH_SIGNAL, self._remember)
@@ -105,6 +110,10 @@ class StartupSignals:
     def stopping(self) -> bool:
         """SIGTERM or SIGINT came, remembered or held."""
         return self.stop or bool({signal.SIGTERM, signal.SIGINT} & signal.sigpending())
+
+    @staticmethod
+    def _ignore(_signum: int, _frame: object) -> None:
+        pass
 
     def _remember(self, signum: int, _frame: object) -> None:
         if signum == signal.SIGHUP:
@@ -198,7 +207,7 @@ class Gateway:
         self.listening = listening
         self.delivering = delivering
         self.announces = announces
-        self.log = FileEventLog(config.paths.log, json_lines=config.log.json, echo=config.log.echo)
+        self.log = open_event_log(config)
         self.spool = Spool(config.paths.spool)
         self.stopping = asyncio.Event()
         self.runner: QueueRunner | None = None
@@ -248,12 +257,16 @@ class Gateway:
         force, whole. Sessions in progress keep the generation they began with; the old one is
         closed when the last of them ends. Returns the new generation, or None."""
         old = self.generation
+        if self.announces:  # the process systemd watches: RELOADING=1, then READY=1 either way
+            notify.reloading()
         try:
             loaded = load_config(self.config_path)
             config = keep_running(old.config, loaded)  # restart keys keep their running values
             new = self._build(config, number=old.number + 1, check=True)
         except (ConfigError, GenerationError, OSError) as exc:
             self.log.panic(f"reload refused, old configuration stays in force: {exc}")
+            if self.announces:
+                notify.ready(f"reload refused, generation {old.number} stays in force: {exc}")
             return None
         if self.announces:
             for key in restart_needed(old.config, loaded):
@@ -266,6 +279,8 @@ class Gateway:
             deliver_with(self.runner, new)
         old.retire()
         self.log.main(f"configuration reloaded from {new.config.source} (generation {new.number})")
+        if self.announces:
+            notify.ready(f"serving, generation {new.number} from {new.config.source}")
         return new
 
     def start_probes(self) -> asyncio.Task[None] | None:
@@ -287,10 +302,14 @@ class Gateway:
         self.spool.close()
         close_ports_of(self.generation)
 
-    def install_signals(self, on_hup: Callable[[], None]) -> None:
-        """The loop's handlers; then acts on a signal remembered before the loop started, and
-        releases those held since (see :class:`StartupSignals`)."""
+    def install_signals(
+        self, on_hup: Callable[[], None], on_usr1: Callable[[], None] | None = None
+    ) -> None:
+        """The loop's handlers (SIGUSR1: ``on_usr1``, by default reopen the logs); then acts on
+        a signal remembered before the loop started, and releases those held since (see
+        :class:`StartupSignals`)."""
         loop = asyncio.get_running_loop()
+        loop.add_signal_handler(signal.SIGUSR1, on_usr1 or self.log.reopen)
         loop.add_signal_handler(signal.SIGTERM, self.stopping.set)
         loop.add_signal_handler(signal.SIGINT, self.stopping.set)
         loop.add_signal_handler(signal.SIGHUP, on_hup)
@@ -325,7 +344,9 @@ async def run_single(
         f"palisade daemon started: pid={os.getpid()}, listening on "
         f"{', '.join(config.server.listen)}, config {config.source}"
     )
+    notify.ready(f"serving on {', '.join(config.server.listen)}, generation {gw.generation.number}")
     await gw.stopping.wait()
+    notify.stopping()
     gw.log.main("SIGTERM received: no longer accepting connections, finishing transactions")
     if probes is not None:
         probes.cancel()
@@ -435,7 +456,13 @@ async def run_parent(
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGHUP)
 
-    gw.install_signals(on_hup)
+    def on_usr1() -> None:
+        gw.log.reopen()
+        for pid in workers.values():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGUSR1)
+
+    gw.install_signals(on_hup, on_usr1)
     runner = gw.start_runner()
     await runner.start(recover=False)  # serve() recovered the spool before forking the workers
     loop = asyncio.get_running_loop()
@@ -471,7 +498,12 @@ async def run_parent(
                     workers[slot] = spawn(slot, gw.config)
 
     reaper = loop.create_task(reap())
+    notify.ready(
+        f"serving on {', '.join(config.server.listen)} with {len(workers)} workers, "
+        f"generation {gw.generation.number}"
+    )
     await gw.stopping.wait()
+    notify.stopping()
     gw.log.main("SIGTERM received: stopping workers")
     for sock in listening:  # the workers' copies go as they stop accepting
         sock.close()
@@ -535,6 +567,26 @@ def serve(config_path: Path | None) -> int:
         return 1
     if startup_signals.stop:  # SIGTERM while starting: nothing forked, nothing to recover
         return 0
+    try:
+        write_pid_file(config)
+    except OSError as exc:
+        print(
+            f"palisade: {config.source}: server.pid_file: cannot write "
+            f"{config.server.pid_file}: {exc.strerror or exc}",
+            file=sys.stderr,
+        )
+        return 1
+    try:
+        return _serve_bound(config, config_path, groups)
+    finally:
+        remove_pid_file(config)
+
+
+def _serve_bound(
+    config: Config, config_path: Path | None, groups: list[list[socket.socket]]
+) -> int:
+    """``serve`` once the listeners are bound: the single process, or the parent's workers."""
+    workers = config.server.workers
     # From here on a signal waits in the kernel until a loop's handlers take it (StartupSignals):
     # the workers forked below are born with the same mask.
     startup_signals.hold()
@@ -553,7 +605,7 @@ def serve(config_path: Path | None) -> int:
     attached = steered and all(steer_by_source(sock, workers) for sock in groups[0])
     every_socket = [sock for group in groups for sock in group]
     # Recovery empties tmp/: it must be over before any worker can write a message there.
-    recovery_log = FileEventLog(config.paths.log)
+    recovery_log = open_event_log(config)
     recovery_spool = Spool(config.paths.spool)
     recovery_spool.recover(recovery_log)
     recovery_spool.close()  # no commit thread may live across fork()
