@@ -39,12 +39,14 @@ from collections.abc import Callable
 from pathlib import Path
 
 from palisade.config import Config, ConfigError, load_config
+from palisade.config.loader import BUNDLED_SOURCE
 from palisade.config.model import keep_running, restart_needed
 from palisade.config.policy import build_policy
 from palisade.delivery import QueueRunner
 from palisade.obs.files import make_dirs
 from palisade.obs.log import FileEventLog
 from palisade.obs.queueid import QueueIdGenerator
+from palisade.server import privileges
 from palisade.server.conncount import SharedCounts
 from palisade.server.context import ServerContext
 from palisade.server.generation import (
@@ -509,19 +511,14 @@ def serve(config_path: Path | None) -> int:
             file=sys.stderr,
         )
         return 2
-    from palisade.server.selfcheck import check_before_serving
-
-    if check_before_serving(config, policy) is not None:  # paths, files, DNS, DNSBL zones, TLS
-        return 1
+    try:  # root without [server] user on port 25, or a user this process cannot become
+        account = privileges.service_account(config)
+    except privileges.Refused:
+        return 2
+    if config.source == BUNDLED_SOURCE:  # said before binding: a busy port must not hide it
+        privileges.say_bundled(config)
     raise_fd_limit()
     install_fast_loop()
-    for key, path, mode in (("spool", config.paths.spool, 0o700), ("log", config.paths.log, 0o750)):
-        try:
-            make_dirs(path, mode)
-        except OSError as exc:
-            print(f"palisade: paths.{key}: cannot create {path}: {exc}", file=sys.stderr)
-            return 1
-    # the Maildir root is made by MaildirDelivery, with the modes of [paths] group
     workers = config.server.workers
     try:  # with workers, one SO_REUSEPORT socket per worker and address, all made before fork
         groups = [
@@ -533,6 +530,19 @@ def serve(config_path: Path | None) -> int:
             f"palisade: cannot listen on {', '.join(config.server.listen)}: {exc}", file=sys.stderr
         )
         return 1
+    if not privileges.drop(config, account):  # from here on, never root again
+        return 1
+    from palisade.server.selfcheck import check_before_serving
+
+    if check_before_serving(config, policy) is not None:  # paths, files, DNS, DNSBL zones, TLS
+        return 1
+    for key, path, mode in (("spool", config.paths.spool, 0o700), ("log", config.paths.log, 0o750)):
+        try:
+            make_dirs(path, mode)
+        except OSError as exc:
+            print(f"palisade: paths.{key}: cannot create {path}: {exc}", file=sys.stderr)
+            return 1
+    # the Maildir root is made by MaildirDelivery, with the modes of [paths] group
     if startup_signals.stop:  # SIGTERM while starting: nothing forked, nothing to recover
         return 0
     # From here on a signal waits in the kernel until a loop's handlers take it (StartupSignals):
