@@ -109,10 +109,9 @@ def test_every_process_drops_to_the_service_user(service_user: tuple[int, int], 
     uid, gid = service_user
     gw = configured(base, server={"user": USER, "workers": 2}).start()
     try:
-        processes = [
-            gw.proc.pid,
-            *wait_for(lambda: len(child_pids(gw.proc.pid)) == 2 and child_pids(gw.proc.pid)),
-        ]  # type: ignore[union-attr]
+        assert gw.proc is not None
+        parent = gw.proc.pid
+        processes = [parent, *wait_for(lambda: len(child_pids(parent)) == 2 and child_pids(parent))]
         groups = " ".join(str(g) for g in sorted(set(os.getgrouplist(USER, gid))))
         for pid in processes:  # real, effective, saved and file-system ids; no capability left
             assert ids(pid) == {
@@ -185,7 +184,8 @@ def test_root_without_user_on_a_high_port_runs_with_one_warning(make_gateway: An
     assert wait_for(lambda: warning in gw.stderr())
     assert gw.stderr().count("warning") == 1
     assert warning.removeprefix("palisade: ") in gw.mainlog()
-    assert ids(gw.proc.pid)["Uid"] == "0\t0\t0\t0"  # type: ignore[union-attr]
+    assert gw.proc is not None
+    assert ids(gw.proc.pid)["Uid"] == "0\t0\t0\t0"
 
 
 def test_not_root_with_user_naming_another_account_refuses(
