@@ -49,12 +49,13 @@ def _parser() -> argparse.ArgumentParser:
         "--no-dns", action="store_true", help="skip the resolver and DNSBL probes of the self-check"
     )
 
-    from palisade.cli import checkhost, tlscheck
+    from palisade.cli import checkhost, install, tlscheck
     from palisade.cli import history as history_cli
     from palisade.cli import queue as queue_cli
     from palisade.cli import recipients as recipients_cli
 
     checkhost.add_arguments(commands)
+    install.add_arguments(commands)
     tlscheck.add_arguments(commands)
     history = history_cli.add_arguments(commands)
     history.add_argument("--config", type=Path)
@@ -115,6 +116,10 @@ def _main(argv: list[str] | None) -> int:
         from palisade.cli import checkhost
 
         return checkhost.main(args)
+    if args.command in ("install-system", "uninstall-system"):
+        from palisade.cli import install
+
+        return install.run(args)
     if args.command == "tls":
         from palisade.cli import tlscheck
 

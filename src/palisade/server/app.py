@@ -39,7 +39,6 @@ from collections.abc import Callable
 from pathlib import Path
 
 from palisade.config import Config, ConfigError, load_config
-from palisade.config.loader import BUNDLED_SOURCE
 from palisade.config.model import keep_running, restart_needed
 from palisade.config.policy import build_policy
 from palisade.delivery import QueueRunner
@@ -512,13 +511,22 @@ def serve(config_path: Path | None) -> int:
         )
         return 2
     try:  # root without [server] user on port 25, or a user this process cannot become
-        account = privileges.service_account(config)
+        account = privileges.service_account(config)  # and the paths it cannot make itself
     except privileges.Refused:
         return 2
-    if config.source == BUNDLED_SOURCE:  # said before binding: a busy port must not hide it
-        privileges.say_bundled(config)
+    from palisade.server.selfcheck import check_before_serving
+
+    if check_before_serving(config, policy) is not None:  # paths, files, DNS, DNSBL zones, TLS
+        return 1
     raise_fd_limit()
     install_fast_loop()
+    for key, path, mode in (("spool", config.paths.spool, 0o700), ("log", config.paths.log, 0o750)):
+        try:
+            make_dirs(path, mode)
+        except OSError as exc:
+            print(f"palisade: paths.{key}: cannot create {path}: {exc}", file=sys.stderr)
+            return 1
+    # the Maildir root is made by MaildirDelivery, with the modes of [paths] group
     workers = config.server.workers
     try:  # with workers, one SO_REUSEPORT socket per worker and address, all made before fork
         groups = [
@@ -530,19 +538,8 @@ def serve(config_path: Path | None) -> int:
             f"palisade: cannot listen on {', '.join(config.server.listen)}: {exc}", file=sys.stderr
         )
         return 1
-    if not privileges.drop(config, account):  # from here on, never root again
+    if not privileges.drop(config, config_path, account):  # from here on, never root again
         return 1
-    from palisade.server.selfcheck import check_before_serving
-
-    if check_before_serving(config, policy) is not None:  # paths, files, DNS, DNSBL zones, TLS
-        return 1
-    for key, path, mode in (("spool", config.paths.spool, 0o700), ("log", config.paths.log, 0o750)):
-        try:
-            make_dirs(path, mode)
-        except OSError as exc:
-            print(f"palisade: paths.{key}: cannot create {path}: {exc}", file=sys.stderr)
-            return 1
-    # the Maildir root is made by MaildirDelivery, with the modes of [paths] group
     if startup_signals.stop:  # SIGTERM while starting: nothing forked, nothing to recover
         return 0
     # From here on a signal waits in the kernel until a loop's handlers take it (StartupSignals):

@@ -1,18 +1,20 @@
 """Who the gateway runs as: the service account of ``[server] user`` and the one-way drop to it.
 
 Owns the decision and the drop (README, "Running unprivileged"). ``serve`` calls
-:func:`service_account` before binding anything and :func:`drop` right after binding the
-listeners, before the self-check, the spool recovery and the fork of the workers: the parent
-drops, and every worker it forks is born with the service account's ids, so no process reads a
-byte from a client (or a spool file, a list, the TLS key) with root's.
+:func:`service_account` before the self-check (it decides, refuses, and makes the paths the
+user cannot make itself) and :func:`drop` right after binding the listeners, before the spool
+recovery and the fork of the workers: the parent drops, and every worker it forks is born with
+the service account's ids, so no process reads a byte from a client, or a spool file, with
+root's.
 
-As root, before the drop, the parent only binds the listeners and creates what the service user
-cannot create itself: the missing directories of ``[paths]`` (spool, log, the state file's
-directory, the Maildir root), owned by the user; and it hands the user log files and state
-files an earlier run as root left (only those, by name, in those directories). Everything read
-after the drop (config, lists, TLS certificate and key, LDAP password file) must be readable by
-the user or its group, because a reload (SIGHUP) reads them again as the user; the self-check
-runs after the drop, so a file the user cannot read stops the start with its name.
+As root the parent only binds the listeners, runs the start-up self-check and creates what the
+service user cannot create itself: the missing directories of ``[paths]`` (spool, log, the
+state file's directory, the Maildir root), owned by the user; and it hands over to the user the
+log and state files a run as root left (only those, by name, in those directories). Everything
+read after the drop (config, lists, TLS certificate and key, LDAP password file) must be
+readable by the user or its group, because a reload (SIGHUP) reads them again as the user: right
+after the drop the config is loaded again and the self-check's file and path checks run again as
+the user, so a file it cannot read stops the start with its name.
 
 Also says, in one line on stderr and in mainlog, when ``serve`` runs the bundled demo config
 (no ``--config`` and no system config): an installed server that finds no
@@ -35,6 +37,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from palisade.config import Config, parse_host_port
+from palisade.config.loader import BUNDLED_SOURCE
 from palisade.obs.log import FileEventLog
 
 __all__ = ["Account", "Refused", "drop", "say_bundled", "service_account"]
@@ -59,12 +62,12 @@ class Account:
     gid: int
 
 
-def _say(config: Config, line: str, *, panic: bool) -> None:
-    """One line on stderr and in paniclog (``panic``) or mainlog."""
-    print(f"palisade: {line}", file=sys.stderr)
+def _log(config: Config, line: str, *, panic: bool = False) -> None:
+    """One line in paniclog (``panic``) or mainlog, if the log directory can be used (if not,
+    the self-check says why)."""
     try:
         log = FileEventLog(config.paths.log, json_lines=config.log.json)
-    except OSError:  # the log directory is unusable: stderr has it, the self-check says why
+    except OSError:
         return
     try:
         (log.panic if panic else log.main)(line)
@@ -72,15 +75,23 @@ def _say(config: Config, line: str, *, panic: bool) -> None:
         log.close()
 
 
+def _say(config: Config, line: str, *, panic: bool = True) -> None:
+    """One line on stderr and in paniclog (``panic``) or mainlog."""
+    print(f"palisade: {line}", file=sys.stderr)
+    _log(config, line, panic=panic)
+
+
 def _refuse(config: Config, line: str) -> Refused:
-    _say(config, f"not starting: {line}", panic=True)
+    _say(config, f"not starting: {line}")
     return Refused(line)
 
 
 def service_account(config: Config) -> Account | None:
-    """The account to drop to, or None to stay as this process is. Raises :class:`Refused`
-    (after saying why) for root without ``user`` on a port below 1024, and for a ``user``
-    this process cannot become."""
+    """The account to drop to (its paths prepared), or None to stay as this process is. Raises
+    :class:`Refused` (after saying why) for root without ``user`` on a port below 1024, and for
+    a ``user`` this process cannot become. Says first when the config is the bundled demo."""
+    if config.source == BUNDLED_SOURCE:
+        say_bundled(config)
     server = config.server
     where = f"{config.source}: server.user"
     if server.user is None:
@@ -94,11 +105,12 @@ def service_account(config: Config) -> Account | None:
                 'server.listen (a port below 1024): set [server] user = "palisade" (make '
                 "install creates that user) so that every process drops to it after binding",
             )
-        _say(
+        # mainlog only: stderr stays one line per problem for the tests and scripts that run
+        # the gateway as root on a high port
+        _log(
             config,
             f"warning: running as root ({where} is not set; only ports above 1023 are used): "
             'set [server] user = "palisade" to run unprivileged',
-            panic=False,
         )
         return None
     entry = pwd.getpwnam(server.user)  # the loader checked that it exists
@@ -115,13 +127,19 @@ def service_account(config: Config) -> Account | None:
         )
     maildir_group = config.paths.group
     if maildir_group is not None and maildir_group not in os.getgrouplist(account.name, gid):
+        name = grp.getgrgid(maildir_group).gr_name
         raise _refuse(
             config,
             f"{config.source}: paths.group: the service user {account.name!r} is not a member "
-            f"of group {grp.getgrgid(maildir_group).gr_name!r}, so it could not give the "
-            f"Maildir tree that group (usermod -aG {grp.getgrgid(maildir_group).gr_name} "
-            f"{account.name})",
+            f"of group {name!r}, so it could not give the Maildir tree that group "
+            f"(usermod -aG {name} {account.name})",
         )
+    try:
+        prepare(config, account)
+    except OSError as exc:
+        raise _refuse(
+            config, f"cannot prepare the paths for server.user {account.name!r}: {exc}"
+        ) from None
     return account
 
 
@@ -181,19 +199,16 @@ def _switch(account: Account) -> None:
     raise OSError("setuid(0) still succeeds after the switch")
 
 
-def drop(config: Config, account: Account | None) -> bool:
-    """After the listeners are bound: prepares the paths and drops to ``account`` for good
-    (None: nothing to do). False (after saying why) if the process must not go on."""
+def drop(config: Config, config_path: Path | None, account: Account | None) -> bool:
+    """After the listeners are bound: drops to ``account`` for good (None: nothing to do), then
+    checks as the user what a reload will read again and where it writes. False (after saying
+    why) if the process must not go on."""
     if account is None:
         return True
     try:
-        prepare(config, account)
+        prepare(config, account)  # again: the self-check may have written log lines as root
     except OSError as exc:
-        _say(
-            config,
-            f"not starting: cannot prepare the paths for server.user {account.name!r}: {exc}",
-            panic=True,
-        )
+        _say(config, f"not starting: cannot prepare the paths for {account.name!r}: {exc}")
         return False
     try:
         _switch(account)
@@ -201,7 +216,26 @@ def drop(config: Config, account: Account | None) -> bool:
         # the process may be half switched: stop at once, whatever state it is in
         print(f"palisade: not starting: cannot drop to {account.name!r}: {exc}", file=sys.stderr)
         os._exit(1)
-    return True
+    problems = _problems_as_user(config_path)
+    for problem in problems:
+        _say(config, f"not starting: as server.user {account.name!r}: {problem}")
+    return not problems
+
+
+def _problems_as_user(config_path: Path | None) -> list[str]:
+    """What the service user cannot do that the gateway will: read the config, its lists and
+    password files (a reload reads them again), the TLS certificate and key; write in the spool,
+    log, state and Maildir directories. DNS is not asked again (the self-check did, as root)."""
+    from palisade.config import ConfigError, load_config
+    from palisade.config.policy import build_policy
+    from palisade.server.selfcheck import run_selfcheck
+
+    try:
+        config = load_config(config_path)
+        policy = build_policy(config)
+    except ConfigError as exc:
+        return [str(exc)]
+    return [f.message for f in run_selfcheck(config, policy, dns=False) if f.level == "error"]
 
 
 def say_bundled(config: Config) -> None:
