@@ -49,7 +49,6 @@ install:
 	@[ "$$(id -u)" = 0 ] || { echo "make install: run it as root (it creates a user and /etc/palisade)"; exit 1; }
 	@[ -x $(PREFIX)/bin/python ] || { echo "creating the venv $(PREFIX) with $(SYSTEM_PYTHON)"; \
 	  $(SYSTEM_PYTHON) -m venv $(PREFIX); }
-	$(PREFIX)/bin/pip install -q --upgrade pip
 	$(PREFIX)/bin/pip install -q '.[fast]'
 	$(PREFIX)/bin/palisade install-system --prefix $(PREFIX) --source $(CURDIR)
 
