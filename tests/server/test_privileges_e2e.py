@@ -256,3 +256,27 @@ def test_a_file_the_service_user_cannot_read_stops_the_start_with_its_name(
     line = search(r"palisade: not starting: as server.user 'palisade-test': (.*)\n", result.stderr)
     assert f"{listed}" in line[1] and "Permission denied" in line[1], line[1]
     assert line[0].removeprefix("palisade: ") in gw.paniclog()
+
+
+def test_log_files_left_by_root_are_handed_over_and_planted_links_are_not(
+    service_user: tuple[int, int], base: Path
+) -> None:
+    uid, gid = service_user
+    logs = base / "var" / "log"
+    logs.mkdir(parents=True)
+    os.chown(base / "var", uid, gid)
+    os.chown(logs, uid, gid)
+    mainlog = logs / "mainlog"
+    mainlog.write_text("a line written by a run as root\n")  # root's, 0600 by the umask
+    secret = base / "secret"
+    secret.write_text("root's alone\n")
+    secret.chmod(0o600)
+    os.symlink(secret, logs / "main.jsonl")  # planted where a root-era log file would be
+    gw = configured(base, server={"user": USER}, log={"json": False}).start()
+    try:
+        assert wait_for(lambda: "palisade daemon started" in gw.mainlog())
+        assert (mainlog.stat().st_uid, mainlog.stat().st_gid) == (uid, gid)
+        assert gw.mainlog().startswith("a line written by a run as root\n")
+        assert (secret.stat().st_uid, secret.stat().st_gid) == (0, 0)
+    finally:
+        assert gw.stop() == 0, gw.stderr()

@@ -29,9 +29,11 @@ validated by the loader (the user and group exist); the ids come from the system
 
 from __future__ import annotations
 
+import errno
 import grp
 import os
 import pwd
+import stat
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -145,7 +147,9 @@ def service_account(config: Config) -> Account | None:
 
 def _owned_dirs(path: Path, mode: int, account: Account, gid: int | None = None) -> None:
     """``mkdir -p`` where every directory created gets ``mode`` and the account as owner (group
-    ``gid`` if given); existing directories are left as the operator made them."""
+    ``gid`` if given); existing directories are left as the operator made them. Each is changed
+    through a descriptor opened without following links: a parent the user already owns cannot
+    make root chown something else."""
     missing: list[Path] = []
     current = path
     while not current.is_dir():
@@ -155,18 +159,32 @@ def _owned_dirs(path: Path, mode: int, account: Account, gid: int | None = None)
         current = current.parent
     for directory in reversed(missing):
         os.mkdir(directory, mode)
-        os.chown(directory, account.uid, account.gid if gid is None else gid)
-        os.chmod(directory, mode)
+        fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+        try:
+            os.fchown(fd, account.uid, account.gid if gid is None else gid)
+            os.fchmod(fd, mode)
+        finally:
+            os.close(fd)
 
 
 def _hand_over(path: Path, account: Account) -> None:
-    """``path``, if a run as root left it, becomes the account's (group too)."""
+    """``path``, a regular file a run as root left, becomes the account's (group too). Opened
+    without following links, and only with one link: the directory is the user's, and a link
+    planted there must not make root give the user another file."""
     try:
-        st = os.lstat(path)
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
     except FileNotFoundError:
         return
-    if st.st_uid != account.uid and os.path.isfile(path) and not os.path.islink(path):
-        os.chown(path, account.uid, account.gid)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:  # a symbolic link: not ours to hand over
+            return
+        raise
+    try:
+        st = os.fstat(fd)
+        if stat.S_ISREG(st.st_mode) and st.st_nlink == 1 and st.st_uid != account.uid:
+            os.fchown(fd, account.uid, account.gid)
+    finally:
+        os.close(fd)
 
 
 def prepare(config: Config, account: Account) -> None:
