@@ -251,9 +251,11 @@ def send_mail(inst: Installed) -> None:
 def check_status(inst: Installed) -> None:
     """What the daemon reports about itself: the start line and both deliveries in mainlog
     (``palisade status`` joins here when it is merged)."""
-    mainlog = (LOG / "mainlog").read_text()
-    assert mainlog.count("=> postmaster@example.test R=local_maildir") == 2
-    assert f"2 workers listening on 127.0.0.1:{inst.port}" in mainlog
+    mainlog = LOG / "mainlog"
+    delivered = "=> postmaster@example.test R=local_maildir"
+    # the line is written just after the Maildir file: wait for it, not for a fixed time
+    wait_for(lambda: mainlog.read_text().count(delivered) == 2, timeout=15)
+    assert f"2 workers listening on 127.0.0.1:{inst.port}" in mainlog.read_text()
 
 
 def check_logs(inst: Installed) -> None:
