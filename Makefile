@@ -1,14 +1,20 @@
 # Palisade: the two commands of the README, plus the pieces they are made of.
 #   make run   - create .venv, install, start the gateway on the bundled default config
 #   make test  - install what the tests need (pip and Debian packages), lint, types, whole suite
+#   make install   - the program in a venv at PREFIX, then `palisade install-system` (README,
+#                    "Installing on a server"); make uninstall removes the program and the unit
 
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 APT_PACKAGES := swaks openssl slapd ldap-utils spamassassin spamd clamav-daemon clamav rspamd fail2ban logrotate systemd
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+# make install: the service's venv, made with Debian's python3 (an interpreter under a home
+# directory, like pyenv's, may not be readable by the palisade user the daemon drops to).
+PREFIX ?= /opt/palisade
+SYSTEM_PYTHON ?= /usr/bin/python3
 
-.PHONY: run test check lint types imports pytest system-deps bench clean
+.PHONY: run test check lint types imports pytest system-deps bench clean install uninstall
 
 $(BIN)/python:
 	@$(PYTHON) -m venv $(VENV) 2>/dev/null || { \
@@ -38,6 +44,17 @@ run: $(VENV)/.installed
 	@echo "then look in ./var/mail/postmaster/new/ and ./var/log/mainlog. Stop with Ctrl-C."
 	@echo
 	$(BIN)/palisade serve
+
+install:
+	@[ "$$(id -u)" = 0 ] || { echo "make install: run it as root (it creates a user and /etc/palisade)"; exit 1; }
+	@[ -x $(PREFIX)/bin/python ] || { echo "creating the venv $(PREFIX) with $(SYSTEM_PYTHON)"; \
+	  $(SYSTEM_PYTHON) -m venv $(PREFIX); }
+	$(PREFIX)/bin/pip install -q '.[fast]'
+	$(PREFIX)/bin/palisade install-system --prefix $(PREFIX) --source $(CURDIR)
+
+uninstall:
+	@[ "$$(id -u)" = 0 ] || { echo "make uninstall: run it as root"; exit 1; }
+	PYTHONPATH=$(CURDIR)/src $(SYSTEM_PYTHON) -S -m palisade.cli.install uninstall-system --prefix $(PREFIX)
 
 system-deps:
 	@missing=""; for pkg in $(APT_PACKAGES); do \

@@ -22,6 +22,11 @@ from typing import Any, AnyStr
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
+# Commands without --config read /etc/palisade/palisade.toml when it exists: point them at a
+# file that never exists, so that an installed Palisade on the developer's machine never leaks
+# into the tests (the tests of the system config set it themselves).
+NO_SYSTEM_CONFIG = str(ROOT / "tests" / "no-such-system-config.toml")
+os.environ["PALISADE_CONFIG"] = NO_SYSTEM_CONFIG
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -59,6 +64,34 @@ def write_config(path: Path, sections: dict[str, dict[str, Any]]) -> Path:
         lines.append("")
     path.write_text("\n".join(lines))
     return path
+
+
+def perimeter_copy(tmp_path: Path) -> Path:
+    """``examples/`` copied into ``tmp_path`` with ``perimeter.toml``'s absolute paths (lists,
+    LDAP password file, spool, state, logs, Maildir) rewritten into it and ``user`` left out
+    (the ``palisade`` user need not exist here): the example as shipped, where a test may
+    write. Returns the config file."""
+    import shutil
+
+    copy = tmp_path / "examples"
+    shutil.copytree(ROOT / "examples", copy)
+    password = tmp_path / "ldap.pw"
+    password.write_text("not-a-real-password\n")
+    config = copy / "perimeter.toml"
+    text = config.read_text()
+    for shipped, here in (
+        ("/etc/palisade/lists/", f"{copy}/lists/"),
+        ("/etc/palisade/ldap.pw", str(password)),
+        ("/var/spool/palisade", str(tmp_path / "var" / "spool")),
+        ("/var/lib/palisade", str(tmp_path / "var" / "lib")),
+        ("/var/log/palisade", str(tmp_path / "var" / "log")),
+    ):
+        assert shipped in text, shipped
+        text = text.replace(shipped, here)
+    user = 'user = "palisade"'
+    assert user in text
+    config.write_text(text.replace(user, "# " + user))
+    return config
 
 
 def search(pattern: AnyStr, text: AnyStr) -> re.Match[AnyStr]:

@@ -39,6 +39,40 @@ def need_file(path: Path, package: str) -> Path:
     pytest.skip(message)
 
 
+def need_root(why: str) -> None:
+    """Skip unless root; with ``CI=true`` (the suite runs as root there) not being root fails."""
+    if os.geteuid() == 0:
+        return
+    message = f"needs root: {why}"
+    if os.environ.get("CI"):
+        pytest.fail(message)
+    pytest.skip(message)
+
+
+@contextmanager
+def system_user(name: str) -> Iterator[tuple[int, int]]:
+    """A system user and group ``name`` (uid, gid) as ``useradd --system --user-group`` makes
+    them: created for the block and deleted after it, unless it existed before (then kept)."""
+    import pwd
+
+    try:
+        entry = pwd.getpwnam(name)
+        created = False
+    except KeyError:
+        subprocess.run(
+            ["useradd", "--system", "--user-group", "--no-create-home", "--home-dir",
+             "/nonexistent", "--shell", "/usr/sbin/nologin", name],
+            check=True, capture_output=True,
+        )  # fmt: skip
+        entry = pwd.getpwnam(name)
+        created = True
+    try:
+        yield entry.pw_uid, entry.pw_gid
+    finally:
+        if created:
+            subprocess.run(["userdel", name], check=True, capture_output=True)
+
+
 @contextmanager
 def paused_group(process: subprocess.Popen[bytes]) -> Iterator[None]:
     """The daemon and its children stopped (SIGSTOP to its process group): connections are

@@ -226,15 +226,8 @@ def test_permanent_on_error_warnings_name_every_dns_rule_that_would_bounce(tmp_p
 
 
 def test_the_example_perimeter_config_has_no_permanent_dns_refusal(tmp_path: Path) -> None:
-    import shutil
-
     from palisade.config.policy import permanent_on_error_warnings
+    from tests.conftest import perimeter_copy
 
-    examples = Path(__file__).resolve().parents[2] / "examples"
-    copy = tmp_path / "examples"  # lists/ beside the config; the LDAP password file present
-    shutil.copytree(examples, copy)
-    password = tmp_path / "ldap.pw"
-    password.write_text("not-a-real-password\n")
-    config = copy / "perimeter.toml"
-    config.write_text(config.read_text().replace("/etc/palisade/ldap.pw", str(password)))
+    config = perimeter_copy(tmp_path)  # the lists and the LDAP password file present
     assert permanent_on_error_warnings(load_config(config)) == []

@@ -7,7 +7,6 @@ normalised)."""
 from __future__ import annotations
 
 import re
-import shutil
 import smtplib
 import socket
 import subprocess
@@ -20,7 +19,7 @@ from typing import Any
 import pytest
 
 from loopback.dnsserver import ZoneServer, start_zone_server
-from tests.conftest import GatewayProcess, child_pids, listening_sockets, wait_for
+from tests.conftest import GatewayProcess, child_pids, listening_sockets, perimeter_copy, wait_for
 from tests.server.smtpclient import RawClient
 
 DQS_KEY = "k3yk3yk3yk3yk3yk3yk3yk3yk3y"
@@ -401,12 +400,7 @@ def test_the_example_perimeter_config_validates(tmp_path: Path) -> None:
     root = Path(__file__).resolve().parents[2]
     example = (root / "examples" / "perimeter.toml").read_text()
     assert 'bind_password_file = "/etc/palisade/ldap.pw"' in example
-    copy = tmp_path / "examples"  # lists/ beside the config, as the example expects
-    shutil.copytree(root / "examples", copy)
-    password = tmp_path / "ldap.pw"
-    password.write_text("not-a-real-password\n")
-    config = copy / "perimeter.toml"
-    config.write_text(example.replace("/etc/palisade/ldap.pw", str(password)))
+    config = perimeter_copy(tmp_path)  # its /etc, /var paths rewritten into tmp_path
     result = subprocess.run(
         [sys.executable, "-m", "palisade", "config", "check", "--no-dns", "--config", str(config)],
         capture_output=True,

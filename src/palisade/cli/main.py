@@ -19,6 +19,7 @@ from typing import Any
 
 from palisade import __version__
 from palisade.config import Config, ConfigError, load_config
+from palisade.config.loader import resolve_config_path
 from palisade.config.model import RESTART_KEYS
 from palisade.policy.policy import Policy
 
@@ -31,7 +32,11 @@ def _parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     serve = commands.add_parser("serve", help="run the SMTP gateway")
-    serve.add_argument("--config", type=Path, help="TOML config (default: the bundled demo)")
+    serve.add_argument(
+        "--config",
+        type=Path,
+        help="TOML config (default: /etc/palisade/palisade.toml if it exists, else the demo)",
+    )
 
     config = commands.add_parser("config", help="configuration tools")
     config_commands = config.add_subparsers(dest="config_command", required=True)
@@ -44,13 +49,14 @@ def _parser() -> argparse.ArgumentParser:
         "--no-dns", action="store_true", help="skip the resolver and DNSBL probes of the self-check"
     )
 
-    from palisade.cli import checkhost, tlscheck
+    from palisade.cli import checkhost, install, tlscheck
     from palisade.cli import history as history_cli
     from palisade.cli import init as init_cli
     from palisade.cli import queue as queue_cli
     from palisade.cli import recipients as recipients_cli
 
     checkhost.add_arguments(commands)
+    install.add_arguments(commands)
     tlscheck.add_arguments(commands)
     init_cli.add_arguments(commands)
     history = history_cli.add_arguments(commands)
@@ -102,6 +108,8 @@ def _quiet_stdout() -> None:
 def _main(argv: list[str] | None) -> int:
     args = _parser().parse_args(argv)
     os.umask(UMASK)
+    if hasattr(args, "config"):  # no --config: /etc/palisade/palisade.toml if it exists
+        args.config = resolve_config_path(args.config)
     if args.command == "serve":
         from palisade.server.app import serve
 
@@ -110,6 +118,10 @@ def _main(argv: list[str] | None) -> int:
         from palisade.cli import checkhost
 
         return checkhost.main(args)
+    if args.command in ("install-system", "uninstall-system"):
+        from palisade.cli import install
+
+        return install.run(args)
     if args.command == "tls":
         from palisade.cli import tlscheck
 

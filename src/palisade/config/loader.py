@@ -11,6 +11,8 @@ from __future__ import annotations
 import dataclasses
 import grp
 import ipaddress
+import os
+import pwd
 import re
 import ssl
 import string
@@ -45,10 +47,31 @@ def default_config_text() -> str:
     return resources.files("palisade.config").joinpath("default.toml").read_text()
 
 
+# Where an installed Palisade keeps its config (``make install``); every command reads it when
+# ``--config`` is not given and it exists. ``PALISADE_CONFIG`` names another file instead (the
+# tests point it at a file that does not exist, so a developer's /etc never leaks into them).
+SYSTEM_CONFIG = Path("/etc/palisade/palisade.toml")
+BUNDLED_SOURCE = "<bundled default.toml>"
+
+
+def system_config_path() -> Path:
+    """``/etc/palisade/palisade.toml``, or the file ``PALISADE_CONFIG`` names."""
+    return Path(os.environ.get("PALISADE_CONFIG") or SYSTEM_CONFIG)
+
+
+def resolve_config_path(path: Path | None) -> Path | None:
+    """The file a command reads: ``path`` (``--config``) if given, else the system config if it
+    exists, else None (the bundled demo)."""
+    if path is not None:
+        return path
+    system = system_config_path()
+    return system if system.exists() else None
+
+
 def load_config(path: Path | None = None) -> Config:
     """Reads ``path`` (or the bundled default) and returns a validated config."""
     if path is None:
-        return parse_config(default_config_text(), "<bundled default.toml>")
+        return parse_config(default_config_text(), BUNDLED_SOURCE)
     try:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
@@ -295,6 +318,8 @@ def _convert(raw: Any, hint: Any, meta: typing.Mapping[str, Any]) -> Any:
         return seconds
     if meta.get("kind") == "group":
         return _group(raw)
+    if meta.get("kind") == "user":
+        return _user(raw)
     origin = typing.get_origin(hint)
     args = typing.get_args(hint)
     if origin in (types.UnionType, typing.Union) and type(None) in args:
@@ -349,6 +374,19 @@ def _group(raw: Any) -> int:
         return grp.getgrnam(raw).gr_gid
     except (KeyError, OverflowError):
         raise ValueError(f"no such group on this host: {raw!r}") from None
+
+
+def _user(raw: Any) -> str:
+    """A user name that must exist on this host (kept as the name: initgroups wants it)."""
+    if not isinstance(raw, str) or raw == "":
+        raise ValueError(f'expected a user name, like "palisade", got {_describe(raw)}')
+    try:
+        pwd.getpwnam(raw)
+    except KeyError:
+        raise ValueError(
+            f"no such user on this host: {raw!r} (make install creates the user palisade)"
+        ) from None
+    return raw
 
 
 def _duration(raw: Any) -> float:

@@ -48,8 +48,11 @@ class ServerConfig:
     pregreet_pass_ttl: float = duration(86400.0)  # 0: every connection waits greeting_delay
     max_connections: int = positive(2000)
     max_connections_per_ip: int = positive(20)
-    user: str | None = None  # the unprivileged user every process runs as (svc-install drops)
-    group: str | None = None  # its group (default: the user's primary group)
+    # The service account every process drops to once the listeners are bound (README,
+    # "Running unprivileged"): a user name that must exist (kept as the name, for initgroups),
+    # and a group name or gid (resolved to the gid; default: the user's primary group).
+    user: str | None = field(default=None, metadata={"kind": "user"})
+    group: int | None = field(default=None, metadata={"kind": "group"})
     pid_file: Path | None = None  # the parent writes its pid there (logrotate without systemd)
 
 
@@ -296,6 +299,8 @@ class Config:
 RESTART_KEYS: tuple[str, ...] = (
     "server.listen",
     "server.workers",
+    "server.user",
+    "server.group",
     "paths.spool",
     "paths.log",
     "log.json",

@@ -47,7 +47,7 @@ from palisade.delivery import QueueRunner
 from palisade.obs.files import make_dirs
 from palisade.obs.log import FileEventLog
 from palisade.obs.queueid import QueueIdGenerator
-from palisade.server import notify
+from palisade.server import notify, privileges
 from palisade.server.conncount import SharedCounts
 from palisade.server.context import ServerContext
 from palisade.server.generation import (
@@ -541,6 +541,10 @@ def serve(config_path: Path | None) -> int:
             file=sys.stderr,
         )
         return 2
+    try:  # root without [server] user on port 25, or a user this process cannot become
+        account = privileges.service_account(config)  # and the paths it cannot make itself
+    except privileges.Refused:
+        return 2
     from palisade.server.selfcheck import check_before_serving
 
     if check_before_serving(config, policy) is not None:  # paths, files, DNS, DNSBL zones, TLS
@@ -565,9 +569,7 @@ def serve(config_path: Path | None) -> int:
             f"palisade: cannot listen on {', '.join(config.server.listen)}: {exc}", file=sys.stderr
         )
         return 1
-    if startup_signals.stop:  # SIGTERM while starting: nothing forked, nothing to recover
-        return 0
-    try:
+    try:  # before the drop: /run/palisade may be root's (systemd's RuntimeDirectory)
         write_pid_file(config)
     except OSError as exc:
         print(
@@ -576,6 +578,12 @@ def serve(config_path: Path | None) -> int:
             file=sys.stderr,
         )
         return 1
+    if not privileges.drop(config, config_path, account):  # from here on, never root again
+        remove_pid_file(config)
+        return 1
+    if startup_signals.stop:  # SIGTERM while starting: nothing forked, nothing to recover
+        remove_pid_file(config)
+        return 0
     try:
         return _serve_bound(config, config_path, groups)
     finally:
