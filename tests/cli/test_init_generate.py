@@ -8,6 +8,7 @@ reuse, and the README's table of answer keys with the questions.
 from __future__ import annotations
 
 import tomllib
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +18,17 @@ from palisade.config import parse_config
 from palisade.config.generate import QUESTIONS, Environment, generate, resolve
 from palisade.config.policy import build_policy
 from tests.conftest import ROOT
+from tests.services import need_root, system_user
+
+
+@pytest.fixture(scope="module", autouse=True)
+def palisade_user() -> Iterator[tuple[int, int]]:
+    """The generated config says ``user = "palisade"`` and the loader checks that the user
+    exists (``make install`` creates it): made here for the module unless it exists already."""
+    need_root("creating the service user the generated config names")
+    with system_user("palisade") as ids:
+        yield ids
+
 
 ENV = Environment(fqdn="mx.example.test")
 EXAMPLE = tomllib.loads((ROOT / "examples" / "perimeter.toml").read_text())
@@ -82,3 +94,8 @@ def test_the_readme_names_every_answer_key() -> None:
     section = readme.split("### Choosing features: palisade init", 1)[1].split("\n## ", 1)[0]
     missing = [q.key for q in QUESTIONS if f"`{q.key}`" not in section]
     assert missing == []
+
+
+def test_the_generated_service_user_is_palisade_unless_answered() -> None:
+    assert tomllib.loads(generate(resolve({}, ENV)).config)["server"]["user"] == "palisade"
+    assert "user" not in tomllib.loads(generate(resolve({"user": ""}, ENV)).config)["server"]
