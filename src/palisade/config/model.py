@@ -41,6 +41,8 @@ class ServerConfig:
     pregreet_pass_ttl: float = duration(86400.0)  # 0: every connection waits greeting_delay
     max_connections: int = positive(2000)
     max_connections_per_ip: int = positive(20)
+    # ``palisade status`` asks the running daemon here (a Unix socket, 0600; server.control).
+    control_socket: Path = Path("var/run/control.sock")
 
 
 @dataclass(frozen=True, slots=True)
@@ -282,6 +284,7 @@ class Config:
 RESTART_KEYS: tuple[str, ...] = (
     "server.listen",
     "server.workers",
+    "server.control_socket",
     "paths.spool",
     "paths.log",
     "log.json",
