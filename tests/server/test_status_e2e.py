@@ -334,3 +334,53 @@ def test_status_without_permission_on_the_socket_exits_4(make_gateway: Any) -> N
         assert gw.stop() == 0
     finally:
         shutil.rmtree(public, ignore_errors=True)
+
+
+def ask_raw(path: Path, data: bytes, *, close_write: bool = False) -> bytes:
+    """What the daemon sends back to ``data`` on a raw Unix socket, until it closes."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.settimeout(10)
+        sock.connect(str(path))
+        sock.sendall(data)
+        if close_write:
+            sock.shutdown(socket.SHUT_WR)
+        reply = b""
+        while chunk := sock.recv(65536):
+            reply += chunk
+        return reply
+
+
+def test_the_control_socket_answers_only_its_one_request(gateway: GatewayProcess) -> None:
+    path = socket_path(gateway)
+    assert json.loads(ask_raw(path, b"shutdown\n")) == {
+        "error": "unknown request (the one request is: status)"
+    }
+    too_long = ask_raw(path, b"x" * 100)  # 100 bytes: the daemon reads them all, so no reset
+    assert json.loads(too_long) == {"error": "request line longer than 64 bytes"}
+    assert json.loads(ask_raw(path, b"", close_write=True)) == {
+        "error": "unknown request (the one request is: status)"
+    }
+    reply = ask_raw(path, b"status\r\n")  # one JSON line, then the daemon closes
+    assert reply.endswith(b"\n") and reply.count(b"\n") == 1
+    assert gateway.proc is not None and json.loads(reply)["pid"] == gateway.proc.pid
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as silent:
+        silent.connect(str(path))  # says nothing: closed after the request timeout
+        silent.settimeout(10)
+        assert silent.recv(1) == b""
+    assert gateway.proc.poll() is None
+
+
+def test_a_restarted_worker_answers_for_itself(make_gateway: Any) -> None:
+    gw = make_gateway(server={"workers": 2})
+    assert gw.proc is not None
+    first = sorted(child_pids(gw.proc.pid))
+    os.kill(first[0], signal.SIGKILL)
+
+    def replaced() -> dict[str, Any] | None:
+        reply = status_json(gw)
+        pids = sorted(w["pid"] for w in reply["workers"])
+        answered = all(w["answered"] for w in reply["workers"])
+        return reply if first[0] not in pids and answered else None
+
+    reply = wait_for(replaced, timeout=20)
+    assert sorted(w["pid"] for w in reply["workers"]) == sorted(child_pids(gw.proc.pid))

@@ -325,16 +325,22 @@ class _Channel:
         self.lock = asyncio.Lock()
         self.seq = 0
         self.buffer = bytearray()
+        self.closed = False
 
     async def ask(self, timeout: float) -> dict[str, Any] | None:
         """The worker's report, or None if it does not answer within ``timeout``. A late
         answer to an earlier question is told apart by its ``seq`` and dropped."""
         async with self.lock:
+            if self.closed:
+                return None
             self.seq += 1
             try:
                 return await asyncio.wait_for(self._exchange(self.seq), timeout)
             except (TimeoutError, OSError, ValueError):
                 return None
+            finally:
+                if self.closed:  # the worker was replaced meanwhile: see close()
+                    self.close_now()
 
     async def _exchange(self, seq: int) -> dict[str, Any]:
         loop = asyncio.get_running_loop()
@@ -355,6 +361,13 @@ class _Channel:
                 return reply
 
     def close(self) -> None:
+        """Closes the socket, or lets the question in flight close it when it ends (a socket
+        must not be closed under a pending ``sock_recv``)."""
+        self.closed = True
+        if not self.lock.locked():
+            self.close_now()
+
+    def close_now(self) -> None:
         with contextlib.suppress(OSError):
             self.sock.close()
 
@@ -386,7 +399,7 @@ class WorkerChannels:
     def in_worker(self) -> socket.socket:
         """In the new worker: closes the parent's ends it inherited; returns its own end."""
         for channel in self.channels.values():
-            channel.close()
+            channel.close_now()  # the parent's loop does not run here: no question in flight
         assert self._child_end is not None, "pair() comes before the fork"
         mine = self._child_end
         mine.setblocking(False)
