@@ -3,8 +3,8 @@
 Writes N messages (default 10,000) into a fresh spool with a delivery state that makes them due
 in an hour, starts ``palisade serve`` (one process: the one that counts the queue also runs the
 sessions) relaying to a next hop that refuses, then measures NOOP round trips on one SMTP
-connection (TCP_NODELAY): first alone, then while another thread asks the control socket for the
-status back to back. Prints the round-trip percentiles of both, and the status latency.
+connection (TCP_NODELAY): first alone, then while another process asks the control socket for
+the status back to back. Prints the round-trip percentiles of both, and the status latency.
 
     python bench/status_bench.py [--messages 10000] [--rounds 2000]
 """
@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import os
 import shutil
 import signal
@@ -21,7 +22,6 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
@@ -31,6 +31,18 @@ sys.path.insert(0, str(ROOT / "src"))
 from palisade.obs.queueid import QueueIdGenerator  # noqa: E402
 from palisade.server.control import ask_status  # noqa: E402
 from palisade.spool import DeliveryState, Envelope, Spool  # noqa: E402
+
+HAMMER = """
+import json, sys, time
+from pathlib import Path
+from palisade.server.control import ask_status
+path, stop, times = Path(sys.argv[1]), Path(sys.argv[2]), []
+while not stop.exists():
+    t = time.perf_counter()
+    ask_status(path)
+    times.append(time.perf_counter() - t)
+print(json.dumps(times))
+"""
 
 
 def free_port() -> int:
@@ -101,7 +113,7 @@ def main() -> int:
             f'[server]\nlisten = ["127.0.0.1:{port}"]\n'
             '[domains]\nlocal = ["example.test"]\nrelay = ["corp.test"]\n'
             f'[delivery]\nnext_hop = "127.0.0.1:{free_port()}"\nretry_initial = "1h"\n'
-            '[log]\necho = false\n[dns]\ndnsbl_probe_interval = 0\n'
+            "[log]\necho = false\n[dns]\ndnsbl_probe_interval = 0\n"
         )
         proc = subprocess.Popen(
             [sys.executable, "-m", "palisade", "serve", "--config", "palisade.toml"],
@@ -121,22 +133,20 @@ def main() -> int:
         print(f"status: queue {reply['queue']}")
         round_trips(port, 200)  # warm-up
         alone = round_trips(port, args.rounds)
-        stop = threading.Event()
-        asked: list[float] = []
-
-        def hammer() -> None:
-            while not stop.is_set():
-                t = time.perf_counter()
-                ask_status(path)
-                asked.append(time.perf_counter() - t)
-
-        thread = threading.Thread(target=hammer)
-        thread.start()
+        stop = base / "stop"
+        hammer = subprocess.Popen(  # another process: it must not share this one's GIL
+            [sys.executable, "-c", HAMMER, str(path), str(stop)],
+            stdout=subprocess.PIPE,
+            env=dict(os.environ, PYTHONPATH=str(ROOT / "src")),
+        )
         try:
+            while not ask_status(path):  # the hammer is under way when its first ask is
+                pass
             busy = round_trips(port, args.rounds)
         finally:
-            stop.set()
-            thread.join()
+            stop.touch()
+            out, _ = hammer.communicate(timeout=60)
+        asked = json.loads(out)
         print(f"NOOP alone:                 {percentiles(alone)}")
         print(f"NOOP with status in a loop: {percentiles(busy)}")
         print(f"status ({len(asked)} asked):  {percentiles(asked)}")

@@ -91,12 +91,15 @@ def iso(epoch: float) -> str:
 
 class ControlSocket:
     """The listening socket and the file it is bound to. ``started``: when it was made, which
-    is when the daemon started (the parent makes it first, before it binds a port)."""
+    is when the daemon started (the parent makes it first, before it binds a port);
+    ``version``: the version of the code this daemon runs (read once: a package upgraded under
+    a running daemon does not change what it runs)."""
 
     def __init__(self, sock: socket.socket, path: Path) -> None:
         self.sock = sock
         self.path = path
         self.started = time.time()
+        self.version = installed_version()
         self._owner = os.getpid()
         info = os.stat(path)
         self._identity = (info.st_dev, info.st_ino)
@@ -522,7 +525,7 @@ class StatusServer:
         size, oldest = queue
         return {
             "pid": os.getpid(),
-            "version": installed_version(),
+            "version": self.control.version,
             "started": started,
             "started_iso": iso(started),
             "uptime": round(now - started, 3),
