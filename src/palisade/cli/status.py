@@ -79,7 +79,7 @@ def table(reply: dict[str, Any]) -> list[str]:
     per = []
     for worker in workers:
         if worker.get("answered"):
-            per.append(f"{worker.get('pid')}: {worker.get('connections')}")
+            per.append(f"{worker.get('pid')}: {worker.get('connections')} connections")
         else:
             per.append(f"{worker.get('pid')}: no answer")
     rows.append(("workers", f"{len(workers)} ({', '.join(per)})"))
