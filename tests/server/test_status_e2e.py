@@ -253,10 +253,33 @@ def test_a_file_that_is_not_a_socket_stops_the_start(make_gateway: Any) -> None:
     result = palisade("serve", "--config", str(gw.config_path), cwd=gw.base)
     assert result.returncode == 1
     assert result.stderr == (
-        "palisade: [server] control_socket var/run/control.sock exists and is not a socket: "
-        "remove it or choose another path\n"
+        "palisade: error: [server] control_socket var/run/control.sock exists and is not a "
+        "socket: remove it or choose another path\n"
+        "palisade: not starting: the self-check found errors\n"
     )
     assert socket_path(gw).read_text() == "an operator's file\n"
+
+
+def test_config_check_refuses_a_control_socket_path_too_long(tmp_path: Path) -> None:
+    path = tmp_path / ("d" * 120) / "control.sock"
+    config = write_config(tmp_path / "palisade.toml", {"server": {"control_socket": str(path)}})
+    result = palisade("config", "check", "--no-dns", "--config", str(config), cwd=tmp_path)
+    assert result.returncode == 1
+    size = len(str(path))
+    assert (
+        f"error: [server] control_socket {path} is too long for a Unix socket ({size} bytes, "
+        "at most 107): choose a shorter path\n"
+    ) in result.stderr
+    ok = palisade(
+        "config",
+        "check",
+        "--no-dns",
+        "--config",
+        str(write_config(tmp_path / "ok.toml", {"server": {"control_socket": "run/control.sock"}})),
+        cwd=tmp_path,
+    )
+    assert ok.returncode == 0, ok.stderr
+    assert "ok: [server] control_socket run/control.sock can be created\n" in ok.stderr
 
 
 def test_status_into_a_closed_pipe_ends_quietly(gateway: GatewayProcess) -> None:
