@@ -13,3 +13,14 @@ have parsed it; operator files are checked completely before they are used.
 """
 
 __version__ = "0.4.0"
+
+
+def installed_version() -> str:
+    """The version of the installed distribution (its metadata, what ``pip`` installed), or
+    ``__version__`` when the package runs from a tree that was never installed."""
+    from importlib import metadata
+
+    try:
+        return metadata.version("palisade")
+    except metadata.PackageNotFoundError:
+        return __version__

@@ -2,7 +2,8 @@
 
 Owns argument parsing and the process umask (0077, set before any command runs); each command is a
 thin call into the public API of the other packages. Exit status: 0 success; 1 operational failure
-(an unusable path, an error found by the start-up self-check); 2 bad usage or a bad config file.
+(an unusable path, an error found by the start-up self-check); 2 bad usage or a bad config file;
+``status`` adds the LSB's 3 (not running) and 4 (unknown: permission denied, no answer).
 Every failure is one line on stderr naming the file or key, never a traceback. A standard output
 closed early (``palisade queue list | head -1``) ends the command quietly with status 0 (the reader
 had what it wanted; ``config check`` keeps its own status), without a message.
@@ -17,7 +18,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from palisade import __version__
+from palisade import installed_version
 from palisade.config import Config, ConfigError, load_config
 from palisade.config.loader import resolve_config_path
 from palisade.config.model import RESTART_KEYS
@@ -25,10 +26,12 @@ from palisade.policy.policy import Policy
 
 
 def _parser() -> argparse.ArgumentParser:
+    from palisade.cli import status as status_cli
+
     parser = argparse.ArgumentParser(
         prog="palisade", description="Palisade: a hardened SMTP spam perimeter."
     )
-    parser.add_argument("--version", action="version", version=f"palisade {__version__}")
+    parser.add_argument("--version", action="version", version=f"palisade {installed_version()}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     serve = commands.add_parser("serve", help="run the SMTP gateway")
@@ -37,6 +40,10 @@ def _parser() -> argparse.ArgumentParser:
         type=Path,
         help="TOML config (default: /etc/palisade/palisade.toml if it exists, else the demo)",
     )
+
+    commands.add_parser("version", help="print the installed version")
+    status = status_cli.add_arguments(commands)
+    status.add_argument("--config", type=Path)
 
     config = commands.add_parser("config", help="configuration tools")
     config_commands = config.add_subparsers(dest="config_command", required=True)
@@ -108,6 +115,9 @@ def _quiet_stdout() -> None:
 def _main(argv: list[str] | None) -> int:
     args = _parser().parse_args(argv)
     os.umask(UMASK)
+    if args.command == "version":
+        print(f"palisade {installed_version()}")
+        return 0
     if hasattr(args, "config"):  # no --config: /etc/palisade/palisade.toml if it exists
         args.config = resolve_config_path(args.config)
     if args.command == "serve":
@@ -141,6 +151,10 @@ def _main(argv: list[str] | None) -> int:
         from palisade.cli import recipients as recipients_cli
 
         return recipients_cli.run(args, config)
+    if args.command == "status":
+        from palisade.cli import status as status_cli
+
+        return status_cli.run(args, config.server.control_socket)
     if args.command == "history":
         return _history(args, config.paths.state)
     return _queue(args, config.paths.spool, config.paths.log)

@@ -54,6 +54,8 @@ class ServerConfig:
     user: str | None = field(default=None, metadata={"kind": "user"})
     group: int | None = field(default=None, metadata={"kind": "group"})
     pid_file: Path | None = None  # the parent writes its pid there (logrotate without systemd)
+    # ``palisade status`` asks the running daemon here (a Unix socket, 0600; server.control).
+    control_socket: Path = Path("var/run/control.sock")
 
 
 @dataclass(frozen=True, slots=True)
@@ -301,6 +303,7 @@ RESTART_KEYS: tuple[str, ...] = (
     "server.workers",
     "server.user",
     "server.group",
+    "server.control_socket",
     "paths.spool",
     "paths.log",
     "log.json",

@@ -67,3 +67,12 @@ class QueueIdGenerator:
 def is_queue_id(text: str) -> bool:
     """True when ``text`` has the shape of a queue id (safe to use as a file name)."""
     return QUEUE_ID_RE.fullmatch(text) is not None
+
+
+def queue_id_time(queue_id: str) -> int:
+    """The second (epoch) in which ``queue_id`` was made: its first six base-62 digits. Ids of
+    the same width sort as their seconds do (the alphabet is in ASCII order)."""
+    value = 0
+    for char in queue_id[:6]:
+        value = value * 62 + _ALPHABET.index(char)
+    return value

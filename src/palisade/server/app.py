@@ -25,11 +25,15 @@ parent's thread that forked may die before the process, and ``getppid()`` still 
 and also watches a pipe whose write end only the parent holds (end of file: the parent is gone,
 however it died); either way the worker stops accepting and ends like after SIGTERM. Messages it
 committed meanwhile stay in the spool, and the next start delivers them.
+
+The parent (or the single process) makes the control socket before it binds a port and answers
+``palisade status`` on it, asking each worker over a socketpair made at its fork (:mod:`.control`).
 """
 
 from __future__ import annotations
 
 import asyncio
+import atexit
 import contextlib
 import ctypes
 import os
@@ -47,7 +51,7 @@ from palisade.delivery import QueueRunner
 from palisade.obs.files import make_dirs
 from palisade.obs.log import FileEventLog
 from palisade.obs.queueid import QueueIdGenerator
-from palisade.server import notify, privileges
+from palisade.server import control, notify, privileges
 from palisade.server.conncount import SharedCounts
 from palisade.server.context import ServerContext
 from palisade.server.generation import (
@@ -329,9 +333,12 @@ def close_ports_of(generation: Generation) -> None:
 
 
 async def run_single(
-    config: Config, config_path: Path | None, sockets: list[socket.socket]
+    config: Config,
+    config_path: Path | None,
+    sockets: list[socket.socket],
+    ctl: control.ControlSocket | None = None,
 ) -> None:
-    """workers = 1: listener and queue runner in one process."""
+    """workers = 1: listener and queue runner in one process; it answers ``ctl`` too."""
     gw = Gateway(config, config_path, local_rates=True)
     runner = gw.start_runner()
     ctx = gw.make_context(runner.submit)
@@ -339,6 +346,11 @@ async def run_single(
     listener = Listener(ctx, sockets)
     await listener.start()
     probes = gw.start_probes()
+    status = (
+        None
+        if ctl is None
+        else control.serve_status(ctl, gw, connections=lambda: len(listener.sessions))
+    )
     gw.install_signals(gw.reload_and_probe)
     gw.log.main(
         f"palisade daemon started: pid={os.getpid()}, listening on "
@@ -352,6 +364,8 @@ async def run_single(
         probes.cancel()
     await listener.shutdown(SHUTDOWN_GRACE)
     await runner.stop()
+    if status is not None:
+        await status.close()
     gw.close()
     gw.log.main("palisade daemon stopped")
 
@@ -366,6 +380,7 @@ async def run_worker(
     steered: bool,
     slot: int,
     counts: SharedCounts | None,
+    channel: socket.socket | None = None,
 ) -> None:
     """A listening worker: commits to the spool and tells the parent the queue id.
 
@@ -373,7 +388,8 @@ async def run_worker(
     worker comes to it alone and its rate counters can be kept in memory. ``parent_fd``: the
     read end of a pipe only the parent can write to; end of file on it means the parent is gone.
     ``counts``: the per-IP connection counts shared with the other workers, of which column
-    ``slot`` is this worker's (None: this worker's own counts are exact)."""
+    ``slot`` is this worker's (None: this worker's own counts are exact). ``channel``: where the
+    parent asks for this worker's part of ``palisade status`` (:mod:`.control`)."""
     gw = Gateway(config, config_path, local_rates=steered, delivering=False, announces=False)
     if needs_steering(config) and not steered:
         gw.log.main(
@@ -420,6 +436,11 @@ async def run_worker(
     listener = Listener(ctx, sockets, shared)
     await listener.start()
     probes = gw.start_probes()
+    answering = (
+        None
+        if channel is None
+        else loop.create_task(control.answer_parent(channel, gw, lambda: len(listener.sessions)))
+    )
     await gw.stopping.wait()
     if parent_gone:
         gw.log.panic(
@@ -428,6 +449,8 @@ async def run_worker(
         )
     if probes is not None:
         probes.cancel()
+    if answering is not None:
+        answering.cancel()
     await listener.shutdown(SHUTDOWN_GRACE)
     gw.close()
 
@@ -440,6 +463,8 @@ async def run_parent(
     spawn: Callable[[int, Config], int],
     listening: list[socket.socket],
     counts: SharedCounts | None = None,
+    ctl: control.ControlSocket | None = None,
+    channels: control.WorkerChannels | None = None,
 ) -> None:
     """The parent of workers: runs the queue runner, forwards signals, restarts dead workers.
 
@@ -447,7 +472,8 @@ async def run_parent(
     closes them when it stops. ``counts``: the per-IP table shared by unsteered workers; a dead
     worker's counts are cleared before its slot is started again. A worker started again gets
     the parent's newest config (the one its generation was built from), not the file as it is
-    now nor the one the gateway started with."""
+    now nor the one the gateway started with. ``ctl``: the control socket the parent answers,
+    asking the workers over ``channels``."""
     gw = Gateway(config, config_path, listening=False)
 
     def on_hup() -> None:
@@ -502,6 +528,9 @@ async def run_parent(
         f"serving on {', '.join(config.server.listen)} with {len(workers)} workers, "
         f"generation {gw.generation.number}"
     )
+    status = (
+        None if ctl is None else control.serve_status(ctl, gw, workers=workers, channels=channels)
+    )
     await gw.stopping.wait()
     notify.stopping()
     gw.log.main("SIGTERM received: stopping workers")
@@ -515,6 +544,8 @@ async def run_parent(
     reaper.cancel()
     on_notify()
     await runner.stop()
+    if status is not None:
+        await status.close()
     gw.close()
     gw.log.main("palisade daemon stopped")
 
@@ -558,6 +589,16 @@ def serve(config_path: Path | None) -> int:
             print(f"palisade: paths.{key}: cannot create {path}: {exc}", file=sys.stderr)
             return 1
     # the Maildir root is made by MaildirDelivery, with the modes of [paths] group
+    try:  # before the ports: a daemon already running is found here, even on SO_REUSEPORT
+        ctl = control.create_control_socket(
+            config.server.control_socket,
+            uid=None if account is None else account.uid,
+            gid=None if account is None else account.gid,
+        )
+    except control.ControlSocketError as exc:
+        print(f"palisade: {exc}", file=sys.stderr)
+        return 1
+    atexit.register(ctl.remove)  # at a clean stop, in this process only (workers use _exit)
     workers = config.server.workers
     try:  # with workers, one SO_REUSEPORT socket per worker and address, all made before fork
         groups = [
@@ -585,13 +626,16 @@ def serve(config_path: Path | None) -> int:
         remove_pid_file(config)
         return 0
     try:
-        return _serve_bound(config, config_path, groups)
+        return _serve_bound(config, config_path, groups, ctl)
     finally:
         remove_pid_file(config)
 
 
 def _serve_bound(
-    config: Config, config_path: Path | None, groups: list[list[socket.socket]]
+    config: Config,
+    config_path: Path | None,
+    groups: list[list[socket.socket]],
+    ctl: control.ControlSocket,
 ) -> int:
     """``serve`` once the listeners are bound: the single process, or the parent's workers."""
     workers = config.server.workers
@@ -599,7 +643,7 @@ def _serve_bound(
     # the workers forked below are born with the same mask.
     startup_signals.hold()
     if workers == 1:
-        asyncio.run(run_single(config, config_path, groups[0]))
+        asyncio.run(run_single(config, config_path, groups[0], ctl))
         return 0
     # Without steering every worker accepts from every socket of the group: the kernel hashes
     # each new client to one socket's queue, and whichever worker is free first takes it, instead
@@ -623,10 +667,12 @@ def _serve_bound(
     parent = os.getpid()
     # Unsteered, one client's connections reach several workers: they count them together.
     counts = None if attached else SharedCounts(workers, config.server.max_connections)
+    channels = control.WorkerChannels()
 
     def spawn(slot: int, config: Config) -> int:
         """Starts worker ``slot`` on ``config`` (the parent's newest)."""
         before = startup_signals.hold()  # the worker is born with them held (StartupSignals)
+        channels.pair(slot)
         try:
             pid = os.fork()
         finally:
@@ -639,6 +685,8 @@ def _serve_bound(
                 os.close(parent_write)
                 die_with_parent(parent)
                 os.close(notify_read)
+                ctl.close_in_child()
+                channel = channels.in_worker()
                 mine = groups[slot] if steered else every_socket
                 for sock in every_socket:
                     if sock not in mine:  # another worker's: holding it would keep it open
@@ -653,6 +701,7 @@ def _serve_bound(
                         steered=attached,
                         slot=slot,
                         counts=counts,
+                        channel=channel,
                     )
                 )
             except BaseException:
@@ -661,6 +710,7 @@ def _serve_bound(
                 traceback.print_exc()
                 code = 1
             os._exit(code)
+        channels.forked()
         return pid
 
     children = {}
@@ -668,5 +718,9 @@ def _serve_bound(
         if startup_signals.stopping():  # SIGTERM already: run_parent stops the ones started
             break
         children[slot] = spawn(slot, config)
-    asyncio.run(run_parent(config, config_path, notify_read, children, spawn, every_socket, counts))
+    asyncio.run(
+        run_parent(
+            config, config_path, notify_read, children, spawn, every_socket, counts, ctl, channels
+        )
+    )
     return 0

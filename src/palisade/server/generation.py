@@ -21,6 +21,7 @@ import contextlib
 import functools
 import ipaddress
 import ssl
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -62,7 +63,8 @@ class Generation:
     """Everything built from one config, never changed after it is built.
 
     ``ports`` (the checks' clients) exist only in a process that listens, ``router`` only in one
-    that delivers; ``number`` counts the generations of a process (1 at start-up)."""
+    that delivers; ``number`` counts the generations of a process (1 at start-up), ``loaded_at``
+    is when it was built (epoch seconds; ``palisade status`` shows both)."""
 
     config: Config
     policy: Policy
@@ -72,6 +74,7 @@ class Generation:
     ports: Ports | None = None
     router: Router | None = None
     number: int = 1
+    loaded_at: float = field(default_factory=time.time)
     _users: _Users = field(default_factory=_Users, repr=False)
 
     @property

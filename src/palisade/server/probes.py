@@ -10,6 +10,7 @@ the public zone only.
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Callable, Iterator
 
 from palisade.obs.log import EventLog, escape
@@ -36,13 +37,13 @@ async def probe_once(policy: Policy, ports: Ports, log: EventLog) -> None:
                 ports.resolver, zone.query, display_zone=zone.shown
             )
             if not healthy and zone.shown not in check.disabled:
-                check.disabled.add(zone.shown)
+                check.disabled[zone.shown] = (time.time(), zone.scrub(reason))
                 log.panic(
                     f"DNSBL zone {zone.shown} disabled: failed the RFC 5782 probe: "
                     f"{escape(zone.scrub(reason))}"
                 )
             elif healthy and zone.shown in check.disabled:
-                check.disabled.discard(zone.shown)
+                del check.disabled[zone.shown]
                 log.main(f"DNSBL zone {zone.shown} enabled again: {escape(zone.scrub(reason))}")
 
 

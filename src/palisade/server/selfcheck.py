@@ -4,8 +4,9 @@ binds a socket.
 Owns: the checks of the *environment* a valid config meets (the file itself is checked by
 ``config.loader`` and ``config.policy``): every ``[paths]`` entry can be created and written by this
 user (a file is really created there, so a read-only file system or an immutable directory fails
-even for root), the LDAP CA file is readable, the resolver answers, every DNSBL zone passes its RFC
-5782 probe, and the certificate checks of :mod:`palisade.tlscheck`. Each result is a
+even for root), so can the control socket (``[server] control_socket``), the LDAP CA file is
+readable, the resolver answers, every DNSBL zone passes its RFC 5782 probe, and the certificate
+checks of :mod:`palisade.tlscheck`. Each result is a
 :class:`Finding`; an ``error`` stops ``serve`` (exit 1) and makes ``config check`` exit 1; a
 ``warning`` is printed (and logged by ``serve``) and the gateway starts anyway: a dead resolver or a
 refusing DNSBL is usually a transient or external problem, and the rules' ``on_error`` and the
@@ -21,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import errno
 import os
+import stat
 import sys
 import tempfile
 from dataclasses import asdict, dataclass
@@ -128,7 +130,37 @@ def _path_findings(config: Config) -> list[Finding]:
         if problem
         else Finding("ok", "paths.state", f"[paths] state {state} {_writable(state)}")
     )
+    control = config.server.control_socket
+    problem = control_socket_problem(control)
+    findings.append(
+        Finding("error", "server.control_socket", problem)
+        if problem
+        else Finding(
+            "ok", "server.control_socket", f"[server] control_socket {control} can be created"
+        )
+    )
     return findings
+
+
+def control_socket_problem(path: Path) -> str | None:
+    """Why the control socket cannot be made at ``path`` (a Unix socket's path is at most 107
+    bytes; its directory must be writable; a file there that is not a socket is never
+    replaced), or None. A socket there is fine: a stale one is replaced at start, and
+    ``serve`` refuses to start if a daemon answers on it."""
+    from palisade.server.control import UNIX_PATH_MAX
+
+    size = len(os.fsencode(path))
+    if size > UNIX_PATH_MAX:
+        return (
+            f"[server] control_socket {path} is too long for a Unix socket ({size} bytes, "
+            f"at most {UNIX_PATH_MAX}): choose a shorter path"
+        )
+    if os.path.lexists(path) and not stat.S_ISSOCK(os.lstat(path).st_mode):
+        return (
+            f"[server] control_socket {path} exists and is not a socket: remove it or choose "
+            "another path"
+        )
+    return _directory_problem("[server] control_socket", path.parent, shown=path)
 
 
 def state_problem(state: Path, reason: str | None = None) -> str:

@@ -51,7 +51,7 @@ from pathlib import Path
 
 from palisade.obs.files import make_dirs
 from palisade.obs.log import EventLog, escape
-from palisade.obs.queueid import is_queue_id
+from palisade.obs.queueid import QUEUE_ID_RE, is_queue_id
 from palisade.spool.commit import CommitStats, GroupCommitter
 from palisade.spool.envelope import DeliveryState, Envelope
 from palisade.spool.errors import CorruptMessage, SpoolError, UnknownMessage
@@ -301,6 +301,15 @@ class Spool:
                 QueueEntry(name, env, state, layout.message_length, now - env.received_at)
             )
         return entries
+
+    def census(self) -> tuple[int, str | None]:
+        """How many messages are queued, and the id of the oldest (an id begins with the second
+        it was made in, and ids sort by it), from one listing of ``queue/`` that opens no file,
+        so it costs the same whatever the messages' sizes. ``palisade status`` runs it in a
+        thread; the names are filtered and compared in C, so the thread holds the interpreter
+        lock for about 2 ms per 10,000 messages (the directory read itself releases it)."""
+        ids = list(filter(QUEUE_ID_RE.fullmatch, os.listdir(self.queue_dir)))
+        return len(ids), min(ids, default=None)
 
     # -- start-up ----------------------------------------------------------------------------
 

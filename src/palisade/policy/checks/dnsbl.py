@@ -318,9 +318,10 @@ class DnsblCheck:
         self.zones = tuple(zones)
         self.threshold = threshold
         # Public names of zones that failed the RFC 5782 health probe (the server's prober fills
-        # it): they are not asked until a probe passes again, so a dead or hostile zone can
-        # neither list everybody nor slow every connection down.
-        self.disabled: set[str] = set()
+        # it), each with when (epoch seconds) and why (no secret in it): they are not asked until
+        # a probe passes again, so a dead or hostile zone can neither list everybody nor slow
+        # every connection down.
+        self.disabled: dict[str, tuple[float, str]] = {}
 
     @property
     def active_zones(self) -> tuple[str, ...]:
