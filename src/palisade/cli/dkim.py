@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import grp
 import os
 import pwd
 import re
@@ -152,7 +151,7 @@ def _write_key(keys_dir: Path, path: Path, pem: bytes) -> str:
             os.unlink(tmp)
         raise
     if ids is not None:
-        return f"{SERVICE_USER}:{grp.getgrgid(ids[1]).gr_name}"
+        return SERVICE_USER
     return pwd.getpwuid(os.geteuid()).pw_name
 
 

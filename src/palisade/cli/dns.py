@@ -296,7 +296,7 @@ async def _check_spf(
 async def count_spf_lookups(resolver: Resolver, domain: str, depth: int = 0) -> int:
     """The DNS-querying terms of ``domain``'s SPF record, through include and redirect (each
     include or redirect counts one, and so does every a, mx, ptr and exists)."""
-    if depth > SPF_LOOKUP_LIMIT:
+    if depth > 2 * SPF_LOOKUP_LIMIT:  # an include loop: far over the limit anyway
         return SPF_LOOKUP_LIMIT + 1
     records = [r for r in await _txt(resolver, domain) if _SPF_RE.match(r)]
     if len(records) != 1:
