@@ -30,6 +30,7 @@ __all__ = [
     "SigningKeyError",
     "SpamReport",
     "SpamScanner",
+    "UnsignableMessage",
     "VirusReport",
     "VirusScanner",
 ]
@@ -304,6 +305,15 @@ class SigningKeyError(Exception):
         self.reason = reason
 
 
+class UnsignableMessage(Exception):
+    """The signer cannot parse the message itself (a header section it cannot read): the
+    message goes unsigned, and the caller says so in the log. ``reason`` is the signer's text."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
 @dataclass(frozen=True, slots=True)
 class DkimSignature:
     """What a signing produced: the header lines (CRLF-terminated, folded), the d= domain and
@@ -325,5 +335,6 @@ class Signer(Protocol):
 
     async def sign(self, message: MessageSource, domain: str) -> DkimSignature:
         """Every configured key of ``domain`` signs ``message``; raises
-        :class:`SigningKeyError` when one of them cannot be used."""
+        :class:`SigningKeyError` when one of them cannot be used, :class:`UnsignableMessage`
+        when the message cannot be parsed, ``OSError`` when it cannot be read."""
         ...

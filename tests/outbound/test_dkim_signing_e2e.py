@@ -140,6 +140,21 @@ def test_from_domain_without_key_is_delivered_unsigned_with_a_log_line(
                   r"From domain other\.example", line[0])  # fmt: skip
 
 
+def test_message_dkimpy_cannot_parse_goes_unsigned_with_a_log_line(
+    make_gateway: Any, next_hop: NextHop, zones: ZoneServer
+) -> None:
+    gateway, _ = signing_gateway(make_gateway, next_hop, zones, KEYS)
+    broken = message().replace(b"Subject:", b"Bad Header: x\r\nSubject:")
+    with smtplib.SMTP("127.0.0.1", gateway.port, timeout=10) as client:
+        client.sendmail("alice@example.org", ["bob@remote.example"], broken)
+    (content,) = delivered(next_hop, 1)
+    assert b"DKIM-Signature" not in content and b"Bad Header: x" in content
+    (line,) = wait_for(lambda: [x for x in gateway.mainlog().splitlines() if "not DKIM" in x])
+    assert line.endswith(
+        "not DKIM-signed: Unexpected characters in RFC822 header: b'Bad Header: x'"
+    )
+
+
 def test_mail_from_a_client_that_may_not_relay_is_not_signed(
     make_gateway: Any, next_hop: NextHop, zones: ZoneServer
 ) -> None:

@@ -33,7 +33,7 @@ from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
 
-from palisade.ports import DkimSignature, MessageSource, SigningKeyError
+from palisade.ports import DkimSignature, MessageSource, SigningKeyError, UnsignableMessage
 
 __all__ = [
     "MIN_RSA_BITS",
@@ -233,19 +233,22 @@ def signed_header_list(headers: Iterable[bytes]) -> list[bytes]:
 
 def sign_message(data: bytes, domain: str, keys: list[SigningKey]) -> DkimSignature:
     """One DKIM-Signature field per key, in config order; dkimpy parses the message once."""
-    signer = dkim.DKIM(data, linesep=b"\r\n")
-    include = signed_header_list(name for name, _ in signer.headers)
     lines: list[bytes] = []
-    for key in keys:
-        line = signer.sign(
-            key.selector.encode("ascii"),
-            domain.encode("ascii"),
-            key.private,
-            signature_algorithm=_ALGORITHMS[key.algorithm],
-            canonicalize=(b"relaxed", b"relaxed"),
-            include_headers=include,
-        )
-        lines.append(line if line.endswith(b"\r\n") else line + b"\r\n")
+    try:
+        signer = dkim.DKIM(data, linesep=b"\r\n")
+        include = signed_header_list(name for name, _ in signer.headers)
+        for key in keys:
+            line = signer.sign(
+                key.selector.encode("ascii"),
+                domain.encode("ascii"),
+                key.private,
+                signature_algorithm=_ALGORITHMS[key.algorithm],
+                canonicalize=(b"relaxed", b"relaxed"),
+                include_headers=include,
+            )
+            lines.append(line if line.endswith(b"\r\n") else line + b"\r\n")
+    except dkim.DKIMException as exc:
+        raise UnsignableMessage(str(exc) or type(exc).__name__) from None
     return DkimSignature(b"".join(lines), domain, tuple(k.selector for k in keys))
 
 

@@ -49,7 +49,13 @@ from palisade.policy.policy import Policy
 from palisade.policy.relay import RelayPolicy
 from palisade.policy.rules import Facts, Findings, IPAddress, MessageFacts, Ports, Stage
 from palisade.policy.verdict import Verb, Verdict
-from palisade.ports import DkimSignature, Route, SigningKeyError, StateTempError
+from palisade.ports import (
+    DkimSignature,
+    Route,
+    SigningKeyError,
+    StateTempError,
+    UnsignableMessage,
+)
 from palisade.smtp import Features, Limits, Reply, SmtpConnection, events, replies
 from palisade.smtp.headers import HeaderSplitter, MessageIdFinder
 from palisade.spool import Envelope, SpoolWriter
@@ -800,10 +806,9 @@ class Conversation:
         except OSError as exc:
             self._spool_failed(writer, "read for signing", exc)
             return False, None
-        except Exception as exc:  # dkimpy refused the message itself: it goes unsigned, said so
+        except UnsignableMessage as exc:  # the message itself: it goes unsigned, said so
             self.ctx.log.main(
-                f"{qid} {self.host_field()} not DKIM-signed: dkimpy: "
-                f"{escape_field(str(exc) or type(exc).__name__, 200)}"
+                f"{qid} {self.host_field()} not DKIM-signed: {escape_field(exc.reason, 200)}"
             )
             return True, None
         self.tx.dkim = f"{signature.domain}:{','.join(signature.selectors)}"
