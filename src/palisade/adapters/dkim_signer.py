@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import os
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -250,11 +249,3 @@ def sign_message(data: bytes, domain: str, keys: list[SigningKey]) -> DkimSignat
     except dkim.DKIMException as exc:
         raise UnsignableMessage(str(exc) or type(exc).__name__) from None
     return DkimSignature(b"".join(lines), domain, tuple(k.selector for k in keys))
-
-
-def key_file_mode_ok(path: Path) -> bool:
-    """Whether ``path`` is readable by nobody but its owner and group (0640 is fine)."""
-    try:
-        return not os.stat(path).st_mode & 0o007
-    except OSError:
-        return False
