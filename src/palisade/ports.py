@@ -18,6 +18,7 @@ from typing import BinaryIO, Protocol, runtime_checkable
 
 __all__ = [
     "Clock",
+    "DkimSignature",
     "DnsAnswer",
     "DnsTempError",
     "MessageSource",
@@ -25,8 +26,11 @@ __all__ = [
     "Resolver",
     "Route",
     "ServiceTempError",
+    "Signer",
+    "SigningKeyError",
     "SpamReport",
     "SpamScanner",
+    "UnsignableMessage",
     "VirusReport",
     "VirusScanner",
 ]
@@ -283,4 +287,54 @@ class StateStore(Protocol):
     async def remember_pass(self, key: str, until: float, now: float) -> None:
         """Remembers a pass for ``key`` until ``until``, replacing an older one. Passes expired
         at ``now`` (of any key) may be forgotten on the way."""
+        ...
+
+
+# --------------------------------------------------------------------------------------------
+# Signing: DKIM signatures for outbound mail (dkimpy behind it), with keys loaded per generation.
+# --------------------------------------------------------------------------------------------
+
+
+class SigningKeyError(Exception):
+    """A configured key cannot be used (missing, unreadable, not a key): the message must be
+    deferred, never sent unsigned. ``path`` names the key file, ``reason`` says what is wrong."""
+
+    def __init__(self, path: str, reason: str) -> None:
+        super().__init__(f"{path}: {reason}")
+        self.path = path
+        self.reason = reason
+
+
+class UnsignableMessage(Exception):
+    """The signer cannot parse the message itself (a header section it cannot read): the
+    message goes unsigned, and the caller says so in the log. ``reason`` is the signer's text."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+@dataclass(frozen=True, slots=True)
+class DkimSignature:
+    """What a signing produced: the header lines (CRLF-terminated, folded), the d= domain and
+    the selectors used, in the order of the lines."""
+
+    lines: bytes
+    domain: str
+    selectors: tuple[str, ...]
+
+
+@runtime_checkable
+class Signer(Protocol):
+    """DKIM signing with the keys of one generation."""
+
+    def signing_domain(self, domain: str) -> str | None:
+        """The d= domain that signs mail whose From domain is ``domain`` (itself or its nearest
+        parent with a key), or None: no key covers it."""
+        ...
+
+    async def sign(self, message: MessageSource, domain: str) -> DkimSignature:
+        """Every configured key of ``domain`` signs ``message``; raises
+        :class:`SigningKeyError` when one of them cannot be used, :class:`UnsignableMessage`
+        when the message cannot be parsed, ``OSError`` when it cannot be read."""
         ...

@@ -12,6 +12,7 @@ had what it wanted; ``config check`` keeps its own status), without a message.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -57,6 +58,8 @@ def _parser() -> argparse.ArgumentParser:
     )
 
     from palisade.cli import checkhost, install, tlscheck
+    from palisade.cli import dkim as dkim_cli
+    from palisade.cli import dns as dns_cli
     from palisade.cli import history as history_cli
     from palisade.cli import init as init_cli
     from palisade.cli import queue as queue_cli
@@ -72,6 +75,10 @@ def _parser() -> argparse.ArgumentParser:
     queue = queue_cli.add_arguments(commands)
     queue.add_argument("--config", type=Path)
     _config_after_subcommand(queue)
+    for tool in (dkim_cli, dns_cli):
+        command = tool.add_arguments(commands)
+        command.add_argument("--config", type=Path)
+        _config_after_subcommand(command)
     recipients = recipients_cli.add_arguments(commands)
     recipients.add_argument("--config", type=Path)
     _config_after_subcommand(recipients)
@@ -155,6 +162,14 @@ def _main(argv: list[str] | None) -> int:
         from palisade.cli import status as status_cli
 
         return status_cli.run(args, config.server.control_socket)
+    if args.command == "dkim":
+        from palisade.cli import dkim as dkim_cli
+
+        return dkim_cli.run(args, config)
+    if args.command == "dns":
+        from palisade.cli import dns as dns_cli
+
+        return dns_cli.run(args, config)
     if args.command == "history":
         return _history(args, config.paths.state)
     return _queue(args, config.paths.spool, config.paths.log)
@@ -229,7 +244,7 @@ _SECRET_KEYS = frozenset({"bind_password", "password", "dqs_key"})
 _NOT_SHOWN = "(set, not shown)"
 _SECTIONS = (
     "server", "limits", "tls", "domains", "relay", "delivery", "paths", "log", "dns", "policy",
-    "ldap", "spamd", "rspamd", "clamd", "authentication",
+    "ldap", "spamd", "rspamd", "clamd", "authentication", "dkim",
 )  # fmt: skip
 
 
@@ -289,6 +304,8 @@ def _plain(value: Any) -> Any:
         return [_plain(v) for v in value]
     if isinstance(value, dict):
         return {str(k): _plain(v) for k, v in value.items()}
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):  # [dkim] keys items
+        return {f.name: _plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
     return str(value)  # Path, IPv4Network, IPv6Network
 
 

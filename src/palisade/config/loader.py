@@ -32,6 +32,10 @@ _HOSTNAME_RE = re.compile(
     r"(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*\.?$"
 )
 
+_SELECTOR_RE = re.compile(
+    r"^[A-Za-z0-9_](?:[A-Za-z0-9_-]{0,62})(?:\.[A-Za-z0-9_][A-Za-z0-9_-]{0,62})*$"
+)
+
 
 class ConfigError(Exception):
     """A config the server must not start with; ``str()`` is the operator-facing message."""
@@ -361,7 +365,36 @@ def _convert(raw: Any, hint: Any, meta: typing.Mapping[str, Any]) -> Any:
             return ipaddress.ip_network(raw, strict=False)
         except ValueError:
             raise ValueError(f"expected an IP address or CIDR, got {raw!r}") from None
+    if isinstance(hint, type) and dataclasses.is_dataclass(hint):
+        return _convert_table(raw, hint)
     raise ValueError(f"unsupported setting type {hint!r}")  # a bug in model.py, not the file
+
+
+def _convert_table(raw: Any, hint: type) -> Any:
+    """An inline table (or an array-of-tables item) as the dataclass ``hint``: every key known,
+    every field without a default given."""
+    if not isinstance(raw, dict):
+        raise ValueError(f"expected a table {{ ... }}, got {_describe(raw)}")
+    fields = {f.name: f for f in dataclasses.fields(hint)}
+    hints = typing.get_type_hints(hint)
+    values: dict[str, Any] = {}
+    for key, item in raw.items():
+        if key not in fields:
+            raise ValueError(f"unknown key {key!r} (expected one of: {', '.join(fields)})")
+        try:
+            values[key] = _convert(item, hints[key], fields[key].metadata)
+        except ValueError as exc:
+            raise ValueError(f"{key}: {exc}") from None
+    missing = [
+        name
+        for name, f in fields.items()
+        if name not in values
+        and f.default is dataclasses.MISSING
+        and f.default_factory is dataclasses.MISSING
+    ]
+    if missing:
+        raise ValueError(f"missing key(s): {', '.join(missing)}")
+    return hint(**values)
 
 
 def _group(raw: Any) -> int:
@@ -510,6 +543,30 @@ def _check_cross_rules(config: Config, source: str, finder: _LineFinder) -> None
         fail("delivery", "tls_ca_file", f"no such file: {config.delivery.tls_ca_file}")
     if config.delivery.retry_max_interval < config.delivery.retry_initial:
         fail("delivery", "retry_max_interval", "must not be shorter than retry_initial")
+    seen: set[tuple[str, str]] = set()
+    for number, dkim_key in enumerate(config.dkim.keys, 1):
+        if (
+            not _HOSTNAME_RE.match(dkim_key.domain)
+            or dkim_key.domain.endswith(".")
+            or "." not in dkim_key.domain
+        ):
+            fail("dkim", "keys", f"key {number}: expected a domain name, got {dkim_key.domain!r}")
+        if not _SELECTOR_RE.match(dkim_key.selector):
+            fail(
+                "dkim",
+                "keys",
+                f"key {number}: expected a selector (letters, digits, '-', '_', dots between "
+                f"labels), got {dkim_key.selector!r}",
+            )
+        pair = (dkim_key.domain.lower(), dkim_key.selector.lower())
+        if pair in seen:
+            fail(
+                "dkim",
+                "keys",
+                f"key {number}: selector {dkim_key.selector!r} of {dkim_key.domain} is given twice "
+                "(a selector publishes one key: give each key its own)",
+            )
+        seen.add(pair)
 
 
 def certificate_key_problem(certificate: Path, private_key: Path) -> str | None:

@@ -251,6 +251,32 @@ class AuthenticationConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class DkimKey:
+    """One signing key: the d= domain, the selector its public key is published under, and
+    the PEM file (relative: under ``[dkim] keys_dir``); the algorithm is the key's own (RSA or
+    Ed25519)."""
+
+    domain: str
+    selector: str
+    file: Path
+
+
+@dataclass(frozen=True, slots=True)
+class DkimConfig:
+    """DKIM signing of outbound mail (from ``relay_from_hosts``): the keys per From domain.
+
+    A domain with an RSA and an Ed25519 key gets both signatures (RFC 8463); each key needs its
+    own selector (a selector publishes one key)."""
+
+    keys_dir: Path = Path("/etc/palisade/keys")
+    keys: tuple[DkimKey, ...] = ()
+
+    def key_path(self, key: DkimKey) -> Path:
+        """Where ``key``'s file is: its ``file`` as given when absolute, else under keys_dir."""
+        return key.file if key.file.is_absolute() else self.keys_dir / key.file
+
+
+@dataclass(frozen=True, slots=True)
 class LogConfig:
     """Log options: JSON lines beside the exim-shaped text, echo to standard output, and every
     line also to syslog (``syslog_facility``, ident ``palisade``) through ``syslog_socket``."""
@@ -281,6 +307,7 @@ class Config:
     rspamd: RspamdConfig = RspamdConfig()
     clamd: ClamdConfig = ClamdConfig()
     authentication: AuthenticationConfig = AuthenticationConfig()
+    dkim: DkimConfig = DkimConfig()
     lists: tuple[ListSpec, ...] = ()
     rules: tuple[RuleSpec, ...] = ()
     source: str = "<defaults>"

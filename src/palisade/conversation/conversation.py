@@ -3,7 +3,10 @@
 Owns: the order of work of a conversation (connect rules, the banner, HELO, MAIL, RCPT, DATA and
 the final dot), ``delay_reject``, the transaction record (:class:`Transaction`), the facts the
 rules read, every literal reply and every log line of a session, the Received header and the
-headers the DATA stage adds. The caller (the server's session, ``check-host``) owns the I/O:
+headers the DATA stage adds, and the decision to DKIM-sign a relay client's message (for its
+From domain, before the 250; the signing itself, with the generation's keys, is the ``Signer``
+port's, which reads the spooled copy like the scanners do). The caller (the server's session,
+``check-host``) owns the I/O:
 
 * it hands in SMTP events (:meth:`Conversation.handle`, :meth:`Conversation.content` for DATA
   content, the hot path) and sends the reply bytes gathered in :attr:`Conversation.out`;
@@ -40,12 +43,19 @@ from palisade.conversation import content
 from palisade.obs.log import EventLog, escape, escape_field, rfc5322_date
 from palisade.obs.queueid import QueueIdGenerator
 from palisade.policy import keys
+from palisade.policy.checks import dmarc
 from palisade.policy.engine import StageOutcome, evaluate_stage
 from palisade.policy.policy import Policy
 from palisade.policy.relay import RelayPolicy
 from palisade.policy.rules import Facts, Findings, IPAddress, MessageFacts, Ports, Stage
 from palisade.policy.verdict import Verb, Verdict
-from palisade.ports import Route, StateTempError
+from palisade.ports import (
+    DkimSignature,
+    Route,
+    SigningKeyError,
+    StateTempError,
+    UnsignableMessage,
+)
 from palisade.smtp import Features, Limits, Reply, SmtpConnection, events, replies
 from palisade.smtp.headers import HeaderSplitter, MessageIdFinder
 from palisade.spool import Envelope, SpoolWriter
@@ -135,6 +145,11 @@ def _our_names(hostname: str) -> frozenset[str]:
     return frozenset({hostname.lower()})
 
 
+# A configured key that cannot be used: the client keeps the message and tries again (the
+# operator is told in paniclog); never sent unsigned.
+_SIGNING_DEFERRED = Reply(451, "4.3.5", "Temporary local problem, please try again later")
+
+
 class _Closed(Exception):
     """The conversation is over (QUIT, drop, too many errors, EOF)."""
 
@@ -162,6 +177,7 @@ class Transaction:
     headers: list[str] = field(default_factory=list)  # X-Warning lines of MAIL/RCPT warn rules
     splitter: HeaderSplitter | None = None  # the header section of the message being received
     message_ids: MessageIdFinder | None = None  # its Message-ID (every message, examined or not)
+    dkim: str | None = None  # "domain:selector,..." when the message was signed
 
 
 class Conversation:
@@ -665,7 +681,11 @@ class Conversation:
         """Whether anything looks at the message: DATA rules or findings (authentication, a
         scanner). Without them the content goes to the spool untouched, with no parsing."""
         policy = self.policy
-        return bool(policy.for_stage(Stage.DATA)) or bool(policy.findings_for(Stage.DATA))
+        return (
+            bool(policy.for_stage(Stage.DATA))
+            or bool(policy.findings_for(Stage.DATA))
+            or self._signs()  # the From domain chooses the key
+        )
 
     def _received_header(self, tx: Transaction) -> bytes:
         helo = escape(self.helo or "unknown", 100).replace("(", "").replace(")", "")
@@ -714,12 +734,18 @@ class Conversation:
             if verdict.closes:
                 raise _Closed
             return
+        signed, signature = await self._sign(writer)
+        if not signed:
+            return
         added = content.added_headers(self.config, self.facts)
         added += b"".join(_header_line(h) for h in tx.headers)
         if added:
             writer.prepend(added)
-            if self.observer is not None:
-                self.observer.added_headers(added)
+        if signature is not None:  # on top of everything: the newest trace comes first
+            writer.prepend(signature.lines, first=True)
+            added = signature.lines + added
+        if added and self.observer is not None:
+            self.observer.added_headers(added)
         if tx.message_ids is not None:
             tx.message_id = writer.message_id = tx.message_ids.finish()
         try:
@@ -732,6 +758,61 @@ class Conversation:
         self.ctx.submit(tx.queue_id)
         self.send(Reply(250, "2.0.0", f"Ok: queued as {tx.queue_id}"))
         self.tx = Transaction()
+
+    def _signs(self) -> bool:
+        """Whether this client's mail is signed: it may relay (``relay_from_hosts``; submission
+        with AUTH will be the other trusted sender) and ``[dkim]`` has keys."""
+        return (
+            self.ports.signer is not None
+            and keys.RELAY_CLIENT in self.facts.results
+            and self.facts.results[keys.RELAY_CLIENT]
+        )
+
+    async def _sign(self, writer: SpoolWriter) -> tuple[bool, DkimSignature | None]:
+        """DKIM-signs the received message for its From domain, when this client's mail is
+        signed: (True, the signature), (True, None) when it goes unsigned (a log line says
+        why), (False, None) when a key cannot be used: the message is deferred (451 sent,
+        nothing kept) and paniclog names the key file."""
+        signer = self.ports.signer
+        message = self.facts.message
+        if signer is None or message is None or not self._signs():
+            return True, None
+        qid = self.tx.queue_id
+        result, from_domain = dmarc.from_domain(message.get_all("From"))
+        domain = signer.signing_domain(from_domain) if from_domain is not None else None
+        if domain is None:
+            why = (
+                f"no key for the From domain {escape_field(from_domain, 200)}"
+                if from_domain is not None
+                else f"no single From domain ({result})"
+            )
+            self.ctx.log.main(f"{qid} {self.host_field()} not DKIM-signed: {why}")
+            return True, None
+        try:
+            signature = await signer.sign(writer.received(), domain)
+        except SigningKeyError as exc:
+            writer.abort()
+            self.ctx.log.panic(
+                f"{qid} DKIM signing for {domain} failed, message deferred: key file "
+                f"{exc.path} {exc.reason}"
+            )
+            self.ctx.log.reject(
+                f"{self.host_field()}{self._sender_field()} temporarily rejected after DATA: "
+                f"DKIM key for {domain} unusable"
+            )
+            self.send(_SIGNING_DEFERRED)
+            self.tx = Transaction()
+            return False, None
+        except OSError as exc:
+            self._spool_failed(writer, "read for signing", exc)
+            return False, None
+        except UnsignableMessage as exc:  # the message itself: it goes unsigned, said so
+            self.ctx.log.main(
+                f"{qid} {self.host_field()} not DKIM-signed: {escape_field(exc.reason, 200)}"
+            )
+            return True, None
+        self.tx.dkim = f"{signature.domain}:{','.join(signature.selectors)}"
+        return True, signature
 
     def _spool_failed(self, writer: SpoolWriter, step: str, exc: OSError) -> None:
         """The spool could not keep the message: nothing of it stays, the client tries later."""
@@ -757,6 +838,8 @@ class Conversation:
             parts.append(f"X={self.tls}")
         parts.append(f"S={size}")
         parts.extend(content.log_fields(self.config, self.facts))
+        if tx.dkim is not None:
+            parts.append(f"DKIM={tx.dkim}")
         if tx.message_id is not None:
             # exim's id=: the Message-ID without its angle brackets; a space would let the client
             # write what looks like another field (" H=[...]"), so it is escaped too

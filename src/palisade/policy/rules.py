@@ -24,6 +24,7 @@ from palisade.ports import (
     MessageSource,
     RecipientDirectory,
     Resolver,
+    Signer,
     SpamScanner,
     StateStore,
     VirusScanner,
@@ -181,6 +182,7 @@ class Ports:
     recipients: RecipientDirectory | None = None  # LDAP; None: the static file alone decides
     spam: SpamScanner | None = None  # spamd or rspamd; None: not configured
     virus: VirusScanner | None = None  # clamd; None: not configured
+    signer: Signer | None = None  # DKIM keys of outbound mail; None: [dkim] has no keys
 
 
 async def memo(facts: Facts, key: Key[T], compute: Callable[[], Awaitable[T]]) -> T:

@@ -26,6 +26,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from palisade.adapters.clamd import ClamdScanner
+from palisade.adapters.dkim_signer import DkimSigner
 from palisade.adapters.dns import DnsResolver
 from palisade.adapters.ldap_directory import LdapDirectory, LdapSettings
 from palisade.adapters.local_rates import WriteBehindRates
@@ -217,19 +218,10 @@ def build_ports(config: Config, *, local_rates: bool = False) -> Ports:
     """The checks' clients. ``local_rates``: every client of this process reaches only this
     process (one worker, or steered workers), so rate counters can be kept here, exact, and
     written behind. All of them share the one system clock."""
-    dns = config.dns
-    nameservers = [parse_host_port(n, default_port=53) for n in dns.nameservers]
     store = SqliteStateStore(config.paths.state, clock=SYSTEM_CLOCK)
     try:
         return Ports(
-            resolver=DnsResolver(
-                nameservers or None,
-                timeout=dns.timeout,
-                retries=dns.retries,
-                cache_max_ttl=dns.cache_max_ttl,
-                redact=secrets_of(config),
-                clock=SYSTEM_CLOCK,
-            ),
+            resolver=build_resolver(config),
             state=WriteBehindRates(store) if local_rates else store,
             clock=SYSTEM_CLOCK,
             recipients=build_directory(config),
@@ -243,10 +235,34 @@ def build_ports(config: Config, *, local_rates: bool = False) -> Ports:
                 if config.clamd.address
                 else None
             ),
+            signer=build_signer(config),
         )
     except BaseException:
         store.close()
         raise
+
+
+def build_resolver(config: Config) -> DnsResolver:
+    """The resolver of ``[dns]`` (the checks', and ``dns check``'s)."""
+    dns = config.dns
+    nameservers = [parse_host_port(n, default_port=53) for n in dns.nameservers]
+    return DnsResolver(
+        nameservers or None,
+        timeout=dns.timeout,
+        retries=dns.retries,
+        cache_max_ttl=dns.cache_max_ttl,
+        redact=secrets_of(config),
+        clock=SYSTEM_CLOCK,
+    )
+
+
+def build_signer(config: Config) -> DkimSigner | None:
+    """The DKIM keys of ``[dkim]``, read now (a reload reads them again); None without keys.
+    A key that cannot be used does not refuse the generation: its domain's mail is deferred."""
+    dkim = config.dkim
+    if not dkim.keys:
+        return None
+    return DkimSigner((k.domain, k.selector, dkim.key_path(k)) for k in dkim.keys)
 
 
 def build_spam_scanner(config: Config) -> SpamdScanner | RspamdScanner | None:

@@ -67,6 +67,7 @@ def run_selfcheck(
         Finding("warning", "rules", text) for text in permanent_on_error_warnings(config, policy)
     ]
     findings += _tls_findings(config)
+    findings += _dkim_findings(config)
     if dns:
         findings += asyncio.run(_dns_findings(config, policy))
     return findings
@@ -232,6 +233,34 @@ def _file_findings(config: Config, policy: Policy | None) -> list[Finding]:
                     "ok", f"lists.{name}", f"[lists] {name}: {entries(len(handle.value))} ({where})"
                 )
             )
+    return findings
+
+
+def _dkim_findings(config: Config) -> list[Finding]:
+    """Each ``[dkim]`` key read as the signer reads it. An unusable key is a warning, not an
+    error: inbound mail is unaffected, and the domain's outbound mail is deferred (451) until
+    the key is mended and the config reloaded."""
+    from palisade.adapters.dkim_signer import load_key
+    from palisade.ports import SigningKeyError
+
+    findings = []
+    for key in config.dkim.keys:
+        path = config.dkim.key_path(key)
+        what = f"[dkim] key {key.selector} of {key.domain}"
+        try:
+            loaded = load_key(key.domain, key.selector, path)
+        except SigningKeyError as exc:
+            findings.append(
+                Finding(
+                    "warning",
+                    "dkim.keys",
+                    f"{what}: key file {exc.path} {exc.reason}; mail from {key.domain} is "
+                    "deferred (451) until it can be used",
+                )
+            )
+            continue
+        kind = f"RSA {loaded.bits}" if loaded.algorithm == "rsa" else "Ed25519"
+        findings.append(Finding("ok", "dkim.keys", f"{what}: {kind} key {path} is usable"))
     return findings
 
 

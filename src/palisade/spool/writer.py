@@ -100,9 +100,13 @@ class SpoolWriter:
         self._hash.update(data)
         self.size += len(data)
 
-    def prepend(self, lines: bytes) -> None:
-        """Header lines to deliver before the body (known only after the final dot)."""
-        self._added.append(lines)
+    def prepend(self, lines: bytes, *, first: bool = False) -> None:
+        """Header lines to deliver before the body (known only after the final dot), after
+        those prepended before; ``first``: before them (a DKIM signature goes on top)."""
+        if first:
+            self._added.insert(0, lines)
+        else:
+            self._added.append(lines)
 
     def received(self) -> ReceivedMessage:
         """The body written so far, readable from disk (flushes the buffer first)."""
