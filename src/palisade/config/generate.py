@@ -35,6 +35,7 @@ CONFIG_PATH = Path("/etc/palisade/palisade.toml")
 SPOOL_DIR = "/var/spool/palisade"
 STATE_FILE = "/var/lib/palisade/state.sqlite"
 LOG_DIR = "/var/log/palisade"
+CONTROL_SOCKET = "/run/palisade/control.sock"
 MAIL_DIR = "/var/mail/palisade"
 LDAP_PASSWORD_FILE = "/etc/palisade/keys/ldap.pw"
 
@@ -338,6 +339,8 @@ QUESTIONS: tuple[Question, ...] = (
              asked=lambda a: False),
     Question("log_dir", "Log directory", "text", lambda a, e: e.path(LOG_DIR), _absolute,
              asked=lambda a: False),
+    Question("control_socket", "Control socket of palisade status", "text",
+             lambda a, e: e.path(CONTROL_SOCKET), _absolute, asked=lambda a: False),
     Question("nameservers", "DNS resolvers, IP[:port] (none: /etc/resolv.conf; DNSBLs want "
              "your own, e.g. unbound on 127.0.0.1)", "list", _const([]), _nameservers),
     Question("tls_certificate", "TLS certificate chain file, leaf first (none: no STARTTLS)",
@@ -632,6 +635,7 @@ def generate(
             "the port and before reading a byte from a client.",
         )
         out.key("user", a["user"])
+    out.key("control_socket", a["control_socket"], "palisade status asks the daemon here")
 
     out.section("domains")
     if relay:
