@@ -489,49 +489,57 @@ class SqliteStateStore:
     ) -> IncidentOutcome:
         """See :meth:`record_incident`."""
         key = incident_key(ip)
+        record = self._recorder(key, weight, rule, float(now), policy, may_block)
+
+        def work(conn: sqlite3.Connection) -> IncidentOutcome:
+            return self._transaction(conn, lambda: record(conn))
+
+        return self._run("incident update", work)
+
+    def _recorder(
+        self, key: str, weight: int, rule: str, at: float, policy: BlockPolicy, may_block: bool
+    ) -> Callable[[sqlite3.Connection], IncidentOutcome]:
+        """The body of one ``record_incident`` transaction (arguments checked first)."""
         _positive_weight(weight)
         if not isinstance(rule, str) or not rule.strip():
             raise ValueError(f"incident rule must be a non-empty name, got {rule!r}")
-        at = float(now)
+        name = rule.strip()
         horizon = at - policy.window
         self._incidents += 1
         sweep = self._incidents % INCIDENT_SWEEP_EVERY == 0
 
-        def work(conn: sqlite3.Connection) -> IncidentOutcome:
-            def body() -> IncidentOutcome:
-                self._prune_key(conn, key, horizon)
-                count = self._insert_event(conn, key, at, weight, rule.strip())
-                if sweep:
-                    self._sweep_incidents(conn, at, policy.window, SWEEP_BATCH)
-                row = conn.execute(
-                    "SELECT key, since, until, times, reason FROM blocks WHERE key = ?", (key,)
-                ).fetchone()
-                previous = None if row is None else _block(row)
-                if previous is not None and previous.until > at:
-                    # an active block is kept as it is: more incidents while blocked neither
-                    # extend it nor count as a repeat offence
-                    return IncidentOutcome(key, count, previous, False)
-                if not may_block or count < policy.block_at:
-                    return IncidentOutcome(key, count, None, False)
-                times = (previous.times if previous is not None else 0) + 1
-                block = Block(
-                    key=key,
-                    since=at,
-                    until=at + policy.block_length(times),
-                    times=times,
-                    reason=self._reason(conn, key, horizon),
-                )
-                conn.execute(
-                    "INSERT INTO blocks (key, since, until, times, reason) VALUES (?, ?, ?, ?, ?)"
-                    " ON CONFLICT (key) DO UPDATE SET since = excluded.since,"
-                    " until = excluded.until, times = excluded.times, reason = excluded.reason",
-                    (block.key, block.since, block.until, block.times, block.reason),
-                )
-                return IncidentOutcome(key, count, block, True)
+        def body(conn: sqlite3.Connection) -> IncidentOutcome:
+            self._prune_key(conn, key, horizon)
+            count = self._insert_event(conn, key, at, weight, name)
+            if sweep:
+                self._sweep_incidents(conn, at, policy.window, SWEEP_BATCH)
+            row = conn.execute(
+                "SELECT key, since, until, times, reason FROM blocks WHERE key = ?", (key,)
+            ).fetchone()
+            previous = None if row is None else _block(row)
+            if previous is not None and previous.until > at:
+                # an active block is kept as it is: more incidents while blocked neither
+                # extend it nor count as a repeat offence
+                return IncidentOutcome(key, count, previous, False)
+            if not may_block or count < policy.block_at:
+                return IncidentOutcome(key, count, None, False)
+            times = (previous.times if previous is not None else 0) + 1
+            block = Block(
+                key=key,
+                since=at,
+                until=at + policy.block_length(times),
+                times=times,
+                reason=self._reason(conn, key, horizon),
+            )
+            conn.execute(
+                "INSERT INTO blocks (key, since, until, times, reason) VALUES (?, ?, ?, ?, ?)"
+                " ON CONFLICT (key) DO UPDATE SET since = excluded.since,"
+                " until = excluded.until, times = excluded.times, reason = excluded.reason",
+                (block.key, block.since, block.until, block.times, block.reason),
+            )
+            return IncidentOutcome(key, count, block, True)
 
-            return self._transaction(conn, body)
-
-        return self._run("incident update", work)
+        return body
 
     def active_blocks_sync(self, now: float) -> list[Block]:
         """See :meth:`active_blocks` (newest first)."""
@@ -606,13 +614,17 @@ class SqliteStateStore:
         key = incident_key(ip)
         _positive_weight(count, "incident count")
         at = self.clock.now() if now is None else float(now)
-        self.record_incident_sync(key, count, "manual", at, self.policy)
-        found = self._run(
-            "read", lambda conn: self._incident_at(conn, key, max(at, self.clock.now()))
-        )
-        if found is None:  # stamped before the window: counted nowhere
-            return Incident(key, 0, at, at)
-        return found
+        record = self._recorder(key, count, "manual", at, self.policy, True)
+
+        def work(conn: sqlite3.Connection) -> Incident:
+            def body() -> Incident:
+                record(conn)  # the record as it is after this write, in the same transaction
+                found = self._incident_at(conn, key, max(at, self.clock.now()))
+                return found if found is not None else Incident(key, 0, at, at)
+
+            return self._transaction(conn, body)
+
+        return self._run("incident update", work)
 
     def remove_incident_sync(self, ip: str) -> bool:
         key = incident_key(ip)

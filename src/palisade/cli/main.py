@@ -197,7 +197,7 @@ _SECRET_KEYS = frozenset({"bind_password", "password", "dqs_key"})
 _NOT_SHOWN = "(set, not shown)"
 _SECTIONS = (
     "server", "limits", "tls", "domains", "relay", "delivery", "paths", "log", "dns", "policy",
-    "ldap", "spamd", "rspamd", "clamd", "authentication",
+    "ldap", "spamd", "rspamd", "clamd", "authentication", "incidents",
 )  # fmt: skip
 
 
@@ -283,7 +283,7 @@ def effective_config(config: Config) -> dict[str, Any]:
         table: dict[str, Any] = {"check": rule.check, "verb": rule.verb}
         for name in (
             "name", "message", "log_message", "observe", "on_error", "timeout", "negate", "code",
-            "enhanced", "recipient_domains",
+            "enhanced", "recipient_domains", "incident",
         ):  # fmt: skip
             table[name] = _plain(getattr(rule, name))
         for key, option in rule.options:
