@@ -6,7 +6,14 @@ Owns nothing of the product; trusts nothing (every call is an error by design).
 
 from __future__ import annotations
 
-from palisade.ports import DnsAnswer, Incident
+from palisade.ports import (
+    Block,
+    BlockPolicy,
+    DnsAnswer,
+    Incident,
+    IncidentEvent,
+    IncidentOutcome,
+)
 
 
 class NoResolver:
@@ -32,6 +39,26 @@ class NoState:
         raise AssertionError("unexpected state store use")
 
     async def list_incidents(self) -> list[Incident]:
+        raise AssertionError("unexpected state store use")
+
+    async def record_incident(
+        self,
+        ip: str,
+        weight: int,
+        rule: str,
+        now: float,
+        policy: BlockPolicy,
+        may_block: bool = True,
+    ) -> IncidentOutcome:
+        raise AssertionError("unexpected state store use")
+
+    async def active_blocks(self, now: float) -> list[Block]:
+        raise AssertionError("unexpected state store use")
+
+    async def incident_events(self, ip: str, since: float) -> list[IncidentEvent]:
+        raise AssertionError("unexpected state store use")
+
+    async def unblock(self, ip: str) -> bool:
         raise AssertionError("unexpected state store use")
 
     async def rate_hit(self, key: str, window: float, now: float) -> int:

@@ -17,10 +17,15 @@ from dataclasses import dataclass
 from typing import BinaryIO, Protocol, runtime_checkable
 
 __all__ = [
+    "Block",
+    "BlockPolicy",
     "Clock",
     "DkimSignature",
     "DnsAnswer",
     "DnsTempError",
+    "Incident",
+    "IncidentEvent",
+    "IncidentOutcome",
     "MessageSource",
     "RecipientDirectory",
     "Resolver",
@@ -30,6 +35,8 @@ __all__ = [
     "SigningKeyError",
     "SpamReport",
     "SpamScanner",
+    "StateStore",
+    "StateTempError",
     "UnsignableMessage",
     "VirusReport",
     "VirusScanner",
@@ -231,7 +238,8 @@ class VirusScanner(Protocol):
 
 
 # --------------------------------------------------------------------------------------------
-# State store: incident history (fed by the firewall feature, read by the ``history`` check) and
+# State store: incidents and blocks (written by the gateway's refusals, ``palisade scan`` and the
+# operator; read by the ``history`` check, ``palisade history`` and ``palisade firewall``) and
 # rate-limit counters. SQLite by default; Redis when several gateway nodes share state.
 # --------------------------------------------------------------------------------------------
 
@@ -245,13 +253,76 @@ class StateTempError(Exception):
 
 
 @dataclass(frozen=True, slots=True)
+class BlockPolicy:
+    """When incidents block an address, and for how long (``[incidents]`` in the config).
+
+    An incident counts while it is younger than ``window`` seconds; the weighted count of a key
+    reaching ``block_at`` blocks it for ``block_for`` seconds; each later block of the same key
+    lasts ``growth`` times the previous one, at most ``block_max`` seconds.
+    """
+
+    window: float = 7 * 86400.0  # incidents older than this stop counting
+    block_at: int = 10  # weighted count within window that blocks
+    block_for: float = 86400.0  # first block's length
+    growth: float = 2.0  # each later block of the same key lasts growth x the previous
+    block_max: float = 30 * 86400.0  # cap
+
+    def block_length(self, times: int) -> float:
+        """Seconds the ``times``-th block of a key lasts (1 for the first)."""
+        exponent = max(times - 1, 0)
+        try:
+            length = self.block_for * self.growth**exponent
+        except OverflowError:
+            return self.block_max
+        return min(length, self.block_max)
+
+
+@dataclass(frozen=True, slots=True)
+class IncidentEvent:
+    """One incident: a refusal, a protocol violation, an auth failure found in a log..."""
+
+    key: str  # incident key: "192.0.2.1" or "2001:db8:1:2::/64" (sqlite_state.incident_key)
+    at: float
+    weight: int
+    rule: str  # rule name or source, e.g. "dnsbl", "no-ptr", "dovecot-auth", "pregreet"
+
+
+@dataclass(frozen=True, slots=True)
+class Block:
+    """A key refused outright (by the ``history`` check, and by the firewall) until ``until``."""
+
+    key: str
+    since: float
+    until: float
+    times: int  # 1 for a first block, 2 for the second, ...
+    reason: str  # e.g. "dnsbl x6, no-ptr x4" (the rules that counted)
+
+
+@dataclass(frozen=True, slots=True)
+class IncidentOutcome:
+    """What recording one incident led to."""
+
+    key: str
+    count: int  # weighted sum within the window, this one included
+    block: Block | None  # the active block after this incident (new or existing), or None
+    new_block: bool
+
+
+@dataclass(frozen=True, slots=True)
 class Incident:
-    """What the incident database knows of one client (IPv6 clients are kept per /64)."""
+    """What the incident database knows of one client (IPv6 clients are kept per /64).
+
+    ``count`` is the weighted sum of the incidents within the store's window, ``first_seen`` /
+    ``last_seen`` the oldest and newest of them; ``block`` is the key's active block, if any
+    (a blocked key whose incidents have all left the window has ``count`` 0 and the block's
+    ``since`` as both times).
+    """
 
     key: str  # "192.0.2.1" or "2001:db8:1:2::/64"
     count: int
     first_seen: float
     last_seen: float
+    block: Block | None = None
 
 
 @runtime_checkable
@@ -272,6 +343,32 @@ class StateStore(Protocol):
 
     async def list_incidents(self) -> list[Incident]:
         """Every record, highest count first."""
+        ...
+
+    async def record_incident(
+        self,
+        ip: str,
+        weight: int,
+        rule: str,
+        now: float,
+        policy: BlockPolicy,
+        may_block: bool = True,
+    ) -> IncidentOutcome:
+        """Records ``weight`` incidents of ``rule`` for ``ip`` (its key) at ``now``; blocks the
+        key when the weighted count within ``policy.window`` reaches ``policy.block_at`` and
+        ``may_block`` (False for protected addresses). An active block is kept as it is."""
+        ...
+
+    async def active_blocks(self, now: float) -> list[Block]:
+        """Every block still in force at ``now``."""
+        ...
+
+    async def incident_events(self, ip: str, since: float) -> list[IncidentEvent]:
+        """The incidents of ``ip``'s key stamped after ``since``, oldest first."""
+        ...
+
+    async def unblock(self, ip: str) -> bool:
+        """Lifts ``ip``'s active block (and forgets what led to it); False when not blocked."""
         ...
 
     async def rate_hit(self, key: str, window: float, now: float) -> int:

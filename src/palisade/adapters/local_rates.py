@@ -17,8 +17,17 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+from collections.abc import Sequence
 
-from palisade.ports import Incident, StateStore, StateTempError
+from palisade.ports import (
+    Block,
+    BlockPolicy,
+    Incident,
+    IncidentEvent,
+    IncidentOutcome,
+    StateStore,
+    StateTempError,
+)
 
 MAX_PENDING = 100_000  # hits kept while the store is unreachable; older ones are dropped
 
@@ -46,6 +55,36 @@ class WriteBehindRates:
 
     async def list_incidents(self) -> list[Incident]:
         return await self.store.list_incidents()
+
+    async def record_incident(
+        self,
+        ip: str,
+        weight: int,
+        rule: str,
+        now: float,
+        policy: BlockPolicy,
+        may_block: bool = True,
+    ) -> IncidentOutcome:
+        return await self.store.record_incident(ip, weight, rule, now, policy, may_block)
+
+    async def record_incidents(
+        self, incidents: Sequence[tuple[str, int, str, float, BlockPolicy, bool]]
+    ) -> list[IncidentOutcome]:
+        """The store's batch (``SqliteStateStore.record_incidents``), else one by one."""
+        batch = getattr(self.store, "record_incidents", None)
+        if batch is not None:
+            outcomes: list[IncidentOutcome] = await batch(incidents)
+            return outcomes
+        return [await self.store.record_incident(*incident) for incident in incidents]
+
+    async def active_blocks(self, now: float) -> list[Block]:
+        return await self.store.active_blocks(now)
+
+    async def incident_events(self, ip: str, since: float) -> list[IncidentEvent]:
+        return await self.store.incident_events(ip, since)
+
+    async def unblock(self, ip: str) -> bool:
+        return await self.store.unblock(ip)
 
     async def pass_until(self, key: str, now: float) -> float | None:
         return await self.store.pass_until(key, now)

@@ -45,7 +45,17 @@ from palisade.clock import SYSTEM_CLOCK
 from palisade.config import Config, parse_host_port
 from palisade.policy.checks import spf
 from palisade.policy.rules import Facts, Ports
-from palisade.ports import DnsTempError, Incident, Resolver, SigningKeyError, StateTempError
+from palisade.ports import (
+    Block,
+    BlockPolicy,
+    DnsTempError,
+    Incident,
+    IncidentEvent,
+    IncidentOutcome,
+    Resolver,
+    SigningKeyError,
+    StateTempError,
+)
 
 SPF_LOOKUP_LIMIT = 10  # RFC 7208 4.6.4
 _SPF_RE = re.compile(r"^v=spf1(\s|$)", re.IGNORECASE)
@@ -189,6 +199,26 @@ class _NoState:
         raise StateTempError("no state store in dns check")
 
     async def remember_pass(self, key: str, until: float, now: float) -> None:
+        raise StateTempError("no state store in dns check")
+
+    async def record_incident(
+        self,
+        ip: str,
+        weight: int,
+        rule: str,
+        now: float,
+        policy: BlockPolicy,
+        may_block: bool = True,
+    ) -> IncidentOutcome:
+        raise StateTempError("no state store in dns check")
+
+    async def active_blocks(self, now: float) -> list[Block]:
+        raise StateTempError("no state store in dns check")
+
+    async def incident_events(self, ip: str, since: float) -> list[IncidentEvent]:
+        raise StateTempError("no state store in dns check")
+
+    async def unblock(self, ip: str) -> bool:
         raise StateTempError("no state store in dns check")
 
 

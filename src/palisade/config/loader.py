@@ -198,7 +198,7 @@ CHECK_TEXT_VALUES: dict[str, tuple[str, ...]] = {
     "helo": ("pattern", "condition"),
     "sender": ("domain", "pattern", "condition"),
     "local_sender": ("domain",),
-    "history": ("count", "first_seen", "last_seen", "threshold"),
+    "history": ("count", "first_seen", "last_seen", "threshold", "until", "times"),
     "ratelimit": ("rate", "count", "limit", "window"),
     "recipient": ("domain",),
     "header_sender": ("condition", "addresses"),
@@ -227,8 +227,10 @@ def unknown_text_values(check: str, text: str) -> list[str]:
 
 _RULE_KEYS = {
     "check", "verb", "name", "message", "log_message", "observe", "on_error", "timeout",
-    "negate", "code", "enhanced", "recipient_domains",
+    "negate", "code", "enhanced", "recipient_domains", "incident",
 }  # fmt: skip
+# verbs whose refusal records the rule's ``incident`` weight (a defer is "try again": never)
+INCIDENT_VERBS = ("deny", "drop")
 
 
 def _parse_rules(table: Any, source: str, finder: _LineFinder) -> tuple[RuleSpec, ...]:
@@ -303,6 +305,16 @@ def _parse_rules(table: Any, source: str, finder: _LineFinder) -> tuple[RuleSpec
                 if not isinstance(domains, list) or not all(isinstance(d, str) for d in domains):
                     fail("recipient_domains", "expected a list of domain names")
                 fixed["recipient_domains"] = tuple(d.lower().rstrip(".") for d in domains)
+            incident = fixed.get("incident")
+            if incident is not None:
+                if isinstance(incident, bool) or not isinstance(incident, int) or incident < 0:
+                    fail("incident", f"expected a whole number of at least 0, got {incident!r}")
+                if incident and rule["verb"] not in INCIDENT_VERBS:
+                    fail(
+                        "incident",
+                        f"only a refusal counts as an incident (verb deny or drop), and this "
+                        f"rule's verb is {rule['verb']!r}",
+                    )
             code = fixed.get("code")
             if code is not None and (
                 isinstance(code, bool) or not isinstance(code, int) or not 400 <= code < 600
@@ -567,6 +579,16 @@ def _check_cross_rules(config: Config, source: str, finder: _LineFinder) -> None
                 "(a selector publishes one key: give each key its own)",
             )
         seen.add(pair)
+    incidents = config.incidents
+    if incidents.block_growth < 1.0:
+        fail(
+            "incidents",
+            "block_growth",
+            f"expected a factor of at least 1 (1: every block as long), got "
+            f"{incidents.block_growth:g}",
+        )
+    if incidents.block_max < incidents.block_for:
+        fail("incidents", "block_max", "must not be shorter than block_for")
 
 
 def certificate_key_problem(certificate: Path, private_key: Path) -> str | None:

@@ -174,6 +174,7 @@ class RuleSpec:
     code: int | None = None
     enhanced: str | None = None
     recipient_domains: tuple[str, ...] = ()
+    incident: int = 0  # incidents recorded for the client when the rule refuses (deny, drop)
     options: tuple[tuple[str, object], ...] = ()
 
 
@@ -277,6 +278,34 @@ class DkimConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class IncidentsConfig:
+    """Incidents and blocks (README "Incidents and blocks").
+
+    An incident counts while younger than ``window``; a client (IPv6: its /64) whose weighted
+    count within the window reaches ``block_at`` is blocked for ``block_for``; each later block
+    of the same client lasts ``block_growth`` times the previous one, at most ``block_max``.
+    Rules give their own weight (``incident = N``); the weights below are for what is not a
+    rule (0: not counted). ``unknown_recipients`` counts once per connection that had
+    ``unknown_recipients_burst`` recipients refused by a ``recipient`` check.
+    ``protect_loopback``: 127.0.0.0/8 and ::1 are never blocked (with relay_from_hosts and the
+    connect whitelists, always protected).
+    """
+
+    window: float = duration(7 * 86400.0, 1.0)
+    block_at: int = positive(10)
+    block_for: float = duration(86400.0, 1.0)
+    block_growth: float = 2.0
+    block_max: float = duration(30 * 86400.0, 1.0)
+    protect_loopback: bool = True
+    pregreet: int = positive(3, 0)  # spoke before the banner (greeting_delay)
+    protocol_violation: int = positive(2, 0)  # pipelining sync error, too many errors
+    smuggling: int = positive(5, 0)  # bare LF / bare CR / NUL in DATA (SMTP smuggling)
+    unknown_recipients: int = positive(2, 0)  # a burst of unknown recipients in a connection
+    unknown_recipients_burst: int = positive(5)
+    auth_failure: int = positive(1, 0)  # a failed AUTH (AUTH comes with issue 14)
+
+
+@dataclass(frozen=True, slots=True)
 class LogConfig:
     """Log options: JSON lines beside the exim-shaped text, echo to standard output, and every
     line also to syslog (``syslog_facility``, ident ``palisade``) through ``syslog_socket``."""
@@ -308,6 +337,7 @@ class Config:
     clamd: ClamdConfig = ClamdConfig()
     authentication: AuthenticationConfig = AuthenticationConfig()
     dkim: DkimConfig = DkimConfig()
+    incidents: IncidentsConfig = IncidentsConfig()
     lists: tuple[ListSpec, ...] = ()
     rules: tuple[RuleSpec, ...] = ()
     source: str = "<defaults>"

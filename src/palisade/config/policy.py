@@ -105,6 +105,7 @@ def build_policy(config: Config, on_list_error: Callable[[str], None] | None = N
                 code=spec.code,
                 enhanced=spec.enhanced,
                 recipient_domains=frozenset(spec.recipient_domains),
+                incident=spec.incident,
             )
         )
     data_rules = rules.setdefault(Stage.DATA, [])

@@ -68,6 +68,7 @@ class Rule:
     code: int | None = None
     enhanced: str | None = None
     recipient_domains: frozenset[str] = frozenset()  # empty: every recipient
+    incident: int = 0  # incidents a refusal (deny, drop) by this rule records for the client
 
     def describe(self) -> str:
         prefix = "not " if self.negate else ""
@@ -355,6 +356,9 @@ async def evaluate_stage(
             reply = _reply(rule, verb, _fill_without_result(rule.message, facts) or "")
         else:
             reply = _reply(rule, verb, _fill(rule.message, result, facts))
-        outcome.verdict = Verdict(verb, reply, log_text)  # deny, drop or defer by now
+        # an incident only for a real match that refuses for good: never for a check that
+        # failed (whatever its on_error made of it), never for a defer
+        incident = rule.incident if error is None and verb in (Verb.DENY, Verb.DROP) else 0
+        outcome.verdict = Verdict(verb, reply, log_text, rule.name, incident)
         return outcome
     return outcome

@@ -71,6 +71,25 @@ class IpSet:
                 return True
         return False
 
+    def overlaps(self, net: IPNetwork) -> bool:
+        """Whether any listed network shares an address with ``net`` (contains it or lies in
+        it): a block of ``net`` would shut out a listed address."""
+        if isinstance(net, ipaddress.IPv6Network) and net.prefixlen == 128:
+            mapped = net.network_address.ipv4_mapped
+            if mapped is not None:
+                net = ipaddress.IPv4Network(mapped)
+        table, bits = (self.v4, 32) if net.version == 4 else (self.v6, 128)
+        start = int(net.network_address)
+        end = int(net.broadcast_address)
+        for prefix, networks in table.items():
+            shift = bits - prefix
+            if prefix <= net.prefixlen:  # a listed network as large or larger: contains net?
+                if (start >> shift << shift if prefix else 0) in networks:
+                    return True
+            elif any(start <= value <= end for value in networks):  # smaller: inside net?
+                return True
+        return False
+
     def __len__(self) -> int:
         return self.size
 

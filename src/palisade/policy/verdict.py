@@ -32,6 +32,8 @@ class Verdict:
     action: Verb  # accept, deny, drop or defer (a verdict is never warn or accept_all)
     reply: Reply | None
     log_message: str
+    rule: str = ""  # the rule that decided ("" for verdicts that are not a rule's)
+    incident: int = 0  # incidents this refusal records for the client (the rule's weight)
 
     @property
     def closes(self) -> bool:

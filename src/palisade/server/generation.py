@@ -35,12 +35,15 @@ from palisade.adapters.spamd import SpamdScanner
 from palisade.adapters.sqlite_state import SqliteStateStore
 from palisade.clock import SYSTEM_CLOCK
 from palisade.config import Config, ConfigError, parse_host_port
+from palisade.config.feedback import block_policy, build_protection
 from palisade.config.model import LdapConfig, RspamdConfig, SpamdConfig
 from palisade.config.policy import build_policy
 from palisade.delivery import Router
+from palisade.feedback.protect import Protection
 from palisade.policy.policy import Policy
 from palisade.policy.relay import RelayPolicy
 from palisade.policy.rules import IPAddress, Ports
+from palisade.ports import BlockPolicy
 from palisade.server.tls import client_context, server_context
 
 
@@ -76,6 +79,10 @@ class Generation:
     router: Router | None = None
     number: int = 1
     loaded_at: float = field(default_factory=time.time)
+    # [incidents]: when incidents block, and who never is blocked (loopback, relay_from_hosts,
+    # the connect whitelists)
+    block_policy: BlockPolicy = field(default_factory=BlockPolicy)
+    protection: Protection = field(default_factory=Protection)
     _users: _Users = field(default_factory=_Users, repr=False)
 
     @property
@@ -178,6 +185,8 @@ def build_generation(
         ports=ports,
         router=router,
         number=number,
+        block_policy=block_policy(config),
+        protection=build_protection(config, policy),
     )
 
 
@@ -218,7 +227,7 @@ def build_ports(config: Config, *, local_rates: bool = False) -> Ports:
     """The checks' clients. ``local_rates``: every client of this process reaches only this
     process (one worker, or steered workers), so rate counters can be kept here, exact, and
     written behind. All of them share the one system clock."""
-    store = SqliteStateStore(config.paths.state, clock=SYSTEM_CLOCK)
+    store = SqliteStateStore(config.paths.state, clock=SYSTEM_CLOCK, policy=block_policy(config))
     try:
         return Ports(
             resolver=build_resolver(config),

@@ -1,0 +1,301 @@
+"""SqliteStateStore's incidents and blocks against a real SQLite file: the window (explicit
+``now``), weights, blocks with growth and cap, protected keys never blocked, unblock/remove, the
+old methods on the new tables, pruning, and the migration from a file of the previous release."""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+from collections.abc import Coroutine
+from pathlib import Path
+from typing import Any, TypeVar
+
+import pytest
+
+from palisade.adapters import sqlite_state
+from palisade.adapters.sqlite_state import LEGACY_RULE, SCHEMA_VERSION, SqliteStateStore
+from palisade.ports import Block, BlockPolicy, Incident, IncidentEvent, StateStore
+from tests.state.conftest import SettableClock
+
+T0 = 1_700_000_000.0
+DAY = 86400.0
+T = TypeVar("T")
+POLICY = BlockPolicy(window=7 * DAY, block_at=10, block_for=DAY, growth=2.0, block_max=3 * DAY)
+
+
+def run(coro: Coroutine[Any, Any, T]) -> T:
+    return asyncio.run(coro)
+
+
+def record(
+    store: SqliteStateStore,
+    ip: str,
+    weight: int,
+    rule: str,
+    now: float,
+    policy: BlockPolicy = POLICY,
+    *,
+    may_block: bool = True,
+) -> Any:
+    return run(store.record_incident(ip, weight, rule, now, policy, may_block))
+
+
+def test_the_port_has_the_new_methods(store: SqliteStateStore) -> None:
+    assert isinstance(store, StateStore)
+    for name in ("record_incident", "active_blocks", "incident_events", "unblock"):
+        assert callable(getattr(store, name)) and callable(getattr(store, f"{name}_sync"))
+
+
+def test_weights_add_up_and_block_at_the_threshold(store: SqliteStateStore) -> None:
+    out = record(store, "192.0.2.1", 3, "dnsbl", T0)
+    assert (out.key, out.count, out.block, out.new_block) == ("192.0.2.1", 3, None, False)
+    assert record(store, "192.0.2.1", 3, "dnsbl", T0 + 1).count == 6
+    assert record(store, "192.0.2.1", 3, "no-ptr", T0 + 2).count == 9
+    assert run(store.active_blocks(T0 + 2)) == []
+    out = record(store, "192.0.2.1", 1, "pregreet", T0 + 3)
+    assert out.count == 10 and out.new_block
+    assert out.block == Block(
+        "192.0.2.1", T0 + 3, T0 + 3 + DAY, 1, "dnsbl x6, no-ptr x3, pregreet x1"
+    )
+    assert run(store.active_blocks(T0 + 3)) == [out.block]
+    assert run(store.active_blocks(T0 + 3 + DAY)) == []  # until is exclusive
+    got = run(store.get_incident("192.0.2.1"))  # the store's clock: T0
+    assert got is not None and got.block == out.block and got.count == 10
+
+
+def test_an_active_block_is_kept_not_extended(store: SqliteStateStore) -> None:
+    first = record(store, "192.0.2.1", 10, "dnsbl", T0)
+    assert first.new_block
+    again = record(store, "192.0.2.1", 5, "dnsbl", T0 + 3600)
+    assert again.count == 15 and not again.new_block and again.block == first.block
+
+
+def test_window_expiry(store: SqliteStateStore) -> None:
+    record(store, "192.0.2.1", 4, "dnsbl", T0)
+    record(store, "192.0.2.1", 4, "dnsbl", T0 + DAY)
+    # the first one is exactly a window old: it has left the window
+    out = record(store, "192.0.2.1", 1, "no-ptr", T0 + 7 * DAY)
+    assert out.count == 5 and out.block is None
+    events = run(store.incident_events("192.0.2.1", T0 + 7 * DAY - POLICY.window))
+    assert events == [
+        IncidentEvent("192.0.2.1", T0 + DAY, 4, "dnsbl"),
+        IncidentEvent("192.0.2.1", T0 + 7 * DAY, 1, "no-ptr"),
+    ]
+    # and it was pruned, not merely skipped
+    assert run(store.incident_events("192.0.2.1", 0)) == events
+
+
+def test_old_methods_read_the_window(db_path: Path, clock: SettableClock) -> None:
+    with SqliteStateStore(db_path, clock=clock, policy=POLICY) as store:
+        record(store, "192.0.2.1", 2, "dnsbl", T0)
+        record(store, "192.0.2.1", 3, "no-ptr", T0 + DAY)
+        assert run(store.get_incident("192.0.2.1")) == Incident("192.0.2.1", 5, T0, T0 + DAY)
+        clock.advance(7 * DAY)  # the first event leaves the window: nothing written since
+        assert run(store.get_incident("192.0.2.1")) == Incident("192.0.2.1", 3, T0 + DAY, T0 + DAY)
+        assert [(i.key, i.count) for i in run(store.list_incidents())] == [("192.0.2.1", 3)]
+        clock.advance(DAY)
+        assert run(store.get_incident("192.0.2.1")) is None
+        assert run(store.list_incidents()) == []
+
+
+def test_a_block_outlives_its_incidents(db_path: Path, clock: SettableClock) -> None:
+    policy = BlockPolicy(window=DAY, block_at=2, block_for=3 * DAY)
+    with SqliteStateStore(db_path, clock=clock, policy=policy) as store:
+        block = record(store, "192.0.2.1", 2, "dnsbl", T0, policy).block
+        clock.advance(2 * DAY)
+        assert run(store.get_incident("192.0.2.1")) == Incident("192.0.2.1", 0, T0, T0, block)
+        assert [i.key for i in run(store.list_incidents())] == ["192.0.2.1"]
+
+
+def test_repeat_offenders_grow_up_to_the_cap(store: SqliteStateStore) -> None:
+    lengths = []
+    at = T0
+    for _ in range(4):
+        out = record(store, "192.0.2.9", 10, "dnsbl", at)
+        assert out.new_block
+        lengths.append((out.block.times, out.block.until - out.block.since))
+        at = out.block.until  # the next incident comes as the block ends
+    assert lengths == [(1, DAY), (2, 2 * DAY), (3, 3 * DAY), (4, 3 * DAY)]
+
+
+def test_a_block_ended_a_window_ago_is_forgotten(store: SqliteStateStore) -> None:
+    first = record(store, "192.0.2.9", 10, "dnsbl", T0).block
+    quiet = first.until + POLICY.window
+    store.sweep_incidents_sync(quiet)
+    again = record(store, "192.0.2.9", 10, "dnsbl", quiet + 1)
+    assert again.block.times == 1
+
+
+def test_block_policy_length() -> None:
+    policy = BlockPolicy(block_for=60, growth=3, block_max=1000)
+    assert [policy.block_length(n) for n in (1, 2, 3, 4)] == [60, 180, 540, 1000]
+    assert BlockPolicy(growth=10.0).block_length(10_000) == BlockPolicy().block_max
+
+
+def test_protected_keys_are_never_blocked(store: SqliteStateStore) -> None:
+    out = record(store, "127.0.0.1", 50, "dnsbl", T0, may_block=False)
+    assert (out.count, out.block, out.new_block) == (50, None, False)
+    assert run(store.active_blocks(T0)) == []
+    # but a block that exists is reported even to an unblocking caller
+    record(store, "192.0.2.1", 10, "dnsbl", T0)
+    kept = record(store, "192.0.2.1", 1, "dnsbl", T0 + 1, may_block=False)
+    assert kept.block is not None and not kept.new_block
+
+
+def test_ipv6_by_64(store: SqliteStateStore) -> None:
+    record(store, "2001:db8:1:2::1", 6, "dnsbl", T0)
+    out = record(store, "2001:db8:1:2:ffff::9", 4, "no-ptr", T0 + 1)
+    assert out.key == "2001:db8:1:2::/64" and out.new_block
+    assert [b.key for b in run(store.active_blocks(T0 + 1))] == ["2001:db8:1:2::/64"]
+    assert len(run(store.incident_events("2001:db8:1:2::/64", 0))) == 2
+
+
+def test_unblock_and_remove(store: SqliteStateStore) -> None:
+    record(store, "192.0.2.1", 10, "dnsbl", T0)
+    assert run(store.unblock("192.0.2.1")) is True
+    assert run(store.active_blocks(T0)) == []
+    assert run(store.unblock("192.0.2.1")) is False
+    # unblocking forgot the evidence too: the next incident does not block at once
+    out = record(store, "192.0.2.1", 1, "dnsbl", T0 + 1)
+    assert out.count == 1 and out.block is None
+    record(store, "192.0.2.2", 10, "dnsbl", T0)
+    assert run(store.remove_incident("192.0.2.2")) is True
+    assert run(store.active_blocks(T0)) == []
+    assert run(store.incident_events("192.0.2.2", 0)) == []
+    assert run(store.remove_incident("192.0.2.2")) is False
+
+
+def test_add_incident_is_a_manual_record_that_may_block(
+    db_path: Path, clock: SettableClock
+) -> None:
+    with SqliteStateStore(db_path, clock=clock, policy=POLICY) as store:
+        got = run(store.add_incident("192.0.2.1", 10))
+        assert got.count == 10 and got.block is not None
+        assert got.block.reason == "manual x10"
+        assert run(store.incident_events("192.0.2.1", 0)) == [
+            IncidentEvent("192.0.2.1", T0, 10, "manual")
+        ]
+
+
+def test_bad_arguments(store: SqliteStateStore) -> None:
+    for weight in (0, -1, True):
+        with pytest.raises(ValueError):
+            record(store, "192.0.2.1", weight, "dnsbl", T0)
+    with pytest.raises(ValueError):
+        record(store, "192.0.2.1", 1, " ", T0)
+    with pytest.raises(ValueError):
+        record(store, "not-an-ip", 1, "dnsbl", T0)
+
+
+def test_periodic_sweep_forgets_keys_that_left(
+    store: SqliteStateStore, db_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(sqlite_state, "INCIDENT_SWEEP_EVERY", 5)
+    for n in range(20):
+        record(store, f"198.51.100.{n}", 1, "dnsbl", T0)
+    later = T0 + POLICY.window + 1
+    for _ in range(5):  # the fifth write sweeps
+        record(store, "192.0.2.1", 1, "dnsbl", later)
+    with sqlite3.connect(db_path) as conn:
+        assert conn.execute("SELECT count(*) FROM incident_keys").fetchone()[0] == 1
+        assert conn.execute("SELECT count(*) FROM incident_events").fetchone()[0] == 5
+
+
+# ------------------------------------------------------------------------------ migration
+
+# The previous release's DDL, verbatim (schema version 1 with the passes table).
+OLD_DDL = """
+CREATE TABLE schema_version (version INTEGER NOT NULL);
+CREATE TABLE incidents (
+    key TEXT PRIMARY KEY, count INTEGER NOT NULL, first_seen REAL NOT NULL,
+    last_seen REAL NOT NULL
+) WITHOUT ROWID;
+CREATE INDEX incidents_by_count ON incidents (count DESC, key);
+CREATE TABLE rate_keys (
+    key TEXT PRIMARY KEY, events INTEGER NOT NULL, expires REAL NOT NULL
+) WITHOUT ROWID;
+CREATE INDEX rate_keys_by_expiry ON rate_keys (expires);
+CREATE TABLE passes (key TEXT PRIMARY KEY, until REAL NOT NULL) WITHOUT ROWID;
+CREATE INDEX passes_by_expiry ON passes (until);
+CREATE TABLE rate_events (
+    key TEXT NOT NULL, at REAL NOT NULL, n INTEGER NOT NULL, PRIMARY KEY (key, at)
+) WITHOUT ROWID;
+INSERT INTO schema_version (version) VALUES (1);
+"""
+# What the previous release ran to add an incident (its add_incident statement).
+OLD_ADD = (
+    "INSERT INTO incidents (key, count, first_seen, last_seen) VALUES (?, ?, ?, ?)"
+    " ON CONFLICT (key) DO UPDATE SET count = count + excluded.count,"
+    " first_seen = min(first_seen, excluded.first_seen),"
+    " last_seen = max(last_seen, excluded.last_seen)"
+)
+
+
+def test_a_file_of_the_previous_release_is_migrated(db_path: Path, clock: SettableClock) -> None:
+    db_path.parent.mkdir(parents=True)
+    with sqlite3.connect(db_path) as conn:
+        conn.executescript(OLD_DDL)
+        conn.execute(OLD_ADD, ("192.0.2.1", 4, T0 - DAY, T0 - 60))
+        conn.execute(OLD_ADD, ("2001:db8::/64", 12, T0 - 3 * DAY, T0 - 2 * DAY))
+        conn.execute(OLD_ADD, ("198.51.100.1", 9, T0 - 30 * DAY, T0 - 20 * DAY))  # too old
+        conn.execute("INSERT INTO passes VALUES ('pregreet:192.0.2.1', ?)", (T0 + 60,))
+    with SqliteStateStore(db_path, clock=clock, policy=POLICY) as store:
+        assert run(store.get_incident("192.0.2.1")) == Incident("192.0.2.1", 4, T0 - 60, T0 - 60)
+        assert run(store.incident_events("2001:db8::1", 0)) == [
+            IncidentEvent("2001:db8::/64", T0 - 2 * DAY, 12, LEGACY_RULE)
+        ]
+        assert run(store.get_incident("198.51.100.1")) is None
+        assert [i.key for i in run(store.list_incidents())] == ["2001:db8::/64", "192.0.2.1"]
+        # a migrated count is evidence, not a block: the next incident decides
+        out = record(store, "2001:db8::7", 1, "dnsbl", T0)
+        assert out.count == 13 and out.new_block
+        assert out.block.reason == f"{LEGACY_RULE} x12, dnsbl x1"
+        assert run(store.pass_until("pregreet:192.0.2.1", T0)) == T0 + 60
+    with sqlite3.connect(db_path) as conn:
+        assert conn.execute("SELECT count(*) FROM incidents").fetchone()[0] == 0
+        assert conn.execute("SELECT version FROM schema_version").fetchall() == [(SCHEMA_VERSION,)]
+
+
+def test_an_old_palisade_on_a_new_file(db_path: Path, clock: SettableClock) -> None:
+    """The version stays 1: the previous release opens the file, ignores the new tables, and
+    what it adds to its ``incidents`` table is moved into events at the next open."""
+    with SqliteStateStore(db_path, clock=clock, policy=POLICY) as store:
+        record(store, "192.0.2.1", 10, "dnsbl", T0)
+    with sqlite3.connect(db_path) as conn:  # the previous release's start-up and an add
+        for statement in OLD_DDL.split(";"):
+            if statement.strip().startswith("CREATE"):
+                old = statement.replace("CREATE TABLE", "CREATE TABLE IF NOT EXISTS")
+                conn.execute(old.replace("CREATE INDEX", "CREATE INDEX IF NOT EXISTS"))
+        assert conn.execute("SELECT max(version) FROM schema_version").fetchone()[0] == 1
+        conn.execute(OLD_ADD, ("192.0.2.1", 2, T0 + 5, T0 + 5))
+    with SqliteStateStore(db_path, clock=clock, policy=POLICY) as store:
+        assert [(e.weight, e.rule) for e in run(store.incident_events("192.0.2.1", 0))] == [
+            (10, "dnsbl"),
+            (2, LEGACY_RULE),
+        ]
+        assert [b.key for b in run(store.active_blocks(T0 + 5))] == ["192.0.2.1"]
+
+
+def test_a_batch_is_as_one_by_one(db_path: Path, tmp_path: Path) -> None:
+    items = [
+        ("192.0.2.1", 4, "dnsbl", T0, POLICY, True),
+        ("192.0.2.1", 4, "dnsbl", T0 + 1, POLICY, True),
+        ("127.0.0.1", 20, "dnsbl", T0 + 1, POLICY, False),
+        ("192.0.2.1", 2, "no-ptr", T0 + 2, POLICY, True),
+        ("192.0.2.1", 2, "no-ptr", T0 + 3, POLICY, True),
+    ]
+    with SqliteStateStore(db_path) as batched, SqliteStateStore(tmp_path / "one.sqlite") as one:
+        together = run(batched.record_incidents(items))
+        alone = [one.record_incident_sync(*item) for item in items]
+        assert together == alone
+        assert [o.count for o in together] == [4, 8, 20, 10, 12]
+        assert [o.new_block for o in together] == [False, False, False, True, False]
+        assert run(batched.active_blocks(T0 + 3)) == run(one.active_blocks(T0 + 3))
+
+
+def test_a_bad_item_writes_nothing_of_its_batch(store: SqliteStateStore) -> None:
+    with pytest.raises(ValueError):
+        store.record_incidents_sync(
+            [("192.0.2.1", 1, "dnsbl", T0, POLICY, True), ("bogus", 1, "dnsbl", T0, POLICY, True)]
+        )
+    assert run(store.incident_events("192.0.2.1", 0)) == []
