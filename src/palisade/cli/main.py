@@ -48,6 +48,7 @@ def _parser() -> argparse.ArgumentParser:
     from palisade.cli import history as history_cli
     from palisade.cli import queue as queue_cli
     from palisade.cli import recipients as recipients_cli
+    from palisade.cli import scan as scan_cli
 
     checkhost.add_arguments(commands)
     tlscheck.add_arguments(commands)
@@ -60,6 +61,8 @@ def _parser() -> argparse.ArgumentParser:
     recipients = recipients_cli.add_arguments(commands)
     recipients.add_argument("--config", type=Path)
     _config_after_subcommand(recipients)
+    scan = scan_cli.add_arguments(commands)
+    scan.add_argument("--config", type=Path)
     return parser
 
 
@@ -123,6 +126,10 @@ def _main(argv: list[str] | None) -> int:
         from palisade.cli import recipients as recipients_cli
 
         return recipients_cli.run(args, config)
+    if args.command == "scan":
+        from palisade.cli import scan as scan_cli
+
+        return scan_cli.run(args, config)
     if args.command == "history":
         return _history(args, config.paths.state)
     return _queue(args, config.paths.spool, config.paths.log)

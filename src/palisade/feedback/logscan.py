@@ -149,7 +149,12 @@ class Hit:
 
 
 class PatternError(ValueError):
-    """An operator pattern that cannot be used; ``str()`` says why."""
+    """An operator pattern that cannot be used; ``str()`` says why, ``key`` which of its keys
+    (rule, regex, weight) is wrong."""
+
+    def __init__(self, key: str, problem: str) -> None:
+        super().__init__(problem)
+        self.key = key
 
 
 @dataclass(frozen=True, slots=True)
@@ -166,23 +171,27 @@ def compile_pattern(rule: str, regex: str, weight: int) -> Pattern:
     config loader adds the file and key)."""
     if not rule or not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}", rule):
         raise PatternError(
-            f"rule must be a name of letters, digits, '-', '_' or '.' (at most 64), got {rule!r}"
+            "rule",
+            f"rule must be a name of letters, digits, '-', '_' or '.' (at most 64), got {rule!r}",
         )
     if rule in BUILTIN_RULES:
-        raise PatternError(f"rule {rule!r} is a built-in rule's name: choose another")
+        raise PatternError("rule", f"rule {rule!r} is a built-in rule's name: choose another")
     if isinstance(weight, bool) or not isinstance(weight, int) or not 0 <= weight <= 1000:
-        raise PatternError(f"weight must be a whole number from 0 to 1000, got {weight!r}")
+        raise PatternError(
+            "weight", f"weight must be a whole number from 0 to 1000, got {weight!r}"
+        )
     try:
         compiled = re.compile(regex)
     except re.error as exc:
-        raise PatternError(f"not a valid regular expression: {exc}") from None
+        raise PatternError("regex", f"not a valid regular expression: {exc}") from None
     if "ip" not in compiled.groupindex:
-        raise PatternError("the regex needs a named group (?P<ip>...) for the address")
+        raise PatternError("regex", "the regex needs a named group (?P<ip>...) for the address")
     nested = _nested_repeat(regex)
     if nested:
         raise PatternError(
+            "regex",
             f"nested repetition {nested!r} can take exponential time on a hostile line "
-            "(catastrophic backtracking): repeat a bounded or possessive group instead"
+            "(catastrophic backtracking): repeat a bounded or possessive group instead",
         )
     return Pattern(rule, compiled, weight)
 
