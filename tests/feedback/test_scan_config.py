@@ -87,3 +87,17 @@ def test_the_command_reports_config_errors_and_missing_files(tmp_path: Path) -> 
     assert done.returncode == 1
     assert "palisade scan: no files to read: set [scan] files" in done.stderr
     assert not (tmp_path / "state.sqlite").exists()
+
+
+def test_config_check_prints_scan_as_toml_that_reads_back(tmp_path: Path) -> None:
+    config = tmp_path / "scan.toml"
+    config.write_text(
+        f'[paths]\nstate = "{tmp_path}/state.sqlite"\n\n[scan]\nfiles = ["/var/log/mail.log"]\n'
+        '\n[scan.weights]\ndovecot-auth = 2\n\n[[scan.patterns]]\nrule = "sshd"\n'
+        "regex = 'sshd\\[\\d+\\]: Failed password for \\S+ from (?P<ip>[0-9a-fA-F:.]+) port'\n"
+    )
+    done = palisade("config", "check", "--no-dns", "--config", str(config), cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert "weights = { dovecot-auth = 2 }" in done.stdout
+    printed = parse_config(done.stdout, "printed")
+    assert printed.scan == parse_config(config.read_text(), "written").scan

@@ -204,7 +204,7 @@ _SECRET_KEYS = frozenset({"bind_password", "password", "dqs_key"})
 _NOT_SHOWN = "(set, not shown)"
 _SECTIONS = (
     "server", "limits", "tls", "domains", "relay", "delivery", "paths", "log", "dns", "policy",
-    "ldap", "spamd", "rspamd", "clamd", "authentication", "incidents",
+    "ldap", "spamd", "rspamd", "clamd", "authentication", "incidents", "scan",
 )  # fmt: skip
 
 
@@ -276,6 +276,10 @@ def effective_config(config: Config) -> dict[str, Any]:
         out[section] = {
             name: _redact(name, _plain(getattr(value, name))) for name in value.__dataclass_fields__
         }
+    out["scan"]["weights"] = dict(config.scan.weights)
+    out["scan"]["patterns"] = [
+        {"rule": p.rule, "regex": p.regex, "weight": p.weight} for p in config.scan.patterns
+    ]
     lists: dict[str, Any] = {}
     for spec in config.lists:
         entry: dict[str, Any] = {"type": spec.kind}
