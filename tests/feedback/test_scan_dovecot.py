@@ -77,6 +77,10 @@ def test_once_counts_each_failed_login_per_address_and_never_twice(
     assert "scan: H=[127.0.0.2] dovecot-auth weight 3 count 3" in done.stdout
     assert "scan: H=[127.0.0.2] dovecot-auth weight 2 count 5" in done.stdout
     assert "scan: pass: 3 hit(s)" in done.stdout
+    shown = palisade("history", "show", "127.0.0.2", "--config", str(config), cwd=tmp_path)
+    assert shown.returncode == 0, shown.stderr
+    assert "127.0.0.2: 5 incident(s)" in shown.stdout
+    assert shown.stdout.count("dovecot-auth") == 2  # one line per Dovecot line (3 and 2)
 
     again = palisade("scan", "--once", "--config", str(config), cwd=tmp_path)
     assert again.returncode == 0, again.stderr
