@@ -78,7 +78,15 @@ def test_every_feature_set_loads_and_its_rules_are_the_examples(
             if example is None:  # the DBL: documented in the README, not in the example
                 assert rule["check"] == "dbl", rule
                 continue
-            for key in ("check", "verb", "message", "log_message", "patterns", "threshold"):
+            for key in (
+                "check",
+                "verb",
+                "message",
+                "log_message",
+                "patterns",
+                "threshold",
+                "incident",
+            ):
                 assert rule.get(key) == example.get(key), (stage, rule["name"], key)
 
 

@@ -806,13 +806,29 @@ def _dnsbl_zones(a: Answers) -> list[Any]:
     return [KNOWN_ZONES.get(z, z) for z in zones]
 
 
+# The incident weights of examples/perimeter.toml's rules, by rule name: a refusal by one of
+# them adds that many incidents to the client's record (README "Incidents and blocks").
+INCIDENT_WEIGHTS: dict[str, int] = {
+    "reverse DNS": 2,
+    "DNS blocklists": 3,
+    "botnet HELO names": 5,
+    "botnet senders": 5,
+    "sender verification": 1,
+}
+
+
 def _rules(a: Answers, tls: bool, features: list[str]) -> list[_Rule]:
     rules: list[_Rule] = []
 
     def rule(stage: str, feature: str, comment: str, *keys: tuple[str, Any, str]) -> None:
         if feature not in features:
             features.append(feature)
-        rules.append(_Rule(stage, comment, list(keys)))
+        listed = list(keys)
+        weight = INCIDENT_WEIGHTS.get(str(listed[0][1]))  # the rule's name comes first
+        if weight is not None:  # after the verb, as in examples/perimeter.toml
+            at = next(i for i, key in enumerate(listed) if key[0] == "verb") + 1
+            listed.insert(at, k("incident", weight, "incidents per refusal ([incidents])"))
+        rules.append(_Rule(stage, comment, listed))
 
     def k(key: str, value: Any, note: str = "") -> tuple[str, Any, str]:
         return (key, value, note)
@@ -847,7 +863,11 @@ def _rules(a: Answers, tls: bool, features: list[str]) -> list[_Rule]:
             k("threshold", a["history_threshold"]),
             k("verb", "deny"),
             k("message", "Blacklisted: Denied access - history of unwanted activity"),
-            k("log_message", "DENY - history of unwanted activity ($count incidents)"),
+            k(
+                "log_message",
+                "DENY - history of unwanted activity ($count incidents; blocked until $until:"
+                " $reason)",
+            ),
         )
     if a["ratelimit"]:
         rule(
