@@ -10,7 +10,7 @@ skip, and with ``CI=true`` a failure.
 
 One ``make install`` per session (the pip install into a new venv takes a while): the module
 fixture runs it; each step of the issue is a function below, called in order by the one test, so
-that a step added later (``palisade status``, log rotation by SIGUSR1) is one function and one
+that each step (``palisade status``, log rotation by SIGUSR1, ...) is one function and one
 line in the test.
 """
 
@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import grp
+import json
 import os
 import pwd
 import shlex
@@ -33,7 +34,7 @@ from pathlib import Path
 import pytest
 
 from loopback.dnsserver import ZoneServer, start_zone_server
-from tests.conftest import ROOT, free_port, wait_for
+from tests.conftest import ROOT, child_pids, free_port, wait_for
 from tests.services import need_program, need_root
 
 pytestmark = [pytest.mark.install, pytest.mark.timeout(900)]
@@ -47,9 +48,10 @@ SPOOL, STATE, LOG = (
     Path("/var/log/palisade"),
 )
 MAIL = STATE / "mail"
+RUN = Path("/run/palisade")  # made by the daemon (systemd's RuntimeDirectory under systemd)
 UNIT = Path("/etc/systemd/system/palisade.service")
 LOGROTATE = Path("/etc/logrotate.d/palisade")
-CREATED_BY_INSTALL = (ETC, SPOOL, STATE, LOG, UNIT, LOGROTATE)
+CREATED_BY_INSTALL = (ETC, SPOOL, STATE, LOG, UNIT, LOGROTATE, RUN)
 
 
 @dataclass
@@ -184,6 +186,7 @@ def configure(inst: Installed) -> None:
         f'listen = ["127.0.0.1:{inst.port}"]\n'
         "workers = 2\n"
         f'user = "{USER}"\n'
+        f'control_socket = "{RUN}/control.sock"\n'
         "[domains]\n"
         'local = ["example.test"]\n'
         "[dns]\n"
@@ -249,19 +252,69 @@ def send_mail(inst: Installed) -> None:
 
 
 def check_status(inst: Installed) -> None:
-    """What the daemon reports about itself: the start line and both deliveries in mainlog
-    (``palisade status`` joins here when it is merged)."""
+    """``palisade status`` as the operator types it (no --config: /etc/palisade/palisade.toml)
+    asks the running daemon: its pid, both workers, the generation, an empty queue; and the
+    deliveries are in mainlog."""
     mainlog = LOG / "mainlog"
     delivered = "=> postmaster@example.test R=local_maildir"
     # the line is written just after the Maildir file: wait for it, not for a fixed time
     wait_for(lambda: mainlog.read_text().count(delivered) == 2, timeout=15)
     assert f"2 workers listening on 127.0.0.1:{inst.port}" in mainlog.read_text()
+    assert inst.proc is not None
+    socket_file = RUN / "control.sock"
+    assert mode_owner(socket_file) == ("0600", USER, USER)
+    env = {k: v for k, v in os.environ.items() if k != "PALISADE_CONFIG"}
+    palisade = str(inst.prefix / "bin" / "palisade")
+    result = subprocess.run(
+        [palisade, "status", "--json"], capture_output=True, text=True, timeout=30, env=env
+    )
+    assert result.returncode == 0, result.stderr
+    status = json.loads(result.stdout)
+    assert status["pid"] == inst.proc.pid
+    assert status["config"] == str(CONFIG)
+    assert status["generation"] == 1
+    children = set(child_pids(inst.proc.pid))
+    assert {w["pid"] for w in status["workers"]} == children and len(children) == 2
+    assert status["queue"] == {"size": 0, "oldest_age": None}
+    text = subprocess.run([palisade, "status"], capture_output=True, text=True, env=env, timeout=30)
+    assert text.returncode == 0 and str(inst.proc.pid) in text.stdout, text.stderr
+
+
+def log_files_held(pid: int) -> set[str]:
+    """The files under /var/log/palisade that process ``pid`` holds open."""
+    held = set()
+    for fd in Path(f"/proc/{pid}/fd").iterdir():
+        with contextlib.suppress(OSError):
+            target = os.readlink(fd)
+            if target.startswith(f"{LOG}/"):
+                held.add(target)
+    return held
 
 
 def check_logs(inst: Installed) -> None:
-    """The log files are the user's, 0640 (the SIGUSR1 rotation check joins here)."""
+    """The log files are the user's, 0640; after a rename (as logrotate does) SIGUSR1 makes
+    every process let go of the old file, and the next line lands in a new mainlog, the
+    user's, 0640."""
     for name in ("mainlog", "rejectlog", "paniclog"):
         assert mode_owner(LOG / name) == ("0640", USER, USER), name
+    assert inst.proc is not None
+    processes = [inst.proc.pid, *child_pids(inst.proc.pid)]
+    rotated = LOG / "mainlog.1"
+    (LOG / "mainlog").rename(rotated)
+    os.kill(inst.proc.pid, signal.SIGUSR1)
+    wait_for(lambda: all(str(rotated) not in log_files_held(pid) for pid in processes), timeout=15)
+    with smtplib.SMTP("127.0.0.1", inst.port, timeout=15) as client:
+        client.sendmail(
+            "third@outside.test",
+            ["postmaster@example.test"],
+            "From: third@outside.test\r\nSubject: after rotation\r\n\r\nhello\r\n",
+        )
+    mainlog = LOG / "mainlog"
+    wait_for(
+        lambda: mainlog.exists() and "<= third@outside.test" in mainlog.read_text(), timeout=15
+    )
+    assert "<= third@outside.test" not in rotated.read_text()
+    assert mode_owner(mainlog) == ("0640", USER, USER)
 
 
 def stop(inst: Installed) -> None:
@@ -277,7 +330,7 @@ def uninstall_keeps_the_data(inst: Installed) -> None:
     assert not inst.prefix.exists()
     assert not UNIT.exists() and not LOGROTATE.exists()
     assert CONFIG.exists() and (ETC / "lists").is_dir()
-    assert len(list((MAIL / "postmaster" / "new").iterdir())) == 2
+    assert len(list((MAIL / "postmaster" / "new").iterdir())) == 3
     assert (STATE / "state.sqlite").exists() and (LOG / "mainlog").exists() and SPOOL.is_dir()
     assert pwd.getpwnam(USER)
     assert "uninstall-system: kept /etc/palisade, /var/spool/palisade" in output
