@@ -13,6 +13,7 @@ but must still treat the *content* (names, TXT strings) as attacker-controlled t
 from __future__ import annotations
 
 import enum
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import BinaryIO, Protocol, runtime_checkable
 
@@ -22,6 +23,9 @@ __all__ = [
     "Clock",
     "DnsAnswer",
     "DnsTempError",
+    "Firewall",
+    "FirewallChange",
+    "FirewallError",
     "Incident",
     "IncidentEvent",
     "IncidentOutcome",
@@ -380,4 +384,48 @@ class StateStore(Protocol):
     async def remember_pass(self, key: str, until: float, now: float) -> None:
         """Remembers a pass for ``key`` until ``until``, replacing an older one. Passes expired
         at ``now`` (of any key) may be forgotten on the way."""
+        ...
+
+
+# --------------------------------------------------------------------------------------------
+# Firewall: the kernel's copy of the active blocks (nftables), kept by ``palisade firewall``.
+# --------------------------------------------------------------------------------------------
+
+
+class FirewallError(Exception):
+    """The firewall refused a change or could not be reached; ``reason`` says why."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+@dataclass(frozen=True, slots=True)
+class FirewallChange:
+    """What one rebuild or sync did. Keys are canonical: ``192.0.2.1``, ``2001:db8:1:2::/64``."""
+
+    rebuilt: bool
+    added: tuple[str, ...] = ()
+    removed: tuple[str, ...] = ()
+    renewed: tuple[str, ...] = ()  # re-added with another time-out (a block lengthened)
+    invalid: tuple[str, ...] = ()  # keys that are no address or network the firewall takes
+    v4: int = 0  # elements in force after the change, IPv4 addresses
+    v6: int = 0  # and IPv6 /64 networks
+    error: str = ""  # why a difference batch failed, when a rebuild followed it
+
+
+class Firewall(Protocol):
+    """Blocked keys and the time each block ends (epoch seconds): ``wanted`` is the whole set.
+    Every method may raise FirewallError."""
+
+    def rebuild(self, wanted: Mapping[str, float], now: float) -> FirewallChange:
+        """Replaces everything the firewall holds with ``wanted``, at once."""
+        ...
+
+    def sync(self, wanted: Mapping[str, float], now: float) -> FirewallChange:
+        """Adds and removes what differs from ``wanted``; rebuilds when it cannot."""
+        ...
+
+    def remove(self) -> bool:
+        """Removes every block and rule; False when there was nothing."""
         ...

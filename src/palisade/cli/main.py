@@ -45,6 +45,7 @@ def _parser() -> argparse.ArgumentParser:
     )
 
     from palisade.cli import checkhost, tlscheck
+    from palisade.cli import firewall as firewall_cli
     from palisade.cli import history as history_cli
     from palisade.cli import queue as queue_cli
     from palisade.cli import recipients as recipients_cli
@@ -57,6 +58,7 @@ def _parser() -> argparse.ArgumentParser:
     queue = queue_cli.add_arguments(commands)
     queue.add_argument("--config", type=Path)
     _config_after_subcommand(queue)
+    firewall_cli.add_arguments(commands)
     recipients = recipients_cli.add_arguments(commands)
     recipients.add_argument("--config", type=Path)
     _config_after_subcommand(recipients)
@@ -125,6 +127,10 @@ def _main(argv: list[str] | None) -> int:
         return recipients_cli.run(args, config)
     if args.command == "history":
         return _history(args, config.paths.state)
+    if args.command == "firewall":
+        from palisade.cli import firewall as firewall_cli
+
+        return firewall_cli.run(args, config)
     return _queue(args, config.paths.spool, config.paths.log)
 
 

@@ -273,6 +273,20 @@ class LogConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class FirewallConfig:
+    """``palisade firewall``: which kernel firewall the active blocks are copied into.
+
+    ``nftables``: the table ``inet <table>`` (sets blocked4, blocked6 and a drop rule for new
+    TCP connections to ``ports``), synced every ``interval``; ``none``: blocks stay in the state
+    store only (the ``history`` check still refuses them, in the SMTP conversation)."""
+
+    backend: str = choice("nftables", "none")
+    ports: tuple[int, ...] = (25, 465, 587)  # add 143, 993 (IMAP), 110, 995 for Dovecot
+    table: str = "palisade"
+    interval: float = duration(5.0, 0.5)
+
+
+@dataclass(frozen=True, slots=True)
 class Config:
     """The whole configuration; ``source`` names the file it came from (for messages)."""
 
@@ -292,6 +306,7 @@ class Config:
     clamd: ClamdConfig = ClamdConfig()
     authentication: AuthenticationConfig = AuthenticationConfig()
     incidents: IncidentsConfig = IncidentsConfig()
+    firewall: FirewallConfig = FirewallConfig()
     lists: tuple[ListSpec, ...] = ()
     rules: tuple[RuleSpec, ...] = ()
     source: str = "<defaults>"
