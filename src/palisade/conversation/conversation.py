@@ -516,9 +516,11 @@ class Conversation:
                 case events.CommandError():
                     return self._on_command_error(event)
                 case events.TooManyErrors():
+                    # exim's line, which fail2ban's stock exim filter matches
+                    last = escape_field(self.conn.last_command, 100)
                     self.ctx.log.reject(
                         f"SMTP call from {self.host_field()} dropped: "
-                        "too many syntax or protocol errors"
+                        f'too many syntax or protocol errors (last command was "{last}")'
                     )
                     self.send(event.reply)
                     return Step.CLOSE
@@ -597,7 +599,8 @@ class Conversation:
         if event.kind == "pipelining":
             self.ctx.log.reject(
                 f"SMTP protocol synchronization error (next input sent too soon: pipelining was "
-                f"not advertised): rejected connection from {self.host_field()}"
+                f"not advertised): rejected connection from {self.host_field()} next "
+                f'input="{escape_field(event.pending.decode("latin-1"), 60)}"'
             )
         else:
             self.ctx.log.reject(
