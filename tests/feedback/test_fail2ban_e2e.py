@@ -119,16 +119,16 @@ def drive(gw: GatewayProcess) -> None:
         assert client.reply()[0] == 554
     with raw(gw, DEFERRED) as client:
         assert client.reply()[0] // 100 == 4
-    with smtp(gw, HOSTILE["helo"]) as client:
-        assert client.ehlo("ylmf-pc")[0] == 550
+    with smtp(gw, HOSTILE["helo"]) as session:
+        assert session.ehlo("ylmf-pc")[0] == 550
     done = swaks(
         gw, HOSTILE["mail"], "--from", "Anastasia123@bot.test", "--to", "user@example.test"
     )
     assert "550" in done.stdout, done.stdout
-    with smtp(gw, HOSTILE["rcpt_unknown"]) as client:
-        client.ehlo("client.test")
-        client.mail("a@client.test")
-        assert client.rcpt("nobody@example.test")[0] == 550
+    with smtp(gw, HOSTILE["rcpt_unknown"]) as session:
+        session.ehlo("client.test")
+        session.mail("a@client.test")
+        assert session.rcpt("nobody@example.test")[0] == 550
     done = swaks(gw, HOSTILE["relay"], "--from", "a@client.test", "--to", "v@elsewhere.test")
     assert "<** 550" in done.stdout, done.stdout
     with raw(gw, HOSTILE["smuggling"]) as client:
@@ -168,18 +168,20 @@ def drive(gw: GatewayProcess) -> None:
         assert client.reply()[0] == 421
     for client in held:
         client.sock.close()
-    with smtp(gw, HOSTILE["data_rule"]) as client:
-        client.ehlo("client.test")
+    with smtp(gw, HOSTILE["data_rule"]) as session:
+        session.ehlo("client.test")
         try:
-            client.sendmail("spammer@client.test", ["user@example.test"], "Subject: x\r\n\r\nx\r\n")
+            session.sendmail(
+                "spammer@client.test", ["user@example.test"], "Subject: x\r\n\r\nx\r\n"
+            )
         except smtplib.SMTPDataError as exc:
             assert exc.smtp_code == 550
         else:
             raise AssertionError("the spammer's message was accepted")
-    with smtp(gw, TOO_BIG[0]) as client:
-        client.ehlo("client.test")
+    with smtp(gw, TOO_BIG[0]) as session:
+        session.ehlo("client.test")
         try:
-            client.sendmail(
+            session.sendmail(
                 "a@client.test", ["user@example.test"], "Subject: big\r\n\r\n" + "x" * 70 * 60
             )
         except (smtplib.SMTPDataError, smtplib.SMTPSenderRefused) as exc:
@@ -195,8 +197,8 @@ def drive(gw: GatewayProcess) -> None:
         client.send(b"Subject: big\r\n\r\n" + (b"x" * 70 + b"\r\n") * 60 + b".\r\n")
         assert client.reply()[0] == 552
     # not hostile: accepted mail (two kinds of client), a command time-out
-    with smtp(gw, GOOD[0]) as client:
-        client.sendmail("a@client.test", ["user@example.test"], "Subject: hi\r\n\r\nhello\r\n")
+    with smtp(gw, GOOD[0]) as session:
+        session.sendmail("a@client.test", ["user@example.test"], "Subject: hi\r\n\r\nhello\r\n")
     done = swaks(gw, GOOD[1], "--from", "b@client.test", "--to", "user@example.test")
     assert "<-  250" in done.stdout, done.stdout
     with raw(gw, SLOW) as client:
