@@ -58,8 +58,13 @@ def run_with_closed_stdout(*args: str, cwd: Path) -> subprocess.CompletedProcess
 
 @pytest.mark.parametrize(
     "args",
-    [("config", "check", "--no-dns"), ("history", "list"), ("queue", "list")],
-    ids=["config-check", "history-list", "queue-list"],
+    [
+        ("config", "check", "--no-dns"),
+        ("history", "list"),
+        ("history", "show", "192.0.2.1"),
+        ("queue", "list"),
+    ],
+    ids=["config-check", "history-list", "history-show", "queue-list"],
 )
 def test_a_closed_stdout_ends_quietly_with_status_0(tmp_path: Path, args: tuple[str, ...]) -> None:
     config = config_file(tmp_path)
@@ -246,6 +251,8 @@ def test_read_only_commands_create_no_directories(tmp_path: Path) -> None:
     result = palisade("history", "list", cwd=tmp_path)
     assert result.returncode == 0 and "0 record(s)" in result.stdout, result.stderr
     result = palisade("history", "remove", "192.0.2.1", cwd=tmp_path)
+    assert_one_clear_line(result, 1, "no record for 192.0.2.1")
+    result = palisade("history", "show", "192.0.2.1", cwd=tmp_path)
     assert_one_clear_line(result, 1, "no record for 192.0.2.1")
     result = palisade("config", "check", "--no-dns", cwd=tmp_path)
     assert result.returncode == 0, result.stderr

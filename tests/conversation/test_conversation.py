@@ -16,6 +16,7 @@ import pytest
 from loopback.dnsserver import ZoneServer, start_zone_server
 from palisade.config import load_config
 from palisade.conversation import Conversation, Step
+from palisade.feedback.incidents import IncidentRecorder
 from palisade.obs.log import MemoryEventLog
 from palisade.obs.queueid import QueueIdGenerator
 from palisade.server.context import ServerContext
@@ -59,9 +60,25 @@ def ctx(dns: ZoneServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Ite
                 "verb": "deny",
                 "message": "$ip is listed at $zone",
                 "log_message": "DENY - listed at $zone ($codes)",
+                "incident": 3,
             }
-        ]
+        ],
+        "rcpt": [
+            {
+                "name": "who",
+                "check": "recipient",
+                "list": "users",
+                "ldap": False,
+                "verb": "deny",
+                "code": 550,
+                "enhanced": "5.1.1",
+            }
+        ],
     }
+    sections["lists"] = {
+        "users": {"type": "address", "entries": ["user@example.test", "other@example.test"]}
+    }
+    sections["incidents"] = {"unknown_recipients_burst": 2, "unknown_recipients": 4}
     config = load_config(write_config(tmp_path / "palisade.toml", sections))
     generation = build_generation(config, delivering=False)  # the server's composition root
     submitted: list[str] = []
@@ -71,6 +88,7 @@ def ctx(dns: ZoneServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Ite
         queue_ids=QueueIdGenerator(),
         submit=submitted.append,
         current=lambda: generation,
+        incidents=IncidentRecorder(MemoryEventLog()),
     )
     context.submitted = submitted
     context.generation = generation
@@ -161,3 +179,58 @@ def test_delay_reject_answers_a_listed_client_at_rcpt_with_the_envelope_in_the_l
         )
     ]
     assert ctx.submitted == []
+
+
+# ------------------------------------------------------------------------------ incidents
+
+
+def test_a_refusal_is_an_incident_once_per_connection(ctx: Server) -> None:
+    """delay_reject answers the listed client at every RCPT: one incident for the rule."""
+    commands = (
+        b"MAIL FROM:<a@outside.test>\r\nRCPT TO:<user@example.test>\r\n"
+        b"RCPT TO:<other@example.test>\r\nQUIT\r\n"
+    )
+    conversation, replies = asyncio.run(talk(ctx, "127.0.0.21", b"EHLO client.test\r\n", commands))
+    assert replies.count(b"554 5.7.1") == 2
+    assert conversation.incidents == [("zen", 3)]
+
+
+def test_a_clean_conversation_has_no_incident(ctx: Server) -> None:
+    commands = b"MAIL FROM:<a@outside.test>\r\nRCPT TO:<user@example.test>\r\nQUIT\r\n"
+    conversation, _ = asyncio.run(talk(ctx, "127.0.0.30", b"EHLO client.test\r\n", commands))
+    assert conversation.incidents == []
+
+
+def test_unknown_recipients_count_as_a_burst(ctx: Server) -> None:
+    one = b"MAIL FROM:<a@outside.test>\r\nRCPT TO:<nobody@example.test>\r\n"
+    conversation, _ = asyncio.run(talk(ctx, "127.0.0.30", b"EHLO c.test\r\n", one + b"QUIT\r\n"))
+    assert conversation.incidents == []  # one unknown recipient is a typo
+    more = one + b"RCPT TO:<nobody2@example.test>\r\nRCPT TO:<nobody3@example.test>\r\nQUIT\r\n"
+    conversation, replies = asyncio.run(talk(ctx, "127.0.0.30", b"EHLO c.test\r\n", more))
+    assert replies.count(b"550 5.1.1") == 3
+    assert conversation.incidents == [("unknown-recipients", 4)]
+
+
+def test_smuggling_and_too_many_errors(ctx: Server) -> None:
+    envelope = b"MAIL FROM:<a@outside.test>\r\nRCPT TO:<user@example.test>\r\nDATA\r\n"
+    smuggled = b"Subject: x\r\n\r\nhello\n.\nMAIL FROM:<b@outside.test>\r\n.\r\n"
+    errors = b"".join(b"BOGUS\r\n" for _ in range(12))
+    conversation, replies = asyncio.run(
+        talk(ctx, "127.0.0.30", b"EHLO c.test\r\n", envelope, smuggled, errors)
+    )
+    assert b"550 5.6.0 Message refused: bare CR or LF (SMTP smuggling attempt)" in replies
+    assert conversation.incidents == [("smuggling", 5), ("too-many-errors", 2)]
+
+
+def test_a_pipelining_violation(ctx: Server) -> None:
+    early = b"MAIL FROM:<a@outside.test>\r\nRCPT TO:<user@example.test>\r\nDATA\r\nx\r\n"
+    conversation, replies = asyncio.run(talk(ctx, "127.0.0.30", b"EHLO c.test\r\n", early))
+    assert b"554 5.5.0 Error: SMTP protocol synchronization" in replies
+    assert conversation.incidents == [("pipelining", 2)]
+
+
+def test_pregreet_is_an_incident(ctx: Server) -> None:
+    conversation = Conversation(ctx, ctx.generation, "127.0.0.30", 4000)
+    conversation.pregreet_spoke(b"EHLO early\r\n")
+    conversation.auth_failed()
+    assert conversation.incidents == [("pregreet", 3), ("auth-failure", 1)]

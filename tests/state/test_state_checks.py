@@ -83,6 +83,8 @@ def test_history_custom_threshold_and_values(
         "first_seen": first,
         "last_seen": last,
         "threshold": "3",
+        "until": "",
+        "times": "",
     }
     assert "198.51.100.4 has 3 incident(s)" in result.reason
 
@@ -123,6 +125,45 @@ def test_history_rule_denies_with_the_message(store: SqliteStateStore, ports: Po
     assert outcome.verdict.log_message.startswith("history: 12 incidents since ")
     clean = run(evaluate_stage(Stage.CONNECT, [rule], facts("203.0.113.6"), ports))
     assert clean.verdict is None
+
+
+def test_history_refuses_a_blocked_client_below_the_threshold(
+    db_path: Path, clock: SettableClock
+) -> None:
+    """A block counts whatever the threshold; its end lets the client in again (its count,
+    below the threshold, does not refuse it)."""
+    import time
+
+    from palisade.ports import BlockPolicy
+
+    policy = BlockPolicy(window=7 * 86400, block_at=4, block_for=3600)
+    with SqliteStateStore(db_path, clock=clock, policy=policy) as store:
+        ports = Ports(resolver=NoResolver(), state=store, clock=clock)
+        rule = Rule(
+            name="history",
+            stage=Stage.CONNECT,
+            check=build_history(threshold=50),
+            verb=Verb.DENY,
+            message="Blocked until $until: $reason",
+            log_message="history: blocked until $until (block $times): $reason, $count",
+        )
+        now = clock.value
+        run(store.record_incident("192.0.2.77", 3, "dnsbl", now, policy))
+        assert (
+            run(evaluate_stage(Stage.CONNECT, [rule], facts("192.0.2.77"), ports)).verdict is None
+        )
+        run(store.record_incident("192.0.2.77", 1, "no-ptr", now, policy))
+        outcome = run(evaluate_stage(Stage.CONNECT, [rule], facts("192.0.2.77"), ports))
+        until = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(now + 3600))
+        assert outcome.verdict is not None and outcome.verdict.reply is not None
+        assert outcome.verdict.reply.text == f"Blocked until {until}: dnsbl x3, no-ptr x1"
+        assert outcome.verdict.log_message == (
+            f"history: blocked until {until} (block 1): dnsbl x3, no-ptr x1, 4"
+        )
+        clock.advance(3600)  # the block has ended
+        assert (
+            run(evaluate_stage(Stage.CONNECT, [rule], facts("192.0.2.77"), ports)).verdict is None
+        )
 
 
 # ------------------------------------------------------------------------------------ ratelimit

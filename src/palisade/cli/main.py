@@ -126,7 +126,7 @@ def _main(argv: list[str] | None) -> int:
 
         return recipients_cli.run(args, config)
     if args.command == "history":
-        return _history(args, config.paths.state)
+        return _history(args, config)
     if args.command == "firewall":
         from palisade.cli import firewall as firewall_cli
 
@@ -134,16 +134,29 @@ def _main(argv: list[str] | None) -> int:
     return _queue(args, config.paths.spool, config.paths.log)
 
 
-def _history(args: argparse.Namespace, state: Path) -> int:
+def _history(args: argparse.Namespace, config: Config) -> int:
     from palisade.adapters.sqlite_state import SchemaError, SqliteStateStore
     from palisade.cli import history as history_cli
+    from palisade.config.feedback import block_policy, build_protection
+    from palisade.config.policy import build_policy
     from palisade.ports import StateTempError
 
-    # list and remove only read (remove of an absent record): a missing database is an empty
-    # one, in memory, so that a read never creates the file or its directory.
-    read_only = args.history_command in ("list", "remove") and not state.exists()
+    state = config.paths.state
+    policy = block_policy(config)
+    try:  # the connect whitelists are lists: their files must load to say who is protected
+        protection = build_protection(config, build_policy(config))
+    except ConfigError as exc:
+        print(
+            f"palisade: note: {exc}; only loopback and [relay] relay_from_hosts are known to "
+            "be protected",
+            file=sys.stderr,
+        )
+        protection = build_protection(config)
+    # list, show and remove only read (remove of an absent record): a missing database is an
+    # empty one, in memory, so that a read never creates the file or its directory.
+    read_only = args.history_command in ("list", "show", "remove") and not state.exists()
     try:
-        store = SqliteStateStore(Path(":memory:") if read_only else state)
+        store = SqliteStateStore(Path(":memory:") if read_only else state, policy=policy)
     except (StateTempError, SchemaError, OSError) as exc:
         from palisade.server.selfcheck import state_problem
 
@@ -152,7 +165,7 @@ def _history(args: argparse.Namespace, state: Path) -> int:
         )
         return 1
     try:
-        return history_cli.run(args, store)
+        return history_cli.run(args, store, policy=policy, protection=protection)
     finally:
         store.close()
 

@@ -172,7 +172,7 @@ CHECK_TEXT_VALUES: dict[str, tuple[str, ...]] = {
     "helo": ("pattern", "condition"),
     "sender": ("domain", "pattern", "condition"),
     "local_sender": ("domain",),
-    "history": ("count", "first_seen", "last_seen", "threshold"),
+    "history": ("count", "first_seen", "last_seen", "threshold", "until", "times"),
     "ratelimit": ("rate", "count", "limit", "window"),
     "recipient": ("domain",),
     "header_sender": ("condition", "addresses"),

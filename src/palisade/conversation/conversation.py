@@ -11,7 +11,21 @@ headers the DATA stage adds. The caller (the server's session, ``check-host``) o
   the TLS handshake, or open a spool file for :attr:`Transaction.envelope` and give the writer
   back (:meth:`~Conversation.spool_opened`);
 * it keeps the time: a deadline that passed is :meth:`~Conversation.timed_out`, a client that
-  spoke before the banner :meth:`~Conversation.pregreet_spoke`.
+  spoke before the banner :meth:`~Conversation.pregreet_spoke`;
+* it records the incidents gathered in :attr:`Conversation.incidents` (``(rule, weight)``
+  pairs) after writing the replies they go with, and empties the list (the server's session
+  hands them to ``feedback.incidents.IncidentRecorder``; ``check-host`` records nothing).
+
+Incidents (README "Incidents and blocks"): a refusal by a rule with ``incident = N`` (a real
+match of a deny or drop rule: the engine puts the weight in the verdict, never for a check that
+failed nor for a defer), and, with the weights of ``[incidents]``: ``pregreet`` (spoke before
+the banner), ``pipelining`` and ``too-many-errors`` (protocol violations), ``smuggling`` (bare
+LF, bare CR or NUL in DATA), ``unknown-recipients`` (the connection's
+``unknown_recipients_burst``-th recipient refused by a ``recipient`` check: one incident per
+connection, whatever follows) and ``auth-failure`` (:meth:`Conversation.auth_failed`, for
+AUTH when it comes). Each rule or event counts at most once per connection: one connection is
+one offence, however many commands it repeats it with (a delayed refusal answered at every
+RCPT, a smuggling attempt in each of several messages).
 
 What the config decides (rules, relay control, the checks' clients, TLS on offer) comes as
 :class:`Settings`, fixed for the whole conversation (the server hands in the generation the
@@ -146,6 +160,7 @@ _DATA_FLAWS = {
     "line_too_long": "message line longer than the RFC 5322 limit",
     "size": "message too big",
 }
+_SMUGGLING = frozenset({"bare_lf", "bare_cr", "nul"})  # the flaws that count as smuggling
 
 
 @dataclass
@@ -212,6 +227,10 @@ class Conversation:
         self._served = False  # a command other than QUIT was answered 2xx/3xx
         self._refused = False  # a command was answered 5xx (rule, relay, protocol, content)
         self._client_ended = False  # QUIT, or the client closed between commands
+        self.incidents: list[tuple[str, int]] = []  # (rule, weight) for the caller to record
+        self._counted: set[str] = set()  # rules and events already counted on this connection
+        self._unknown_recipients = 0  # RCPTs refused by a ``recipient`` check
+        self._refusing_check = ""  # the check of the rule behind the last stage verdict
 
     @functools.cached_property
     def conn(self) -> SmtpConnection:
@@ -292,8 +311,20 @@ class Conversation:
                 return 0.0
         return delay
 
+    # -- incidents ---------------------------------------------------------------------------
+    def _incident(self, rule: str, weight: int) -> None:
+        """Counts ``rule`` once on this connection, with ``weight`` (0: not counted)."""
+        if weight > 0 and rule not in self._counted:
+            self._counted.add(rule)
+            self.incidents.append((rule, weight))
+
+    def auth_failed(self) -> None:
+        """An AUTH attempt failed (the hook for SMTP AUTH: ``[incidents] auth_failure``)."""
+        self._incident("auth-failure", self.config.incidents.auth_failure)
+
     def pregreet_spoke(self, early: bytes) -> None:
         """The client sent ``early`` before the banner: refused (the caller closes)."""
+        self._incident("pregreet", self.config.incidents.pregreet)
         self.ctx.log.reject(
             f"SMTP protocol synchronization error (input sent without waiting for "
             f"greeting): rejected connection from H=[{self.ip_text}]:{self.port} "
@@ -359,6 +390,9 @@ class Conversation:
                 self.observer.stage(stage, subject, StageOutcome(stage))
             return None
         outcome = await evaluate_stage(stage, rules, self.facts, self.ports, findings)
+        if outcome.verdict is not None and outcome.decisions:
+            last = outcome.decisions[-1]
+            self._refusing_check = "" if last.error is not None else last.rule.check.name
         if self.observer is not None:
             self.observer.stage(stage, subject, outcome)
         self._log_decisions(outcome, subject)
@@ -422,6 +456,8 @@ class Conversation:
             )
 
     def _log_refusal(self, stage: Stage, subject: str, verdict: Verdict) -> None:
+        if verdict.incident:
+            self._incident(verdict.rule, verdict.incident)
         temporarily = "temporarily " if verdict.action is Verb.DEFER else ""
         if stage is Stage.CONNECT:
             what = 'connection in "connect" ACL'
@@ -516,6 +552,7 @@ class Conversation:
                 case events.CommandError():
                     return self._on_command_error(event)
                 case events.TooManyErrors():
+                    self._incident("too-many-errors", self.config.incidents.protocol_violation)
                     # exim's line, which fail2ban's stock exim filter matches
                     last = escape_field(self.conn.last_command, 100)
                     self.ctx.log.reject(
@@ -581,6 +618,11 @@ class Conversation:
         self.facts.recipient = rcpt
         verdict = await self._run_stage(Stage.RCPT, rcpt)
         if verdict is not None:
+            if self._refusing_check == "recipient" and verdict.action is not Verb.DEFER:
+                self._unknown_recipients += 1
+                incidents = self.config.incidents
+                if self._unknown_recipients >= incidents.unknown_recipients_burst:
+                    self._incident("unknown-recipients", incidents.unknown_recipients)
             self._refuse_stage(Stage.RCPT, rcpt, verdict)
             return
         self.facts.recipients.append(rcpt)
@@ -597,6 +639,7 @@ class Conversation:
 
     def _on_command_error(self, event: events.CommandError) -> Step:
         if event.kind == "pipelining":
+            self._incident("pipelining", self.config.incidents.protocol_violation)
             self.ctx.log.reject(
                 f"SMTP protocol synchronization error (next input sent too soon: pipelining was "
                 f"not advertised): rejected connection from {self.host_field()} next "
@@ -744,6 +787,8 @@ class Conversation:
         self.tx = Transaction()
 
     def _log_data_refusal(self, event: events.DataEnd) -> None:
+        if event.flaw in _SMUGGLING:
+            self._incident("smuggling", self.config.incidents.smuggling)
         what = _DATA_FLAWS.get(event.flaw or "", event.flaw_reason)
         rcpts = ",".join(f"<{escape_field(r, 200)}>" for r in self.tx.recipients)
         self.ctx.log.reject(

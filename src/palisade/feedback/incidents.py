@@ -25,6 +25,7 @@ import asyncio
 import collections
 import contextlib
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from palisade.clock import SYSTEM_CLOCK
@@ -87,6 +88,7 @@ class _Pending:
     policy: BlockPolicy
     protection: Protection
     at: float
+    done: Callable[[], None] | None
 
 
 class IncidentRecorder:
@@ -124,15 +126,20 @@ class IncidentRecorder:
         policy: BlockPolicy,
         protection: Protection,
         now: float | None = None,
+        *,
+        done: Callable[[], None] | None = None,
     ) -> None:
-        """Queues one incident; returns at once, never raises (needs a running event loop)."""
-        if weight <= 0:
-            return
-        if len(self._queue) >= self.max_pending:
-            self._failure(ip, rule, f"{self.max_pending} incidents already wait for the store")
+        """Queues one incident; returns at once, never raises (needs a running event loop).
+        ``done`` is called once the incident was written or given up (the caller may hold the
+        store open until then)."""
+        if weight <= 0 or len(self._queue) >= self.max_pending:
+            if weight > 0:
+                self._failure(ip, rule, f"{self.max_pending} incidents already wait for the store")
+            if done is not None:
+                done()
             return
         at = self.clock.now() if now is None else now
-        self._queue.append(_Pending(store, ip, weight, rule, policy, protection, at))
+        self._queue.append(_Pending(store, ip, weight, rule, policy, protection, at, done))
         if self._task is None or self._task.done():
             self._task = asyncio.get_running_loop().create_task(self._work())
 
@@ -165,6 +172,9 @@ class IncidentRecorder:
             except ValueError as exc:  # an address the store refuses: a bug, said once
                 self._failure(item.ip, item.rule, str(exc))
                 continue
+            finally:
+                if item.done is not None:
+                    item.done()
             self.recorded += 1
             if outcome.new_block and outcome.block is not None:
                 window = span(item.policy.window)

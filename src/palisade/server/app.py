@@ -42,6 +42,7 @@ from palisade.config import Config, ConfigError, load_config
 from palisade.config.model import keep_running, restart_needed
 from palisade.config.policy import build_policy
 from palisade.delivery import QueueRunner
+from palisade.feedback.incidents import IncidentRecorder
 from palisade.obs.files import make_dirs
 from palisade.obs.log import FileEventLog
 from palisade.obs.queueid import QueueIdGenerator
@@ -58,6 +59,7 @@ from palisade.server.steering import steer_by_source
 from palisade.spool import Spool
 
 SHUTDOWN_GRACE = 10.0
+INCIDENT_DRAIN = 5.0  # at shutdown, seconds the incidents still queued get to reach the store
 PR_SET_PDEATHSIG = 1
 PARENT_DEATH_SIGNAL = signal.SIGUSR2  # what a worker gets from the kernel when the parent dies
 
@@ -226,6 +228,7 @@ class Gateway:
             queue_ids=QueueIdGenerator(),
             submit=submit,
             current=lambda: self.generation,
+            incidents=IncidentRecorder(self.log),
         )
 
     def start_runner(self) -> QueueRunner:
@@ -330,6 +333,7 @@ async def run_single(
     if probes is not None:
         probes.cancel()
     await listener.shutdown(SHUTDOWN_GRACE)
+    await ctx.incidents.drain(INCIDENT_DRAIN)
     await runner.stop()
     gw.close()
     gw.log.main("palisade daemon stopped")
@@ -408,6 +412,7 @@ async def run_worker(
     if probes is not None:
         probes.cancel()
     await listener.shutdown(SHUTDOWN_GRACE)
+    await ctx.incidents.drain(INCIDENT_DRAIN)
     gw.close()
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from palisade.feedback.incidents import IncidentRecorder
 from palisade.obs.log import EventLog
 from palisade.obs.queueid import QueueIdGenerator
 from palisade.server.generation import Generation
@@ -26,6 +27,7 @@ class ServerContext:
     queue_ids: QueueIdGenerator
     submit: Callable[[str], None]
     current: Callable[[], Generation]  # this process's newest generation
+    incidents: IncidentRecorder  # writes the sessions' incidents behind their replies
     draining: bool = False
     # DNSBL zone -> when (monotonic) its failure last went to the panic log: once per probe
     # interval per zone, however many lookups fail (each is in the main log).

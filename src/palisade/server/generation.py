@@ -33,12 +33,15 @@ from palisade.adapters.spamd import SpamdScanner
 from palisade.adapters.sqlite_state import SqliteStateStore
 from palisade.clock import SYSTEM_CLOCK
 from palisade.config import Config, ConfigError, parse_host_port
+from palisade.config.feedback import block_policy, build_protection
 from palisade.config.model import LdapConfig, RspamdConfig, SpamdConfig
 from palisade.config.policy import build_policy
 from palisade.delivery import Router
+from palisade.feedback.protect import Protection
 from palisade.policy.policy import Policy
 from palisade.policy.relay import RelayPolicy
 from palisade.policy.rules import IPAddress, Ports
+from palisade.ports import BlockPolicy
 from palisade.server.tls import client_context, server_context
 
 
@@ -72,6 +75,10 @@ class Generation:
     ports: Ports | None = None
     router: Router | None = None
     number: int = 1
+    # [incidents]: when incidents block, and who never is blocked (loopback, relay_from_hosts,
+    # the connect whitelists)
+    block_policy: BlockPolicy = field(default_factory=BlockPolicy)
+    protection: Protection = field(default_factory=Protection)
     _users: _Users = field(default_factory=_Users, repr=False)
 
     @property
@@ -174,6 +181,8 @@ def build_generation(
         ports=ports,
         router=router,
         number=number,
+        block_policy=block_policy(config),
+        protection=build_protection(config, policy),
     )
 
 
@@ -216,7 +225,7 @@ def build_ports(config: Config, *, local_rates: bool = False) -> Ports:
     written behind. All of them share the one system clock."""
     dns = config.dns
     nameservers = [parse_host_port(n, default_port=53) for n in dns.nameservers]
-    store = SqliteStateStore(config.paths.state, clock=SYSTEM_CLOCK)
+    store = SqliteStateStore(config.paths.state, clock=SYSTEM_CLOCK, policy=block_policy(config))
     try:
         return Ports(
             resolver=DnsResolver(

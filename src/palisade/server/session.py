@@ -88,6 +88,7 @@ class Session:
                 conv.abort_transaction()
             with contextlib.suppress(Exception):
                 await self._flush()
+            self._record_incidents()  # also when the last reply could not be written
             self.stream.close()
         await conv.finish(time.time())
 
@@ -201,7 +202,32 @@ class Session:
         if out:
             self.stream.write(b"".join(out))
             out.clear()
+            self._record_incidents()
             await self.stream.drain()
+
+    def _record_incidents(self) -> None:
+        """Hands the conversation's incidents to the process's recorder, after the replies
+        that go with them were written: it stores them in a task of its own, so neither this
+        reply nor the next command waits for the store, and a store failure is its panic-log
+        line, never this client's reply."""
+        conv = self.conversation
+        if conv.incidents:
+            generation = self.generation
+            state = generation.session_ports.state
+            for rule, weight in conv.incidents:
+                # the generation (its state store) stays open until the incident is written,
+                # even when a reload retires it and this session ends first
+                generation.acquire()
+                self.ctx.incidents.submit(
+                    state,
+                    conv.ip_text,
+                    weight,
+                    rule,
+                    generation.block_policy,
+                    generation.protection,
+                    done=generation.release,
+                )
+            conv.incidents.clear()
 
     def notify_shutdown(self) -> None:
         """Called at shutdown: a client between transactions is told 421 and let go at once."""

@@ -1,25 +1,33 @@
-"""``history``: the client has a history of unwanted activity in the incident database.
+"""``history``: the client has a history of unwanted activity, or is blocked.
 
-Owns: reading the client's incident record through the ``StateStore`` port and the threshold
-test. The incident database is fed elsewhere (the firewall feature, ``palisade history add``);
-this check only reads it. IPv6 clients are looked up by their /64 and IPv4-mapped IPv6 clients as
-IPv4: the store does that grouping, not this check.
+Owns: reading the client's incident record through the ``StateStore`` port, the threshold test
+and the block test. The record is written by the gateway itself (every refusal by a rule with
+``incident = N``, and pregreet, protocol violations, smuggling attempts, unknown-recipient
+bursts: ``[incidents]``), by ``palisade scan`` (other programs' logs) and by ``palisade history
+add``; this check only reads it. IPv6 clients are looked up by their /64 and IPv4-mapped IPv6
+clients as IPv4: the store does that grouping, not this check.
 
-Threshold semantics (pinned by tests/state): the check is matched when the record's count is
-**at least** ``threshold`` (``count >= threshold``), like fail2ban's ``maxretry``: with the default
-threshold 10, a client with 9 incidents passes and one with 10 is matched. ``threshold`` is an
-integer of at least 1.
+Matched when the client's key is **blocked** (an active block: the weighted count reached
+``[incidents] block_at`` and the block has not expired; see README "Incidents and blocks"), or
+when the weighted count of its incidents within ``[incidents] window`` is **at least**
+``threshold`` (``count >= threshold``, like fail2ban's ``maxretry``: with the default threshold
+10, a client with 9 incidents passes and one with 10 is matched). ``threshold`` is an integer of
+at least 1. So the gateway refuses a blocked address even without a firewall in front of it.
 
-Values for the rule's texts: ``$count``, ``$first_seen``, ``$last_seen`` (local time,
-``YYYY-MM-DD HH:MM:SS`` as exim stamps its logs), ``$threshold``; also set when the check does not
-match but a record exists (check-host shows them). ``facts.results[keys.HISTORY_COUNT]`` holds the
-count (0 without a record). Suggested rule::
+Values for the rule's texts: ``$count`` (the weighted count within the window),
+``$first_seen``, ``$last_seen`` (of the incidents within the window; local time,
+``YYYY-MM-DD HH:MM:SS`` as exim stamps its logs), ``$threshold``; for a blocked client also
+``$until`` (when the block ends), ``$times`` (1 for a first block) and ``$reason`` (the rules
+that counted, ``dnsbl x6, no-ptr x4``; otherwise ``$reason`` is the summary every check gives).
+``$until`` and ``$times`` are empty when the client is not blocked. All are also set when the
+check does not match but a record exists (check-host shows them).
+``facts.results[keys.HISTORY_COUNT]`` holds the count (0 without a record). Suggested rule::
 
     [[rules.connect]]
     check = "history"
     verb = "deny"
     message = "Blacklisted: Denied access - history of unwanted activity"
-    log_message = "history: $count incidents since $first_seen"
+    log_message = "history: $count incidents since $first_seen; blocked until $until: $reason"
 
 Must not touch: the store's contents (read only), replies, logs, globals.
 Trust: the record comes from our own database; the client address comes from the socket.
@@ -63,17 +71,27 @@ class HistoryCheck:
         self.threshold = threshold
 
     async def evaluate(self, facts: Facts, ports: Ports) -> CheckResult:
-        incident = await ports.state.get_incident(str(facts.client_ip))
+        incident = await ports.state.get_incident(facts.client_ip_text)
         if incident is None:
             facts.results[keys.HISTORY_COUNT] = 0
             return NO_MATCH
         facts.results[keys.HISTORY_COUNT] = incident.count
+        block = incident.block
         values = {
             "count": str(incident.count),
             "first_seen": stamp(incident.first_seen),
             "last_seen": stamp(incident.last_seen),
             "threshold": str(self.threshold),
+            "until": "" if block is None else stamp(block.until),
+            "times": "" if block is None else str(block.times),
         }
+        if block is not None:
+            values["reason"] = block.reason
+            summary = (
+                f"{incident.key} is blocked until {values['until']} (block {block.times}: "
+                f"{block.reason}; {incident.count} incident(s) in the window)"
+            )
+            return CheckResult(True, summary, values)
         summary = (
             f"{incident.key} has {incident.count} incident(s) since {values['first_seen']}"
             f" (last {values['last_seen']}, threshold {self.threshold})"
