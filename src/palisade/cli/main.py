@@ -49,6 +49,7 @@ def _parser() -> argparse.ArgumentParser:
     from palisade.cli import history as history_cli
     from palisade.cli import queue as queue_cli
     from palisade.cli import recipients as recipients_cli
+    from palisade.cli import scan as scan_cli
 
     checkhost.add_arguments(commands)
     tlscheck.add_arguments(commands)
@@ -62,6 +63,8 @@ def _parser() -> argparse.ArgumentParser:
     recipients = recipients_cli.add_arguments(commands)
     recipients.add_argument("--config", type=Path)
     _config_after_subcommand(recipients)
+    scan = scan_cli.add_arguments(commands)
+    scan.add_argument("--config", type=Path)
     return parser
 
 
@@ -125,6 +128,10 @@ def _main(argv: list[str] | None) -> int:
         from palisade.cli import recipients as recipients_cli
 
         return recipients_cli.run(args, config)
+    if args.command == "scan":
+        from palisade.cli import scan as scan_cli
+
+        return scan_cli.run(args, config)
     if args.command == "history":
         return _history(args, config)
     if args.command == "firewall":
@@ -216,7 +223,7 @@ _SECRET_KEYS = frozenset({"bind_password", "password", "dqs_key"})
 _NOT_SHOWN = "(set, not shown)"
 _SECTIONS = (
     "server", "limits", "tls", "domains", "relay", "delivery", "paths", "log", "dns", "policy",
-    "ldap", "spamd", "rspamd", "clamd", "authentication", "incidents",
+    "ldap", "spamd", "rspamd", "clamd", "authentication", "incidents", "scan",
 )  # fmt: skip
 
 
@@ -288,6 +295,10 @@ def effective_config(config: Config) -> dict[str, Any]:
         out[section] = {
             name: _redact(name, _plain(getattr(value, name))) for name in value.__dataclass_fields__
         }
+    out["scan"]["weights"] = dict(config.scan.weights)
+    out["scan"]["patterns"] = [
+        {"rule": p.rule, "regex": p.regex, "weight": p.weight} for p in config.scan.patterns
+    ]
     lists: dict[str, Any] = {}
     for spec in config.lists:
         entry: dict[str, Any] = {"type": spec.kind}

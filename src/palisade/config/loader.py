@@ -21,7 +21,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from palisade.config.model import Config, ListSpec, RuleSpec
+from palisade.config.model import Config, ListSpec, RuleSpec, ScanConfig, ScanPatternSpec
 
 _DURATION_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhdw]?)\s*$")
 _UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
@@ -74,6 +74,8 @@ def parse_config(text: str, source: str) -> Config:
         sections["lists"] = _parse_lists(data.pop("lists"), base, source, finder)
     if "rules" in data:
         sections["rules"] = _parse_rules(data.pop("rules"), source, finder)
+    if "scan" in data:
+        sections["scan"] = _parse_scan(data.pop("scan"), base, source, finder)
     for name, table in data.items():
         if name not in known:
             raise ConfigError(
@@ -111,6 +113,97 @@ def _build_section(
         except ValueError as exc:
             raise ConfigError(source, f"{name}.{key}", str(exc), finder.key(name, key)) from None
     return section_type(**values)
+
+
+def _parse_scan(table: Any, base: Path, source: str, finder: _LineFinder) -> ScanConfig:
+    """``[scan]``: the plain keys as any section; ``[scan.weights]`` (built-in rule -> weight)
+    and ``[[scan.patterns]]`` (rule, regex with a group ``ip``, weight) checked here, each
+    pattern compiled so that a bad one is refused at load with its number and rule."""
+    from palisade.feedback.logscan import BUILTIN_RULES, FAMILIES, PatternError, compile_pattern
+
+    if not isinstance(table, dict):
+        raise ConfigError(source, "scan", "expected a [scan] table", finder.key(None, "scan"))
+    plain = {k: v for k, v in table.items() if k not in ("weights", "patterns")}
+    scan: ScanConfig = _build_section(ScanConfig, "scan", plain, source, finder)
+    for name in scan.formats:
+        if name not in FAMILIES:
+            raise ConfigError(
+                source,
+                "scan.formats",
+                f"unknown format {name!r} (expected: {', '.join(FAMILIES)})",
+                finder.key("scan", "formats"),
+            )
+    weights: list[tuple[str, int]] = []
+    raw_weights = table.get("weights", {})
+    line = finder.section("scan.weights") or finder.key("scan", "weights")
+    if not isinstance(raw_weights, dict):
+        raise ConfigError(source, "scan.weights", "expected a table of rule = weight", line)
+    for name, weight in raw_weights.items():
+        if name not in BUILTIN_RULES:
+            raise ConfigError(
+                source,
+                f"scan.weights.{name}",
+                f"unknown built-in rule (expected one of: {', '.join(BUILTIN_RULES)})",
+                finder.key("scan.weights", name) or line,
+            )
+        if isinstance(weight, bool) or not isinstance(weight, int) or not 0 <= weight <= 1000:
+            raise ConfigError(
+                source,
+                f"scan.weights.{name}",
+                f"expected a whole number from 0 to 1000, got {weight!r}",
+                finder.key("scan.weights", name) or line,
+            )
+        weights.append((name, weight))
+    patterns: list[ScanPatternSpec] = []
+    raw_patterns = table.get("patterns", [])
+    if not isinstance(raw_patterns, list):
+        raise ConfigError(
+            source,
+            "scan.patterns",
+            "expected [[scan.patterns]] tables",
+            finder.key("scan", "patterns"),
+        )
+    for index, entry in enumerate(raw_patterns):
+        where = f"scan.patterns[{index + 1}]"
+        at = finder.array_item("scan.patterns", index)
+        if not isinstance(entry, dict):
+            raise ConfigError(source, where, "expected a table", at)
+        unknown = set(entry) - {"rule", "regex", "weight"}
+        if unknown:
+            raise ConfigError(
+                source,
+                where,
+                f"unknown key(s) {', '.join(sorted(unknown))} (expected rule, regex, weight)",
+                at,
+            )
+        rule, regex, weight = entry.get("rule"), entry.get("regex"), entry.get("weight", 1)
+        if not isinstance(rule, str):
+            raise ConfigError(source, f"{where}.rule", 'every pattern needs rule = "name"', at)
+        if not isinstance(regex, str):
+            raise ConfigError(
+                source, f"{where}.regex", "every pattern needs regex = '...(?P<ip>...)...'", at
+            )
+        try:
+            compile_pattern(rule, regex, weight)
+        except PatternError as exc:
+            key = exc.key
+            raise ConfigError(
+                source,
+                f"{where}.{key}",
+                f"(rule {rule!r}) {exc}",
+                finder.key_in_item("scan.patterns", index, key) or at,
+            ) from None
+        patterns.append(ScanPatternSpec(rule, regex, weight))
+    names = [p.rule for p in patterns]
+    for name in names:
+        if names.count(name) > 1:
+            raise ConfigError(
+                source,
+                "scan.patterns",
+                f"rule {name!r} is given to more than one pattern: each needs its own name",
+                finder.section("scan"),
+            )
+    return dataclasses.replace(scan, weights=tuple(weights), patterns=tuple(patterns))
 
 
 _LIST_KINDS = ("ip", "domain", "address", "regex")

@@ -287,6 +287,36 @@ class FirewallConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class ScanPatternSpec:
+    """One ``[[scan.patterns]]`` entry: a regex with a named group ``ip``, searched in each
+    whole line; the rule name the store records and the weight of one match (0: an exception,
+    the line counts nothing)."""
+
+    rule: str
+    regex: str
+    weight: int = 1
+
+
+@dataclass(frozen=True, slots=True)
+class ScanConfig:
+    """``palisade scan``: other programs' logs read for incidents (README "Reading other
+    programs' logs"). ``state``: the offsets file (default ``scan-offsets.json`` beside
+    ``[paths] state``). ``weights``: built-in rule name -> weight (0 turns it off)."""
+
+    files: tuple[Path, ...] = ()
+    state: Path | None = None
+    interval: float = duration(10.0, 0.1)
+    formats: tuple[str, ...] = ("dovecot", "postfix", "exim")
+    max_line: int = positive(8192, 256)
+    weights: tuple[tuple[str, int], ...] = field(default=(), metadata={"kind": "weights"})
+    patterns: tuple[ScanPatternSpec, ...] = field(default=(), metadata={"kind": "patterns"})
+
+    def offsets_path(self, state: Path) -> Path:
+        """Where the offsets are kept, given ``[paths] state``."""
+        return self.state if self.state is not None else state.parent / "scan-offsets.json"
+
+
+@dataclass(frozen=True, slots=True)
 class Config:
     """The whole configuration; ``source`` names the file it came from (for messages)."""
 
@@ -307,6 +337,7 @@ class Config:
     authentication: AuthenticationConfig = AuthenticationConfig()
     incidents: IncidentsConfig = IncidentsConfig()
     firewall: FirewallConfig = FirewallConfig()
+    scan: ScanConfig = ScanConfig()
     lists: tuple[ListSpec, ...] = ()
     rules: tuple[RuleSpec, ...] = ()
     source: str = "<defaults>"
