@@ -69,3 +69,23 @@ def test_systemd_unit_verifies(tmp_path: Path) -> None:
     assert "palisade-firewall.service" not in done.stderr, done.stderr
     for line in ("CapabilityBoundingSet=CAP_NET_ADMIN", "Type=simple", "User=root"):
         assert line in text
+
+
+def test_config_check_shows_firewall_and_reads_back(tmp_path: Path) -> None:
+    firewall = {"ports": [25, 465, 587, 143, 993], "table": "mx_blocks", "interval": "10s"}
+    config = write_config(tmp_path / "palisade.toml", {"firewall": firewall})
+    shown = palisade("config", "check", "--no-dns", "--config", str(config), cwd=tmp_path)
+    assert shown.returncode == 0, shown.stderr
+    section = shown.stdout[shown.stdout.index("[firewall]") :].split("\n\n")[0]
+    assert section.splitlines() == [
+        "[firewall]",
+        'backend = "nftables"',
+        "ports = [25, 465, 587, 143, 993]",
+        'table = "mx_blocks"',
+        "interval = 10.0",
+    ]
+    again = tmp_path / "again.toml"
+    again.write_text(section + "\n")
+    reread = palisade("config", "check", "--no-dns", "--config", str(again), cwd=tmp_path)
+    assert reread.returncode == 0, reread.stderr
+    assert section in reread.stdout

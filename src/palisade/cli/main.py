@@ -223,7 +223,7 @@ _SECRET_KEYS = frozenset({"bind_password", "password", "dqs_key"})
 _NOT_SHOWN = "(set, not shown)"
 _SECTIONS = (
     "server", "limits", "tls", "domains", "relay", "delivery", "paths", "log", "dns", "policy",
-    "ldap", "spamd", "rspamd", "clamd", "authentication", "incidents", "scan",
+    "ldap", "spamd", "rspamd", "clamd", "authentication", "incidents", "scan", "firewall",
 )  # fmt: skip
 
 
