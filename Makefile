@@ -5,7 +5,7 @@
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
-APT_PACKAGES := swaks openssl slapd ldap-utils spamassassin spamd clamav-daemon clamav rspamd fail2ban
+APT_PACKAGES := swaks openssl slapd ldap-utils spamassassin spamd clamav-daemon clamav rspamd fail2ban nftables iproute2 systemd
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 .PHONY: run test check lint types imports pytest system-deps bench clean
