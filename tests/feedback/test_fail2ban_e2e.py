@@ -10,7 +10,8 @@ an accepted message, a command time-out). Debian's ``fail2ban-regex`` then reads
   ``message too big``), each for the address of the client that caused it, and nothing else;
 - Debian's stock ``exim`` filter (normal mode) matches the lines where Palisade writes exim's
   own format: the pregreet and pipelining synchronization errors (``input="..."``), the
-  too-many-errors drop (``last command was``) and AUTH when not advertised.
+  too-many-errors drop (``last command was``), AUTH when not advertised and the refused relay
+  attempt (``relay not permitted``).
 """
 
 from __future__ import annotations
@@ -53,7 +54,7 @@ TOO_BIG = ("127.0.0.25", "127.0.0.26")  # too big (declared with SIZE, sent): no
 GOOD = ("127.0.0.30", "127.0.0.31")  # accepted mail, smtplib and swaks
 SLOW = "127.0.0.32"  # a command time-out: not hostile
 # the lines where Palisade follows exim's format, so Debian's stock exim filter matches them
-EXIM_MATCHES = {"pregreet", "pipelining", "too_many_errors", "auth"}
+EXIM_MATCHES = {"pregreet", "pipelining", "too_many_errors", "auth", "relay"}
 
 
 def config() -> dict[str, Any]:

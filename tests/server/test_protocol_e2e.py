@@ -30,12 +30,12 @@ def start_transaction(client: RawClient, rcpt: str = "user@example.test") -> Non
 @pytest.mark.parametrize(
     ("rcpt", "why"),
     [
-        ("victim@elsewhere.test", "not a local domain"),
+        ("victim@elsewhere.test", "not permitted"),
         ("victim%elsewhere.test@example.test", "percent hack"),
         ("elsewhere.test!victim@example.test", "bang path"),
         ("@example.test:victim@elsewhere.test", "source route"),
         ('"victim@elsewhere.test"@example.test', "quoted local part containing @"),
-        ("victim@[192.0.2.1]", "not a local domain"),
+        ("victim@[192.0.2.1]", "not permitted"),
     ],
 )
 def test_relay_tricks_are_refused_permanently(gateway: GatewayProcess, rcpt: str, why: str) -> None:
@@ -52,7 +52,7 @@ def test_relay_tricks_are_refused_permanently(gateway: GatewayProcess, rcpt: str
     )
     assert re.search(
         r"H=\(prober\.test\) \[127\.0\.0\.1\]:\d+ F=<spam@outside\.test> rejected "
-        r"RCPT <.+>: relay (attempt )?refused: " + re.escape(why),
+        r"RCPT <.+>: relay (?:attempt refused: )?" + re.escape(why) + "$",
         line[-1],
     )
 
