@@ -170,7 +170,13 @@ def test_stop_keeps_the_table_flush_removes_it_reload_changes_ports(
     assert "tcp dport 25 ct state new ip saddr @blocked4" in rules.stdout
 
     config: Path = site["config"]
-    config.write_text(config.read_text().replace("ports = [25]", "ports = [25, 143, 993]"))
+    good = config.read_text()
+    config.write_text(good.replace("ports = [25]", "ports = [25, 0]"))  # refused whole
+    firewall.proc.send_signal(signal.SIGHUP)
+    line = firewall.wait_line("firewall: reload refused, the old config stays")
+    assert "firewall.ports" in line
+    assert BOT in netns_pair.blocked() and netns_pair.greeting(BOT) is None
+    config.write_text(good.replace("ports = [25]", "ports = [25, 143, 993]"))
     firewall.proc.send_signal(signal.SIGHUP)
     firewall.wait_line("firewall: config reloaded")
     wait_for(
@@ -215,3 +221,26 @@ def test_once_syncs_and_exits(netns_pair: NetnsPair, site: dict[str, Any]) -> No
     assert done.returncode == 0, done.stderr
     assert f"firewall: blocked {OTHER} until" in done.stderr
     assert set(netns_pair.blocked()) == {BOT, OTHER}
+
+
+def test_no_state_database_yet(netns_pair: NetnsPair, tmp_path: Path) -> None:
+    """Before the gateway's first run there is no database: nothing is blocked, the file is not
+    created by the firewall, and the daemon picks it up once it appears."""
+    state = tmp_path / "var" / "state.sqlite"
+    config = write_config(
+        tmp_path / "palisade.toml",
+        {"paths": {"state": str(state)}, "firewall": {"ports": [25]}},
+    )
+    done = netns_pair.palisade_once("firewall", "--once", "--config", str(config), cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert "firewall: rebuilt, 0 blocked" in done.stderr
+    assert not state.exists() and not state.parent.exists()
+    assert "palisade" in netns_pair.tables()
+
+    firewall = netns_pair.palisade(
+        "firewall", "--config", str(config), "--interval", INTERVAL, cwd=tmp_path
+    )
+    firewall.wait_line("firewall: started")
+    state.parent.mkdir()
+    block(tmp_path, BOT, 3600)
+    wait_for(lambda: BOT in netns_pair.blocked(), timeout=10)
