@@ -274,3 +274,28 @@ def test_an_old_palisade_on_a_new_file(db_path: Path, clock: SettableClock) -> N
             (2, LEGACY_RULE),
         ]
         assert [b.key for b in run(store.active_blocks(T0 + 5))] == ["192.0.2.1"]
+
+
+def test_a_batch_is_as_one_by_one(db_path: Path, tmp_path: Path) -> None:
+    items = [
+        ("192.0.2.1", 4, "dnsbl", T0, POLICY, True),
+        ("192.0.2.1", 4, "dnsbl", T0 + 1, POLICY, True),
+        ("127.0.0.1", 20, "dnsbl", T0 + 1, POLICY, False),
+        ("192.0.2.1", 2, "no-ptr", T0 + 2, POLICY, True),
+        ("192.0.2.1", 2, "no-ptr", T0 + 3, POLICY, True),
+    ]
+    with SqliteStateStore(db_path) as batched, SqliteStateStore(tmp_path / "one.sqlite") as one:
+        together = run(batched.record_incidents(items))
+        alone = [one.record_incident_sync(*item) for item in items]
+        assert together == alone
+        assert [o.count for o in together] == [4, 8, 20, 10, 12]
+        assert [o.new_block for o in together] == [False, False, False, True, False]
+        assert run(batched.active_blocks(T0 + 3)) == run(one.active_blocks(T0 + 3))
+
+
+def test_a_bad_item_writes_nothing_of_its_batch(store: SqliteStateStore) -> None:
+    with pytest.raises(ValueError):
+        store.record_incidents_sync(
+            [("192.0.2.1", 1, "dnsbl", T0, POLICY, True), ("bogus", 1, "dnsbl", T0, POLICY, True)]
+        )
+    assert run(store.incident_events("192.0.2.1", 0)) == []

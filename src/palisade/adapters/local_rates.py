@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+from collections.abc import Sequence
 
 from palisade.ports import (
     Block,
@@ -65,6 +66,16 @@ class WriteBehindRates:
         may_block: bool = True,
     ) -> IncidentOutcome:
         return await self.store.record_incident(ip, weight, rule, now, policy, may_block)
+
+    async def record_incidents(
+        self, incidents: Sequence[tuple[str, int, str, float, BlockPolicy, bool]]
+    ) -> list[IncidentOutcome]:
+        """The store's batch (``SqliteStateStore.record_incidents``), else one by one."""
+        batch = getattr(self.store, "record_incidents", None)
+        if batch is not None:
+            outcomes: list[IncidentOutcome] = await batch(incidents)
+            return outcomes
+        return [await self.store.record_incident(*incident) for incident in incidents]
 
     async def active_blocks(self, now: float) -> list[Block]:
         return await self.store.active_blocks(now)

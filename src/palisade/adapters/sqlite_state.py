@@ -496,6 +496,29 @@ class SqliteStateStore:
 
         return self._run("incident update", work)
 
+    def record_incidents_sync(
+        self, incidents: Sequence[tuple[str, int, str, float, BlockPolicy, bool]]
+    ) -> list[IncidentOutcome]:
+        """Many ``record_incident`` calls, ``(ip, weight, rule, now, policy, may_block)`` each,
+        in one write transaction (the gateway's recorder writes what queued up meanwhile): the
+        outcomes in order, as one by one. Every argument is checked before anything is written
+        (``ValueError``: nothing of the batch is)."""
+        bodies = [
+            self._recorder(incident_key(ip), weight, rule, float(now), policy, may_block)
+            for ip, weight, rule, now, policy, may_block in incidents
+        ]
+
+        def work(conn: sqlite3.Connection) -> list[IncidentOutcome]:
+            return self._transaction(conn, lambda: [body(conn) for body in bodies])
+
+        return self._run("incident update", work) if bodies else []
+
+    async def record_incidents(
+        self, incidents: Sequence[tuple[str, int, str, float, BlockPolicy, bool]]
+    ) -> list[IncidentOutcome]:
+        """:meth:`record_incidents_sync` in a worker thread (a write, as ``rate_hit``)."""
+        return await asyncio.to_thread(self.record_incidents_sync, incidents)
+
     def _recorder(
         self, key: str, weight: int, rule: str, at: float, policy: BlockPolicy, may_block: bool
     ) -> Callable[[sqlite3.Connection], IncidentOutcome]:

@@ -5,10 +5,11 @@ Owns: the one way an incident reaches the store (:func:`record`: the key's prote
 ``palisade history``), and the gateway's background recorder (:class:`IncidentRecorder`): the
 session hands it the incidents of a conversation after their reply is written, and it records
 them one after the other in a task of its own, so a refusal is never delayed by the store and a
-store that fails never turns a refusal into a temporary error. A failure is one panic-log line
-(at most one per ``failure_every`` seconds, with the number lost meanwhile); a new block is one
-main-log line. ``palisade scan`` and ``palisade history add`` call :func:`record` and see the
-errors themselves.
+store that fails never turns a refusal into a temporary error. What queued up while the
+previous write ran is written in one transaction (at most ``BATCH``) when the store can batch.
+A failure is one panic-log line (at most one per ``failure_every`` seconds, with the number
+lost meanwhile); a new block is one main-log line. ``palisade scan`` and ``palisade history
+add`` call :func:`record` and see the errors themselves.
 
 What counts, and how much, is decided by the caller (the conversation's weights from
 ``[incidents]`` and the rules' ``incident = N``; a scan pattern's weight); when a count blocks
@@ -25,8 +26,9 @@ import asyncio
 import collections
 import contextlib
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 from palisade.clock import SYSTEM_CLOCK
 from palisade.feedback.protect import Protection
@@ -36,6 +38,15 @@ from palisade.ports import Block, BlockPolicy, Clock, IncidentOutcome, StateStor
 __all__ = ["IncidentRecorder", "describe_block", "record", "span", "stamp"]
 
 MAX_PENDING = 10_000  # incidents waiting for the store; more are dropped (and counted)
+BATCH = 200  # incidents written in one transaction at most
+
+
+class _Batch(Protocol):
+    """A store's batch write (``SqliteStateStore.record_incidents``), when it has one."""
+
+    async def __call__(
+        self, incidents: Sequence[tuple[str, int, str, float, BlockPolicy, bool]], /
+    ) -> list[IncidentOutcome]: ...
 
 
 def stamp(at: float) -> str:
@@ -155,7 +166,39 @@ class IncidentRecorder:
     async def _work(self) -> None:
         queue = self._queue
         while queue:
-            item = queue.popleft()
+            # what queued up meanwhile for one store goes in one transaction when the store
+            # can batch (SqliteStateStore.record_incidents), else one by one
+            items = [queue.popleft()]
+            while queue and len(items) < BATCH and queue[0].store is items[0].store:
+                items.append(queue.popleft())
+            try:
+                await self._write(items)
+            finally:
+                for item in items:
+                    if item.done is not None:
+                        item.done()
+
+    async def _write(self, items: list[_Pending]) -> None:
+        store = items[0].store
+        batch: _Batch | None = getattr(store, "record_incidents", None)
+        if batch is not None and len(items) > 1:
+            try:
+                args = [
+                    (i.ip, i.weight, i.rule, i.at, i.policy, not i.protection.covers(i.ip))
+                    for i in items
+                ]
+                outcomes = await batch(args)
+            except StateTempError as exc:
+                for item in items:
+                    self._failure(item.ip, item.rule, f"state store: {exc.reason}")
+                return
+            except ValueError:
+                pass  # one bad item: each on its own below, so that the others are written
+            else:
+                for item, outcome in zip(items, outcomes, strict=True):
+                    self._recorded(item, outcome)
+                return
+        for item in items:
             try:
                 outcome = await record(
                     item.store,
@@ -172,17 +215,17 @@ class IncidentRecorder:
             except ValueError as exc:  # an address the store refuses: a bug, said once
                 self._failure(item.ip, item.rule, str(exc))
                 continue
-            finally:
-                if item.done is not None:
-                    item.done()
-            self.recorded += 1
-            if outcome.new_block and outcome.block is not None:
-                window = span(item.policy.window)
-                self.log.main(
-                    f"incident block: {escape_field(outcome.key)} blocked "
-                    f"{describe_block(outcome.block)} ({outcome.count} incidents in {window})",
-                    client_ip=item.ip,
-                )
+            self._recorded(item, outcome)
+
+    def _recorded(self, item: _Pending, outcome: IncidentOutcome) -> None:
+        self.recorded += 1
+        if outcome.new_block and outcome.block is not None:
+            window = span(item.policy.window)
+            self.log.main(
+                f"incident block: {escape_field(outcome.key)} blocked "
+                f"{describe_block(outcome.block)} ({outcome.count} incidents in {window})",
+                client_ip=item.ip,
+            )
 
     def _failure(self, ip: str, rule: str, reason: str) -> None:
         self.failed += 1
