@@ -5,7 +5,8 @@
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
-APT_PACKAGES := swaks openssl slapd ldap-utils spamassassin spamd clamav-daemon clamav rspamd fail2ban nftables iproute2 systemd
+APT_PACKAGES := swaks openssl slapd ldap-utils spamassassin spamd clamav-daemon clamav rspamd fail2ban \
+  dovecot-core dovecot-imapd postfix nftables iproute2 systemd
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 .PHONY: run test check lint types imports pytest system-deps bench clean

@@ -168,6 +168,24 @@ class Dovecot:
                 raise AssertionError("a wrong password was accepted")
         imap.logout()
 
+    def fail_raw(self, source: str, attempts: int) -> None:
+        """As :meth:`fail`, over a raw socket (TCP_NODELAY), the commands written by hand."""
+        with socket.create_connection(
+            ("127.0.0.1", self.port), 20, source_address=(source, 0)
+        ) as sock:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            reader = sock.makefile("rb")
+            assert reader.readline().startswith(b"* OK")
+            for n in range(attempts):
+                sock.sendall(f"a{n} LOGIN alice wrong{n}\r\n".encode())
+                while not (line := reader.readline()).startswith(f"a{n} ".encode()):
+                    assert line, "connection closed"
+                assert line.startswith(f"a{n} NO".encode()), line
+            sock.sendall(b"z LOGOUT\r\n")
+            while reader.readline().startswith(b"* "):
+                pass
+            reader.close()
+
     def succeed(self, source: str) -> None:
         imap = self.client(source)
         imap.login("alice", PASSWORD)

@@ -1,8 +1,8 @@
-"""``palisade scan`` on the log of a real Dovecot driven with failed IMAP logins (imaplib, each
-address a different loopback source): exact counts per address in the state store, nothing
-counted twice across runs and across log rotation (rename + ``doveadm log reopen``), the good
-login never counted, and the daemon: it follows the log as it grows and rotates, reloads on
-SIGHUP and exits 0 on SIGTERM."""
+"""``palisade scan`` on the log of a real Dovecot driven with failed IMAP logins (imaplib and
+a raw socket, each address a different loopback source): exact counts per address in the state
+store, nothing counted twice across runs and across log rotation (rename + ``doveadm log
+reopen``), the good login never counted, and the daemon: it follows the log as it grows and
+rotates, reloads on SIGHUP and exits 0 on SIGTERM."""
 
 from __future__ import annotations
 
@@ -65,7 +65,7 @@ def test_once_counts_each_failed_login_per_address_and_never_twice(
     log = dovecot.log
     dovecot.fail("127.0.0.2", 3)
     dovecot.fail("127.0.0.2", 2)
-    dovecot.fail("127.0.0.3", 1)
+    dovecot.fail_raw("127.0.0.3", 1)
     dovecot.succeed("127.0.0.4")
     wait_for(lambda: _logged(log, "(auth failed,", 3) and _logged(log, "rip=127.0.0.4", 1))
     config = _config(tmp_path, log)
@@ -77,6 +77,10 @@ def test_once_counts_each_failed_login_per_address_and_never_twice(
     assert "scan: H=[127.0.0.2] dovecot-auth weight 3 count 3" in done.stdout
     assert "scan: H=[127.0.0.2] dovecot-auth weight 2 count 5" in done.stdout
     assert "scan: pass: 3 hit(s)" in done.stdout
+    shown = palisade("history", "show", "127.0.0.2", "--config", str(config), cwd=tmp_path)
+    assert shown.returncode == 0, shown.stderr
+    assert "127.0.0.2: 5 incident(s)" in shown.stdout
+    assert shown.stdout.count("dovecot-auth") == 2  # one line per Dovecot line (3 and 2)
 
     again = palisade("scan", "--once", "--config", str(config), cwd=tmp_path)
     assert again.returncode == 0, again.stderr

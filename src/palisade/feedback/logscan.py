@@ -290,11 +290,9 @@ _EXIM_PREFIX = re.compile(
 )
 
 
-@dataclass(frozen=True, slots=True)
-class _Split:
-    program: str  # lower-case tag, "" when the line has none
-    message: str
-    stamp: tuple[str, ...] | None  # the time stamp's parts, converted only for hits
+# (program: the lower-case tag, "" when the line has none; the message; the time stamp's parts,
+# converted only for hits)
+_Split = tuple[str, str, tuple[str, ...] | None]
 
 
 def _split(line: str) -> _Split:
@@ -306,7 +304,7 @@ def _split(line: str) -> _Split:
             app = m5424["app"].lower()
             iso = _ISO.match(m5424["ts"] + " ")
             stamp = ("iso", iso["date"], iso["time"], iso["tz"] or "") if iso else None
-            return _Split("" if app == "-" else app, line[m5424.end() :], stamp)
+            return ("" if app == "-" else app, line[m5424.end() :], stamp)
     m = _ISO.match(line)
     if m:
         stamp = ("iso", m["date"], m["time"], (m["tz"] or "").strip())
@@ -318,9 +316,9 @@ def _split(line: str) -> _Split:
             rest = line[b.end() :]
     tag = _TAG.match(rest)
     if tag:
-        return _Split(tag["tag"].lower(), rest[tag.end() :], stamp)
+        return (tag["tag"].lower(), rest[tag.end() :], stamp)
     exim = _EXIM_PREFIX.match(rest)
-    return _Split("", rest[exim.end() :] if exim else rest, stamp)
+    return ("", rest[exim.end() :] if exim else rest, stamp)
 
 
 def _epoch(stamp: tuple[str, ...] | None, now: float) -> float | None:
@@ -430,6 +428,14 @@ _DOVECOT_FIELDS = (": user=<", ": method=", ": rip=")
 _DOVECOT_LOGIN = re.compile(r"(?:[a-z0-9]{1,24}-login: )?(?:Info: )?")
 
 
+# A word every built-in format's line contains (a cheap test before any regex).
+_KEYWORDS = (
+    "auth failed", "auth attempts", "plaintext auth", "reject", "SASL", "AUTH from",
+    "pipelining", "PREGREET", "too many", "does not resolve", "authenticator failed",
+)  # fmt: skip
+_ANY_KEYWORD = re.compile("|".join(re.escape(word) for word in _KEYWORDS))
+
+
 class LineParser:
     """One log line -> at most one :class:`Hit`.
 
@@ -469,12 +475,14 @@ class LineParser:
             ip = parse_address(m["ip"] or "")
             if ip is None or pattern.weight == 0:
                 return None
-            return Hit(ip, pattern.rule, pattern.weight, _epoch(_split(line).stamp, now))
-        split = _split(line)
-        family = self._family(split.program)
+            return Hit(ip, pattern.rule, pattern.weight, _epoch(_split(line)[2], now))
+        if _ANY_KEYWORD.search(line) is None:
+            return None  # most lines of a mail log: no built-in format can match
+        program, message, stamp = _split(line)
+        family = self._family(program)
         if family is None:
             return None
-        found = family(split.message)
+        found = family(message)
         if found is None:
             return None
         token, rule, times = found
@@ -484,7 +492,7 @@ class LineParser:
         ip = parse_address(token)
         if ip is None:
             return None
-        return Hit(ip, rule, weight, _epoch(split.stamp, now))
+        return Hit(ip, rule, weight, _epoch(stamp, now))
 
     def _family(self, program: str) -> Callable[[str], tuple[str, str, int] | None] | None:
         try:
