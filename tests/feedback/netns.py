@@ -52,9 +52,11 @@ def _fail_or_skip(message: str) -> None:
 
 
 def run(
-    *cmd: str, check: bool = True, input: str | None = None
+    *cmd: str, check: bool = True, input: str | None = None, cwd: Path | None = None
 ) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(cmd, capture_output=True, text=True, check=check, input=input, timeout=30)
+    return subprocess.run(
+        cmd, capture_output=True, text=True, check=check, input=input, timeout=60, cwd=cwd
+    )
 
 
 @contextmanager
@@ -130,8 +132,10 @@ class NetnsPair:
     client: str
     daemons: list[Daemon] = field(default_factory=list)
 
-    def exec(self, netns: str, *cmd: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-        return run("ip", "netns", "exec", netns, *cmd, check=check)
+    def exec(
+        self, netns: str, *cmd: str, check: bool = True, cwd: Path | None = None
+    ) -> subprocess.CompletedProcess[str]:
+        return run("ip", "netns", "exec", netns, *cmd, check=check, cwd=cwd)
 
     def start(self, *cmd: str, cwd: Path, netns: str | None = None) -> Daemon:
         """``cmd`` in the server namespace (or ``netns``), stderr collected."""

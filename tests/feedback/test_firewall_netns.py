@@ -10,7 +10,10 @@ within one interval; a protected address (relay_from_hosts) is never added.
 
 from __future__ import annotations
 
+import os
 import signal
+import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -19,7 +22,7 @@ import pytest
 
 from palisade.adapters.sqlite_state import SqliteStateStore
 from palisade.ports import BlockPolicy
-from tests.conftest import gateway_sections, wait_for, write_config
+from tests.conftest import ROOT, gateway_sections, wait_for, write_config
 from tests.feedback.netns import (
     CLIENT6_OTHER,
     CLIENT6_SAME,
@@ -28,6 +31,7 @@ from tests.feedback.netns import (
     SERVER6,
     NetnsPair,
 )
+from tests.services import need_program
 
 BOT, GOOD, TRUSTED, OTHER = CLIENTS4[1], CLIENTS4[0], CLIENTS4[2], CLIENTS4[3]
 INTERVAL = "0.5"
@@ -244,3 +248,47 @@ def test_no_state_database_yet(netns_pair: NetnsPair, tmp_path: Path) -> None:
     state.parent.mkdir()
     block(tmp_path, BOT, 3600)
     wait_for(lambda: BOT in netns_pair.blocked(), timeout=10)
+
+
+def test_the_units_capabilities_suffice(netns_pair: NetnsPair, tmp_path: Path) -> None:
+    """Run as the unit runs it: root with only the capabilities of the unit's
+    CapabilityBoundingSet (``setpriv``), on a state database that belongs to another user
+    (the gateway's, mode 0600). They suffice; CAP_NET_ADMIN alone cannot open the database."""
+    setpriv = need_program("setpriv", "util-linux")
+    unit = (ROOT / "contrib" / "palisade-firewall.service").read_text()
+    line = next(ln for ln in unit.splitlines() if ln.startswith("CapabilityBoundingSet="))
+    caps = [cap.lower().removeprefix("cap_") for cap in line.split("=", 1)[1].split()]
+    block(tmp_path, BOT, 3600)
+    var = tmp_path / "var"
+    for path in (var, *var.iterdir()):
+        os.chown(path, 65534, 65534)
+    var.chmod(0o700)
+    config = write_config(
+        tmp_path / "palisade.toml",
+        {"paths": {"state": "var/state.sqlite"}, "firewall": {"ports": [25]}},
+    )
+
+    def once(bounding: list[str]) -> subprocess.CompletedProcess[str]:
+        return netns_pair.exec(
+            netns_pair.server,
+            setpriv,
+            "--bounding-set",
+            ",".join(["-all", *(f"+{cap}" for cap in bounding)]),
+            "--inh-caps=-all",
+            sys.executable,
+            "-m",
+            "palisade",
+            "firewall",
+            "--once",
+            "--config",
+            str(config),
+            check=False,
+            cwd=tmp_path,
+        )
+
+    alone = once(["net_admin"])
+    assert alone.returncode == 1 and "Permission denied" in alone.stderr, alone.stderr
+    assert BOT not in netns_pair.blocked()
+    done = once(caps)
+    assert done.returncode == 0, done.stderr
+    assert BOT in netns_pair.blocked()
