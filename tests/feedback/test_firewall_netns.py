@@ -292,3 +292,16 @@ def test_the_units_capabilities_suffice(netns_pair: NetnsPair, tmp_path: Path) -
     done = once(caps)
     assert done.returncode == 0, done.stderr
     assert BOT in netns_pair.blocked()
+
+
+def test_reload_to_backend_none_stops_and_keeps_the_table(
+    netns_pair: NetnsPair, site: dict[str, Any]
+) -> None:
+    block(site["base"], BOT, 3600)
+    firewall = start_firewall(netns_pair, site)
+    config: Path = site["config"]
+    config.write_text(config.read_text().replace("[firewall]\n", '[firewall]\nbackend = "none"\n'))
+    firewall.proc.send_signal(signal.SIGHUP)
+    assert firewall.proc.wait(20) == 0
+    assert 'backend is now "none": stopped' in firewall.text()
+    assert BOT in netns_pair.blocked()

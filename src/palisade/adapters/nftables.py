@@ -194,6 +194,16 @@ class NftablesFirewall:
             raise NftError(f"nft exited {proc.returncode}: {errors[0][:300]}")
         return proc.stdout
 
+    def _json(self, args: list[str]) -> dict[str, Any]:
+        text = self._run(args)
+        try:
+            out = json.loads(text or "{}")
+        except ValueError:
+            raise NftError(f"nft {' '.join(args)} printed no JSON: {text[:100]!r}") from None
+        if not isinstance(out, dict) or not isinstance(out.get("nftables", []), list):
+            raise NftError(f"nft {' '.join(args)}: unexpected JSON")
+        return out
+
     def _batch(self, commands: list[dict[str, Any]]) -> None:
         if commands:
             self._run(["-j", "-f", "-"], json.dumps({"nftables": commands}))
@@ -237,7 +247,7 @@ class NftablesFirewall:
 
     def exists(self) -> bool:
         """Whether the table is there (``nft list tables``)."""
-        out = json.loads(self._run(["-j", "list", "tables", _FAMILY]) or "{}")
+        out = self._json(["-j", "list", "tables", _FAMILY])
         return any(
             isinstance(item, dict)
             and isinstance(item.get("table"), dict)
@@ -250,7 +260,7 @@ class NftablesFirewall:
         (or one of its sets) is missing."""
         if not self.exists():
             return None
-        out = json.loads(self._run(["-j", "list", "table", _FAMILY, self.table]) or "{}")
+        out = self._json(["-j", "list", "table", _FAMILY, self.table])
         found: dict[str, float] = {}
         sets_seen = set()
         for item in out.get("nftables", ()):

@@ -11,7 +11,8 @@ sets before the first sync). Stop: the table and its sets stay as they are, so a
 crash) does not open the door; each element ends by itself at its block's end. ``--flush`` is
 how the operator removes the table (every block and the rule). A reload (SIGHUP) reads the
 config again: new ports, another table name (the old table is removed), another state file, a
-new protection list; a config that does not load is named on stderr and the old one stays.
+new protection list; a config that does not load is named on stderr and the old one stays;
+``backend = "none"`` stops the daemon (the table stays: ``--flush`` removes it).
 Exit status: 0 done (or stopped by a signal); 1 the first rebuild, a ``--once`` sync or a
 ``--flush`` failed (nft missing, no permission: run as root); 2 bad usage (main). A failure
 after the start is logged and retried at the next interval.
@@ -161,8 +162,6 @@ class _Daemon:
             self.log(f"firewall: reload refused, the old config stays: {exc}")
             return False
         old = self.firewall
-        if config.firewall.backend == "none":
-            self.log('firewall: reload: [firewall] backend is "none": the table is left as is')
         self.config = config
         self.firewall = self._firewall(config)
         self.sync = self._sync(config, protected)
@@ -204,6 +203,12 @@ class _Daemon:
             if signal.SIGHUP in pending:
                 pending.discard(signal.SIGHUP)
                 if self.reload(path):
+                    if self.config.firewall.backend == "none":
+                        self.log(
+                            'firewall: [firewall] backend is now "none": stopped; table inet'
+                            f" {self.firewall.table} left in place (palisade firewall --flush)"
+                        )
+                        return 0
                     await self.once(rebuild=True)
                     continue
             await self.once(rebuild=False)
