@@ -6,7 +6,8 @@ Owns: the one way an incident reaches the store (:func:`record`: the key's prote
 session hands it the incidents of a conversation after their reply is written, and it records
 them one after the other in a task of its own, so a refusal is never delayed by the store and a
 store that fails never turns a refusal into a temporary error. What queued up while the
-previous write ran is written in one transaction (at most ``BATCH``) when the store can batch.
+previous write ran (and in the ``linger`` before a write: 50 ms) is written in one transaction
+(at most ``BATCH``) when the store can batch.
 A failure is one panic-log line (at most one per ``failure_every`` seconds, with the number
 lost meanwhile); a new block is one main-log line. ``palisade scan`` and ``palisade history
 add`` call :func:`record` and see the errors themselves.
@@ -39,6 +40,7 @@ __all__ = ["IncidentRecorder", "describe_block", "record", "span", "stamp"]
 
 MAX_PENDING = 10_000  # incidents waiting for the store; more are dropped (and counted)
 BATCH = 200  # incidents written in one transaction at most
+LINGER = 0.05  # seconds the first incident of a write waits for others to join it
 
 
 class _Batch(Protocol):
@@ -112,8 +114,10 @@ class IncidentRecorder:
         clock: Clock = SYSTEM_CLOCK,
         max_pending: int = MAX_PENDING,
         failure_every: float = 60.0,
+        linger: float = LINGER,
     ) -> None:
         self.log = log
+        self.linger = linger
         self.clock = clock
         self.max_pending = max_pending
         self.failure_every = failure_every
@@ -165,6 +169,8 @@ class IncidentRecorder:
 
     async def _work(self) -> None:
         queue = self._queue
+        if self.linger > 0:
+            await asyncio.sleep(self.linger)  # let a flood's incidents gather into one write
         while queue:
             # what queued up meanwhile for one store goes in one transaction when the store
             # can batch (SqliteStateStore.record_incidents), else one by one

@@ -17,6 +17,7 @@ line (``palisade scan``) or the operator; a malformed one raises ``ValueError``.
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 from collections.abc import Callable, Iterable
 from typing import Protocol
@@ -40,16 +41,22 @@ class Membership(Protocol):
     def overlaps(self, net: Network) -> bool: ...
 
 
+@functools.lru_cache(maxsize=4096)
+def _parsed(text: str) -> Network:
+    """``network_of`` of a text, parsed once per address seen lately (a flood repeats them)."""
+    text = text.strip()
+    if "/" in text:
+        return ipaddress.ip_network(text, strict=False)
+    return network_of(ipaddress.ip_address(text.partition("%")[0]))
+
+
 def network_of(ip: str | IPAddress | Network) -> Network:
     """What a block of ``ip`` covers: an IPv4 address (IPv4-mapped IPv6 too) as a /32, any other
     IPv6 address as its /64; an incident key (``"2001:db8:1:2::/64"``) or a network as given."""
     if isinstance(ip, ipaddress.IPv4Network | ipaddress.IPv6Network):
         return ip
     if isinstance(ip, str):
-        text = ip.strip()
-        if "/" in text:
-            return ipaddress.ip_network(text, strict=False)
-        ip = ipaddress.ip_address(text.partition("%")[0])
+        return _parsed(ip)
     if isinstance(ip, ipaddress.IPv6Address):
         if ip.ipv4_mapped is not None:
             return ipaddress.IPv4Network(ip.ipv4_mapped)
