@@ -143,6 +143,12 @@ def smtp_helo(pair: NetnsPair, source: str, helo: str) -> int:
     return code
 
 
+def incidents(base: Path, ip: str) -> int:
+    with SqliteStateStore(base / "var" / "state.sqlite") as store:
+        found = store.get_incident_sync(ip)
+        return 0 if found is None else found.count
+
+
 def blocked_in_store(base: Path) -> set[str]:
     with SqliteStateStore(base / "var" / "state.sqlite") as store:
         return {block.key for block in store.active_blocks_sync(time.time())}
@@ -172,7 +178,7 @@ def test_refusals_and_dovecot_failures_block_in_nftables_whitelist_never(
     # the bot: refused ten times; the tenth refusal blocks it
     for n in range(10):
         assert smtp_helo(pair, BOT, "ylmf-pc") == 550, n
-    assert blocked_in_store(base) == {BOT}
+    wait_for(lambda: blocked_in_store(base) == {BOT})  # the gateway records in the background
     wait_for(lambda: BOT in pair.blocked(), timeout=10)
     assert pair.greeting(BOT) is None  # SMTP: dropped
     assert not imap_reachable(pair, BOT)  # and IMAP (Dovecot's port is listed)
@@ -181,6 +187,7 @@ def test_refusals_and_dovecot_failures_block_in_nftables_whitelist_never(
     # the whitelisted address: refused twelve times, never blocked
     for n in range(12):
         assert smtp_helo(pair, WHITELISTED, "ylmf-pc") == 550, n
+    wait_for(lambda: incidents(base, WHITELISTED) == 12)  # counted, every one of them
     assert WHITELISTED not in blocked_in_store(base)
 
     # Dovecot: ten failed logins from another address, read by palisade scan
