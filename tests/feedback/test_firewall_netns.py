@@ -305,3 +305,16 @@ def test_reload_to_backend_none_stops_and_keeps_the_table(
     assert firewall.proc.wait(20) == 0
     assert 'backend is now "none": stopped' in firewall.text()
     assert BOT in netns_pair.blocked()
+
+
+def test_a_flushed_ruleset_is_rebuilt_at_the_next_sync(
+    netns_pair: NetnsPair, site: dict[str, Any]
+) -> None:
+    block(site["base"], BOT, 3600)
+    firewall = start_firewall(netns_pair, site)
+    assert BOT in netns_pair.blocked()
+    netns_pair.exec(netns_pair.server, "nft", "flush", "ruleset")  # nftables.service reloaded
+    assert "palisade" not in netns_pair.tables()
+    wait_for(lambda: BOT in netns_pair.blocked(), timeout=10)
+    assert netns_pair.greeting(BOT) is None
+    assert "firewall: rebuilt, 1 blocked" in firewall.text().split("firewall: started")[1]
