@@ -2,8 +2,9 @@
 
 One gateway; each kind of refusal is driven by a real client from its own loopback address
 (raw sockets with TCP_NODELAY, smtplib, swaks), plus clients that are not hostile (a deferral,
-an accepted message, a command time-out). Debian's ``fail2ban-regex`` then reads the whole
-``mainlog`` (every line the gateway wrote, arrivals and deliveries included):
+an accepted message, a command time-out, a failed STARTTLS handshake). Debian's
+``fail2ban-regex`` then reads the whole ``mainlog`` (every line the gateway wrote, arrivals and
+deliveries included):
 
 - Palisade's filter matches every hostile line (the reject-log lines of the hostile clients,
   except the two kinds the filter leaves out on purpose: ``temporarily rejected`` and
@@ -24,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import trustme
 
 from tests.conftest import ROOT, GatewayProcess, wait_for
 from tests.server.smtpclient import RawClient
@@ -53,6 +55,7 @@ DEFERRED = "127.0.0.12"  # temporarily rejected: not hostile
 TOO_BIG = ("127.0.0.25", "127.0.0.26")  # too big (declared with SIZE, sent): not counted
 GOOD = ("127.0.0.30", "127.0.0.31")  # accepted mail, smtplib and swaks
 SLOW = "127.0.0.32"  # a command time-out: not hostile
+TLS_FAILS = "127.0.0.33"  # a failed STARTTLS handshake: not hostile (old clients, scanners)
 # the lines where Palisade follows exim's format, so Debian's stock exim filter matches them
 EXIM_MATCHES = {"pregreet", "pipelining", "too_many_errors", "auth", "relay"}
 
@@ -202,10 +205,16 @@ def drive(gw: GatewayProcess) -> None:
         session.sendmail("a@client.test", ["user@example.test"], "Subject: hi\r\n\r\nhello\r\n")
     done = swaks(gw, GOOD[1], "--from", "b@client.test", "--to", "user@example.test")
     assert "<-  250" in done.stdout, done.stdout
+    with raw(gw, TLS_FAILS) as client:
+        client.reply()
+        client.command("EHLO client.test")
+        assert client.command("STARTTLS")[0] == 220
+        client.send(b"this is no TLS ClientHello\r\n")
+        assert client.closed()
     with raw(gw, SLOW) as client:
         client.reply()
         assert client.closed(timeout=10)  # 421 after command_timeout, then closed
-    wait_for(lambda: all(ip in gw.mainlog() for ip in (*HOSTILE.values(), *GOOD, SLOW)))
+    wait_for(lambda: all(ip in gw.mainlog() for ip in (*HOSTILE.values(), *GOOD, SLOW, TLS_FAILS)))
     wait_for(lambda: gw.mainlog().count(" Completed") == 2)
 
 
@@ -228,7 +237,13 @@ def logs(tmp_path_factory: pytest.TempPathFactory) -> Any:
 
     base = tmp_path_factory.mktemp("fail2ban")
     port = free_port()
-    sections = gateway_sections(port, **config())
+    cert = trustme.CA().issue_cert("mx.example.test")
+    chain, key = base / "chain.pem", base / "key.pem"
+    chain.write_bytes(b"".join(blob.bytes() for blob in cert.cert_chain_pems))
+    key.write_bytes(cert.private_key_pem.bytes())
+    sections = gateway_sections(
+        port, tls={"certificate": str(chain), "private_key": str(key)}, **config()
+    )
     gw = GatewayProcess(base, port, write_config(base / "palisade.toml", sections), sections)
     gw.start()
     try:
@@ -262,11 +277,11 @@ def test_palisade_filter_matches_every_hostile_line_and_nothing_else(logs: Any) 
     )
     # the not-hostile clients' lines are in the log, and unmatched
     text = mainlog.read_text()
-    for ip in (DEFERRED, *TOO_BIG, *GOOD, SLOW):
+    for ip in (DEFERRED, *TOO_BIG, *GOOD, SLOW, TLS_FAILS):
         assert f"[{ip}]" in text
         assert ip not in found
     assert "temporarily rejected" in text and "message too big" in text
-    assert "SMTP command timeout" in text and " <= " in text
+    assert "SMTP command timeout" in text and " <= " in text and "TLS error on connection" in text
 
 
 def test_stock_exim_filter_matches_the_exim_shaped_lines(logs: Any) -> None:
