@@ -13,6 +13,7 @@ but must still treat the *content* (names, TXT strings) as attacker-controlled t
 from __future__ import annotations
 
 import enum
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import BinaryIO, Protocol, runtime_checkable
 
@@ -23,6 +24,9 @@ __all__ = [
     "DkimSignature",
     "DnsAnswer",
     "DnsTempError",
+    "Firewall",
+    "FirewallChange",
+    "FirewallError",
     "Incident",
     "IncidentEvent",
     "IncidentOutcome",
@@ -434,4 +438,48 @@ class Signer(Protocol):
         """Every configured key of ``domain`` signs ``message``; raises
         :class:`SigningKeyError` when one of them cannot be used, :class:`UnsignableMessage`
         when the message cannot be parsed, ``OSError`` when it cannot be read."""
+        ...
+
+
+# --------------------------------------------------------------------------------------------
+# Firewall: the kernel's copy of the active blocks (nftables), kept by ``palisade firewall``.
+# --------------------------------------------------------------------------------------------
+
+
+class FirewallError(Exception):
+    """The firewall refused a change or could not be reached; ``reason`` says why."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+@dataclass(frozen=True, slots=True)
+class FirewallChange:
+    """What one rebuild or sync did. Keys are canonical: ``192.0.2.1``, ``2001:db8:1:2::/64``."""
+
+    rebuilt: bool
+    added: tuple[str, ...] = ()
+    removed: tuple[str, ...] = ()
+    renewed: tuple[str, ...] = ()  # re-added with another time-out (a block lengthened)
+    invalid: tuple[str, ...] = ()  # keys that are no address or network the firewall takes
+    v4: int = 0  # elements in force after the change, IPv4 addresses
+    v6: int = 0  # and IPv6 /64 networks
+    error: str = ""  # why a difference batch failed, when a rebuild followed it
+
+
+class Firewall(Protocol):
+    """Blocked keys and the time each block ends (epoch seconds): ``wanted`` is the whole set.
+    Every method may raise FirewallError."""
+
+    def rebuild(self, wanted: Mapping[str, float], now: float) -> FirewallChange:
+        """Replaces everything the firewall holds with ``wanted``, at once."""
+        ...
+
+    def sync(self, wanted: Mapping[str, float], now: float) -> FirewallChange:
+        """Adds and removes what differs from ``wanted``; rebuilds when it cannot."""
+        ...
+
+    def remove(self) -> bool:
+        """Removes every block and rule; False when there was nothing."""
         ...

@@ -50,8 +50,9 @@ SPOOL, STATE, LOG = (
 MAIL = STATE / "mail"
 RUN = Path("/run/palisade")  # made by the daemon (systemd's RuntimeDirectory under systemd)
 UNIT = Path("/etc/systemd/system/palisade.service")
+FIREWALL_UNIT = Path("/etc/systemd/system/palisade-firewall.service")
 LOGROTATE = Path("/etc/logrotate.d/palisade")
-CREATED_BY_INSTALL = (ETC, SPOOL, STATE, LOG, UNIT, LOGROTATE, RUN)
+CREATED_BY_INSTALL = (ETC, SPOOL, STATE, LOG, UNIT, FIREWALL_UNIT, LOGROTATE, RUN)
 
 
 @dataclass
@@ -164,7 +165,9 @@ def check_the_layout(inst: Installed) -> None:
     assert mode_owner(ETC / "keys") == ("0750", "root", USER)
     for path in (SPOOL, STATE, LOG):
         assert mode_owner(path) == ("0750", USER, USER), path
-    assert mode_owner(UNIT) == ("0644", "root", "root")
+    for unit in (UNIT, FIREWALL_UNIT):
+        assert mode_owner(unit) == ("0644", "root", "root")
+        assert f"ExecStart={inst.prefix}/bin/palisade " in unit.read_text(), unit
     assert "install-system:" in inst.output
 
 
@@ -328,7 +331,7 @@ def stop(inst: Installed) -> None:
 def uninstall_keeps_the_data(inst: Installed) -> None:
     output = make(inst.checkout, "uninstall", inst.prefix)
     assert not inst.prefix.exists()
-    assert not UNIT.exists() and not LOGROTATE.exists()
+    assert not UNIT.exists() and not FIREWALL_UNIT.exists() and not LOGROTATE.exists()
     assert CONFIG.exists() and (ETC / "lists").is_dir()
     assert len(list((MAIL / "postmaster" / "new").iterdir())) == 3
     assert (STATE / "state.sqlite").exists() and (LOG / "mainlog").exists() and SPOOL.is_dir()

@@ -23,7 +23,7 @@ from tests.conftest import ROOT, GatewayProcess, wait_for
 from tests.server.smtpclient import RawClient
 
 SOURCE = "127.0.0.77"
-FILTER = ROOT / "examples" / "fail2ban" / "filter.d" / "palisade.conf"
+FILTER = ROOT / "contrib" / "fail2ban" / "filter.d" / "palisade.conf"
 STAMP = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d ")
 
 # The readers an operator might point at the logs.

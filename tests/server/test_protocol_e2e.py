@@ -30,12 +30,12 @@ def start_transaction(client: RawClient, rcpt: str = "user@example.test") -> Non
 @pytest.mark.parametrize(
     ("rcpt", "why"),
     [
-        ("victim@elsewhere.test", "not a local domain"),
+        ("victim@elsewhere.test", "not permitted"),
         ("victim%elsewhere.test@example.test", "percent hack"),
         ("elsewhere.test!victim@example.test", "bang path"),
         ("@example.test:victim@elsewhere.test", "source route"),
         ('"victim@elsewhere.test"@example.test', "quoted local part containing @"),
-        ("victim@[192.0.2.1]", "not a local domain"),
+        ("victim@[192.0.2.1]", "not permitted"),
     ],
 )
 def test_relay_tricks_are_refused_permanently(gateway: GatewayProcess, rcpt: str, why: str) -> None:
@@ -52,7 +52,7 @@ def test_relay_tricks_are_refused_permanently(gateway: GatewayProcess, rcpt: str
     )
     assert re.search(
         r"H=\(prober\.test\) \[127\.0\.0\.1\]:\d+ F=<spam@outside\.test> rejected "
-        r"RCPT <.+>: relay (attempt )?refused: " + re.escape(why),
+        r"RCPT <.+>: relay (?:attempt refused: )?" + re.escape(why) + "$",
         line[-1],
     )
 
@@ -148,8 +148,14 @@ def test_helo_with_a_space_is_refused_and_counted(make_gateway: Any) -> None:
         r"domain or address literal",
         gw.rejectlog(),
     )
-    assert "192.0.2.1" not in gw.rejectlog() + gw.mainlog()
-    assert re.search(r"H=\(client\.test\) \[127\.0\.0\.1\]:\d+ dropped", gw.rejectlog())
+    # the client's text shows only escaped, in exim's "last command was" of the drop line
+    assert "[192.0.2.1]" not in gw.rejectlog() + gw.mainlog()
+    assert re.search(
+        r"H=\(client\.test\) \[127\.0\.0\.1\]:\d+ dropped: too many syntax or protocol errors "
+        r'\(last command was "EHLO x \\x5b192\.0\.2\.1\\x5d rejected"\)$',
+        gw.rejectlog(),
+        re.MULTILINE,
+    )
 
 
 @pytest.mark.skipif(

@@ -413,6 +413,17 @@ def test_too_many_errors_closes() -> None:
     assert d.events()[-1] == events.ConnectionClosed()
 
 
+def test_last_command_is_kept_for_the_drop_line_without_auth_data() -> None:
+    """exim's "too many syntax or protocol errors (last command was ...)": the core keeps the
+    last command line read, cut, without its line ending; an AUTH line keeps its mechanism
+    only (its initial response may be a credential)."""
+    conn = make(max_errors=3)
+    session(b"FOO 1\r\n", b"BAR " + b"x" * 200 + b"\r\n", conn=conn)
+    assert conn.last_command == "BAR " + "x" * 96
+    session(b"FOO\r\n", b"AUTH PLAIN AGFAYg==\r\n", conn=(conn := make(max_errors=5)))
+    assert conn.last_command == "AUTH PLAIN"
+
+
 def test_app_5xx_replies_count_as_errors() -> None:
     def answer(conn: SmtpConnection, ev: events.Event) -> Reply:
         from tests.smtp.smtp_harness import default_answer

@@ -205,6 +205,15 @@ def test_improper_pipelining_closes(turns: tuple[bytes, ...]) -> None:
     pipelining_error(session(*turns))
 
 
+def test_improper_pipelining_reports_the_input_sent_too_soon() -> None:
+    """exim's ``next input="..."``: what followed the command in the buffer, at most 256
+    bytes; nothing when the command itself came early (after the end of data)."""
+    assert pipelining_error(session(EHLO + MAIL)).pending == MAIL
+    long = b"NOOP " + b"y" * 400 + b"\r\n"
+    assert pipelining_error(session(EHLO, b"NOOP\r\n" + long)).pending == long[:256]
+    assert pipelining_error(session(HELO, MAIL, RCPT, DATA, b"hi\r\n.\r\n" + MAIL)).pending == b""
+
+
 def test_pipelining_feature_off_behaves_like_helo() -> None:
     pipelining_error(session(EHLO, MAIL + RCPT, conn=make(pipelining=False)))
 

@@ -44,6 +44,7 @@ ETC = Path("/etc/palisade")
 CONFIG = ETC / "palisade.toml"
 DATA_DIRS = (Path("/var/spool/palisade"), Path("/var/lib/palisade"), Path("/var/log/palisade"))
 UNIT = Path("/etc/systemd/system/palisade.service")
+FIREWALL_UNIT = Path("/etc/systemd/system/palisade-firewall.service")
 LOGROTATE = Path("/etc/logrotate.d/palisade")
 HOME = Path("/var/lib/palisade")
 NOLOGIN = "/usr/sbin/nologin"
@@ -242,10 +243,10 @@ def _write(target: Path, content: bytes, mode: int, uid: int, gid: int) -> None:
 _EXEC_START = re.compile(r"^(ExecStart=)(\S*?)(/bin/palisade\b.*)$", re.M)
 
 
-def unit_for(text: str, prefix: Path) -> str:
+def unit_for(text: str, prefix: Path, name: str = "palisade.service") -> str:
     """The unit with ``ExecStart``'s program under ``prefix``."""
     if not _EXEC_START.search(text):
-        raise InstallError("contrib/palisade.service has no ExecStart=.../bin/palisade line")
+        raise InstallError(f"contrib/{name} has no ExecStart=.../bin/palisade line")
     return _EXEC_START.sub(lambda m: f"{m[1]}{prefix}{m[3]}", text)
 
 
@@ -286,6 +287,11 @@ def install(args: argparse.Namespace) -> int:
         step.directory(path, 0o750, uid, gid)
     unit = unit_for(unit_source.read_text(), args.prefix)
     unit_changed = step.program_file(unit.encode(), UNIT, "systemd unit")
+    firewall_source = source / "contrib" / FIREWALL_UNIT.name
+    if firewall_source.is_file():  # `palisade firewall`, as root: enabled by the operator
+        firewall = unit_for(firewall_source.read_text(), args.prefix, FIREWALL_UNIT.name)
+        if step.program_file(firewall.encode(), FIREWALL_UNIT, "systemd unit (firewall)"):
+            unit_changed = True
     rotate = source / "contrib" / "palisade.logrotate"
     if rotate.is_file():
         step.program_file(rotate.read_bytes(), LOGROTATE, "logrotate")
@@ -312,8 +318,9 @@ def uninstall(args: argparse.Namespace) -> int:
         )
     else:
         step.say(f"{args.prefix}: not there (the program's venv)", changed=False)
-    unit_was = step.at(UNIT).exists()
+    unit_was = step.at(UNIT).exists() or step.at(FIREWALL_UNIT).exists()
     step.remove(UNIT, "systemd unit")
+    step.remove(FIREWALL_UNIT, "systemd unit (firewall)")
     step.remove(LOGROTATE, "logrotate")
     if unit_was:
         daemon_reload(step)

@@ -60,6 +60,7 @@ def _parser() -> argparse.ArgumentParser:
     from palisade.cli import checkhost, install, tlscheck
     from palisade.cli import dkim as dkim_cli
     from palisade.cli import dns as dns_cli
+    from palisade.cli import firewall as firewall_cli
     from palisade.cli import history as history_cli
     from palisade.cli import init as init_cli
     from palisade.cli import queue as queue_cli
@@ -80,6 +81,7 @@ def _parser() -> argparse.ArgumentParser:
         command = tool.add_arguments(commands)
         command.add_argument("--config", type=Path)
         _config_after_subcommand(command)
+    firewall_cli.add_arguments(commands)
     recipients = recipients_cli.add_arguments(commands)
     recipients.add_argument("--config", type=Path)
     _config_after_subcommand(recipients)
@@ -179,6 +181,10 @@ def _main(argv: list[str] | None) -> int:
         return scan_cli.run(args, config)
     if args.command == "history":
         return _history(args, config)
+    if args.command == "firewall":
+        from palisade.cli import firewall as firewall_cli
+
+        return firewall_cli.run(args, config)
     return _queue(args, config.paths.spool, config.paths.log)
 
 
@@ -265,6 +271,7 @@ _NOT_SHOWN = "(set, not shown)"
 _SECTIONS = (
     "server", "limits", "tls", "domains", "relay", "delivery", "paths", "log", "dns", "policy",
     "ldap", "spamd", "rspamd", "clamd", "authentication", "dkim", "incidents", "scan",
+    "firewall",
 )  # fmt: skip
 
 

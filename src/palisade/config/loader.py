@@ -31,6 +31,7 @@ _HOSTNAME_RE = re.compile(
     r"^(?=.{1,253}$)[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
     r"(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*\.?$"
 )
+_NFT_NAME_RE = re.compile(r"[A-Za-z][A-Za-z0-9_]{0,31}\Z")  # [firewall] table
 
 _SELECTOR_RE = re.compile(
     r"^[A-Za-z0-9_](?:[A-Za-z0-9_-]{0,62})(?:\.[A-Za-z0-9_][A-Za-z0-9_-]{0,62})*$"
@@ -589,6 +590,18 @@ def _check_cross_rules(config: Config, source: str, finder: _LineFinder) -> None
             parse_host_port(config.delivery.next_hop)
         except ValueError as exc:
             fail("delivery", "next_hop", str(exc))
+    if not config.firewall.ports:
+        fail("firewall", "ports", "expected at least one TCP port")
+    for port in config.firewall.ports:
+        if not 0 < port < 65536:
+            fail("firewall", "ports", f"expected TCP port numbers (1-65535), got {port}")
+    if not _NFT_NAME_RE.match(config.firewall.table):
+        fail(
+            "firewall",
+            "table",
+            "expected an nftables name (a letter, then letters, digits or _; at most 32),"
+            f" got {config.firewall.table!r}",
+        )
     for key in ("local", "relay"):
         for domain in getattr(config.domains, key):
             if not _HOSTNAME_RE.match(domain):

@@ -318,6 +318,20 @@ class LogConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class FirewallConfig:
+    """``palisade firewall``: which kernel firewall the active blocks are copied into.
+
+    ``nftables``: the table ``inet <table>`` (sets blocked4, blocked6 and a drop rule for new
+    TCP connections to ``ports``), synced every ``interval``; ``none``: blocks stay in the state
+    store only (the ``history`` check still refuses them, in the SMTP conversation)."""
+
+    backend: str = choice("nftables", "none")
+    ports: tuple[int, ...] = (25, 465, 587)  # add 143, 993 (IMAP), 110, 995 for Dovecot
+    table: str = "palisade"
+    interval: float = duration(5.0, 0.5)
+
+
+@dataclass(frozen=True, slots=True)
 class ScanPatternSpec:
     """One ``[[scan.patterns]]`` entry: a regex with a named group ``ip``, searched in each
     whole line; the rule name the store records and the weight of one match (0: an exception,
@@ -368,6 +382,7 @@ class Config:
     authentication: AuthenticationConfig = AuthenticationConfig()
     dkim: DkimConfig = DkimConfig()
     incidents: IncidentsConfig = IncidentsConfig()
+    firewall: FirewallConfig = FirewallConfig()
     scan: ScanConfig = ScanConfig()
     lists: tuple[ListSpec, ...] = ()
     rules: tuple[RuleSpec, ...] = ()

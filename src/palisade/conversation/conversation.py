@@ -569,9 +569,11 @@ class Conversation:
                     return self._on_command_error(event)
                 case events.TooManyErrors():
                     self._incident("too-many-errors", self.config.incidents.protocol_violation)
+                    # exim's line, which fail2ban's stock exim filter matches
+                    last = escape_field(self.conn.last_command, 100)
                     self.ctx.log.reject(
                         f"SMTP call from {self.host_field()} dropped: "
-                        "too many syntax or protocol errors"
+                        f'too many syntax or protocol errors (last command was "{last}")'
                     )
                     self.send(event.reply)
                     return Step.CLOSE
@@ -656,7 +658,8 @@ class Conversation:
             self._incident("pipelining", self.config.incidents.protocol_violation)
             self.ctx.log.reject(
                 f"SMTP protocol synchronization error (next input sent too soon: pipelining was "
-                f"not advertised): rejected connection from {self.host_field()}"
+                f"not advertised): rejected connection from {self.host_field()} next "
+                f'input="{escape_field(event.pending.decode("latin-1"), 60)}"'
             )
         else:
             self.ctx.log.reject(

@@ -90,9 +90,8 @@ class RelayPolicy:
                 "Relay access denied",
                 "relay refused: client is in relay_from_hosts but no next_hop is configured",
             )
-        return deny(
-            550, "5.7.1", "Relay access denied", "relay attempt refused: not a local domain"
-        )
+        # exim's words for this refusal, which fail2ban's stock exim filter matches
+        return deny(550, "5.7.1", "Relay access denied", "relay not permitted")
 
 
 def routing_trick(address: Address) -> str | None:

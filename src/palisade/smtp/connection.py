@@ -110,6 +110,8 @@ _354 = range(354, 355)
 _ANY = range(200, 600)
 _STAY = Step()
 END_OF_DATA = "<end of data>"  # the pseudo-verb of DataEnd in the table
+PENDING_SHOWN = 256  # bytes of input kept in a pipelining error's ``pending``
+LAST_COMMAND_SHOWN = 100  # characters of the last command line kept in ``last_command``
 
 _IN_TRANSACTION = Reply(503, "5.5.1", "Error: MAIL transaction in progress")
 _EHLO_FIRST = Reply(503, "5.5.1", "Error: send EHLO first")
@@ -184,6 +186,10 @@ class SmtpConnection:
         self._recipients: list[Address] = []
         self._refused_recipients = 0
         self._sent_early = False  # input followed end-of-data without waiting (no PIPELINING)
+        # the last command line read, without its line ending, cut to LAST_COMMAND_SHOWN (for
+        # exim's "too many syntax or protocol errors (last command was ...)"); "" for a line
+        # over the length limit
+        self.last_command = ""
         self.error_count = 0
         self.starttls_discarded = 0  # octets dropped after STARTTLS (command injection attempt)
 
@@ -344,9 +350,18 @@ class SmtpConnection:
         return event
 
     def _error(
-        self, reply: Reply, reason: str, kind: str, command: str = "", *, closes: bool = False
+        self,
+        reply: Reply,
+        reason: str,
+        kind: str,
+        command: str = "",
+        *,
+        closes: bool = False,
+        pending: bytes = b"",
     ) -> CommandError:
-        error = CommandError(reply=reply, reason=reason, kind=kind, command=command, closes=closes)
+        error = CommandError(
+            reply=reply, reason=reason, kind=kind, command=command, closes=closes, pending=pending
+        )
         self._emit(error, None)
         if kind != "too_many_recipients":
             self.error_count += 1
@@ -427,11 +442,16 @@ class SmtpConnection:
         if line is None:
             return self._closed() if self._eof else NEED_DATA
         if line is TOO_LONG:
+            self.last_command = ""
             return self._error(
                 replies.LINE_TOO_LONG,
                 f"command line longer than {limits.max_command_line} octets",
                 "line_too_long",
             )
+        shown = line[:LAST_COMMAND_SHOWN].rstrip(b"\r\n").decode("latin-1")
+        if shown[:5].upper() == "AUTH ":  # the mechanism only: never an initial response
+            shown = " ".join(shown.split(" ")[:2])
+        self.last_command = shown
         text = check_line(line)
         if isinstance(text, CommandError):
             self._emit(text, None)
@@ -487,6 +507,7 @@ class SmtpConnection:
             "pipelining",
             verb[:20],
             closes=True,
+            pending=bytes(self._buffer)[:PENDING_SHOWN],
         )
 
     def _starttls_refusal(self) -> Reply | None:

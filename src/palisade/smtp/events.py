@@ -156,6 +156,8 @@ class CommandError(Event):
     ``kind`` is a stable token for logs and firewalls (see ``connection`` for the list),
     ``reason`` a human log text, ``command`` the verb as sent (upper-cased, may be "").
     ``closes`` is True when the reply ends the session (improper pipelining).
+    ``pending``: for improper pipelining, the input received after the command (what came too
+    soon; exim's ``next input="..."``), at most 256 bytes; empty otherwise.
     """
 
     needs_reply: ClassVar[bool] = True
@@ -164,6 +166,7 @@ class CommandError(Event):
     kind: str
     command: str = ""
     closes: bool = False
+    pending: bytes = b""
 
 
 @dataclass(frozen=True, slots=True)
