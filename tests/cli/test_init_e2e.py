@@ -355,8 +355,8 @@ def test_the_answers_written_back_make_the_same_config(tmp_path: Path) -> None:
     ("line", "expected"),
     [
         ("colour = 1", "answers file {file}: colour: unknown answer key(s) (known: hostname, "),
-        ('history_threshold = "ten"', "answers file {file}: history_threshold: expected a whole "
-         "number, got 'ten'"),
+        ('ratelimit_connections = "ten"', "answers file {file}: ratelimit_connections: expected "
+         "a whole number, got 'ten'"),
         ('hostname = "-bad-"', "answers file {file}: hostname: expected a fully qualified host "
          "name like mx.example.org, got '-bad-'"),
         ('next_hop = "10.0.0.5:99999"', "answers file {file}: next_hop: expected a port from 1 "

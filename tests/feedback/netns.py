@@ -36,6 +36,9 @@ from pathlib import Path
 import pytest
 
 SERVER4 = "10.99.0.1"
+# The gateway's port in the server namespace: not 25, because as root without [server] user a
+# port below 1024 is refused (README "Running unprivileged"); the firewall does not care.
+SMTP = 2525
 SERVER6 = "fd00:99:0:1::1"
 CLIENTS4 = tuple(f"10.99.0.{n}" for n in range(2, 10))
 CLIENT6_SAME = ("fd00:99:0:1::2", "fd00:99:0:1::3")  # the server's /64
@@ -170,7 +173,7 @@ class NetnsPair:
         sock.bind((source, 0))
         return sock
 
-    def greeting(self, source: str, port: int = 25, timeout: float = 1.5) -> bytes | None:
+    def greeting(self, source: str, port: int = SMTP, timeout: float = 1.5) -> bytes | None:
         """The server's banner for a client at ``source``, or None when the SYN goes unanswered
         (the connection attempt times out: dropped by the firewall)."""
         server = SERVER6 if ":" in source else SERVER4

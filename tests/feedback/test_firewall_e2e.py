@@ -30,7 +30,7 @@ import pytest
 from palisade.adapters.sqlite_state import SqliteStateStore
 from tests.conftest import gateway_sections, palisade, wait_for, write_config
 from tests.feedback.dovecot import Dovecot
-from tests.feedback.netns import CLIENTS4, SERVER4, SERVER6, NetnsPair
+from tests.feedback.netns import CLIENTS4, SERVER4, SERVER6, SMTP, NetnsPair
 from tests.server.smtpclient import RawClient
 
 BOT, GOOD, WHITELISTED, IMAP_ABUSER = CLIENTS4[1], CLIENTS4[0], CLIENTS4[2], CLIENTS4[3]
@@ -131,7 +131,7 @@ def smtp_helo(pair: NetnsPair, source: str, helo: str) -> int:
     that is not 220); QUIT."""
     sock = pair.client_socket(source)
     sock.settimeout(10)
-    sock.connect((SERVER4, 25))
+    sock.connect((SERVER4, SMTP))
     client = RawClient.__new__(RawClient)
     client.sock, client.buffer = sock, b""
     with client:
@@ -161,17 +161,17 @@ def test_refusals_and_dovecot_failures_block_in_nftables_whitelist_never(
     base = tmp_path / "site"
     (base / "var").mkdir(parents=True)
     sections = gateway_sections(
-        25,
-        server={"listen": [f"{SERVER4}:25", f"[{SERVER6}]:25"]},
+        SMTP,
+        server={"listen": [f"{SERVER4}:{SMTP}", f"[{SERVER6}]:{SMTP}"]},
         incidents={"block_at": 10, "block_for": f"{BLOCK_FOR}s", "window": "1h"},
         lists={"whitelist": {"type": "ip", "entries": [WHITELISTED]}},
         rules=RULES,
         scan={"files": [str(dovecot.log)], "formats": ["dovecot"]},
-        firewall={"ports": [25, IMAP]},
+        firewall={"ports": [SMTP, IMAP]},
     )
     config = write_config(base / "palisade.toml", sections)
     pair.palisade("serve", "--config", str(config), cwd=base)
-    wait_for(lambda: pair.server_socket_ready(SERVER4, 25), timeout=20)
+    wait_for(lambda: pair.server_socket_ready(SERVER4, SMTP), timeout=20)
     firewall = pair.palisade("firewall", "--config", str(config), "--interval", "0.5", cwd=base)
     firewall.wait_line("firewall: started")
 

@@ -29,6 +29,7 @@ from tests.feedback.netns import (
     CLIENTS4,
     SERVER4,
     SERVER6,
+    SMTP,
     NetnsPair,
 )
 from tests.services import need_program
@@ -50,19 +51,19 @@ def block(base: Path, ip: str, seconds: float) -> None:
 
 @pytest.fixture
 def site(netns_pair: NetnsPair, tmp_path: Path) -> dict[str, Any]:
-    """A gateway in the server namespace (port 25, IPv4 and IPv6) and its config, which also
-    holds ``[firewall]`` (port 25) and a protected address (relay_from_hosts)."""
+    """A gateway in the server namespace (port SMTP, IPv4 and IPv6) and its config, which also
+    holds ``[firewall]`` (that port) and a protected address (relay_from_hosts)."""
     base = tmp_path / "site"
     (base / "var").mkdir(parents=True)
     sections = gateway_sections(
-        25,
-        server={"listen": [f"{SERVER4}:25", f"[{SERVER6}]:25"]},
+        SMTP,
+        server={"listen": [f"{SERVER4}:{SMTP}", f"[{SERVER6}]:{SMTP}"]},
         relay={"relay_from_hosts": [f"{TRUSTED}/32"]},
-        firewall={"ports": [25], "interval": "1s"},
+        firewall={"ports": [SMTP], "interval": "1s"},
     )
     config = write_config(base / "palisade.toml", sections)
     gateway = netns_pair.palisade("serve", "--config", str(config), cwd=base)
-    wait_for(lambda: netns_pair.server_socket_ready(SERVER4, 25), timeout=20)
+    wait_for(lambda: netns_pair.server_socket_ready(SERVER4, SMTP), timeout=20)
     return {"base": base, "config": config, "gateway": gateway}
 
 
@@ -171,21 +172,21 @@ def test_stop_keeps_the_table_flush_removes_it_reload_changes_ports(
     block(site["base"], BOT, 3600)
     firewall = start_firewall(netns_pair, site)
     rules = netns_pair.exec(netns_pair.server, "nft", "list", "chain", "inet", "palisade", "input")
-    assert "tcp dport 25 ct state new ip saddr @blocked4" in rules.stdout
+    assert f"tcp dport {SMTP} ct state new ip saddr @blocked4" in rules.stdout
 
     config: Path = site["config"]
     good = config.read_text()
-    config.write_text(good.replace("ports = [25]", "ports = [25, 0]"))  # refused whole
+    config.write_text(good.replace(f"ports = [{SMTP}]", f"ports = [{SMTP}, 0]"))  # refused whole
     firewall.proc.send_signal(signal.SIGHUP)
     line = firewall.wait_line("firewall: reload refused, the old config stays")
     assert "firewall.ports" in line
     assert BOT in netns_pair.blocked() and netns_pair.greeting(BOT) is None
-    config.write_text(good.replace("ports = [25]", "ports = [25, 143, 993]"))
+    config.write_text(good.replace(f"ports = [{SMTP}]", f"ports = [{SMTP}, 143, 993]"))
     firewall.proc.send_signal(signal.SIGHUP)
     firewall.wait_line("firewall: config reloaded")
     wait_for(
         lambda: (
-            "{ 25, 143, 993 }"
+            f"{{ 143, 993, {SMTP} }}"
             in netns_pair.exec(
                 netns_pair.server, "nft", "list", "chain", "inet", "palisade", "input"
             ).stdout
@@ -233,7 +234,7 @@ def test_no_state_database_yet(netns_pair: NetnsPair, tmp_path: Path) -> None:
     state = tmp_path / "var" / "state.sqlite"
     config = write_config(
         tmp_path / "palisade.toml",
-        {"paths": {"state": str(state)}, "firewall": {"ports": [25]}},
+        {"paths": {"state": str(state)}, "firewall": {"ports": [SMTP]}},
     )
     done = netns_pair.palisade_once("firewall", "--once", "--config", str(config), cwd=tmp_path)
     assert done.returncode == 0, done.stderr
@@ -265,7 +266,7 @@ def test_the_units_capabilities_suffice(netns_pair: NetnsPair, tmp_path: Path) -
     var.chmod(0o700)
     config = write_config(
         tmp_path / "palisade.toml",
-        {"paths": {"state": "var/state.sqlite"}, "firewall": {"ports": [25]}},
+        {"paths": {"state": "var/state.sqlite"}, "firewall": {"ports": [SMTP]}},
     )
 
     def once(bounding: list[str]) -> subprocess.CompletedProcess[str]:

@@ -46,9 +46,27 @@ def build_ratelimit(**options: Any) -> ratelimit.RateLimitCheck:
 # ------------------------------------------------------------------------------------ history
 
 
+def test_history_without_threshold_refuses_only_blocks(
+    store: SqliteStateStore, ports: Ports, clock: SettableClock
+) -> None:
+    """No threshold (the default): any count that did not make a block passes, so a client is
+    let in again when its block ends, as by the firewall."""
+    from palisade.ports import BlockPolicy
+
+    check = build_history()
+    assert check.threshold is None
+    policy = BlockPolicy(block_at=10)
+    run(store.record_incident("192.0.2.9", 50, "dnsbl", clock.value, policy, may_block=False))
+    result = run(check.evaluate(facts("192.0.2.9"), ports))
+    assert result.matched is False and result.values["count"] == "50"
+    assert result.values["threshold"] == ""
+    run(store.record_incident("192.0.2.10", 10, "dnsbl", clock.value, policy))
+    assert run(check.evaluate(facts("192.0.2.10"), ports)).matched is True
+
+
 def test_history_threshold_is_reached_at_count_equal(store: SqliteStateStore, ports: Ports) -> None:
     """Pinned: matched when count >= threshold (threshold 10: 9 passes, 10 matches)."""
-    check = build_history()
+    check = build_history(threshold=10)
     assert check.threshold == 10
     f = facts("192.0.2.1")
     assert run(check.evaluate(f, ports)).matched is False  # no record at all

@@ -360,8 +360,6 @@ QUESTIONS: tuple[Question, ...] = (
              _const([]), _optional_domains, asked=_on("sender_whitelist")),
     Question("history", "Refuse clients with a history of unwanted activity "
              "(the incident database)", "bool", _const(True)),
-    Question("history_threshold", "Incidents that make a client refused", "int", _const(10),
-             _at_least_one, asked=_on("history")),
     Question("ratelimit", "Limit connections per client IP", "bool", _const(True)),
     Question("ratelimit_connections", "Connections allowed per window", "int", _const(10),
              _at_least_one, asked=_on("ratelimit")),
@@ -856,11 +854,10 @@ def _rules(a: Answers, tls: bool, features: list[str]) -> list[_Rule]:
         rule(
             "connect",
             "history",
-            "The incident database (palisade history add|list|remove): repeat offenders.\n"
-            "Tune: threshold (incidents before a client is refused).",
+            "Blocked clients (incidents reaching [incidents] block_at) are refused until the\n"
+            "block ends; palisade history list|show|remove says who and why.",
             k("name", "history"),
             k("check", "history"),
-            k("threshold", a["history_threshold"]),
             k("verb", "deny"),
             k("message", "Blacklisted: Denied access - history of unwanted activity"),
             k(

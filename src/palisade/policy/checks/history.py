@@ -8,17 +8,20 @@ add``; this check only reads it. IPv6 clients are looked up by their /64 and IPv
 clients as IPv4: the store does that grouping, not this check.
 
 Matched when the client's key is **blocked** (an active block: the weighted count reached
-``[incidents] block_at`` and the block has not expired; see README "Incidents and blocks"), or
-when the weighted count of its incidents within ``[incidents] window`` is **at least**
-``threshold`` (``count >= threshold``, like fail2ban's ``maxretry``: with the default threshold
-10, a client with 9 incidents passes and one with 10 is matched). ``threshold`` is an integer of
-at least 1. So the gateway refuses a blocked address even without a firewall in front of it.
+``[incidents] block_at`` and the block has not expired; see README "Incidents and blocks"). So
+the gateway refuses a blocked address even without a firewall in front of it, and lets it in
+again when the block ends, as the firewall does. Optionally, with ``threshold`` (an integer of at
+least 1; none by default), also when the weighted count of its incidents within ``[incidents]
+window`` is **at least** ``threshold`` (``count >= threshold``, like fail2ban's ``maxretry``:
+with threshold 10, a client with 9 incidents passes and one with 10 is matched), blocked or not:
+such a client stays refused until its incidents leave the window, whatever its block.
 
 Values for the rule's texts: ``$count`` (the weighted count within the window),
 ``$first_seen``, ``$last_seen`` (of the incidents within the window; local time,
-``YYYY-MM-DD HH:MM:SS`` as exim stamps its logs), ``$threshold``; for a blocked client also
-``$until`` (when the block ends), ``$times`` (1 for a first block) and ``$reason`` (the rules
-that counted, ``dnsbl x6, no-ptr x4``; otherwise ``$reason`` is the summary every check gives).
+``YYYY-MM-DD HH:MM:SS`` as exim stamps its logs), ``$threshold`` (empty without one); for a
+blocked client also ``$until`` (when the block ends), ``$times`` (1 for a first block) and
+``$reason`` (the rules that counted, ``dnsbl x6, no-ptr x4``; otherwise ``$reason`` is the
+summary every check gives).
 ``$until`` and ``$times`` are empty when the client is not blocked. All are also set when the
 check does not match but a record exists (check-host shows them).
 ``facts.results[keys.HISTORY_COUNT]`` holds the count (0 without a record). Suggested rule::
@@ -53,7 +56,7 @@ from palisade.policy.rules import (
     Stage,
 )
 
-DEFAULT_THRESHOLD = 10
+DEFAULT_THRESHOLD: int | None = None  # blocks only
 
 
 def stamp(at: float) -> str:
@@ -65,8 +68,8 @@ class HistoryCheck:
     name: ClassVar[str] = "history"
     stages: ClassVar[frozenset[Stage]] = frozenset(Stage)
 
-    def __init__(self, threshold: int = DEFAULT_THRESHOLD) -> None:
-        if threshold < 1:
+    def __init__(self, threshold: int | None = DEFAULT_THRESHOLD) -> None:
+        if threshold is not None and threshold < 1:
             raise ValueError("option 'threshold': expected an integer of at least 1")
         self.threshold = threshold
 
@@ -81,7 +84,7 @@ class HistoryCheck:
             "count": str(incident.count),
             "first_seen": stamp(incident.first_seen),
             "last_seen": stamp(incident.last_seen),
-            "threshold": str(self.threshold),
+            "threshold": "" if self.threshold is None else str(self.threshold),
             "until": "" if block is None else stamp(block.until),
             "times": "" if block is None else str(block.times),
         }
@@ -92,22 +95,24 @@ class HistoryCheck:
                 f"{block.reason}; {incident.count} incident(s) in the window)"
             )
             return CheckResult(True, summary, values)
+        limit = "not blocked" if self.threshold is None else f"threshold {self.threshold}"
         summary = (
             f"{incident.key} has {incident.count} incident(s) since {values['first_seen']}"
-            f" (last {values['last_seen']}, threshold {self.threshold})"
+            f" (last {values['last_seen']}, {limit})"
         )
-        return CheckResult(incident.count >= self.threshold, summary, values)
+        matched = self.threshold is not None and incident.count >= self.threshold
+        return CheckResult(matched, summary, values)
 
 
 def build(options: Mapping[str, Any], lists: ListLookup) -> Check:
     opts = Options(options, "history")
-    threshold = opts.number("threshold", DEFAULT_THRESHOLD, minimum=1)
+    threshold = opts.number("threshold", minimum=1) if "threshold" in options else None
     if isinstance(threshold, float):
         if not threshold.is_integer():
             raise ValueError(f"option 'threshold': expected an integer, got {threshold!r}")
         threshold = int(threshold)
     opts.done()
-    return HistoryCheck(int(threshold))
+    return HistoryCheck(None if threshold is None else int(threshold))
 
 
 FACTORIES: dict[str, CheckFactory] = {"history": build}
