@@ -318,6 +318,20 @@ class LogConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class MetricsConfig:
+    """The Prometheus endpoint (README "Prometheus metrics"): off while ``listen`` is empty;
+    else ``host:port`` where the parent (or the single process) serves ``/metrics`` and nothing
+    else. ``dir``: where each process keeps its counters (prometheus-client's multiprocess
+    files; default ``metrics`` under ``[paths] spool``), emptied at every start."""
+
+    listen: str = ""
+    dir: Path | None = None
+
+    def directory(self, spool: Path) -> Path:
+        return self.dir if self.dir is not None else spool / "metrics"
+
+
+@dataclass(frozen=True, slots=True)
 class ScanPatternSpec:
     """One ``[[scan.patterns]]`` entry: a regex with a named group ``ip``, searched in each
     whole line; the rule name the store records and the weight of one match (0: an exception,
@@ -369,6 +383,7 @@ class Config:
     dkim: DkimConfig = DkimConfig()
     incidents: IncidentsConfig = IncidentsConfig()
     scan: ScanConfig = ScanConfig()
+    metrics: MetricsConfig = MetricsConfig()
     lists: tuple[ListSpec, ...] = ()
     rules: tuple[RuleSpec, ...] = ()
     source: str = "<defaults>"
@@ -402,6 +417,8 @@ RESTART_KEYS: tuple[str, ...] = (
     "server.pid_file",
     "delivery.concurrency",
     "dns.dnsbl_probe_interval",
+    "metrics.listen",
+    "metrics.dir",
 )
 
 
