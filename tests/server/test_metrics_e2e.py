@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import smtplib
 import socket
@@ -313,3 +314,57 @@ def test_metrics_off_means_no_port_and_no_files(make_gateway: Any, dns: ZoneServ
     assert off.proc is not None
     assert listening_ports(off.proc.pid) == {off.port}
     assert not (off.spool_dir / "metrics").exists()
+
+
+DASHBOARD = Path(__file__).resolve().parents[2] / "contrib" / "grafana" / "palisade.json"
+
+
+def test_grafana_dashboard_names_only_metrics_the_endpoint_exports(
+    make_gateway: Any, dns: ZoneServer
+) -> None:
+    """Also: a spam scanner that is down (spamd on a closed port, ``on_failure = accept``) is
+    one call and one error of service ``spamd`` per message, and the message is accepted."""
+    gw: GatewayProcess = make_gateway(
+        metrics={"listen": f"127.0.0.1:{free_port()}"},
+        dns={"nameservers": [f"127.0.0.1:{dns.port}"], "dnsbl_probe_interval": 0},
+        spamd={"address": f"127.0.0.1:{free_port()}", "timeout": 2, "on_failure": "accept"},
+        rules={"connect": [DNSBL], "helo": [BOT_HELO]},
+    )
+    before = settled(gw)
+    send_message(gw)
+    refused_helo(gw)
+    after = settled(gw)
+    assert delta(after, before, "palisade_messages_total", outcome="accepted") == 1
+    assert delta(after, before, "palisade_service_seconds_count", service="spamd") == 1
+    assert delta(after, before, "palisade_service_errors_total", service="spamd") == 1
+    with urllib.request.urlopen(url(gw), timeout=10) as response:
+        families = {
+            f.name for f in text_string_to_metric_families(response.read().decode()) if f.samples
+        }
+    samples = {name for name, _ in after}
+    dashboard = json.loads(DASHBOARD.read_text())
+    assert dashboard["panels"], "no panels"
+    named = set()
+    for panel in dashboard["panels"]:
+        exprs = [target["expr"] for target in panel["targets"]]
+        assert exprs, panel["title"]
+        for expr in exprs:
+            names = set(re.findall(r"\bpalisade_[a-z_]+", expr))
+            assert names, (panel["title"], expr)
+            for name in names:
+                assert name in samples or name in families, (panel["title"], name)
+            named |= names
+    # the main series each have a panel
+    for family in (
+        "palisade_connections",
+        "palisade_refusals",
+        "palisade_messages",
+        "palisade_queue_messages",
+        "palisade_spam_score",
+        "palisade_check_seconds",
+        "palisade_dnsbl_seconds",
+        "palisade_service_seconds",
+        "palisade_tls_handshakes",
+        "palisade_firewall_blocks",
+    ):
+        assert any(name.startswith(family) for name in named), family

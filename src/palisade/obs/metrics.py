@@ -135,6 +135,27 @@ class Metrics:
         self._connection = {o: self.connections.labels(o) for o in CONNECTION_OUTCOMES}
         self._message = {k: self.messages.labels(v) for k, v in MESSAGE_OUTCOMES.items()}
 
+    def prime(
+        self,
+        rules: Iterable[tuple[str, str]],
+        zones: Iterable[str],
+        services: Iterable[str],
+    ) -> None:
+        """Makes the series of the configured rules (stage, name), DNSBL zones and services
+        (scanners, ``ldap``) exist at zero from the start: a dashboard shows them before the
+        first event, and ``rate()`` sees the first increment."""
+        for stage, rule in rules:
+            self.check_seconds.labels(_label(stage), _label(rule))
+            self.check_errors.labels(_label(stage), _label(rule))
+        for zone in zones:
+            self.dnsbl_seconds.labels(_label(zone))
+            self.dnsbl_errors.labels(_label(zone))
+        for service in services:
+            self.service_seconds.labels(_label(service))
+            self.service_errors.labels(_label(service))
+        for outcome in ("ok", "failed"):
+            self.tls.labels(outcome)
+
     def observe(self, name: object, fields: Mapping[str, Any]) -> None:
         """One event (see the module docstring); events that no metric follows are ignored."""
         if name == "checks":

@@ -669,7 +669,7 @@ def serve(config_path: Path | None) -> int:
         remove_pid_file(config)
         return 0
     try:  # as the service user: the processes' files are its own
-        metrics = start_metrics(config)
+        metrics = start_metrics(config, policy)
     except OSError as exc:
         print(
             f"palisade: {config.source}: metrics.dir: cannot use "

@@ -30,7 +30,8 @@ from typing import Any
 from palisade.config import Config
 from palisade.obs import metrics as obs_metrics
 from palisade.obs.log import EventLog
-from palisade.policy.rules import Ports
+from palisade.policy.policy import Policy
+from palisade.policy.rules import Ports, Stage, active_zones
 from palisade.ports import (
     MessageSource,
     RecipientDirectory,
@@ -46,13 +47,31 @@ REQUEST_TIMEOUT = 5.0
 MAX_SCRAPES = 8
 
 
-def start_metrics(config: Config) -> obs_metrics.Metrics | None:
+def start_metrics(config: Config, policy: Policy) -> obs_metrics.Metrics | None:
     """At start, before any worker is forked: None when ``[metrics] listen`` is empty; else the
-    multiprocess directory is emptied and the metric objects made (the workers inherit them)."""
+    multiprocess directory is emptied and the metric objects made (the workers inherit them),
+    with the series of ``policy``'s rules and zones and the configured services at zero."""
     if not config.metrics.listen:
         return None
     obs_metrics.prepare(config.metrics.directory(config.paths.spool))
-    return obs_metrics.Metrics()
+    metrics = obs_metrics.Metrics()
+    rules = [rule for stage in Stage for rule in policy.for_stage(stage)]
+    services = [
+        name
+        for name, on in (
+            ("ldap", bool(config.ldap.servers)),
+            ("spamd", bool(config.spamd.address)),
+            ("rspamd", bool(config.rspamd.url)),
+            ("clamd", bool(config.clamd.address)),
+        )
+        if on
+    ]
+    metrics.prime(
+        rules=[(rule.stage.value, rule.name) for rule in rules],
+        zones=sorted({zone for rule in rules for zone in active_zones(rule.check)}),
+        services=services,
+    )
+    return metrics
 
 
 def worker_gone(pid: int) -> None:
