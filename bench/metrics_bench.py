@@ -117,6 +117,7 @@ def config(root: Path, port: int, sink: int, dns: int, metrics: int | None) -> P
 [server]
 hostname = "gw.bench.test"
 listen = ["127.0.0.1:{port}"]
+control_socket = "{root}/control.sock"
 workers = 2
 max_connections = 20000
 max_connections_per_ip = 20000

@@ -33,6 +33,7 @@ from tests.conftest import (
     child_pids,
     free_port,
     open_connections,
+    palisade,
     sockets_held,
     wait_for,
 )
@@ -368,3 +369,40 @@ def test_grafana_dashboard_names_only_metrics_the_endpoint_exports(
         "palisade_firewall_blocks",
     ):
         assert any(name.startswith(family) for name in named), family
+
+
+@pytest.mark.parametrize(
+    ("listen", "problem"),
+    [
+        ("127.0.0.1", "expected host:port"),
+        ("127.0.0.1:99999", "expected a port from 1 to 65535"),
+        ("[::1", "expected"),
+    ],
+)
+def test_a_bad_metrics_listen_is_one_clear_line(
+    make_gateway: Any, listen: str, problem: str
+) -> None:
+    gw: GatewayProcess = make_gateway(start=False, metrics={"listen": listen})
+    result = palisade("config", "check", "--config", str(gw.config_path), cwd=gw.base)
+    assert "Traceback" not in result.stderr + result.stdout
+    assert result.returncode != 0
+    out = result.stdout + result.stderr
+    assert "metrics.listen" in out and problem in out, out
+
+
+def test_a_metrics_port_in_use_stops_the_start_with_one_line(make_gateway: Any) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        gw: GatewayProcess = make_gateway(start=False, metrics={"listen": f"127.0.0.1:{port}"})
+        gw.start(greet=False)
+        assert gw.proc is not None
+        assert gw.proc.wait(20) == 1
+    wait_for(lambda: "metrics.listen" in gw.stderr())
+    lines = [line for line in gw.stderr().splitlines() if "metrics.listen" in line]
+    assert lines == [
+        f"palisade: {gw.config_path}: metrics.listen: cannot listen on 127.0.0.1:{port}: "
+        "Address already in use"
+    ], gw.stderr()
+    assert "Traceback" not in gw.stderr()
