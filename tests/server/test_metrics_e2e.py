@@ -18,6 +18,7 @@ import re
 import signal
 import smtplib
 import socket
+import ssl
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
@@ -37,6 +38,8 @@ from tests.conftest import (
     sockets_held,
     wait_for,
 )
+from tests.scanners.conftest import GTUBE
+from tests.scanners.spamd import SpamdProcess, start_spamd
 from tests.server.smtpclient import RawClient
 
 LISTED = "127.0.0.5"  # the DNSBL lists this client address (the others come from 127.0.0.1)
@@ -406,3 +409,63 @@ def test_a_metrics_port_in_use_stops_the_start_with_one_line(make_gateway: Any) 
         "Address already in use"
     ], gw.stderr()
     assert "Traceback" not in gw.stderr()
+
+
+@pytest.fixture(scope="module")
+def spamd() -> Iterator[SpamdProcess]:
+    process = start_spamd()
+    yield process
+    process.stop()
+
+
+def test_spam_scores_scanner_calls_and_tls_handshakes(
+    make_gateway: Any, dns: ZoneServer, spamd: SpamdProcess, tls_files: Any
+) -> None:
+    """A real spamd scores a ham message (low) and GTUBE (about 1000: killed, refused after
+    DATA); both are in the score histogram, as two spamd calls. STARTTLS from smtplib is a
+    handshake that succeeds; a client that sends garbage instead of a ClientHello one that
+    fails."""
+    gw: GatewayProcess = make_gateway(
+        metrics={"listen": f"127.0.0.1:{free_port()}"},
+        dns={"nameservers": [f"127.0.0.1:{dns.port}"], "dnsbl_probe_interval": 0},
+        spamd={"address": spamd.address, "timeout": 30},
+        tls={
+            "certificate": str(tls_files["certificate"]),
+            "private_key": str(tls_files["private_key"]),
+        },
+    )
+    before = settled(gw)
+    context = ssl.create_default_context(cafile=str(tls_files["ca"]))
+    with smtplib.SMTP("127.0.0.1", gw.port, timeout=60) as client:
+        client.starttls(context=context)
+        client.sendmail("a@outside.test", ["postmaster@example.test"], MESSAGE)
+    with (
+        pytest.raises(smtplib.SMTPDataError) as refused,
+        smtplib.SMTP("127.0.0.1", gw.port, timeout=60) as client,
+    ):
+        client.sendmail(
+            "b@outside.test", ["postmaster@example.test"], f"Subject: x\r\n\r\n{GTUBE}\r\n"
+        )
+    assert refused.value.smtp_code == 550
+    raw = RawClient(gw.port)
+    assert raw.reply()[0] == 220
+    assert raw.command("EHLO tls.test")[0] == 250
+    assert raw.command("STARTTLS")[0] == 220
+    raw.send(b"this is no ClientHello\r\n" * 4)
+    assert raw.closed()
+    after = settled(gw)
+    assert delta(after, before, "palisade_tls_handshakes_total", result="ok") == 1
+    assert delta(after, before, "palisade_tls_handshakes_total", result="failed") == 1
+    assert delta(after, before, "palisade_spam_score_count") == 2
+    assert delta(after, before, "palisade_spam_score_bucket", le="10.0") == 1  # the ham
+    assert delta(after, before, "palisade_spam_score_bucket", le="30.0") == 1  # not GTUBE
+    assert delta(after, before, "palisade_spam_score_bucket", le="+Inf") == 2
+    assert delta(after, before, "palisade_service_seconds_count", service="spamd") == 2
+    assert delta(after, before, "palisade_service_errors_total", service="spamd") == 0
+    assert delta(after, before, "palisade_messages_total", outcome="accepted") == 1
+    refused_after_data = {
+        dict(labels)["rule"]: v - value(before, name, **dict(labels))
+        for (name, labels), v in after.items()
+        if name == "palisade_refusals_total" and dict(labels)["stage"] == "data"
+    }
+    assert sum(refused_after_data.values()) == 1, refused_after_data

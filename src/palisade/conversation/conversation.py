@@ -164,6 +164,10 @@ def _our_names(hostname: str) -> frozenset[str]:
 _SIGNING_DEFERRED = Reply(451, "4.3.5", "Temporary local problem, please try again later")
 
 
+# the field that makes a connect-stage refusal also a connection refused (obs.metrics)
+_REFUSED_AT_CONNECT: dict[str, object] = {"connection": "refused"}
+
+
 class _Closed(Exception):
     """The conversation is over (QUIT, drop, too many errors, EOF)."""
 
@@ -513,7 +517,7 @@ class Conversation:
             stage=stage.value,
             rule=verdict.rule or "relay",  # the verdicts that are no rule's are relay control's
             verb=verdict.action.value,
-            connection="refused" if stage is Stage.CONNECT else None,
+            **_REFUSED_AT_CONNECT if stage is Stage.CONNECT else {},
         )
 
     # -- replies -----------------------------------------------------------------------------
