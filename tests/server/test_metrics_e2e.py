@@ -31,6 +31,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from loopback.dnsserver import ZoneServer, start_zone_server
 from tests.conftest import (
     GatewayProcess,
+    NextHop,
     child_pids,
     free_port,
     open_connections,
@@ -469,3 +470,73 @@ def test_spam_scores_scanner_calls_and_tls_handshakes(
         if name == "palisade_refusals_total" and dict(labels)["stage"] == "data"
     }
     assert sum(refused_after_data.values()) == 1, refused_after_data
+
+
+def test_delivery_outcomes_and_the_queue(make_gateway: Any, next_hop: NextHop) -> None:
+    """A relay message to a next hop that is down: deferred, in the queue (size 1, an age);
+    then the next hop comes up: delivered, the queue empty."""
+    gw: GatewayProcess = make_gateway(
+        metrics={"listen": f"127.0.0.1:{free_port()}"},
+        domains={"local": ["example.test"], "relay": ["corp.test"]},
+        delivery={
+            "next_hop": f"127.0.0.1:{next_hop.port}",
+            "retry_initial": 1,
+            "retry_max_interval": 1,
+        },
+    )
+    before = settled(gw)
+    with smtplib.SMTP("127.0.0.1", gw.port, timeout=10) as client:
+        client.sendmail("postmaster@example.test", ["later@corp.test"], MESSAGE)
+    waiting = wait_for(
+        lambda: (
+            s
+            if delta(s := scrape(gw), before, "palisade_messages_total", outcome="deferred") >= 1
+            else None
+        )
+    )
+    assert value(waiting, "palisade_queue_messages") == 1
+    assert value(waiting, "palisade_queue_oldest_age_seconds") > 0
+    next_hop.start()
+    wait_for(lambda: next_hop.handler.messages, timeout=20)
+    done = wait_for(
+        lambda: (
+            s
+            if delta(s := scrape(gw), before, "palisade_messages_total", outcome="delivered") == 1
+            and value(s, "palisade_queue_messages") == 0
+            else None
+        ),
+        timeout=20,
+    )
+    assert delta(done, before, "palisade_messages_total", outcome="accepted") == 1
+    assert delta(done, before, "palisade_messages_total", outcome="failed") == 0
+    assert delta(done, before, "palisade_messages_total", outcome="bounced") == 0
+    assert value(done, "palisade_queue_oldest_age_seconds") == 0
+
+
+def test_an_expired_message_fails_and_bounces(make_gateway: Any) -> None:
+    """The next hop never answers and ``max_age`` is 1 s: the recipient fails, a bounce is
+    made and delivered to the (local) sender's Maildir."""
+    gw: GatewayProcess = make_gateway(
+        metrics={"listen": f"127.0.0.1:{free_port()}"},
+        domains={"local": ["example.test"], "relay": ["corp.test"]},
+        delivery={
+            "next_hop": f"127.0.0.1:{free_port()}",
+            "retry_initial": 1,
+            "retry_max_interval": 1,
+            "max_age": 1,
+        },
+    )
+    before = settled(gw)
+    with smtplib.SMTP("127.0.0.1", gw.port, timeout=10) as client:
+        client.sendmail("postmaster@example.test", ["never@corp.test"], MESSAGE)
+    wait_for(lambda: len(gw.maildir_messages("postmaster")) == 1, timeout=20)
+    after = wait_for(
+        lambda: (
+            s
+            if delta(s := scrape(gw), before, "palisade_messages_total", outcome="delivered") == 1
+            else None
+        )
+    )
+    assert delta(after, before, "palisade_messages_total", outcome="accepted") == 1
+    assert delta(after, before, "palisade_messages_total", outcome="failed") == 1
+    assert delta(after, before, "palisade_messages_total", outcome="bounced") == 1
