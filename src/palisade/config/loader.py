@@ -579,6 +579,15 @@ def _check_cross_rules(config: Config, source: str, finder: _LineFinder) -> None
             parse_host_port(entry)
         except ValueError as exc:
             fail("server", "listen", str(exc))
+    if config.metrics.listen:
+        try:
+            _, port = parse_host_port(config.metrics.listen, default_port=0)
+        except ValueError as exc:
+            fail("metrics", "listen", f'{exc} (or "" for no metrics endpoint)')
+        if port == 0:
+            fail("metrics", "listen", f"expected host:port, got {config.metrics.listen!r}")
+        if config.metrics.listen in config.server.listen:
+            fail("metrics", "listen", "the same address as [server] listen")
     for entry in config.dns.nameservers:
         try:
             host, _ = parse_host_port(entry, default_port=53)

@@ -332,6 +332,20 @@ class FirewallConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class MetricsConfig:
+    """The Prometheus endpoint (README "Prometheus metrics"): off while ``listen`` is empty;
+    else ``host:port`` where the parent (or the single process) serves ``/metrics`` and nothing
+    else. ``dir``: where each process keeps its counters (prometheus-client's multiprocess
+    files; default ``metrics`` under ``[paths] spool``), emptied at every start."""
+
+    listen: str = ""
+    dir: Path | None = None
+
+    def directory(self, spool: Path) -> Path:
+        return self.dir if self.dir is not None else spool / "metrics"
+
+
+@dataclass(frozen=True, slots=True)
 class ScanPatternSpec:
     """One ``[[scan.patterns]]`` entry: a regex with a named group ``ip``, searched in each
     whole line; the rule name the store records and the weight of one match (0: an exception,
@@ -384,6 +398,7 @@ class Config:
     incidents: IncidentsConfig = IncidentsConfig()
     firewall: FirewallConfig = FirewallConfig()
     scan: ScanConfig = ScanConfig()
+    metrics: MetricsConfig = MetricsConfig()
     lists: tuple[ListSpec, ...] = ()
     rules: tuple[RuleSpec, ...] = ()
     source: str = "<defaults>"
@@ -417,6 +432,8 @@ RESTART_KEYS: tuple[str, ...] = (
     "server.pid_file",
     "delivery.concurrency",
     "dns.dnsbl_probe_interval",
+    "metrics.listen",
+    "metrics.dir",
 )
 
 

@@ -107,6 +107,12 @@ def added_headers(config: Config, facts: Facts) -> bytes:
     return b"".join((text + "\r\n").encode("utf-8", "replace") for text in folded)
 
 
+def spam_score(facts: Facts) -> float | None:
+    """The spam scanner's score of the message, when it was scanned."""
+    report, failed = _spam_state(facts)
+    return None if failed or report is None else report.score
+
+
 def log_fields(config: Config, facts: Facts) -> list[str]:
     """``spam=<score>`` (or ``spam=unchecked`` / ``spam=skipped``) when a scanner is on."""
     if config.spam_scanner is None:

@@ -164,6 +164,10 @@ def _our_names(hostname: str) -> frozenset[str]:
 _SIGNING_DEFERRED = Reply(451, "4.3.5", "Temporary local problem, please try again later")
 
 
+# the field that makes a connect-stage refusal also a connection refused (obs.metrics)
+_REFUSED_AT_CONNECT: dict[str, object] = {"connection": "refused"}
+
+
 class _Closed(Exception):
     """The conversation is over (QUIT, drop, too many errors, EOF)."""
 
@@ -344,7 +348,12 @@ class Conversation:
         self.ctx.log.reject(
             f"SMTP protocol synchronization error (input sent without waiting for "
             f"greeting): rejected connection from H=[{self.ip_text}]:{self.port} "
-            f'input="{escape_field(early.decode("latin-1"), 60)}"'
+            f'input="{escape_field(early.decode("latin-1"), 60)}"',
+            event="refused",
+            stage="connect",
+            rule="pregreet",
+            verb="drop",
+            connection="pregreet",
         )
         self.send(Reply(554, "5.5.0", "SMTP synchronization error"))
 
@@ -353,6 +362,7 @@ class Conversation:
         self._waited = True
 
     def greet(self) -> None:
+        self.ctx.log.event("greeted")
         self.out.append(self.conn.greeting(self.config.server.hostname))
 
     def behaved(self) -> bool:
@@ -412,6 +422,7 @@ class Conversation:
         if self.observer is not None:
             self.observer.stage(stage, subject, outcome)
         self._log_decisions(outcome, subject)
+        self._log_checks(outcome)
         if stage is Stage.CONNECT:
             self._connect_accepted = outcome.accepted
         target = self._warn_headers if stage in (Stage.CONNECT, Stage.HELO) else self.tx.headers
@@ -455,6 +466,20 @@ class Conversation:
             for line in lines:
                 self.ctx.log.main(f"{where} {line}")
 
+    def _log_checks(self, outcome: StageOutcome) -> None:
+        """The stage's checks for the metrics: each rule's time and whether it failed, each
+        DNSBL zone's (public names), the spam score after DATA."""
+        zones = self.facts.results.pop(keys.DNSBL_TIMINGS)
+        score = content.spam_score(self.facts) if outcome.stage is Stage.DATA else None
+        if outcome.decisions or zones or score is not None:
+            self.ctx.log.event(
+                "checks",
+                stage=outcome.stage.value,
+                rules=[(d.rule.name, d.elapsed, d.error is not None) for d in outcome.decisions],
+                zones=zones or (),
+                spam_score=score,
+            )
+
     def _report_zones(self, zones: Mapping[str, str]) -> None:
         """A failing DNSBL zone goes to the panic log once per probe interval (5 min when probes
         are off), so an operator sees a dead or refusing list without a line per client."""
@@ -487,7 +512,12 @@ class Conversation:
             what = "after DATA"
         self.ctx.log.reject(
             f"{self.host_field()}{self._sender_field()} {temporarily}rejected {what}: "
-            f"{escape_field(verdict.log_message, 400)}"
+            f"{escape_field(verdict.log_message, 400)}",
+            event="refused",
+            stage=stage.value,
+            rule=verdict.rule or "relay",  # the verdicts that are no rule's are relay control's
+            verb=verdict.action.value,
+            **_REFUSED_AT_CONNECT if stage is Stage.CONNECT else {},
         )
 
     # -- replies -----------------------------------------------------------------------------
@@ -562,7 +592,11 @@ class Conversation:
                     mechanism = escape_field(event.argument.split(" ")[0], 20)
                     self.ctx.log.reject(
                         f'SMTP protocol error in "AUTH {mechanism}" {self.host_field()} '
-                        "AUTH command used when not advertised"
+                        "AUTH command used when not advertised",
+                        event="refused",
+                        stage="protocol",
+                        rule="auth_not_offered",
+                        verb="deny",
                     )
                     self.send(Reply(503, "5.5.1", "Error: authentication not enabled"))
                 case events.CommandError():
@@ -573,7 +607,11 @@ class Conversation:
                     last = escape_field(self.conn.last_command, 100)
                     self.ctx.log.reject(
                         f"SMTP call from {self.host_field()} dropped: "
-                        f'too many syntax or protocol errors (last command was "{last}")'
+                        f'too many syntax or protocol errors (last command was "{last}")',
+                        event="refused",
+                        stage="protocol",
+                        rule="too_many_errors",
+                        verb="drop",
                     )
                     self.send(event.reply)
                     return Step.CLOSE
@@ -659,12 +697,20 @@ class Conversation:
             self.ctx.log.reject(
                 f"SMTP protocol synchronization error (next input sent too soon: pipelining was "
                 f"not advertised): rejected connection from {self.host_field()} next "
-                f'input="{escape_field(event.pending.decode("latin-1"), 60)}"'
+                f'input="{escape_field(event.pending.decode("latin-1"), 60)}"',
+                event="refused",
+                stage="protocol",
+                rule="pipelining",
+                verb="deny" if self.conn.is_open else "drop",
             )
         else:
             self.ctx.log.reject(
                 f"SMTP protocol error in {event.kind}: {self.host_field()}{self._sender_field()} "
-                f"{escape_field(event.reason, 200)}"
+                f"{escape_field(event.reason, 200)}",
+                event="refused",
+                stage="protocol",
+                rule=event.kind,  # a token of the SMTP core's fixed list, never client text
+                verb="deny" if self.conn.is_open else "drop",
             )
         self.send(event.reply)
         return Step.GO_ON if self.conn.is_open else Step.CLOSE
@@ -844,7 +890,11 @@ class Conversation:
             )
             self.ctx.log.reject(
                 f"{self.host_field()}{self._sender_field()} temporarily rejected after DATA: "
-                f"DKIM key for {domain} unusable"
+                f"DKIM key for {domain} unusable",
+                event="refused",
+                stage="data",
+                rule="dkim_key",
+                verb="defer",
             )
             self.send(_SIGNING_DEFERRED)
             self.tx = Transaction()
@@ -873,7 +923,11 @@ class Conversation:
         what = _DATA_FLAWS.get(event.flaw or "", event.flaw_reason)
         rcpts = ",".join(f"<{escape_field(r, 200)}>" for r in self.tx.recipients)
         self.ctx.log.reject(
-            f"{self.host_field()}{self._sender_field()} T={rcpts} rejected after DATA: {what}"
+            f"{self.host_field()}{self._sender_field()} T={rcpts} rejected after DATA: {what}",
+            event="refused",
+            stage="data",
+            rule=event.flaw if event.flaw in _DATA_FLAWS else "data_error",
+            verb="deny",
         )
 
     def _log_arrival(self, tx: Transaction, size: int) -> None:
@@ -899,6 +953,7 @@ class Conversation:
             queue_id=tx.queue_id,
             client_ip=self.ip_text,
             message_id=tx.message_id,
+            event="accepted",
         )
 
     def abort_transaction(self) -> None:

@@ -231,6 +231,7 @@ class IncidentRecorder:
                 f"incident block: {escape_field(outcome.key)} blocked "
                 f"{describe_block(outcome.block)} ({outcome.count} incidents in {window})",
                 client_ip=item.ip,
+                event="block",
             )
 
     def _failure(self, ip: str, rule: str, reason: str) -> None:

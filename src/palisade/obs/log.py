@@ -105,6 +105,11 @@ class EventLog(Protocol):
     def panic(self, line: str, **fields: object) -> None:
         """Something the operator must look at (broken config on reload, spool corruption)."""
 
+    def event(self, name: str, **fields: object) -> None:
+        """A fact with no line of its own (a check's time, a connection closed, a handshake):
+        for an observer such as the metrics (:mod:`palisade.obs.metrics`); the files write
+        nothing. Lines that are events carry ``event=NAME`` among their fields."""
+
 
 LOG_MODE = 0o640  # as exim's: the owner writes, its group (e.g. adm) reads, nobody else
 
@@ -229,6 +234,8 @@ class FileEventLog:
     Lines are written with ``os.write`` on O_APPEND descriptors so that several worker processes
     can share the files without interleaving inside a line. ``json_lines`` adds ``main.jsonl``
     with one object per event (``fields`` plus the text). ``syslog``: every line also goes there.
+    ``observer``: told every event (``event=NAME`` of a line's fields, and :meth:`event`), after
+    the line is written: the metrics (:class:`palisade.obs.metrics.Metrics`).
     """
 
     def __init__(
@@ -238,8 +245,10 @@ class FileEventLog:
         json_lines: bool = False,
         echo: bool = False,
         syslog: SyslogSink | None = None,
+        observer: Callable[[object, dict[str, object]], None] | None = None,
     ) -> None:
         make_dirs(directory, 0o750)
+        self._observer = observer
         self.directory = directory
         self._echo = echo
         self._syslog = syslog
@@ -271,12 +280,20 @@ class FileEventLog:
 
     def main(self, line: str, **fields: object) -> None:
         self._write((self._main,), "main", line, fields)
+        if self._observer is not None and "event" in fields:
+            self._observer(fields["event"], fields)
 
     def reject(self, line: str, **fields: object) -> None:
         self._write((self._main, self._reject), "reject", line, fields)
+        if self._observer is not None and "event" in fields:
+            self._observer(fields["event"], fields)
 
     def panic(self, line: str, **fields: object) -> None:
         self._write((self._main, self._panic), "panic", line, fields)
+
+    def event(self, name: str, **fields: object) -> None:
+        if self._observer is not None:  # no line: see EventLog.event
+            self._observer(name, fields)
 
     def reopen(self) -> None:
         """SIGUSR1: every file opened again at its path (a new one made if it is gone). A file
@@ -312,3 +329,6 @@ class MemoryEventLog:
 
     def panic(self, line: str, **fields: object) -> None:
         self.lines.append(("panic", line))
+
+    def event(self, name: str, **fields: object) -> None:
+        pass

@@ -17,6 +17,7 @@ __all__ = [
     "DBL_LISTED",
     "DNSBL_ERRORS",
     "DNSBL_LISTED",
+    "DNSBL_TIMINGS",
     "HISTORY_COUNT",
     "RATELIMIT_COUNT",
     "RATELIMIT_RATE",
@@ -35,6 +36,8 @@ RDNS_VERIFIED: Key[bool] = Key("rdns.verified")
 RDNS_GENERIC: Key[bool] = Key("rdns.generic")  # a PTR name looks dynamic (dyn, dsl, pool...)
 DNSBL_LISTED: Key[list[str]] = Key("dnsbl.listed")  # zones (public names) that list the client
 DNSBL_ERRORS: Key[list[str]] = Key("dnsbl.errors")
+# (public zone name, seconds, failed) per zone asked, for the metrics; the conversation takes them
+DNSBL_TIMINGS: Key[list[tuple[str, float, bool]]] = Key("dnsbl.timings")
 DBL_LISTED: Key[list[str]] = Key("dbl.listed")  # domain names listed
 DBL_ERRORS: Key[list[str]] = Key("dbl.errors")
 RATELIMIT_RATE: Key[str] = Key("ratelimit.rate")  # "11/900s"

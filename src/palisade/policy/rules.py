@@ -85,6 +85,9 @@ class Results:
     def setdefault(self, key: Key[T], default: T) -> T:
         return cast(T, self._values.setdefault(key, default))
 
+    def pop(self, key: Key[T]) -> T | None:
+        return cast("T | None", self._values.pop(key, None))
+
     def __repr__(self) -> str:
         return repr(self._values)
 

@@ -51,6 +51,7 @@ from palisade.delivery import QueueRunner
 from palisade.feedback.incidents import IncidentRecorder
 from palisade.obs.files import make_dirs
 from palisade.obs.log import FileEventLog
+from palisade.obs.metrics import Metrics
 from palisade.obs.queueid import QueueIdGenerator
 from palisade.server import control, notify, privileges
 from palisade.server.conncount import SharedCounts
@@ -62,6 +63,7 @@ from palisade.server.generation import (
     close_ports,
 )
 from palisade.server.listener import Listener, bind_socket
+from palisade.server.metrics import serve_metrics, start_metrics, worker_gone
 from palisade.server.service import open_event_log, remove_pid_file, write_pid_file
 from palisade.server.steering import steer_by_source
 from palisade.spool import Spool
@@ -207,13 +209,15 @@ class Gateway:
         listening: bool = True,
         delivering: bool = True,
         announces: bool = True,
+        metrics: Metrics | None = None,
     ) -> None:
         self.config_path = config_path
+        self.metrics = metrics
         self.local_rates = local_rates
         self.listening = listening
         self.delivering = delivering
         self.announces = announces
-        self.log = open_event_log(config)
+        self.log = open_event_log(config, None if metrics is None else metrics.observe)
         self.spool = Spool(config.paths.spool)
         self.stopping = asyncio.Event()
         self.runner: QueueRunner | None = None
@@ -232,6 +236,7 @@ class Gateway:
             local_rates=self.local_rates,
             on_list_error=self.log.panic,
             check_environment=check,
+            timed_by=None if self.metrics is None else self.log,
         )
 
     def make_context(self, submit: Callable[[str], None]) -> ServerContext:
@@ -340,9 +345,12 @@ async def run_single(
     config_path: Path | None,
     sockets: list[socket.socket],
     ctl: control.ControlSocket | None = None,
+    metrics: Metrics | None = None,
+    metrics_socket: socket.socket | None = None,
 ) -> None:
-    """workers = 1: listener and queue runner in one process; it answers ``ctl`` too."""
-    gw = Gateway(config, config_path, local_rates=True)
+    """workers = 1: listener and queue runner in one process; it answers ``ctl`` too, and
+    serves ``/metrics`` on ``metrics_socket``."""
+    gw = Gateway(config, config_path, local_rates=True, metrics=metrics)
     runner = gw.start_runner()
     ctx = gw.make_context(runner.submit)
     await runner.start()
@@ -354,6 +362,7 @@ async def run_single(
         if ctl is None
         else control.serve_status(ctl, gw, connections=lambda: len(listener.sessions))
     )
+    endpoint = await serve_metrics(metrics_socket, gw.spool)
     gw.install_signals(gw.reload_and_probe)
     gw.log.main(
         f"palisade daemon started: pid={os.getpid()}, listening on "
@@ -370,6 +379,8 @@ async def run_single(
     await runner.stop()
     if status is not None:
         await status.close()
+    if endpoint is not None:
+        await endpoint.close()
     gw.close()
     gw.log.main("palisade daemon stopped")
 
@@ -385,6 +396,7 @@ async def run_worker(
     slot: int,
     counts: SharedCounts | None,
     channel: socket.socket | None = None,
+    metrics: Metrics | None = None,
 ) -> None:
     """A listening worker: commits to the spool and tells the parent the queue id.
 
@@ -394,7 +406,14 @@ async def run_worker(
     ``counts``: the per-IP connection counts shared with the other workers, of which column
     ``slot`` is this worker's (None: this worker's own counts are exact). ``channel``: where the
     parent asks for this worker's part of ``palisade status`` (:mod:`.control`)."""
-    gw = Gateway(config, config_path, local_rates=steered, delivering=False, announces=False)
+    gw = Gateway(
+        config,
+        config_path,
+        local_rates=steered,
+        delivering=False,
+        announces=False,
+        metrics=metrics,
+    )
     if needs_steering(config) and not steered:
         gw.log.main(
             "SO_REUSEPORT steering unavailable: rate counters are shared through the "
@@ -470,6 +489,8 @@ async def run_parent(
     counts: SharedCounts | None = None,
     ctl: control.ControlSocket | None = None,
     channels: control.WorkerChannels | None = None,
+    metrics: Metrics | None = None,
+    metrics_socket: socket.socket | None = None,
 ) -> None:
     """The parent of workers: runs the queue runner, forwards signals, restarts dead workers.
 
@@ -478,8 +499,9 @@ async def run_parent(
     worker's counts are cleared before its slot is started again. A worker started again gets
     the parent's newest config (the one its generation was built from), not the file as it is
     now nor the one the gateway started with. ``ctl``: the control socket the parent answers,
-    asking the workers over ``channels``."""
-    gw = Gateway(config, config_path, listening=False)
+    asking the workers over ``channels``. ``metrics_socket``: where it serves ``/metrics``, the
+    sum of every process's counts (``palisade.obs.metrics``)."""
+    gw = Gateway(config, config_path, listening=False, metrics=metrics)
 
     def on_hup() -> None:
         gw.reload()
@@ -524,6 +546,8 @@ async def run_parent(
                 done, status = os.waitpid(pid, os.WNOHANG)
                 if done and not gw.stopping.is_set():
                     gw.log.panic(f"worker {pid} exited (status {status}); starting a new one")
+                    if metrics is not None:
+                        worker_gone(pid)
                     if counts is not None:
                         counts.clear_slot(slot)
                     workers[slot] = spawn(slot, gw.config)
@@ -536,6 +560,7 @@ async def run_parent(
     status = (
         None if ctl is None else control.serve_status(ctl, gw, workers=workers, channels=channels)
     )
+    endpoint = await serve_metrics(metrics_socket, gw.spool)
     await gw.stopping.wait()
     notify.stopping()
     gw.log.main("SIGTERM received: stopping workers")
@@ -551,6 +576,8 @@ async def run_parent(
     await runner.stop()
     if status is not None:
         await status.close()
+    if endpoint is not None:
+        await endpoint.close()
     gw.close()
     gw.log.main("palisade daemon stopped")
 
@@ -615,6 +642,17 @@ def serve(config_path: Path | None) -> int:
             f"palisade: cannot listen on {', '.join(config.server.listen)}: {exc}", file=sys.stderr
         )
         return 1
+    metrics_socket = None
+    if config.metrics.listen:
+        try:
+            metrics_socket = bind_socket(config.metrics.listen, reuse_port=False)
+        except OSError as exc:
+            print(
+                f"palisade: {config.source}: metrics.listen: cannot listen on "
+                f"{config.metrics.listen}: {exc.strerror or exc}",
+                file=sys.stderr,
+            )
+            return 1
     try:  # before the drop: /run/palisade may be root's (systemd's RuntimeDirectory)
         write_pid_file(config)
     except OSError as exc:
@@ -630,8 +668,18 @@ def serve(config_path: Path | None) -> int:
     if startup_signals.stop:  # SIGTERM while starting: nothing forked, nothing to recover
         remove_pid_file(config)
         return 0
+    try:  # as the service user: the processes' files are its own
+        metrics = start_metrics(config, policy)
+    except OSError as exc:
+        print(
+            f"palisade: {config.source}: metrics.dir: cannot use "
+            f"{config.metrics.directory(config.paths.spool)}: {exc.strerror or exc}",
+            file=sys.stderr,
+        )
+        remove_pid_file(config)
+        return 1
     try:
-        return _serve_bound(config, config_path, groups, ctl)
+        return _serve_bound(config, config_path, groups, ctl, metrics, metrics_socket)
     finally:
         remove_pid_file(config)
 
@@ -641,6 +689,8 @@ def _serve_bound(
     config_path: Path | None,
     groups: list[list[socket.socket]],
     ctl: control.ControlSocket,
+    metrics: Metrics | None = None,
+    metrics_socket: socket.socket | None = None,
 ) -> int:
     """``serve`` once the listeners are bound: the single process, or the parent's workers."""
     workers = config.server.workers
@@ -648,7 +698,7 @@ def _serve_bound(
     # the workers forked below are born with the same mask.
     startup_signals.hold()
     if workers == 1:
-        asyncio.run(run_single(config, config_path, groups[0], ctl))
+        asyncio.run(run_single(config, config_path, groups[0], ctl, metrics, metrics_socket))
         return 0
     # Without steering every worker accepts from every socket of the group: the kernel hashes
     # each new client to one socket's queue, and whichever worker is free first takes it, instead
@@ -691,6 +741,8 @@ def _serve_bound(
                 die_with_parent(parent)
                 os.close(notify_read)
                 ctl.close_in_child()
+                if metrics_socket is not None:  # the parent's alone
+                    metrics_socket.close()
                 channel = channels.in_worker()
                 mine = groups[slot] if steered else every_socket
                 for sock in every_socket:
@@ -707,6 +759,7 @@ def _serve_bound(
                         slot=slot,
                         counts=counts,
                         channel=channel,
+                        metrics=metrics,
                     )
                 )
             except BaseException:
@@ -725,7 +778,17 @@ def _serve_bound(
         children[slot] = spawn(slot, config)
     asyncio.run(
         run_parent(
-            config, config_path, notify_read, children, spawn, every_socket, counts, ctl, channels
+            config,
+            config_path,
+            notify_read,
+            children,
+            spawn,
+            every_socket,
+            counts,
+            ctl,
+            channels,
+            metrics,
+            metrics_socket,
         )
     )
     return 0

@@ -40,6 +40,7 @@ from palisade.config.model import LdapConfig, RspamdConfig, SpamdConfig
 from palisade.config.policy import build_policy
 from palisade.delivery import Router
 from palisade.feedback.protect import Protection
+from palisade.obs.log import EventLog
 from palisade.policy.policy import Policy
 from palisade.policy.relay import RelayPolicy
 from palisade.policy.rules import IPAddress, Ports
@@ -134,13 +135,15 @@ def build_generation(
     local_rates: bool = False,
     on_list_error: Callable[[str], None] | None = None,
     check_environment: bool = False,
+    timed_by: EventLog | None = None,
 ) -> Generation:
     """Builds every part of ``config``'s generation, or raises :class:`GenerationError`.
 
     ``listening``: build the checks' clients (a process with sessions); ``delivering``: build
     the router (a process with the queue runner). ``local_rates``: see :func:`build_ports`.
     ``check_environment``: also run the start-up self-check's file checks (no DNS) and refuse
-    on any error it finds, as ``serve`` would at start-up (a reload uses it)."""
+    on any error it finds, as ``serve`` would at start-up (a reload uses it). ``timed_by``: the
+    scanner and LDAP calls are timed and told to this log (the metrics are on)."""
     part = "config"
     opened: list[Callable[[], None]] = []
     try:
@@ -162,6 +165,10 @@ def build_generation(
             part = "clients ([paths] state, [ldap], scanners)"
             ports = build_ports(config, local_rates=local_rates)
             opened.append(functools.partial(close_ports, ports))
+            if timed_by is not None:
+                from palisade.server.metrics import timed_ports
+
+                ports = timed_ports(ports, timed_by)
         router = None
         if delivering:
             part = "delivery router ([delivery], [paths] mail)"

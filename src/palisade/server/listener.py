@@ -75,7 +75,12 @@ class Listener:
             self._turn_away(stream, f"421 4.7.0 {host} Too many connections, try later\r\n")
             self.ctx.log.reject(
                 f"Connection from [{ip}]:{port} refused: too many connections "
-                f"({len(self.sessions)}, max={limits.max_connections})"
+                f"({len(self.sessions)}, max={limits.max_connections})",
+                event="refused",
+                stage="connect",
+                rule="max_connections",
+                verb="defer",
+                connection="too_many",
             )
             return
         admitted, open_now = self.counts.admit(ip, limits.max_connections_per_ip)
@@ -83,7 +88,12 @@ class Listener:
             self._turn_away(stream, f"421 4.7.0 {host} Too many connections from your host\r\n")
             self.ctx.log.reject(
                 f"Connection from [{ip}]:{port} refused: too many connections from that IP "
-                f"address ({open_now}, max={limits.max_connections_per_ip})"
+                f"address ({open_now}, max={limits.max_connections_per_ip})",
+                event="refused",
+                stage="connect",
+                rule="max_connections_per_ip",
+                verb="defer",
+                connection="too_many",
             )
             return
         generation.acquire()

@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 from palisade.config import Config
@@ -22,11 +23,16 @@ from palisade.obs.log import FileEventLog, SyslogSink
 __all__ = ["open_event_log", "remove_pid_file", "write_pid_file"]
 
 
-def open_event_log(config: Config) -> FileEventLog:
-    """The files of ``[paths] log`` and, with ``[log] syslog``, the syslog socket."""
+def open_event_log(
+    config: Config, observer: Callable[[object, dict[str, object]], None] | None = None
+) -> FileEventLog:
+    """The files of ``[paths] log`` and, with ``[log] syslog``, the syslog socket; ``observer``
+    is told the events (the metrics, when ``[metrics] listen`` is set)."""
     log = config.log
     syslog = SyslogSink(log.syslog_socket, log.syslog_facility) if log.syslog else None
-    return FileEventLog(config.paths.log, json_lines=log.json, echo=log.echo, syslog=syslog)
+    return FileEventLog(
+        config.paths.log, json_lines=log.json, echo=log.echo, syslog=syslog, observer=observer
+    )
 
 
 def write_pid_file(config: Config) -> None:

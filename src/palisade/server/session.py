@@ -90,6 +90,7 @@ class Session:
                 await self._flush()
             self._record_incidents()  # also when the last reply could not be written
             self.stream.close()
+            self.ctx.log.event("closed")
         await conv.finish(time.time())
 
     async def _act(self, step: Step) -> None:
@@ -251,6 +252,9 @@ class Session:
             self.ctx.log.main(
                 handshake_error_line(conv.helo, conv.ip_text, conv.port, exc),
                 client_ip=conv.ip_text,
+                event="tls",
+                ok=False,
             )
             raise _Closed from None
+        self.ctx.log.event("tls", ok=True)
         conv.tls_started(describe(self.stream.tls_info()))

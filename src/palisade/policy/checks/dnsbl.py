@@ -38,6 +38,7 @@ import asyncio
 import functools
 import ipaddress
 import re
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -114,6 +115,7 @@ class ZoneOutcome:
     errors: list[str] = field(default_factory=list)  # error texts (already scrubbed)
     failure: str | None = None  # temporary DNS failure (already scrubbed)
     txt: str = ""
+    elapsed: float = 0.0  # seconds the zone took to answer (its A query; for the metrics)
 
 
 # -------------------------------------------------------------------------- options
@@ -253,11 +255,14 @@ async def lookup(ports: Ports, labels: str, zone: Zone) -> ZoneOutcome:
     a failure is recorded, scrubbed of secrets, in the outcome."""
     outcome = ZoneOutcome(zone)
     name = f"{labels}.{zone.query}"
+    started = time.monotonic()
     try:
         answer = await ports.resolver.query(name, "A")
     except DnsTempError as exc:
+        outcome.elapsed = time.monotonic() - started
         outcome.failure = f"{zone.shown}: lookup failed: {zone.scrub(exc.reason)}"
         return outcome
+    outcome.elapsed = time.monotonic() - started
     for record in answer.records:
         kind, text = classify(record, zone)
         if kind == "listed":
@@ -346,6 +351,11 @@ class DnsblCheck:
             if isinstance(errors, list):
                 errors.extend(problems)
         facts.results[keys.DNSBL_LISTED] = [o.zone.shown for o in listing]
+        timings = facts.results.setdefault(keys.DNSBL_TIMINGS, [])
+        if isinstance(timings, list):
+            timings.extend(
+                (o.zone.shown, o.elapsed, o.failure is not None or bool(o.errors)) for o in outcomes
+            )
         score = sum(o.zone.weight for o in listing)
         if listing and score >= self.threshold:
             first = listing[0]
