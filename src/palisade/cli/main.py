@@ -64,6 +64,7 @@ def _parser() -> argparse.ArgumentParser:
     from palisade.cli import init as init_cli
     from palisade.cli import queue as queue_cli
     from palisade.cli import recipients as recipients_cli
+    from palisade.cli import stats as stats_cli
 
     checkhost.add_arguments(commands)
     install.add_arguments(commands)
@@ -82,6 +83,8 @@ def _parser() -> argparse.ArgumentParser:
     recipients = recipients_cli.add_arguments(commands)
     recipients.add_argument("--config", type=Path)
     _config_after_subcommand(recipients)
+    stats = stats_cli.add_arguments(commands)
+    stats.add_argument("--config", type=Path)
     return parser
 
 
@@ -170,6 +173,10 @@ def _main(argv: list[str] | None) -> int:
         from palisade.cli import dns as dns_cli
 
         return dns_cli.run(args, config)
+    if args.command == "stats":
+        from palisade.cli import stats as stats_cli
+
+        return stats_cli.run(args, config)
     if args.command == "history":
         return _history(args, config.paths.state)
     return _queue(args, config.paths.spool, config.paths.log)
