@@ -10,8 +10,8 @@ text table. Counting is :mod:`palisade.obs.stats`; the page is :mod:`palisade.ob
 Only ``mainlog`` is read: every refusal is in it as well as in ``rejectlog`` (a subset), so
 reading both would count refusals twice. Exit status: 0; 1 a log file or the page cannot be
 read or written; 2 bad usage or a config that does not build (one line on stderr).
-Trust: log text is client text: the table prints it through :func:`palisade.obs.log.escape`
-(no control characters reach the terminal), the page escapes it for HTML.
+Trust: log text is client text: the table shows control characters as ``\\xNN`` (none reaches
+the terminal), the page escapes it for HTML.
 """
 
 from __future__ import annotations
@@ -27,10 +27,12 @@ from typing import Any, TextIO
 
 from palisade.config import Config, ConfigError
 from palisade.config.policy import build_policy
-from palisade.obs.log import escape
 from palisade.obs.stats import RuleText, Stats, StatsCollector, log_files
 from palisade.policy.rules import Stage
 
+# Control characters (C0, DEL, C1) shown as \xNN: the log writer escaped the client's text
+# already (backslashes too, so they are left as they are); a line from elsewhere may not be.
+_CONTROLS = {i: f"\\x{i:02x}" for i in (*range(32), *range(127, 160))}
 _UNITS = {"m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
 _DATE = re.compile(r"\d{4}-\d\d-\d\d(?:[ T]\d\d:\d\d(?::\d\d)?)?\Z")
 
@@ -230,6 +232,12 @@ def _section(write: Any, title: str, rows: list[tuple[str, str]]) -> None:
     if not rows:
         write("  (none)\n")
         return
-    width = min(60, max(len(escape(key, 60)) for key, _ in rows))
-    for key, value in rows:
-        write(f"  {escape(key, 60):<{width}}  {value}\n")
+    shown = [(_safe(key), value) for key, value in rows]
+    width = min(60, max(len(key) for key, _ in shown))
+    for key, value in shown:
+        write(f"  {key:<{width}}  {value}\n")
+
+
+def _safe(text: str, limit: int = 60) -> str:
+    text = text.translate(_CONTROLS)
+    return text if len(text) <= limit else text[: limit - 3] + "..."

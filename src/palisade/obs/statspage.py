@@ -38,9 +38,11 @@ _COLOURS = (
     "#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f",
     "#bcbd22", "#17becf", "#aec7e8", "#ffbb78", "#98df8a", "#ff9896", "#c5b0d5", "#c49c94",
 )  # fmt: skip
-HISTOGRAM_COLOUR = "#1f77b4"
-TAG_COLOUR = "#ff7f0e"
-KILL_COLOUR = "#d62728"
+# The histogram and the two levels in colours of their own (not in the palette above), so that a
+# screenshot tells them apart from the refusal bars.
+HISTOGRAM_COLOUR = "#4c72b0"
+TAG_COLOUR = "#e6ab02"
+KILL_COLOUR = "#8b0000"
 
 
 def render_page(stats: Stats, top: int = 10) -> str:
@@ -163,8 +165,10 @@ def histogram_svg(stats: Stats) -> str:
         lows = [low for low, _ in histogram]
         counts = [n for _, n in histogram]
         if histogram:
-            axes.bar(lows, counts, width=1.0, align="edge", color=HISTOGRAM_COLOUR,
-                     edgecolor="white", label="messages", gid="score-bars")  # fmt: skip
+            bars = axes.bar(lows, counts, width=1.0, align="edge", color=HISTOGRAM_COLOUR,
+                            edgecolor="white", label="messages")  # fmt: skip
+            for number, patch in enumerate(bars):
+                patch.set_gid(f"score-bar-{number}")
         else:
             axes.text(0.5, 0.5, "no scanned messages", transform=axes.transAxes, ha="center")
         for name, level, colour, style in (
@@ -204,9 +208,10 @@ def timeline_svg(stats: Stats, max_rules: int = 10) -> str:
                 ("other rules", [sum(stats.timeline[b].get(r, 0) for r in rest) for b in buckets])
             )
         for number, (rule, counts) in enumerate(series):
-            axes.bar(positions, counts, bottom=bottoms, width=0.8,
-                     color=_COLOURS[number % len(_COLOURS)], label=_label(rule),
-                     gid=f"rule-{number}")  # fmt: skip
+            bars = axes.bar(positions, counts, bottom=bottoms, width=0.8,
+                            color=_COLOURS[number % len(_COLOURS)], label=_label(rule))  # fmt: skip
+            for position, patch in enumerate(bars):
+                patch.set_gid(f"rule-{number}-{position}")
             bottoms = [b + n for b, n in zip(bottoms, counts, strict=True)]
         if not buckets:
             axes.text(0.5, 0.5, "no refusals", transform=axes.transAxes, ha="center")
