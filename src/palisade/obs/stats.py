@@ -56,7 +56,8 @@ _REFUSAL = re.compile(
     re.S,
 )
 _ARRIVAL = re.compile(
-    r" P=(?P<proto>\S+)(?: X=(?P<tls>\S+))? S=\d+(?: spam=(?P<spam>\S+))?(?: |\Z)"
+    r" P=(?P<proto>\S+)(?: X=(?P<tls>\S+))? S=\d+"
+    r"(?: spam=(?P<spam>-?\d+(?:\.\d+)?|unchecked|skipped)(?= |\Z)| (?!spam=)|\Z)"
 )
 _RULE_ERROR = re.compile(r'(?P<stage>\w+) rule "(?P<rule>[^"]*)"(?P<how>: temporary failure|)')
 _LOOKUP_FAILED = re.compile(r"(?:DEFER|DENY|DROP) - \S+ lookup failed")
@@ -66,7 +67,8 @@ _AUTH = re.compile(
 )
 _BRACKET_IP = re.compile(r"\[(?P<ip>[0-9A-Fa-f:.]{2,45})\]:\d+")
 _LISTED_AT = re.compile(r"is listed at (?P<zone>[A-Za-z0-9_.-]+) \(")
-_SPAM_KILL = re.compile(r"spam score (?P<score>-?\d+(?:\.\d+)?) >= (?P<level>\S+) \(")
+# The implied kill rule's text; the writer escapes its ">" (escape_field).
+_SPAM_KILL = re.compile(r"spam score (?P<score>-?\d+(?:\.\d+)?) (?:>|\\x3e)= (?P<level>\S+) \(")
 _VIRUS = re.compile(r"virus found: (?P<virus>.*)\Z", re.S)
 _ROTATED = re.compile(r"(?:\.(?P<n>\d+)|-(?P<date>\d{8,10}))(?P<gz>\.gz)?\Z")
 
@@ -522,8 +524,11 @@ class StatsCollector:
             if best is None or rank > best:
                 best, chosen, values = rank, template, found
         stats = self.stats
-        if chosen is None:
-            rule = self._builtin(text, action)
+        builtin = self._builtin(text, action) if chosen is None or not chosen.literal else None
+        if builtin is not None:  # the scanners' texts beat a template of placeholders only
+            rule = builtin
+        elif chosen is None:
+            rule = UNKNOWN
         else:
             rule = chosen.rule.name
             check = chosen.rule.check
@@ -540,9 +545,9 @@ class StatsCollector:
             counter[rule] += 1
         return rule
 
-    def _builtin(self, text: str, action: str) -> str:
-        """A refusal no configured template fits: the scanners' implied rules (whatever kill
-        level the log was written with), else unattributed."""
+    def _builtin(self, text: str, action: str) -> str | None:
+        """The scanners' implied rules, whatever kill level the log was written with (counted
+        here), or None."""
         if action == "refused":
             score = _kill_score(text)
             if score is not None:
@@ -552,7 +557,7 @@ class StatsCollector:
             if name:
                 self.stats.viruses[name] += 1
                 return "clamd"
-        return UNKNOWN
+        return None
 
     def _killed(self, score: str | None) -> None:
         self.stats.spam_killed += 1
