@@ -118,7 +118,7 @@ def test_histogram_bins_scores_far_out_into_its_end_bins() -> None:
     assert stats.spam_tagged == 2
     histogram = stats.histogram()
     assert histogram[0] == [-10, 1] and histogram[-1] == [26, 1]
-    assert dict(map(tuple, histogram))[5] == 1 and sum(n for _, n in histogram) == 5
+    assert {low: n for low, n in histogram}[5] == 1 and sum(n for _, n in histogram) == 5
 
 
 def test_since_is_compared_with_the_stamp_and_rotated_files_come_oldest_first(
