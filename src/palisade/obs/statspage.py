@@ -91,7 +91,7 @@ def render_page(stats: Stats, top: int = 10) -> str:
     parts.append(
         f'<p class="note">{len(stats.spam_scores)} scanned ({stats.spam_tagged} tagged, '
         f"{stats.spam_killed} killed, {stats.spam_unchecked} unchecked, {stats.spam_skipped} "
-        f"skipped){'; ' + e(levels) if levels else ''}.</p>"
+        f"skipped){'; ' + e(levels) if levels else ''}.{_clipped(stats)}</p>"
     )
     parts.append('<div class="grid">')
     parts.append(_table("Top refused client addresses", _ranked(stats.refused_ips, top)))
@@ -111,6 +111,20 @@ def render_page(stats: Stats, top: int = 10) -> str:
     parts.append(_table("Observe mode by rule", _ranked(stats.observed_by_rule)))
     parts.append("</div></body></html>\n")
     return "\n".join(parts)
+
+
+def _clipped(stats: Stats) -> str:
+    """The histogram's end bins also hold the scores beyond them: say so when they do."""
+    bounds = stats.histogram_range()
+    if bounds is None:
+        return ""
+    low, high = bounds
+    notes = []
+    if min(stats.spam_scores) < low:
+        notes.append(f"the first bar holds every score below {low + 1}")
+    if max(stats.spam_scores) >= high + 1:
+        notes.append(f"the last bar holds every score of {high} and more")
+    return (" " + "; ".join(notes).capitalize() + ".") if notes else ""
 
 
 def _ranked(counter: Counter[str], top: int | None = None) -> list[tuple[str, Any]]:
