@@ -68,7 +68,9 @@ def _ping(port: int) -> bool:
         return False
 
 
-def start_spamd(timeout: float = 60.0) -> SpamdProcess:
+def start_spamd(timeout: float = 60.0, site_rules: str = "") -> SpamdProcess:
+    """spamd on a free port; ``site_rules`` are added to its ``local.cf`` (a test's own rule
+    and score, for a message scored where the test wants it)."""
     spamd = need_program("spamd", "spamassassin")
     need_file(Path("/usr/share/spamassassin/20_body_tests.cf"), "spamassassin")
     pre_files = sorted(Path("/etc/spamassassin").glob("*.pre"))
@@ -80,7 +82,7 @@ def start_spamd(timeout: float = 60.0) -> SpamdProcess:
     site.mkdir()
     for pre in pre_files:
         shutil.copy(pre, site / pre.name)
-    (site / "local.cf").write_text(SITE_CONFIG)
+    (site / "local.cf").write_text(SITE_CONFIG + site_rules)
     home = base / "home"
     home.mkdir()
     home.chmod(0o777)

@@ -66,6 +66,7 @@ def _parser() -> argparse.ArgumentParser:
     from palisade.cli import queue as queue_cli
     from palisade.cli import recipients as recipients_cli
     from palisade.cli import scan as scan_cli
+    from palisade.cli import stats as stats_cli
 
     checkhost.add_arguments(commands)
     install.add_arguments(commands)
@@ -87,6 +88,8 @@ def _parser() -> argparse.ArgumentParser:
     _config_after_subcommand(recipients)
     scan = scan_cli.add_arguments(commands)
     scan.add_argument("--config", type=Path)
+    stats = stats_cli.add_arguments(commands)
+    stats.add_argument("--config", type=Path)
     return parser
 
 
@@ -179,6 +182,10 @@ def _main(argv: list[str] | None) -> int:
         from palisade.cli import scan as scan_cli
 
         return scan_cli.run(args, config)
+    if args.command == "stats":
+        from palisade.cli import stats as stats_cli
+
+        return stats_cli.run(args, config)
     if args.command == "history":
         return _history(args, config)
     if args.command == "firewall":
