@@ -470,7 +470,7 @@ class StatsCollector:
         temporary = refusal["temp"] is not None
         if after["rcpts"] is not None and stage == "data":
             rule = MESSAGE_FORMAT  # the message broke SMTP's rules: no rule saw it
-        elif message.startswith(("relay attempt refused", "relay refused")):
+        elif message.startswith(("relay attempt refused", "relay refused", "relay not permitted")):
             rule = RELAY
         elif _LOOKUP_FAILED.match(message):
             rule = self._pending.pop(key, LOOKUP_FAILURE)
