@@ -21,16 +21,8 @@ import pytest
 
 from loopback.dnsserver import ZoneServer, start_zone_server
 from tests.conftest import GatewayProcess, free_port, palisade, toml_value, wait_for
-from tests.services import need_root, system_user
 
-
-@pytest.fixture(scope="module", autouse=True)
-def palisade_user() -> Iterator[tuple[int, int]]:
-    """The generated config says ``user = "palisade"`` and the loader checks that the user
-    exists (``make install`` creates it): made here for the module unless it exists already."""
-    need_root("creating the service user the generated config names")
-    with system_user("palisade") as ids:
-        yield ids
+pytestmark = pytest.mark.usefixtures("palisade_user")
 
 
 DQS_KEY = "s3cr3tdqsk3y0000000000000a"

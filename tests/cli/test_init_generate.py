@@ -8,7 +8,6 @@ reuse, and the README's table of answer keys with the questions.
 from __future__ import annotations
 
 import tomllib
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -18,16 +17,8 @@ from palisade.config import parse_config
 from palisade.config.generate import QUESTIONS, Environment, generate, resolve
 from palisade.config.policy import build_policy
 from tests.conftest import ROOT
-from tests.services import need_root, system_user
 
-
-@pytest.fixture(scope="module", autouse=True)
-def palisade_user() -> Iterator[tuple[int, int]]:
-    """The generated config says ``user = "palisade"`` and the loader checks that the user
-    exists (``make install`` creates it): made here for the module unless it exists already."""
-    need_root("creating the service user the generated config names")
-    with system_user("palisade") as ids:
-        yield ids
+pytestmark = pytest.mark.usefixtures("palisade_user")
 
 
 ENV = Environment(fqdn="mx.example.test")
