@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 
 from palisade.smtp import Features, Limits, Reply, SmtpConnection, State, events, sasl
-from tests.smtp.smtp_harness import EHLO, Driver, default_answer
+from tests.smtp.smtp_harness import EHLO, Driver, default_answer, state_of
 
 OK_235 = Reply(235, "2.7.0", "Authentication successful")
 
@@ -55,7 +55,8 @@ def test_port_25_features_never_offer_auth() -> None:
     d = Driver(conn).feed(EHLO)
     assert b"AUTH" not in d.replies()[-1]
     d.feed(b"AUTH PLAIN AGEAYg==\r\n")
-    assert isinstance(d.last(), events.Auth) and d.last().argument == "PLAIN AGEAYg=="
+    ev = d.last()
+    assert isinstance(ev, events.Auth) and ev.argument == "PLAIN AGEAYg=="
 
 
 @pytest.mark.parametrize(
@@ -104,7 +105,7 @@ def test_a_response_line_is_never_a_command() -> None:
     assert isinstance(ev, events.AuthResponse) and ev.text == "QUIT"
     assert "QUIT" not in repr(ev)  # responses carry passwords: their repr hides them
     assert d.replies()[-1] == b"535 5.7.8 no\r\n"
-    assert d.conn.state is State.READY and not d.conn.authenticated
+    assert state_of(d.conn) is State.READY and not d.conn.authenticated
     d.feed(b"AUTH PLAIN\r\n").feed(b"c2VjcmV0\r\n")
     assert d.replies()[-1] == b"235 2.7.0 Authentication successful\r\n"
     assert d.conn.authenticated
