@@ -120,3 +120,27 @@ def test_config_errors_name_the_key(text: str, key: str, problem: str) -> None:
     with pytest.raises(ConfigError) as exc:
         parse_config(text, "test.toml")
     assert key in str(exc.value) and problem in str(exc.value)
+
+
+def test_selfcheck_reports_the_password_file_and_senders(
+    tmp_path: Path, tls_files: dict[str, Path]
+) -> None:
+    from palisade.server.selfcheck import run_selfcheck
+
+    text = (
+        f'[tls]\ncertificate = "{tls_files["certificate"]}"\n'
+        f'private_key = "{tls_files["private_key"]}"\n'
+        f'[submission]\nlisten = ["127.0.0.1:2587"]\npassword_file = "{tmp_path}/passwd"\n'
+        f'senders = "{tmp_path}/senders"\n'
+    )
+    config = parse_config(text, str(tmp_path / "p.toml"))
+    found = {f.where: f for f in run_selfcheck(config, dns=False)}
+    assert found["submission.password_file"].level == "warning"
+    assert "cannot be read: No such file or directory" in found["submission.password_file"].message
+    assert found["submission.senders"].level == "error"
+    set_password(tmp_path / "passwd", "bob", "pw")
+    (tmp_path / "senders").write_text("bob bob@example.org\n")
+    found = {f.where: f for f in run_selfcheck(config, dns=False)}
+    assert found["submission.password_file"].level == "ok"
+    assert "1 entry (users)" in found["submission.password_file"].message
+    assert found["submission.senders"].level == "ok"
