@@ -14,10 +14,12 @@ from __future__ import annotations
 
 import enum
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import BinaryIO, Protocol, runtime_checkable
 
 __all__ = [
+    "AuthAttempt",
+    "Authenticator",
     "Block",
     "BlockPolicy",
     "Clock",
@@ -482,4 +484,36 @@ class Firewall(Protocol):
 
     def remove(self) -> bool:
         """Removes every block and rule; False when there was nothing."""
+
+
+# --------------------------------------------------------------------------------------------
+# Authentication of submission clients (SMTP AUTH): a password file or Dovecot's auth socket.
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class AuthAttempt:
+    """One SMTP AUTH exchange, decoded: what the client claimed and where it came from.
+
+    ``password`` is a secret: it is never logged and never put in an exception text; the
+    dataclass ``repr`` leaves it out.
+    """
+
+    mechanism: str  # "PLAIN" or "LOGIN"
+    authcid: str  # the user name as the client gave it
+    password: str = field(repr=False)  # never logged, never in an exception text
+    authzid: str  # PLAIN's authorization identity ("" when absent)
+    client_ip: str
+    local_ip: str
+    secured: bool  # TLS in force on the connection
+
+
+@runtime_checkable
+class Authenticator(Protocol):
+    """Checks a user name and password: the password file or Dovecot's auth socket."""
+
+    async def authenticate(self, attempt: AuthAttempt) -> str | None:
+        """The authenticated user name as the back end knows it, or None for wrong
+        credentials (unknown user included). Raises :class:`ServiceTempError` when the back end
+        cannot answer (socket gone, timeout, protocol error)."""
         ...

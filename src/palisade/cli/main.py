@@ -63,6 +63,7 @@ def _parser() -> argparse.ArgumentParser:
     from palisade.cli import firewall as firewall_cli
     from palisade.cli import history as history_cli
     from palisade.cli import init as init_cli
+    from palisade.cli import passwd as passwd_cli
     from palisade.cli import queue as queue_cli
     from palisade.cli import recipients as recipients_cli
     from palisade.cli import scan as scan_cli
@@ -78,7 +79,7 @@ def _parser() -> argparse.ArgumentParser:
     queue = queue_cli.add_arguments(commands)
     queue.add_argument("--config", type=Path)
     _config_after_subcommand(queue)
-    for tool in (dkim_cli, dns_cli):
+    for tool in (dkim_cli, dns_cli, passwd_cli):
         command = tool.add_arguments(commands)
         command.add_argument("--config", type=Path)
         _config_after_subcommand(command)
@@ -174,6 +175,10 @@ def _main(argv: list[str] | None) -> int:
         from palisade.cli import dkim as dkim_cli
 
         return dkim_cli.run(args, config)
+    if args.command == "passwd":
+        from palisade.cli import passwd as passwd_cli
+
+        return passwd_cli.run(args, config)
     if args.command == "dns":
         from palisade.cli import dns as dns_cli
 
@@ -277,8 +282,8 @@ _SECRET_KEYS = frozenset({"bind_password", "password", "dqs_key"})
 _NOT_SHOWN = "(set, not shown)"
 _SECTIONS = (
     "server", "limits", "tls", "domains", "relay", "delivery", "paths", "log", "dns", "policy",
-    "ldap", "spamd", "rspamd", "clamd", "authentication", "dkim", "incidents", "scan",
-    "firewall",
+    "ldap", "spamd", "rspamd", "clamd", "authentication", "dkim", "submission", "incidents",
+    "scan", "firewall",
 )  # fmt: skip
 
 

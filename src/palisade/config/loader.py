@@ -588,6 +588,28 @@ def _check_cross_rules(config: Config, source: str, finder: _LineFinder) -> None
             fail("metrics", "listen", f"expected host:port, got {config.metrics.listen!r}")
         if config.metrics.listen in config.server.listen:
             fail("metrics", "listen", "the same address as [server] listen")
+    submission = config.submission
+    for key, default_port in (("listen", 587), ("listen_tls", 465)):
+        for entry in getattr(submission, key):
+            try:
+                parse_host_port(entry, default_port)
+            except ValueError as exc:
+                fail("submission", key, str(exc))
+    if submission.enabled and config.tls.certificate is None:
+        fail("submission", "listen", "submission listeners need [tls] certificate and private_key")
+    if not submission.dovecot_socket.startswith("/"):
+        try:
+            parse_host_port(submission.dovecot_socket, 0)
+        except ValueError:
+            fail(
+                "submission",
+                "dovecot_socket",
+                f"expected a socket path or host:port, got {submission.dovecot_socket!r}",
+            )
+        if parse_host_port(submission.dovecot_socket, 0)[1] == 0:
+            fail("submission", "dovecot_socket", "expected host:port with a port")
+    if submission.failure_delay_max < submission.failure_delay:
+        fail("submission", "failure_delay_max", "must not be shorter than failure_delay")
     for entry in config.dns.nameservers:
         try:
             host, _ = parse_host_port(entry, default_port=53)

@@ -306,6 +306,43 @@ class IncidentsConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class SubmissionConfig:
+    """Submission of mail by our own users (RFC 6409): listeners, SMTP AUTH, sender rules, rates.
+
+    ``listen`` takes STARTTLS listeners (587: AUTH only after STARTTLS), ``listen_tls`` implicit
+    TLS ones (465, RFC 8314); both need ``[tls]``. The perimeter's connect and HELO rules do not
+    apply there; a client must authenticate before MAIL. ``auth`` picks the back end: the
+    Argon2id ``password_file`` (``palisade passwd``) or Dovecot's auth socket (``dovecot_socket``:
+    a Unix socket path or host:port). Failed attempts cost a delay that doubles per failure of
+    the client address (``failure_delay`` up to ``failure_delay_max``); the connection is closed
+    (421) after ``max_auth_failures``. ``senders``: the file mapping each user to the addresses it
+    may send as (``user address @domain ...``); without it a user may send only as its own name
+    when that is an address. ``max_messages`` and ``max_recipients`` (0: no limit) count per user
+    over ``rate_window``.
+    """
+
+    listen: tuple[str, ...] = ()  # "0.0.0.0:587"
+    listen_tls: tuple[str, ...] = ()  # "0.0.0.0:465"
+    auth: str = choice("file", "dovecot")
+    password_file: Path = Path("/etc/palisade/passwd")
+    dovecot_socket: str = "/run/dovecot/auth-client"
+    auth_timeout: float = duration(10.0, 0.1)
+    max_auth_failures: int = positive(3)
+    failure_delay: float = duration(1.0)
+    failure_delay_max: float = duration(30.0)
+    senders: Path | None = None
+    max_messages: int = positive(200, 0)
+    max_recipients: int = positive(1000, 0)
+    rate_window: float = duration(3600.0, 1.0)
+    spam_scan: bool = False  # score our own users' mail with spamd/rspamd (virus scan always)
+
+    @property
+    def enabled(self) -> bool:
+        """Whether any submission listener is configured."""
+        return bool(self.listen or self.listen_tls)
+
+
+@dataclass(frozen=True, slots=True)
 class LogConfig:
     """Log options: JSON lines beside the exim-shaped text, echo to standard output, and every
     line also to syslog (``syslog_facility``, ident ``palisade``) through ``syslog_socket``."""
@@ -399,6 +436,7 @@ class Config:
     firewall: FirewallConfig = FirewallConfig()
     scan: ScanConfig = ScanConfig()
     metrics: MetricsConfig = MetricsConfig()
+    submission: SubmissionConfig = SubmissionConfig()
     lists: tuple[ListSpec, ...] = ()
     rules: tuple[RuleSpec, ...] = ()
     source: str = "<defaults>"
@@ -418,6 +456,8 @@ class Config:
 # until the next restart) and applies the rest; ``config check`` marks them.
 RESTART_KEYS: tuple[str, ...] = (
     "server.listen",
+    "submission.listen",
+    "submission.listen_tls",
     "server.workers",
     "server.user",
     "server.group",
