@@ -79,6 +79,7 @@ def test_public_surface_is_pinned() -> None:
         "RCPT",
         "DATA",
         "STARTTLS_PENDING",
+        "AUTH",
         "CLOSED",
     }
     needs_reply = {
@@ -88,7 +89,7 @@ def test_public_surface_is_pinned() -> None:
     }
     assert needs_reply == {
         "Helo", "Mail", "Rcpt", "Data", "Rset", "Noop", "Quit", "Help", "Vrfy", "Expn",
-        "StartTls", "Auth", "CommandError", "TooManyErrors", "DataEnd",
+        "StartTls", "Auth", "AuthResponse", "CommandError", "TooManyErrors", "DataEnd",
     }  # fmt: skip
 
 

@@ -62,6 +62,7 @@ def _parser() -> argparse.ArgumentParser:
     from palisade.cli import dns as dns_cli
     from palisade.cli import history as history_cli
     from palisade.cli import init as init_cli
+    from palisade.cli import passwd as passwd_cli
     from palisade.cli import queue as queue_cli
     from palisade.cli import recipients as recipients_cli
 
@@ -75,7 +76,7 @@ def _parser() -> argparse.ArgumentParser:
     queue = queue_cli.add_arguments(commands)
     queue.add_argument("--config", type=Path)
     _config_after_subcommand(queue)
-    for tool in (dkim_cli, dns_cli):
+    for tool in (dkim_cli, dns_cli, passwd_cli):
         command = tool.add_arguments(commands)
         command.add_argument("--config", type=Path)
         _config_after_subcommand(command)
@@ -166,6 +167,10 @@ def _main(argv: list[str] | None) -> int:
         from palisade.cli import dkim as dkim_cli
 
         return dkim_cli.run(args, config)
+    if args.command == "passwd":
+        from palisade.cli import passwd as passwd_cli
+
+        return passwd_cli.run(args, config)
     if args.command == "dns":
         from palisade.cli import dns as dns_cli
 
@@ -244,7 +249,7 @@ _SECRET_KEYS = frozenset({"bind_password", "password", "dqs_key"})
 _NOT_SHOWN = "(set, not shown)"
 _SECTIONS = (
     "server", "limits", "tls", "domains", "relay", "delivery", "paths", "log", "dns", "policy",
-    "ldap", "spamd", "rspamd", "clamd", "authentication", "dkim",
+    "ldap", "spamd", "rspamd", "clamd", "authentication", "dkim", "submission",
 )  # fmt: skip
 
 

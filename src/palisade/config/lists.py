@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from palisade.policy.lists import ListKind, OperatorList, parse_list
+from palisade.policy.senders import SenderMap, parse_senders
 
 
 @dataclass
@@ -83,3 +84,50 @@ class ListHandle:
     def _report(self, text: str) -> None:
         if self.on_error is not None:
             self.on_error(text)
+
+
+@dataclass
+class SendersFile:
+    """The ``[submission] senders`` map, read again when the file changes (as the lists are):
+    the instance is what ``Ports.senders`` calls. Broken after start-up: the last good map
+    stays and ``on_error`` is told once per change."""
+
+    path: Path
+    value: SenderMap
+    check_interval: float = 2.0
+    on_error: Callable[[str], None] | None = None
+    _mtime: float = 0.0
+    _checked: float = 0.0
+
+    @classmethod
+    def load(cls, path: Path, **kwargs: object) -> SendersFile:
+        """Reads the file; ValueError naming the file (and line) when it is missing or bad."""
+        try:
+            stat = path.stat()
+            value = parse_senders(path.read_text(encoding="utf-8"))
+        except OSError as exc:
+            raise ValueError(
+                f"submission.senders: cannot read {path}: {exc.strerror or exc}"
+            ) from None
+        except ValueError as exc:
+            raise ValueError(f"submission.senders: {path}: {exc}") from None
+        handle = cls(path, value, **kwargs)  # type: ignore[arg-type]
+        handle._mtime = stat.st_mtime
+        handle._checked = time.monotonic()
+        return handle
+
+    def __call__(self) -> SenderMap:
+        now = time.monotonic()
+        if now - self._checked >= self.check_interval:
+            self._checked = now
+            try:
+                mtime = os.stat(self.path).st_mtime
+                if mtime != self._mtime:
+                    self._mtime = mtime
+                    self.value = parse_senders(self.path.read_text(encoding="utf-8"))
+            except (OSError, ValueError) as exc:
+                if self.on_error is not None:
+                    self.on_error(
+                        f"submission.senders: {self.path}: {exc}; keeping the old contents"
+                    )
+        return self.value

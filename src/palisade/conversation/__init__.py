@@ -14,9 +14,18 @@ from palisade.conversation.conversation import (
     Conversation,
     ConversationContext,
     Observer,
+    Role,
     Settings,
     Step,
     Transaction,
 )
 
-__all__ = ["Conversation", "ConversationContext", "Observer", "Settings", "Step", "Transaction"]
+__all__ = [
+    "Conversation",
+    "ConversationContext",
+    "Observer",
+    "Role",
+    "Settings",
+    "Step",
+    "Transaction",
+]

@@ -22,6 +22,16 @@ connection began with); the process's shared parts (log, queue ids, the way to t
 shutdown state) as :class:`ConversationContext`. Checks run through the policy engine, which sees
 the outside world only through ports; log lines go to the context's ``EventLog``. Nothing here
 reads a socket, a deadline or a file but through those.
+Submission (a listener's :class:`Role` other than ``SMTP``, RFC 6409): the perimeter's
+connect, HELO, MAIL and RCPT rules do not apply there, nor does the wait before the banner. The
+gates are the SMTP core's (TLS before AUTH, AUTH before MAIL) and this module's: the SASL
+exchange (PLAIN, LOGIN) checked through the ``Authenticator`` port, a failure delay that grows
+with each failure of the client address (counted in the state store), a disconnect after
+``max_auth_failures`` on one connection, the ``senders`` map at MAIL, the per-user message and
+recipient rates. Relay control still routes each recipient (an authenticated user may send to any
+domain). At DATA only the virus scan runs (and the spam scan with ``spam_scan``); the message is
+DKIM-signed like relay_from_hosts mail.
+
 Trust: everything from the client is hostile; client text reaches the logs only through
 ``obs.log.escape_field`` (which also escapes brackets, quotes and angle brackets, so the
 ``[ip]`` of the ``H=`` field is the only bracketed address a line can show).
@@ -29,6 +39,7 @@ Trust: everything from the client is hostile; client text reaches the logs only 
 
 from __future__ import annotations
 
+import asyncio
 import enum
 import functools
 import ipaddress
@@ -44,19 +55,22 @@ from palisade.obs.log import EventLog, escape, escape_field, rfc5322_date
 from palisade.obs.queueid import QueueIdGenerator
 from palisade.policy import keys
 from palisade.policy.checks import dmarc
-from palisade.policy.engine import StageOutcome, evaluate_stage
+from palisade.policy.engine import Rule, StageOutcome, evaluate_stage
+from palisade.policy.findings import Finding, SpamScan, VirusScan
 from palisade.policy.policy import Policy
 from palisade.policy.relay import RelayPolicy
 from palisade.policy.rules import Facts, Findings, IPAddress, MessageFacts, Ports, Stage
 from palisade.policy.verdict import Verb, Verdict
 from palisade.ports import (
+    AuthAttempt,
     DkimSignature,
     Route,
+    ServiceTempError,
     SigningKeyError,
     StateTempError,
     UnsignableMessage,
 )
-from palisade.smtp import Features, Limits, Reply, SmtpConnection, events, replies
+from palisade.smtp import Features, Limits, Reply, SmtpConnection, events, replies, sasl
 from palisade.smtp.headers import HeaderSplitter, MessageIdFinder
 from palisade.spool import Envelope, SpoolWriter
 
@@ -64,6 +78,7 @@ __all__ = [
     "Conversation",
     "ConversationContext",
     "Observer",
+    "Role",
     "Settings",
     "Step",
     "Transaction",
@@ -77,6 +92,14 @@ class Step(enum.Enum):
     CLOSE = "close"  # send what is in ``out``, then close the connection
     START_TLS = "start tls"  # send ``out`` now, then the TLS handshake (tls_started/tls_failed)
     OPEN_SPOOL = "open spool"  # open a spool file for ``tx.envelope``: spool_opened/spool_failed
+
+
+class Role(enum.Enum):
+    """What a listener is for: the perimeter (port 25) or submission by our own users."""
+
+    SMTP = "smtp"  # port 25: connect/HELO/MAIL/RCPT/DATA rules, no AUTH
+    SUBMISSION = "submission"  # 587: STARTTLS, then AUTH, then mail
+    SUBMISSIONS = "submissions"  # 465: TLS from the first byte (RFC 8314), then AUTH
 
 
 class ConversationContext(Protocol):
@@ -148,6 +171,13 @@ def _our_names(hostname: str) -> frozenset[str]:
 # A configured key that cannot be used: the client keeps the message and tries again (the
 # operator is told in paniclog); never sent unsigned.
 _SIGNING_DEFERRED = Reply(451, "4.3.5", "Temporary local problem, please try again later")
+_AUTH_FAILED = Reply(535, "5.7.8", "Error: authentication failed")
+_AUTH_TEMP = Reply(454, "4.7.0", "Temporary authentication failure")
+_AUTH_ABORTED = Reply(501, "5.0.0", "Authentication aborted")
+_AUTH_UNDECODABLE = Reply(501, "5.5.2", "Cannot decode response")
+_STATE_DEFERRED = Reply(451, "4.3.0", "Temporary local problem, please try again later")
+# Failures of one client address are counted over this long for the failure delay.
+AUTH_FAILURE_WINDOW = 3600.0
 
 
 class _Closed(Exception):
@@ -191,9 +221,12 @@ class Conversation:
         port: int,
         *,
         observer: Observer | None = None,
+        role: Role = Role.SMTP,
+        local_ip: str = "",
     ) -> None:
         """``settings``: the rules, clients and domains for the whole conversation, whatever a
-        reload does meanwhile; ``ctx``: the process's shared parts (log, queue ids, ...)."""
+        reload does meanwhile; ``ctx``: the process's shared parts (log, queue ids, ...);
+        ``role``: what the listener the client came to is for; ``local_ip``: its address."""
         self.ctx = ctx
         self.settings = settings
         self.config = settings.config
@@ -204,6 +237,12 @@ class Conversation:
         self.port = port
         self.ip = _client_address(ip_text)
         self.observer = observer
+        self.role = role
+        self.submission = role is not Role.SMTP
+        self.local_ip = local_ip
+        self.user: str | None = None  # the authenticated user (submission)
+        self._auth_failures = 0  # on this connection
+        self._sasl: tuple[str, str | None] | None = None  # (mechanism, LOGIN user) in progress
         # The SMTP state machine (``conn``) is built on first use, after the connect rules:
         # a client refused instead of the banner never needs one.
         self.helo: str | None = None
@@ -237,8 +276,12 @@ class Conversation:
             features=Features(
                 hostname=self.config.server.hostname,
                 max_size=limits.max_message_size,
-                starttls=self.settings.tls_context is not None,
+                starttls=self.settings.tls_context is not None
+                and self.role is not Role.SUBMISSIONS,
+                auth=self.submission,
+                auth_required=self.submission,
             ),
+            tls_active=self.role is Role.SUBMISSIONS,
             limits=Limits(
                 max_command_line=limits.max_command_line,
                 max_text_line=limits.max_text_line,
@@ -256,8 +299,9 @@ class Conversation:
 
     @property
     def protocol(self) -> str:
+        """exim's P= (and RFC 3848's WITH): esmtp, esmtps, esmtpa, esmtpsa..."""
         base = "esmtp" if self.esmtp else "smtp"
-        return base + ("s" if self.tls else "")
+        return base + ("s" if self.tls else "") + ("a" if self.user is not None else "")
 
     # -- log helpers ------------------------------------------------------------------------
     def host_field(self) -> str:
@@ -273,6 +317,8 @@ class Conversation:
     # -- before the banner ------------------------------------------------------------------
     async def connect(self) -> bool:
         """The connect rules; False: refused before the banner (the reply is in ``out``)."""
+        if self.submission:
+            return True  # the perimeter's rules are not the submission port's
         verdict = await self._run_stage(Stage.CONNECT, "")
         if verdict is not None and not self._delay(Stage.CONNECT, verdict):
             self._log_refusal(Stage.CONNECT, "", verdict)
@@ -290,7 +336,7 @@ class Conversation:
         a client that a connect rule accepted or that passed within ``pregreet_pass_ttl``."""
         server = self.config.server
         delay = server.greeting_delay
-        if delay <= 0 or self._connect_accepted:
+        if delay <= 0 or self._connect_accepted or self.submission:
             return 0.0
         if server.pregreet_pass_ttl > 0:
             try:
@@ -307,6 +353,11 @@ class Conversation:
                 )
                 return 0.0
         return delay
+
+    def implicit_tls(self, description: str | None) -> None:
+        """The handshake of an implicit-TLS listener (465) finished, before the banner."""
+        self.tls = description
+        self.facts.tls = True
 
     def pregreet_spoke(self, early: bytes) -> None:
         """The client sent ``early`` before the banner: refused (the caller closes)."""
@@ -367,9 +418,8 @@ class Conversation:
     # -- policy ------------------------------------------------------------------------------
     async def _run_stage(self, stage: Stage, subject: str) -> Verdict | None:
         """Runs the stage's rules, logs every decision, returns the verdict (None: go on)."""
-        policy = self.policy
-        rules = policy.for_stage(stage)
-        findings = policy.findings_for(stage) if self.facts.message is not None else ()
+        rules = self._rules(stage)
+        findings = self._findings(stage) if self.facts.message is not None else ()
         if not rules and not findings:
             if self.observer is not None:
                 self.observer.stage(stage, subject, StageOutcome(stage))
@@ -385,6 +435,28 @@ class Conversation:
             if header not in target:
                 target.append(header)
         return outcome.verdict
+
+    def _rules(self, stage: Stage) -> tuple[Rule, ...]:
+        """The rules of ``stage`` that apply here: on submission, only the virus rule of
+        ``[clamd]`` (and the spam kill level with ``spam_scan``) at DATA."""
+        rules = self.policy.for_stage(stage)
+        if not self.submission:
+            return rules
+        if stage is not Stage.DATA:
+            return ()
+        wanted = {"clamd", "spam kill level"} if self.config.submission.spam_scan else {"clamd"}
+        return tuple(r for r in rules if r.name in wanted)
+
+    def _findings(self, stage: Stage) -> tuple[Finding, ...]:
+        """The findings of ``stage`` worked out here: on submission, the scans alone (no
+        inbound SPF/DKIM/DMARC for our own users' mail)."""
+        found = self.policy.findings_for(stage)
+        if not self.submission:
+            return found
+        wanted: tuple[type, ...] = (
+            (VirusScan, SpamScan) if self.config.submission.spam_scan else (VirusScan,)
+        )
+        return tuple(f for f in found if isinstance(f, wanted))
 
     def _delay(self, stage: Stage, verdict: Verdict) -> bool:
         """delay_reject: keep a connect/HELO/MAIL refusal for the first RCPT (not a drop)."""
@@ -519,6 +591,10 @@ class Conversation:
                 case events.StartTls():
                     self.send(Reply(220, "2.0.0", "Ready to start TLS"))
                     return Step.START_TLS
+                case events.Auth() if self.submission:
+                    return await self._on_auth(event)
+                case events.AuthResponse():
+                    return await self._on_auth_response(event)
                 case events.Auth():
                     # exim's line, which fail2ban's stock exim filter matches; the mechanism is
                     # escaped (no quote or bracket), so it cannot end the quotes or forge an
@@ -557,7 +633,7 @@ class Conversation:
         self.helo = event.name
         self.esmtp = event.extended
         self.facts.helo = event.name
-        verdict = await self._run_stage(Stage.HELO, event.name)
+        verdict = None if self.submission else await self._run_stage(Stage.HELO, event.name)
         if verdict is not None and not self._delay(Stage.HELO, verdict):
             self._refuse_stage(Stage.HELO, event.name, verdict)
             return
@@ -570,6 +646,12 @@ class Conversation:
         self.facts.recipients = []
         self.facts.tx = Findings()  # SPF, DKIM, DMARC and scan results belong to one transaction
         self.facts.message = None
+        if self.submission:
+            if not await self._submission_sender():
+                self.tx = Transaction()
+                return
+            self.send(replies.SENDER_OK)
+            return
         verdict = await self._run_stage(Stage.MAIL, self.tx.sender or "")
         if verdict is not None and not self._delay(Stage.MAIL, verdict):
             self._refuse_stage(Stage.MAIL, self.tx.sender or "", verdict)
@@ -578,7 +660,9 @@ class Conversation:
         self.send(replies.SENDER_OK)
 
     async def _on_rcpt(self, event: events.Rcpt) -> None:
-        decision = self.relay_policy.decide(event.address, self.ip)
+        decision = self.relay_policy.decide(
+            event.address, self.ip, authenticated=self.user is not None
+        )
         if self.observer is not None:
             self.observer.relay(event.address.text, decision)
         if isinstance(decision, Verdict):
@@ -593,7 +677,12 @@ class Conversation:
             self._refuse_stage(Stage.RCPT, rcpt, self.delayed[1])
             return
         self.facts.recipient = rcpt
-        verdict = await self._run_stage(Stage.RCPT, rcpt)
+        if self.submission:
+            if not await self._recipient_rate(rcpt):
+                return
+            verdict = None
+        else:
+            verdict = await self._run_stage(Stage.RCPT, rcpt)
         if verdict is not None:
             self._refuse_stage(Stage.RCPT, rcpt, verdict)
             return
@@ -680,10 +769,9 @@ class Conversation:
     def _examines_content(self) -> bool:
         """Whether anything looks at the message: DATA rules or findings (authentication, a
         scanner). Without them the content goes to the spool untouched, with no parsing."""
-        policy = self.policy
         return (
-            bool(policy.for_stage(Stage.DATA))
-            or bool(policy.findings_for(Stage.DATA))
+            bool(self._rules(Stage.DATA))
+            or bool(self._findings(Stage.DATA))
             or self._signs()  # the From domain chooses the key
         )
 
@@ -760,12 +848,11 @@ class Conversation:
         self.tx = Transaction()
 
     def _signs(self) -> bool:
-        """Whether this client's mail is signed: it may relay (``relay_from_hosts``; submission
-        with AUTH will be the other trusted sender) and ``[dkim]`` has keys."""
-        return (
-            self.ports.signer is not None
-            and keys.RELAY_CLIENT in self.facts.results
-            and self.facts.results[keys.RELAY_CLIENT]
+        """Whether this client's mail is signed: it may relay (``relay_from_hosts``) or it
+        authenticated (submission), and ``[dkim]`` has keys."""
+        return self.ports.signer is not None and (
+            self.user is not None
+            or (keys.RELAY_CLIENT in self.facts.results and self.facts.results[keys.RELAY_CLIENT])
         )
 
     async def _sign(self, writer: SpoolWriter) -> tuple[bool, DkimSignature | None]:
@@ -836,6 +923,8 @@ class Conversation:
         ]
         if self.tls:
             parts.append(f"X={self.tls}")
+        if self.user is not None:  # exim's A=<authenticator>:<set_id>
+            parts.append(f"A={self._auth_name}:{escape_field(self.user, 100)}")
         parts.append(f"S={size}")
         parts.extend(content.log_fields(self.config, self.facts))
         if tx.dkim is not None:
@@ -853,8 +942,229 @@ class Conversation:
             message_id=tx.message_id,
         )
 
+    # -- submission: AUTH, senders, rates ----------------------------------------------------
+    _auth_name = "plain"  # exim's authenticator name in A= and in failure lines
+
+    async def _on_auth(self, event: events.Auth) -> Step:
+        """AUTH PLAIN or LOGIN, already checked by the core (TLS, EHLO, sequence, mechanism)."""
+        mechanism = event.mechanism
+        initial = event.initial_response
+        if mechanism == "PLAIN":
+            if initial is None:
+                self._sasl = ("PLAIN", None)
+                self.send(Reply(334, None, ""))
+                return Step.GO_ON
+            return await self._plain(initial)
+        if initial is None:
+            self._sasl = ("LOGIN", None)
+            self.send(Reply(334, None, sasl.LOGIN_USERNAME))
+            return Step.GO_ON
+        return self._login_user(initial)
+
+    async def _on_auth_response(self, event: events.AuthResponse) -> Step:
+        state, self._sasl = self._sasl, None
+        if state is None:  # a 334 is only ever sent with a state set
+            self.send(_AUTH_ABORTED)
+            return Step.GO_ON
+        if event.text.strip(" ") == "*":
+            self.send(_AUTH_ABORTED)
+            return Step.GO_ON
+        mechanism, login_user = state
+        if mechanism == "PLAIN":
+            return await self._plain(event.text)
+        if login_user is None:
+            return self._login_user(event.text)
+        try:
+            password = sasl.decode(event.text)
+        except sasl.SaslError:
+            return self._undecodable("LOGIN")
+        return await self._check("LOGIN", "", login_user, password)
+
+    def _login_user(self, text: str) -> Step:
+        try:
+            user = sasl.decode(text)
+        except sasl.SaslError:
+            return self._undecodable("LOGIN")
+        self._sasl = ("LOGIN", user)
+        self.send(Reply(334, None, sasl.LOGIN_PASSWORD))
+        return Step.GO_ON
+
+    async def _plain(self, text: str) -> Step:
+        try:
+            authzid, authcid, password = sasl.split_plain(sasl.decode(text))
+        except sasl.SaslError:
+            return self._undecodable("PLAIN")
+        return await self._check("PLAIN", authzid, authcid, password)
+
+    def _undecodable(self, mechanism: str) -> Step:
+        self.ctx.log.reject(
+            f'SMTP protocol error in "AUTH {mechanism}" {self.host_field()} undecodable response'
+        )
+        self.send(_AUTH_UNDECODABLE)
+        return Step.GO_ON
+
+    async def _check(self, mechanism: str, authzid: str, authcid: str, password: str) -> Step:
+        """Asks the back end; 235, 454, or 535 after the failure delay (421 past the limit)."""
+        name = mechanism.lower()
+        authenticator = self.ports.authenticator
+        attempt = AuthAttempt(
+            mechanism=mechanism,
+            authcid=authcid,
+            password=password,
+            authzid=authzid,
+            client_ip=self.ip_text,
+            local_ip=self.local_ip,
+            secured=self.conn.tls_active,
+        )
+        del password
+        try:
+            if authenticator is None:
+                raise ServiceTempError("no authentication back end is configured")
+            user = await authenticator.authenticate(attempt)
+        except ServiceTempError as exc:
+            self.ctx.log.panic(
+                f"{name} authenticator temporarily failed for {self._auth_host()}: "
+                f"{escape_field(exc.reason, 300)}"
+            )
+            self.send(_AUTH_TEMP)
+            return Step.GO_ON
+        if user is not None:
+            self.user = user
+            self._auth_name = name
+            self.send(replies.AUTH_SUCCESSFUL)
+            return Step.GO_ON
+        self._auth_failures += 1
+        await asyncio.sleep(await self._failure_delay())
+        # exim's line, in both logs, which fail2ban's stock exim filter counts; never the
+        # password, the user name escaped
+        self.ctx.log.reject(
+            f"{name} authenticator failed for {self._auth_host()}: 535 Incorrect "
+            f"authentication data (set_id={escape_field(authcid, 100)})",
+            client_ip=self.ip_text,
+        )
+        self.send(_AUTH_FAILED)
+        limit = self.config.submission.max_auth_failures
+        if self._auth_failures >= limit:
+            self.ctx.log.reject(
+                f"SMTP call from {self.host_field()} dropped: too many authentication "
+                f"failures ({self._auth_failures}, max_auth_failures={limit})"
+            )
+            self.out.append(
+                Reply(
+                    421,
+                    "4.7.0",
+                    f"{self.config.server.hostname} Too many authentication failures, "
+                    "closing connection",
+                ).to_bytes()
+            )
+            return Step.CLOSE
+        return Step.GO_ON
+
+    def _auth_host(self) -> str:
+        """exim's ``(helo) [ip]:port`` of an authenticator line (no ``H=``)."""
+        helo = f"({escape_field(self.helo, 100)}) " if self.helo else ""
+        return f"{helo}[{self.ip_text}]:{self.port}"
+
+    async def _failure_delay(self) -> float:
+        """failure_delay doubled for each earlier failure of this client address within
+        :data:`AUTH_FAILURE_WINDOW`, up to failure_delay_max (counted in the state store, so
+        every worker and every connection of the address adds to it)."""
+        sub = self.config.submission
+        try:
+            count = await self.ports.state.rate_hit(
+                f"authfail:{self.ip_text}", AUTH_FAILURE_WINDOW, time.time()
+            )
+        except StateTempError:
+            count = self._auth_failures
+        return float(min(sub.failure_delay * 2 ** min(count - 1, 30), sub.failure_delay_max))
+
+    async def _submission_sender(self) -> bool:
+        """MAIL on submission: the sender must be the user's (``senders`` map), and the user
+        under its message rate. False: refused (the reply is sent)."""
+        user = self.user
+        assert user is not None  # the core refuses MAIL before AUTH
+        sender = self.tx.sender or ""
+        senders = self.ports.senders
+        owns = senders().owns(user, sender) if senders is not None else _own_name(user, sender)
+        where = f"{self.host_field()}{self._sender_field()}"
+        if not owns:
+            self.ctx.log.reject(
+                f"{where} rejected MAIL <{escape_field(sender, 200)}>: sender address not owned "
+                f"by user {escape_field(user, 100)}"
+            )
+            self.send(
+                Reply(
+                    553,
+                    "5.7.1",
+                    f"<{sender}>: Sender address rejected: not owned by user {user}",
+                )
+            )
+            return False
+        limit = self.config.submission.max_messages
+        if limit:
+            count = await self._user_rate("msg", user, where)
+            if count is None:
+                return False
+            if count > limit:
+                self.ctx.log.reject(
+                    f"{where} temporarily rejected MAIL <{escape_field(sender, 200)}>: user "
+                    f"{escape_field(user, 100)} over its message rate ({count} in "
+                    f"{self.config.submission.rate_window:g}s, max_messages={limit})"
+                )
+                self.send(
+                    Reply(450, "4.7.1", f"Error: too many messages from {user}, try again later")
+                )
+                return False
+        return True
+
+    async def _recipient_rate(self, rcpt: str) -> bool:
+        """RCPT on submission: whether the user is under its recipient rate (False: the
+        refusal is sent)."""
+        user = self.user
+        limit = self.config.submission.max_recipients
+        if user is None or not limit:
+            return True
+        where = f"{self.host_field()}{self._sender_field()}"
+        count = await self._user_rate("rcpt", user, where)
+        if count is not None and count <= limit:
+            return True
+        if count is not None:
+            self.ctx.log.reject(
+                f"{where} temporarily rejected RCPT <{escape_field(rcpt, 200)}>: user "
+                f"{escape_field(user, 100)} over its recipient rate ({count} in "
+                f"{self.config.submission.rate_window:g}s, max_recipients={limit})"
+            )
+            self.send(
+                Reply(
+                    450,
+                    "4.7.1",
+                    f"<{rcpt}>: Recipient address rejected: too many recipients from {user}, "
+                    "try again later",
+                )
+            )
+        return False
+
+    async def _user_rate(self, what: str, user: str, where: str) -> int | None:
+        """One more event of ``user``'s ``what`` rate; None: the store failed (451 sent)."""
+        try:
+            return await self.ports.state.rate_hit(
+                f"submit:{what}:{user}", self.config.submission.rate_window, time.time()
+            )
+        except StateTempError as exc:
+            self.ctx.log.reject(
+                f"{where} temporarily rejected: rate of user {escape_field(user, 100)} "
+                f"unknown: {escape_field(exc.reason)}"
+            )
+            self.send(_STATE_DEFERRED)
+            return None
+
     def abort_transaction(self) -> None:
         """Forgets the transaction; a message being received is thrown away."""
         if self.tx.writer is not None:
             self.tx.writer.abort()
         self.tx = Transaction()
+
+
+def _own_name(user: str, sender: str) -> bool:
+    """Without a senders map a user may send as its own login name, when that is an address."""
+    return "@" in user and sender.lower() == user.lower()

@@ -65,8 +65,12 @@ class RelayPolicy:
             return True
         return self.relay_list is not None and client_ip in self.relay_list.current()
 
-    def decide(self, address: Address, client_ip: IPAddress) -> Route | Verdict:
-        """A route for an acceptable recipient, or the refusal verdict.
+    def decide(
+        self, address: Address, client_ip: IPAddress, *, authenticated: bool = False
+    ) -> Route | Verdict:
+        """A route for an acceptable recipient, or the refusal verdict. ``authenticated``: the
+        client logged in (SMTP AUTH on a submission listener) and may relay like
+        ``relay_from_hosts``.
 
         The route is decided here once: the session stores it with the recipient in the spool
         envelope and delivery follows it (:class:`palisade.ports.Route`).
@@ -81,14 +85,15 @@ class RelayPolicy:
             return Route.LOCAL
         if domain in self.relay_domains:
             return Route.RELAY
-        if self.client_may_relay(client_ip):
+        if authenticated or self.client_may_relay(client_ip):
             if self.outbound_available:
                 return Route.OUTBOUND
             return deny(
                 550,
                 "5.7.1",
                 "Relay access denied",
-                "relay refused: client is in relay_from_hosts but no next_hop is configured",
+                "relay refused: client may relay (relay_from_hosts or AUTH) but no next_hop is "
+                "configured",
             )
         return deny(
             550, "5.7.1", "Relay access denied", "relay attempt refused: not a local domain"

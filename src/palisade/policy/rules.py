@@ -19,7 +19,9 @@ from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Generic, Protocol, TypeVar, cast
 
+from palisade.policy.senders import SenderMap
 from palisade.ports import (
+    Authenticator,
     Clock,
     MessageSource,
     RecipientDirectory,
@@ -183,6 +185,10 @@ class Ports:
     spam: SpamScanner | None = None  # spamd or rspamd; None: not configured
     virus: VirusScanner | None = None  # clamd; None: not configured
     signer: Signer | None = None  # DKIM keys of outbound mail; None: [dkim] has no keys
+    # SMTP AUTH of submission listeners (password file or Dovecot); None: no submission
+    authenticator: Authenticator | None = None
+    # the [submission] senders map as it is now (read again when the file changes); None: no map
+    senders: Callable[[], SenderMap] | None = None
 
 
 async def memo(facts: Facts, key: Key[T], compute: Callable[[], Awaitable[T]]) -> T:

@@ -60,7 +60,7 @@ from palisade.server.generation import (
     build_generation,
     close_ports,
 )
-from palisade.server.listener import Listener, bind_socket
+from palisade.server.listener import Listener, bind_socket, listen_addresses
 from palisade.server.service import open_event_log, remove_pid_file, write_pid_file
 from palisade.server.steering import steer_by_source
 from palisade.spool import Spool
@@ -354,9 +354,11 @@ async def run_single(
     gw.install_signals(gw.reload_and_probe)
     gw.log.main(
         f"palisade daemon started: pid={os.getpid()}, listening on "
-        f"{', '.join(config.server.listen)}, config {config.source}"
+        f"{', '.join(listen_addresses(config))}, config {config.source}"
     )
-    notify.ready(f"serving on {', '.join(config.server.listen)}, generation {gw.generation.number}")
+    notify.ready(
+        f"serving on {', '.join(listen_addresses(config))}, generation {gw.generation.number}"
+    )
     await gw.stopping.wait()
     notify.stopping()
     gw.log.main("SIGTERM received: no longer accepting connections, finishing transactions")
@@ -509,7 +511,7 @@ async def run_parent(
     loop.add_reader(notify_read, on_notify)
     gw.log.main(
         f"palisade daemon started: pid={os.getpid()}, {len(workers)} workers listening on "
-        f"{', '.join(config.server.listen)}, config {config.source}"
+        f"{', '.join(listen_addresses(config))}, config {config.source}"
     )
 
     async def reap() -> None:
@@ -525,7 +527,7 @@ async def run_parent(
 
     reaper = loop.create_task(reap())
     notify.ready(
-        f"serving on {', '.join(config.server.listen)} with {len(workers)} workers, "
+        f"serving on {', '.join(listen_addresses(config))} with {len(workers)} workers, "
         f"generation {gw.generation.number}"
     )
     status = (
@@ -602,12 +604,13 @@ def serve(config_path: Path | None) -> int:
     workers = config.server.workers
     try:  # with workers, one SO_REUSEPORT socket per worker and address, all made before fork
         groups = [
-            [bind_socket(a, reuse_port=workers > 1) for a in config.server.listen]
+            [bind_socket(a, reuse_port=workers > 1) for a in listen_addresses(config)]
             for _ in range(workers)
         ]
     except OSError as exc:
         print(
-            f"palisade: cannot listen on {', '.join(config.server.listen)}: {exc}", file=sys.stderr
+            f"palisade: cannot listen on {', '.join(listen_addresses(config))}: {exc}",
+            file=sys.stderr,
         )
         return 1
     try:  # before the drop: /run/palisade may be root's (systemd's RuntimeDirectory)

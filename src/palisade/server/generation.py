@@ -17,8 +17,10 @@ environment (a file gone, a directory where the state database should be, a bad 
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import functools
+import inspect
 import ipaddress
 import ssl
 import time
@@ -30,17 +32,20 @@ from palisade.adapters.dkim_signer import DkimSigner
 from palisade.adapters.dns import DnsResolver
 from palisade.adapters.ldap_directory import LdapDirectory, LdapSettings
 from palisade.adapters.local_rates import WriteBehindRates
+from palisade.adapters.password_file import PasswordFile
 from palisade.adapters.rspamd import RspamdScanner
 from palisade.adapters.spamd import SpamdScanner
 from palisade.adapters.sqlite_state import SqliteStateStore
 from palisade.clock import SYSTEM_CLOCK
 from palisade.config import Config, ConfigError, parse_host_port
+from palisade.config.lists import SendersFile
 from palisade.config.model import LdapConfig, RspamdConfig, SpamdConfig
 from palisade.config.policy import build_policy
 from palisade.delivery import Router
 from palisade.policy.policy import Policy
 from palisade.policy.relay import RelayPolicy
 from palisade.policy.rules import IPAddress, Ports
+from palisade.ports import Authenticator
 from palisade.server.tls import client_context, server_context
 
 
@@ -152,8 +157,8 @@ def build_generation(
         relay = relay_policy(config, policy)
         ports = None
         if listening:
-            part = "clients ([paths] state, [ldap], scanners)"
-            ports = build_ports(config, local_rates=local_rates)
+            part = "clients ([paths] state, [ldap], scanners, [submission])"
+            ports = build_ports(config, local_rates=local_rates, on_error=on_list_error)
             opened.append(functools.partial(close_ports, ports))
         router = None
         if delivering:
@@ -214,12 +219,25 @@ def secrets_of(config: Config) -> list[str]:
     return [str(v) for rule in config.rules for k, v in rule.options if k == "dqs_key" and v]
 
 
-def build_ports(config: Config, *, local_rates: bool = False) -> Ports:
+def build_ports(
+    config: Config,
+    *,
+    local_rates: bool = False,
+    on_error: Callable[[str], None] | None = None,
+) -> Ports:
     """The checks' clients. ``local_rates``: every client of this process reaches only this
     process (one worker, or steered workers), so rate counters can be kept here, exact, and
-    written behind. All of them share the one system clock."""
+    written behind. All of them share the one system clock. ``on_error``: where a password or
+    senders file that breaks after start-up is reported (the panic log)."""
     store = SqliteStateStore(config.paths.state, clock=SYSTEM_CLOCK)
     try:
+        submission = config.submission
+        senders = None
+        if submission.enabled and submission.senders is not None:
+            try:
+                senders = SendersFile.load(submission.senders, on_error=on_error)
+            except ValueError as exc:
+                raise GenerationError(f"{config.source}: {exc}") from None
         return Ports(
             resolver=build_resolver(config),
             state=WriteBehindRates(store) if local_rates else store,
@@ -236,6 +254,8 @@ def build_ports(config: Config, *, local_rates: bool = False) -> Ports:
                 else None
             ),
             signer=build_signer(config),
+            authenticator=build_authenticator(config, on_error),
+            senders=senders,
         )
     except BaseException:
         store.close()
@@ -263,6 +283,27 @@ def build_signer(config: Config) -> DkimSigner | None:
     if not dkim.keys:
         return None
     return DkimSigner((k.domain, k.selector, dkim.key_path(k)) for k in dkim.keys)
+
+
+def build_authenticator(
+    config: Config, on_error: Callable[[str], None] | None = None
+) -> Authenticator | None:
+    """The back end of ``[submission] auth``: the password file or Dovecot's auth socket;
+    None without submission listeners."""
+    submission = config.submission
+    if not submission.enabled:
+        return None
+    if submission.auth == "dovecot":
+        # out-dovecot's adapter (palisade.adapters.dovecot_auth), imported by name so that this
+        # module does not depend on its presence at build time
+        import importlib
+
+        module = importlib.import_module("palisade.adapters.dovecot_auth")
+        authenticator: Authenticator = module.DovecotAuthenticator(
+            submission.dovecot_socket, timeout=submission.auth_timeout
+        )
+        return authenticator
+    return PasswordFile(submission.password_file, on_error=on_error)
 
 
 def build_spam_scanner(config: Config) -> SpamdScanner | RspamdScanner | None:
@@ -311,11 +352,20 @@ def build_directory(config: Config) -> LdapDirectory | None:
 def close_ports(ports: Ports) -> None:
     """Closes what the ports hold open (pending rate hits written, the state database, the LDAP
     connection, scanner connections)."""
-    for part in (ports.state, ports.recipients, ports.spam, ports.virus):
+    for part in (ports.state, ports.recipients, ports.spam, ports.virus, ports.authenticator):
         close = getattr(part, "close", None)
         if close is not None:
             with contextlib.suppress(Exception):
-                close()
+                _finish(close())
+
+
+def _finish(result: object) -> None:
+    """An asynchronous close (the Dovecot client's) runs on the loop when there is one."""
+    if inspect.iscoroutine(result):
+        try:
+            asyncio.get_running_loop().create_task(result)
+        except RuntimeError:
+            result.close()
 
 
 def listening_ips(config: Config) -> frozenset[IPAddress]:

@@ -7,6 +7,10 @@ process's sessions (with workers, each worker has that many); ``max_connections_
 counted by the ``counts`` it is given, across all workers (see :mod:`.conncount`). Each
 session gets the process's newest generation at connect and holds it (acquire/release) until it
 ends; the caps a client meets are that generation's.
+
+Each socket has a role (:func:`socket_role`): the perimeter's port 25, or submission (587,
+STARTTLS) or submissions (465, implicit TLS) by the ``[submission]`` addresses it is bound to;
+the session and its conversation follow it.
 """
 
 from __future__ import annotations
@@ -14,9 +18,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import ipaddress
 import socket
 
-from palisade.config import parse_host_port
+from palisade.config import Config, parse_host_port
+from palisade.conversation import Role
 from palisade.server.conncount import LocalCounts, SlotCounts
 from palisade.server.context import ServerContext
 from palisade.server.generation import Generation
@@ -40,6 +46,38 @@ def bind_socket(address: str, reuse_port: bool) -> socket.socket:
     return sock
 
 
+def listen_addresses(config: Config) -> list[str]:
+    """Every address to bind, as ``host:port``: ``[server] listen``, then the submission ones
+    (587 and 465 when an entry gives no port)."""
+    addresses = list(config.server.listen)
+    for entries, default in ((config.submission.listen, 587), (config.submission.listen_tls, 465)):
+        for entry in entries:
+            host, port = parse_host_port(entry, default)
+            addresses.append(f"[{host}]:{port}" if ":" in host else f"{host}:{port}")
+    return addresses
+
+
+def socket_role(sock: socket.socket, config: Config) -> Role:
+    """The role of a bound socket: the ``[submission]`` entry with its port (and its address,
+    when the entry names one), else the perimeter's."""
+    host, port = sock.getsockname()[:2]
+    for role, entries, default in (
+        (Role.SUBMISSIONS, config.submission.listen_tls, 465),
+        (Role.SUBMISSION, config.submission.listen, 587),
+    ):
+        for entry in entries:
+            want_host, want_port = parse_host_port(entry, default)
+            if want_port != port:
+                continue
+            try:
+                if ipaddress.ip_address(want_host) != ipaddress.ip_address(host):
+                    continue
+            except ValueError:
+                pass  # a host name: the port decides
+            return role
+    return Role.SMTP
+
+
 class Listener:
     """Accepts clients on the configured addresses and runs their sessions."""
 
@@ -59,13 +97,19 @@ class Listener:
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
+        config = self.ctx.current().config
         for sock in self.sockets:
+            role = socket_role(sock, config)
+            on_connect = functools.partial(self._on_connect, role=role)
             server = await loop.create_server(
-                lambda: ClientStream(self._on_connect, loop), sock=sock
+                functools.partial(
+                    ClientStream, on_connect, loop, implicit_tls=role is Role.SUBMISSIONS
+                ),
+                sock=sock,
             )
             self.servers.append(server)
 
-    def _on_connect(self, stream: ClientStream) -> None:
+    def _on_connect(self, stream: ClientStream, role: Role = Role.SMTP) -> None:
         peer = stream.peer
         ip, port = peer
         generation = self.ctx.current()  # the session keeps this one to its end
@@ -87,7 +131,7 @@ class Listener:
             )
             return
         generation.acquire()
-        session = Session(self.ctx, generation, stream, peer)
+        session = Session(self.ctx, generation, stream, peer, role=role)
         task = stream.loop.create_task(session.run())
         self.sessions[task] = session
         task.add_done_callback(functools.partial(self._finished, ip=ip, generation=generation))

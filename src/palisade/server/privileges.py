@@ -99,7 +99,8 @@ def service_account(config: Config) -> Account | None:
     if server.user is None:
         if os.geteuid() != 0:
             return None
-        low = [a for a in server.listen if parse_host_port(a)[1] < PRIVILEGED_PORTS]
+        submission = (*config.submission.listen, *config.submission.listen_tls)  # 587, 465
+        low = [a for a in (*server.listen, *submission) if parse_host_port(a)[1] < PRIVILEGED_PORTS]
         if low:
             raise _refuse(
                 config,

@@ -18,7 +18,7 @@ import contextlib
 import time
 from typing import TYPE_CHECKING
 
-from palisade.conversation import Conversation, Step
+from palisade.conversation import Conversation, Role, Step
 from palisade.server.stream import ClientStream
 from palisade.server.tls import describe, handshake_error_line
 from palisade.smtp import NEED_DATA, PAUSED, events
@@ -41,6 +41,8 @@ class Session:
         generation: Generation,
         stream: ClientStream,
         peer: tuple[str, int] | None = None,
+        *,
+        role: Role = Role.SMTP,
     ) -> None:
         """``generation``: what the config decides (rules, clients, domains, TLS), for the
         whole connection whatever a reload does meanwhile; ``ctx``: the process's shared parts."""
@@ -49,7 +51,10 @@ class Session:
         self.generation = generation
         self.config = generation.config
         ip_text, port = peer if peer is not None else stream.peer
-        self.conversation = Conversation(ctx, generation, ip_text, port)
+        self.role = role
+        self.conversation = Conversation(
+            ctx, generation, ip_text, port, role=role, local_ip=stream.local_ip
+        )
         self._deadline: float | None = None
         self._data_started: float | None = None
         self._data_bytes = 0
@@ -119,6 +124,8 @@ class Session:
         # Connect rules come first: a refused client is refused at once, and a client that a
         # connect rule accepts (a whitelist) never waits for the banner.
         if not await conv.connect():
+            return False
+        if self.role is Role.SUBMISSIONS and not await self._implicit_tls():
             return False
         if not await self._pregreet():
             return False
@@ -210,7 +217,24 @@ class Session:
             self.stream.write(conv.shutdown_reply().to_bytes())
             self.stream.close()
 
-    # -- STARTTLS ----------------------------------------------------------------------------
+    # -- TLS ---------------------------------------------------------------------------------
+    async def _implicit_tls(self) -> bool:
+        """The handshake of a submissions (465) connection, before the banner; False: failed
+        (the main log says why, as for STARTTLS)."""
+        conv = self.conversation
+        tls_context = self.generation.tls_context
+        if tls_context is None:  # the loader refuses submission listeners without [tls]
+            return False
+        try:
+            await self.stream.start_tls(tls_context, self.config.limits.command_timeout)
+        except (OSError, ConnectionError, TimeoutError) as exc:
+            self.ctx.log.main(
+                handshake_error_line(None, conv.ip_text, conv.port, exc), client_ip=conv.ip_text
+            )
+            return False
+        conv.implicit_tls(describe(self.stream.tls_info()))
+        return True
+
     async def _start_tls(self) -> None:
         conv = self.conversation
         tls_context = self.generation.tls_context

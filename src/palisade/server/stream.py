@@ -29,7 +29,11 @@ class ClientStream(asyncio.Protocol):
         self,
         on_connect: Callable[[ClientStream], None],
         loop: asyncio.AbstractEventLoop | None = None,
+        *,
+        implicit_tls: bool = False,
     ) -> None:
+        """``implicit_tls``: nothing is read before :meth:`start_tls` (port 465: the client's
+        first bytes are its TLS ClientHello, which must reach the TLS layer, not this buffer)."""
         # The loop is kept: asyncio.get_running_loop() makes a getpid() system call each time.
         self.loop = loop or asyncio.get_running_loop()
         self._on_connect = on_connect
@@ -42,11 +46,17 @@ class ClientStream(asyncio.Protocol):
         self._reading_paused = False
         self._lost = False
         self._closed: asyncio.Future[None] | None = None  # made on demand: rarely awaited
+        self._implicit_tls = implicit_tls
 
     # -- asyncio.Protocol -------------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's transports implement the interface without subclassing asyncio.Transport.
         self.transport = typing.cast(asyncio.Transport, transport)
+        if self._implicit_tls:
+            # asyncio adds its reader after this call: nothing is read before start_tls. uvloop
+            # starts reading right after it: what comes early (the ClientHello) is kept and
+            # handed to the TLS layer by start_tls.
+            self.transport.pause_reading()
         self._on_connect(self)
 
     def data_received(self, data: bytes) -> None:
@@ -143,14 +153,43 @@ class ClientStream(asyncio.Protocol):
         delivers it before this coroutine resumes). It is kept for the session to read.
         """
         assert self.transport is not None
-        self.discard_input()
+        implicit, self._implicit_tls = self._implicit_tls, False
         loop = asyncio.get_running_loop()
+        if implicit:
+            # Runs once start_tls (awaited below, which runs on at once up to the handshake)
+            # has put the TLS layer on the transport, in the same turn of the loop (no read in
+            # between) and before that layer's connection_made starts the handshake, which
+            # then reads what came early. (After STARTTLS that input is dropped instead.)
+            loop.call_soon(self._hand_to_tls)
+        else:
+            self.discard_input()
         new_transport = await loop.start_tls(
             self.transport, self, context, server_side=True, ssl_handshake_timeout=timeout
         )
         if new_transport is None:
             raise ConnectionError("TLS handshake did not complete")
         self.transport = new_transport
+
+    def _hand_to_tls(self) -> None:
+        """Gives the bytes read before the TLS layer was in place (implicit TLS under uvloop:
+        the ClientHello) to that layer."""
+        assert self.transport is not None
+        data = bytes(self._buffer)
+        self._buffer.clear()
+        if not data:
+            return
+        layer = self.transport.get_protocol()
+        # uvloop's TLS layer has the BufferedProtocol methods without subclassing it
+        if layer is self or not hasattr(layer, "buffer_updated"):
+            self.abort()  # start_tls did not go as expected: no handshake without them
+            return
+        layer = typing.cast(asyncio.BufferedProtocol, layer)
+        while data:
+            buffer = memoryview(layer.get_buffer(len(data)))
+            size = min(len(buffer), len(data))
+            buffer[:size] = data[:size]
+            layer.buffer_updated(size)
+            data = data[size:]
 
     def close(self) -> None:
         if self.transport is not None and not self.transport.is_closing():
@@ -165,6 +204,14 @@ class ClientStream(asyncio.Protocol):
         assert self.transport is not None
         peer = self.transport.get_extra_info("peername")
         return (str(peer[0]), int(peer[1])) if peer else ("0.0.0.0", 0)
+
+    @property
+    def local_ip(self) -> str:
+        """The address the client connected to ("" when unknown)."""
+        if self.transport is None:
+            return ""
+        local = self.transport.get_extra_info("sockname")
+        return str(local[0]) if local else ""
 
     def tls_info(self) -> tuple[str, str, int] | None:
         """(protocol, cipher, bits) when the connection is encrypted."""

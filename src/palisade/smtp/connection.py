@@ -17,7 +17,17 @@ waiting).
 
 Error kinds (``CommandError.kind``): syntax, address, parameter, size, sequence,
 unknown_command, line_too_long, nul, bare_lf, bare_cr, too_many_recipients, pipelining,
-starttls.
+starttls, auth.
+
+AUTH (``Features.auth``, RFC 4954): offered only once TLS is active; the core checks the
+sequence (530 before TLS, 503 before EHLO, twice, or in a transaction; 504 for another
+mechanism), then hands out :class:`~palisade.smtp.events.Auth`. A 334 answer puts the session
+in ``AUTH``, where the next line is not a command but the client's response
+(:class:`~palisade.smtp.events.AuthResponse`); any other answer ends the exchange, and 235
+marks the session authenticated. AUTH ends a pipelined group, except ``AUTH PLAIN`` with its
+initial response, which completes in one round trip (RFC 4954 section 4). No SASL security
+layer is ever negotiated (PLAIN and LOGIN have none), so nothing buffered needs discarding after
+235. With ``Features.auth_required`` MAIL is refused (530) until the session is authenticated.
 
 Error counting (``error_count``, compared with ``Limits.max_errors`` before each command): every
 ``CommandError`` except too_many_recipients (a client is expected to retry those later, RFC 5321
@@ -37,7 +47,9 @@ from palisade.smtp.buffer import TOO_LONG, ReceiveBuffer
 from palisade.smtp.commands import MUST_BE_LAST, VERBS, check_line, parse_command, split_verb
 from palisade.smtp.data import DataReader
 from palisade.smtp.errors import LocalProtocolError
+from palisade.smtp.events import Auth as AuthEvent
 from palisade.smtp.events import (
+    AuthResponse,
     CommandError,
     ConnectionClosed,
     Data,
@@ -72,6 +84,7 @@ class State(enum.Enum):
     RCPT = "RCPT"  # at least one recipient accepted
     DATA = "DATA"  # receiving content (and answering its end)
     STARTTLS_PENDING = "STARTTLS_PENDING"  # 220 sent; waiting for tls_started(), input dropped
+    AUTH = "AUTH"  # 334 sent: the next line is a SASL response, not a command
     CLOSED = "CLOSED"  # QUIT answered, a closing reply sent, or the peer closed
 
 
@@ -107,17 +120,22 @@ _2XX = range(200, 300)
 _221 = range(221, 222)
 _220 = range(220, 221)
 _354 = range(354, 355)
+_334 = range(334, 335)
 _ANY = range(200, 600)
 _STAY = Step()
 END_OF_DATA = "<end of data>"  # the pseudo-verb of DataEnd in the table
+AUTH_RESPONSE = "<auth response>"  # the pseudo-verb of AuthResponse in the table
+_AUTH_MECHANISMS = ("PLAIN", "LOGIN")
 
 _IN_TRANSACTION = Reply(503, "5.5.1", "Error: MAIL transaction in progress")
 _EHLO_FIRST = Reply(503, "5.5.1", "Error: send EHLO first")
 
 I, R, M, T, D = State.INITIAL, State.READY, State.MAIL, State.RCPT, State.DATA  # noqa: E741
+A = State.AUTH
 
 # THE transition table. (state, verb) -> Step. A command missing from a state's row is never
-# parsed in that state (DATA, STARTTLS_PENDING and CLOSED read no commands).
+# parsed in that state (DATA, AUTH, STARTTLS_PENDING and CLOSED read no commands). In AUTH a
+# reply other than 334 ends the exchange: back to READY (send_reply).
 # fmt: off
 TRANSITIONS: dict[tuple[State, str], Step] = {
     (I, "HELO"): _go(_2XX, R), (I, "EHLO"): _go(_2XX, R),
@@ -136,7 +154,7 @@ TRANSITIONS: dict[tuple[State, str], Step] = {
     (R, "STARTTLS"): _go(_220, State.STARTTLS_PENDING),
     (R, "RSET"): _go(_2XX, R), (R, "QUIT"): _go(_221, State.CLOSED),
     (R, "NOOP"): _STAY, (R, "HELP"): _STAY, (R, "VRFY"): _STAY, (R, "EXPN"): _STAY,
-    (R, "AUTH"): _STAY,
+    (R, "AUTH"): _go(_334, A),
 
     (M, "HELO"): _go(_2XX, R), (M, "EHLO"): _go(_2XX, R),
     (M, "MAIL"): _no(replies.BAD_SEQUENCE_NESTED_MAIL),
@@ -157,9 +175,11 @@ TRANSITIONS: dict[tuple[State, str], Step] = {
     (T, "AUTH"): _STAY,
 
     (D, END_OF_DATA): _go(_ANY, R),
+
+    (A, AUTH_RESPONSE): _go(_334, A),
 }
 # fmt: on
-del I, R, M, T, D
+del I, R, M, T, D, A
 
 _CLOSING_CODES = frozenset({421, 521})
 
@@ -167,7 +187,9 @@ _CLOSING_CODES = frozenset({421, 521})
 class SmtpConnection:
     """One server-side SMTP session, without I/O."""
 
-    def __init__(self, *, features: Features, limits: Limits) -> None:
+    def __init__(self, *, features: Features, limits: Limits, tls_active: bool = False) -> None:
+        """``tls_active``: the connection is encrypted from its first byte (implicit TLS, the
+        submissions port 465 of RFC 8314): STARTTLS is not offered, AUTH is."""
         self._features = features
         self._limits = limits
         self._state = State.INITIAL
@@ -179,7 +201,8 @@ class SmtpConnection:
         self._reader: DataReader | None = None
         self._extended = False  # the accepted greeting was EHLO
         self._helo_name: str | None = None
-        self._tls_active = False
+        self._tls_active = tls_active
+        self._authenticated = False
         self._sender: Address | None = None
         self._recipients: list[Address] = []
         self._refused_recipients = 0
@@ -213,6 +236,11 @@ class SmtpConnection:
     @property
     def tls_active(self) -> bool:
         return self._tls_active
+
+    @property
+    def authenticated(self) -> bool:
+        """True once an AUTH exchange was answered 235."""
+        return self._authenticated
 
     @property
     def extended(self) -> bool:
@@ -272,6 +300,8 @@ class SmtpConnection:
             return self._closed() if self._eof else NEED_DATA
         if state is State.DATA:
             return self._next_data_event()
+        if state is State.AUTH:
+            return self._next_auth_response()
         return self._next_command_event()
 
     # -- output ---------------------------------------------------------------------------
@@ -300,6 +330,10 @@ class SmtpConnection:
                 self._enter(step.to, event)
             elif isinstance(event, Rcpt):
                 self._refused_recipients += 1
+            elif self._state is State.AUTH:
+                self._state = State.READY  # the exchange is over, whatever the answer
+            if reply.code == 235 and isinstance(event, AuthEvent | AuthResponse):
+                self._authenticated = True
         return reply.to_bytes(enhanced=self._features.enhanced_status)
 
     def tls_started(self) -> None:
@@ -333,6 +367,8 @@ class SmtpConnection:
             lines.append("ENHANCEDSTATUSCODES")
         if features.starttls and not self._tls_active:
             lines.append("STARTTLS")
+        if features.auth and self._tls_active:
+            lines.append("AUTH PLAIN LOGIN")
         lines.append("HELP")
         return Reply(250, None, tuple(lines))
 
@@ -443,7 +479,7 @@ class SmtpConnection:
             extra = len(self._buffer) > 0
             if (extra or early) and not self.pipelining_allowed:
                 return self._pipelining_error(verb, "pipelining was not offered")
-            if extra and verb in MUST_BE_LAST:
+            if extra and verb in MUST_BE_LAST and not _one_round_trip(verb, args):
                 return self._pipelining_error(verb, f"{verb} must be the last command of a group")
         if verb not in VERBS:
             if not verb:
@@ -460,6 +496,11 @@ class SmtpConnection:
             if verb == "DATA" and self._state is State.MAIL and self._refused_recipients:
                 reply = replies.NO_VALID_RECIPIENTS
             return self._error(reply, f"{verb} in state {self._state.name}", "sequence", verb)
+        if verb == "AUTH" and self._features.auth:
+            return self._auth_event(args)
+        if verb == "MAIL" and self._features.auth_required and not self._authenticated:
+            reply = replies.AUTH_REQUIRED if self._tls_active else replies.MUST_STARTTLS_FIRST
+            return self._error(reply, "MAIL before AUTH", "auth", verb)
         if verb == "STARTTLS":
             refusal = self._starttls_refusal()
             if refusal is not None:
@@ -480,6 +521,60 @@ class SmtpConnection:
             )
         return self._emit(event, verb)
 
+    def _auth_event(self, args: str) -> Event:
+        """AUTH on a listener that offers it: the sequence and mechanism checked."""
+        refusal = None
+        if not self._tls_active:
+            refusal = replies.MUST_STARTTLS_FIRST
+        elif not self._extended:
+            refusal = _EHLO_FIRST
+        elif self._authenticated:
+            refusal = Reply(503, "5.5.1", "Error: already authenticated")
+        elif self._state is not State.READY:
+            refusal = _IN_TRANSACTION
+        if refusal is not None:
+            return self._error(refusal, f"AUTH refused: {refusal.lines[0]}", "auth", "AUTH")
+        words = args.strip(" ").split(" ")
+        mechanism = words[0].upper() if words[0].isascii() else words[0]
+        if mechanism not in _AUTH_MECHANISMS:
+            return self._error(
+                Reply(504, "5.5.4", "Unrecognized authentication type"),
+                f"AUTH mechanism {mechanism[:20]!a} not offered",
+                "auth",
+                "AUTH",
+            )
+        if len(words) > 2:
+            return self._error(
+                Reply(501, "5.5.4", "Syntax: AUTH mechanism [initial-response]"),
+                "AUTH with more than one initial response",
+                "syntax",
+                "AUTH",
+            )
+        initial = words[1] if len(words) == 2 else None
+        return self._emit(
+            AuthEvent(argument="", mechanism=mechanism, initial_response=initial), "AUTH"
+        )
+
+    def _next_auth_response(self) -> Event | Sentinel:
+        """The line after a 334: the client's SASL response, never parsed as a command."""
+        line = self._buffer.next_line(self._limits.max_command_line)
+        if line is None:
+            return self._closed() if self._eof else NEED_DATA
+        self._state = State.READY  # an error below ends the exchange; a response may resume it
+        if line is TOO_LONG:
+            return self._error(
+                replies.LINE_TOO_LONG,
+                f"AUTH response longer than {self._limits.max_command_line} octets",
+                "line_too_long",
+            )
+        text = check_line(line)
+        if isinstance(text, CommandError):
+            self._emit(text, None)
+            self.error_count += 1
+            return text
+        self._state = State.AUTH
+        return self._emit(AuthResponse(text=text), AUTH_RESPONSE)
+
     def _pipelining_error(self, verb: str, why: str) -> CommandError:
         return self._error(
             replies.PIPELINING_VIOLATION,
@@ -497,3 +592,13 @@ class SmtpConnection:
         if not self._extended:
             return _EHLO_FIRST
         return None
+
+
+def _one_round_trip(verb: str, args: str) -> bool:
+    """``AUTH PLAIN <initial-response>``: the one AUTH that may be followed by more commands
+    in a pipelined group (RFC 4954 section 4: it completes in one round trip, no security
+    layer)."""
+    if verb != "AUTH":
+        return False
+    words = args.strip(" ").split(" ")
+    return len(words) == 2 and words[0].upper() == "PLAIN"

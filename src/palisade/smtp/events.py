@@ -20,6 +20,7 @@ from palisade.smtp.replies import Reply
 
 __all__ = [
     "Auth",
+    "AuthResponse",
     "CommandError",
     "ConnectionClosed",
     "Data",
@@ -143,10 +144,33 @@ class StartTls(Event):
 
 @dataclass(frozen=True, slots=True)
 class Auth(Event):
-    """AUTH (never advertised): reported so the application can refuse and log it."""
+    """AUTH. Where it is not offered (``Features.auth`` off) it comes with only ``argument`` set,
+    so the application can refuse and log it. Where it is offered, the core has checked the
+    sequence (TLS, EHLO, not yet authenticated, no transaction) and the mechanism:
+    ``mechanism`` is "PLAIN" or "LOGIN" and ``initial_response`` the base64 text that followed
+    it (None: none given; "=" stands for an empty one, RFC 4954 section 4). Answer 334 to ask
+    for a response line (an :class:`AuthResponse` follows), 235 on success, or a refusal.
+    """
 
     needs_reply: ClassVar[bool] = True
     argument: str = ""
+    mechanism: str = ""
+    initial_response: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class AuthResponse(Event):
+    """The client's answer to a 334 challenge: one line of base64 text, or "*" to cancel.
+
+    Answer 334 for another step, 235 on success, or a refusal (which ends the exchange). The
+    text is a secret (it carries the password): never log it.
+    """
+
+    needs_reply: ClassVar[bool] = True
+    text: str = ""
+
+    def __repr__(self) -> str:
+        return "AuthResponse(<hidden>)"
 
 
 @dataclass(frozen=True, slots=True)

@@ -19,8 +19,10 @@ __all__ = ["Features", "Limits"]
 class Features:
     """The ESMTP extensions advertised in the EHLO reply.
 
-    No AUTH and no CHUNKING are ever offered. STARTTLS is advertised only when ``starttls`` is
-    set and TLS is not active yet.
+    No CHUNKING is ever offered. STARTTLS is advertised only when ``starttls`` is set and TLS is
+    not active yet. ``auth`` (a submission listener) offers ``AUTH PLAIN LOGIN``, and only once
+    TLS is active (RFC 4954 section 4: no plaintext passwords on an unencrypted channel); with
+    ``auth_required`` MAIL is refused until the client authenticated.
     """
 
     hostname: str
@@ -29,6 +31,8 @@ class Features:
     pipelining: bool = True
     eightbitmime: bool = True
     enhanced_status: bool = True
+    auth: bool = False
+    auth_required: bool = False
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

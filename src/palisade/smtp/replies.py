@@ -19,6 +19,8 @@ from palisade.smtp.errors import LocalProtocolError
 
 __all__ = [
     "AUTH_NOT_ENABLED",
+    "AUTH_REQUIRED",
+    "AUTH_SUCCESSFUL",
     "BAD_SEQUENCE_NEED_HELO",
     "BAD_SEQUENCE_NEED_MAIL",
     "BAD_SEQUENCE_NEED_RCPT",
@@ -35,6 +37,7 @@ __all__ = [
     "LINE_NUL",
     "LINE_TOO_LONG",
     "MESSAGE_TOO_BIG",
+    "MUST_STARTTLS_FIRST",
     "NO_VALID_RECIPIENTS",
     "OK",
     "PIPELINING_VIOLATION",
@@ -135,6 +138,10 @@ READY_FOR_TLS = Reply(220, "2.0.0", "Ready to start TLS")
 VRFY_CANNOT = Reply(252, "2.0.0", "Cannot VRFY user, but will accept message and attempt delivery")
 TLS_NOT_AVAILABLE = Reply(454, "4.7.0", "TLS not available due to temporary reason")
 AUTH_NOT_ENABLED = Reply(503, "5.5.1", "Error: authentication not enabled")
+AUTH_SUCCESSFUL = Reply(235, "2.7.0", "Authentication successful")
+# Postfix's words (RFC 4954 section 6 and RFC 3207 section 4 codes)
+MUST_STARTTLS_FIRST = Reply(530, "5.7.0", "Must issue a STARTTLS command first")
+AUTH_REQUIRED = Reply(530, "5.7.0", "Authentication required")
 
 # -- answers the core gives in CommandError events --------------------------------------------
 SYNTAX_ERROR = Reply(500, "5.5.2", "Error: bad syntax")
