@@ -126,7 +126,13 @@ def make_submission(
 ) -> Any:
     """Factory: a started gateway with submission listeners; ``submission`` keys override."""
 
-    def factory(senders: str | None = SENDERS, **submission: Any) -> Submission:
+    def factory(
+        senders: str | None = SENDERS,
+        sections: dict[str, Any] | None = None,
+        files: dict[str, str] | None = None,
+        **submission: Any,
+    ) -> Submission:
+        """``sections``: more config sections (``rules``, ``server``...), ``files`` beside it."""
         next_hop.start()
         port, tls_port = free_port(), free_port()
         settings: dict[str, Any] = {
@@ -141,13 +147,14 @@ def make_submission(
         settings.update(submission)
         gateway: GatewayProcess = make_gateway(
             start=False,
-            files={"senders": senders or ""},
+            files={"senders": senders or "", **(files or {})},
             tls={"certificate": str(tls_files["certificate"]),
                  "private_key": str(tls_files["private_key"])},
             delivery={"next_hop": f"127.0.0.1:{next_hop.port}"},
             dns={"nameservers": [f"127.0.0.1:{zones.port}"]},
             dkim={"keys_dir": "keys", "keys": KEYS},
             submission=settings,
+            **(sections or {}),
         )  # fmt: skip
         for user, password in USERS.items():
             passwd_add(gateway.base, user, password)

@@ -401,3 +401,27 @@ def test_implicit_tls_handshake_succeeds_on_every_connection(make_submission: An
         assert line.reply().startswith(b"221 ")
         line.close()
     assert "TLS error" not in sub.gateway.mainlog()
+
+
+def test_perimeter_rules_and_the_banner_wait_do_not_apply_on_submission(
+    make_submission: Any, next_hop: NextHop
+) -> None:
+    deny_all = {"check": "ip_list", "list": "everyone", "verb": "deny",
+                "message": "Go away", "log_message": "DENY - everyone"}  # fmt: skip
+    sub: Submission = make_submission(
+        files={"lists/everyone": "127.0.0.0/8\n"},
+        sections={
+            "server": {"greeting_delay": 30},
+            "lists": {"everyone": {"type": "ip", "file": "lists/everyone"}},
+            "rules": {"connect": [deny_all], "helo": [deny_all], "mail": [deny_all],
+                      "rcpt": [deny_all]},
+        },
+    )  # fmt: skip
+    with pytest.raises(smtplib.SMTPConnectError) as refused:  # the perimeter refuses
+        smtplib.SMTP("127.0.0.1", sub.gateway.port, timeout=15)
+    assert refused.value.smtp_code == 554
+    started = time.monotonic()
+    result = swaks_auth(sub, ALICE, USERS[ALICE])
+    assert result.returncode == 0, result.stdout
+    assert time.monotonic() - started < 30  # no banner wait
+    assert len(delivered(next_hop, 1)) == 1

@@ -68,6 +68,7 @@ def run_selfcheck(
     ]
     findings += _tls_findings(config)
     findings += _dkim_findings(config)
+    findings += _submission_findings(config)
     if dns:
         findings += asyncio.run(_dns_findings(config, policy))
     return findings
@@ -261,6 +262,56 @@ def _dkim_findings(config: Config) -> list[Finding]:
             continue
         kind = f"RSA {loaded.bits}" if loaded.algorithm == "rsa" else "Ed25519"
         findings.append(Finding("ok", "dkim.keys", f"{what}: {kind} key {path} is usable"))
+    return findings
+
+
+def _submission_findings(config: Config) -> list[Finding]:
+    """``[submission]``: the password file (a warning when unreadable: logins get 454 until it
+    is back) and the senders map (an error: the server does not start on a broken one)."""
+    from palisade.adapters.password_file import read_entries
+    from palisade.policy.senders import parse_senders
+
+    sub = config.submission
+    if not sub.enabled:
+        return []
+    findings = []
+    if sub.auth == "file":
+        try:
+            users, bad = read_entries(sub.password_file)
+        except OSError as exc:
+            findings.append(
+                Finding(
+                    "warning",
+                    "submission.password_file",
+                    f"[submission] password_file {sub.password_file} cannot be read: "
+                    f"{exc.strerror or exc}; every AUTH gets 454 until it can "
+                    "(palisade passwd add USER makes it)",
+                )
+            )
+        else:
+            skipped = f" ({len(bad)} malformed line(s) skipped)" if bad else ""
+            findings.append(
+                Finding(
+                    "warning" if bad else "ok",
+                    "submission.password_file",
+                    f"[submission] password_file {sub.password_file}: {entries(len(users))} (users)"
+                    f"{skipped}",
+                )
+            )
+    if sub.senders is not None:
+        try:
+            parse_senders(sub.senders.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as exc:
+            reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+            findings.append(
+                Finding(
+                    "error", "submission.senders", f"[submission] senders {sub.senders}: {reason}"
+                )
+            )
+        else:
+            findings.append(
+                Finding("ok", "submission.senders", f"[submission] senders {sub.senders} is valid")
+            )
     return findings
 
 
