@@ -29,7 +29,7 @@ import pytest
 
 from palisade.adapters.sqlite_state import SqliteStateStore
 from tests.conftest import gateway_sections, palisade, wait_for, write_config
-from tests.feedback.dovecot import Dovecot
+from tests.dovecot import Dovecot
 from tests.feedback.netns import CLIENTS4, SERVER4, SERVER6, SMTP, NetnsPair
 from tests.server.smtpclient import RawClient
 
@@ -53,7 +53,7 @@ RULES = {
 
 
 class NetnsDovecot(Dovecot):
-    """tests/feedback/dovecot.py's private Dovecot, listening on the server namespace's address
+    """tests/dovecot.py's private Dovecot, listening on the server namespace's address
     (port 143) instead of loopback, started there with ``ip netns exec``."""
 
     def __init__(self, log: Path, pair: NetnsPair) -> None:
@@ -74,10 +74,10 @@ class NetnsDovecot(Dovecot):
 
         def ready() -> bool:
             assert self.process is not None and self.process.poll() is None, "dovecot exited"
-            return penalty.exists() and "starting up" in self._log_text()
+            return penalty.exists() and "starting up" in self.log_text()
 
         wait_for(ready, timeout=20)
-        penalty.unlink()  # no per-address login delay (see tests/feedback/dovecot.py)
+        penalty.unlink()  # no per-address login delay (see tests/dovecot.py)
         wait_for(lambda: self.pair.server_socket_ready(SERVER4, IMAP), timeout=20)
 
     def client(self, source: str) -> Any:

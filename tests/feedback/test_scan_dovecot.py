@@ -18,7 +18,7 @@ import pytest
 
 from palisade.adapters.sqlite_state import SqliteStateStore
 from tests.conftest import palisade, wait_for, write_config
-from tests.feedback.dovecot import Dovecot
+from tests.dovecot import Dovecot
 
 
 @pytest.fixture

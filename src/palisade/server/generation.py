@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 from palisade.adapters.clamd import ClamdScanner
 from palisade.adapters.dkim_signer import DkimSigner
 from palisade.adapters.dns import DnsResolver
+from palisade.adapters.dovecot_auth import DovecotAuthenticator
 from palisade.adapters.ldap_directory import LdapDirectory, LdapSettings
 from palisade.adapters.local_rates import WriteBehindRates
 from palisade.adapters.password_file import PasswordFile
@@ -309,15 +310,7 @@ def build_authenticator(
     if not submission.enabled:
         return None
     if submission.auth == "dovecot":
-        # out-dovecot's adapter (palisade.adapters.dovecot_auth), imported by name so that this
-        # module does not depend on its presence at build time
-        import importlib
-
-        module = importlib.import_module("palisade.adapters.dovecot_auth")
-        authenticator: Authenticator = module.DovecotAuthenticator(
-            submission.dovecot_socket, timeout=submission.auth_timeout
-        )
-        return authenticator
+        return DovecotAuthenticator(submission.dovecot_socket, timeout=submission.auth_timeout)
     return PasswordFile(submission.password_file, on_error=on_error)
 
 
