@@ -93,3 +93,38 @@ def stop_group(process: subprocess.Popen[bytes]) -> None:
         except subprocess.TimeoutExpired:
             os.killpg(process.pid, signal.SIGKILL)
             process.wait(10)
+
+
+_READABLE_COPY: list[Path] = []
+
+
+def code_for_other_users() -> tuple[Path, Path]:
+    """``(src, site_packages)``: this checkout's ``src`` and this venv's site-packages where any
+    user may read them. A checkout or venv under a 0700 directory (root's home, ``mktemp -d``)
+    cannot be reached by a service user, so then both are copied (hard links when the file
+    system allows) once per test session into a 0755 directory under /tmp, removed at exit."""
+    import atexit
+    import sysconfig
+    import tempfile
+
+    root = Path(__file__).resolve().parent.parent
+    src, site = root / "src", Path(sysconfig.get_paths()["purelib"])
+    if all(_reachable_by_others(path) for path in (src, site)):
+        return src, site
+    if not _READABLE_COPY:
+        base = Path(tempfile.mkdtemp(prefix="palisade-code-", dir="/tmp"))
+        base.chmod(0o755)
+        atexit.register(shutil.rmtree, base, True)
+        for source, name in ((src, "src"), (site, "site-packages")):
+            copied = subprocess.run(["cp", "-al", str(source), str(base / name)])
+            if copied.returncode != 0:
+                shutil.rmtree(base / name, ignore_errors=True)
+                subprocess.run(["cp", "-a", str(source), str(base / name)], check=True)
+        _READABLE_COPY.append(base)
+    base = _READABLE_COPY[0]
+    return base / "src", base / "site-packages"
+
+
+def _reachable_by_others(path: Path) -> bool:
+    """Whether every directory above ``path`` may be searched by any user (o+x)."""
+    return all(os.stat(parent).st_mode & 0o001 for parent in [path, *path.parents])

@@ -27,7 +27,6 @@ import pytest
 
 from palisade.config import ConfigError, load_config
 from tests.conftest import (
-    ROOT,
     GatewayProcess,
     child_pids,
     free_port,
@@ -37,7 +36,7 @@ from tests.conftest import (
     write_config,
 )
 from tests.server.smtpclient import RawClient
-from tests.services import need_root, system_user
+from tests.services import code_for_other_users, need_root, system_user
 
 USER = "palisade-test"
 MESSAGE = "From: a@outside.test\r\nSubject: {subject}\r\n\r\nhello\r\n"
@@ -76,14 +75,13 @@ def command_for_the_user() -> tuple[list[str], dict[str, str]]:
     """``python -m palisade`` that the service user can run: this interpreter may live where
     that user cannot go (a pyenv under /root), so Debian's python3 of the same version with
     this environment's packages on its path (-S: not Debian's dist-packages)."""
-    import sysconfig
-
     system = Path("/usr/bin/python3")
     version = subprocess.run(
         [system, "-c", "import sys; print(sys.version_info[:2])"], capture_output=True, text=True
     ).stdout.strip()
     assert version == str(sys.version_info[:2]), f"{system} is {version}, not {sys.version}"
-    path = f"{ROOT / 'src'}:{sysconfig.get_paths()['purelib']}"
+    src, site = code_for_other_users()
+    path = f"{src}:{site}"
     return [str(system), "-S", "-m", "palisade"], dict(os.environ, HOME="/", PYTHONPATH=path)
 
 

@@ -30,6 +30,7 @@ from typing import Any
 import pytest
 
 from tests.conftest import ROOT, child_pids, gateway_sections, search, wait_for, write_config
+from tests.services import code_for_other_users
 
 UNIT = ROOT / "contrib" / "palisade.service"
 EXEC_START = "/opt/palisade/bin/palisade serve --config /etc/palisade/palisade.toml"
@@ -174,7 +175,6 @@ def free_low_port() -> int:
 RUN_PALISADE = (
     "import sys, runpy; sys.argv[0] = 'palisade'; runpy.run_module('palisade', run_name='__main__')"
 )
-SITE_PACKAGES = Path(sys.prefix, "lib", f"python3.{sys.version_info.minor}", "site-packages")
 
 
 def python_for(uid: int) -> list[str]:
@@ -182,7 +182,10 @@ def python_for(uid: int) -> list[str]:
     else the system's Python of the same version with this venv's packages (the test's
     interpreter may live under /root, 0700)."""
     system_python = f"/usr/bin/python3.{sys.version_info.minor}"
-    with_venv = f"import site; site.addsitedir({str(SITE_PACKAGES)!r}); "
+    src, site = code_for_other_users()
+    with_venv = (
+        f"import site, sys; site.addsitedir({str(site)!r}); sys.path.insert(0, {str(src)!r}); "
+    )
     as_user = ["setpriv", f"--reuid={uid}", f"--regid={uid}", "--clear-groups", "--"]
     for python, prelude in ((sys.executable, ""), (system_python, with_venv)):
         tried = subprocess.run(
