@@ -187,15 +187,16 @@ def python_for(uid: int) -> list[str]:
         f"import site, sys; site.addsitedir({str(site)!r}); sys.path.insert(0, {str(src)!r}); "
     )
     as_user = ["setpriv", f"--reuid={uid}", f"--regid={uid}", "--clear-groups", "--"]
-    for python, prelude in ((sys.executable, ""), (system_python, with_venv)):
+    # -S: not Debian's dist-packages (an older cryptography there would shadow the venv's)
+    for python, prelude in (([sys.executable], ""), ([system_python, "-S"], with_venv)):
         tried = subprocess.run(
-            [*as_user, python, "-c", prelude + "import palisade, uvloop"],
+            [*as_user, *python, "-c", prelude + "import palisade, uvloop"],
             capture_output=True,
             cwd="/",
             timeout=60,
         )
         if tried.returncode == 0:
-            return [python, "-c", prelude + RUN_PALISADE]
+            return [*python, "-c", prelude + RUN_PALISADE]
     raise AssertionError(f"no Python that uid {uid} may run palisade with")
 
 
