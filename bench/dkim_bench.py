@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
@@ -37,23 +36,24 @@ REPO = HERE.parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(REPO / "src"))
 
-from harness import Gateway, Sink, cpu_s, log, run_child  # noqa: E402
+from harness import (  # noqa: E402
+    DKIM_DOMAIN,
+    DKIM_KEYS,
+    DKIM_VARIANTS,
+    Gateway,
+    Sink,
+    cpu_s,
+    free_port,
+    log,
+    run_child,
+)
 from palisade.adapters.dkim_signer import DkimSigner  # noqa: E402
 from smtp_load import build_message  # noqa: E402
 
 ROOT = Path("/tmp/palisade-dkim-bench")
-DOMAIN = "signed.test"
-KEYS = {
-    "rsa": {"domain": DOMAIN, "selector": "r1", "file": f"{DOMAIN}.r1.rsa.key"},
-    "ed25519": {"domain": DOMAIN, "selector": "e1", "file": f"{DOMAIN}.e1.ed25519.key"},
-}
-VARIANTS = {"unsigned": [], "rsa": ["rsa"], "ed25519": ["ed25519"], "both": ["rsa", "ed25519"]}
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+DOMAIN = DKIM_DOMAIN
+KEYS = DKIM_KEYS
+VARIANTS = DKIM_VARIANTS
 
 
 def make_keys() -> None:

@@ -475,6 +475,23 @@ def machine_info(postfix_version: str) -> dict:
     }
 
 
+def free_port() -> int:
+    """A port on 127.0.0.1 that nothing listens on right now."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+# The DKIM keys the signing benchmarks make with ``palisade dkim keygen`` (under their keys
+# directory), and which of them each variant signs with.
+DKIM_DOMAIN = "signed.test"
+DKIM_KEYS = {
+    "rsa": {"domain": DKIM_DOMAIN, "selector": "r1", "file": f"{DKIM_DOMAIN}.r1.rsa.key"},
+    "ed25519": {"domain": DKIM_DOMAIN, "selector": "e1", "file": f"{DKIM_DOMAIN}.e1.ed25519.key"},
+}
+DKIM_VARIANTS = {"unsigned": [], "rsa": ["rsa"], "ed25519": ["ed25519"], "both": ["rsa", "ed25519"]}
+
+
 def port_taken(port: int) -> bool:
     """True when a server already accepts connections on 127.0.0.1:``port``."""
     try:

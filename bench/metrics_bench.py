@@ -39,7 +39,7 @@ REPO = HERE.parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(REPO))
 
-from harness import Gateway, Sink, cpu_s, log, reap, run_child  # noqa: E402
+from harness import Gateway, Sink, cpu_s, free_port, log, reap, run_child  # noqa: E402
 from loopback.dnsserver import start_zone_server  # noqa: E402
 
 SENDER = "load@client.example"
@@ -152,15 +152,6 @@ verb = "deny"
     path = root / "palisade.toml"
     path.write_text(text)
     return path
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 def load(mode: str, port: int, count: int, clients: int, bound: float) -> dict:

@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -39,23 +38,25 @@ sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(REPO / "src"))
 sys.path.insert(0, str(REPO))
 
-from harness import Gateway, Sink, cpu_s, log, run_child, tree_pids  # noqa: E402
+from harness import (  # noqa: E402
+    DKIM_DOMAIN,
+    DKIM_KEYS,
+    DKIM_VARIANTS,
+    Gateway,
+    Sink,
+    cpu_s,
+    free_port,
+    log,
+    run_child,
+    tree_pids,
+)
 
 ROOT = Path("/tmp/palisade-submission-bench")
-DOMAIN = "signed.test"
+DOMAIN = DKIM_DOMAIN
 USER = f"load@{DOMAIN}"
 PASSWORD = "bench password 2026"
-KEYS = {
-    "rsa": {"domain": DOMAIN, "selector": "r1", "file": f"{DOMAIN}.r1.rsa.key"},
-    "ed25519": {"domain": DOMAIN, "selector": "e1", "file": f"{DOMAIN}.e1.ed25519.key"},
-}
-SIGNING = {"unsigned": [], "rsa": ["rsa"], "ed25519": ["ed25519"], "both": ["rsa", "ed25519"]}
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+KEYS = DKIM_KEYS
+SIGNING = DKIM_VARIANTS
 
 
 def palisade(*args: str, stdin: str | None = None) -> None:
