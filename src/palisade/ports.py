@@ -26,6 +26,7 @@ __all__ = [
     "DkimSignature",
     "DnsAnswer",
     "DnsTempError",
+    "DomainTlsPolicy",
     "Firewall",
     "FirewallChange",
     "FirewallError",
@@ -33,6 +34,7 @@ __all__ = [
     "IncidentEvent",
     "IncidentOutcome",
     "MessageSource",
+    "MtaStsSource",
     "RecipientDirectory",
     "Resolver",
     "Route",
@@ -43,6 +45,11 @@ __all__ = [
     "SpamScanner",
     "StateStore",
     "StateTempError",
+    "TlsLevel",
+    "TlsResult",
+    "TlsResultSink",
+    "TlsaRecord",
+    "TlsaSource",
     "UnsignableMessage",
     "VirusReport",
     "VirusScanner",
@@ -516,4 +523,110 @@ class Authenticator(Protocol):
         """The authenticated user name as the back end knows it, or None for wrong
         credentials (unknown user included). Raises :class:`ServiceTempError` when the back end
         cannot answer (socket gone, timeout, protocol error)."""
+        ...
+
+
+# --------------------------------------------------------------------------------------------
+# Outbound TLS policy (issue 15): what a destination demands, where that came from, and what
+# happened. The MX delivery (palisade.delivery) enforces it; MTA-STS and DANE lookups supply
+# it; the TLS-RPT recorder keeps the results for the daily report. Shared here because the
+# MTA-STS fetcher is an adapter (it may import ports only).
+# --------------------------------------------------------------------------------------------
+
+
+class TlsLevel(enum.Enum):
+    """How much TLS a destination gets. Only ``OPPORTUNISTIC`` may ever fall back to cleartext.
+
+    ``REQUIRE``: encrypted, certificate not checked (Postfix ``encrypt``); ``VERIFY``: chain to
+    a trusted CA and the MX name in the certificate (``secure``, and what MTA-STS enforces);
+    ``DANE``: the certificate matches the MX host's DNSSEC-authenticated TLSA records (RFC 7672).
+    """
+
+    OPPORTUNISTIC = "opportunistic"
+    REQUIRE = "require"
+    VERIFY = "verify"
+    DANE = "dane"
+
+
+@dataclass(frozen=True, slots=True)
+class DomainTlsPolicy:
+    """The policy for one recipient domain, before looking at its MX hosts.
+
+    ``source``: "default" (the ``[outbound] tls`` setting), "config" (a per-domain setting),
+    "mta-sts" (a fetched policy). ``mx_patterns``: MTA-STS ``mx:`` lines; with them, only MX
+    hosts matching one are used (empty: any). ``testing``: an MTA-STS policy in ``mode:
+    testing``: failures are reported, delivery goes on as opportunistic. ``on_failure``: "fail"
+    (DSN at once) or "defer" (retry). ``policy_strings``: the policy text lines for TLS-RPT.
+    """
+
+    level: TlsLevel
+    source: str = "default"
+    mx_patterns: tuple[str, ...] = ()
+    testing: bool = False
+    on_failure: str = "fail"
+    policy_strings: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class TlsaRecord:
+    """One TLSA record (RFC 6698): usage (2 DANE-TA, 3 DANE-EE), selector (0 full
+    certificate, 1 SubjectPublicKeyInfo), matching type (0 exact, 1 SHA-256, 2 SHA-512)."""
+
+    usage: int
+    selector: int
+    mtype: int
+    data: bytes
+
+
+@runtime_checkable
+class MtaStsSource(Protocol):
+    """MTA-STS policies (RFC 8461), fetched over HTTPS and cached by ``max_age``."""
+
+    async def policy(self, domain: str) -> DomainTlsPolicy | None:
+        """The domain's policy in force (``mode: enforce`` -> VERIFY, ``testing`` -> testing),
+        or None: no policy, ``mode: none``, or no valid policy could be had (then the caller
+        delivers as without one and the failure is reported)."""
+        ...
+
+
+@runtime_checkable
+class TlsaSource(Protocol):
+    """DANE TLSA records of an MX host, only when DNSSEC-authenticated."""
+
+    async def tlsa(self, host: str, port: int) -> tuple[TlsaRecord, ...] | None:
+        """The usable authenticated TLSA records of ``_port._tcp.host``, or None when the
+        answer is not authenticated (no AD bit) or holds no usable record (no DANE: the
+        domain policy applies). Raises :class:`DnsTempError` when the lookup fails (the
+        delivery defers: a lookup failure must not downgrade a DANE destination)."""
+        ...
+
+
+@dataclass(frozen=True, slots=True)
+class TlsResult:
+    """The TLS outcome of one delivery session, for TLS-RPT (RFC 8460).
+
+    ``policy_type``: "sts", "tlsa" or "no-policy-found"; ``failure_type`` one of RFC 8460's
+    result types ("starttls-not-supported", "certificate-host-mismatch",
+    "certificate-expired", "certificate-not-trusted", "validation-failure", "tlsa-invalid",
+    "dnssec-invalid", "sts-policy-fetch-error", "sts-policy-invalid", "sts-webpki-invalid")
+    or None on success.
+    """
+
+    domain: str
+    policy_type: str
+    policy_strings: tuple[str, ...]
+    mx_host: str
+    ip: str
+    success: bool
+    failure_type: str | None = None
+    detail: str = ""
+    time: float = 0.0
+
+
+@runtime_checkable
+class TlsResultSink(Protocol):
+    """Keeps TLS results for the daily TLS-RPT report. Must never block or raise."""
+
+    def record(self, result: TlsResult) -> None:
+        """Keeps one result."""
         ...
