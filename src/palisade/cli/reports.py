@@ -1,0 +1,141 @@
+"""``palisade dmarc report|send-reports`` and ``palisade tlsrpt report|send-reports``.
+
+Owns: the arguments and the output of the four commands; the work is ``palisade.reports``'.
+``report`` reads files the operator names and needs no config; ``send-reports`` reads the
+config (``[dmarc]``, the spool, the DKIM keys) and queues mail.
+Exit status of ``report``: 0 every source was read (even when nothing matched ``--domain``);
+1 at least one source was broken (each named on stderr with its reason; the others are still
+summarised on stdout) or a path does not exist; 2 bad usage. ``send-reports``: 0 done (or
+nothing to do), 1 a report could not be made or queued (named on stderr).
+Trust: report contents are remote text: the parsers clean every value; names of sources (the
+operator's paths, archive member names) are escaped here before they are printed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any, TextIO
+
+from palisade.obs.log import escape
+from palisade.reports import dmarc_aggregate, tlsrpt
+from palisade.reports.sources import Broken, documents
+
+__all__ = ["add_arguments", "run_report"]
+
+
+def add_arguments(commands: Any) -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
+    """The ``dmarc`` and ``tlsrpt`` commands; returns both parsers (main adds ``--config``)."""
+    dmarc = commands.add_parser("dmarc", help="DMARC aggregate reports: read them, send ours")
+    dmarc_commands = dmarc.add_subparsers(dest="reports_command", required=True)
+    report = dmarc_commands.add_parser(
+        "report",
+        help="summarise DMARC aggregate (rua) reports per domain and source IP",
+        description="Reads DMARC aggregate reports (XML, .xml.gz, .zip, report mails, a "
+        "Maildir of them) and prints, per report domain, a table per source IP: count, SPF "
+        "and DKIM as evaluated and as authenticated, the DMARC result, the disposition. Exit "
+        "status 0: all read; 1: some source was broken (named on stderr, the rest summarised).",
+    )
+    _report_arguments(report)
+    send = dmarc_commands.add_parser(
+        "send-reports",
+        help="send our aggregate reports for a finished day ([dmarc] reports = true)",
+        description="Aggregates the DMARC evaluations recorded on a finished UTC day (default: "
+        "yesterday) per domain into RFC 7489 aggregate reports and queues them, DKIM-signed "
+        "when a key covers the from address, to each domain's rua addresses. A day is sent "
+        "once.",
+    )
+    _send_arguments(send)
+    tls = commands.add_parser("tlsrpt", help="SMTP TLS reports (RFC 8460): read them, send ours")
+    tls_commands = tls.add_subparsers(dest="reports_command", required=True)
+    tls_report = tls_commands.add_parser(
+        "report",
+        help="summarise SMTP TLS reports per policy domain",
+        description="Reads RFC 8460 TLS reports (.json, .json.gz, report mails, a Maildir) "
+        "and prints per policy domain the policy type, successful and failed sessions and the "
+        "failure details. Exit status as for dmarc report.",
+    )
+    _report_arguments(tls_report)
+    tls_send = tls_commands.add_parser(
+        "send-reports",
+        help="send our TLS reports for a finished day to each domain's _smtp._tls rua",
+        description="Aggregates the TLS results of outbound deliveries recorded on a finished "
+        "UTC day ([outbound] tls_reports) per policy domain into RFC 8460 reports and queues "
+        "them to the rua mailto: addresses of _smtp._tls.<domain>. A day is sent once.",
+    )
+    _send_arguments(tls_send)
+    return dmarc, tls
+
+
+def _report_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("paths", nargs="+", type=Path, metavar="FILE|DIR")
+    parser.add_argument("--json", action="store_true", help="print JSON instead of tables")
+    parser.add_argument("--domain", help="only this domain (and its subdomains)")
+
+
+def _send_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--day", help="the UTC day to report, YYYY-MM-DD (default: yesterday)")
+    parser.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="print what would be sent (destinations, sizes, the XML or JSON) and queue nothing",
+    )
+    parser.add_argument(
+        "--force", action="store_true", help="send a day again even if it is marked as sent"
+    )
+
+
+def run_report(
+    kind: str,
+    paths: list[Path],
+    *,
+    as_json: bool = False,
+    domain: str | None = None,
+    out: TextIO | None = None,
+    err: TextIO | None = None,
+) -> int:
+    """``palisade dmarc report`` (``kind`` "dmarc") or ``tlsrpt report`` ("tlsrpt")."""
+    out = sys.stdout if out is None else out
+    err = sys.stderr if err is None else err
+    command = f"palisade {kind} report"
+    status = 0
+    for path in paths:
+        if not path.exists():
+            err.write(f"{command}: no such file or directory: {escape(str(path))}\n")
+            status = 1
+    broken: list[dict[str, str]] = []
+    dmarc_reports: list[dmarc_aggregate.AggregateReport] = []
+    tls_reports: list[tlsrpt.TlsReport] = []
+    for item in documents(p for p in paths if p.exists()):
+        if isinstance(item, Broken):
+            broken.append({"source": item.name, "reason": item.reason})
+            continue
+        try:
+            if kind == "dmarc":
+                dmarc_reports.append(dmarc_aggregate.parse_report(item.data))
+            else:
+                tls_reports.append(tlsrpt.parse_report(item.data))
+        except dmarc_aggregate.ReportError as exc:
+            broken.append({"source": item.name, "reason": str(exc)})
+    for entry in broken:
+        err.write(f"{command}: {escape(entry['source'])}: broken: {escape(entry['reason'])}\n")
+    if broken:
+        status = 1
+    if kind == "dmarc":
+        summaries = dmarc_aggregate.summarise(dmarc_reports, domain)
+        if as_json:
+            out.write(json.dumps(dmarc_aggregate.as_json(summaries, broken), indent=2) + "\n")
+        else:
+            out.write(dmarc_aggregate.render_table(summaries))
+            count = len(dmarc_reports)
+            out.write(f"{count} report(s) read, {len(broken)} broken\n")
+    else:
+        tls_summaries = tlsrpt.summarise(tls_reports, domain)
+        if as_json:
+            out.write(json.dumps(tlsrpt.as_json(tls_summaries, broken), indent=2) + "\n")
+        else:
+            out.write(tlsrpt.render_table(tls_summaries))
+            out.write(f"{len(tls_reports)} report(s) read, {len(broken)} broken\n")
+    return status
