@@ -204,6 +204,10 @@ def _main(argv: list[str] | None) -> int:
         return stats_cli.run(args, config)
     if args.command == "history":
         return _history(args, config)
+    if args.command in ("dmarc", "tlsrpt"):
+        from palisade.cli import reports as reports_cli
+
+        return reports_cli.run_send(args, config)
     if args.command == "firewall":
         from palisade.cli import firewall as firewall_cli
 
@@ -293,8 +297,8 @@ _SECRET_KEYS = frozenset({"bind_password", "password", "dqs_key"})
 _NOT_SHOWN = "(set, not shown)"
 _SECTIONS = (
     "server", "limits", "tls", "domains", "relay", "delivery", "paths", "log", "dns", "policy",
-    "ldap", "spamd", "rspamd", "clamd", "authentication", "dkim", "submission", "incidents",
-    "scan", "firewall",
+    "ldap", "spamd", "rspamd", "clamd", "authentication", "dkim", "dmarc", "submission",
+    "incidents", "scan", "firewall",
 )  # fmt: skip
 
 

@@ -14,16 +14,22 @@ operator's paths, archive member names) are escaped here before they are printed
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import sys
+import time
 from pathlib import Path
 from typing import Any, TextIO
 
+from palisade.adapters.dmarc_records import records_dir
+from palisade.config import Config
 from palisade.obs.log import escape
-from palisade.reports import dmarc_aggregate, tlsrpt
+from palisade.ports import SigningKeyError
+from palisade.reports import dmarc_aggregate, dmarc_send, tlsrpt, tlsrpt_send
+from palisade.reports.mailout import Outbox
 from palisade.reports.sources import Broken, documents
 
-__all__ = ["add_arguments", "run_report"]
+__all__ = ["add_arguments", "run_report", "run_send"]
 
 
 def add_arguments(commands: Any) -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
@@ -139,3 +145,111 @@ def run_report(
             out.write(tlsrpt.render_table(tls_summaries))
             out.write(f"{len(tls_reports)} report(s) read, {len(broken)} broken\n")
     return status
+
+
+def _day(text: str | None, now: float) -> str:
+    """The day to report: ``text`` checked (a finished UTC day), or yesterday."""
+    today = time.strftime("%Y-%m-%d", time.gmtime(now))
+    if text is None:
+        return time.strftime("%Y-%m-%d", time.gmtime(now - 86400))
+    try:
+        time.strptime(text, "%Y-%m-%d")
+    except ValueError:
+        raise ValueError(f"--day: expected YYYY-MM-DD, got {text!r}") from None
+    if text >= today:
+        raise ValueError(f"--day {text}: the day is not over yet (UTC); reports cover whole days")
+    return text
+
+
+def run_send(args: argparse.Namespace, config: Config, *, now: float | None = None) -> int:
+    """``palisade dmarc send-reports`` / ``palisade tlsrpt send-reports``."""
+    command = f"palisade {args.command} send-reports"
+    try:
+        day = _day(args.day, time.time() if now is None else now)
+    except ValueError as exc:
+        print(f"{command}: {exc}", file=sys.stderr)
+        return 2
+    from palisade.server.generation import build_resolver, build_signer
+    from palisade.spool import Spool
+
+    org_name, from_address = config.dmarc.reporter(config.server.hostname)
+    spool = None
+    outbox = None
+    if not args.dry_run:
+        try:
+            spool = Spool(config.paths.spool)
+        except OSError as exc:
+            print(
+                f"{command}: cannot open [paths] spool {config.paths.spool}: {exc.strerror or exc}",
+                file=sys.stderr,
+            )
+            return 1
+        outbox = Outbox(
+            spool,
+            helo=config.server.hostname,
+            signer=build_signer(config),
+            local_domains=config.domains.local,
+            relay_domains=config.domains.relay,
+        )
+    show = (lambda text: print(text)) if args.dry_run else None
+    try:
+        if args.command == "dmarc":
+            if not config.dmarc.reports:
+                print(
+                    f"{command}: note: [dmarc] reports is off: nothing new is recorded",
+                    file=sys.stderr,
+                )
+            sent = asyncio.run(
+                dmarc_send.send_day(
+                    day,
+                    state=config.dmarc.state,
+                    records=records_dir(config.dmarc.state),
+                    resolver=build_resolver(config),
+                    outbox=outbox,
+                    org_name=org_name,
+                    from_address=from_address,
+                    max_size=config.dmarc.max_report_size,
+                    force=args.force,
+                    show=show,
+                )
+            )
+            state = config.dmarc.state
+        else:
+            results = tls_reports_dir(config)
+            sent = asyncio.run(
+                tlsrpt_send.send_day(
+                    day,
+                    state=config.dmarc.state / "tlsrpt",
+                    results=results,
+                    resolver=build_resolver(config),
+                    outbox=outbox,
+                    org_name=org_name,
+                    from_address=from_address,
+                    max_size=config.dmarc.max_report_size,
+                    force=args.force,
+                    show=show,
+                )
+            )
+            state = config.dmarc.state / "tlsrpt"
+        if not args.dry_run and sent.queued:
+            done = {} if args.force else dmarc_send.read_sent(state, day)
+            dmarc_send.write_sent(state, day, {**done, **sent.queued})
+    except (OSError, SigningKeyError) as exc:
+        print(f"{command}: {escape(str(exc))}", file=sys.stderr)
+        return 1
+    finally:
+        if spool is not None:
+            spool.close()
+    for line in sent.lines:
+        print(f"{day} {escape(line, 2000)}")
+    if not sent.lines:
+        print(f"{day}: nothing to report")
+    return 1 if sent.failures else 0
+
+
+def tls_reports_dir(config: Config) -> Path:
+    """``[outbound] tls_reports`` (the TLS results the MX delivery records), or its default
+    ``var/tlsrpt`` when this build has no ``[outbound]`` section."""
+    outbound = getattr(config, "outbound", None)
+    value = getattr(outbound, "tls_reports", None) if outbound is not None else None
+    return Path(value) if value else Path("var/tlsrpt")
