@@ -165,3 +165,72 @@ def test_a_report_of_what_the_gateway_saw_is_queued_signed_delivered_and_reads_b
         "dmarc", "send-reports", "--day", today, "--config", config, cwd=gateway.base
     )
     assert not_over.returncode == 2 and "not over yet" in not_over.stderr
+
+
+def test_records_that_cannot_be_written_cost_the_report_not_the_reply(
+    make_gateway: Any, dns: ZoneServer, next_hop: NextHop
+) -> None:
+    gateway: GatewayProcess = make_gateway(
+        start=False,
+        dns={"nameservers": [f"127.0.0.1:{dns.port}"], "timeout": 5, "retries": 1},
+        authentication={"enabled": True},
+        dmarc={"reports": True, "state": "blocked/dmarc"},
+    )
+    (gateway.base / "blocked").write_text("a file where the directory should be\n")
+    gateway.start()
+    assert _send(gateway, signed(HAM), "alice@client.example") == 250
+    assert _send(gateway, signed(HAM), "alice@client.example") == 250
+    panic = wait_for(lambda: gateway.paniclog())
+    assert "DMARC report records: cannot write under blocked/dmarc/records" in panic
+    assert panic.count("DMARC report records") == 1  # once a minute at most
+    wait_for(lambda: len(gateway.maildir_messages("postmaster")) == 2)
+
+
+def _append(args: tuple[str, int, int]) -> None:
+    from palisade.adapters.dmarc_records import DmarcRecordFile
+    from palisade.ports import DmarcEvaluation
+
+    directory, worker, count = args
+    sink = DmarcRecordFile(Path(directory))
+    for n in range(count):
+        sink.record(
+            DmarcEvaluation(
+                time=1767225600.0 + n,
+                source_ip=f"192.0.2.{worker}",
+                header_from="client.example",
+                envelope_from="client.example",
+                result="pass",
+                spf_aligned=True,
+                dkim_aligned=True,
+                spf_domain="client.example",
+                spf_result="pass",
+                spf_scope="mfrom",
+                dkim=(("client.example", "s" * 200, "pass"),) * 8,
+                policy_domain="client.example",
+                p="reject",
+                sp="reject",
+                adkim="r",
+                aspf="r",
+                pct=100,
+                requested="none",
+                disposition="none",
+                sampled=True,
+                rua=("mailto:" + "r" * 240 + "@reports.example",) * 8,
+            )
+        )
+    sink.close()
+
+
+def test_processes_appending_at_once_never_interleave_lines(tmp_path: Path) -> None:
+    """Each line is one write on an O_APPEND descriptor: four processes writing long lines
+    (about 4 KiB, more than a pipe's atomic size) at once leave every line whole."""
+    import multiprocessing
+
+    with multiprocessing.get_context("spawn").Pool(4) as pool:
+        pool.map(_append, [(str(tmp_path), worker, 400) for worker in range(4)])
+    lines = (tmp_path / "2026-01-01.jsonl").read_bytes().splitlines()
+    assert len(lines) == 1600
+    decoded = [json.loads(line) for line in lines]
+    assert len(lines[0]) > 4096
+    assert sorted({d["source_ip"] for d in decoded}) == [f"192.0.2.{w}" for w in range(4)]
+    assert oct((tmp_path / "2026-01-01.jsonl").stat().st_mode & 0o777) == "0o600"
