@@ -107,3 +107,13 @@ def test_bad_dmarc_settings_are_refused_by_config_check(tmp_path: Path) -> None:
     )
     done = palisade("config", "check", "--no-dns", "--config", "palisade.toml", cwd=tmp_path)
     assert "[dmarc]\nreports = true" in done.stdout, done.stderr
+
+
+def test_config_check_warns_when_reports_cannot_work(tmp_path: Path) -> None:
+    (tmp_path / "palisade.toml").write_text('[dmarc]\nreports = true\nstate = "taken/dmarc"\n')
+    (tmp_path / "taken").write_text("a file\n")
+    done = palisade("config", "check", "--no-dns", "--config", "palisade.toml", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert "[authentication] does not check DMARC" in done.stderr
+    assert "DMARC evaluations will not be kept" in done.stderr
+    assert "reports will be sent unsigned" in done.stderr
