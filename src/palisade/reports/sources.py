@@ -165,7 +165,7 @@ def _unzip(name: str, data: bytes, depth: int) -> Iterator[Document | Broken]:
 
 
 def _looks_like_mail(data: bytes) -> bool:
-    head = data[:1024].lstrip()
+    head = data[:1024].removeprefix(b"\xef\xbb\xbf").lstrip()
     if head.startswith((b"<", b"{", b"[")):
         return False
     first = head.split(b"\n", 1)[0]
