@@ -183,3 +183,9 @@ def test_help_and_usage(tmp_path: Path) -> None:
     assert result.returncode == 0 and "--domain" in result.stdout
     result = palisade("dmarc", "report", cwd=tmp_path)
     assert result.returncode == 2
+    for command in (("dmarc", "send-reports"), ("tlsrpt", "report"), ("tlsrpt", "send-reports")):
+        result = palisade(*command, "--help", cwd=tmp_path)
+        assert result.returncode == 0 and "usage: palisade" in result.stdout
+    assert "--dry-run" in result.stdout and "--day" in result.stdout
+    result = palisade("dmarc", "send-reports", "--day", "2026-13-01", cwd=tmp_path)
+    assert result.returncode == 2 and "--day: expected YYYY-MM-DD" in result.stderr

@@ -216,6 +216,9 @@ def run_send(args: argparse.Namespace, config: Config, *, now: float | None = No
             state = config.dmarc.state
         else:
             results = tls_reports_dir(config)
+            if results is None:
+                print(f"{command}: [outbound] tls_reports is empty: no TLS results are kept")
+                return 0
             sent = asyncio.run(
                 tlsrpt_send.send_day(
                     day,
@@ -247,9 +250,11 @@ def run_send(args: argparse.Namespace, config: Config, *, now: float | None = No
     return 1 if sent.failures else 0
 
 
-def tls_reports_dir(config: Config) -> Path:
-    """``[outbound] tls_reports`` (the TLS results the MX delivery records), or its default
-    ``var/tlsrpt`` when this build has no ``[outbound]`` section."""
+def tls_reports_dir(config: Config) -> Path | None:
+    """``[outbound] tls_reports`` (the TLS results the MX delivery records; None: none are
+    kept), or its default ``var/tlsrpt`` when this build has no ``[outbound]`` section."""
     outbound = getattr(config, "outbound", None)
-    value = getattr(outbound, "tls_reports", None) if outbound is not None else None
-    return Path(value) if value else Path("var/tlsrpt")
+    if outbound is None:
+        return Path("var/tlsrpt")
+    value = getattr(outbound, "tls_reports", None)
+    return Path(value) if value else None
