@@ -91,6 +91,11 @@ def _parser() -> argparse.ArgumentParser:
     scan.add_argument("--config", type=Path)
     stats = stats_cli.add_arguments(commands)
     stats.add_argument("--config", type=Path)
+    from palisade.cli import reports as reports_cli
+
+    for command in reports_cli.add_arguments(commands):
+        command.add_argument("--config", type=Path)
+        _config_after_subcommand(command)
     return parser
 
 
@@ -156,6 +161,12 @@ def _main(argv: list[str] | None) -> int:
         from palisade.cli import init as init_cli
 
         return init_cli.run(args)
+    if args.command in ("dmarc", "tlsrpt") and args.reports_command == "report":
+        from palisade.cli import reports as reports_cli
+
+        return reports_cli.run_report(
+            args.command, args.paths, as_json=args.json, domain=args.domain
+        )
     try:
         config = load_config(args.config)
     except ConfigError as exc:
@@ -193,6 +204,10 @@ def _main(argv: list[str] | None) -> int:
         return stats_cli.run(args, config)
     if args.command == "history":
         return _history(args, config)
+    if args.command in ("dmarc", "tlsrpt"):
+        from palisade.cli import reports as reports_cli
+
+        return reports_cli.run_send(args, config)
     if args.command == "firewall":
         from palisade.cli import firewall as firewall_cli
 
@@ -282,8 +297,8 @@ _SECRET_KEYS = frozenset({"bind_password", "password", "dqs_key"})
 _NOT_SHOWN = "(set, not shown)"
 _SECTIONS = (
     "server", "limits", "tls", "domains", "relay", "delivery", "paths", "log", "dns", "policy",
-    "ldap", "spamd", "rspamd", "clamd", "authentication", "dkim", "submission", "incidents",
-    "scan", "firewall",
+    "ldap", "spamd", "rspamd", "clamd", "authentication", "dkim", "dmarc", "submission",
+    "incidents", "scan", "firewall",
 )  # fmt: skip
 
 

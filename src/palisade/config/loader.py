@@ -716,6 +716,17 @@ def _check_cross_rules(config: Config, source: str, finder: _LineFinder) -> None
                 "(a selector publishes one key: give each key its own)",
             )
         seen.add(pair)
+    dmarc_config = config.dmarc
+    if dmarc_config.from_address and not re.match(
+        r"^[^@\s<>\"]+@[A-Za-z0-9.-]+\.[A-Za-z]{2,}$", dmarc_config.from_address
+    ):
+        fail(
+            "dmarc",
+            "from_address",
+            f"expected a mail address (local@domain), got {dmarc_config.from_address!r}",
+        )
+    if any(not c.isprintable() for c in dmarc_config.org_name) or len(dmarc_config.org_name) > 200:
+        fail("dmarc", "org_name", "expected one line of at most 200 printable characters")
     incidents = config.incidents
     if incidents.block_growth < 1.0:
         fail(

@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 
 from palisade.adapters.clamd import ClamdScanner
 from palisade.adapters.dkim_signer import DkimSigner
+from palisade.adapters.dmarc_records import DmarcRecordFile, records_dir
 from palisade.adapters.dns import DnsResolver
 from palisade.adapters.dovecot_auth import DovecotAuthenticator
 from palisade.adapters.ldap_directory import LdapDirectory, LdapSettings
@@ -272,10 +273,20 @@ def build_ports(
             signer=build_signer(config),
             authenticator=build_authenticator(config, on_error),
             senders=senders,
+            dmarc_reports=build_dmarc_records(config, on_error),
         )
     except BaseException:
         store.close()
         raise
+
+
+def build_dmarc_records(
+    config: Config, on_error: Callable[[str], None] | None = None
+) -> DmarcRecordFile | None:
+    """Where this process keeps its DMARC evaluations (``[dmarc] reports``); None when off."""
+    if not config.dmarc.reports:
+        return None
+    return DmarcRecordFile(records_dir(config.dmarc.state), on_error=on_error)
 
 
 def build_resolver(config: Config) -> DnsResolver:
@@ -360,7 +371,8 @@ def build_directory(config: Config) -> LdapDirectory | None:
 def close_ports(ports: Ports) -> None:
     """Closes what the ports hold open (pending rate hits written, the state database, the LDAP
     connection, scanner connections)."""
-    for part in (ports.state, ports.recipients, ports.spam, ports.virus, ports.authenticator):
+    parts = (ports.state, ports.recipients, ports.spam, ports.virus, ports.authenticator)
+    for part in (*parts, ports.dmarc_reports):
         close = getattr(part, "close", None)
         if close is not None:
             with contextlib.suppress(Exception):
