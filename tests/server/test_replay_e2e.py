@@ -87,7 +87,7 @@ def dns() -> Iterator[ZoneServer]:
 
 
 def rules(*, bl: bool = True, generic: bool = False, spam: bool = False, spf: bool = False,
-          bl2: bool = False) -> dict[str, Any]:  # fmt: skip
+          bl2: bool = False, once: bool = False) -> dict[str, Any]:  # fmt: skip
     connect: list[dict[str, Any]] = [
         {"check": "ip_list", "list": "probe", "verb": "accept_all", "name": "probe"},
         {"name": "rate", "check": "ratelimit", "limit": 50, "window": "15m", "verb": "defer"},
@@ -99,6 +99,9 @@ def rules(*, bl: bool = True, generic: bool = False, spam: bool = False, spf: bo
         connect.append({"name": "bl2", "check": "dnsbl", "zones": ["bl2.test"], "verb": "deny"})
     if generic:
         connect.append({"name": "generic", "check": "rdns", "generic": True, "verb": "deny"})
+    if once:  # a counter the recording never had: counted over the replayed traffic
+        connect.append({"name": "one", "check": "ratelimit", "limit": 1, "window": "1h",
+                        "verb": "defer"})  # fmt: skip
     mail: list[dict[str, Any]] = [
         {"name": "botnet", "check": "sender", "patterns": ["^Anastasia.{2,5}@"], "verb": "deny"}
     ]
@@ -325,6 +328,13 @@ def test_operator_cli(tmp_path: Path, dns: ZoneServer) -> None:
     assert piped.returncode == 0 and piped.stderr == "", piped.stderr
     assert len(piped.stdout.splitlines()) == 1
 
+    counted = replay_config(tmp_path, "counted", silent.port, bl=True, once=True)
+    estimated = run_replay(tmp_path, "--config", str(counted), "--json", str(many))
+    document = json.loads(estimated.stdout)
+    assert document["totals"]["estimated"] == 500  # CLIENTS[0]'s copies reach the new counter
+    assert document["rules"]["one"]["newly_refused"] == 499  # all in one hour: 1 let through
+    assert document["totals"]["unknown"] == 0
+
     as_json = json.loads(run_replay(tmp_path, "--config", str(config), "--json", str(facts)).stdout)
     assert as_json["totals"]["connections"] == 1
 
@@ -353,3 +363,22 @@ def test_operator_cli(tmp_path: Path, dns: ZoneServer) -> None:
     helped = run_replay(tmp_path, "--help")
     assert helped.returncode == 0 and "--json" in helped.stdout
     assert os.environ.get("PALISADE_CONFIG")  # the suite's guard against a system config
+
+
+def test_config_check_takes_record_facts(tmp_path: Path) -> None:
+    good = tmp_path / "good.toml"
+    good.write_text('[record]\nfacts = "var/log/facts.jsonl"\n')
+    checked = palisade("config", "check", "--no-dns", "--config", str(good), cwd=tmp_path)
+    assert checked.returncode == 0, checked.stderr
+    assert "ok: [record] facts var/log/facts.jsonl can be created" in checked.stderr
+    assert '[record]\nfacts = "var/log/facts.jsonl"' in checked.stdout
+    (tmp_path / "adir").mkdir()
+    for value, reason in (
+        ('"adir"', "record.facts: expected the path of a file, got the directory 'adir'"),
+        ("true", "record.facts: expected a file path string, got bool True"),
+    ):
+        bad = tmp_path / "bad.toml"
+        bad.write_text(f"[record]\nfacts = {value}\n")
+        refused = palisade("config", "check", "--no-dns", "--config", str(bad), cwd=tmp_path)
+        assert refused.returncode == 2
+        assert refused.stderr == f"palisade: config error in {bad}:2: {reason}\n"

@@ -288,7 +288,7 @@ _NOT_SHOWN = "(set, not shown)"
 _SECTIONS = (
     "server", "limits", "tls", "domains", "relay", "delivery", "paths", "log", "dns", "policy",
     "ldap", "spamd", "rspamd", "clamd", "authentication", "dkim", "submission", "incidents",
-    "scan", "firewall",
+    "scan", "firewall", "record",
 )  # fmt: skip
 
 
