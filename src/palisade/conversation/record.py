@@ -35,10 +35,9 @@ import ipaddress
 import json
 import time
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from palisade.policy import keys
 from palisade.policy.checks.authres import IPREV, IprevOutcome
 from palisade.policy.checks.content import SPAM, VIRUS
 from palisade.policy.checks.dkim import DKIM, DkimOutcome, DkimSignatureResult
@@ -81,6 +80,8 @@ __all__ = [
 FORMAT = 1  # the "v" of every line; a reader refuses another
 HEADERS = ("From", "Sender", "Reply-To", "Message-ID")  # what DATA checks read of the header
 KEY_PLACEHOLDER = "{key}"
+# one encoder for every line (json.dumps with options would build a new one each time)
+_ENCODE = json.JSONEncoder(separators=(",", ":"), default=str).encode
 
 
 class RecordError(ValueError):
@@ -215,6 +216,10 @@ def decide(steps: list[dict[str, Any]]) -> dict[str, Any]:
         return {"result": "accepted"}
     deciding = datas[0] if datas else refusals[0]
     return {"result": "refused", "stage": deciding["s"], **deciding["v"]}
+
+
+def _NO_ESMTP() -> bool:
+    return True
 
 
 class StepLog:
@@ -407,18 +412,6 @@ class _Settings:
         self.session_ports = ports
 
 
-# results of the connection-wide checks kept in a line for people reading it (the replay
-# works from the answers, not from these)
-_RESULTS: tuple[Key[Any], ...] = (
-    keys.RDNS_NAMES,
-    keys.RDNS_VERIFIED,
-    keys.DNSBL_LISTED,
-    keys.DBL_LISTED,
-    keys.RATELIMIT_COUNT,
-    keys.HISTORY_COUNT,
-)
-
-
 class ConnectionRecorder(StepLog):
     """Everything one inbound connection's checks were told, for one facts line."""
 
@@ -437,18 +430,25 @@ class ConnectionRecorder(StepLog):
         recipients = ports.recipients
         self.settings = _Settings(
             settings,
-            replace(
-                ports,
+            Ports(  # not dataclasses.replace: this runs for every connection
                 resolver=_RecordingResolver(ports.resolver, self.dns, secrets),
                 state=_RecordingState(ports.state, self.rates, self.history),
+                clock=ports.clock,
                 recipients=None
                 if recipients is None
                 else _RecordingDirectory(recipients, self.directory),
+                spam=ports.spam,
+                virus=ports.virus,
+                signer=ports.signer,
+                authenticator=ports.authenticator,
+                senders=ports.senders,
             ),
         )
 
     def watch(self, conversation: Any) -> None:
-        """Follows ``conversation`` (made with :attr:`settings` and this observer)."""
+        """Follows ``conversation`` (made with :attr:`settings` and this observer) until
+        :meth:`line`, which lets go of it: no reference cycle keeps a finished conversation
+        for the garbage collector to find."""
         self.facts = conversation.facts
         self.esmtp = lambda: bool(conversation.esmtp)
 
@@ -460,7 +460,8 @@ class ConnectionRecorder(StepLog):
             "ip": self.ip,
             "port": self.port,
             "steps": self.steps,
-            "decision": decide(self.steps),
+            # the decision without its reply text (the deciding step holds it)
+            "decision": {k: v for k, v in decide(self.steps).items() if k != "text"},
         }
         if self.dns:
             record["dns"] = self.dns
@@ -470,11 +471,8 @@ class ConnectionRecorder(StepLog):
             record["history"] = self.history
         if self.directory:
             record["recipients"] = self.directory
-        if self.facts is not None:
-            results = {k: self.facts.results.get(k) for k in _RESULTS if k in self.facts.results}
-            if results:
-                record["results"] = results
-        return (json.dumps(record, separators=(",", ":"), default=str) + "\n").encode("ascii")
+        self.facts, self.esmtp = None, _NO_ESMTP  # the conversation is done with
+        return (_ENCODE(record) + "\n").encode("ascii")
 
 
 # --------------------------------------------------------------------------------------------
