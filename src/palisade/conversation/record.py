@@ -99,7 +99,7 @@ def dns_key(name: str, rdtype: str, secrets: Iterable[str] = ()) -> str:
     for secret in secrets:
         if secret:
             text = text.replace(secret.lower(), KEY_PLACEHOLDER)
-    return f"{text} {rdtype.upper()}"
+    return f"{text} {rdtype}" if rdtype.isupper() else f"{text} {rdtype.upper()}"
 
 
 def ptr_key(ip: str) -> str:
@@ -201,11 +201,11 @@ def _verdict(verdict: Verdict | None) -> dict[str, Any] | None:
 # --------------------------------------------------------------------------------------------
 
 
-def decide(steps: list[dict[str, Any]]) -> dict[str, Any]:
+def decide(steps: list[dict[str, Any]], *, text: bool = True) -> dict[str, Any]:
     """The connection's decision from its steps: ``accepted`` when a message passed DATA (or,
     with no DATA, a recipient was accepted), or when nothing was refused at all; else
     ``refused``, with the refusal that decided (the DATA refusal when there was one, else the
-    first refusal): its stage, rule, verb, reply code and text."""
+    first refusal): its stage, rule, verb, reply code and (with ``text``) reply text."""
     datas = [s for s in steps if s["s"] == "data"]
     if any(s.get("v") is None for s in datas):
         return {"result": "accepted"}
@@ -215,7 +215,12 @@ def decide(steps: list[dict[str, Any]]) -> dict[str, Any]:
     if not refusals:
         return {"result": "accepted"}
     deciding = datas[0] if datas else refusals[0]
-    return {"result": "refused", "stage": deciding["s"], **deciding["v"]}
+    verdict = deciding["v"]
+    decision = {"result": "refused", "stage": deciding["s"], "rule": verdict.get("rule")}
+    decision["verb"], decision["code"] = verdict.get("verb"), verdict.get("code")
+    if text:
+        decision["text"] = verdict.get("text")
+    return decision
 
 
 def _NO_ESMTP() -> bool:
@@ -460,8 +465,7 @@ class ConnectionRecorder(StepLog):
             "ip": self.ip,
             "port": self.port,
             "steps": self.steps,
-            # the decision without its reply text (the deciding step holds it)
-            "decision": {k: v for k, v in decide(self.steps).items() if k != "text"},
+            "decision": decide(self.steps, text=False),  # the deciding step holds the text
         }
         if self.dns:
             record["dns"] = self.dns
@@ -472,7 +476,7 @@ class ConnectionRecorder(StepLog):
         if self.directory:
             record["recipients"] = self.directory
         self.facts, self.esmtp = None, _NO_ESMTP  # the conversation is done with
-        return (_ENCODE(record) + "\n").encode("ascii")
+        return _ENCODE(record).encode("ascii") + b"\n"
 
 
 # --------------------------------------------------------------------------------------------
