@@ -382,3 +382,44 @@ def test_config_check_takes_record_facts(tmp_path: Path) -> None:
         refused = palisade("config", "check", "--no-dns", "--config", str(bad), cwd=tmp_path)
         assert refused.returncode == 2
         assert refused.stderr == f"palisade: config error in {bad}:2: {reason}\n"
+
+
+DQS_KEY = "k3yk3yk3yk3yk3yk3yk3yk3yk3y"
+
+
+def test_record_turned_on_by_reload_and_no_dqs_key_written(tmp_path: Path, dns: ZoneServer) -> None:
+    zone = f"{DQS_KEY}.zen.dq.spamhaus.net"
+    dns.add_zone(zone)
+    dns.list_address(zone, "127.0.0.2")
+    dns.list_address(zone, f"{N}10", "127.0.0.4")
+    gateway = start(tmp_path / "gw", dns.port, **OLD)
+    facts = gateway.base / "var" / "log" / "facts.jsonl"
+    values = sections(gateway.base, gateway.port, dns.port, **OLD)
+    del values["record"]  # off: the default
+    write_config(gateway.config_path, values)
+    gateway.signal(signal.SIGHUP)
+    wait_for(lambda: gateway.mainlog().count("configuration reloaded") >= 1)
+    assert speak(gateway.port, CLIENTS[1]) == "accepted"
+    values = sections(gateway.base, gateway.port, dns.port, **OLD)  # [record] back on
+    zen = {"zone": "zen.spamhaus.org", "codes": ["127.0.0.2-127.0.0.11"]}
+    values["rules"]["connect"].append(
+        {"name": "zen", "check": "dnsbl", "zones": [zen], "dqs_key": DQS_KEY, "verb": "deny"}
+    )
+    write_config(gateway.config_path, values)
+    gateway.signal(signal.SIGHUP)
+    wait_for(lambda: gateway.mainlog().count("configuration reloaded") >= 2)
+    assert speak(gateway.port, CLIENTS[0]) == "refused"
+    lines = facts_lines(gateway, 1)
+    assert [r["ip"] for r in lines if r["ip"].startswith(N)] == [CLIENTS[0].ip]  # not [1]'s
+    text = facts.read_text()
+    assert DQS_KEY not in text
+    assert '"10.77.0.127.{key}.zen.dq.spamhaus.net A":{"r":["127.0.0.4"]}' in text
+    # replayed with the key of the config (whatever it is), the recorded answer serves
+    dns.reset_counts()
+    result = run_replay(
+        tmp_path, "--config", str(gateway.config_path), "--json", "--each", str(facts)
+    )
+    assert result.returncode == 0, result.stderr
+    assert dns.total_queries == 0
+    ours = [c for c in json.loads(result.stdout)["connections"] if c["ip"] == CLIENTS[0].ip]
+    assert ours[0]["status"] == "same" and ours[0]["after"]["rule"] == "zen"
