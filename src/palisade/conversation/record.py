@@ -31,10 +31,11 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import functools
 import ipaddress
 import json
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -93,7 +94,8 @@ class RecordError(ValueError):
 # --------------------------------------------------------------------------------------------
 
 
-def dns_key(name: str, rdtype: str, secrets: Iterable[str] = ()) -> str:
+@functools.lru_cache(maxsize=8192)  # the same clients and zones come back
+def dns_key(name: str, rdtype: str, secrets: tuple[str, ...] = ()) -> str:
     """``name TYPE`` as recorded: lower case, no trailing dot, secrets (DQS keys) replaced."""
     text = name.lower().rstrip(".")
     for secret in secrets:
@@ -102,6 +104,7 @@ def dns_key(name: str, rdtype: str, secrets: Iterable[str] = ()) -> str:
     return f"{text} {rdtype}" if rdtype.isupper() else f"{text} {rdtype.upper()}"
 
 
+@functools.lru_cache(maxsize=4096)
 def ptr_key(ip: str) -> str:
     """The key of a reverse lookup: the in-addr.arpa / ip6.arpa name, type PTR."""
     try:
