@@ -423,3 +423,28 @@ def test_record_turned_on_by_reload_and_no_dqs_key_written(tmp_path: Path, dns: 
     assert dns.total_queries == 0
     ours = [c for c in json.loads(result.stdout)["connections"] if c["ip"] == CLIENTS[0].ip]
     assert ours[0]["status"] == "same" and ours[0]["after"]["rule"] == "zen"
+
+
+def test_two_workers_share_one_facts_file(tmp_path: Path, dns: ZoneServer) -> None:
+    """Each worker appends whole batches of whole lines: the file from two processes under
+    concurrent clients is all good lines, one per connection."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from tests.conftest import free_port
+
+    base = tmp_path / "gw"
+    base.mkdir()
+    port = free_port()
+    values = sections(base, port, dns.port, **OLD)
+    values["server"]["workers"] = 2
+    config = write_config(base / "palisade.toml", values)
+    gateway = GatewayProcess(base=base, port=port, config_path=config, sections={}).start()
+    clients = [c for c in CLIENTS if c.before in ("ok", "bl", "rdns")] * 5
+    with ThreadPoolExecutor(8) as pool:
+        outcomes = list(pool.map(lambda c: speak(port, c), clients))
+    lines = facts_lines(gateway, len(clients))  # stops the gateway: every queued line written
+    assert outcomes.count("accepted") == sum(c.before == "ok" for c in clients)
+    assert sorted(r["ip"] for r in lines if r["ip"].startswith(N)) == sorted(c.ip for c in clients)
+    assert sum(r["decision"]["result"] == "accepted" for r in lines if r["ip"].startswith(N)) == (
+        outcomes.count("accepted")
+    )
