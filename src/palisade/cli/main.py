@@ -57,7 +57,7 @@ def _parser() -> argparse.ArgumentParser:
         "--no-dns", action="store_true", help="skip the resolver and DNSBL probes of the self-check"
     )
 
-    from palisade.cli import checkhost, install, tlscheck
+    from palisade.cli import checkhost, install, replay, tlscheck
     from palisade.cli import dkim as dkim_cli
     from palisade.cli import dns as dns_cli
     from palisade.cli import firewall as firewall_cli
@@ -70,6 +70,7 @@ def _parser() -> argparse.ArgumentParser:
     from palisade.cli import stats as stats_cli
 
     checkhost.add_arguments(commands)
+    replay.add_arguments(commands)
     install.add_arguments(commands)
     tlscheck.add_arguments(commands)
     init_cli.add_arguments(commands)
@@ -149,6 +150,10 @@ def _main(argv: list[str] | None) -> int:
         from palisade.cli import checkhost
 
         return checkhost.main(args)
+    if args.command == "replay":
+        from palisade.cli import replay
+
+        return replay.main(args)
     if args.command in ("install-system", "uninstall-system"):
         from palisade.cli import install
 
@@ -298,7 +303,7 @@ _NOT_SHOWN = "(set, not shown)"
 _SECTIONS = (
     "server", "limits", "tls", "domains", "relay", "delivery", "paths", "log", "dns", "policy",
     "ldap", "spamd", "rspamd", "clamd", "authentication", "dkim", "dmarc", "submission",
-    "incidents", "scan", "firewall",
+    "incidents", "scan", "firewall", "record",
 )  # fmt: skip
 
 

@@ -579,6 +579,9 @@ def _check_cross_rules(config: Config, source: str, finder: _LineFinder) -> None
             parse_host_port(entry)
         except ValueError as exc:
             fail("server", "listen", str(exc))
+    facts = config.record.facts
+    if facts is not None and (facts.name in ("", ".", "..") or facts.is_dir()):
+        fail("record", "facts", f"expected the path of a file, got the directory {str(facts)!r}")
     if config.metrics.listen:
         try:
             _, port = parse_host_port(config.metrics.listen, default_port=0)

@@ -406,6 +406,18 @@ class MetricsConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class RecordConfig:
+    """Policy facts (README "Trying a policy change"): with ``facts`` set, one JSON line per
+    inbound (port 25) connection goes there: every answer its checks got (DNS, rate counts,
+    incident history, recipient lookups, SPF/DKIM/DMARC, scanner scores) and the decision, for
+    ``palisade replay``. No message body, no secret. The file is rotated as the logs are
+    (renamed and noticed, or SIGUSR1). Reloadable: a new path takes effect for new
+    connections."""
+
+    facts: Path | None = None
+
+
+@dataclass(frozen=True, slots=True)
 class ScanPatternSpec:
     """One ``[[scan.patterns]]`` entry: a regex with a named group ``ip``, searched in each
     whole line; the rule name the store records and the weight of one match (0: an exception,
@@ -460,6 +472,7 @@ class Config:
     firewall: FirewallConfig = FirewallConfig()
     scan: ScanConfig = ScanConfig()
     metrics: MetricsConfig = MetricsConfig()
+    record: RecordConfig = RecordConfig()
     submission: SubmissionConfig = SubmissionConfig()
     lists: tuple[ListSpec, ...] = ()
     rules: tuple[RuleSpec, ...] = ()

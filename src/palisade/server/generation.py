@@ -90,6 +90,7 @@ class Generation:
     # the connect whitelists)
     block_policy: BlockPolicy = field(default_factory=BlockPolicy)
     protection: Protection = field(default_factory=Protection)
+    secrets: tuple[str, ...] = ()  # texts no log or facts line may hold (the DQS keys)
     _users: _Users = field(default_factory=_Users, repr=False)
 
     @property
@@ -200,6 +201,7 @@ def build_generation(
         number=number,
         block_policy=block_policy(config),
         protection=build_protection(config, policy),
+        secrets=tuple(secrets_of(config)),
     )
 
 

@@ -133,6 +133,14 @@ def _path_findings(config: Config) -> list[Finding]:
         if problem
         else Finding("ok", "paths.state", f"[paths] state {state} {_writable(state)}")
     )
+    facts = config.record.facts
+    if facts is not None:
+        problem = _directory_problem("[record] facts", facts.parent, shown=facts)
+        findings.append(
+            Finding("error", "record.facts", problem)
+            if problem
+            else Finding("ok", "record.facts", f"[record] facts {facts} {_writable(facts)}")
+        )
     control = config.server.control_socket
     problem = control_socket_problem(control)
     findings.append(
