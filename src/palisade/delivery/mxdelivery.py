@@ -120,6 +120,7 @@ class MxDelivery:
         data_timeout: float = 600.0,
         mx: MxResolver | None = None,
         clock: Callable[[], float] = time.time,
+        cache_uses: int = 100,
     ) -> None:
         if on_tls_failure not in ("fail", "defer"):
             raise ValueError(f"on_tls_failure: expected fail or defer, got {on_tls_failure!r}")
@@ -142,6 +143,7 @@ class MxDelivery:
         self.command_timeout = command_timeout
         self.data_timeout = data_timeout
         self.clock = clock
+        self.cache_uses = cache_uses  # transactions per connection (1: no reuse, benchmarks)
         self._hops: dict[tuple[str, str, TlsLevel, tuple[TlsaRecord, ...]], SmtpNextHop] = {}
         self._slots: dict[str, asyncio.Semaphore] = {}
         self._users: dict[str, int] = {}
@@ -360,6 +362,7 @@ class MxDelivery:
             connect_timeout=self.connect_timeout,
             command_timeout=self.command_timeout,
             data_timeout=self.data_timeout,
+            cache_uses=self.cache_uses,
         )
         self._hops[key] = hop
         return hop
