@@ -301,3 +301,18 @@ def test_a_handshake_that_times_out_defers_and_tries_the_next_host(world: World)
         stop.set()
         thread.join(timeout=10)
         listener.close()
+
+
+def test_an_mx_naming_this_server_is_a_loop(world: World) -> None:
+    """RFC 5321 section 5.1: this server (helo_name) and less preferred hosts are not used."""
+    world.domain("loop.test", (10, "gw.example.org"), (20, "mx.loop.test"))
+    world.host("gw.example.org", "127.0.0.21")
+    world.host("mx.loop.test", "127.0.0.22")
+    other = world.mx("127.0.0.22", "mx.loop.test")
+    [res] = deliver(transport(world), "bob@loop.test")
+    assert (res.outcome, res.status) == ("failed", "5.4.6")
+    assert res.detail == "mail for loop.test loops back to myself (gw.example.org is its MX)"
+    assert other.handler.messages == []
+    world.zones.set("loop.test", "MX", ["5 mx.loop.test.", "10 gw.example.org."])
+    [res] = deliver(transport(world), "bob@loop.test")
+    assert res.outcome == "delivered" and len(other.handler.messages) == 1

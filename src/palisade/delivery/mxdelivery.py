@@ -23,7 +23,8 @@ says why (``on_tls_failure = "fail"``) or are deferred (``"defer"``). A host tha
 connection, greets with an error or breaks the connection before the transaction is skipped
 too; once a host held the transaction, its answers are final for this attempt (RFC 5321
 section 5.1 leaves it to the client; like Postfix, a 4xx to MAIL or RCPT is not retried on
-another MX at once).
+another MX at once). The MX hosts from this server's own name (``helo_name``, ``[server]
+hostname``) on are never used (section 5.1); when that leaves none, the mail loops: failed 5.4.6.
 Must not touch: the spool, the log (the runner does both).
 Trust: DNS answers, MTA-STS policies and every reply are remote text: replies stay verbatim in
 the results (escaped when logged); TLS-RPT details are the same texts.
@@ -241,6 +242,12 @@ class MxDelivery:
             outcome: Outcome = "failed" if verdict.outcome == "failed" else "deferred"
             return [self._result(r, outcome, verdict.reason, verdict.status) for r in rcpts]
         hosts = list(verdict.hosts)
+        ours = [h.preference for h in hosts if h.name == self.helo_name.lower().rstrip(".")]
+        if ours:  # RFC 5321 section 5.1: never to ourselves nor to a less preferred host
+            hosts = [h for h in hosts if h.preference < min(ours)]
+            if not hosts:
+                reason = f"mail for {domain} loops back to myself ({self.helo_name} is its MX)"
+                return [self._result(r, "failed", reason, "5.4.6") for r in rcpts]
         sts = policy.source == "mta-sts"
         if sts and policy.mx_patterns:
             matching = [h for h in hosts if any(mx_matches(p, h.name) for p in policy.mx_patterns)]
