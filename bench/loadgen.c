@@ -363,6 +363,25 @@ int main(int argc, char **argv) {
             printf("%s\"%s\": %.3f", j ? ", " : "", STEP_NAMES[j], step_sum[j] / done_ok * 1000);
         printf("}, ");
     }
+    if (nlat) {
+        /* latency histogram: counts of transactions under 1, 2, 4 ... 1024 ms, then the rest */
+        long hist[12] = {0};
+        for (long k = 0; k < nlat; k++) {
+            int b = 0;
+            double ms = lat[k] * 1000;
+            while (b < 11 && ms >= (double)(1 << b)) b++;
+            hist[b]++;
+        }
+        printf("\"p90_ms\": %.2f, \"p95_ms\": %.2f, \"histogram_ms\": {", pct(90) * 1000,
+               pct(95) * 1000);
+        for (int b = 0; b < 12; b++) {
+            if (b < 11)
+                printf("%s\"<%d\": %ld", b ? ", " : "", 1 << b, hist[b]);
+            else
+                printf(", \">=1024\": %ld", hist[b]);
+        }
+        printf("}, ");
+    }
     printf("\"driver_cpu_s\": %.3f}\n", cpu);
     fprintf(stderr,
             "loadgen.c %s -> %s:%d: %ld done, %ld errors in %.2f s = %.1f/s, p50 %.2f ms, "
