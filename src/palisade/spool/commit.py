@@ -4,20 +4,22 @@ Owns: one worker thread per spool that takes every commit waiting at that moment
 fsyncs its files (a batch of several at the same time, see below), renames each ``tmp/<id>``
 into ``queue/<id>`` without ever replacing a file there (renameat2 RENAME_NOREPLACE), then
 fsyncs the queue directory ONCE for the whole batch and wakes each waiting coroutine in its own
-event loop.
+event loop (those two on a second thread, while the first takes the next batch). The order for
+each message is unchanged: its file fsynced, renamed, the directory fsynced, then its answer.
 Why one thread with a batch: a version with several committer threads taking jobs directly made
 ~60% more futex calls per message in an SMTP worker (threads contending for the GIL) and batched
 the directory fsync less, for no measurable gain (2026-11-23).
 Why a batch's files are fsynced at the same time (from a small pool of threads): one after the
 other, each fsync of a newly written file waits for its own journal commit and disk cache flush
 (ext4's delayed allocation keeps the first fsync's commit from covering the others' data), so
-a batch of k took k flushes: on this project's build machine with its disk shared by other work,
-5 files took 18.7 ms one after the other and 2.5 ms at the same time, 10 files 42 ms against
-1.5 ms (jbd2 and the block layer merge the commits and flushes of concurrent fsyncs: this is how
-Postfix's cleanup processes, one per client, share theirs), and the message's wait for its 250
-after the final dot fell from ~20 to ~10 ms (2026-12-02, bench/run_generators.py). An earlier
-measurement (2026-11-24), on a disk whose fsync took ~0.3 ms, found the hand-offs to the pool
-dearer than the gain; a lone file is still fsynced by the committer thread itself.
+a batch of k took k flushes (jbd2 and the block layer merge the commits and flushes of
+concurrent fsyncs: this is how Postfix's cleanup processes, one per client, share theirs). On
+this project's build machine, its disk shared with other work, 10 sessions committing 4 KB
+messages (bench/commit_bench.py, 2026-12-02): 290-330 commits/s, p50 22-31 ms one after the
+other; 960-1200 commits/s, p50 3-4 ms at the same time; with the directory stage overlapped (see
+:meth:`GroupCommitter._commit`) p99 11-26 ms instead of 18-30. An earlier measurement
+(2026-11-24), on a disk whose fsync took ~0.3 ms, found the hand-offs to a pool dearer than the
+gain; a lone file is still fsynced by the committer thread itself.
 Must not touch: anything but the files handed to it and the queue directory; it never decides what
 a message is (the store does) and never answers a client (the server does, after ``commit``).
 Trust: jobs come from :class:`palisade.spool.writer.SpoolWriter` only; paths were validated there.
