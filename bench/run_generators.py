@@ -73,7 +73,7 @@ SENDER = f"load@{HELO}"
 RCPT = "rcpt@bench.test"
 GOOD = "127.0.0.10-127.0.0.19"
 LISTED = "127.0.1.10-127.0.1.19"
-POSTFIX_PORT, PALISADE_PORT, SINK_PORT = 2557, 2555, 2620
+POSTFIX_PORT, PALISADE_PORT, SINK_PORT, BASELINE_PORT = 2557, 2555, 2620, 2556
 ROOT = BENCH_ROOT / "generators"
 
 
@@ -88,6 +88,22 @@ def postfix_settings() -> dict[str, str]:
         ),
         "smtpd_sender_restrictions": "reject_non_fqdn_sender, reject_unknown_sender_domain",
     }
+
+
+def baseline_gateway(config: Path, src: Path) -> Gateway:
+    """The same configuration on BASELINE_PORT with its own state, run from another checkout's
+    ``src`` (its PYTHONPATH set in the command: the harness puts this checkout's first)."""
+    text = config.read_text()
+    text = text.replace(f"127.0.0.1:{PALISADE_PORT}", f"127.0.0.1:{BASELINE_PORT}")
+    text = text.replace(str(ROOT) + "/", str(ROOT / "baseline") + "/")
+    path = ROOT / "baseline.toml"
+    ROOT.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+    cmd = ["env", f"PYTHONPATH={src}", sys.executable, "-m", "palisade", "serve"]
+    cmd += ["--config", str(path)]
+    return Gateway(
+        path, BASELINE_PORT, cmd, state_root=ROOT / "baseline", logfile=ROOT / "baseline.out"
+    )
 
 
 def drive(gen: str, mode: str, port: int, args: argparse.Namespace, count: int) -> dict:
@@ -171,7 +187,7 @@ def summarize(runs: list[dict], gens: list[str]) -> dict:
         for mode in ("throughput", "listed"):
             rate = "msgs_per_s" if mode == "throughput" else "refused_per_s"
             per: dict = {}
-            for system in ("postfix", "palisade"):
+            for system in ("postfix", "palisade", "baseline"):
                 rows = [
                     r
                     for r in runs
@@ -194,16 +210,19 @@ def summarize(runs: list[dict], gens: list[str]) -> dict:
                     "driver_cpu_per_1k": med([r.get("driver_cpu_per_1k") for r in rows]),
                     "loadavg": [r.get("loadavg_1m") for r in rows],
                 }
-            if len(per) == 2:
-                p, g = per["postfix"], per["palisade"]
-                per["ratio_of_medians"] = (
+            p = per.get("postfix")
+            for system, prefix in (("palisade", ""), ("baseline", "baseline_")):
+                g = per.get(system)
+                if p is None or g is None:
+                    continue
+                per[f"{prefix}ratio_of_medians"] = (
                     round(g["rate_med"] / p["rate_med"], 3) if p["rate_med"] else None
                 )
                 paired = [
                     round(gr / pr, 3) for gr, pr in zip(g["rate"], p["rate"], strict=False) if pr
                 ]
-                per["ratios_per_round"] = paired
-                per["ratio_median_per_round"] = med(paired)
+                per[f"{prefix}ratios_per_round"] = paired
+                per[f"{prefix}ratio_median_per_round"] = med(paired)
             if per:
                 out[f"{gen}/{mode}"] = per
     return out
@@ -254,6 +273,18 @@ def render(info: dict, args, summary: dict, gens: list[str]) -> str:
                 f"{f(s['ratio_of_medians'], 'x')} / {f(s['ratio_median_per_round'], 'x')} "
                 f"| {lat} |"
             )
+            b = s.get("baseline")
+            if b is not None:
+                lines.append(
+                    f"| {GEN_NAMES[gen]} | {label}, baseline ({args.baseline_src}) | | {runs(b)} | "
+                    f"{f(s['baseline_ratio_of_medians'], 'x')} / "
+                    f"{f(s['baseline_ratio_median_per_round'], 'x')} | |"
+                )
+                if b["p99_med"] is not None:
+                    lines.append(
+                        f"| {GEN_NAMES[gen]} | p50 / p99 ms, baseline | | "
+                        f"{f(b['p50_med'])} / {f(b['p99_med'])} | | |"
+                    )
             if s["ratio_of_medians"] is not None:
                 worst[mode] = min(worst.get(mode, 99.0), s["ratio_of_medians"])
             if p["p99_med"] is not None or g["p99_med"] is not None:
@@ -295,6 +326,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-seconds", type=float, default=420.0, help="skip runs after this")
     ap.add_argument("--gateway-config", type=Path, default=HERE / "palisade-generators.toml")
     ap.add_argument("--only", default="postfix,palisade", help="systems to run")
+    ap.add_argument(
+        "--baseline-src",
+        type=Path,
+        help="also run a Palisade from this src/ directory (e.g. /work/main/src) on 2556, same "
+        "configuration, as a third system in every round: before/after in the same run",
+    )
     ap.add_argument("--quick", action="store_true", help="small counts to test the harness")
     ap.add_argument("--json", type=Path, default=BENCH_ROOT / "generators-results.json")
     args = ap.parse_args(argv)
@@ -327,7 +364,9 @@ def main(argv: list[str] | None = None) -> int:
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     set_subreaper()
     ROOT.mkdir(parents=True, exist_ok=True)
-    if ports_taken("run_generators.py", [SINK_PORT, POSTFIX_PORT, PALISADE_PORT, 53]):
+    if ports_taken(
+        "run_generators.py", [SINK_PORT, POSTFIX_PORT, PALISADE_PORT, BASELINE_PORT, 53]
+    ):
         return 2
     systems = [s.strip() for s in args.only.split(",")]
     sink = Sink(SINK_PORT)
@@ -341,6 +380,9 @@ def main(argv: list[str] | None = None) -> int:
         state_root=ROOT,
         logfile=ROOT / "gateway.out",
     )
+    base = None
+    if args.baseline_src is not None:
+        base = baseline_gateway(args.gateway_config, args.baseline_src.resolve())
     results: dict = {"runs": [], "warmup": [], "not_runnable": {}}
     info = machine_info("?")
     try:
@@ -363,6 +405,13 @@ def main(argv: list[str] | None = None) -> int:
                     else:
                         results["not_runnable"]["palisade"] = gw.why_not
                         log(f"palisade: not runnable ({gw.why_not})")
+                if base is not None:
+                    log(f"starting baseline: {' '.join(base.cmd)}")
+                    if base.start(20):
+                        targets["baseline"] = Target("baseline", "Baseline", base.port, base.pids)
+                    else:
+                        results["not_runnable"]["baseline"] = base.why_not
+                        log(f"baseline: not runnable ({base.why_not})")
                 for key, t in targets.items():
                     for mode in ("throughput", "listed"):
                         log(f"warm-up {key} {mode}: {args.warmup}")
@@ -372,7 +421,8 @@ def main(argv: list[str] | None = None) -> int:
                             log(f"warm-up {key} {mode}: {w.get('error_kinds')} {w.get('failed')}")
                 for rnd in range(args.rounds):
                     order = gens if rnd % 2 == 0 else list(reversed(gens))
-                    pair = ["postfix", "palisade"] if rnd % 2 == 0 else ["palisade", "postfix"]
+                    pair = ["postfix", "palisade", "baseline"]
+                    pair = pair[rnd % 3 :] + pair[: rnd % 3]  # each system first once
                     for gen in order:
                         for mode in ("listed", "throughput"):
                             for key in pair:
@@ -400,6 +450,8 @@ def main(argv: list[str] | None = None) -> int:
             finally:
                 log("stopping servers")
                 gw.stop()
+                if base is not None:
+                    base.stop()
                 pf.stop()
                 sink.stop()
                 reap()
