@@ -276,7 +276,8 @@ def render(info: dict, args, summary: dict, gens: list[str]) -> str:
             b = s.get("baseline")
             if b is not None:
                 lines.append(
-                    f"| {GEN_NAMES[gen]} | {label}, baseline ({args.baseline_src}) | | {runs(b)} | "
+                    f"| {GEN_NAMES[gen]} | {label}, baseline ({args.baseline_src or ''} "
+                    f"{args.baseline_config or ''}) | | {runs(b)} | "
                     f"{f(s['baseline_ratio_of_medians'], 'x')} / "
                     f"{f(s['baseline_ratio_median_per_round'], 'x')} | |"
                 )
@@ -332,6 +333,12 @@ def main(argv: list[str] | None = None) -> int:
         help="also run a Palisade from this src/ directory (e.g. /work/main/src) on 2556, same "
         "configuration, as a third system in every round: before/after in the same run",
     )
+    ap.add_argument(
+        "--baseline-config",
+        type=Path,
+        help="the third system's configuration (listen and paths are moved to its own; "
+        "default --gateway-config), e.g. another workers count; src: --baseline-src or this one",
+    )
     ap.add_argument("--quick", action="store_true", help="small counts to test the harness")
     ap.add_argument("--json", type=Path, default=BENCH_ROOT / "generators-results.json")
     args = ap.parse_args(argv)
@@ -381,8 +388,11 @@ def main(argv: list[str] | None = None) -> int:
         logfile=ROOT / "gateway.out",
     )
     base = None
-    if args.baseline_src is not None:
-        base = baseline_gateway(args.gateway_config, args.baseline_src.resolve())
+    if args.baseline_src is not None or args.baseline_config is not None:
+        base = baseline_gateway(
+            args.baseline_config or args.gateway_config,
+            (args.baseline_src or REPO / "src").resolve(),
+        )
     results: dict = {"runs": [], "warmup": [], "not_runnable": {}}
     info = machine_info("?")
     try:
