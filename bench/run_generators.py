@@ -149,18 +149,42 @@ def drive(gen: str, mode: str, port: int, args: argparse.Namespace, count: int) 
     raise ValueError(f"unknown generator {gen!r}")
 
 
+def runqueue_wait_s(pids: list[int]) -> float:
+    """Seconds these processes (all their threads) have spent runnable but waiting for a CPU
+    (/proc/PID/task/TID/schedstat, second field): how starved a server is on a shared machine.
+    Processes that exit during a run take theirs with them: exact for Palisade's long-lived
+    processes, meaningless for Postfix's (smtpd processes come and go)."""
+    total = 0
+    for pid in pids:
+        try:
+            tids = os.listdir(f"/proc/{pid}/task")
+        except OSError:
+            continue
+        for tid in tids:
+            try:
+                with open(f"/proc/{pid}/task/{tid}/schedstat") as f:
+                    total += int(f.read().split()[1])
+            except (OSError, ValueError, IndexError):
+                pass
+    return total / 1e9
+
+
 def measured(gen: str, t: Target, mode: str, args, sink: Sink, dns: BenchDns, count: int) -> dict:
     before = sink.count
     load1 = os.getloadavg()[0]
     q0 = dns.counts()["resolver_queries"]
     cpu0 = cpu_s(t.pids())
+    wait0 = runqueue_wait_s(t.pids())
     res = drive(gen, mode, t.port, args, count)
     cpu1 = cpu_s(t.pids())
+    wait1 = runqueue_wait_s(t.pids())
     queries = dns.counts()["resolver_queries"] - q0
     res.update(system=t.key, generator=gen, mode=mode, loadavg_1m=round(load1, 2))
     res["server_cpu_s"] = round(cpu1 - cpu0, 2)
     n = res.get("accepted") if mode == "throughput" else res.get("refused")
+    res["server_runqueue_wait_s"] = round(wait1 - wait0, 3)
     if n:
+        res["server_runqueue_wait_ms_per_tx"] = round((wait1 - wait0) / n * 1000, 3)
         res["dns_queries_per_tx"] = round(queries / n, 3)
         res["server_cpu_per_1k"] = round(res["server_cpu_s"] / n * 1000, 3)
         res["driver_cpu_per_1k"] = round(res.get("driver_process_cpu_s", 0) / n * 1000, 3)
@@ -208,6 +232,9 @@ def summarize(runs: list[dict], gens: list[str]) -> dict:
                     "errors": sum(r.get("errors", 0) for r in rows),
                     "server_cpu_per_1k": med([r.get("server_cpu_per_1k") for r in rows]),
                     "driver_cpu_per_1k": med([r.get("driver_cpu_per_1k") for r in rows]),
+                    "runqueue_wait_ms_per_tx": med(
+                        [r.get("server_runqueue_wait_ms_per_tx") for r in rows]
+                    ),
                     "loadavg": [r.get("loadavg_1m") for r in rows],
                 }
             p = per.get("postfix")
@@ -299,6 +326,11 @@ def render(info: dict, args, summary: dict, gens: list[str]) -> str:
                 f"| {GEN_NAMES[gen]} | {label.split()[0]}: server / driver CPU-s per 1000 | "
                 f"{f(p['server_cpu_per_1k'])} / {f(p['driver_cpu_per_1k'])} | "
                 f"{f(g['server_cpu_per_1k'])} / {f(g['driver_cpu_per_1k'])} | | |"
+            )
+            lines.append(
+                f"| {GEN_NAMES[gen]} | {label.split()[0]}: server processes' wait for a CPU, "
+                f"ms per transaction | n/a (smtpd processes exit and take theirs) | "
+                f"{f(g['runqueue_wait_ms_per_tx'])} | | |"
             )
     if worst:
         lines += [
@@ -453,7 +485,8 @@ def main(argv: list[str] | None = None) -> int:
                                     f"{r.get('errors')} {r.get('error_kinds') or ''} server CPU "
                                     f"{r.get('server_cpu_s')} s driver CPU "
                                     f"{r.get('driver_process_cpu_s')} s load {r['loadavg_1m']} "
-                                    f"dns/tx {r.get('dns_queries_per_tx')}"
+                                    f"dns/tx {r.get('dns_queries_per_tx')} runqueue wait/tx "
+                                    f"{r.get('server_runqueue_wait_ms_per_tx')} ms"
                                     + (f" steps {r['step_mean_ms']}" if "step_mean_ms" in r else "")
                                     + (f" FAILED {r['failed']}" if "failed" in r else "")
                                 )
