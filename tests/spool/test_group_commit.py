@@ -9,6 +9,8 @@ from __future__ import annotations
 import asyncio
 import os
 import stat
+import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -16,6 +18,7 @@ import pytest
 
 from palisade.obs.log import MemoryEventLog
 from palisade.spool import Spool
+from palisade.spool.writer import SpoolWriter
 from tests.spool.spoolkit import make_envelope
 
 
@@ -153,3 +156,86 @@ def test_close_finishes_the_commits_already_submitted_then_refuses_new_ones(
     asyncio.run(main())
     assert len(os.listdir(tmp_path / "queue")) == 5
     assert os.listdir(tmp_path / "tmp") == []
+
+
+def test_a_batch_fsyncs_its_files_at_the_same_time(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One after the other, each file of a batch waits for its own disk flush (5 ms here, as on
+    a busy disk); the committer fsyncs a batch's files at the same time, a lone file itself.
+
+    The wrapper is INSTRUMENTATION (it records which thread fsyncs, and how many at once) plus a
+    delay standing in for a slow disk: the real fsync is always called.
+    """
+    real = os.fsync
+    lock = threading.Lock()
+    seen = {"now": 0, "most": 0}
+    threads: dict[str, set[str]] = {"file": set(), "dir": set()}
+
+    def slow_fsync(fd: int) -> None:
+        kind = "dir" if stat.S_ISDIR(os.fstat(fd).st_mode) else "file"
+        with lock:
+            threads[kind].add(threading.current_thread().name)
+            if kind == "file":
+                seen["now"] += 1
+                seen["most"] = max(seen["most"], seen["now"])
+        try:
+            time.sleep(0.005)
+            real(fd)
+        finally:
+            if kind == "file":
+                with lock:
+                    seen["now"] -= 1
+
+    monkeypatch.setattr(os, "fsync", slow_fsync)
+    spool = Spool(tmp_path)
+    lone = asyncio.run(commit_many(spool, 1))
+    assert threads["file"] == {"spool-commit"}  # a lone file: no hand-off to the pool
+    ids = asyncio.run(commit_many(spool, 40))
+    spool.close()
+    assert seen["most"] > 1, f"a batch's files were fsynced one after the other: {seen}"
+    assert any(name.startswith("spool-fsync") for name in threads["file"])
+    assert {n.split("_")[0] for n in threads["dir"]} == {"spool-dirsync"}  # once a batch
+    assert spool.commit_stats.largest_batch > 1
+    assert sorted(os.listdir(tmp_path / "queue")) == sorted(lone + ids)
+    assert sorted(Spool(tmp_path, fsync=False).recover(MemoryEventLog())) == sorted(lone + ids)
+
+
+def test_a_failed_fsync_in_a_batch_fails_that_message_alone(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """EIO from one file's fsync (a fault that cannot be provoked on a healthy disk: injected)
+    fails that commit alone; the batch's other messages are committed while it runs beside
+    them on the pool."""
+    real = os.fsync
+    failing: set[int] = set()
+
+    def faulty_fsync(fd: int) -> None:
+        time.sleep(0.002)
+        if fd in failing:
+            raise OSError(5, "Input/output error")
+        real(fd)
+
+    monkeypatch.setattr(os, "fsync", faulty_fsync)
+    spool = Spool(tmp_path)
+
+    async def main() -> list[BaseException | str]:
+        writers = []
+        for i in range(6):
+            writer = spool.open_message(make_envelope())
+            writer.write(b"Subject: %d\r\n\r\nbody\r\n" % i)
+            writers.append(writer)
+        failing.add(writers[2]._file.fileno())  # type: ignore[union-attr]
+
+        async def commit(w: SpoolWriter) -> str:
+            await w.commit()
+            return w.queue_id
+
+        return await asyncio.gather(*(commit(w) for w in writers), return_exceptions=True)
+
+    outcomes = asyncio.run(main())
+    spool.close()
+    assert isinstance(outcomes[2], OSError)
+    done = [o for i, o in enumerate(outcomes) if i != 2]
+    assert all(isinstance(o, str) for o in done)
+    assert sorted(os.listdir(tmp_path / "queue")) == sorted(done)  # type: ignore[type-var]

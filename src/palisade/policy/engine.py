@@ -19,12 +19,12 @@ import asyncio
 import time
 import types
 import typing
-from collections.abc import Coroutine, Generator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from string import Template
-from typing import Any
 
 from palisade.policy import keys
+from palisade.policy.eager import Resume
 from palisade.policy.findings import Finding
 from palisade.policy.rules import (
     Check,
@@ -170,36 +170,6 @@ def _reply(rule: Rule, verb: Verb, text: str) -> Reply:
     return Reply(code, enhanced, text or ("Access denied" if code >= 500 else "Try again later"))
 
 
-class _Resume:
-    """Awaits the rest of a coroutine that has already been started and is suspended on
-    ``pending`` (what its first ``send`` yielded): the same hand-over ``await`` does, one step
-    late, so the check's deadline can be set only for checks that really wait."""
-
-    __slots__ = ("_coro", "_pending")
-
-    def __init__(self, coro: Coroutine[Any, Any, CheckResult], pending: object) -> None:
-        self._coro = coro
-        self._pending = pending
-
-    def __await__(self) -> Generator[Any, Any, CheckResult]:
-        coro, pending = self._coro, self._pending
-        self._pending = None
-        try:
-            while True:
-                try:
-                    sent = yield pending
-                except GeneratorExit:
-                    raise
-                except BaseException as exc:  # cancellation (the deadline) and the like
-                    pending = coro.throw(exc)
-                else:
-                    pending = coro.send(sent)
-        except StopIteration as stop:
-            return typing.cast(CheckResult, stop.value)
-        finally:
-            coro.close()  # a no-op once finished; ends it if this awaiter was dropped
-
-
 async def _run_check(rule: Rule, facts: Facts, ports: Ports) -> CheckResult:
     # A check answered from caches (the warm path: a refused listed client) finishes in its
     # first step; it then costs no deadline timer at all. One that has to wait (a DNS query on
@@ -216,7 +186,7 @@ async def _run_check(rule: Rule, facts: Facts, ports: Ports) -> CheckResult:
             return typing.cast(CheckResult, stop.value)
         # asyncio.timeout, not wait_for: no extra Task per check.
         async with asyncio.timeout(rule.timeout):
-            return await _Resume(coro, pending)
+            return await Resume(coro, pending)
     except TimeoutError:
         text = f"{rule.check.name} check timed out after {rule.timeout:g}s"
         raise CheckError(text, dict.fromkeys(active_zones(rule.check), text)) from None

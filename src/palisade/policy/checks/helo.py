@@ -31,7 +31,6 @@ Values: ``$helo``, ``$pattern`` (the pattern or exact name that hit, else empty)
 
 from __future__ import annotations
 
-import asyncio
 import ipaddress
 import re
 from collections.abc import Mapping, Sequence
@@ -45,6 +44,7 @@ from palisade.policy.checks.dnsnames import (
     unmapped,
 )
 from palisade.policy.checks.options import Options
+from palisade.policy.eager import gather_eager
 from palisade.policy.rules import (
     NO_MATCH,
     Check,
@@ -131,10 +131,9 @@ class HeloCheck:
         name = normalise_name(helo)
         if not is_hostname(name):
             return self._hit("unresolvable", f"HELO {shown} is not a resolvable hostname", shown)
-        outcomes = await asyncio.gather(
+        outcomes = await gather_eager(
             ports.resolver.query(name, "A"),
             ports.resolver.query(name, "AAAA"),
-            return_exceptions=True,
         )
         if any(isinstance(o, DnsAnswer) and o.records for o in outcomes):
             return NO_MATCH

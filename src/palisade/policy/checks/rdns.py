@@ -36,7 +36,6 @@ ones when ``fcrdns`` is on): one proper name is enough to be a proper host.
 
 from __future__ import annotations
 
-import asyncio
 import functools
 import ipaddress
 import re
@@ -46,6 +45,7 @@ from typing import Any, ClassVar
 from palisade.policy import keys
 from palisade.policy.checks.dnsnames import IPAddress, normalise_name, safe_text, unmapped
 from palisade.policy.checks.options import Options
+from palisade.policy.eager import gather_eager
 from palisade.policy.rules import (
     NO_MATCH,
     Check,
@@ -194,9 +194,8 @@ class RdnsCheck:
         if isinstance(known, tuple):
             return known
         rdtype = "A" if ip.version == 4 else "AAAA"
-        outcomes = await asyncio.gather(
+        outcomes = await gather_eager(
             *(ports.resolver.query(n, rdtype) for n in names[:MAX_NAMES]),
-            return_exceptions=True,
         )
         verified: list[str] = []
         failures: list[str] = []

@@ -28,7 +28,6 @@ Values: ``$sender``, ``$domain``, ``$pattern`` (the pattern that hit, else empty
 
 from __future__ import annotations
 
-import asyncio
 import re
 from collections.abc import Mapping
 from typing import Any, ClassVar
@@ -37,6 +36,7 @@ from palisade.policy import keys
 from palisade.policy.checks.dnsnames import address_literal, normalise_name, safe_text
 from palisade.policy.checks.helo import compile_patterns
 from palisade.policy.checks.options import Options
+from palisade.policy.eager import gather_eager
 from palisade.policy.rules import (
     NO_MATCH,
     Check,
@@ -111,10 +111,9 @@ async def mail_domain_problem(ports: Ports, name: str, shown: str) -> tuple[str,
         return "null_mx", f"sender domain {shown} does not accept mail (null MX)"
     if mx.records:
         return None
-    outcomes = await asyncio.gather(
+    outcomes = await gather_eager(
         _ask(ports, name, "A", shown),
         _ask(ports, name, "AAAA", shown),
-        return_exceptions=True,
     )
     if any(isinstance(o, DnsAnswer) and o.records for o in outcomes):
         return None
