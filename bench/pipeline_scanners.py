@@ -324,8 +324,9 @@ class Rspamd:
 class Clamd:
     """clamd with the EICAR test signature only, TCP on a free port of 127.0.0.1."""
 
-    def __init__(self, root: Path, threads: int = 4) -> None:
+    def __init__(self, root: Path, threads: int = 4, log_clean: bool = False) -> None:
         self.root = root
+        self.log_clean = log_clean  # a log line per scan, clean or not (to count them)
         self.threads = threads
         self.port = free_port()
         self.proc: subprocess.Popen[bytes] | None = None
@@ -350,6 +351,8 @@ class Clamd:
             f"MaxThreads {self.threads}",
             "SelfCheck 0",
         ]
+        if self.log_clean:
+            lines.append("LogClean yes")
         if os.geteuid() == 0:
             lines.append("User root")
         conf = self.root / "clamd.conf"
