@@ -99,8 +99,8 @@ async def send_message(
 
     Each chunk goes to the transport as one piece with whatever comes before or after it (the
     request head first, the terminator last): a message up to ``CHUNK_SIZE`` is one ``send``,
-    one segment for the scanner to wake up for, not three or four small ones (clamd spent
-    twice the CPU per message when the command, each length and each chunk came apart)."""
+    one segment for the scanner to read, not three or four small ones (the command, each
+    length, each chunk): fewer system calls on both ends of every scan."""
     remaining = message.size
     try:
         source = message.open()
