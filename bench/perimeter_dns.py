@@ -96,7 +96,7 @@ def original_nameservers(text: str) -> list[str]:
 UNBOUND_CONF = """\
 # Written by bench/perimeter_dns.py for one benchmark run.
 server:
-    interface: 127.0.0.1
+    interface: {interface}
     port: {port}
     do-ip6: no
     do-daemonize: no
@@ -138,9 +138,17 @@ remote-control:
 class Unbound:
     """A private unbound on 127.0.0.1:``port`` in front of the zone server."""
 
-    def __init__(self, root: Path, zone_port: int, upstream: list[str], port: int = 53) -> None:
+    def __init__(
+        self,
+        root: Path,
+        zone_port: int,
+        upstream: list[str],
+        port: int = 53,
+        interface: str = "127.0.0.1",
+    ) -> None:
         self.root = root
         self.port = port
+        self.interface = interface  # another loopback address keeps 127.0.0.1:53 free
         self.zone_port = zone_port
         self.upstream = upstream
         self.conf = root / "unbound.conf"
@@ -156,7 +164,11 @@ class Unbound:
             )
         self.conf.write_text(
             UNBOUND_CONF.format(
-                port=self.port, root=self.root, zone_port=self.zone_port, forward=forward
+                port=self.port,
+                interface=self.interface,
+                root=self.root,
+                zone_port=self.zone_port,
+                forward=forward,
             )
         )
         chk = subprocess.run(
@@ -253,8 +265,16 @@ def resolv_conf(text: str, backup: Path) -> Iterator[str]:
 class BenchDns:
     """Zone server + unbound (+ resolv.conf) for one run; ``with BenchDns(...) as dns:``."""
 
-    def __init__(self, root: Path, ttl: int, port: int = 53, swap_resolv_conf: bool = True):
+    def __init__(
+        self,
+        root: Path,
+        ttl: int,
+        port: int = 53,
+        swap_resolv_conf: bool = True,
+        interface: str = "127.0.0.1",
+    ):
         self.root = root
+        self.interface = interface
         self.ttl = ttl
         self.port = port
         self.swap = swap_resolv_conf
@@ -270,7 +290,11 @@ class BenchDns:
             self._stack.callback(self.zone.stop)
             original = RESOLV_CONF.read_text(errors="replace")
             self.unbound = Unbound(
-                self.root / "unbound", self.zone.port, original_nameservers(original), self.port
+                self.root / "unbound",
+                self.zone.port,
+                original_nameservers(original),
+                self.port,
+                self.interface,
             )
             self.unbound.start()
             self._stack.callback(self.unbound.stop)

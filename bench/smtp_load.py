@@ -214,16 +214,20 @@ async def _connect(
 async def run_throughput(args: argparse.Namespace) -> dict:
     loop = asyncio.get_running_loop()
     if args.message_file:
-        msg = load_message(args.message_file)
+        messages = [load_message(path) for path in args.message_file]
     else:
-        msg = build_message(args.size, args.sender, args.rcpt)
-    lines = (
+        messages = [build_message(args.size, args.sender, args.rcpt)]
+    msg = messages[0]
+    head = (
         f"EHLO {args.helo}\r\n".encode(),
         f"MAIL FROM:<{args.sender}>\r\n".encode(),
         f"RCPT TO:<{args.rcpt}>\r\n".encode(),
         b"DATA\r\n",
-        msg,
     )
+    # With several --message-file, transaction k sends file k modulo their number (the same
+    # sequence against every server).
+    variants = [(*head, m) for m in messages]
+    sent = 0
     latencies: list[float] = []
     errors: dict[str, int] = {}
     remaining = args.messages
@@ -232,16 +236,22 @@ async def run_throughput(args: argparse.Namespace) -> dict:
     perf = time.perf_counter
 
     async def client(idx: int) -> None:
-        nonlocal remaining
+        nonlocal remaining, sent
         while remaining > 0 and time.monotonic() < deadline:
             remaining -= 1
+            lines = variants[sent % len(variants)]
+            sent += 1
             src = sources.pick(idx)
             done: asyncio.Future[str] = loop.create_future()
             t0 = perf()
             try:
                 async with asyncio.timeout(args.timeout):
                     tr, _ = await _connect(
-                        loop, args.host, args.port, src, lambda d=done: Transaction(lines, d)
+                        loop,
+                        args.host,
+                        args.port,
+                        src,
+                        lambda d=done, ls=lines: Transaction(ls, d),
                     )
                     try:
                         err = await done
@@ -270,7 +280,8 @@ async def run_throughput(args: argparse.Namespace) -> dict:
         "host": args.host,
         "port": args.port,
         "clients": args.clients,
-        "message_bytes": len(msg) - 3,
+        "message_bytes": len(msg) - 3 if len(messages) == 1 else None,
+        "messages_mix": len(messages),
         "source_range": args.source_range,
         "accepted": n,
         "errors": sum(errors.values()),
@@ -560,7 +571,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     t.add_argument("--size", type=int, default=4096, help="message size incl. headers")
     t.add_argument(
         "--message-file",
-        help="send this file as every message (e.g. a DKIM-signed one); --size is then ignored",
+        action="append",
+        help="send this file as every message (e.g. a DKIM-signed one); --size is then ignored;"
+        " given several times, the files are sent in turn",
     )
     t.add_argument("--sender", default="load@client.example")
     t.add_argument("--rcpt", default="rcpt@bench.test")

@@ -44,6 +44,7 @@ __all__ = ["ClamdScanner"]
 
 _REPLY_LIMIT = 4096
 _MAX_SIGNATURE = 200
+_END = b"\0\0\0\0"  # the zero-length chunk that ends INSTREAM
 
 
 class ClamdScanner:
@@ -68,12 +69,11 @@ class ClamdScanner:
             with service_errors(where, self.timeout, too_long="reply too long"):
                 async with asyncio.timeout(self.timeout):
                     reader, writer = await open_stream(self.address, limit=_REPLY_LIMIT)
-                    writer.write(b"zINSTREAM\0")
                     sending: OSError | None = None
-                    try:
-                        await send_message(writer, message, frame=True)
-                        writer.write(b"\0\0\0\0")
-                        await writer.drain()
+                    try:  # the command, the framed message and the terminator, in one go
+                        await send_message(
+                            writer, message, frame=True, prefix=b"zINSTREAM\0", suffix=_END
+                        )
                     except (ConnectionResetError, BrokenPipeError) as exc:
                         sending = exc  # clamd may have answered (size limit) and closed
                     try:

@@ -112,8 +112,7 @@ class RspamdScanner:
                     )
                     if self._password:
                         head += f"Password: {self._password}\r\n"
-                    writer.write((head + "\r\n").encode("utf-8"))
-                    await send_message(writer, message)
+                    await send_message(writer, message, prefix=(head + "\r\n").encode("utf-8"))
                     status, body = await _read_response(reader)
                 return self._report(status, body)
         finally:

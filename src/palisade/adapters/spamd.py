@@ -97,8 +97,7 @@ class SpamdScanner:
                     head = f"SYMBOLS SPAMC/1.5\r\nContent-length: {message.size}\r\n"
                     if self.user:
                         head += f"User: {self.user}\r\n"
-                    writer.write((head + "\r\n").encode("utf-8"))
-                    await send_message(writer, message)
+                    await send_message(writer, message, prefix=(head + "\r\n").encode("utf-8"))
                     if writer.can_write_eof():
                         writer.write_eof()
                     return await self._read_reply(reader)
