@@ -425,6 +425,22 @@ class RedisStateStore:
 
         return await self._call("rate update", work)
 
+    async def rate_batch(self, hits: Sequence[tuple[str, float, float]]) -> None:
+        """Many ``(key, window, at)`` hits in one pipeline (the fall-back's replay)."""
+        if not hits:
+            return
+
+        async def work(c: Any) -> None:
+            async with c.pipeline(transaction=False) as pipe:
+                for key, window, at in hits:
+                    self._counter += 1
+                    member = f"{float(at)!r}:{self._token}:{self._counter}"
+                    args = [repr(float(at)), repr(float(window)), member]
+                    await self._rate_hit(keys=[self._k("r", key)], args=args, client=pipe)
+                await pipe.execute()
+
+        await self._call("rate update", work)
+
     async def rate_events(self, key: str, horizon: float) -> list[float]:
         """The times of ``key``'s events after ``horizon``, oldest first."""
 

@@ -34,9 +34,11 @@ from palisade.adapters.dovecot_auth import DovecotAuthenticator
 from palisade.adapters.ldap_directory import LdapDirectory, LdapSettings
 from palisade.adapters.local_rates import WriteBehindRates
 from palisade.adapters.password_file import PasswordFile
+from palisade.adapters.redis_state import RedisSettings, RedisStateStore
 from palisade.adapters.rspamd import RspamdScanner
 from palisade.adapters.spamd import SpamdScanner
 from palisade.adapters.sqlite_state import SqliteStateStore
+from palisade.adapters.state_fallback import FallbackStateStore
 from palisade.clock import SYSTEM_CLOCK
 from palisade.config import Config, ConfigError, parse_host_port
 from palisade.config.feedback import block_policy, build_protection
@@ -49,7 +51,7 @@ from palisade.obs.log import EventLog
 from palisade.policy.policy import Policy
 from palisade.policy.relay import RelayPolicy
 from palisade.policy.rules import IPAddress, Ports
-from palisade.ports import Authenticator, BlockPolicy
+from palisade.ports import Authenticator, BlockPolicy, StateStore
 from palisade.server.tls import client_context, server_context
 
 
@@ -245,7 +247,7 @@ def build_ports(
     process (one worker, or steered workers), so rate counters can be kept here, exact, and
     written behind. All of them share the one system clock. ``on_error``: where a password or
     senders file that breaks after start-up is reported (the panic log)."""
-    store = SqliteStateStore(config.paths.state, clock=SYSTEM_CLOCK, policy=block_policy(config))
+    store = build_state(config, local_rates=local_rates, on_error=on_error)
     try:
         submission = config.submission
         senders = None
@@ -256,7 +258,7 @@ def build_ports(
                 raise GenerationError(f"{config.source}: {exc}") from None
         return Ports(
             resolver=build_resolver(config),
-            state=WriteBehindRates(store) if local_rates else store,
+            state=store,
             clock=SYSTEM_CLOCK,
             recipients=build_directory(config),
             spam=build_spam_scanner(config),
@@ -274,8 +276,86 @@ def build_ports(
             senders=senders,
         )
     except BaseException:
-        store.close()
+        close = getattr(store, "close", None)
+        if close is not None:
+            close()
         raise
+
+
+def build_state(
+    config: Config,
+    *,
+    local_rates: bool = False,
+    on_error: Callable[[str], None] | None = None,
+) -> StateStore:
+    """The gateway's state store. ``sqlite``: the ``[paths] state`` file (with the in-process
+    rate windows when ``local_rates``: exact only because every client of this process reaches
+    this process alone). ``redis``: the shared Redis, falling back to the ``[paths] state`` file
+    while it is away (``on_error`` gets the two panic-log lines of an outage); the in-process
+    windows are never used there: they cannot see the other hosts' connections."""
+    policy = block_policy(config)
+    local = SqliteStateStore(config.paths.state, clock=SYSTEM_CLOCK, policy=policy)
+    if config.state.backend != "redis":
+        return WriteBehindRates(local) if local_rates else local
+    try:
+        settings = redis_settings(config)
+    except BaseException:
+        local.close()
+        raise
+    return FallbackStateStore(
+        RedisStateStore(settings, clock=SYSTEM_CLOCK, policy=policy),
+        local,
+        panic=on_error,
+        retry_interval=config.state.retry_interval,
+        where=settings.where,
+        local_name=f"[paths] state {config.paths.state}",
+    )
+
+
+def build_shared_store(config: Config) -> SqliteStateStore | RedisStateStore:
+    """The store the operator's commands read and write (``history``, ``firewall``, ``scan``):
+    the backend itself, without the gateway's fall-back (a command must say that Redis is
+    unreachable, not answer from one host's file). Raises ``ConfigError`` (password file),
+    and for SQLite what opening the file raises."""
+    policy = block_policy(config)
+    if config.state.backend == "redis":
+        return RedisStateStore(redis_settings(config), clock=SYSTEM_CLOCK, policy=policy)
+    return SqliteStateStore(config.paths.state, clock=SYSTEM_CLOCK, policy=policy)
+
+
+def redis_settings(config: Config) -> RedisSettings:
+    """``[state]`` as the Redis adapter's settings, the password read from its file now (the
+    first line, without its end of line). Raises ``ConfigError`` naming the file, never its
+    contents."""
+    state = config.state
+    password = None
+    if state.password_file is not None:
+        try:
+            text = state.password_file.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            reason = exc.strerror if isinstance(exc, OSError) else "not UTF-8 text"
+            raise ConfigError(
+                config.source,
+                "state.password_file",
+                f"{state.password_file}: cannot be read: {reason}",
+            ) from None
+        password = text.splitlines()[0] if text.strip() else None
+        if password is None:
+            raise ConfigError(
+                config.source, "state.password_file", f"{state.password_file} is empty"
+            )
+    return RedisSettings(
+        url=state.url,
+        username=state.username or None,
+        password=password,
+        ca_file=None if state.ca_file is None else str(state.ca_file),
+        sentinels=tuple(parse_host_port(s, default_port=26379) for s in state.sentinels),
+        service=state.service,
+        prefix=state.prefix,
+        timeout=state.timeout,
+        connect_timeout=state.connect_timeout,
+        max_connections=state.max_connections,
+    )
 
 
 def build_resolver(config: Config) -> DnsResolver:
