@@ -18,7 +18,7 @@ Redis the incidents, so the cluster-wide threshold applies to them when it retur
 
 How: the first failure of the shared store (``StateTempError``: refused, reset, timed out,
 authentication refused) switches this process to the fall-back and logs it once; calls then never
-wait for Redis: a background probe (``ping``) runs at most every ``retry_interval`` seconds, and
+wait for Redis: a background task asks it (``ping``) every ``retry_interval`` seconds, and
 when it answers, the events recorded meanwhile (rate hits, incidents, passes; at most
 ``MAX_PENDING`` of each, oldest dropped) are written to Redis in pipelined batches, then the
 shared store is used again and its return is logged with what was replayed. A hung Redis costs
@@ -81,7 +81,6 @@ class FallbackStateStore:
         self.where = where
         self.local_name = local_name
         self.down_since: float | None = None  # wall clock, for the "back after" line
-        self._next_probe = 0.0  # monotonic
         self._probing: asyncio.Task[None] | None = None
         self._incidents: collections.OrderedDict[str, Incident] = collections.OrderedDict()
         self._blocks: dict[str, Block] = {}
@@ -102,45 +101,39 @@ class FallbackStateStore:
         return self.down_since is not None
 
     def _use_primary(self) -> bool:
-        if self.down_since is None:
-            return True
-        if (self._probing is None or self._probing.done()) and time.monotonic() >= (
-            self._next_probe
-        ):
-            self._next_probe = time.monotonic() + self.retry_interval
-            self._probing = asyncio.get_running_loop().create_task(self._probe())
-        return False
+        return self.down_since is None
 
     def _went_down(self, exc: StateTempError) -> None:
         if self.down_since is not None:
             return
         self.down_since = time.time()
-        self._next_probe = time.monotonic() + self.retry_interval
         self.panic(
             f"state store: {exc.reason}; using {self.local_name} and the last known blocks "
-            "until it answers again (rate limits count per host meanwhile; nothing is deferred "
-            "for it)"
+            "until it is back (rate limits count per host meanwhile; nothing is deferred for it)"
         )
+        if self._probing is None or self._probing.done():
+            self._probing = asyncio.get_running_loop().create_task(self._probe())
 
     async def _probe(self) -> None:
-        try:
-            await self.primary.ping()
-            await self._replay()
-        except StateTempError:
-            self._next_probe = time.monotonic() + self.retry_interval
-            return
-        if self.down_since is None:
-            return
-        away = time.time() - self.down_since
-        self.down_since = None
-        replayed, self._replayed = self._replayed, (0, 0, 0)
-        dropped = f", {self.dropped} dropped (too many)" if self.dropped else ""
-        self.dropped = 0
-        self.panic(
-            f"state store: {self.where} answers again after {away:.1f}s: shared again; replayed "
-            f"{replayed[0]} rate event(s), {replayed[1]} incident(s), {replayed[2]} pass(es) "
-            f"recorded meanwhile{dropped}"
-        )
+        """Every ``retry_interval`` while the shared store is away: a PING, then the replay;
+        when both succeed, the shared store is used again (and that is logged)."""
+        while self.down_since is not None:
+            await asyncio.sleep(self.retry_interval)
+            try:
+                await self.primary.ping()
+                await self._replay()
+            except StateTempError:
+                continue
+            away = time.time() - self.down_since
+            self.down_since = None
+            replayed, self._replayed = self._replayed, (0, 0, 0)
+            dropped = f", {self.dropped} dropped (too many)" if self.dropped else ""
+            self.dropped = 0
+            self.panic(
+                f"state store: {self.where} is back after {away:.1f}s: shared again; replayed "
+                f"{replayed[0]} rate event(s), {replayed[1]} incident(s), {replayed[2]} "
+                f"pass(es) recorded meanwhile{dropped}"
+            )
 
     _replayed: tuple[int, int, int] = (0, 0, 0)
 
