@@ -361,7 +361,10 @@ class RedisStateStore:
             if tls:
                 common["ssl"] = True
             return sentinel.master_for(s.service, db=int(db) if db.isdigit() else 0, **common)
-        return aioredis.Redis.from_url(s.url, **common)
+        # a blocking pool: a burst beyond max_connections waits (up to the timeout) for a
+        # connection instead of failing at once with "Too many connections"
+        pool = aioredis.BlockingConnectionPool.from_url(s.url, timeout=s.timeout, **common)
+        return aioredis.Redis(connection_pool=pool)
 
     def _client(self) -> Any:
         if self._closed:
