@@ -15,7 +15,8 @@ read and one rate hit first. The runs alternate sqlite/redis (the order swapped 
 Redis round trips are counted on the server: ``INFO commandstats`` before and after each redis
 run, the commands the gateway sends (``EVALSHA``, ``GET``, ``SET``, connection set-up; not the
 commands its scripts run inside Redis), divided by the connections of the run; the rate check's
-share is one ``EVALSHA`` (the history read is the other). Prints a table; raw JSON with ``--json FILE``::
+share is one ``EVALSHA`` (the history read is the other). Prints a table; raw JSON with
+``--json FILE``::
 
     python bench/state_bench.py [--rounds 3] [--connections 5000] [--messages 2000]
 """
