@@ -149,6 +149,25 @@ def test_a_client_blocked_on_one_host_is_refused_by_both(
     assert banner(two, source)[0] == 220
 
 
+def test_a_known_block_still_holds_while_redis_is_down(
+    make_gateway: Any, redis: RedisServer
+) -> None:
+    one, two = node(make_gateway, redis), node(make_gateway, redis)
+    source = "127.0.0.75"
+    assert banner(two, source)[0] == 220  # the second host has met this client before
+    for _ in range(4):
+        with RawClient(one.port, source=source) as client:
+            assert client.reply()[0] == 220
+            assert client.command("HELO bot.test")[0] == 550
+            client.command("QUIT")
+    wait_for(lambda: banner(two, source)[0] == 554, timeout=10)  # learnt from Redis
+    redis.kill()
+    code, text = banner(two, source)  # from the last known history
+    assert code == 554 and "bot-helo x12" in text
+    assert banner(two, "127.0.0.76")[0] == 220  # and the others are let in
+    wait_for(lambda: "state store:" in two.paniclog(), timeout=5)
+
+
 def _traffic(gw: GatewayProcess, stop: threading.Event, results: list[Any]) -> None:
     n = 0
     while not stop.is_set():
