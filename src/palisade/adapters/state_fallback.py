@@ -5,7 +5,8 @@ store (``local``: the ``[paths] state`` SQLite file, shared by the host's worker
 are exact per host); remembering what the shared store last said (the blocks and incident
 records it returned, and every active block, refreshed each ``BLOCKS_REFRESH`` seconds); the
 events written locally while the shared store was away (replayed to it when it is back); and the
-two panic-log lines of an outage: one when it begins, one when it ends.
+two panic-log lines of an outage: one when it begins, one when it ends, once per host (the
+``marker`` file beside the local store says that another worker of the host has written it).
 
 Why a fall-back and not ``on_error``: every perimeter rule that counts (rate limits, the history
 check, the pregreet pass) would otherwise meet ``StateTempError`` on every connection while Redis
@@ -33,8 +34,11 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
+import os
 import time
 from collections.abc import Awaitable, Callable, Sequence
+from pathlib import Path
 from typing import Any, TypeVar
 
 from palisade.adapters.state_keys import incident_key
@@ -56,6 +60,7 @@ MAX_PENDING = 100_000  # events of each kind kept for the replay; older ones are
 REPLAY_BATCH = 500  # events per pipelined write of the replay
 CACHE_SIZE = 100_000  # incident records remembered from the shared store
 BLOCKS_REFRESH = 60.0  # seconds between two readings of every active block
+STALE_PROBES = 5  # an outage marker untouched for this many probe intervals is a dead one's
 
 _Incident = tuple[str, int, str, float, BlockPolicy, bool]
 
@@ -73,6 +78,7 @@ class FallbackStateStore:
         retry_interval: float = 2.0,
         where: str = "shared state store",
         local_name: str = "local state",
+        marker: Path | None = None,
     ) -> None:
         self.primary = primary
         self.local = local
@@ -80,6 +86,7 @@ class FallbackStateStore:
         self.retry_interval = retry_interval
         self.where = where
         self.local_name = local_name
+        self.marker = marker
         self.down_since: float | None = None  # wall clock, for the "back after" line
         self._probing: asyncio.Task[None] | None = None
         self._incidents: collections.OrderedDict[str, Incident] = collections.OrderedDict()
@@ -107,12 +114,54 @@ class FallbackStateStore:
         if self.down_since is not None:
             return
         self.down_since = time.time()
-        self.panic(
-            f"state store: {exc.reason}; using {self.local_name} and the last known blocks "
-            "until it is back (rate limits count per host meanwhile; nothing is deferred for it)"
-        )
+        if self._claim():
+            self.panic(
+                f"state store: {exc.reason}; using {self.local_name} and the last known blocks "
+                "until it is back (rate limits count per host meanwhile; nothing is deferred "
+                "for it)"
+            )
         if self._probing is None or self._probing.done():
             self._probing = asyncio.get_running_loop().create_task(self._probe())
+
+    def _claim(self) -> bool:
+        """True when this process is the one of the host to report the outage: it made the
+        ``marker`` file, or found one nobody had touched for ``STALE_PROBES`` probes (left by
+        a process that died while Redis was away). Without a marker, every process reports."""
+        if self.marker is None:
+            return True
+        try:
+            os.close(os.open(self.marker, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+            return True
+        except FileExistsError:
+            try:
+                age = time.time() - self.marker.stat().st_mtime
+            except OSError:
+                return False
+            if age > STALE_PROBES * self.retry_interval + 1:
+                with contextlib.suppress(OSError):
+                    os.utime(self.marker)
+                return True
+            return False
+        except OSError:
+            return True  # the directory is unusable: better a line too many than none
+
+    def _still_down(self) -> None:
+        """A failed probe: the marker stays fresh while some process still waits for Redis."""
+        if self.marker is not None:
+            with contextlib.suppress(OSError):
+                os.utime(self.marker)
+
+    def _release(self) -> bool:
+        """True when this process is the one to report the return (it removed the marker)."""
+        if self.marker is None:
+            return True
+        try:
+            self.marker.unlink()
+            return True
+        except FileNotFoundError:
+            return False
+        except OSError:
+            return True
 
     async def _probe(self) -> None:
         """Every ``retry_interval`` while the shared store is away: a PING, then the replay;
@@ -123,17 +172,20 @@ class FallbackStateStore:
                 await self.primary.ping()
                 await self._replay()
             except StateTempError:
+                self._still_down()
                 continue
             away = time.time() - self.down_since
             self.down_since = None
             replayed, self._replayed = self._replayed, (0, 0, 0)
             dropped = f", {self.dropped} dropped (too many)" if self.dropped else ""
             self.dropped = 0
-            self.panic(
-                f"state store: {self.where} is back after {away:.1f}s: shared again; replayed "
-                f"{replayed[0]} rate event(s), {replayed[1]} incident(s), {replayed[2]} "
-                f"pass(es) recorded meanwhile{dropped}"
-            )
+            if self._release():
+                self.panic(
+                    f"state store: {self.where} is back after {away:.1f}s: shared again; "
+                    f"replayed {replayed[0]} rate event(s), {replayed[1]} incident(s), "
+                    f"{replayed[2]} pass(es) recorded meanwhile{dropped} (each worker replays "
+                    "its own)"
+                )
 
     _replayed: tuple[int, int, int] = (0, 0, 0)
 
@@ -210,6 +262,11 @@ class FallbackStateStore:
         active = [b for b in candidates if b is not None and b.until > now]
         return max(active, key=lambda b: b.until) if active else None
 
+    def _pend(self, queue: collections.deque[Any], item: Any) -> None:
+        if len(queue) == queue.maxlen:
+            self.dropped += 1  # the oldest goes
+        queue.append(item)
+
     # ------------------------------------------------------------------------------ the port
 
     async def rate_hit(self, key: str, window: float, now: float) -> int:
@@ -218,7 +275,7 @@ class FallbackStateStore:
         ok, count = await self._shared(lambda: self.primary.rate_hit(key, window, now))
         if ok and count is not None:
             return int(count)
-        self.pending_rates.append((key, window, now))
+        self._pend(self.pending_rates, (key, window, now))
         return await self.local.rate_hit(key, window, now)
 
     async def get_incident(self, ip: str) -> Incident | None:
@@ -276,7 +333,8 @@ class FallbackStateStore:
             local: list[IncidentOutcome] = await batch(items)
         else:
             local = [await self.local.record_incident(*item) for item in items]
-        self.pending_incidents.extend(items)
+        for item in items:
+            self._pend(self.pending_incidents, item)
         # a block remembered from the shared store still holds
         merged = []
         for (_ip, _w, _r, at, _p, _m), outcome in zip(items, local, strict=True):

@@ -309,6 +309,7 @@ def build_state(
         retry_interval=config.state.retry_interval,
         where=settings.where,
         local_name=f"[paths] state {config.paths.state}",
+        marker=config.paths.state.with_name(config.paths.state.name + ".redis-down"),
     )
 
 
