@@ -271,6 +271,24 @@ def test_a_hung_redis_delays_no_session_for_long(make_gateway: Any, redis: Redis
     wait_for(lambda: len(gw.maildir_messages("postmaster")) == 8, timeout=20)
 
 
+def test_redis_down_at_start_the_gateway_starts_and_joins_later(
+    make_gateway: Any, tmp_path: Path
+) -> None:
+    later = RedisServer(tmp_path / "later")  # its port is free: nothing answers there yet
+    gw = node(make_gateway, later)
+    assert "until Redis answers" in gw.stderr()  # the start-up self-check's warning
+    send(gw, "127.0.0.111")
+    wait_for(lambda: "state store:" in gw.paniclog(), timeout=5)
+    later.start()
+    try:
+        wait_for(lambda: "is back after" in gw.paniclog(), timeout=15)
+        send(gw, "127.0.0.111")
+        members = later.cli("ZCARD", f"{PREFIX}r:rate:10/900s:ip:127.0.0.111").strip()
+        assert int(members) == 2  # the one counted locally, replayed, and the one after
+    finally:
+        later.stop()
+
+
 def test_a_wrong_password_is_refused_at_start_without_showing_it(
     make_gateway: Any, tmp_path: Path
 ) -> None:
