@@ -168,6 +168,14 @@ def test_a_known_block_still_holds_while_redis_is_down(
     wait_for(lambda: "state store:" in two.paniclog(), timeout=5)
 
 
+def show_local(gw: GatewayProcess) -> str:
+    """The host's own ``[paths] state`` file, as ``palisade history list`` shows it on SQLite."""
+    local = gw.base / "local.toml"
+    sections = {k: v for k, v in gw.sections.items() if k != "state"}
+    write_config(local, sections)
+    return palisade("history", "list", "--config", str(local), cwd=gw.base).stdout
+
+
 def _traffic(gw: GatewayProcess, stop: threading.Event, results: list[Any]) -> None:
     n = 0
     while not stop.is_set():
@@ -197,6 +205,11 @@ def test_redis_killed_during_traffic(make_gateway: Any, redis: RedisServer) -> N
         # the limit still counts, on this host: 10 connections, then refused
         codes = [banner(gw, "127.0.0.81")[0] for _ in range(11)]
         assert codes == [220] * 10 + [554]
+        with RawClient(gw.port, source="127.0.0.85") as client:  # an incident, kept locally
+            assert client.reply()[0] == 220
+            assert client.command("HELO bot.test")[0] == 550
+            client.command("QUIT")
+        wait_for(lambda: "127.0.0.85" in show_local(gw), timeout=10)
         redis.start()  # same port, empty
         wait_for(lambda: "is back after" in gw.paniclog(), timeout=15)
         back_at = len(results)
@@ -213,6 +226,8 @@ def test_redis_killed_during_traffic(make_gateway: Any, redis: RedisServer) -> N
     members = redis.cli("ZCARD", f"{PREFIX}r:rate:10/900s:ip:127.0.0.81").strip()
     assert int(members) == 11
     assert banner(gw, "127.0.0.81")[0] == 554  # and the shared count goes on from there
+    shown = palisade("history", "show", "127.0.0.85", "--config", str(gw.config_path), cwd=gw.base)
+    assert "3 incident(s)" in shown.stdout, shown.stdout + shown.stderr  # replayed to Redis
     ttl = int(redis.cli("PTTL", f"{PREFIX}r:rate:10/900s:ip:127.0.0.81").strip())
     assert 0 < ttl <= 15 * 60 * 1000 + 1000  # every key expires
 
