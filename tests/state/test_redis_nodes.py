@@ -210,6 +210,8 @@ def test_redis_killed_during_traffic(make_gateway: Any, redis: RedisServer) -> N
             assert client.command("HELO bot.test")[0] == 550
             client.command("QUIT")
         wait_for(lambda: "127.0.0.85" in show_local(gw), timeout=10)
+        status = palisade("status", "--config", str(gw.config_path), cwd=gw.base)
+        assert "redis: away since" in status.stdout, status.stdout + status.stderr
         redis.start()  # same port, empty
         wait_for(lambda: "is back after" in gw.paniclog(), timeout=15)
         back_at = len(results)
@@ -226,6 +228,8 @@ def test_redis_killed_during_traffic(make_gateway: Any, redis: RedisServer) -> N
     members = redis.cli("ZCARD", f"{PREFIX}r:rate:10/900s:ip:127.0.0.81").strip()
     assert int(members) == 11
     assert banner(gw, "127.0.0.81")[0] == 554  # and the shared count goes on from there
+    status = palisade("status", "--config", str(gw.config_path), cwd=gw.base)
+    assert "state:" in status.stdout and "redis: shared" in status.stdout, status.stdout
     shown = palisade("history", "show", "127.0.0.85", "--config", str(gw.config_path), cwd=gw.base)
     assert "3 incident(s)" in shown.stdout, shown.stdout + shown.stderr  # replayed to Redis
     ttl = int(redis.cli("PTTL", f"{PREFIX}r:rate:10/900s:ip:127.0.0.81").strip())
