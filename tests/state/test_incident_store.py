@@ -1,6 +1,7 @@
-"""SqliteStateStore's incidents and blocks against a real SQLite file: the window (explicit
-``now``), weights, blocks with growth and cap, protected keys never blocked, unblock/remove, the
-old methods on the new tables, pruning, and the migration from a file of the previous release."""
+"""SqliteStateStore's own side of incidents and blocks against a real SQLite file: pruning in
+sweeps, batches in one transaction, and the migration from a file of the previous release. What
+every backend must do (windows, weights, blocks with growth and cap, protected keys,
+unblock/remove) is in test_store_contract.py, run on SQLite and on Redis."""
 
 from __future__ import annotations
 

@@ -1,5 +1,6 @@
-"""SqliteStateStore against a real SQLite file: incidents, exact rate windows, two processes,
-a lock held beyond the busy timeout, schema versioning, per-operation cost."""
+"""SqliteStateStore against a real SQLite file: incident keys, persistence, sweeps, two
+processes, a lock held beyond the busy timeout, schema versioning, per-operation cost. The
+behaviour shared with the Redis store is in test_store_contract.py."""
 
 from __future__ import annotations
 
