@@ -14,6 +14,7 @@ started here; clients are smtplib and raw sockets from their own 127.0.0.x addre
 
 from __future__ import annotations
 
+import signal
 import smtplib
 import socket
 import threading
@@ -306,6 +307,21 @@ def test_redis_down_at_start_the_gateway_starts_and_joins_later(
         assert int(members) == 2  # the one counted locally, replayed, and the one after
     finally:
         later.stop()
+
+
+def test_a_reload_moves_a_host_onto_redis(make_gateway: Any, redis: RedisServer) -> None:
+    """``[state]`` is reloadable: SIGHUP with ``backend = "redis"`` and the next connections are
+    counted in Redis (the SQLite counts stay in the host's file)."""
+    gw: GatewayProcess = make_gateway(
+        incidents={"protect_loopback": False}, rules={"connect": [HISTORY, RATE]}
+    )
+    assert banner(gw, "127.0.0.121")[0] == 220
+    gw.sections["state"] = {"backend": "redis", "url": redis.url, "prefix": PREFIX}
+    write_config(gw.config_path, gw.sections)
+    gw.signal(signal.SIGHUP)
+    wait_for(lambda: "configuration reloaded" in gw.mainlog(), timeout=10)
+    assert banner(gw, "127.0.0.121")[0] == 220
+    assert redis.cli("ZCARD", f"{PREFIX}r:rate:10/900s:ip:127.0.0.121").strip() == "1"
 
 
 def test_a_wrong_password_is_refused_at_start_without_showing_it(
