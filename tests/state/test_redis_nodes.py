@@ -67,7 +67,7 @@ def node(make_gateway: Any, redis: RedisServer, *, rules: Any = None, **state: A
             "backend": "redis",
             "url": redis.url,
             "prefix": PREFIX,
-            "timeout": 0.5,
+            "timeout": 3.0,  # generous: a loaded machine must not look like an outage
             "retry_interval": 0.3,
             **state,
         },
