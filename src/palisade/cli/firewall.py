@@ -31,10 +31,9 @@ import signal
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, TextIO
+from typing import TYPE_CHECKING, Any, TextIO
 
 from palisade.adapters.nftables import NftablesFirewall
-from palisade.adapters.redis_state import RedisStateStore
 from palisade.adapters.sqlite_state import SchemaError, SqliteStateStore
 from palisade.clock import SYSTEM_CLOCK
 from palisade.config import Config, ConfigError, load_config
@@ -42,6 +41,9 @@ from palisade.feedback.firewall import FirewallSync
 from palisade.obs.log import escape
 from palisade.ports import Block, FirewallError, StateStore, StateTempError
 from palisade.server.generation import build_shared_store
+
+if TYPE_CHECKING:
+    from palisade.adapters.redis_state import RedisStateStore
 
 
 def _seconds(text: str) -> float:

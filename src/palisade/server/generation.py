@@ -26,6 +26,7 @@ import ssl
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from palisade.adapters.clamd import ClamdScanner
 from palisade.adapters.dkim_signer import DkimSigner
@@ -34,11 +35,9 @@ from palisade.adapters.dovecot_auth import DovecotAuthenticator
 from palisade.adapters.ldap_directory import LdapDirectory, LdapSettings
 from palisade.adapters.local_rates import WriteBehindRates
 from palisade.adapters.password_file import PasswordFile
-from palisade.adapters.redis_state import RedisSettings, RedisStateStore
 from palisade.adapters.rspamd import RspamdScanner
 from palisade.adapters.spamd import SpamdScanner
 from palisade.adapters.sqlite_state import SqliteStateStore
-from palisade.adapters.state_fallback import FallbackStateStore
 from palisade.clock import SYSTEM_CLOCK
 from palisade.config import Config, ConfigError, parse_host_port
 from palisade.config.feedback import block_policy, build_protection
@@ -53,6 +52,9 @@ from palisade.policy.relay import RelayPolicy
 from palisade.policy.rules import IPAddress, Ports
 from palisade.ports import Authenticator, BlockPolicy, StateStore
 from palisade.server.tls import client_context, server_context
+
+if TYPE_CHECKING:  # redis-py is imported only by a config that uses it (~0.2 s at start)
+    from palisade.adapters.redis_state import RedisSettings, RedisStateStore
 
 
 class GenerationError(Exception):
@@ -297,6 +299,9 @@ def build_state(
     local = SqliteStateStore(config.paths.state, clock=SYSTEM_CLOCK, policy=policy)
     if config.state.backend != "redis":
         return WriteBehindRates(local) if local_rates else local
+    from palisade.adapters.redis_state import RedisStateStore
+    from palisade.adapters.state_fallback import FallbackStateStore
+
     try:
         settings = redis_settings(config)
     except BaseException:
@@ -320,6 +325,8 @@ def build_shared_store(config: Config) -> SqliteStateStore | RedisStateStore:
     and for SQLite what opening the file raises."""
     policy = block_policy(config)
     if config.state.backend == "redis":
+        from palisade.adapters.redis_state import RedisStateStore
+
         return RedisStateStore(redis_settings(config), clock=SYSTEM_CLOCK, policy=policy)
     return SqliteStateStore(config.paths.state, clock=SYSTEM_CLOCK, policy=policy)
 
@@ -345,6 +352,8 @@ def redis_settings(config: Config) -> RedisSettings:
             raise ConfigError(
                 config.source, "state.password_file", f"{state.password_file} is empty"
             )
+    from palisade.adapters.redis_state import RedisSettings
+
     return RedisSettings(
         url=state.url,
         username=state.username or None,
