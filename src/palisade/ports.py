@@ -630,3 +630,53 @@ class TlsResultSink(Protocol):
     def record(self, result: TlsResult) -> None:
         """Keeps one result."""
         ...
+
+
+# --------------------------------------------------------------------------------------------
+# DMARC aggregate reporting (RFC 7489 section 7.2): what the gateway decided, kept for the report.
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class DmarcEvaluation:
+    """One DMARC evaluation of an inbound message that met a DMARC record, with what the
+    aggregate report says of it (the fields of RFC 7489 appendix C's ``record``).
+
+    ``disposition`` is what the gateway applied ("none": accepted, "reject": refused after
+    DATA); ``requested`` what the policy asked (p or sp after the pct sample). ``dkim`` holds
+    ``(domain, selector, result)`` per signature; ``spf_scope`` is "mfrom" or "helo". ``rua``
+    the record's rua URIs as published (``mailto:a@b.example!10m``). Text fields are the
+    sender's and were cleaned by the checks that made them.
+    """
+
+    time: float
+    source_ip: str
+    header_from: str
+    envelope_from: str
+    result: str
+    spf_aligned: bool
+    dkim_aligned: bool
+    spf_domain: str
+    spf_result: str
+    spf_scope: str
+    dkim: tuple[tuple[str, str, str], ...]
+    policy_domain: str
+    p: str
+    sp: str
+    adkim: str
+    aspf: str
+    pct: int
+    requested: str
+    disposition: str
+    sampled: bool
+    rua: tuple[str, ...]
+
+
+@runtime_checkable
+class DmarcEvaluationSink(Protocol):
+    """Keeps DMARC evaluations for the daily aggregate report. Must never block for long or
+    raise: a full disk costs the report, never the SMTP reply."""
+
+    def record(self, evaluation: DmarcEvaluation) -> None:
+        """Keeps one evaluation."""
+        ...

@@ -51,8 +51,21 @@ MAIL = STATE / "mail"
 RUN = Path("/run/palisade")  # made by the daemon (systemd's RuntimeDirectory under systemd)
 UNIT = Path("/etc/systemd/system/palisade.service")
 FIREWALL_UNIT = Path("/etc/systemd/system/palisade-firewall.service")
+REPORTS_UNIT = Path("/etc/systemd/system/palisade-reports.service")
+REPORTS_TIMER = Path("/etc/systemd/system/palisade-reports.timer")
 LOGROTATE = Path("/etc/logrotate.d/palisade")
-CREATED_BY_INSTALL = (ETC, SPOOL, STATE, LOG, UNIT, FIREWALL_UNIT, LOGROTATE, RUN)
+CREATED_BY_INSTALL = (
+    ETC,
+    SPOOL,
+    STATE,
+    LOG,
+    UNIT,
+    FIREWALL_UNIT,
+    REPORTS_UNIT,
+    REPORTS_TIMER,
+    LOGROTATE,
+    RUN,
+)
 
 
 @dataclass
@@ -165,9 +178,12 @@ def check_the_layout(inst: Installed) -> None:
     assert mode_owner(ETC / "keys") == ("0750", "root", USER)
     for path in (SPOOL, STATE, LOG):
         assert mode_owner(path) == ("0750", USER, USER), path
-    for unit in (UNIT, FIREWALL_UNIT):
+    for unit in (UNIT, FIREWALL_UNIT, REPORTS_UNIT):
         assert mode_owner(unit) == ("0644", "root", "root")
         assert f"ExecStart={inst.prefix}/bin/palisade " in unit.read_text(), unit
+    assert REPORTS_UNIT.read_text().count(f"ExecStart={inst.prefix}/bin/palisade ") == 2
+    assert mode_owner(REPORTS_TIMER) == ("0644", "root", "root")
+    assert "OnCalendar=" in REPORTS_TIMER.read_text()
     assert "install-system:" in inst.output
 
 
@@ -331,7 +347,8 @@ def stop(inst: Installed) -> None:
 def uninstall_keeps_the_data(inst: Installed) -> None:
     output = make(inst.checkout, "uninstall", inst.prefix)
     assert not inst.prefix.exists()
-    assert not UNIT.exists() and not FIREWALL_UNIT.exists() and not LOGROTATE.exists()
+    for path in (UNIT, FIREWALL_UNIT, REPORTS_UNIT, REPORTS_TIMER, LOGROTATE):
+        assert not path.exists(), path
     assert CONFIG.exists() and (ETC / "lists").is_dir()
     assert len(list((MAIL / "postmaster" / "new").iterdir())) == 3
     assert (STATE / "state.sqlite").exists() and (LOG / "mainlog").exists() and SPOOL.is_dir()

@@ -45,6 +45,8 @@ CONFIG = ETC / "palisade.toml"
 DATA_DIRS = (Path("/var/spool/palisade"), Path("/var/lib/palisade"), Path("/var/log/palisade"))
 UNIT = Path("/etc/systemd/system/palisade.service")
 FIREWALL_UNIT = Path("/etc/systemd/system/palisade-firewall.service")
+REPORTS_UNIT = Path("/etc/systemd/system/palisade-reports.service")
+REPORTS_TIMER = Path("/etc/systemd/system/palisade-reports.timer")
 LOGROTATE = Path("/etc/logrotate.d/palisade")
 HOME = Path("/var/lib/palisade")
 NOLOGIN = "/usr/sbin/nologin"
@@ -292,6 +294,14 @@ def install(args: argparse.Namespace) -> int:
         firewall = unit_for(firewall_source.read_text(), args.prefix, FIREWALL_UNIT.name)
         if step.program_file(firewall.encode(), FIREWALL_UNIT, "systemd unit (firewall)"):
             unit_changed = True
+    reports_source = source / "contrib" / REPORTS_UNIT.name
+    timer_source = source / "contrib" / REPORTS_TIMER.name
+    if reports_source.is_file() and timer_source.is_file():  # daily DMARC / TLS reports
+        reports = unit_for(reports_source.read_text(), args.prefix, REPORTS_UNIT.name)
+        if step.program_file(reports.encode(), REPORTS_UNIT, "systemd unit (reports)"):
+            unit_changed = True
+        if step.program_file(timer_source.read_bytes(), REPORTS_TIMER, "systemd timer (reports)"):
+            unit_changed = True
     rotate = source / "contrib" / "palisade.logrotate"
     if rotate.is_file():
         step.program_file(rotate.read_bytes(), LOGROTATE, "logrotate")
@@ -318,9 +328,12 @@ def uninstall(args: argparse.Namespace) -> int:
         )
     else:
         step.say(f"{args.prefix}: not there (the program's venv)", changed=False)
-    unit_was = step.at(UNIT).exists() or step.at(FIREWALL_UNIT).exists()
+    units = (UNIT, FIREWALL_UNIT, REPORTS_UNIT, REPORTS_TIMER)
+    unit_was = any(step.at(path).exists() for path in units)
     step.remove(UNIT, "systemd unit")
     step.remove(FIREWALL_UNIT, "systemd unit (firewall)")
+    step.remove(REPORTS_UNIT, "systemd unit (reports)")
+    step.remove(REPORTS_TIMER, "systemd timer (reports)")
     step.remove(LOGROTATE, "logrotate")
     if unit_was:
         daemon_reload(step)

@@ -57,7 +57,7 @@ def _parser() -> argparse.ArgumentParser:
         "--no-dns", action="store_true", help="skip the resolver and DNSBL probes of the self-check"
     )
 
-    from palisade.cli import checkhost, install, tlscheck
+    from palisade.cli import checkhost, install, replay, tlscheck
     from palisade.cli import dkim as dkim_cli
     from palisade.cli import dns as dns_cli
     from palisade.cli import firewall as firewall_cli
@@ -70,6 +70,7 @@ def _parser() -> argparse.ArgumentParser:
     from palisade.cli import stats as stats_cli
 
     checkhost.add_arguments(commands)
+    replay.add_arguments(commands)
     install.add_arguments(commands)
     tlscheck.add_arguments(commands)
     init_cli.add_arguments(commands)
@@ -91,6 +92,11 @@ def _parser() -> argparse.ArgumentParser:
     scan.add_argument("--config", type=Path)
     stats = stats_cli.add_arguments(commands)
     stats.add_argument("--config", type=Path)
+    from palisade.cli import reports as reports_cli
+
+    for command in reports_cli.add_arguments(commands):
+        command.add_argument("--config", type=Path)
+        _config_after_subcommand(command)
     return parser
 
 
@@ -144,6 +150,10 @@ def _main(argv: list[str] | None) -> int:
         from palisade.cli import checkhost
 
         return checkhost.main(args)
+    if args.command == "replay":
+        from palisade.cli import replay
+
+        return replay.main(args)
     if args.command in ("install-system", "uninstall-system"):
         from palisade.cli import install
 
@@ -156,6 +166,12 @@ def _main(argv: list[str] | None) -> int:
         from palisade.cli import init as init_cli
 
         return init_cli.run(args)
+    if args.command in ("dmarc", "tlsrpt") and args.reports_command == "report":
+        from palisade.cli import reports as reports_cli
+
+        return reports_cli.run_report(
+            args.command, args.paths, as_json=args.json, domain=args.domain
+        )
     try:
         config = load_config(args.config)
     except ConfigError as exc:
@@ -193,6 +209,10 @@ def _main(argv: list[str] | None) -> int:
         return stats_cli.run(args, config)
     if args.command == "history":
         return _history(args, config)
+    if args.command in ("dmarc", "tlsrpt"):
+        from palisade.cli import reports as reports_cli
+
+        return reports_cli.run_send(args, config)
     if args.command == "firewall":
         from palisade.cli import firewall as firewall_cli
 
@@ -291,8 +311,8 @@ _SECRET_KEYS = frozenset({"bind_password", "password", "dqs_key"})
 _NOT_SHOWN = "(set, not shown)"
 _SECTIONS = (
     "server", "limits", "tls", "domains", "relay", "delivery", "paths", "log", "dns", "policy",
-    "ldap", "spamd", "rspamd", "clamd", "authentication", "dkim", "submission", "incidents",
-    "scan", "firewall", "state",
+    "ldap", "spamd", "rspamd", "clamd", "authentication", "dkim", "dmarc", "submission",
+    "incidents", "scan", "firewall", "record", "state",
 )  # fmt: skip
 
 

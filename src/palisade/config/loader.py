@@ -579,6 +579,9 @@ def _check_cross_rules(config: Config, source: str, finder: _LineFinder) -> None
             parse_host_port(entry)
         except ValueError as exc:
             fail("server", "listen", str(exc))
+    facts = config.record.facts
+    if facts is not None and (facts.name in ("", ".", "..") or facts.is_dir()):
+        fail("record", "facts", f"expected the path of a file, got the directory {str(facts)!r}")
     if config.metrics.listen:
         try:
             _, port = parse_host_port(config.metrics.listen, default_port=0)
@@ -717,6 +720,17 @@ def _check_cross_rules(config: Config, source: str, finder: _LineFinder) -> None
                 "(a selector publishes one key: give each key its own)",
             )
         seen.add(pair)
+    dmarc_config = config.dmarc
+    if dmarc_config.from_address and not re.match(
+        r"^[^@\s<>\"]+@[A-Za-z0-9.-]+\.[A-Za-z]{2,}$", dmarc_config.from_address
+    ):
+        fail(
+            "dmarc",
+            "from_address",
+            f"expected a mail address (local@domain), got {dmarc_config.from_address!r}",
+        )
+    if any(not c.isprintable() for c in dmarc_config.org_name) or len(dmarc_config.org_name) > 200:
+        fail("dmarc", "org_name", "expected one line of at most 200 printable characters")
     incidents = config.incidents
     if incidents.block_growth < 1.0:
         fail(

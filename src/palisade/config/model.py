@@ -308,6 +308,29 @@ class DkimConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class DmarcConfig:
+    """Our own DMARC aggregate reports (RFC 7489 section 7.2; README "DMARC reports").
+
+    ``reports``: keep every DMARC evaluation of inbound mail (under ``state``/records) for
+    ``palisade dmarc send-reports``, run daily (contrib/palisade-reports.timer), which sends
+    them to each domain's rua. ``org_name`` and ``from_address`` say who reports (default: the
+    server's hostname and ``postmaster@`` it); the report is DKIM-signed when a ``[dkim]`` key
+    covers the from address's domain. ``max_report_size``: a report mail larger than this is
+    not sent (and a rua's ``!size`` may lower it). The same org_name and from_address sign our
+    TLS reports (``palisade tlsrpt send-reports``)."""
+
+    reports: bool = False
+    org_name: str = ""
+    from_address: str = ""
+    state: Path = Path("var/dmarc")
+    max_report_size: int = positive(10 * 1024 * 1024, 1024)
+
+    def reporter(self, hostname: str) -> tuple[str, str]:
+        """(org_name, from address) with their defaults filled in."""
+        return self.org_name or hostname, self.from_address or f"postmaster@{hostname}"
+
+
+@dataclass(frozen=True, slots=True)
 class IncidentsConfig:
     """Incidents and blocks (README "Incidents and blocks").
 
@@ -413,6 +436,18 @@ class MetricsConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class RecordConfig:
+    """Policy facts (README "Trying a policy change"): with ``facts`` set, one JSON line per
+    inbound (port 25) connection goes there: every answer its checks got (DNS, rate counts,
+    incident history, recipient lookups, SPF/DKIM/DMARC, scanner scores) and the decision, for
+    ``palisade replay``. No message body, no secret. The file is rotated as the logs are
+    (renamed and noticed, or SIGUSR1). Reloadable: a new path takes effect for new
+    connections."""
+
+    facts: Path | None = None
+
+
+@dataclass(frozen=True, slots=True)
 class ScanPatternSpec:
     """One ``[[scan.patterns]]`` entry: a regex with a named group ``ip``, searched in each
     whole line; the rule name the store records and the weight of one match (0: an exception,
@@ -463,10 +498,12 @@ class Config:
     clamd: ClamdConfig = ClamdConfig()
     authentication: AuthenticationConfig = AuthenticationConfig()
     dkim: DkimConfig = DkimConfig()
+    dmarc: DmarcConfig = DmarcConfig()
     incidents: IncidentsConfig = IncidentsConfig()
     firewall: FirewallConfig = FirewallConfig()
     scan: ScanConfig = ScanConfig()
     metrics: MetricsConfig = MetricsConfig()
+    record: RecordConfig = RecordConfig()
     submission: SubmissionConfig = SubmissionConfig()
     lists: tuple[ListSpec, ...] = ()
     rules: tuple[RuleSpec, ...] = ()

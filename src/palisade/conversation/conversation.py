@@ -907,6 +907,8 @@ class Conversation:
         verdict = await self._run_stage(Stage.DATA, "")
         if verdict is not None:
             writer.abort()  # refused after the final dot: nothing of it is kept
+            if verdict.reply is not None and verdict.reply.code >= 500:
+                self._record_dmarc("reject")
             self._log_refusal(Stage.DATA, "", verdict)
             assert verdict.reply is not None
             self.send(verdict.reply)
@@ -935,9 +937,21 @@ class Conversation:
             return
         assert tx.queue_id is not None
         self._log_arrival(tx, event.size)
+        self._record_dmarc("none")
         self.ctx.submit(tx.queue_id)
         self.send(Reply(250, "2.0.0", f"Ok: queued as {tx.queue_id}"))
         self.tx = Transaction()
+
+    def _record_dmarc(self, disposition: str) -> None:
+        """Keeps the message's DMARC evaluation for our aggregate reports (``[dmarc] reports``)
+        with what was done to it: accepted ("none") or refused for good ("reject"). A deferred
+        message is not kept: it comes back. The sink never raises."""
+        sink = self.ports.dmarc_reports
+        if sink is None:
+            return
+        found = dmarc.evaluation(self.facts, disposition, self.ports.clock.now())
+        if found is not None:
+            sink.record(found)
 
     def _signs(self) -> bool:
         """Whether this client's mail is signed: it may relay (``relay_from_hosts``) or it

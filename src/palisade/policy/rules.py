@@ -23,6 +23,7 @@ from palisade.policy.senders import SenderMap
 from palisade.ports import (
     Authenticator,
     Clock,
+    DmarcEvaluationSink,
     MessageSource,
     RecipientDirectory,
     Resolver,
@@ -192,6 +193,8 @@ class Ports:
     authenticator: Authenticator | None = None
     # the [submission] senders map as it is now (read again when the file changes); None: no map
     senders: Callable[[], SenderMap] | None = None
+    # where DMARC evaluations are kept for our aggregate reports; None: [dmarc] reports off
+    dmarc_reports: DmarcEvaluationSink | None = None
 
 
 async def memo(facts: Facts, key: Key[T], compute: Callable[[], Awaitable[T]]) -> T:

@@ -49,6 +49,7 @@ from palisade.config.model import keep_running, restart_needed
 from palisade.config.policy import build_policy
 from palisade.delivery import QueueRunner
 from palisade.feedback.incidents import IncidentRecorder
+from palisade.obs.factsfile import FactsFile
 from palisade.obs.files import make_dirs
 from palisade.obs.log import FileEventLog
 from palisade.obs.metrics import Metrics
@@ -218,6 +219,7 @@ class Gateway:
         self.delivering = delivering
         self.announces = announces
         self.log = open_event_log(config, None if metrics is None else metrics.observe)
+        self.facts = FactsFile(on_error=self.log.panic)  # [record] facts, when a config sets it
         self.spool = Spool(config.paths.spool)
         self.stopping = asyncio.Event()
         self.runner: QueueRunner | None = None
@@ -247,6 +249,7 @@ class Gateway:
             submit=submit,
             current=lambda: self.generation,
             incidents=IncidentRecorder(self.log),
+            facts=self.facts,
         )
 
     def start_runner(self) -> QueueRunner:
@@ -312,7 +315,13 @@ class Gateway:
         """At the end: the spool and the current generation's clients (the router is closed by
         the queue runner's stop)."""
         self.spool.close()
+        self.facts.close()
         close_ports_of(self.generation)
+
+    def reopen_logs(self) -> None:
+        """SIGUSR1: the log files and the facts file opened again at their paths."""
+        self.log.reopen()
+        self.facts.reopen()
 
     def install_signals(
         self, on_hup: Callable[[], None], on_usr1: Callable[[], None] | None = None
@@ -321,7 +330,7 @@ class Gateway:
         a signal remembered before the loop started, and releases those held since (see
         :class:`StartupSignals`)."""
         loop = asyncio.get_running_loop()
-        loop.add_signal_handler(signal.SIGUSR1, on_usr1 or self.log.reopen)
+        loop.add_signal_handler(signal.SIGUSR1, on_usr1 or self.reopen_logs)
         loop.add_signal_handler(signal.SIGTERM, self.stopping.set)
         loop.add_signal_handler(signal.SIGINT, self.stopping.set)
         loop.add_signal_handler(signal.SIGHUP, on_hup)

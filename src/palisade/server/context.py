@@ -14,6 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from palisade.feedback.incidents import IncidentRecorder
+from palisade.obs.factsfile import FactsFile
 from palisade.obs.log import EventLog
 from palisade.obs.queueid import QueueIdGenerator
 from palisade.server.generation import Generation
@@ -28,6 +29,7 @@ class ServerContext:
     submit: Callable[[str], None]
     current: Callable[[], Generation]  # this process's newest generation
     incidents: IncidentRecorder  # writes the sessions' incidents behind their replies
+    facts: FactsFile | None = None  # where connections' facts lines go ([record] facts)
     draining: bool = False
     # DNSBL zone -> when (monotonic) its failure last went to the panic log: once per probe
     # interval per zone, however many lookups fail (each is in the main log).

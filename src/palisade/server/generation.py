@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING
 
 from palisade.adapters.clamd import ClamdScanner
 from palisade.adapters.dkim_signer import DkimSigner
+from palisade.adapters.dmarc_records import DmarcRecordFile, records_dir
 from palisade.adapters.dns import DnsResolver
 from palisade.adapters.dovecot_auth import DovecotAuthenticator
 from palisade.adapters.ldap_directory import LdapDirectory, LdapSettings
@@ -93,6 +94,7 @@ class Generation:
     # the connect whitelists)
     block_policy: BlockPolicy = field(default_factory=BlockPolicy)
     protection: Protection = field(default_factory=Protection)
+    secrets: tuple[str, ...] = ()  # texts no log or facts line may hold (the DQS keys)
     _users: _Users = field(default_factory=_Users, repr=False)
 
     @property
@@ -203,6 +205,7 @@ def build_generation(
         number=number,
         block_policy=block_policy(config),
         protection=build_protection(config, policy),
+        secrets=tuple(secrets_of(config)),
     )
 
 
@@ -276,6 +279,7 @@ def build_ports(
             signer=build_signer(config),
             authenticator=build_authenticator(config, on_error),
             senders=senders,
+            dmarc_reports=build_dmarc_records(config, on_error),
         )
     except BaseException:
         close = getattr(store, "close", None)
@@ -368,6 +372,15 @@ def redis_settings(config: Config) -> RedisSettings:
     )
 
 
+def build_dmarc_records(
+    config: Config, on_error: Callable[[str], None] | None = None
+) -> DmarcRecordFile | None:
+    """Where this process keeps its DMARC evaluations (``[dmarc] reports``); None when off."""
+    if not config.dmarc.reports:
+        return None
+    return DmarcRecordFile(records_dir(config.dmarc.state), on_error=on_error)
+
+
 def build_resolver(config: Config) -> DnsResolver:
     """The resolver of ``[dns]`` (the checks', and ``dns check``'s)."""
     dns = config.dns
@@ -450,7 +463,8 @@ def build_directory(config: Config) -> LdapDirectory | None:
 def close_ports(ports: Ports) -> None:
     """Closes what the ports hold open (pending rate hits written, the state database, the LDAP
     connection, scanner connections)."""
-    for part in (ports.state, ports.recipients, ports.spam, ports.virus, ports.authenticator):
+    parts = (ports.state, ports.recipients, ports.spam, ports.virus, ports.authenticator)
+    for part in (*parts, ports.dmarc_reports):
         close = getattr(part, "close", None)
         if close is not None:
             with contextlib.suppress(Exception):

@@ -69,6 +69,7 @@ def run_selfcheck(
     findings += _tls_findings(config)
     findings += _dkim_findings(config)
     findings += _submission_findings(config)
+    findings += _dmarc_findings(config)
     if dns:
         findings += _state_findings(config)
         findings += asyncio.run(_dns_findings(config, policy))
@@ -133,6 +134,14 @@ def _path_findings(config: Config) -> list[Finding]:
         if problem
         else Finding("ok", "paths.state", f"[paths] state {state} {_writable(state)}")
     )
+    facts = config.record.facts
+    if facts is not None:
+        problem = _directory_problem("[record] facts", facts.parent, shown=facts)
+        findings.append(
+            Finding("error", "record.facts", problem)
+            if problem
+            else Finding("ok", "record.facts", f"[record] facts {facts} {_writable(facts)}")
+        )
     control = config.server.control_socket
     problem = control_socket_problem(control)
     findings.append(
@@ -306,6 +315,49 @@ def _dkim_findings(config: Config) -> list[Finding]:
             continue
         kind = f"RSA {loaded.bits}" if loaded.algorithm == "rsa" else "Ed25519"
         findings.append(Finding("ok", "dkim.keys", f"{what}: {kind} key {path} is usable"))
+    return findings
+
+
+def _dmarc_findings(config: Config) -> list[Finding]:
+    """``[dmarc] reports``: warnings only (the reports are a courtesy; mail is unaffected): no
+    DMARC evaluation to record, a records directory that cannot be written, no DKIM key for the
+    from address (the reports would go unsigned)."""
+    dmarc = config.dmarc
+    if not dmarc.reports:
+        return []
+    findings = []
+    auth = config.authentication
+    if not (auth.enabled and auth.dmarc):
+        findings.append(
+            Finding(
+                "warning",
+                "dmarc.reports",
+                "[dmarc] reports is on but [authentication] does not check DMARC "
+                "(enabled and dmarc): nothing will be recorded",
+            )
+        )
+    records = dmarc.state / "records"
+    problem = _directory_problem("[dmarc] state", records)
+    findings.append(
+        Finding("warning", "dmarc.state", f"{problem}: DMARC evaluations will not be kept")
+        if problem
+        else Finding("ok", "dmarc.state", f"[dmarc] state {dmarc.state} {_writable(records)}")
+    )
+    _, sender = dmarc.reporter(config.server.hostname)
+    domain = sender.rpartition("@")[2].lower()
+    covered = any(
+        domain == k.domain.lower() or domain.endswith("." + k.domain.lower())
+        for k in config.dkim.keys
+    )
+    if not covered:
+        findings.append(
+            Finding(
+                "warning",
+                "dmarc.from_address",
+                f"no [dkim] key covers {domain} (the reports' from address {sender}): "
+                "reports will be sent unsigned",
+            )
+        )
     return findings
 
 

@@ -19,6 +19,7 @@ import time
 from typing import TYPE_CHECKING
 
 from palisade.conversation import Conversation, Role, Step
+from palisade.conversation.record import ConnectionRecorder
 from palisade.server.stream import ClientStream
 from palisade.server.tls import describe, handshake_error_line
 from palisade.smtp import NEED_DATA, PAUSED, events
@@ -52,9 +53,24 @@ class Session:
         self.config = generation.config
         ip_text, port = peer if peer is not None else stream.peer
         self.role = role
-        self.conversation = Conversation(
-            ctx, generation, ip_text, port, role=role, local_ip=stream.local_ip
+        # [record] facts: the inbound port's connections only (submission runs no perimeter rule)
+        facts_path = generation.config.record.facts if role is Role.SMTP else None
+        self._recorder = (
+            ConnectionRecorder(generation, ip_text, port, generation.secrets)
+            if facts_path is not None and ctx.facts is not None
+            else None
         )
+        self.conversation = Conversation(
+            ctx,
+            generation if self._recorder is None else self._recorder.settings,
+            ip_text,
+            port,
+            role=role,
+            local_ip=stream.local_ip,
+            observer=self._recorder,
+        )
+        if self._recorder is not None:
+            self._recorder.watch(self.conversation)
         self._deadline: float | None = None
         self._data_started: float | None = None
         self._data_bytes = 0
@@ -96,6 +112,7 @@ class Session:
             self._record_incidents()  # also when the last reply could not be written
             self.stream.close()
             self.ctx.log.event("closed")
+            self._record_facts()
         await conv.finish(time.time())
 
     async def _act(self, step: Step) -> None:
@@ -236,6 +253,18 @@ class Session:
                     done=generation.release,
                 )
             conv.incidents.clear()
+
+    def _record_facts(self) -> None:
+        """The connection's facts line, after its last reply: queued for the facts file (a
+        record that cannot be made is a panic line, never the client's problem)."""
+        recorder, facts = self._recorder, self.ctx.facts
+        path = self.config.record.facts
+        if recorder is None or facts is None or path is None:
+            return
+        try:
+            facts.add(path, recorder.line())
+        except Exception as exc:  # a bug in the recorder must not end the worker
+            self.ctx.log.panic(f"facts record of [{recorder.ip}] not made: {exc!r}")
 
     def notify_shutdown(self) -> None:
         """Called at shutdown: a client between transactions is told 421 and let go at once."""

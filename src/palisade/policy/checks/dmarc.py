@@ -49,16 +49,16 @@ from __future__ import annotations
 import functools
 import random
 from collections.abc import Mapping
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from email.utils import getaddresses
 from typing import Any, ClassVar, Protocol
 
 from publicsuffixlist import PublicSuffixList
 
-from palisade.policy.checks.dkim import dkim_outcome
+from palisade.policy.checks.dkim import DKIM, dkim_outcome
 from palisade.policy.checks.dnsnames import is_hostname, normalise_name, safe_text
 from palisade.policy.checks.options import Options
-from palisade.policy.checks.spf import spf_outcome
+from palisade.policy.checks.spf import SPF, spf_outcome
 from palisade.policy.rules import (
     NO_MATCH,
     Check,
@@ -70,9 +70,10 @@ from palisade.policy.rules import (
     ListLookup,
     Ports,
     Stage,
+    known,
     memo,
 )
-from palisade.ports import DnsTempError
+from palisade.ports import DmarcEvaluation, DnsTempError
 
 RESULTS = ("pass", "fail", "none", "temperror", "permerror")
 POLICIES = ("none", "quarantine", "reject")
@@ -99,6 +100,7 @@ class DmarcOutcome:
     spf_aligned: bool = False
     dkim_aligned: bool = False
     reason: str = ""
+    record: DmarcRecord | None = None  # the record applied (aggregate reports publish it)
 
 
 DMARC: Key[DmarcOutcome] = Key("dmarc")  # the per-transaction finding
@@ -125,6 +127,8 @@ class DmarcRecord:
     adkim: str = "r"
     aspf: str = "r"
     pct: int = 100
+    # as published, for aggregate reports only: it decides nothing, so records compare without it
+    rua: tuple[str, ...] = field(default=(), compare=False)
 
 
 @functools.cache
@@ -203,6 +207,7 @@ def parse_record(text: str) -> DmarcRecord | str | None:
         adkim=adkim if adkim in ("r", "s") else "r",
         aspf=aspf if aspf in ("r", "s") else "r",
         pct=pct,
+        rua=tuple(u.strip() for u in tags.get("rua", "").split(",") if u.strip())[:8],
     )
 
 
@@ -253,6 +258,7 @@ async def _compute(facts: Facts, ports: Ports, rng: random.Random | None) -> Dma
         pct=record.pct,
         spf_aligned=spf_ok,
         dkim_aligned=dkim_ok,
+        record=record,
     )
     if spf_ok or dkim_ok:
         via = " and ".join(w for w, ok in (("SPF", spf_ok), ("DKIM", dkim_ok)) if ok)
@@ -358,6 +364,45 @@ def _method_ok(method: str, spf_ok: bool, dkim_ok: bool) -> bool:
     if method == "dkim":
         return dkim_ok
     return spf_ok or dkim_ok
+
+
+def evaluation(facts: Facts, disposition: str, now: float) -> DmarcEvaluation | None:
+    """What an aggregate report keeps of this message's DMARC evaluation, with the
+    ``disposition`` the gateway applied; None when no DMARC record was applied (no report goes
+    to anyone then) or DMARC was not evaluated. Reads only findings already computed."""
+    outcome = known(facts, DMARC)
+    if outcome is None or outcome.record is None or outcome.result not in ("pass", "fail"):
+        return None
+    spf = known(facts, SPF)
+    dkim = known(facts, DKIM)
+    sender = facts.sender or ""
+    record = outcome.record
+    return DmarcEvaluation(
+        time=now,
+        source_ip=facts.client_ip_text,
+        header_from=outcome.from_domain,
+        envelope_from=sender.rpartition("@")[2].lower() if "@" in sender else "",
+        result=outcome.result,
+        spf_aligned=outcome.spf_aligned,
+        dkim_aligned=outcome.dkim_aligned,
+        spf_domain=safe_text(spf.domain, 255) if spf is not None else "",
+        spf_result=spf.result if spf is not None else "none",
+        spf_scope="helo" if spf is not None and spf.identity == "helo" else "mfrom",
+        dkim=tuple(
+            (s.domain, safe_text(s.selector, 64), s.result)
+            for s in (dkim.signatures if dkim is not None else ())
+        )[:8],
+        policy_domain=outcome.record_domain,
+        p=record.p,
+        sp=record.sp,
+        adkim=record.adkim,
+        aspf=record.aspf,
+        pct=record.pct,
+        requested=outcome.disposition,
+        disposition=disposition,
+        sampled=outcome.sampled,
+        rua=tuple(safe_text(u, 255) for u in record.rua),
+    )
 
 
 class DmarcCheck:
