@@ -319,3 +319,40 @@ def test_a_flushed_ruleset_is_rebuilt_at_the_next_sync(
     wait_for(lambda: BOT in netns_pair.blocked(), timeout=10)
     assert netns_pair.greeting(BOT) is None
     assert "firewall: rebuilt, 1 blocked" in firewall.text().split("firewall: started")[1]
+
+
+def test_blocks_shared_on_redis_reach_the_firewall(netns_pair: NetnsPair, tmp_path: Path) -> None:
+    """``[state] backend = "redis"``: a block written by any host (here ``palisade history add``
+    with ``block_at = 1``) is read from Redis by ``palisade firewall`` and dropped in nftables.
+    The redis-server runs in the server namespace, on its loopback."""
+    binary = need_program("redis-server", "redis-server")
+    need_program("redis-cli", "redis-tools")
+    base = tmp_path / "site"
+    base.mkdir()
+    port = "6390"  # the namespace's own loopback: nothing else listens there
+    netns_pair.start(
+        binary, "--port", port, "--bind", "127.0.0.1", "--save", "", "--appendonly", "no", cwd=base
+    )
+    wait_for(
+        lambda: (
+            "PONG"
+            in netns_pair.exec(
+                netns_pair.server, "redis-cli", "-p", port, "PING", check=False
+            ).stdout
+        ),
+        timeout=10,
+    )
+    sections = gateway_sections(
+        SMTP,
+        server={"listen": [f"{SERVER4}:{SMTP}"]},
+        firewall={"ports": [SMTP], "interval": "1s"},
+        state={"backend": "redis", "url": f"redis://127.0.0.1:{port}/0"},
+        incidents={"block_at": 1},
+    )
+    config = write_config(base / "palisade.toml", sections)
+    added = netns_pair.palisade_once("history", "add", BOT, "--config", str(config), cwd=base)
+    assert added.returncode == 0, added.stderr
+    done = netns_pair.palisade_once("firewall", "--once", "--config", str(config), cwd=base)
+    assert done.returncode == 0, done.stderr
+    assert set(netns_pair.blocked()) == {BOT}
+    assert not (base / "var" / "state.sqlite").exists()  # the shared store, not a local file

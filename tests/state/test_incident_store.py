@@ -1,6 +1,7 @@
-"""SqliteStateStore's incidents and blocks against a real SQLite file: the window (explicit
-``now``), weights, blocks with growth and cap, protected keys never blocked, unblock/remove, the
-old methods on the new tables, pruning, and the migration from a file of the previous release."""
+"""SqliteStateStore's own side of incidents and blocks against a real SQLite file: pruning in
+sweeps, batches in one transaction, and the migration from a file of the previous release. What
+every backend must do (windows, weights, blocks with growth and cap, protected keys,
+unblock/remove) is in test_store_contract.py, run on SQLite and on Redis."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ import pytest
 
 from palisade.adapters import sqlite_state
 from palisade.adapters.sqlite_state import LEGACY_RULE, SCHEMA_VERSION, SqliteStateStore
-from palisade.ports import Block, BlockPolicy, Incident, IncidentEvent, StateStore
+from palisade.ports import BlockPolicy, Incident, IncidentEvent, StateStore
 from tests.state.conftest import SettableClock
 
 T0 = 1_700_000_000.0
@@ -46,145 +47,10 @@ def test_the_port_has_the_new_methods(store: SqliteStateStore) -> None:
         assert callable(getattr(store, name)) and callable(getattr(store, f"{name}_sync"))
 
 
-def test_weights_add_up_and_block_at_the_threshold(store: SqliteStateStore) -> None:
-    out = record(store, "192.0.2.1", 3, "dnsbl", T0)
-    assert (out.key, out.count, out.block, out.new_block) == ("192.0.2.1", 3, None, False)
-    assert record(store, "192.0.2.1", 3, "dnsbl", T0 + 1).count == 6
-    assert record(store, "192.0.2.1", 3, "no-ptr", T0 + 2).count == 9
-    assert run(store.active_blocks(T0 + 2)) == []
-    out = record(store, "192.0.2.1", 1, "pregreet", T0 + 3)
-    assert out.count == 10 and out.new_block
-    assert out.block == Block(
-        "192.0.2.1", T0 + 3, T0 + 3 + DAY, 1, "dnsbl x6, no-ptr x3, pregreet x1"
-    )
-    assert run(store.active_blocks(T0 + 3)) == [out.block]
-    assert run(store.active_blocks(T0 + 3 + DAY)) == []  # until is exclusive
-    got = run(store.get_incident("192.0.2.1"))  # the store's clock: T0
-    assert got is not None and got.block == out.block and got.count == 10
-
-
-def test_an_active_block_is_kept_not_extended(store: SqliteStateStore) -> None:
-    first = record(store, "192.0.2.1", 10, "dnsbl", T0)
-    assert first.new_block
-    again = record(store, "192.0.2.1", 5, "dnsbl", T0 + 3600)
-    assert again.count == 15 and not again.new_block and again.block == first.block
-
-
-def test_window_expiry(store: SqliteStateStore) -> None:
-    record(store, "192.0.2.1", 4, "dnsbl", T0)
-    record(store, "192.0.2.1", 4, "dnsbl", T0 + DAY)
-    # the first one is exactly a window old: it has left the window
-    out = record(store, "192.0.2.1", 1, "no-ptr", T0 + 7 * DAY)
-    assert out.count == 5 and out.block is None
-    events = run(store.incident_events("192.0.2.1", T0 + 7 * DAY - POLICY.window))
-    assert events == [
-        IncidentEvent("192.0.2.1", T0 + DAY, 4, "dnsbl"),
-        IncidentEvent("192.0.2.1", T0 + 7 * DAY, 1, "no-ptr"),
-    ]
-    # and it was pruned, not merely skipped
-    assert run(store.incident_events("192.0.2.1", 0)) == events
-
-
-def test_old_methods_read_the_window(db_path: Path, clock: SettableClock) -> None:
-    with SqliteStateStore(db_path, clock=clock, policy=POLICY) as store:
-        record(store, "192.0.2.1", 2, "dnsbl", T0)
-        record(store, "192.0.2.1", 3, "no-ptr", T0 + DAY)
-        assert run(store.get_incident("192.0.2.1")) == Incident("192.0.2.1", 5, T0, T0 + DAY)
-        clock.advance(7 * DAY)  # the first event leaves the window: nothing written since
-        assert run(store.get_incident("192.0.2.1")) == Incident("192.0.2.1", 3, T0 + DAY, T0 + DAY)
-        assert [(i.key, i.count) for i in run(store.list_incidents())] == [("192.0.2.1", 3)]
-        clock.advance(DAY)
-        assert run(store.get_incident("192.0.2.1")) is None
-        assert run(store.list_incidents()) == []
-
-
-def test_a_block_outlives_its_incidents(db_path: Path, clock: SettableClock) -> None:
-    policy = BlockPolicy(window=DAY, block_at=2, block_for=3 * DAY)
-    with SqliteStateStore(db_path, clock=clock, policy=policy) as store:
-        block = record(store, "192.0.2.1", 2, "dnsbl", T0, policy).block
-        clock.advance(2 * DAY)
-        assert run(store.get_incident("192.0.2.1")) == Incident("192.0.2.1", 0, T0, T0, block)
-        assert [i.key for i in run(store.list_incidents())] == ["192.0.2.1"]
-
-
-def test_repeat_offenders_grow_up_to_the_cap(store: SqliteStateStore) -> None:
-    lengths = []
-    at = T0
-    for _ in range(4):
-        out = record(store, "192.0.2.9", 10, "dnsbl", at)
-        assert out.new_block
-        lengths.append((out.block.times, out.block.until - out.block.since))
-        at = out.block.until  # the next incident comes as the block ends
-    assert lengths == [(1, DAY), (2, 2 * DAY), (3, 3 * DAY), (4, 3 * DAY)]
-
-
-def test_a_block_ended_a_window_ago_is_forgotten(store: SqliteStateStore) -> None:
-    first = record(store, "192.0.2.9", 10, "dnsbl", T0).block
-    quiet = first.until + POLICY.window
-    store.sweep_incidents_sync(quiet)
-    again = record(store, "192.0.2.9", 10, "dnsbl", quiet + 1)
-    assert again.block.times == 1
-
-
 def test_block_policy_length() -> None:
     policy = BlockPolicy(block_for=60, growth=3, block_max=1000)
     assert [policy.block_length(n) for n in (1, 2, 3, 4)] == [60, 180, 540, 1000]
     assert BlockPolicy(growth=10.0).block_length(10_000) == BlockPolicy().block_max
-
-
-def test_protected_keys_are_never_blocked(store: SqliteStateStore) -> None:
-    out = record(store, "127.0.0.1", 50, "dnsbl", T0, may_block=False)
-    assert (out.count, out.block, out.new_block) == (50, None, False)
-    assert run(store.active_blocks(T0)) == []
-    # but a block that exists is reported even to an unblocking caller
-    record(store, "192.0.2.1", 10, "dnsbl", T0)
-    kept = record(store, "192.0.2.1", 1, "dnsbl", T0 + 1, may_block=False)
-    assert kept.block is not None and not kept.new_block
-
-
-def test_ipv6_by_64(store: SqliteStateStore) -> None:
-    record(store, "2001:db8:1:2::1", 6, "dnsbl", T0)
-    out = record(store, "2001:db8:1:2:ffff::9", 4, "no-ptr", T0 + 1)
-    assert out.key == "2001:db8:1:2::/64" and out.new_block
-    assert [b.key for b in run(store.active_blocks(T0 + 1))] == ["2001:db8:1:2::/64"]
-    assert len(run(store.incident_events("2001:db8:1:2::/64", 0))) == 2
-
-
-def test_unblock_and_remove(store: SqliteStateStore) -> None:
-    record(store, "192.0.2.1", 10, "dnsbl", T0)
-    assert run(store.unblock("192.0.2.1")) is True
-    assert run(store.active_blocks(T0)) == []
-    assert run(store.unblock("192.0.2.1")) is False
-    # unblocking forgot the evidence too: the next incident does not block at once
-    out = record(store, "192.0.2.1", 1, "dnsbl", T0 + 1)
-    assert out.count == 1 and out.block is None
-    record(store, "192.0.2.2", 10, "dnsbl", T0)
-    assert run(store.remove_incident("192.0.2.2")) is True
-    assert run(store.active_blocks(T0)) == []
-    assert run(store.incident_events("192.0.2.2", 0)) == []
-    assert run(store.remove_incident("192.0.2.2")) is False
-
-
-def test_add_incident_is_a_manual_record_that_may_block(
-    db_path: Path, clock: SettableClock
-) -> None:
-    with SqliteStateStore(db_path, clock=clock, policy=POLICY) as store:
-        got = run(store.add_incident("192.0.2.1", 10))
-        assert got.count == 10 and got.block is not None
-        assert got.block.reason == "manual x10"
-        assert run(store.incident_events("192.0.2.1", 0)) == [
-            IncidentEvent("192.0.2.1", T0, 10, "manual")
-        ]
-
-
-def test_bad_arguments(store: SqliteStateStore) -> None:
-    for weight in (0, -1, True):
-        with pytest.raises(ValueError):
-            record(store, "192.0.2.1", weight, "dnsbl", T0)
-    with pytest.raises(ValueError):
-        record(store, "192.0.2.1", 1, " ", T0)
-    with pytest.raises(ValueError):
-        record(store, "not-an-ip", 1, "dnsbl", T0)
 
 
 def test_periodic_sweep_forgets_keys_that_left(

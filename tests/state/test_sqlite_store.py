@@ -1,5 +1,6 @@
-"""SqliteStateStore against a real SQLite file: incidents, exact rate windows, two processes,
-a lock held beyond the busy timeout, schema versioning, per-operation cost."""
+"""SqliteStateStore against a real SQLite file: incident keys, persistence, sweeps, two
+processes, a lock held beyond the busy timeout, schema versioning, per-operation cost. The
+behaviour shared with the Redis store is in test_store_contract.py."""
 
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ from palisade.adapters.sqlite_state import (
     SqliteStateStore,
     incident_key,
 )
-from palisade.ports import Incident, StateStore, StateTempError
+from palisade.ports import StateStore, StateTempError
 from tests.state.conftest import SettableClock
 
 T0 = 1_700_000_000.0
@@ -67,66 +68,6 @@ def test_implements_the_port(store: SqliteStateStore) -> None:
     assert isinstance(store, StateStore)
 
 
-def test_incident_add_get_remove(store: SqliteStateStore, clock: SettableClock) -> None:
-    assert run(store.get_incident("192.0.2.1")) is None
-    first = run(store.add_incident("192.0.2.1"))
-    assert first == Incident("192.0.2.1", 1, clock.value, clock.value)
-    clock.advance(60)
-    second = run(store.add_incident("192.0.2.1", 4))
-    assert second == Incident("192.0.2.1", 5, T0, T0 + 60)
-    assert run(store.get_incident("192.0.2.1")) == second
-    # an explicit time earlier than the first sighting moves first_seen back, not last_seen
-    third = run(store.add_incident("192.0.2.1", 1, now=T0 - 100))
-    assert third == Incident("192.0.2.1", 6, T0 - 100, T0 + 60)
-    assert run(store.remove_incident("192.0.2.1")) is True
-    assert run(store.get_incident("192.0.2.1")) is None
-    assert run(store.remove_incident("192.0.2.1")) is False
-
-
-def test_incident_count_must_be_positive(store: SqliteStateStore) -> None:
-    for bad in (0, -1, True):
-        with pytest.raises(ValueError):
-            run(store.add_incident("192.0.2.1", bad))
-    with pytest.raises(ValueError):
-        run(store.add_incident("not-an-ip"))
-
-
-def test_ipv6_grouped_by_64(store: SqliteStateStore) -> None:
-    run(store.add_incident("2001:db8:1:2::1"))
-    run(store.add_incident("2001:db8:1:2:dead:beef::7", 2))
-    run(store.add_incident("2001:db8:1:3::1"))  # another /64
-    got = run(store.get_incident("2001:db8:1:2:ffff:ffff:ffff:ffff"))
-    assert got is not None and got.key == "2001:db8:1:2::/64" and got.count == 3
-    other = run(store.get_incident("2001:db8:1:3::abcd"))
-    assert other is not None and other.count == 1
-    assert run(store.remove_incident("2001:db8:1:2::42")) is True
-    assert run(store.get_incident("2001:db8:1:2::1")) is None
-
-
-def test_ipv4_mapped_is_ipv4(store: SqliteStateStore) -> None:
-    run(store.add_incident("::ffff:198.51.100.7", 2))
-    got = run(store.get_incident("198.51.100.7"))
-    assert got is not None and got.key == "198.51.100.7" and got.count == 2
-    run(store.add_incident("198.51.100.7"))
-    mapped = run(store.get_incident("::ffff:198.51.100.7"))
-    assert mapped is not None and mapped.count == 3
-
-
-def test_list_highest_count_first(store: SqliteStateStore, clock: SettableClock) -> None:
-    assert run(store.list_incidents()) == []
-    run(store.add_incident("192.0.2.1", 2))
-    clock.advance(1)
-    run(store.add_incident("192.0.2.2", 7))
-    clock.advance(1)
-    run(store.add_incident("2001:db8::1", 3))
-    listed = run(store.list_incidents())
-    assert [(i.key, i.count) for i in listed] == [
-        ("192.0.2.2", 7),
-        ("2001:db8::/64", 3),
-        ("192.0.2.1", 2),
-    ]
-
-
 def test_persists_across_reopen(db_path: Path, clock: SettableClock) -> None:
     with SqliteStateStore(db_path, clock=clock) as s:
         run(s.add_incident("192.0.2.1", 3))
@@ -138,48 +79,6 @@ def test_persists_across_reopen(db_path: Path, clock: SettableClock) -> None:
 
 
 # ------------------------------------------------------------------------------------ rate windows
-
-
-def test_rate_window_exact(store: SqliteStateStore, clock: SettableClock) -> None:
-    window = 900.0
-    counts = []
-    for _ in range(11):
-        counts.append(run(store.rate_hit("rate:ip:192.0.2.1", window, clock.now())))
-        clock.advance(60)  # 11 hits at T0, T0+60, ... T0+600
-    assert counts == list(range(1, 12))  # the 11th is 11: over a limit of 10
-    # other keys are separate
-    assert run(store.rate_hit("rate:ip:192.0.2.2", window, clock.now())) == 1
-
-
-def test_rate_window_slides(store: SqliteStateStore) -> None:
-    key, window = "k", 900.0
-    for i in range(10):
-        assert run(store.rate_hit(key, window, T0 + i)) == i + 1  # T0 .. T0+9
-    # just before the first event is `window` old: all 10 still count, plus this one
-    assert run(store.rate_hit(key, window, T0 + 899.5)) == 11
-    # the event at T0 is exactly `window` old at T0+900: it has left; T0+1..9, 899.5, this
-    assert run(store.rate_hit(key, window, T0 + 900)) == 11
-    # much later: everything has slid out but this one
-    assert run(store.rate_hit(key, window, T0 + 900 + 899.5 + 900)) == 1
-
-
-def test_rate_window_allows_again_after_slide(store: SqliteStateStore) -> None:
-    key, window = "k", 15 * 60.0
-    results = [run(store.rate_hit(key, window, T0 + i * 10)) for i in range(11)]
-    assert results[9] == 10 and results[10] == 11
-    # 15 minutes after the burst: only the new hit counts
-    assert run(store.rate_hit(key, window, T0 + 100 + window)) == 1
-
-
-def test_rate_events_from_a_clock_ahead_still_count(store: SqliteStateStore) -> None:
-    assert run(store.rate_hit("k", 60, T0 + 30)) == 1  # another process, clock 30 s ahead
-    assert run(store.rate_hit("k", 60, T0)) == 2
-
-
-def test_rate_window_must_be_positive(store: SqliteStateStore) -> None:
-    for bad in (0, -5, float("nan")):
-        with pytest.raises(ValueError):
-            run(store.rate_hit("k", bad, T0))
 
 
 def test_expired_events_are_swept(store: SqliteStateStore, db_path: Path) -> None:
@@ -342,11 +241,6 @@ def test_per_operation_cost(store: SqliteStateStore) -> None:
     assert rate_cost < 0.005 and read_cost < 0.005, (rate_cost, read_cost)
 
 
-def test_many_events_at_one_instant_count_one_by_one(store: SqliteStateStore) -> None:
-    assert [run(store.rate_hit("k", 60, T0)) for _ in range(5)] == [1, 2, 3, 4, 5]
-    assert run(store.rate_hit("k", 60, T0 + 60)) == 1  # all five left together
-
-
 def test_a_flooding_key_costs_no_more_per_hit(store: SqliteStateStore) -> None:
     """No count(*) over the window: 20,000 events in the window, a hit stays cheap."""
     for i in range(20000):
@@ -360,19 +254,6 @@ def test_a_flooding_key_costs_no_more_per_hit(store: SqliteStateStore) -> None:
 
 
 # ------------------------------------------------------------------------------------ passes
-
-
-def test_pass_remembered_until_it_expires(store: SqliteStateStore) -> None:
-    assert run(store.pass_until("pregreet:192.0.2.1", T0)) is None
-    run(store.remember_pass("pregreet:192.0.2.1", T0 + 10, T0))
-    assert run(store.pass_until("pregreet:192.0.2.1", T0 + 9.9)) == T0 + 10
-    assert run(store.pass_until("pregreet:192.0.2.1", T0 + 10)) is None  # expired at its end
-    assert run(store.pass_until("pregreet:192.0.2.2", T0)) is None  # per key
-    run(store.remember_pass("pregreet:192.0.2.1", T0 + 50, T0 + 20))  # a new pass replaces it
-    assert run(store.pass_until("pregreet:192.0.2.1", T0 + 30)) == T0 + 50
-    # another process (another worker) sees it: same file, its own connection
-    with SqliteStateStore(store.path) as other:
-        assert run(other.pass_until("pregreet:192.0.2.1", T0 + 30)) == T0 + 50
 
 
 def test_expired_passes_are_swept(store: SqliteStateStore) -> None:

@@ -31,7 +31,7 @@ import signal
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, TextIO
+from typing import TYPE_CHECKING, Any, TextIO
 
 from palisade.adapters.nftables import NftablesFirewall
 from palisade.adapters.sqlite_state import SchemaError, SqliteStateStore
@@ -40,6 +40,10 @@ from palisade.config import Config, ConfigError, load_config
 from palisade.feedback.firewall import FirewallSync
 from palisade.obs.log import escape
 from palisade.ports import Block, FirewallError, StateStore, StateTempError
+from palisade.server.generation import build_shared_store
+
+if TYPE_CHECKING:
+    from palisade.adapters.redis_state import RedisStateStore
 
 
 def _seconds(text: str) -> float:
@@ -93,7 +97,8 @@ class _Daemon:
         self.err = err
         self.interval_override = interval
         self.config = config
-        self.store: SqliteStateStore | None = None
+        self.store: SqliteStateStore | RedisStateStore | None = None
+        self.store_of: object = None
         self.firewall = self._firewall(config)
         self.sync = self._sync(config, _protection(config))
 
@@ -111,14 +116,16 @@ class _Daemon:
 
     def _open_store(self, config: Config) -> StateStore | _EmptyStore:
         state = config.paths.state
-        if self.store is not None and self.store.path == state:
+        where = (config.state.backend, config.state) if config.state.backend == "redis" else state
+        if self.store is not None and self.store_of == where:
             return self.store
         if self.store is not None:
             self.store.close()
             self.store = None
-        if not state.exists():
+        if config.state.backend != "redis" and not state.exists():
             return _EmptyStore()
-        self.store = SqliteStateStore(state)
+        self.store = build_shared_store(config)  # Redis: the blocks of every MX host
+        self.store_of = where
         return self.store
 
     def _sync(self, config: Config, protected: Callable[[str], str | None]) -> FirewallSync:
@@ -133,7 +140,9 @@ class _Daemon:
 
     def _refresh_store(self) -> None:
         """The state file appeared since the start (the gateway's first run): open it."""
-        if self.store is None and self.config.paths.state.exists():
+        if self.store is None and (
+            self.config.state.backend == "redis" or self.config.paths.state.exists()
+        ):
             self.sync.store = self._open_store(self.config)  # type: ignore[assignment]
 
     async def once(self, rebuild: bool) -> bool:

@@ -241,8 +241,17 @@ def _history(args: argparse.Namespace, config: Config) -> int:
     # list, show and remove only read (remove of an absent record): a missing database is an
     # empty one, in memory, so that a read never creates the file or its directory.
     read_only = args.history_command in ("list", "show", "remove") and not state.exists()
+    store: Any
     try:
-        store = SqliteStateStore(Path(":memory:") if read_only else state, policy=policy)
+        if config.state.backend == "redis":  # the shared store itself, not one host's file
+            from palisade.server.generation import build_shared_store
+
+            store = build_shared_store(config)
+        else:
+            store = SqliteStateStore(Path(":memory:") if read_only else state, policy=policy)
+    except ConfigError as exc:
+        print(f"palisade: {exc}", file=sys.stderr)
+        return 2
     except (StateTempError, SchemaError, OSError) as exc:
         from palisade.server.selfcheck import state_problem
 
@@ -303,7 +312,7 @@ _NOT_SHOWN = "(set, not shown)"
 _SECTIONS = (
     "server", "limits", "tls", "domains", "relay", "delivery", "paths", "log", "dns", "policy",
     "ldap", "spamd", "rspamd", "clamd", "authentication", "dkim", "dmarc", "submission",
-    "incidents", "scan", "firewall", "record",
+    "incidents", "scan", "firewall", "record", "state",
 )  # fmt: skip
 
 

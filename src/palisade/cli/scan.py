@@ -202,11 +202,15 @@ def run(
             f"({config.source}) or name them on the command line\n"
         )
         return 1
-    from palisade.adapters.sqlite_state import SchemaError, SqliteStateStore
+    from palisade.adapters.sqlite_state import SchemaError
+    from palisade.server.generation import build_shared_store
 
     state = config.paths.state
     try:
-        store = SqliteStateStore(state)
+        store = build_shared_store(config)  # Redis: the incidents of every MX host
+    except ConfigError as exc:
+        err.write(f"palisade: {exc}\n")
+        return 2
     except (StateTempError, SchemaError, OSError) as exc:
         err.write(f"palisade scan: cannot open the state database {state}: {exc}\n")
         return 1

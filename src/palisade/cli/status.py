@@ -93,6 +93,17 @@ def table(reply: dict[str, Any]) -> list[str]:
         rows.append(("queue", f"{size} message(s)"))
     else:
         rows.append(("queue", f"{size} message(s), oldest {_age(queue['oldest_age'])} old"))
+    state = reply.get("state")
+    if state:
+        text = str(state.get("backend"))
+        if state.get("fallback_workers"):
+            text += (
+                f": away since {_when(state.get('since'))}, {state['fallback_workers']} "
+                "worker(s) counting on [paths] state"
+            )
+        elif state.get("backend") == "redis":
+            text += ": shared"
+        rows.append(("state", text))
     dnsbl = reply.get("dnsbl", {})
     zones = dnsbl.get("zones", [])
     if not zones:

@@ -709,6 +709,7 @@ def _check_cross_rules(config: Config, source: str, finder: _LineFinder) -> None
         problem = certificate_key_problem(tls.certificate, tls.private_key)
         if problem:
             fail("tls", "certificate", problem)
+    _check_state(config.state, fail)
     password_file = config.ldap.bind_password_file
     if password_file is not None:
         try:
@@ -803,6 +804,66 @@ def certificate_key_problem(certificate: Path, private_key: Path) -> str | None:
     except (OSError, ValueError) as exc:
         return f"certificate {certificate} or private_key {private_key} cannot be loaded: {exc}"
     return None
+
+
+# redis://[username@]host[:port][/db] (a password never: it goes in password_file)
+_REDIS_URL_RE = re.compile(
+    r"^(?P<scheme>rediss?)://(?:(?P<userinfo>[^@/\s]*)@)?"
+    r"(?P<host>\[[0-9A-Fa-f:.]+\]|[^:/\s\[\]@]+)(?::(?P<port>\d+))?(?:/(?P<db>\d*))?/?\Z"
+)
+
+
+def _check_state(state: Any, fail: typing.Callable[[str, str, str], typing.NoReturn]) -> None:
+    """``[state]``: the Redis settings, checked whatever the backend (a switch back to
+    ``redis`` must not meet a broken value first at a reload)."""
+    match = _REDIS_URL_RE.match(state.url)
+    if match is None:
+        fail(
+            "state",
+            "url",
+            "expected redis://host[:port][/db] or rediss://host[:port][/db]"
+            f" (the password goes in password_file), got {_url_shown(state.url)!r}",
+        )
+    if match.group("userinfo") is not None and ":" in match.group("userinfo"):
+        fail(
+            "state",
+            "url",
+            "a password in the url would be shown and logged: put it in password_file"
+            " (and the user name in username)",
+        )
+    port = match.group("port")
+    if port is not None and not 0 < int(port) < 65536:
+        fail("state", "url", f"expected a port from 1 to 65535, got {port}")
+    if state.ca_file is not None:
+        if match.group("scheme") != "rediss":
+            fail("state", "ca_file", "ca_file is for rediss:// (TLS); the url is redis://")
+        if not state.ca_file.is_file():
+            fail("state", "ca_file", f"no such file: {state.ca_file}")
+    if state.password_file is not None:
+        try:
+            with open(state.password_file, "rb") as f:
+                f.read(1)
+        except OSError as exc:
+            fail("state", "password_file", f"cannot be read: {exc.strerror or exc}")
+    for entry in state.sentinels:
+        try:
+            parse_host_port(entry, default_port=26379)
+        except ValueError as exc:
+            fail("state", "sentinels", str(exc))
+    if state.sentinels and not state.service:
+        fail("state", "service", 'sentinels are set: name the master (e.g. "mymaster")')
+    if state.service and not state.sentinels:
+        fail("state", "sentinels", f"service {state.service!r} needs the sentinels' host:port")
+    if not state.prefix or any(c.isspace() for c in state.prefix):
+        fail("state", "prefix", f"expected a key prefix without spaces, got {state.prefix!r}")
+
+
+def _url_shown(url: str) -> str:
+    """``url`` with anything between ``://`` and ``@`` hidden (it may hold a password)."""
+    head, sep, rest = url.partition("://")
+    if sep and "@" in rest:
+        return f"{head}://(hidden)@{rest.rpartition('@')[2]}"
+    return url
 
 
 def _line_from_decode_error(message: str) -> int | None:

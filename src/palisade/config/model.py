@@ -161,6 +161,36 @@ class PathsConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class StateConfig:
+    """Where incidents, blocks, rate counters and pregreet passes are kept (README "Several MX
+    hosts").
+
+    ``backend = "sqlite"``: the ``[paths] state`` file, for one host. ``"redis"``: a Redis (or
+    Valkey) server shared by every MX host: ``url`` (``redis://host:port/db`` or ``rediss://``
+    for TLS, verified against ``ca_file`` or the system's CAs; never a password in it), the
+    password in ``password_file`` (its first line; never logged), ``username`` for a Redis ACL
+    user; or Sentinel: ``sentinels`` (``host:port`` each) and the master's name ``service``
+    (the url's scheme, db, TLS settings then apply to the master). ``prefix`` namespaces every
+    key (several gateways on one Redis). ``timeout`` bounds every command (a hung Redis costs a
+    session at most that), ``connect_timeout`` a connection; while Redis is unreachable each
+    host counts on its own ``[paths] state`` file and asks Redis again every ``retry_interval``.
+    """
+
+    backend: str = choice("sqlite", "redis")
+    url: str = "redis://127.0.0.1:6379/0"
+    username: str = ""
+    password_file: Path | None = None
+    ca_file: Path | None = None
+    sentinels: tuple[str, ...] = ()
+    service: str = ""
+    prefix: str = "palisade:"
+    timeout: float = duration(0.5, 0.01)
+    connect_timeout: float = duration(1.0, 0.01)
+    retry_interval: float = duration(2.0, 0.1)
+    max_connections: int = positive(64)
+
+
+@dataclass(frozen=True, slots=True)
 class DnsConfig:
     """The resolver the checks use. DNSBLs refuse public resolvers: point it at a local one."""
 
@@ -492,6 +522,7 @@ class Config:
     delivery: DeliveryConfig = DeliveryConfig()
     outbound: OutboundConfig = OutboundConfig()
     paths: PathsConfig = PathsConfig()
+    state: StateConfig = StateConfig()
     log: LogConfig = LogConfig()
     dns: DnsConfig = DnsConfig()
     policy: PolicyConfig = PolicyConfig()

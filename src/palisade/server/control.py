@@ -287,6 +287,27 @@ def worker_report(process: Process, connections: Callable[[], int]) -> dict[str,
         "generation": generation.number,
         "loaded_at": generation.loaded_at,
         "dnsbl": zone_health(generation),
+        "state": state_health(generation),
+    }
+
+
+def state_health(generation: Generation) -> dict[str, Any]:
+    """The state store of this process: its backend and, on Redis, whether this process is on
+    its fall-back (Redis away) and since when."""
+    backend = generation.config.state.backend
+    state = None if generation.ports is None else generation.ports.state
+    down_since = getattr(state, "down_since", None)
+    return {"backend": backend, "fallback": down_since is not None, "since": down_since}
+
+
+def merge_state(generation: Generation, reports: list[dict[str, Any] | None]) -> dict[str, Any]:
+    """The workers' :func:`state_health` as one: the backend, and how many workers are on their
+    fall-back (0 on SQLite), from when."""
+    down = [r["state"] for r in reports if r is not None and r.get("state", {}).get("fallback")]
+    return {
+        "backend": generation.config.state.backend,
+        "fallback_workers": len(down),
+        "since": min((d["since"] for d in down if d.get("since")), default=None),
     }
 
 
@@ -544,6 +565,7 @@ class StatusServer:
                 "oldest_age": None if oldest is None else round(max(0.0, now - oldest), 3),
             },
             "dnsbl": merge_zones(generation, [r for _, _, r in reports]),
+            "state": merge_state(generation, [r for _, _, r in reports]),
         }
 
 

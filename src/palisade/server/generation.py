@@ -26,6 +26,7 @@ import ssl
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from palisade.adapters.clamd import ClamdScanner
 from palisade.adapters.dkim_signer import DkimSigner
@@ -56,11 +57,15 @@ from palisade.ports import (
     BlockPolicy,
     MtaStsSource,
     Resolver,
+    StateStore,
     TlsaSource,
     TlsLevel,
     TlsResultSink,
 )
 from palisade.server.tls import client_context, server_context
+
+if TYPE_CHECKING:  # redis-py is imported only by a config that uses it (~0.2 s at start)
+    from palisade.adapters.redis_state import RedisSettings, RedisStateStore
 
 
 class GenerationError(Exception):
@@ -257,7 +262,7 @@ def build_ports(
     process (one worker, or steered workers), so rate counters can be kept here, exact, and
     written behind. All of them share the one system clock. ``on_error``: where a password or
     senders file that breaks after start-up is reported (the panic log)."""
-    store = SqliteStateStore(config.paths.state, clock=SYSTEM_CLOCK, policy=block_policy(config))
+    store = build_state(config, local_rates=local_rates, on_error=on_error)
     try:
         submission = config.submission
         senders = None
@@ -268,7 +273,7 @@ def build_ports(
                 raise GenerationError(f"{config.source}: {exc}") from None
         return Ports(
             resolver=build_resolver(config),
-            state=WriteBehindRates(store) if local_rates else store,
+            state=store,
             clock=SYSTEM_CLOCK,
             recipients=build_directory(config),
             spam=build_spam_scanner(config),
@@ -287,8 +292,94 @@ def build_ports(
             dmarc_reports=build_dmarc_records(config, on_error),
         )
     except BaseException:
-        store.close()
+        close = getattr(store, "close", None)
+        if close is not None:
+            close()
         raise
+
+
+def build_state(
+    config: Config,
+    *,
+    local_rates: bool = False,
+    on_error: Callable[[str], None] | None = None,
+) -> StateStore:
+    """The gateway's state store. ``sqlite``: the ``[paths] state`` file (with the in-process
+    rate windows when ``local_rates``: exact only because every client of this process reaches
+    this process alone). ``redis``: the shared Redis, falling back to the ``[paths] state`` file
+    while it is away (``on_error`` gets the two panic-log lines of an outage); the in-process
+    windows are never used there: they cannot see the other hosts' connections."""
+    policy = block_policy(config)
+    local = SqliteStateStore(config.paths.state, clock=SYSTEM_CLOCK, policy=policy)
+    if config.state.backend != "redis":
+        return WriteBehindRates(local) if local_rates else local
+    from palisade.adapters.redis_state import RedisStateStore
+    from palisade.adapters.state_fallback import FallbackStateStore
+
+    try:
+        settings = redis_settings(config)
+    except BaseException:
+        local.close()
+        raise
+    return FallbackStateStore(
+        RedisStateStore(settings, clock=SYSTEM_CLOCK, policy=policy),
+        local,
+        panic=on_error,
+        retry_interval=config.state.retry_interval,
+        where=settings.where,
+        local_name=f"[paths] state {config.paths.state}",
+        marker=config.paths.state.with_name(config.paths.state.name + ".redis-down"),
+    )
+
+
+def build_shared_store(config: Config) -> SqliteStateStore | RedisStateStore:
+    """The store the operator's commands read and write (``history``, ``firewall``, ``scan``):
+    the backend itself, without the gateway's fall-back (a command must say that Redis is
+    unreachable, not answer from one host's file). Raises ``ConfigError`` (password file),
+    and for SQLite what opening the file raises."""
+    policy = block_policy(config)
+    if config.state.backend == "redis":
+        from palisade.adapters.redis_state import RedisStateStore
+
+        return RedisStateStore(redis_settings(config), clock=SYSTEM_CLOCK, policy=policy)
+    return SqliteStateStore(config.paths.state, clock=SYSTEM_CLOCK, policy=policy)
+
+
+def redis_settings(config: Config) -> RedisSettings:
+    """``[state]`` as the Redis adapter's settings, the password read from its file now (the
+    first line, without its end of line). Raises ``ConfigError`` naming the file, never its
+    contents."""
+    state = config.state
+    password = None
+    if state.password_file is not None:
+        try:
+            text = state.password_file.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            reason = exc.strerror if isinstance(exc, OSError) else "not UTF-8 text"
+            raise ConfigError(
+                config.source,
+                "state.password_file",
+                f"{state.password_file}: cannot be read: {reason}",
+            ) from None
+        password = text.splitlines()[0] if text.strip() else None
+        if password is None:
+            raise ConfigError(
+                config.source, "state.password_file", f"{state.password_file} is empty"
+            )
+    from palisade.adapters.redis_state import RedisSettings
+
+    return RedisSettings(
+        url=state.url,
+        username=state.username or None,
+        password=password,
+        ca_file=None if state.ca_file is None else str(state.ca_file),
+        sentinels=tuple(parse_host_port(s, default_port=26379) for s in state.sentinels),
+        service=state.service,
+        prefix=state.prefix,
+        timeout=state.timeout,
+        connect_timeout=state.connect_timeout,
+        max_connections=state.max_connections,
+    )
 
 
 def build_dmarc_records(

@@ -71,6 +71,7 @@ def run_selfcheck(
     findings += _submission_findings(config)
     findings += _dmarc_findings(config)
     if dns:
+        findings += _state_findings(config)
         findings += asyncio.run(_dns_findings(config, policy))
     return findings
 
@@ -206,6 +207,49 @@ def _directory_problem(what: str, path: Path, *, shown: Path | None = None) -> s
         verb = "write in" if target == shown else "create"
         return f"cannot {verb} {what} {shown}: {exc.strerror or exc}"
     return None
+
+
+# -- the shared state store ------------------------------------------------------------------
+
+
+def _state_findings(config: Config) -> list[Finding]:
+    """``[state] backend = "redis"``: one PING with the configured credentials. Refused
+    credentials are an error (``serve`` does not start: every host would run on its own file
+    for ever); an unreachable Redis is a warning (the gateway starts and counts per host until
+    it answers). The password never appears: the messages name the url or the service."""
+    if config.state.backend != "redis":
+        return []
+    from palisade.adapters.redis_state import RedisStateStore, StateAuthError
+    from palisade.config import ConfigError
+    from palisade.ports import StateTempError
+    from palisade.server.generation import redis_settings
+
+    try:
+        settings = redis_settings(config)
+    except ConfigError as exc:
+        return [Finding("error", "state.password_file", str(exc))]
+    store = RedisStateStore(settings)
+
+    async def ping() -> None:
+        try:
+            await store.ping()
+        finally:
+            await store.aclose()
+
+    try:
+        asyncio.run(ping())
+    except StateAuthError as exc:
+        return [Finding("error", "state.password_file", f"[state] {exc.reason}")]
+    except StateTempError as exc:
+        return [
+            Finding(
+                "warning",
+                "state.url",
+                f"[state] {exc.reason}: the gateway starts and counts on [paths] state "
+                f"{config.paths.state} until Redis answers",
+            )
+        ]
+    return [Finding("ok", "state.url", f"[state] {settings.where} answers")]
 
 
 # -- files -----------------------------------------------------------------------------------
