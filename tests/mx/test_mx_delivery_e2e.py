@@ -83,6 +83,7 @@ def dsn(world: World, count: int = 1) -> tuple[str, str]:
     parts = list(report.walk())
     human = next(p for p in parts if p.get_content_type() == "text/plain").get_payload(decode=True)
     status = next(p for p in parts if p.get_content_type() == "message/delivery-status")
+    assert isinstance(human, bytes)
     return human.decode(), str(status)
 
 

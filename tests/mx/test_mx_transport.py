@@ -220,7 +220,7 @@ def test_concurrency_per_destination(world: World) -> None:
             state["now"] -= 1
         return await original(srv, session, env)
 
-    server.handler.handle_DATA = slow_data  # type: ignore[method-assign]
+    server.handler.handle_DATA = slow_data  # type: ignore[method-assign,assignment]
 
     def burst(limit: int) -> int:
         state["max"] = 0

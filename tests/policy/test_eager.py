@@ -67,7 +67,7 @@ def test_what_finishes_at_once_costs_no_turn_of_the_loop() -> None:
 
 
 def test_one_that_waits_is_awaited_in_place_and_several_together() -> None:
-    async def main() -> tuple[list[object], float, list[object]]:
+    async def main() -> tuple[object, float, object]:
         one = await gather_eager(ready(1), waiting(2))
         loop = asyncio.get_running_loop()
         t0 = loop.time()

@@ -95,7 +95,7 @@ def test_our_report_xml_reads_back_with_its_counts() -> None:
     ]
     xml = report_xml(
         "example.com",
-        evaluations,  # type: ignore[arg-type]
+        evaluations,
         org_name="Org & <Co>",
         email="r@example.org",
         report_id="id-1",
@@ -106,7 +106,7 @@ def test_our_report_xml_reads_back_with_its_counts() -> None:
     assert root.findtext("report_metadata/org_name") == "Org & <Co>"
     assert root.findtext("policy_published/pct") == "50"
     assert root.findtext("policy_published/aspf") == "s"
-    reasons = [r.text for r in root.iter("type")]
+    reasons = [r.text or "" for r in root.iter("type")]
     assert sorted(reasons) == ["local_policy", "sampled_out"]
     report = dmarc_aggregate.parse_report(gzip.decompress(gzip.compress(xml)))
     assert report.total == 5

@@ -136,11 +136,12 @@ def test_a_report_of_what_the_gateway_saw_is_queued_signed_delivered_and_reads_b
     txt = (DATA / "test.txt").read_text().strip().encode()
     assert dkim.verify(data, dnsfunc=lambda name, timeout=5: txt)
     attachment = next(p for p in message.walk() if p.get_content_type() == "application/gzip")
-    assert attachment.get_filename().startswith("example.test!client.example!")
-    assert attachment.get_filename().endswith(".xml.gz")
-    assert b"<org_name>Palisade Test</org_name>" in gzip.decompress(
-        attachment.get_payload(decode=True)
-    )
+    filename = attachment.get_filename() or ""
+    assert filename.startswith("example.test!client.example!")
+    assert filename.endswith(".xml.gz")
+    payload = attachment.get_payload(decode=True)
+    assert isinstance(payload, bytes)
+    assert b"<org_name>Palisade Test</org_name>" in gzip.decompress(payload)
     received = tmp_path / "received.eml"
     received.write_bytes(data)
     read = palisade("dmarc", "report", "--json", str(received), cwd=tmp_path)

@@ -25,7 +25,9 @@ def _reports() -> list[dict[str, Any]]:
             message = email.message_from_bytes(path.read_bytes(), policy=email.policy.default)
             for part in message.walk():
                 if part.get_content_type() == "application/tlsrpt+gzip":
-                    out.append(json.loads(gzip.decompress(part.get_payload(decode=True))))
+                    payload = part.get_payload(decode=True)
+                    assert isinstance(payload, bytes)
+                    out.append(json.loads(gzip.decompress(payload)))
     return out
 
 
