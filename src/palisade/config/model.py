@@ -136,6 +136,9 @@ class DnsConfig:
     retries: int = positive(1, 0)
     cache_max_ttl: int = positive(3600, 0)
     dnsbl_probe_interval: float = duration(300.0, 0.0)  # 0: never probe (RFC 5782 section 5)
+    # Believe the resolver's AD bit (DNSSEC-validated) for DANE: "auto" only when every
+    # nameserver is on loopback (a validating unbound there); "yes" any; "no" never.
+    trust_ad: str = choice("auto", "yes", "no")
 
 
 @dataclass(frozen=True, slots=True)

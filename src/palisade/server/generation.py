@@ -289,6 +289,7 @@ def build_resolver(config: Config) -> DnsResolver:
         cache_max_ttl=dns.cache_max_ttl,
         redact=secrets_of(config),
         clock=SYSTEM_CLOCK,
+        trust_ad={"auto": None, "yes": True, "no": False}[dns.trust_ad],
     )
 
 
