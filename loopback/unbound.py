@@ -30,6 +30,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import dns.dnssec
+import dns.dnssectypes
 import dns.exception
 import dns.flags
 import dns.message
@@ -58,7 +59,7 @@ def _zone_text(apex: str, records: Records) -> str:
 def _new_key() -> tuple[ec.EllipticCurvePrivateKey, dns.rdtypes.ANY.DNSKEY.DNSKEY]:
     key = ec.generate_private_key(ec.SECP256R1())
     dnskey = dns.dnssec.make_dnskey(
-        key.public_key(), dns.dnssec.Algorithm.ECDSAP256SHA256, flags=257
+        key.public_key(), dns.dnssectypes.Algorithm.ECDSAP256SHA256, flags=257
     )
     return key, dnskey
 
