@@ -23,7 +23,14 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from palisade.config.model import Config, ListSpec, RuleSpec, ScanConfig, ScanPatternSpec
+from palisade.config.model import (
+    TLS_LEVELS,
+    Config,
+    ListSpec,
+    RuleSpec,
+    ScanConfig,
+    ScanPatternSpec,
+)
 
 _DURATION_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhdw]?)\s*$")
 _UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
@@ -426,6 +433,10 @@ def _convert(raw: Any, hint: Any, meta: typing.Mapping[str, Any]) -> Any:
         if seconds < meta.get("min", 0):
             raise ValueError(f"expected a duration of at least {meta['min']} seconds")
         return seconds
+    if "empty" in meta and raw == "":
+        return meta["empty"]
+    if meta.get("kind") == "domain_levels":
+        return _domain_levels(raw)
     if meta.get("kind") == "group":
         return _group(raw)
     if meta.get("kind") == "user":
@@ -501,6 +512,28 @@ def _convert_table(raw: Any, hint: type) -> Any:
     if missing:
         raise ValueError(f"missing key(s): {', '.join(missing)}")
     return hint(**values)
+
+
+def _domain_levels(raw: Any) -> tuple[tuple[str, str], ...]:
+    """``[outbound.domains]``: domain -> TLS level, domains lowercased, each named once."""
+    if not isinstance(raw, dict):
+        raise ValueError(f'expected a table of "domain" = "level", got {_describe(raw)}')
+    levels: dict[str, str] = {}
+    for domain, level in raw.items():
+        name = domain.lower().rstrip(".")
+        if not _HOSTNAME_RE.match(name) or "." not in name:
+            raise ValueError(f"expected domain names as keys, got {domain!r}")
+        if level not in TLS_LEVELS:
+            choices = ", ".join(map(repr, TLS_LEVELS))
+            raise ValueError(f"{domain}: expected one of {choices}, got {_describe_value(level)}")
+        if name in levels:
+            raise ValueError(f"{domain}: given twice")
+        levels[name] = level
+    return tuple(levels.items())
+
+
+def _describe_value(raw: Any) -> str:
+    return repr(raw) if isinstance(raw, str) else _describe(raw)
 
 
 def _group(raw: Any) -> int:
@@ -690,6 +723,11 @@ def _check_cross_rules(config: Config, source: str, finder: _LineFinder) -> None
             )
     if config.delivery.tls_ca_file is not None and not config.delivery.tls_ca_file.is_file():
         fail("delivery", "tls_ca_file", f"no such file: {config.delivery.tls_ca_file}")
+    outbound = config.outbound
+    if outbound.tls_ca_file is not None and not outbound.tls_ca_file.is_file():
+        fail("outbound", "tls_ca_file", f"no such file: {outbound.tls_ca_file}")
+    if not 0 < outbound.port < 65536:
+        fail("outbound", "port", f"expected a TCP port number (1-65535), got {outbound.port}")
     if config.delivery.retry_max_interval < config.delivery.retry_initial:
         fail("delivery", "retry_max_interval", "must not be shorter than retry_initial")
     seen: set[tuple[str, str]] = set()

@@ -110,6 +110,39 @@ class DeliveryConfig:
     timeout: float = duration(120.0, 1.0)
 
 
+TLS_LEVELS = ("opportunistic", "require", "verify")
+
+
+@dataclass(frozen=True, slots=True)
+class OutboundConfig:
+    """Mail routed OUTBOUND (authenticated submissions, relay_from_hosts mail to other domains,
+    bounces): ``delivery`` "next_hop" sends it through ``[delivery] next_hop`` (the smarthost),
+    "mx" to each recipient domain's MX hosts (README "Outbound: delivery").
+
+    ``tls``: the level for every destination (opportunistic, require, verify); ``domains``: a
+    level per recipient domain (``[outbound.domains]``, wins over DANE and MTA-STS);
+    ``on_tls_failure``: "fail" (a DSN at once saying why) or "defer" (retry) when a destination
+    cannot give the TLS its level demands; ``tls_ca_file``: extra trust anchors for verify
+    (empty: the system's); ``concurrency_per_destination``: deliveries in flight per recipient
+    domain; ``port``: the MX hosts' port, 25: another value is for tests and labs only."""
+
+    delivery: str = choice("next_hop", "mx")
+    tls: str = choice(*TLS_LEVELS)
+    on_tls_failure: str = choice("fail", "defer")
+    tls_ca_file: Path | None = field(default=None, metadata={"empty": None})
+    concurrency_per_destination: int = positive(4)
+    port: int = positive(25)
+    domains: tuple[tuple[str, str], ...] = field(default=(), metadata={"kind": "domain_levels"})
+
+    def level_for(self, domain: str) -> str | None:
+        """The ``[outbound.domains]`` level of ``domain`` (case-insensitive), or None."""
+        domain = domain.lower().rstrip(".")
+        for name, level in self.domains:
+            if name == domain:
+                return level
+        return None
+
+
 @dataclass(frozen=True, slots=True)
 class PathsConfig:
     """Where state lives. Relative paths are relative to the working directory at start-up.
@@ -425,6 +458,7 @@ class Config:
     domains: DomainsConfig = DomainsConfig()
     relay: RelayControlConfig = RelayControlConfig()
     delivery: DeliveryConfig = DeliveryConfig()
+    outbound: OutboundConfig = OutboundConfig()
     paths: PathsConfig = PathsConfig()
     log: LogConfig = LogConfig()
     dns: DnsConfig = DnsConfig()

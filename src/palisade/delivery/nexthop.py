@@ -22,6 +22,13 @@ connection is kept for the next message, for at most ``cache_idle`` seconds idle
 during the transaction, or answering 421 before the data was sent) is closed and the message
 tried once more on a fresh one (if it died after the data was sent, the next hop may get the
 message twice: a duplicate, never a loss).
+One class for a next hop and an MX host: the MX transport (palisade.delivery.mxdelivery) makes
+one ``SmtpNextHop`` per (address, MX name, TLS level) and drives it through :meth:`session`, which
+also says how the attempt ended (``kind``: the SMTP transaction took place, the host could not be
+used, or TLS could not be had) and what TLS gave (for TLS-RPT), so the caller can move on to the
+next MX host. ``tls_name`` is the name sent as SNI and checked in the certificate (the MX name
+when ``host`` is its address); ``tls_check`` (DANE) sees the peer's chain after the handshake
+and may refuse it. Neither changes anything for the next hop of ``[delivery]``.
 Must not touch: the spool or the log (the runner does both); it sees the body bytes only.
 Trust: every reply from the next hop is remote text: it is kept verbatim in the result and
 escaped by whoever logs it. The body is sent as read from the spool (dot-stuffed on the way out),
@@ -35,8 +42,9 @@ import contextlib
 import re
 import ssl
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Literal
 
 from palisade.delivery.outcome import Outcome, RecipientResult
 from palisade.delivery.smtpclient import SmtpClient, SmtpClientError, mailbox
@@ -62,12 +70,14 @@ def _helo_name(name: str) -> str:
 
 
 class _TlsRefused(Exception):
-    """STARTTLS was needed and could not be had."""
+    """STARTTLS was needed and could not be had. ``failure_type``: RFC 8460's result type."""
 
-    def __init__(self, reason: str, host_info: str) -> None:
+    def __init__(self, reason: str, host_info: str, failure_type: str, ip: str = "") -> None:
         super().__init__(reason)
         self.reason = reason
         self.host_info = host_info
+        self.failure_type = failure_type
+        self.ip = ip
 
 
 @dataclass
@@ -77,6 +87,59 @@ class _Conn:
     uses: int = 0
     idle_since: float = 0.0
     cached: bool = False
+    ip: str = ""
+
+
+SessionKind = Literal["done", "unusable", "tls"]
+
+# OpenSSL's X509_V_ERR_* codes -> RFC 8460 result types (the rest: certificate-not-trusted)
+_VERIFY_FAILURES = {62: "certificate-host-mismatch", 10: "certificate-expired"}
+
+TlsCheck = Callable[[list[bytes]], str | None]
+
+
+@dataclass(frozen=True)
+class Session:
+    """How one attempt on one host ended.
+
+    ``kind``: "done" (the transaction took place: ``results`` are the host's answers),
+    "unusable" (no connection, a greeting or EHLO refusal, a broken connection before the
+    transaction: another host may do), "tls" (the TLS the policy demands could not be had:
+    ``tls_failure`` is RFC 8460's result type, ``tls_detail`` why). ``tls``: the message went
+    over TLS. ``fresh``: a new connection (a TLS session to report), not a cached one.
+    """
+
+    results: list[RecipientResult]
+    kind: SessionKind
+    tls: bool = False
+    fresh: bool = True
+    ip: str = ""
+    tls_failure: str | None = None
+    tls_detail: str = ""
+
+
+def peer_chain(ssl_object: object) -> list[bytes]:
+    """The certificates the peer sent (DER, leaf first). Python 3.11 has no public API for the
+    chain (``get_unverified_chain`` is public from 3.13); its ``_ssl`` object has had the method
+    since 3.10, so it is used when there, else the leaf alone."""
+    inner = getattr(ssl_object, "_sslobj", ssl_object)
+    getter = getattr(inner, "get_unverified_chain", None)
+    if getter is not None:
+        try:
+            chain = getter() or []
+            return [cert.public_bytes(ssl.ENCODING_DER) for cert in chain]  # type: ignore[attr-defined]
+        except (AttributeError, ValueError, ssl.SSLError):
+            pass
+    getpeercert = getattr(ssl_object, "getpeercert", None)
+    leaf = getpeercert(binary_form=True) if getpeercert is not None else None
+    return [leaf] if leaf else []
+
+
+def _ssl_failure(exc: BaseException) -> str:
+    """RFC 8460's result type for a failed handshake."""
+    if isinstance(exc, ssl.SSLCertVerificationError):
+        return _VERIFY_FAILURES.get(exc.verify_code, "certificate-not-trusted")
+    return "validation-failure"
 
 
 class _StaleConnection(Exception):
@@ -99,7 +162,15 @@ class SmtpNextHop:
         data_timeout: float = 600.0,
         cache_idle: float = 10.0,
         cache_uses: int = 100,
+        tls_name: str | None = None,
+        remote_name: str | None = None,
+        tls_check: TlsCheck | None = None,
+        router: str = "relay",
     ) -> None:
+        self.tls_name = tls_name or host
+        self.remote_name = remote_name or host
+        self.tls_check = tls_check
+        self.router = router
         self.cache_idle = cache_idle
         self.cache_uses = cache_uses
         self._cache: list[tuple[SmtpClient, _Conn]] = []
@@ -128,13 +199,13 @@ class SmtpNextHop:
             rcpt,
             outcome,
             detail,
-            router="relay",
+            router=self.router,
             transport="smtp",
             host=host,
             reply=reply,
             errno=errno,
             status=status,
-            remote_mta=self.host,
+            remote_mta=self.remote_name,
             diagnostic=diagnostic,
         )
 
@@ -163,19 +234,35 @@ class SmtpNextHop:
         self, envelope: Envelope, rcpts: Sequence[str], body: bytes
     ) -> list[RecipientResult]:
         """One attempt for ``rcpts``; never raises for anything the network does."""
+        return (await self.session(envelope, rcpts, body)).results
+
+    async def session(self, envelope: Envelope, rcpts: Sequence[str], body: bytes) -> Session:
+        """One attempt for ``rcpts`` and how it ended (see :class:`Session`)."""
         try:
             return await self._attempt(envelope, rcpts, body, use_tls=True)
         except _TlsRefused as exc:
             if self.require_tls:
-                return [
+                results = [
                     self._result(
                         r, "deferred", f"TLS required but {exc.reason}", host=exc.host_info
                     )
                     for r in rcpts
                 ]
+                return Session(
+                    results, "tls", ip=exc.ip, tls_failure=exc.failure_type, tls_detail=exc.reason
+                )
+            failure = (exc.failure_type, exc.reason)
         # opportunistic TLS failed: once more in cleartext, and say so
-        results = await self._attempt(envelope, rcpts, body, use_tls=False)
-        return results
+        session = await self._attempt(envelope, rcpts, body, use_tls=False)
+        return Session(
+            session.results,
+            session.kind,
+            tls=False,
+            fresh=session.fresh,
+            ip=session.ip,
+            tls_failure=failure[0],
+            tls_detail=failure[1],
+        )
 
     def _take_cached(self, use_tls: bool) -> tuple[SmtpClient, _Conn] | None:
         now = time.monotonic()
@@ -206,44 +293,53 @@ class SmtpNextHop:
 
     async def _attempt(
         self, envelope: Envelope, rcpts: Sequence[str], body: bytes, *, use_tls: bool
-    ) -> list[RecipientResult]:
+    ) -> Session:
         cached = self._take_cached(use_tls)
         if cached is not None:
             client, conn = cached
             try:
-                return await self._transaction(client, envelope, rcpts, body, conn, stale_ok=False)
+                results = await self._transaction(
+                    client, envelope, rcpts, body, conn, stale_ok=False
+                )
+                return Session(results, "done", tls=conn.tls, fresh=False, ip=conn.ip)
             except (_StaleConnection, SmtpClientError, OSError):
                 pass  # dead while cached: start again on a fresh connection
             finally:
                 if not conn.cached:
                     client.close()
         helo = _helo_name(self.helo_name)
-        conn = _Conn(host_info=f"H={self.host}", tls=False)
+        conn = _Conn(host_info=f"H={self.remote_name}", tls=False)
         fresh: SmtpClient | None = None
         try:
             fresh, greeting = await SmtpClient.connect(
                 self.host, self.port, timeout=self.connect_timeout
             )
-            if greeting.code != 220:
-                return self._smtp_error(
-                    rcpts, greeting.code, greeting.text, "initial connection", conn
-                )
             peer = fresh.extra_info("peername")
             if isinstance(peer, tuple) and len(peer) >= 2:
-                conn.host_info = f"H={self.host} [{peer[0]}]:{peer[1]}"
+                conn.ip = str(peer[0])
+            if greeting.code != 220:
+                results = self._smtp_error(
+                    rcpts, greeting.code, greeting.text, "initial connection", conn
+                )
+                return Session(results, "unusable", ip=conn.ip)
+            if isinstance(peer, tuple) and len(peer) >= 2:
+                conn.host_info = f"H={self.remote_name} [{peer[0]}]:{peer[1]}"
             reply = await fresh.ehlo(helo, self.command_timeout)
             if reply.code != 250:
-                return self._smtp_error(rcpts, reply.code, reply.text, "EHLO", conn)
+                results = self._smtp_error(rcpts, reply.code, reply.text, "EHLO", conn)
+                return Session(results, "unusable", ip=conn.ip)
             if use_tls:
                 await self._starttls(fresh, helo, conn)
-            return await self._transaction(fresh, envelope, rcpts, body, conn, stale_ok=True)
+            results = await self._transaction(fresh, envelope, rcpts, body, conn, stale_ok=True)
+            return Session(results, "done", tls=conn.tls, ip=conn.ip)
         except (SmtpClientError, OSError) as exc:
             cause = exc.__cause__ if isinstance(exc.__cause__, OSError) else exc
             errno = cause.errno if isinstance(cause, OSError) and cause.errno else -1
             reason = _one_line(str(exc)) or type(exc).__name__
-            return [
+            results = [
                 self._result(r, "deferred", reason, host=conn.host_info, errno=errno) for r in rcpts
             ]
+            return Session(results, "unusable", tls=conn.tls, ip=conn.ip)
         finally:
             if fresh is not None and not conn.cached:
                 fresh.close()
@@ -251,23 +347,39 @@ class SmtpNextHop:
     async def _starttls(self, client: SmtpClient, helo: str, conn: _Conn) -> None:
         if not client.supports("starttls"):
             if self.require_tls:
-                raise _TlsRefused("the next hop does not offer STARTTLS", conn.host_info)
+                raise _TlsRefused(
+                    "the next hop does not offer STARTTLS",
+                    conn.host_info,
+                    "starttls-not-supported",
+                    conn.ip,
+                )
             return
         try:
             reply = await client.command(b"STARTTLS\r\n", self.command_timeout)
             if reply.code == 220:
-                await client.starttls(self.tls_context, self.host, self.command_timeout)
+                await client.starttls(self.tls_context, self.tls_name, self.command_timeout)
+                refused_by_check = self._check_peer(client)
+                if refused_by_check:
+                    raise _TlsRefused(
+                        refused_by_check, conn.host_info, "validation-failure", conn.ip
+                    )
                 reply = await client.ehlo(helo, self.command_timeout)
                 refused = reply.code != 250
             else:
                 refused = True
         except (SmtpClientError, OSError) as exc:  # ssl.SSLError is an OSError
             raise _TlsRefused(
-                f"TLS negotiation failed: {_one_line(str(exc))}", conn.host_info
+                f"TLS negotiation failed: {_one_line(str(exc))}",
+                conn.host_info,
+                _ssl_failure(exc),
+                conn.ip,
             ) from None
         if refused:  # STARTTLS not answered 220, or the EHLO after the handshake not 250
             raise _TlsRefused(
-                f"STARTTLS refused: {reply.code} {_one_line(reply.text)}", conn.host_info
+                f"STARTTLS refused: {reply.code} {_one_line(reply.text)}",
+                conn.host_info,
+                "starttls-not-supported",
+                conn.ip,
             )
         ssl_object = client.extra_info("ssl_object")
         if isinstance(ssl_object, ssl.SSLObject | ssl.SSLSocket):
@@ -278,6 +390,15 @@ class SmtpNextHop:
             else:
                 conn.host_info += f" X={version}"
         conn.tls = True
+
+    def _check_peer(self, client: SmtpClient) -> str | None:
+        """``tls_check``'s verdict on the peer's chain (DANE): None when it accepts."""
+        if self.tls_check is None:
+            return None
+        chain = peer_chain(client.extra_info("ssl_object"))
+        if not chain:
+            return "the server sent no certificate"
+        return self.tls_check(chain)
 
     async def _transaction(
         self,

@@ -4,7 +4,9 @@ Owns: following each recipient's :class:`palisade.ports.Route`, decided once at 
 control and stored with the recipient in the spool envelope: ``LOCAL`` -> Maildir
 (``R=local_maildir T=maildir``), ``RELAY`` -> the SMTP next hop (``R=relay T=smtp``; deferred
 while none is configured), ``OUTBOUND`` (relay_from_hosts' mail to other domains, and bounces to
-them) -> the next hop as smarthost, or "Unrouteable address" when there is none.
+them) -> the MX hosts of each recipient domain when an ``outbound`` transport is given
+(``[outbound] delivery = "mx"``: palisade.delivery.mxdelivery, ``R=dnslookup T=smtp``), else the
+next hop as smarthost, or "Unrouteable address" when there is none.
 The router decides a route itself in two cases only, from its domain sets: a bounce the runner
 queues (:meth:`Router.bounce_route`, stored with it like an RCPT route), and a recipient of a
 spool file written before routes were stored (:meth:`Router.fallback_route`). Domains compare
@@ -23,6 +25,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from palisade.delivery.maildir import MailboxRefused, MaildirDelivery
+from palisade.delivery.mxdelivery import MxDelivery
 from palisade.delivery.nexthop import SmtpNextHop
 from palisade.delivery.outcome import RecipientResult
 from palisade.ports import Route
@@ -51,7 +54,9 @@ class Router:
         data_timeout: float = 600.0,
         maildir_fsync: bool = True,
         maildir_group: int | None = None,
+        outbound: MxDelivery | None = None,
     ) -> None:
+        self.outbound = outbound
         self.local_domains = frozenset(d.lower().rstrip(".") for d in local_domains)
         self.relay_domains = frozenset(d.lower().rstrip(".") for d in relay_domains)
         self.helo_name = helo_name
@@ -75,6 +80,8 @@ class Router:
         """Closes cached next-hop connections (at shutdown)."""
         if self.next_hop is not None:
             self.next_hop.close_idle()
+        if self.outbound is not None:
+            self.outbound.close_idle()
 
     def domain_route(self, rcpt: str) -> Route | None:
         """``LOCAL`` or ``RELAY`` by the domain of ``rcpt``; None for any other domain."""
@@ -122,10 +129,14 @@ class Router:
         routes = self.routes(envelope, rcpts)
         results: dict[str, RecipientResult] = {}
         local = [r for r in rcpts if routes[r] is Route.LOCAL]
-        hop = self.next_hop is not None
+        world = self.outbound is not None
+        hop = self.next_hop is not None or world
         relay = [
-            r for r in rcpts if routes[r] is Route.RELAY or (routes[r] is Route.OUTBOUND and hop)
+            r
+            for r in rcpts
+            if routes[r] is Route.RELAY or (routes[r] is Route.OUTBOUND and hop and not world)
         ]
+        outbound = [r for r in rcpts if routes[r] is Route.OUTBOUND and world]
         for rcpt in rcpts:
             if routes[rcpt] is None or (routes[rcpt] is Route.OUTBOUND and not hop):
                 bounce = "bounce_of" in envelope.extra
@@ -137,7 +148,20 @@ class Router:
         if relay:
             for res in await self._deliver_relay(envelope, relay, message):
                 results[res.rcpt] = res
+        if outbound:
+            for res in await self._deliver_outbound(envelope, outbound, message):
+                results[res.rcpt] = res
         return [results[r] for r in rcpts]
+
+    async def _deliver_outbound(
+        self, envelope: Envelope, rcpts: Sequence[str], message: Message
+    ) -> list[RecipientResult]:
+        assert self.outbound is not None
+        try:
+            body = message.read()
+        except (OSError, SpoolError) as exc:
+            return [RecipientResult(r, "deferred", str(exc), "dnslookup", "smtp") for r in rcpts]
+        return await self.outbound.deliver(envelope, rcpts, body)
 
     def _deliver_local(
         self, envelope: Envelope, rcpts: Sequence[str], message: Message

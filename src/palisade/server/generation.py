@@ -44,12 +44,21 @@ from palisade.config.lists import SendersFile
 from palisade.config.model import LdapConfig, RspamdConfig, SpamdConfig
 from palisade.config.policy import build_policy
 from palisade.delivery import Router
+from palisade.delivery.mxdelivery import DaneMatch, MxDelivery, domain_levels
 from palisade.feedback.protect import Protection
 from palisade.obs.log import EventLog
 from palisade.policy.policy import Policy
 from palisade.policy.relay import RelayPolicy
 from palisade.policy.rules import IPAddress, Ports
-from palisade.ports import Authenticator, BlockPolicy
+from palisade.ports import (
+    Authenticator,
+    BlockPolicy,
+    MtaStsSource,
+    Resolver,
+    TlsaSource,
+    TlsLevel,
+    TlsResultSink,
+)
 from palisade.server.tls import client_context, server_context
 
 
@@ -218,7 +227,7 @@ def relay_policy(config: Config, policy: Policy | None = None) -> RelayPolicy:
         config.domains.local,
         config.domains.relay,
         config.relay.relay_from_hosts,
-        outbound_available=config.delivery.next_hop is not None,
+        outbound_available=config.delivery.next_hop is not None or config.outbound.delivery == "mx",
         relay_list=relay_list,
     )
 
@@ -389,10 +398,61 @@ def listening_ips(config: Config) -> frozenset[IPAddress]:
     return frozenset(ips)
 
 
+def mta_sts_source(config: Config) -> MtaStsSource | None:
+    """Hook for MTA-STS (``[outbound] mta_sts``): the policy source, or None (off).
+    Built by the MTA-STS part (issue 15, helper "sts"); None until then."""
+    return None
+
+
+def tlsa_source(config: Config, resolver: Resolver) -> TlsaSource | None:
+    """Hook for DANE (``[outbound] dane``): authenticated TLSA records, or None (off).
+    Built by the DANE part (issue 15, helper "sts"); None until then."""
+    return None
+
+
+def dane_matcher(config: Config) -> DaneMatch | None:
+    """Hook for DANE: ``palisade.delivery.dane.matches`` once it exists; None (off) until then."""
+    return None
+
+
+def tls_result_sink(config: Config) -> TlsResultSink | None:
+    """Hook for TLS-RPT (``[outbound] tls_reports``): where session results go, or None (off).
+    Built by the TLS-RPT part (issue 15, helper "sts"); None until then."""
+    return None
+
+
+def build_outbound(config: Config) -> MxDelivery | None:
+    """The MX transport of ``[outbound]`` when ``delivery = "mx"``, else None (the next hop
+    takes OUTBOUND mail). Its own resolver (``[dns]``): it runs in the delivering process."""
+    outbound = config.outbound
+    if outbound.delivery != "mx":
+        return None
+    resolver = build_resolver(config)
+    return MxDelivery(
+        resolver,
+        helo_name=config.server.hostname,
+        port=outbound.port,
+        default_level=TlsLevel(outbound.tls),
+        domain_levels=domain_levels(outbound.domains),
+        on_tls_failure=outbound.on_tls_failure,
+        verify_context=client_context(outbound.tls_ca_file),
+        concurrency_per_destination=outbound.concurrency_per_destination,
+        mta_sts=mta_sts_source(config),
+        tlsa=tlsa_source(config, resolver),
+        dane_match=dane_matcher(config),
+        tls_results=tls_result_sink(config),
+        connect_timeout=min(30.0, config.delivery.timeout),
+        command_timeout=config.delivery.timeout,
+        data_timeout=max(600.0, config.delivery.timeout),
+    )
+
+
 def build_router(config: Config) -> Router:
-    """The delivery router: Maildir for local domains, the next hop for relay domains."""
+    """The delivery router: Maildir for local domains, the next hop for relay domains, and
+    for OUTBOUND mail the MX transport (``[outbound] delivery = "mx"``) or the next hop."""
     next_hop = parse_host_port(config.delivery.next_hop) if config.delivery.next_hop else None
     return Router(
+        outbound=build_outbound(config),
         local_domains=frozenset(d.lower() for d in config.domains.local),
         relay_domains=frozenset(d.lower() for d in config.domains.relay),
         maildir_root=config.paths.mail,
