@@ -17,7 +17,8 @@ from cryptography.hazmat.primitives import serialization
 
 from loopback.dnsserver import ZoneServer, start_zone_server
 from palisade.adapters.dns import DnsResolver
-from palisade.delivery.dane import DaneTlsaSource, matches, parse_tlsa, peer_chain_der, usable
+from palisade.delivery.dane import DaneTlsaSource, matches, parse_tlsa, usable
+from palisade.delivery.nexthop import peer_chain
 from palisade.ports import TlsaRecord, TlsaSource
 from tests.tls.certs import NOW, Issued, Pki, issue
 
@@ -166,7 +167,7 @@ def test_peer_chain_from_a_real_tls_connection(pki: Pki, tmp_path: Path) -> None
             _, writer = await asyncio.open_connection(
                 "127.0.0.1", port, ssl=client_ctx, server_hostname="mx.example.test"
             )
-            got = peer_chain_der(writer.get_extra_info("ssl_object"))
+            got = peer_chain(writer.get_extra_info("ssl_object"))
             writer.close()
             return got
 

@@ -2,8 +2,9 @@
 
 Owns: looking up ``_<port>._tcp.<host>`` TLSA records through the ``Resolver`` port and keeping
 only what RFC 7672 lets an SMTP client use (:class:`DaneTlsaSource`), matching a certificate
-chain against those records (:func:`matches`), and taking the peer's chain out of an
-``ssl.SSLObject`` (:func:`peer_chain_der`).
+chain against those records (:func:`matches`). (The peer's chain is taken off the connection by
+``palisade.delivery.nexthop.peer_chain``: on Python 3.11 through the ``_ssl`` object's
+``get_unverified_chain()``, public only from 3.13.)
 
 Must not touch: the SMTP conversation or the choice of TLS level (the MX delivery decides that
 DANE applies and calls these), and any adapter.
@@ -25,19 +26,11 @@ RFC 7672 choices:
   RFC requires of servers), every certificate from the leaf up to it is signed by the next, the
   leaf is within its dates and names the MX host (section 3.2.3, wildcards in the left-most
   label allowed): this needs ``hostname``; without it, usage 2 records never match.
-
-Getting the chain on Python 3.11: ``ssl.SSLObject`` has no public call for the peer's chain
-(``get_unverified_chain`` is public from 3.13); the C object behind it (``_sslobj``) has had
-``get_unverified_chain()`` since 3.10. :func:`peer_chain_der` uses the public method when there is
-one, the private one otherwise, and falls back to the leaf alone (``getpeercert(True)``), which is
-enough for DANE-EE.
 """
 
 from __future__ import annotations
 
-import _ssl
 import hashlib
-import ssl
 from collections.abc import Sequence
 from datetime import UTC, datetime
 
@@ -46,7 +39,7 @@ from cryptography.hazmat.primitives import serialization
 
 from palisade.ports import Resolver, TlsaRecord
 
-__all__ = ["DaneTlsaSource", "matches", "parse_tlsa", "peer_chain_der", "usable"]
+__all__ = ["DaneTlsaSource", "matches", "parse_tlsa", "usable"]
 
 DANE_TA = 2
 DANE_EE = 3
@@ -195,24 +188,3 @@ def _ta_matches(
         if _record_matches(record, chain[depth]):
             return _within_dates(chain[0], now) and _names_host(chain[0], hostname)
     return False
-
-
-def peer_chain_der(ssl_object: ssl.SSLObject | ssl.SSLSocket) -> list[bytes]:
-    """The certificates the peer sent, DER, leaf first (see the module docstring for how)."""
-    for owner in (ssl_object, getattr(ssl_object, "_sslobj", None)):
-        method = getattr(owner, "get_unverified_chain", None)
-        if method is None:
-            continue
-        try:
-            chain = method()
-        except (ssl.SSLError, ValueError, AttributeError):
-            continue
-        if not chain:
-            continue
-        # 3.13's public method gives bytes; the private one gives _ssl.Certificate objects
-        return [
-            cert if isinstance(cert, bytes) else cert.public_bytes(_ssl.ENCODING_DER)
-            for cert in chain
-        ]
-    leaf = ssl_object.getpeercert(binary_form=True)
-    return [leaf] if leaf else []
