@@ -67,6 +67,7 @@ class MxServer:
     ip: str
     port: int
     tls: ssl.SSLContext | None = None
+    leaf: bytes = b""  # its certificate (DER)
     handler: Handler = field(default_factory=Handler)
     controller: Controller | None = None
 
@@ -101,12 +102,14 @@ def shared_port(ips: list[str]) -> int:
     raise AssertionError("no port free on every MX address")
 
 
-def server_context(test_ca: Any, *names: str) -> ssl.SSLContext:
-    """A server context with a certificate of the test CA for ``names``."""
+def server_context(test_ca: Any, *names: str) -> tuple[ssl.SSLContext, bytes]:
+    """A server context with a certificate of the test CA for ``names``, and that
+    certificate (DER)."""
     cert = test_ca.issue_cert(*names)
     context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     cert.configure_cert(context)
-    return context
+    leaf = ssl.PEM_cert_to_DER_cert(cert.cert_chain_pems[0].bytes().decode())
+    return context, leaf
 
 
 @dataclass
@@ -123,8 +126,8 @@ class World:
 
     def mx(self, ip: str, *names: str, tls: bool = True) -> MxServer:
         """Starts a receiving server on ``ip`` (STARTTLS with a certificate for ``names``)."""
-        context = server_context(self.test_ca, *names) if tls else None
-        server = MxServer(ip, self.port, context).start()
+        context, leaf = server_context(self.test_ca, *names) if tls else (None, b"")
+        server = MxServer(ip, self.port, context, leaf=leaf).start()
         self.servers[ip] = server
         return server
 

@@ -147,6 +147,7 @@ class MxDelivery:
         self._hops: dict[tuple[str, str, TlsLevel, tuple[TlsaRecord, ...]], SmtpNextHop] = {}
         self._slots: dict[str, asyncio.Semaphore] = {}
         self._users: dict[str, int] = {}
+        self._next_sweep = 0.0
 
     # -- the transport -------------------------------------------------------------------------
 
@@ -155,6 +156,7 @@ class MxDelivery:
     ) -> list[RecipientResult]:
         """One attempt for ``rcpts`` (any domains); results in the same order; never raises for
         anything the network or the DNS does."""
+        self._sweep()
         by_domain: dict[str, list[str]] = {}
         for rcpt in rcpts:
             by_domain.setdefault(rcpt.rpartition("@")[2].lower().rstrip("."), []).append(rcpt)
@@ -163,6 +165,17 @@ class MxDelivery:
         )
         results = {res.rcpt: res for group in groups for res in group}
         return [results[r] for r in rcpts]
+
+    def _sweep(self) -> None:
+        """At most once a second: closes the connections idle too long and forgets the hosts
+        holding none, so idle connections to hosts no longer written to do not stay open."""
+        now = time.monotonic()
+        if now < self._next_sweep:
+            return
+        self._next_sweep = now + 1.0
+        for key, hop in list(self._hops.items()):
+            if not hop.close_expired() and not hop.active:
+                del self._hops[key]
 
     def close_idle(self) -> None:
         """Closes every cached connection (at shutdown)."""
@@ -330,8 +343,9 @@ class MxDelivery:
             return hop
         if len(self._hops) >= MAX_HOPS:
             for old_key, old in list(self._hops.items())[: MAX_HOPS // 2]:
-                old.close_idle()
-                del self._hops[old_key]
+                if not old.active:
+                    old.close_idle()
+                    del self._hops[old_key]
         check: TlsCheck | None = None
         if level is TlsLevel.DANE:
             check = self._dane_check(name, records)

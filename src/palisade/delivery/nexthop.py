@@ -177,6 +177,7 @@ class SmtpNextHop:
         self.remote_name = remote_name or host
         self.tls_check = tls_check
         self.router = router
+        self.active = 0  # sessions in progress (a host in use is never forgotten)
         self.cache_idle = cache_idle
         self.cache_uses = cache_uses
         self._cache: list[tuple[SmtpClient, _Conn]] = []
@@ -244,6 +245,13 @@ class SmtpNextHop:
 
     async def session(self, envelope: Envelope, rcpts: Sequence[str], body: bytes) -> Session:
         """One attempt for ``rcpts`` and how it ended (see :class:`Session`)."""
+        self.active += 1
+        try:
+            return await self._session(envelope, rcpts, body)
+        finally:
+            self.active -= 1
+
+    async def _session(self, envelope: Envelope, rcpts: Sequence[str], body: bytes) -> Session:
         try:
             return await self._attempt(envelope, rcpts, body, use_tls=True)
         except _TlsRefused as exc:
@@ -289,6 +297,20 @@ class SmtpNextHop:
         conn.cached = True
         self._cache.append((client, conn))
         return True
+
+    def close_expired(self) -> int:
+        """Closes the cached connections idle for ``cache_idle`` or more (or dead); returns how
+        many are still kept. The MX transport calls it for hosts it has not used lately."""
+        now = time.monotonic()
+        kept: list[tuple[SmtpClient, _Conn]] = []
+        for client, conn in self._cache:
+            if now - conn.idle_since < self.cache_idle and client.usable:
+                kept.append((client, conn))
+            else:
+                conn.cached = False
+                client.close()
+        self._cache = kept
+        return len(kept)
 
     def close_idle(self) -> None:
         """Closes every cached connection (at shutdown)."""
