@@ -262,3 +262,24 @@ def test_unsigned_tlsa_is_ignored(world: World, make_world_gateway: Any) -> None
     submit(world, "jo@nodane.test")
     server.wait(1)
     assert server.handler.tls_seen == [True]
+
+
+def test_failed_tlsa_lookup_defers_never_downgrades(world: World, make_world_gateway: Any) -> None:
+    # SERVFAIL is what a validating resolver answers for a zone whose signatures are wrong
+    world.domain("dane.test", (10, "mx.dane.test"))
+    world.host("mx.dane.test", "127.0.0.27")
+    server, digest = dane_server(world, "127.0.0.27", "mx.dane.test")
+    world.zones.set(tlsa_name(world, "mx.dane.test"), "TLSA", [f"3 1 1 {digest}"])
+    world.zones.sign("dane.test")
+    world.zones.behave(tlsa_name(world, "mx.dane.test"), "servfail")
+    gateway = make_world_gateway()
+    submit(world, "kim@dane.test")
+    log_wait(gateway, r"== kim@dane\.test R=dnslookup T=smtp defer \(-1\): TLSA lookup for "
+                      r"mx\.dane\.test failed")  # fmt: skip
+    assert server.handler.messages == [] and server.handler.peers == set()
+    (result,) = wait_results(gateway, "dane.test")
+    assert (result["policy_type"], result["failure_type"]) == ("tlsa", "dnssec-invalid")
+    # the resolver recovers: the next attempt delivers, under DANE
+    world.zones.behave(tlsa_name(world, "mx.dane.test"), None)
+    server.wait(1, timeout=30)
+    assert server.handler.tls_seen == [True]
