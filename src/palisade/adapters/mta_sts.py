@@ -241,6 +241,12 @@ class MtaStsPolicies:
         found = await self._current(domain)
         return found.as_tls_policy(self._on_failure) if found is not None else None
 
+    def forget(self, domain: str) -> None:
+        """Drops ``domain``'s policy from memory (not from the file): the next call fetches it
+        again (for benchmarks and tests)."""
+        self._cache.pop(domain.rstrip(".").lower(), None)
+        self._failed.pop(domain.rstrip(".").lower(), None)
+
     def cached(self, domain: str) -> StsPolicy | None:
         """The cached policy of ``domain`` (valid or not), for tests and the CLI."""
         return self._cache.get(domain.rstrip(".").lower())
