@@ -85,3 +85,30 @@ def test_the_composition_root_builds_what_is_asked(tmp_path: Path) -> None:
         None,
         None,
     )
+
+
+def test_self_check_warns_when_dane_cannot_apply_or_results_cannot_be_kept(
+    tmp_path: Path,
+) -> None:
+    (tmp_path / "afile").write_text("a file where a directory should be")
+    config = tmp_path / "warn.toml"
+    config.write_text(
+        '[dns]\nnameservers = ["192.0.2.53"]\n'
+        '[outbound]\ndelivery = "mx"\ntls_reports = "afile/tlsrpt"\n'
+    )
+    result = palisade("config", "check", "--config", str(config), cwd=tmp_path)
+    assert result.returncode == 0, result.stdout + result.stderr  # warnings, not errors
+    output = result.stdout + result.stderr
+    assert "cannot create [outbound] tls_reports afile/tlsrpt" in output
+    assert "TLS-RPT results are lost" in output
+    assert "[outbound] dane is on but the resolver's AD bit is not believed" in output
+    assert "not all on loopback" in output
+    fine = tmp_path / "fine.toml"
+    fine.write_text(
+        '[dns]\nnameservers = ["127.0.0.1:53"]\n[outbound]\ndelivery = "mx"\n'
+        'tls_reports = "reports"\n'
+    )
+    result = palisade("config", "check", "--config", str(fine), cwd=tmp_path)
+    output = result.stdout + result.stderr
+    assert "ok: [outbound] tls_reports reports can be created" in output
+    assert "AD bit is not believed" not in output
