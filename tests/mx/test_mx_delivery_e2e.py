@@ -280,7 +280,7 @@ def test_config_check_accepts_and_refuses_outbound(tmp_path: Any) -> None:
             "outbound.tls_ca_file: no such file: /nonexistent/ca.pem"
         ),
         '[outbound.domains]\n"example.com" = "dane"\n': (
-            "outbound.domains: example.com: expected one of 'opportunistic', 'require', "
+            ":1: outbound.domains: example.com: expected one of 'opportunistic', 'require', "
             "'verify', got 'dane'"
         ),
         '[outbound.domains]\n"not a domain" = "verify"\n': (

@@ -79,8 +79,7 @@ def transport(world: World, **kw: Any) -> MxDelivery:
         port=world.port,
         mx=MxResolver(resolver, rng=random.Random(1)),
         connect_timeout=5,
-        command_timeout=10,
-        **kw,
+        **{"command_timeout": 10, **kw},
     )
 
 
@@ -261,3 +260,60 @@ def test_no_cleartext_fallback_after_a_failed_handshake(world: World, level: str
     assert "TLS negotiation failed" in res.detail
     assert server.handler.messages == []
     assert time.monotonic() - started < 10
+
+
+def test_a_handshake_that_times_out_defers_and_tries_the_next_host(world: World) -> None:
+    """A server that answers STARTTLS with 220 and then says nothing: not a TLS verdict (the
+    message is not failed at once) but never cleartext; the next MX host gets it."""
+    import socket
+
+    listener = socket.create_server(("127.0.0.27", world.port))
+    stop = threading.Event()
+
+    def silent_after_starttls() -> None:
+        listener.settimeout(0.2)
+        while not stop.is_set():
+            try:
+                conn, _ = listener.accept()
+            except TimeoutError:
+                continue
+            with conn:
+                conn.sendall(b"220 hang.test ESMTP\r\n")
+                conn.recv(1024)  # EHLO
+                conn.sendall(b"250-hang.test\r\n250 STARTTLS\r\n")
+                conn.recv(1024)  # STARTTLS
+                conn.sendall(b"220 go ahead\r\n")
+                stop.wait(5)  # the ClientHello is never answered
+
+    thread = threading.Thread(target=silent_after_starttls, daemon=True)
+    thread.start()
+    try:
+        world.domain("hang.test", (10, "mx1.hang.test"), (20, "mx2.hang.test"))
+        world.host("mx1.hang.test", "127.0.0.27")
+        world.host("mx2.hang.test", "127.0.0.28")
+        mx = transport(world, default_level=TlsLevel.REQUIRE, command_timeout=1)
+        [res] = deliver(mx, "bob@hang.test")
+        assert res.outcome == "deferred" and res.status == "", res  # not a 5.7.x verdict
+        assert "Connect call failed" in res.detail  # the last host's reason: mx2 is down
+        backup = world.mx("127.0.0.28", "mx2.hang.test")
+        [res] = deliver(mx, "bob@hang.test")
+        assert res.outcome == "delivered" and backup.handler.tls_seen == [True]
+    finally:
+        stop.set()
+        thread.join(timeout=10)
+        listener.close()
+
+
+def test_an_mx_naming_this_server_is_a_loop(world: World) -> None:
+    """RFC 5321 section 5.1: this server (helo_name) and less preferred hosts are not used."""
+    world.domain("loop.test", (10, "gw.example.org"), (20, "mx.loop.test"))
+    world.host("gw.example.org", "127.0.0.21")
+    world.host("mx.loop.test", "127.0.0.22")
+    other = world.mx("127.0.0.22", "mx.loop.test")
+    [res] = deliver(transport(world), "bob@loop.test")
+    assert (res.outcome, res.status) == ("failed", "5.4.6")
+    assert res.detail == "mail for loop.test loops back to myself (gw.example.org is its MX)"
+    assert other.handler.messages == []
+    world.zones.set("loop.test", "MX", ["5 mx.loop.test.", "10 gw.example.org."])
+    [res] = deliver(transport(world), "bob@loop.test")
+    assert res.outcome == "delivered" and len(other.handler.messages) == 1

@@ -145,7 +145,8 @@ def _build_section(
         try:
             values[key] = _convert(raw, hints[key], meta)
         except ValueError as exc:
-            raise ConfigError(source, f"{name}.{key}", str(exc), finder.key(name, key)) from None
+            line = finder.key(name, key) or finder.section(f"{name}.{key}")  # [outbound.domains]
+            raise ConfigError(source, f"{name}.{key}", str(exc), line) from None
     return section_type(**values)
 
 

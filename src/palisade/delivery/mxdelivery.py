@@ -23,7 +23,8 @@ says why (``on_tls_failure = "fail"``) or are deferred (``"defer"``). A host tha
 connection, greets with an error or breaks the connection before the transaction is skipped
 too; once a host held the transaction, its answers are final for this attempt (RFC 5321
 section 5.1 leaves it to the client; like Postfix, a 4xx to MAIL or RCPT is not retried on
-another MX at once).
+another MX at once). The MX hosts from this server's own name (``helo_name``, ``[server]
+hostname``) on are never used (section 5.1); when that leaves none, the mail loops: failed 5.4.6.
 Must not touch: the spool, the log (the runner does both).
 Trust: DNS answers, MTA-STS policies and every reply are remote text: replies stay verbatim in
 the results (escaped when logged); TLS-RPT details are the same texts.
@@ -122,6 +123,7 @@ class MxDelivery:
         data_timeout: float = 600.0,
         mx: MxResolver | None = None,
         clock: Callable[[], float] = time.time,
+        cache_uses: int = 100,
     ) -> None:
         if on_tls_failure not in ("fail", "defer"):
             raise ValueError(f"on_tls_failure: expected fail or defer, got {on_tls_failure!r}")
@@ -144,6 +146,7 @@ class MxDelivery:
         self.command_timeout = command_timeout
         self.data_timeout = data_timeout
         self.clock = clock
+        self.cache_uses = cache_uses  # transactions per connection (1: no reuse, benchmarks)
         self._hops: dict[tuple[str, str, TlsLevel, tuple[TlsaRecord, ...]], SmtpNextHop] = {}
         self._slots: dict[str, asyncio.Semaphore] = {}
         self._users: dict[str, int] = {}
@@ -241,6 +244,12 @@ class MxDelivery:
             outcome: Outcome = "failed" if verdict.outcome == "failed" else "deferred"
             return [self._result(r, outcome, verdict.reason, verdict.status) for r in rcpts]
         hosts = list(verdict.hosts)
+        ours = [h.preference for h in hosts if h.name == self.helo_name.lower().rstrip(".")]
+        if ours:  # RFC 5321 section 5.1: never to ourselves nor to a less preferred host
+            hosts = [h for h in hosts if h.preference < min(ours)]
+            if not hosts:
+                reason = f"mail for {domain} loops back to myself ({self.helo_name} is its MX)"
+                return [self._result(r, "failed", reason, "5.4.6") for r in rcpts]
         sts = policy.source == "mta-sts"
         if sts and policy.mx_patterns:
             matching = [h for h in hosts if any(mx_matches(p, h.name) for p in policy.mx_patterns)]
@@ -362,6 +371,7 @@ class MxDelivery:
             connect_timeout=self.connect_timeout,
             command_timeout=self.command_timeout,
             data_timeout=self.data_timeout,
+            cache_uses=self.cache_uses,
         )
         self._hops[key] = hop
         return hop

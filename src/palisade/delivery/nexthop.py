@@ -48,7 +48,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from palisade.delivery.outcome import Outcome, RecipientResult
-from palisade.delivery.smtpclient import SmtpClient, SmtpClientError, mailbox
+from palisade.delivery.smtpclient import SmtpClient, SmtpClientError, SmtpTimeout, mailbox
 from palisade.spool import Envelope
 
 _ENHANCED = re.compile(r"^([245]\.\d{1,3}\.\d{1,3})\b")
@@ -73,12 +73,15 @@ def _helo_name(name: str) -> str:
 class _TlsRefused(Exception):
     """STARTTLS was needed and could not be had. ``failure_type``: RFC 8460's result type."""
 
-    def __init__(self, reason: str, host_info: str, failure_type: str, ip: str = "") -> None:
+    def __init__(
+        self, reason: str, host_info: str, failure_type: str, ip: str = "", transient: bool = False
+    ) -> None:
         super().__init__(reason)
         self.reason = reason
         self.host_info = host_info
         self.failure_type = failure_type
         self.ip = ip
+        self.transient = transient  # the handshake timed out
 
 
 @dataclass
@@ -262,8 +265,11 @@ class SmtpNextHop:
                     )
                     for r in rcpts
                 ]
+                # a handshake that timed out says nothing about the host's TLS: another
+                # host may do, and this one later (never cleartext)
+                kind: SessionKind = "unusable" if exc.transient else "tls"
                 return Session(
-                    results, "tls", ip=exc.ip, tls_failure=exc.failure_type, tls_detail=exc.reason
+                    results, kind, ip=exc.ip, tls_failure=exc.failure_type, tls_detail=exc.reason
                 )
             failure = (exc.failure_type, exc.reason)
         # opportunistic TLS failed: once more in cleartext, and say so
@@ -401,6 +407,9 @@ class SmtpNextHop:
                 conn.host_info,
                 _ssl_failure(exc),
                 conn.ip,
+                # a timeout says nothing about the host's TLS; a server that closes the
+                # connection in the handshake (what many do when it fails) is a TLS failure
+                transient=isinstance(exc, SmtpTimeout),
             ) from None
         if refused:  # STARTTLS not answered 220, or the EHLO after the handshake not 250
             raise _TlsRefused(
