@@ -283,3 +283,36 @@ def test_failed_tlsa_lookup_defers_never_downgrades(world: World, make_world_gat
     world.zones.behave(tlsa_name(world, "mx.dane.test"), None)
     server.wait(1, timeout=30)
     assert server.handler.tls_seen == [True]
+
+
+def test_dane_ta_matches_the_intermediate_and_checks_the_name(
+    world: World, make_world_gateway: Any
+) -> None:
+    # 2 1 1 of an intermediate CA the server sends: the leaf must name the MX host
+    intermediate = world.test_ca.create_child_ca()
+    digest = hashlib.sha256(
+        x509.load_pem_x509_certificate(intermediate.cert_pem.bytes())
+        .public_key()
+        .public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+    ).hexdigest()
+    servers = {}
+    for domain, ip, name in (
+        ("ta.test", "127.0.0.27", "mx.ta.test"),
+        ("taname.test", "127.0.0.28", "somebody-else.test"),
+    ):
+        world.domain(domain, (10, f"mx.{domain}"))
+        world.host(f"mx.{domain}", ip)
+        context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        intermediate.issue_cert(name).configure_cert(context)  # sends leaf + intermediate
+        servers[domain] = MxServer(ip, world.port, context).start()
+        world.servers[ip] = servers[domain]
+        world.zones.set(tlsa_name(world, f"mx.{domain}"), "TLSA", [f"2 1 1 {digest}"])
+        world.zones.sign(domain)
+    gateway = make_world_gateway()
+    submit(world, "lee@ta.test", "ta")
+    _, rcpts, _ = servers["ta.test"].wait(1)[0]
+    assert rcpts == ["lee@ta.test"] and servers["ta.test"].handler.tls_seen == [True]
+    submit(world, "max@taname.test", "taname")
+    log_wait(gateway, r"\*\* max@taname\.test R=dnslookup T=smtp: TLS dane required .*"
+                      r"matches none of its TLSA records")  # fmt: skip
+    assert servers["taname.test"].handler.messages == []
