@@ -19,6 +19,9 @@ Kinds of zone (``Unbound(..., zones={apex: (kind, records)})``):
   validation and unbound answers SERVFAIL (an attack, or a broken zone).
 
 ``records``: ``{name relative to the apex or "@": {rdtype: [rdata text, ...]}}``.
+
+``stubs``: ``{zone: (ip, port)}``, zones unbound asks another server for (a
+``loopback/dnsserver.py`` ZoneServer): insecure, as every zone without a trust anchor above it.
 """
 
 from __future__ import annotations
@@ -68,10 +71,15 @@ class Unbound:
     """``unbound -d`` on 127.0.0.1:``port`` with the given zones (see the module docstring)."""
 
     def __init__(
-        self, directory: Path, zones: Mapping[str, tuple[str, Records]], unbound: str = "unbound"
+        self,
+        directory: Path,
+        zones: Mapping[str, tuple[str, Records]],
+        unbound: str = "unbound",
+        stubs: Mapping[str, tuple[str, int]] | None = None,
     ) -> None:
         self.directory = directory
         self.zones = dict(zones)
+        self.stubs = dict(stubs or {})
         self.unbound = unbound
         self.port = 0
         self._proc: subprocess.Popen[bytes] | None = None
@@ -114,7 +122,11 @@ class Unbound:
         with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
             sock.bind(("127.0.0.1", 0))
             self.port = sock.getsockname()[1]
-        test_zones = {apex.rstrip(".").split(".")[-1] for apex in self.zones}
+        test_zones = {apex.rstrip(".").split(".")[-1] for apex in (*self.zones, *self.stubs)}
+        stub_text = "".join(
+            f'stub-zone:\n  name: "{zone.rstrip(".")}"\n  stub-addr: {ip}@{port}\n'
+            for zone, (ip, port) in self.stubs.items()
+        )
         local = "".join(f'  local-zone: "{tld}." nodefault\n' for tld in sorted(test_zones))
         conf = self.directory / "unbound.conf"
         conf.write_text(
@@ -128,7 +140,8 @@ class Unbound:
             '  module-config: "validator iterator"\n'
             f'  trust-anchor-file: "{anchor_file}"\n'
             "  do-ip6: no\n  cache-max-ttl: 0\n  cache-max-negative-ttl: 0\n"
-            f"{local}" + "".join(stanzas)
+            "  do-not-query-localhost: no\n"
+            f"{local}" + "".join(stanzas) + stub_text
         )
         self._proc = subprocess.Popen(
             [self.unbound, "-d", "-c", str(conf)],

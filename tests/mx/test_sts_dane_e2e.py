@@ -3,8 +3,9 @@ TLS-RPT files record what happened.
 
 MTA-STS policies are served over real HTTPS (loopback/stsserver.py, a certificate of the test
 CA, the gateway's test-only ``[outbound] mta_sts_port``); TLSA records come from the loopback
-DNS server with the zone marked signed, which sets AD as a validating resolver on loopback does
-(the real validation by unbound is tested in tests/delivery/test_dane_unbound.py). The receiving
+DNS server with the zone marked signed, which sets AD as a validating resolver on loopback does;
+one test runs the documented set-up for real: the gateway's resolver is unbound on loopback,
+validating zones signed here (loopback/unbound.py). The receiving
 servers and the DSN checks are those of tests/mx (the sender's MX, example.org, gets the DSNs).
 """
 
@@ -22,9 +23,11 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
 from loopback.stsserver import StsServer, policy_text
+from loopback.unbound import Unbound
 from tests.conftest import GatewayProcess, wait_for
 from tests.mx.conftest import MxServer, World
 from tests.mx.test_mx_delivery_e2e import dsn, log_wait, submit
+from tests.services import need_program
 
 STS_DOMAINS = ("enforce.test", "onlybad.test", "wrongcert.test", "testing.test")
 
@@ -316,3 +319,49 @@ def test_dane_ta_matches_the_intermediate_and_checks_the_name(
     log_wait(gateway, r"\*\* max@taname\.test R=dnslookup T=smtp: TLS dane required .*"
                       r"matches none of its TLSA records")  # fmt: skip
     assert servers["taname.test"].handler.messages == []
+
+
+def test_dane_through_a_real_validating_unbound(
+    world: World, make_world_gateway: Any, tmp_path: Path
+) -> None:
+    """The documented set-up, for real: the gateway's resolver is unbound on loopback, which
+    validates realdane.test and realbad.test (signed here, their keys its trust anchors) and
+    finds bogus.test's signatures wrong; example.org (the DSNs' way) comes from the loopback
+    DNS server, insecure."""
+    program = need_program("unbound", "unbound")
+    good, digest = dane_server(world, "127.0.0.27", "unrelated.example.net")
+    bad, _ = dane_server(world, "127.0.0.28", "mx.realbad.test")
+    never, _ = dane_server(world, "127.0.0.26", "mx.bogus.test")
+
+    def zone(ip: str, tlsa: str) -> dict[str, dict[str, list[str]]]:
+        return {
+            "@": {"MX": ["10 mx"]},
+            "mx": {"A": [ip]},
+            f"_{world.port}._tcp.mx": {"TLSA": [tlsa]},
+        }
+
+    zones = {
+        "realdane.test": ("signed", zone("127.0.0.27", f"3 1 1 {digest}")),
+        "realbad.test": ("signed", zone("127.0.0.28", "3 1 1 " + "00" * 32)),
+        "bogus.test": ("bogus", zone("127.0.0.26", f"3 1 1 {digest}")),
+    }
+    stubs = {"example.org": world.zones.address}
+    with Unbound(tmp_path / "unbound", zones, unbound=program, stubs=stubs) as unbound:
+        gateway = make_world_gateway({"dns": {"nameservers": [f"127.0.0.1:{unbound.port}"]}})
+        submit(world, "ned@realdane.test", "realdane")
+        _, rcpts, _ = good.wait(1)[0]
+        assert rcpts == ["ned@realdane.test"] and good.handler.tls_seen == [True]
+        (result,) = wait_results(gateway, "realdane.test")
+        assert (result["policy_type"], result["success"]) == ("tlsa", True)
+
+        submit(world, "oda@realbad.test", "realbad")
+        log_wait(gateway, r"\*\* oda@realbad\.test R=dnslookup T=smtp: TLS dane required .*"
+                          r"matches none of its TLSA records")  # fmt: skip
+        human, _ = dsn(world)  # the DSN found example.org's MX through unbound as well
+        assert "realbad.test" in human
+        assert bad.handler.messages == []
+
+        submit(world, "pia@bogus.test", "bogus")
+        log_wait(gateway, r"== pia@bogus\.test R=dnslookup T=smtp defer")
+        assert never.handler.messages == [] and never.handler.peers == set()
+    assert "validation failure" in unbound.log()
