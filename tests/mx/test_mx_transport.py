@@ -317,3 +317,22 @@ def test_an_mx_naming_this_server_is_a_loop(world: World) -> None:
     world.zones.set("loop.test", "MX", ["5 mx.loop.test.", "10 gw.example.org."])
     [res] = deliver(transport(world), "bob@loop.test")
     assert res.outcome == "delivered" and len(other.handler.messages) == 1
+
+
+def test_tls_failure_with_another_host_unreachable_defers(world: World) -> None:
+    """``require``: mx1 refuses connections, mx2 does not offer STARTTLS. mx1 may do TLS when
+    it is back, so this is a deferral, not the policy's failure; and then it is delivered."""
+    world.domain("half.test", (10, "mx1.half.test"), (20, "mx2.half.test"))
+    world.host("mx1.half.test", "127.0.0.23")
+    world.host("mx2.half.test", "127.0.0.24")
+    plain = world.mx("127.0.0.24", tls=False)
+    mx = transport(world, default_level=TlsLevel.REQUIRE)
+    [res] = deliver(mx, "bob@half.test")
+    assert res.outcome == "deferred", res
+    assert res.detail.endswith(
+        "(TLS failed on mx2.half.test [127.0.0.24]: starttls-not-supported)"
+    ), res.detail
+    assert plain.handler.messages == []
+    first = world.mx("127.0.0.23", "mx1.half.test")
+    [res] = deliver(mx, "bob@half.test")
+    assert res.outcome == "delivered" and first.handler.tls_seen == [True]

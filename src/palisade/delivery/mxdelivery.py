@@ -19,7 +19,9 @@ it is not offered or the handshake fails), ``require`` (encrypted, certificate n
 ``verify`` (a chain to a trusted CA and the MX name), ``dane`` (the TLSA records). With every
 level but opportunistic there is never a cleartext fallback: a host that cannot do it is
 skipped for the next one, and when no host could, the recipients fail at once with a DSN that
-says why (``on_tls_failure = "fail"``) or are deferred (``"defer"``). A host that refuses the
+says why (``on_tls_failure = "fail"``) or are deferred (``"defer"``). When some host could
+not be tried at all (connection refused, a TLSA lookup failed), the attempt is deferred instead:
+that host may give the TLS later. A host that refuses the
 connection, greets with an error or breaks the connection before the transaction is skipped
 too; once a host held the transaction, its answers are final for this attempt (RFC 5321
 section 5.1 leaves it to the client; like Postfix, a 4xx to MAIL or RCPT is not retried on
@@ -265,43 +267,50 @@ class MxDelivery:
                     names = ", ".join(h.name for h in verdict.hosts)
                     reason = f"no MX host of {domain} ({names}) matches its MTA-STS policy"
                     return self._tls_verdict(rcpts, policy, [], reason)
-        last: list[RecipientResult] | None = None
+        last: list[RecipientResult] | None = None  # the last host's answers
         failures: list[_TlsFailure] = []
+        unreachable = False  # a host could not be tried: it may do TLS when it is back
         sessions = 0
         for host in hosts:
-            for ip in host.addresses:
-                if sessions >= MAX_SESSIONS:
-                    break
+            if sessions >= MAX_SESSIONS:
+                break
+            try:
+                level, records = await self._host_level(policy, host)
+            except DnsTempError as exc:
+                # RFC 7672 section 2.2: this host is not usable now; the next may be
+                reason = f"TLSA lookup for {host.name} failed: {exc.reason}"
+                last = [
+                    self._result(r, "deferred", reason, "4.7.5", remote=host.name) for r in rcpts
+                ]
+                self._record(domain, policy, "tlsa", host.name, "", "dnssec-invalid", reason)
+                unreachable = True
+                continue
+            for ip in host.addresses[: MAX_SESSIONS - sessions]:
                 sessions += 1
-                try:
-                    level, records = await self._host_level(policy, host)
-                except DnsTempError as exc:
-                    reason = f"TLSA lookup for {host.name} failed: {exc.reason}"
-                    last = [
-                        self._result(r, "deferred", reason, "4.7.5", remote=host.name)
-                        for r in rcpts
-                    ]
-                    self._record(domain, policy, "tlsa", host.name, ip, "dnssec-invalid", reason)
-                    break  # RFC 7672 section 2.2: this host is not usable; the next may be
                 session = await self._session(
                     domain, policy, host, ip, level, records, envelope, rcpts, body
                 )
                 if session.kind == "done":
                     return session.results
                 if session.kind == "tls":
+                    failure = session.tls_failure or "validation-failure"
                     failures.append(
-                        _TlsFailure(
-                            host.name,
-                            session.ip or ip,
-                            level,
-                            session.tls_failure or "validation-failure",
-                            session.tls_detail,
-                        )
+                        _TlsFailure(host.name, session.ip or ip, level, failure, session.tls_detail)
                     )
+                else:
+                    unreachable = True
                 last = session.results
-        if failures:
+        if failures and not unreachable:  # every host tried, none could: the policy's verdict
             return self._tls_verdict(rcpts, policy, failures, "")
         assert last is not None  # a verdict "ok" has at least one host with an address
+        if failures:  # some hosts could not be tried: later, they may; the TLS failures said
+            why = "; ".join(f"{f.host} [{f.ip}]: {f.failure_type}" for f in failures)
+            return [
+                dataclasses.replace(res, detail=f"{res.detail} (TLS failed on {why})")
+                if res.outcome == "deferred"
+                else res
+                for res in last
+            ]
         return last
 
     async def _host_level(

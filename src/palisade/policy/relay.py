@@ -93,7 +93,7 @@ class RelayPolicy:
                 "5.7.1",
                 "Relay access denied",
                 "relay refused: client may relay (relay_from_hosts or AUTH) but no next_hop is "
-                "configured",
+                'configured (nor [outbound] delivery = "mx")',
             )
         # exim's words for this refusal, which fail2ban's stock exim filter matches
         return deny(550, "5.7.1", "Relay access denied", "relay not permitted")
