@@ -68,7 +68,7 @@ def wait_results(gateway: GatewayProcess, domain: str, count: int = 1) -> list[d
         got = [r for r in tls_results(gateway) if r["domain"] == domain]
         return got if len(got) >= count else None
 
-    result: list[dict[str, Any]] = wait_for(found)
+    result: list[dict[str, Any]] = wait_for(found, timeout=30)
     return result
 
 
@@ -250,7 +250,7 @@ def test_dane_mismatch_with_defer_is_retried_never_sent_in_clear(
     world.zones.sign("dane.test")
     gateway = make_world_gateway(on_tls_failure="defer")
     submit(world, "ida@dane.test")
-    wait_for(lambda: gateway.mainlog().count("== ida@dane.test") >= 2, timeout=20)
+    wait_for(lambda: gateway.mainlog().count("== ida@dane.test") >= 2, timeout=40)
     assert server.handler.messages == []
     assert "** ida@dane.test" not in gateway.mainlog()
 
