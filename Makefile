@@ -9,7 +9,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 APT_PACKAGES := swaks openssl slapd ldap-utils spamassassin spamd clamav-daemon clamav rspamd fail2ban \
   logrotate systemd dovecot-core dovecot-imapd postfix nftables iproute2 chromium redis-server \
-  redis-sentinel redis-tools gcc
+  redis-sentinel redis-tools gcc unbound
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 # make install: the service's venv, made with Debian's python3 (an interpreter under a home
 # directory, like pyenv's, may not be readable by the palisade user the daemon drops to).

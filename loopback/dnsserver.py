@@ -23,6 +23,8 @@ Use::
     server.set("new.example.test", "TXT", ["v=spf1 -all"], ttl=60)
     server.behave("slow.example.test", "timeout")  # or servfail, refused, truncate, garbage
     server.queries("mx.example.test", "A")          # how many such queries arrived
+    server.set("_25._tcp.mx.example.test", "TLSA", ["3 1 1 <sha-256 hex>"])
+    server.sign("example.test")   # answers from this zone carry AD (as a validating resolver's)
     server.stop()
 
 Semantics: a name holding an SOA is a zone apex. A name with no data (and no data below it)
@@ -30,6 +32,12 @@ inside a zone gets NXDOMAIN, a name with data but not of the asked type gets NOD
 the zone's SOA in the authority section (for negative caching). Names outside every zone get
 NXDOMAIN without SOA. CNAMEs are followed within the served data. UDP answers larger than 512
 bytes (or the client's EDNS payload size) are truncated (TC) so the client retries over TCP.
+
+DNSSEC, as a stub sees it: a zone marked with :meth:`ZoneServer.sign` stands for a zone the
+validating resolver could validate. Answers about names in it (positive or negative) carry the AD
+bit when the query asked for it (AD or DO set, RFC 6840 section 5.7), as unbound does; nothing is
+really signed (no RRSIG, no DNSKEY): this server plays the *validating resolver*, and what it
+tests is the stub's handling of AD. ``ad_queries`` counts queries that had AD set.
 """
 
 from __future__ import annotations
@@ -53,6 +61,7 @@ from dnslib import (
     RCODE,
     RR,
     SOA,
+    TLSA,
     TXT,
     A,
     DNSRecord,
@@ -90,6 +99,9 @@ def _rdata(rdtype: str, value: Any) -> Any:
         return CNAME(value)
     if rdtype == "NS":
         return NS(value)
+    if rdtype == "TLSA":
+        usage, selector, mtype, *data = str(value).split()
+        return TLSA(int(usage), int(selector), int(mtype), bytes.fromhex("".join(data)))
     if rdtype == "SOA":
         mname, rname, *times = str(value).split()
         return SOA(mname, rname, tuple(int(t) for t in times))
@@ -165,6 +177,8 @@ class ZoneServer:
         self._behaviour: dict[tuple[str, str | None], tuple[str, float]] = {}
         self._counts: Counter[tuple[str, str]] = Counter()
         self._transport_counts: Counter[str] = Counter()
+        self._signed: set[str] = set()
+        self.ad_queries = 0
         self.log: list[tuple[str, str, str]] = []  # (transport, name, type) in arrival order
         self._udp: _UDPServer | None = None
         self._tcp: _TCPServer | None = None
@@ -259,6 +273,19 @@ class ZoneServer:
         self.set(apex, "SOA", [soa], ttl=max(ttl, negative_ttl))
         self.set(apex, "NS", [f"ns.{apex}."], ttl=ttl)
 
+    def sign(self, apex: str, signed: bool = True) -> None:
+        """Marks the zone at ``apex`` as DNSSEC-validated (answers about its names get AD when
+        asked for), or unmarks it with ``signed=False``."""
+        with self._lock:
+            if signed:
+                self._signed.add(_norm(apex))
+            else:
+                self._signed.discard(_norm(apex))
+
+    def _is_signed(self, name: str) -> bool:
+        apex = self._apex_for(name)
+        return apex is not None and apex in self._signed
+
     def list_address(
         self, zone: str, ip: str, *answers: str, txt: str | None = None, ttl: int = 300
     ) -> str:
@@ -339,6 +366,7 @@ class ZoneServer:
             self._counts[(qname, qtype)] += 1
             self._transport_counts[transport] += 1
             self.log.append((transport, qname, qtype))
+            self.ad_queries += bool(request.header.ad)
             behaviour = self._behaviour.get((qname, qtype)) or self._behaviour.get((qname, None))
         if behaviour is not None:
             kind, delay = behaviour
@@ -355,12 +383,21 @@ class ZoneServer:
             if kind == "truncate" and transport == "udp":
                 return self._truncated(request)
         reply = request.reply()
+        reply.header.ad = 0
         with self._lock:
-            self._fill(reply, qname, qtype)
+            names = self._fill(reply, qname, qtype)
+            if (request.header.ad or self._asked_do(request)) and all(
+                self._is_signed(name) for name in names
+            ):
+                reply.header.ad = 1
         packed = bytes(reply.pack())
         if transport == "udp" and len(packed) > self._udp_limit(request):
             return self._truncated(request)
         return packed
+
+    @staticmethod
+    def _asked_do(request: DNSRecord) -> bool:
+        return any(rr.rtype == QTYPE.OPT and rr.ttl & 0x8000 for rr in request.ar)
 
     @staticmethod
     def _udp_limit(request: DNSRecord) -> int:
@@ -392,20 +429,21 @@ class ZoneServer:
         for value in values:
             add(RR(name + ".", getattr(QTYPE, rdtype), rdata=_rdata(rdtype, value), ttl=ttl))
 
-    def _fill(self, reply: DNSRecord, qname: str, qtype: str) -> None:
+    def _fill(self, reply: DNSRecord, qname: str, qtype: str) -> list[str]:
+        """Fills the reply; returns the names the answer speaks for (for the AD bit)."""
         name = qname
-        seen = {name}
+        seen = [name]
         while True:
             node = self._data.get(name, {})
             if qtype in node:
                 self._add(reply, "answer", name, qtype)
-                return
+                return seen
             if "CNAME" in node and qtype != "CNAME":
                 self._add(reply, "answer", name, "CNAME")
                 target = _norm(str(node["CNAME"][0][0]))
                 if target in seen or (target not in self._data and self._apex_for(target) is None):
-                    return  # loop, or out of our zones: the client chases it
-                seen.add(target)
+                    return seen  # loop, or out of our zones: the client chases it
+                seen.append(target)
                 name = target
                 continue
             break
@@ -414,6 +452,7 @@ class ZoneServer:
         apex = self._apex_for(name)
         if apex is not None:
             self._add(reply, "authority", apex, "SOA")
+        return seen
 
 
 def start_zone_server(

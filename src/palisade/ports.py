@@ -92,11 +92,19 @@ class DnsAnswer:
     ``ttl`` is the number of seconds the answer may still be reused (after the adapter's caps).
     ``nxdomain`` is True when the name does not exist; empty ``records`` with ``nxdomain`` False
     means NODATA (the name exists but has no record of that type).
+
+    ``authentic`` is the AD bit of the resolver's answer (RFC 4035 section 3.2.3, asked for
+    with AD set in the query as RFC 6840 section 5.7 allows): the resolver says it validated the
+    answer with DNSSEC. It means something only when the resolver validates and the path to it
+    cannot be tampered with (a validating resolver such as unbound on loopback); the adapter
+    reports False unless it was told to trust that path. DANE (RFC 7672) uses TLSA records
+    only when this is True.
     """
 
     records: tuple[str, ...]
     ttl: int
     nxdomain: bool = False
+    authentic: bool = False
 
     @property
     def nodata(self) -> bool:

@@ -558,3 +558,62 @@ def test_empty_nameserver_list_uses_the_system_configuration() -> None:
     assert servers and all(port == 53 for _, port in servers)
     with pytest.raises(ValueError):
         DnsResolver([("resolver.example", 53)])
+
+
+# ---------------------------------------------------------------- DNSSEC: the AD bit (DANE)
+
+
+def test_ad_bit_is_asked_for_and_copied_from_a_signed_zone(dns_server: ZoneServer) -> None:
+    dns_server.add_zone("signed.test")
+    dns_server.sign("signed.test")
+    dns_server.set("_25._tcp.mx.signed.test", "TLSA", ["3 1 1 " + "ab" * 32])
+    dns_server.set("mx.example.test", "A", ["192.0.2.10"])
+    resolver = make(dns_server)
+    assert resolver.trusts_ad  # the nameserver is on loopback
+    tlsa = run(resolver.query("_25._tcp.mx.signed.test", "TLSA"))
+    assert tlsa.authentic
+    assert tlsa.records == ("3 1 1 " + "ab" * 32,)
+    plain = run(resolver.query("mx.example.test", "A"))
+    assert not plain.authentic  # example.test is not signed
+    missing = run(resolver.query("nothing.signed.test", "TLSA"))
+    assert missing.nxdomain and missing.authentic  # an authenticated denial
+    assert dns_server.ad_queries == dns_server.total_queries == 3  # AD set in every query
+
+
+def test_ad_bit_is_kept_in_the_cache(dns_server: ZoneServer) -> None:
+    dns_server.add_zone("signed.test")
+    dns_server.sign("signed.test")
+    dns_server.set("mx.signed.test", "A", ["192.0.2.30"])
+    resolver = make(dns_server)
+    assert run(resolver.query("mx.signed.test", "A")).authentic
+    assert run(resolver.query("mx.signed.test", "A")).authentic
+    assert dns_server.queries("mx.signed.test", "A") == 1  # the second came from the cache
+
+
+def test_cname_chain_is_authentic_only_when_every_link_is(dns_server: ZoneServer) -> None:
+    dns_server.add_zone("signed.test")
+    dns_server.sign("signed.test")
+    dns_server.set("mx.signed.test", "A", ["192.0.2.30"])
+    dns_server.set("alias.example.test", "CNAME", ["mx.signed.test."])
+    dns_server.set("alias.signed.test", "CNAME", ["mx.signed.test."])
+    resolver = make(dns_server)
+    assert run(resolver.query("alias.signed.test", "A")).authentic
+    unsigned_link = run(resolver.query("alias.example.test", "A"))
+    assert unsigned_link.records == ("192.0.2.30",) and not unsigned_link.authentic
+
+
+def test_ad_bit_not_believed_when_told_not_to(dns_server: ZoneServer) -> None:
+    dns_server.add_zone("signed.test")
+    dns_server.sign("signed.test")
+    dns_server.set("mx.signed.test", "A", ["192.0.2.30"])
+    resolver = make(dns_server, trust_ad=False)
+    assert not resolver.trusts_ad
+    assert not run(resolver.query("mx.signed.test", "A")).authentic
+
+
+def test_ad_bit_not_believed_from_a_remote_resolver_by_default() -> None:
+    # nothing is sent: only the decision made from the addresses is looked at
+    assert not DnsResolver([("192.0.2.53", 53)]).trusts_ad
+    assert not DnsResolver([("127.0.0.1", 53), ("192.0.2.53", 53)]).trusts_ad
+    assert DnsResolver([("127.0.0.1", 53), ("::1", 53)]).trusts_ad
+    assert DnsResolver([("192.0.2.53", 53)], trust_ad=True).trusts_ad

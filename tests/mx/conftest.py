@@ -178,6 +178,8 @@ def make_world_gateway(
         }
         settings.update(outbound)
         domains = settings.pop("domains", None)
+        sections = dict(sections or {})  # a "dns" section replaces the loopback DNS server
+        dns = sections.pop("dns", {"nameservers": [f"127.0.0.1:{world.zones.port}"]})
         gateway: GatewayProcess = make_gateway(
             start=False,
             files={"senders": SENDERS},
@@ -185,12 +187,12 @@ def make_world_gateway(
                  "private_key": str(tls_files["private_key"])},
             relay={"relay_from_hosts": ["127.0.0.1/32"]},
             delivery={"retry_initial": 1, "retry_max_interval": 2},
-            dns={"nameservers": [f"127.0.0.1:{world.zones.port}"]},
+            dns=dns,
             dkim={"keys_dir": "keys", "keys": KEYS},
             submission={"listen": [f"127.0.0.1:{port}"], "password_file": "passwd",
                         "senders": "senders"},
             outbound=settings,
-            **(sections or {}),
+            **sections,
         )  # fmt: skip
         if domains:
             text = gateway.config_path.read_text()

@@ -55,8 +55,9 @@ class Tlsa:
         return found
 
 
-def leaf_sha256(records: tuple[TlsaRecord, ...], chain: list[bytes]) -> bool:
-    """DANE-EE(3) Cert(0) SHA2-256(1) only: enough to see that the transport passes the chain."""
+def leaf_sha256(records: tuple[TlsaRecord, ...], chain: list[bytes], host: str) -> bool:
+    """DANE-EE(3) Cert(0) SHA2-256(1) only: enough to see that the transport passes the chain
+    (``host``, the MX name, is for DANE-TA records; not needed here)."""
     digest = hashlib.sha256(chain[0]).digest()
     return any((r.usage, r.selector, r.mtype, r.data) == (3, 0, 1, digest) for r in records)
 

@@ -30,6 +30,16 @@ reads resolv.conf and raises a family of exceptions we would have to translate a
 where correctness is hard (the wire protocol) comes from dnspython; the policy-shaped parts
 (what to cache for how long, what counts as a temporary failure) are ours and small.
 
+DNSSEC (for DANE, RFC 7672): every query goes out with the AD bit set (RFC 6840 section 5.7: "I
+understand AD, tell me"), without DO, so a validating resolver says whether it validated the
+answer without sending signatures. The answer's AD bit becomes ``DnsAnswer.authentic`` (for a
+CNAME chain chased with several queries, only when every answer had it), and the cache keeps it.
+This stub does not validate: AD is only as good as the resolver that set it and the path to it.
+``trust_ad`` says whether to believe it: by default (None) only when every nameserver is on
+loopback (a validating unbound on 127.0.0.1, the documented set-up), where nobody on the network
+can forge the bit; False never reports an answer as authentic; True believes any nameserver (a
+resolver on a link the operator trusts).
+
 Cache semantics:
 * positive answers live for the smallest TTL of the answer RRset and of the CNAMEs followed to it,
   raised to ``cache_min_ttl`` and capped at ``cache_max_ttl``;
@@ -133,6 +143,7 @@ class _Entry:
     nxdomain: bool
     ttl: int  # seconds to keep, after caps
     error: str | None = None  # set for a temporary failure
+    authentic: bool = False  # every answer behind it had AD set (and AD is trusted)
 
 
 def _parse_rdtype(rdtype: str) -> dns.rdatatype.RdataType:
@@ -208,6 +219,8 @@ class DnsResolver:
     A SERVFAIL/REFUSED/network error from a nameserver is not retried on that same nameserver.
     ``redact`` lists secrets (a Spamhaus DQS key is part of the zone name) that are replaced by
     ``<redacted>`` in every ``DnsTempError`` reason, since reasons end up in logs.
+    ``trust_ad``: whether the resolvers' AD bit is believed (see the module docstring; None:
+    only when every nameserver is a loopback address).
     """
 
     def __init__(
@@ -226,6 +239,7 @@ class DnsResolver:
         use_tcp_fallback: bool = True,
         edns_payload: int = 1232,
         clock: Clock | None = None,
+        trust_ad: bool | None = None,
     ) -> None:
         servers = list(nameservers) if nameservers else _system_nameservers()
         for host, port in servers:
@@ -236,6 +250,11 @@ class DnsResolver:
         if timeout <= 0 or retries < 0 or cache_size < 0 or edns_payload < 0:
             raise ValueError("timeout must be positive; retries, cache_size, edns_payload >= 0")
         self._nameservers = [(str(ipaddress.ip_address(h)), int(p)) for h, p in servers]
+        self._trust_ad = (
+            all(ipaddress.ip_address(h).is_loopback for h, _ in self._nameservers)
+            if trust_ad is None
+            else bool(trust_ad)
+        )
         self._timeout = float(timeout)
         self._tries = int(retries) + 1
         self._max_ttl = int(cache_max_ttl)
@@ -263,6 +282,11 @@ class DnsResolver:
     @property
     def nameservers(self) -> list[tuple[str, int]]:
         return list(self._nameservers)
+
+    @property
+    def trusts_ad(self) -> bool:
+        """Whether answers may be reported ``authentic`` (the AD bit is believed)."""
+        return self._trust_ad
 
     def cache_len(self) -> int:
         return len(self._cache)
@@ -358,7 +382,9 @@ class DnsResolver:
     def _deliver(entry: _Entry, ttl: int) -> DnsAnswer:
         if entry.error is not None:
             raise DnsTempError(entry.error)
-        return DnsAnswer(records=entry.records, ttl=ttl, nxdomain=entry.nxdomain)
+        return DnsAnswer(
+            records=entry.records, ttl=ttl, nxdomain=entry.nxdomain, authentic=entry.authentic
+        )
 
     # ---------------------------------------------------------------- resolution
 
@@ -387,14 +413,17 @@ class DnsResolver:
         current = qname
         seen = {qname}
         chain_ttls: list[int] = []
+        authentic = self._trust_ad
         for _ in range(MAX_CNAME_HOPS + 1):
             msg = await self._exchange(current, qtype)
+            authentic = authentic and bool(msg.flags & dns.flags.AD)
             target = current
             while True:
                 rrset = msg.get_rrset(msg.answer, target, dns.rdataclass.IN, qtype)
                 if rrset is not None and len(rrset) > 0:
                     records = tuple(_render(rdata) for rdata in rrset)
-                    return _Entry(records, False, self._positive_ttl([*chain_ttls, rrset.ttl]))
+                    ttl = self._positive_ttl([*chain_ttls, rrset.ttl])
+                    return _Entry(records, False, ttl, authentic=authentic)
                 if qtype == dns.rdatatype.CNAME:
                     break
                 cname = msg.get_rrset(msg.answer, target, dns.rdataclass.IN, dns.rdatatype.CNAME)
@@ -409,9 +438,11 @@ class DnsResolver:
                 seen.add(target)
             soa = self._authority_soa(msg)
             if msg.rcode() == dns.rcode.NXDOMAIN:
-                return _Entry((), True, self._negative_ttl(soa, chain_ttls))
+                ttl = self._negative_ttl(soa, chain_ttls)
+                return _Entry((), True, ttl, authentic=authentic)
             if target == current or soa is not None:
-                return _Entry((), False, self._negative_ttl(soa, chain_ttls))
+                ttl = self._negative_ttl(soa, chain_ttls)
+                return _Entry((), False, ttl, authentic=authentic)
             current = target  # the resolver did not chase the CNAME for us: ask for the target
         raise DnsTempError("CNAME chain too long")
 
@@ -438,6 +469,7 @@ class DnsResolver:
             query = dns.message.make_query(qname, qtype, use_edns=0, payload=self._edns_payload)
         else:
             query = dns.message.make_query(qname, qtype, use_edns=False)
+        query.flags |= dns.flags.AD  # RFC 6840 section 5.7: tell us whether you validated it
         errors: list[str] = []
         refused_by: set[tuple[str, int]] = set()
         for attempt in range(self._tries):

@@ -733,6 +733,15 @@ def _check_cross_rules(config: Config, source: str, finder: _LineFinder) -> None
         fail("outbound", "tls_ca_file", f"no such file: {outbound.tls_ca_file}")
     if not 0 < outbound.port < 65536:
         fail("outbound", "port", f"expected a TCP port number (1-65535), got {outbound.port}")
+    if not 0 < outbound.mta_sts_port < 65536:
+        fail(
+            "outbound",
+            "mta_sts_port",
+            f"expected a TCP port number (1-65535), got {outbound.mta_sts_port}",
+        )
+    reports = outbound.tls_reports
+    if reports is not None and reports.exists() and not reports.is_dir():
+        fail("outbound", "tls_reports", f"not a directory: {reports}")
     if config.delivery.retry_max_interval < config.delivery.retry_initial:
         fail("delivery", "retry_max_interval", "must not be shorter than retry_initial")
     seen: set[tuple[str, str]] = set()

@@ -124,7 +124,13 @@ class OutboundConfig:
     ``on_tls_failure``: "fail" (a DSN at once saying why) or "defer" (retry) when a destination
     cannot give the TLS its level demands; ``tls_ca_file``: extra trust anchors for verify
     (empty: the system's); ``concurrency_per_destination``: deliveries in flight per recipient
-    domain; ``port``: the MX hosts' port, 25: another value is for tests and labs only."""
+    domain; ``port``: the MX hosts' port, 25: another value is for tests and labs only.
+
+    ``mta_sts``: look up the domains' MTA-STS policies (RFC 8461; cached in ``mta-sts.json``
+    beside ``[paths] state``); ``mta_sts_port``: the policy hosts' HTTPS port, 443: another
+    value is for tests and labs only. ``dane``: use DNSSEC-authenticated TLSA records of the MX
+    hosts (RFC 7672; needs a validating resolver, see ``[dns] trust_ad``). ``tls_reports``: the
+    directory of the TLS-RPT result files (``YYYY-MM-DD.jsonl``), empty: none kept."""
 
     delivery: str = choice("next_hop", "mx")
     tls: str = choice(*TLS_LEVELS)
@@ -132,6 +138,10 @@ class OutboundConfig:
     tls_ca_file: Path | None = field(default=None, metadata={"empty": None})
     concurrency_per_destination: int = positive(4)
     port: int = positive(25)
+    mta_sts: bool = True
+    mta_sts_port: int = positive(443)
+    dane: bool = True
+    tls_reports: Path | None = field(default=Path("var/tlsrpt"), metadata={"empty": None})
     domains: tuple[tuple[str, str], ...] = field(default=(), metadata={"kind": "domain_levels"})
 
     def level_for(self, domain: str) -> str | None:
@@ -199,6 +209,9 @@ class DnsConfig:
     retries: int = positive(1, 0)
     cache_max_ttl: int = positive(3600, 0)
     dnsbl_probe_interval: float = duration(300.0, 0.0)  # 0: never probe (RFC 5782 section 5)
+    # Believe the resolver's AD bit (DNSSEC-validated) for DANE: "auto" only when every
+    # nameserver is on loopback (a validating unbound there); "yes" any; "no" never.
+    trust_ad: str = choice("auto", "yes", "no")
 
 
 @dataclass(frozen=True, slots=True)

@@ -63,7 +63,9 @@ MAX_SESSIONS = (
 )
 MAX_HOPS = 512  # hosts kept (with their idle connections) between messages
 
-DaneMatch = Callable[[tuple[TlsaRecord, ...], list[bytes]], bool]
+# (records, the peer's chain as DER leaf first, the MX host name) -> match; the name is for
+# DANE-TA records, whose leaf must name the host (palisade.delivery.dane.matches)
+DaneMatch = Callable[[tuple[TlsaRecord, ...], list[bytes], str], bool]
 
 # RFC 3463 / RFC 5248: 5.7.10 "Encryption needed", 5.7.5 "Cryptographic failure"
 _TLS_STATUS = {"starttls-not-supported": "7.10"}
@@ -389,7 +391,7 @@ class MxDelivery:
 
         def check(chain: list[bytes]) -> str | None:
             try:
-                ok = match(records, chain)
+                ok = match(records, chain, name)
             except Exception as exc:  # a broken record or certificate: no match
                 return f"DANE check of {name} failed: {exc}"
             return None if ok else f"the certificate of {name} matches none of its TLSA records"

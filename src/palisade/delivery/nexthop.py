@@ -38,6 +38,7 @@ bounded by the gateway's message size limit).
 
 from __future__ import annotations
 
+import _ssl
 import contextlib
 import re
 import ssl
@@ -130,7 +131,12 @@ def peer_chain(ssl_object: object) -> list[bytes]:
     if getter is not None:
         try:
             chain = getter() or []
-            return [cert.public_bytes(ssl.ENCODING_DER) for cert in chain]  # type: ignore[attr-defined]
+            # _ssl.Certificate.public_bytes; DER is _ssl.ENCODING_DER (the ssl module does not
+            # re-export it; 3.13's public method returns bytes already)
+            return [
+                cert if isinstance(cert, bytes) else cert.public_bytes(_ssl.ENCODING_DER)
+                for cert in chain
+            ]
         except (AttributeError, ValueError, ssl.SSLError):
             pass
     getpeercert = getattr(ssl_object, "getpeercert", None)

@@ -193,7 +193,7 @@ def build_generation(
         router = None
         if delivering:
             part = "delivery router ([delivery], [paths] mail)"
-            router = build_router(config)
+            router = build_router(config, on_list_error)
     except GenerationError:
         _close_all(opened)
         raise
@@ -402,6 +402,7 @@ def build_resolver(config: Config) -> DnsResolver:
         cache_max_ttl=dns.cache_max_ttl,
         redact=secrets_of(config),
         clock=SYSTEM_CLOCK,
+        trust_ad={"auto": None, "yes": True, "no": False}[dns.trust_ad],
     )
 
 
@@ -502,36 +503,67 @@ def listening_ips(config: Config) -> frozenset[IPAddress]:
     return frozenset(ips)
 
 
-def mta_sts_source(config: Config) -> MtaStsSource | None:
-    """Hook for MTA-STS (``[outbound] mta_sts``): the policy source, or None (off).
-    Built by the MTA-STS part (issue 15, helper "sts"); None until then."""
-    return None
+def mta_sts_source(
+    config: Config, resolver: Resolver, results: TlsResultSink | None
+) -> MtaStsSource | None:
+    """MTA-STS (``[outbound] mta_sts``): the policy source, or None (off). Its cache file lies
+    beside ``[paths] state`` (shared by the worker processes, kept over a restart)."""
+    outbound = config.outbound
+    if not outbound.mta_sts:
+        return None
+    from palisade.adapters.mta_sts import MtaStsPolicies
+
+    return MtaStsPolicies(
+        resolver,
+        cache_file=config.paths.state.parent / "mta-sts.json",
+        ca_file=outbound.tls_ca_file,
+        report=results,
+        on_failure=outbound.on_tls_failure,
+        port=outbound.mta_sts_port,
+    )
 
 
 def tlsa_source(config: Config, resolver: Resolver) -> TlsaSource | None:
-    """Hook for DANE (``[outbound] dane``): authenticated TLSA records, or None (off).
-    Built by the DANE part (issue 15, helper "sts"); None until then."""
-    return None
+    """DANE (``[outbound] dane``): authenticated TLSA records, or None (off)."""
+    if not config.outbound.dane:
+        return None
+    from palisade.delivery.dane import DaneTlsaSource
+
+    return DaneTlsaSource(resolver)
 
 
 def dane_matcher(config: Config) -> DaneMatch | None:
-    """Hook for DANE: ``palisade.delivery.dane.matches`` once it exists; None (off) until then."""
-    return None
+    """DANE: the TLSA matching of ``palisade.delivery.dane``, or None (off)."""
+    if not config.outbound.dane:
+        return None
+    from palisade.delivery.dane import matches
+
+    return matches
 
 
-def tls_result_sink(config: Config) -> TlsResultSink | None:
-    """Hook for TLS-RPT (``[outbound] tls_reports``): where session results go, or None (off).
-    Built by the TLS-RPT part (issue 15, helper "sts"); None until then."""
-    return None
+def tls_result_sink(
+    config: Config, on_error: Callable[[str], None] | None = None
+) -> TlsResultSink | None:
+    """TLS-RPT (``[outbound] tls_reports``): the daily JSON-lines files, or None (off). A
+    write that fails is told to ``on_error`` (the panic log) at most once a minute."""
+    if config.outbound.tls_reports is None:
+        return None
+    from palisade.adapters.tlsrpt_file import TlsResultFiles
+
+    return TlsResultFiles(config.outbound.tls_reports, on_error=on_error)
 
 
-def build_outbound(config: Config) -> MxDelivery | None:
+def build_outbound(
+    config: Config, on_error: Callable[[str], None] | None = None
+) -> MxDelivery | None:
     """The MX transport of ``[outbound]`` when ``delivery = "mx"``, else None (the next hop
-    takes OUTBOUND mail). Its own resolver (``[dns]``): it runs in the delivering process."""
+    takes OUTBOUND mail). Its own resolver (``[dns]``): it runs in the delivering process.
+    ``on_error``: the panic log, for TLS-RPT files that cannot be written."""
     outbound = config.outbound
     if outbound.delivery != "mx":
         return None
     resolver = build_resolver(config)
+    results = tls_result_sink(config, on_error)
     return MxDelivery(
         resolver,
         helo_name=config.server.hostname,
@@ -541,22 +573,22 @@ def build_outbound(config: Config) -> MxDelivery | None:
         on_tls_failure=outbound.on_tls_failure,
         verify_context=client_context(outbound.tls_ca_file),
         concurrency_per_destination=outbound.concurrency_per_destination,
-        mta_sts=mta_sts_source(config),
+        mta_sts=mta_sts_source(config, resolver, results),
         tlsa=tlsa_source(config, resolver),
         dane_match=dane_matcher(config),
-        tls_results=tls_result_sink(config),
+        tls_results=results,
         connect_timeout=min(30.0, config.delivery.timeout),
         command_timeout=config.delivery.timeout,
         data_timeout=max(600.0, config.delivery.timeout),
     )
 
 
-def build_router(config: Config) -> Router:
+def build_router(config: Config, on_error: Callable[[str], None] | None = None) -> Router:
     """The delivery router: Maildir for local domains, the next hop for relay domains, and
     for OUTBOUND mail the MX transport (``[outbound] delivery = "mx"``) or the next hop."""
     next_hop = parse_host_port(config.delivery.next_hop) if config.delivery.next_hop else None
     return Router(
-        outbound=build_outbound(config),
+        outbound=build_outbound(config, on_error),
         local_domains=frozenset(d.lower() for d in config.domains.local),
         relay_domains=frozenset(d.lower() for d in config.domains.relay),
         maildir_root=config.paths.mail,

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import ipaddress
 import os
 import stat
 import sys
@@ -70,6 +71,7 @@ def run_selfcheck(
     findings += _dkim_findings(config)
     findings += _submission_findings(config)
     findings += _dmarc_findings(config)
+    findings += _outbound_tls_findings(config)
     if dns:
         findings += _state_findings(config)
         findings += asyncio.run(_dns_findings(config, policy))
@@ -407,6 +409,46 @@ def _submission_findings(config: Config) -> list[Finding]:
         else:
             findings.append(
                 Finding("ok", "submission.senders", f"[submission] senders {sub.senders} is valid")
+            )
+    return findings
+
+
+def _outbound_tls_findings(config: Config) -> list[Finding]:
+    """MX delivery's TLS-RPT directory and DANE's resolver requirement. Warnings only: without
+    them delivery works, but results are lost, or DANE never applies."""
+    outbound = config.outbound
+    if outbound.delivery != "mx":
+        return []
+    findings = []
+    reports = outbound.tls_reports
+    if reports is not None:
+        problem = _directory_problem("[outbound] tls_reports", reports)
+        findings.append(
+            Finding("warning", "outbound.tls_reports", problem + ": TLS-RPT results are lost")
+            if problem
+            else Finding(
+                "ok",
+                "outbound.tls_reports",
+                f"[outbound] tls_reports {reports} {_writable(reports)}",
+            )
+        )
+    if outbound.dane:
+        servers = [parse_host_port(n, default_port=53)[0] for n in config.dns.nameservers]
+        loopback = bool(servers) and all(ipaddress.ip_address(h).is_loopback for h in servers)
+        trust = config.dns.trust_ad
+        if trust == "no" or (trust == "auto" and servers and not loopback):
+            why = (
+                '[dns] trust_ad = "no"'
+                if trust == "no"
+                else '[dns] nameservers are not all on loopback (trust_ad = "auto")'
+            )
+            findings.append(
+                Finding(
+                    "warning",
+                    "outbound.dane",
+                    f"[outbound] dane is on but the resolver's AD bit is not believed ({why}):"
+                    " DANE never applies. Use a validating resolver on loopback (unbound)",
+                )
             )
     return findings
 
