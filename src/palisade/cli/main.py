@@ -312,7 +312,7 @@ _NOT_SHOWN = "(set, not shown)"
 _SECTIONS = (
     "server", "limits", "tls", "domains", "relay", "delivery", "paths", "log", "dns", "policy",
     "ldap", "spamd", "rspamd", "clamd", "authentication", "dkim", "dmarc", "submission",
-    "incidents", "scan", "firewall", "record", "state",
+    "incidents", "scan", "firewall", "metrics", "record", "state", "outbound",
 )  # fmt: skip
 
 
@@ -387,6 +387,9 @@ def effective_config(config: Config) -> dict[str, Any]:
             name: _redact(name, _plain(getattr(value, name))) for name in value.__dataclass_fields__
         }
     out["scan"]["weights"] = dict(config.scan.weights)
+    out["outbound"]["domains"] = {
+        domain: _plain(level) for domain, level in config.outbound.domains
+    }
     out["scan"]["patterns"] = [
         {"rule": p.rule, "regex": p.regex, "weight": p.weight} for p in config.scan.patterns
     ]
