@@ -29,9 +29,10 @@ The clients say ``EHLO client.bench.test`` and ``MAIL FROM:<load@client.bench.te
 records in the bench zone). Order: warm-up of both, then per round, for each generator (their
 order swapped every round): listed Postfix/Palisade, accepted Postfix/Palisade (pair order swapped
 every round). Each run waits for the sink to receive every accepted message before the next.
-Reported: per generator and system the median over rounds of accepted msg/s, refused conns/s,
-p50 and p99, the ratio Palisade / Postfix of the medians and the median of the per-round ratios,
-server and driver CPU per 1000, the load average before each run. Raw JSON in
+Reported: per generator and system the median over rounds of accepted msg/s, accepted and
+relayed msg/s (accepted ÷ the run's time plus the wait for the sink's last message), refused
+conns/s, p50 and p99, the ratio Palisade / Postfix of the medians and the median of the
+per-round ratios, server and driver CPU per 1000, the load average before each run. Raw JSON in
 /tmp/palisade-bench/generators-results.json.
 """
 
