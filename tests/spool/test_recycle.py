@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import zlib
 from pathlib import Path
 
 from palisade.obs.log import MemoryEventLog
@@ -94,6 +95,35 @@ def test_two_workers_never_claim_the_same_file(tmp_path: Path) -> None:
         if workers[i % 2].claim(dest):
             claimed.append(os.stat(dest).st_ino)
     assert sorted(claimed) == sorted(inodes)  # each file exactly once, none lost
+    assert os.listdir(free) == []
+
+
+def test_workers_with_shares_claim_disjoint_halves_and_together_all(tmp_path: Path) -> None:
+    """With ``share`` each worker takes only its names: no file is ever tried by two workers
+    (so no claim fails because another took the file), and the two shares cover the pool."""
+    free = tmp_path / "free"
+    free.mkdir()
+    by_slot: dict[int, set[int]] = {0: set(), 1: set()}
+    for _ in range(40):
+        name = IDS.new()
+        (free / name).write_bytes(b"old")
+        by_slot[zlib.crc32(name.encode()) % 2].add(os.stat(free / name).st_ino)
+    assert by_slot[0] and by_slot[1]
+    workers = [FilePool(str(free)), FilePool(str(free))]
+    for slot, pool in enumerate(workers):
+        pool.share(slot, 2)
+    claimed: dict[int, list[int]] = {0: [], 1: []}
+    for i in range(60):  # worker 0 first, alone: it leaves worker 1's files in the pool
+        dest = str(tmp_path / f"claimed-0-{i}")
+        if workers[0].claim(dest):
+            claimed[0].append(os.stat(dest).st_ino)
+    assert set(claimed[0]) == by_slot[0]
+    assert len(os.listdir(free)) == len(by_slot[1])
+    for i in range(60):
+        dest = str(tmp_path / f"claimed-1-{i}")
+        if workers[1].claim(dest):
+            claimed[1].append(os.stat(dest).st_ino)
+    assert sorted(claimed[1]) == sorted(by_slot[1])
     assert os.listdir(free) == []
 
 

@@ -425,6 +425,7 @@ async def run_worker(
         announces=False,
         metrics=metrics,
     )
+    gw.spool.pool.share(slot, config.server.workers)  # free/: see FilePool.share
     if needs_steering(config) and not steered:
         gw.log.main(
             "SO_REUSEPORT steering unavailable: rate counters are shared through the "

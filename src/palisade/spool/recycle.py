@@ -34,6 +34,7 @@ import contextlib
 import os
 import random
 import time
+import zlib
 
 from palisade.obs.queueid import is_queue_id
 
@@ -56,6 +57,18 @@ class FilePool:
         self._listed_at = -_EMPTY_RESCAN_S
         self._count: int | None = None  # recycle side: files in free/ (re-counted now and then)
         self._since_count = 0
+        self._share: tuple[int, int] | None = None  # claim side: (slot, of), see share()
+
+    def share(self, slot: int, of: int) -> None:
+        """This process claims only the names whose CRC-32 is ``slot`` modulo ``of`` (the SMTP
+        workers, one slot each). Otherwise every worker's listing holds every free name, each
+        file is tried by the others after one of them took it, and every claim costs one
+        failed rename (measured: one per message with two workers), which takes the file
+        system's rename lock and both directories' locks on the event loop. A worker whose
+        share runs out creates its files as without a pool; what waits in the others' share
+        is bounded by ``limit`` as before."""
+        self._share = (slot, of) if of > 1 else None
+        self._names = []
 
     def claim(self, dest: str) -> bool:
         """Rename a free file to ``dest``; False when none is free (then the caller creates)."""
@@ -66,6 +79,9 @@ class FilePool:
                     return False
                 self._listed_at = now
                 self._names = self._list()
+                if self._share is not None:
+                    slot, of = self._share
+                    self._names = [n for n in self._names if zlib.crc32(n.encode()) % of == slot]
                 if not self._names:
                     return False
                 random.shuffle(self._names)  # two workers listing together rarely collide
