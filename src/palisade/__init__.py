@@ -12,7 +12,7 @@ the operator's TOML and builds the policy from it; ``obs`` writes log lines; ``c
 have parsed it; operator files are checked completely before they are used.
 """
 
-__version__ = "0.5.0"
+__version__ = "0.6.0"
 
 
 def installed_version() -> str:
