@@ -1,11 +1,15 @@
 """The parts every benchmark harness here shares: process trees and their memory and CPU, the
-smtp-sink, the gateway under test, the load drivers, and the check that nothing already listens
-on a harness's ports. ``run.py``, ``run_perimeter.py`` and ``run_content.py`` import it; it
-imports none of them (they used to import ``run.py``, which imported them back).
+smtp-sink, the gateway under test, the load drivers, the check that nothing already listens
+on a harness's ports, py-spy profiles, medians and the table cells, and the start and end of
+a run (signals, file limit, the JSON written and the table printed). ``run.py``,
+``run_perimeter.py``, ``run_content.py``, ``run_generators.py``, ``run_pipeline.py`` and the
+smaller ``*_bench.py`` import it; it imports none of them (they used to import ``run.py``,
+which imported them back), so one fix here reaches every benchmark.
 """
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import ctypes
 import json
@@ -15,10 +19,12 @@ import re
 import shutil
 import signal
 import socket
+import statistics
 import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -287,6 +293,32 @@ def run_child(cmd: list[str], timeout: float) -> tuple[int, str, str, float, flo
     return proc.returncode, out, err, wall, ru.ru_utime + ru.ru_stime
 
 
+def smtp_load(
+    argv: list[str], timeout: float, failed: dict | None = None, driver_cpu: bool = True
+) -> dict:
+    """Runs bench/smtp_load.py with ``argv`` as a child (its CPU measured as the servers' is)
+    and returns the JSON result it prints last, with ``driver_process_cpu_s`` unless
+    ``driver_cpu`` is false; when it prints none, ``{"failed": "rc=...: stderr tail"}`` plus
+    ``failed`` (e.g. ``{"accepted": 0}`` for callers that add the run's counts up)."""
+    cmd = [sys.executable, str(HERE / "smtp_load.py"), *argv]
+    rc, out, err, _wall, cpu = run_child(cmd, timeout)
+    try:
+        res = dict(json.loads(out.strip().splitlines()[-1]))
+    except (ValueError, IndexError):
+        return {"failed": f"rc={rc}: {err.strip()[-300:]}", **(failed or {})}
+    if driver_cpu:
+        res["driver_process_cpu_s"] = round(cpu, 3)
+    return res
+
+
+def drive_listed(port: int, connections: int, clients: int, bound: float, sources: str) -> dict:
+    """``connections`` connections from the listed ``sources`` (FIRST-LAST), each refused by
+    the server: smtp_load.py's ``listed`` mode (connect, read the refusal, QUIT)."""
+    argv = ["listed", "--port", str(port), "--clients", str(clients), "--duration", str(bound)]
+    argv += ["--source-range", sources, "--timeout", "20", "--connections", str(connections)]
+    return smtp_load(argv, bound + 30, driver_cpu=False)
+
+
 def drive_python(port: int, clients: int, messages: int, bound_s: float) -> dict:
     cmd = [
         sys.executable,
@@ -514,3 +546,155 @@ def ports_taken(program: str, ports: list[int]) -> bool:
             file=sys.stderr,
         )
     return bool(busy)
+
+
+def make_key() -> tuple[bytes, str]:
+    """A fresh RSA-2048 key: (private key PEM, public key base64 for the DKIM TXT p= tag)."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import rsa
+
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    pem = key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.TraditionalOpenSSL,
+        serialization.NoEncryption(),
+    )
+    der = key.public_key().public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+    return pem, base64.b64encode(der).decode()
+
+
+# --------------------------------------------------------------------------------------
+# The start and the end of a run
+
+
+def interrupt_on_term() -> None:
+    """SIGTERM and SIGHUP raise KeyboardInterrupt, so that a killed run still goes through its
+    ``finally`` blocks: every server stopped, /etc/resolv.conf put back."""
+
+    def on_term(signum, _frame):
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    signal.signal(signal.SIGTERM, on_term)
+    signal.signal(signal.SIGHUP, on_term)
+
+
+def raise_nofile_limit() -> None:
+    """Open files up to the hard limit (inherited by Postfix and the gateways): thousands of
+    connections at once must not fail for want of descriptors and skew a run."""
+    import resource
+
+    _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
+def write_results(
+    results: dict, args, info: dict, t_begin: float, render: Callable[[], str]
+) -> None:
+    """The end of a run: the machine, the arguments and the elapsed time added to
+    ``results``, the raw JSON written to ``args.json``, then the table ``render`` makes
+    printed on stdout (after the JSON, so that a failing table loses no numbers)."""
+    results["machine"] = info
+    results["args"] = {k: str(v) for k, v in vars(args).items()}
+    results["elapsed_s"] = round(time.monotonic() - t_begin, 1)
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps(results, indent=2))
+    print(render())
+    log(f"done in {results['elapsed_s']} s; raw results in {args.json}")
+
+
+# --------------------------------------------------------------------------------------
+# Medians and table cells
+
+
+def med(vals: list) -> float | None:
+    """The median of the values that are not None (the mean of the middle two, to 3 places,
+    for an even count); None when there are none."""
+    vals = sorted(v for v in vals if v is not None)
+    if not vals:
+        return None
+    n = len(vals)
+    return vals[n // 2] if n % 2 else round((vals[n // 2 - 1] + vals[n // 2]) / 2, 3)
+
+
+def median_of(rows: list[dict], key: str) -> float | None:
+    """The median of ``key`` over the rows that have it, to 2 places; None when none has."""
+    values = [r[key] for r in rows if r.get(key) is not None]
+    return round(statistics.median(values), 2) if values else None
+
+
+def fmt(v, unit: str = "") -> str:
+    """A table cell: "-" for None, floats to 1 place from 10 up and to 2 below."""
+    if v is None:
+        return "-"
+    if isinstance(v, float):
+        v = f"{v:.1f}" if abs(v) >= 10 else f"{v:.2f}"
+    return f"{v}{unit}"
+
+
+def ratio(a, b) -> str:
+    """a / b as "1.23x", "-" when either is missing or b is 0."""
+    return "-" if a is None or not b else f"{a / b:.2f}x"
+
+
+# --------------------------------------------------------------------------------------
+# py-spy profiles of a gateway during an extra, unmeasured run
+
+
+def start_py_spy(py_spy: str, pid: int, out: Path, rate: int, stderr) -> subprocess.Popen[bytes]:
+    """``py-spy record --gil`` (samples of threads holding the GIL: Python running, not
+    waiting) of ``pid`` and its subprocesses, ``rate`` per second, raw stacks to ``out``."""
+    cmd = [py_spy, "record", "-p", str(pid), "--subprocesses", "-r", str(rate)]
+    cmd += ["-f", "raw", "--nolineno", "--gil", "-o", str(out)]
+    return subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=stderr, start_new_session=True)
+
+
+def stop_py_spy(proc: subprocess.Popen[bytes]) -> None:
+    """SIGINT makes py-spy write its file; killed if it has not within 30 s."""
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(proc.pid, signal.SIGINT)
+    try:
+        proc.wait(30)
+    except subprocess.TimeoutExpired:
+        stop_proc(proc)
+
+
+def busy_samples(
+    path: Path, areas: tuple[tuple[str, tuple[str, ...]], ...], idle: tuple[str, ...]
+) -> tuple[dict[str, int], int, int, dict[str, int]]:
+    """py-spy's raw stacks in ``path`` added up: (samples by area, busy samples, samples
+    dropped as idle, samples by function, inclusive). A stack whose leaf frame starts with one
+    of ``idle`` is a thread waiting, not working; a busy one goes to the area of its innermost
+    frame that matches one of the area's patterns (in the order of ``areas``), else "other"."""
+    by_area: dict[str, int] = {}
+    inclusive: dict[str, int] = {}
+    total = idle_n = 0
+    for line in path.read_text(errors="replace").splitlines():
+        stack, _, count = line.rpartition(" ")
+        if not count.isdigit():
+            continue
+        n = int(count)
+        frames = stack.split(";")
+        if frames[-1].startswith(idle):
+            idle_n += n
+            continue
+        total += n
+        area = "other"
+        for fr in reversed(frames):
+            hit = next((a for a, pats in areas if any(p in fr for p in pats)), None)
+            if hit:
+                area = hit
+                break
+        by_area[area] = by_area.get(area, 0) + n
+        for fr in set(frames):
+            if "(" in fr:
+                inclusive[fr] = inclusive.get(fr, 0) + n
+    return by_area, total, idle_n, inclusive
+
+
+def shares_pct(counts: dict[str, int], total: int) -> dict[str, float]:
+    """Each count as a percentage of ``total`` (1 place), largest first; {} for no samples."""
+    if not total:
+        return {}
+    return {k: round(100 * v / total, 1) for k, v in sorted(counts.items(), key=lambda kv: -kv[1])}
