@@ -524,10 +524,10 @@ DKIM_KEYS = {
 DKIM_VARIANTS = {"unsigned": [], "rsa": ["rsa"], "ed25519": ["ed25519"], "both": ["rsa", "ed25519"]}
 
 
-def port_taken(port: int) -> bool:
+def port_taken(port: int, timeout: float = 1) -> bool:
     """True when a server already accepts connections on 127.0.0.1:``port``."""
     try:
-        socket.create_connection(("127.0.0.1", port), timeout=1).close()
+        socket.create_connection(("127.0.0.1", port), timeout=timeout).close()
     except OSError:
         return False
     return True

@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import json
 import sqlite3
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -32,7 +31,16 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from harness import BENCH_ROOT, Gateway, cpu_s, log, machine_info, ports_taken, run_child  # noqa: E402
+from harness import (  # noqa: E402
+    BENCH_ROOT,
+    Gateway,
+    cpu_s,
+    drive_listed,
+    log,
+    machine_info,
+    median_of,
+    ports_taken,
+)
 
 SOURCES = "127.0.1.10-127.0.1.59"
 WARM_UP = 2000  # connections per gateway before the measured runs
@@ -75,14 +83,7 @@ message = "Access denied"
 
 
 def load(port: int, connections: int, clients: int, bound: float) -> dict:
-    cmd = [sys.executable, str(HERE / "smtp_load.py"), "listed", "--port", str(port)]
-    cmd += ["--clients", str(clients), "--duration", str(bound), "--source-range", SOURCES]
-    cmd += ["--timeout", "20", "--connections", str(connections)]
-    rc, out, err, _wall, _cpu = run_child(cmd, bound + 30)
-    try:
-        return dict(json.loads(out.strip().splitlines()[-1]))
-    except (ValueError, IndexError):
-        return {"failed": f"rc={rc}: {err.strip()[-300:]}"}
+    return drive_listed(port, connections, clients, bound, SOURCES)
 
 
 def recorded(root: Path) -> int:
@@ -157,8 +158,7 @@ def main(argv: list[str] | None = None) -> int:
             gw.stop()
 
     def med(name: str, key: str) -> float | None:
-        values = [r[key] for r in runs[name] if r.get(key) is not None]
-        return round(statistics.median(values), 2) if values else None
+        return median_of(runs[name], key)
 
     table = [
         "| | incidents off (`incident = 0`) | incidents on (`incident = 1`) |",

@@ -27,8 +27,6 @@ import argparse
 import json
 import os
 import shutil
-import socket
-import statistics
 import subprocess
 import sys
 import time
@@ -41,12 +39,14 @@ from harness import (  # noqa: E402
     BENCH_ROOT,
     Gateway,
     cpu_s,
+    drive_listed,
     drive_python,
     free_port,
     log,
     machine_info,
+    median_of,
+    port_taken,
     ports_taken,
-    run_child,
 )
 
 SOURCES = "127.0.1.10-127.0.1.59"
@@ -128,11 +128,9 @@ class Redis:
         )  # fmt: skip
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline:
-            try:
-                socket.create_connection(("127.0.0.1", self.port), timeout=0.5).close()
+            if port_taken(self.port, 0.5):
                 return
-            except OSError:
-                time.sleep(0.05)
+            time.sleep(0.05)
         raise SystemExit("redis-server did not start")
 
     def commands(self) -> int:
@@ -157,14 +155,7 @@ class Redis:
 
 
 def refusals(port: int, connections: int, clients: int, bound: float) -> dict:
-    cmd = [sys.executable, str(HERE / "smtp_load.py"), "listed", "--port", str(port)]
-    cmd += ["--clients", str(clients), "--duration", str(bound), "--source-range", SOURCES]
-    cmd += ["--timeout", "20", "--connections", str(connections)]
-    rc, out, err, _wall, _cpu = run_child(cmd, bound + 30)
-    try:
-        return dict(json.loads(out.strip().splitlines()[-1]))
-    except (ValueError, IndexError):
-        return {"failed": f"rc={rc}: {err.strip()[-300:]}"}
+    return drive_listed(port, connections, clients, bound, SOURCES)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -245,8 +236,7 @@ def main(argv: list[str] | None = None) -> int:
         redis.stop()
 
     def med(name: str, kind: str, key: str) -> float | None:
-        values = [r[key] for r in runs[name][kind] if r.get(key) is not None]
-        return round(statistics.median(values), 2) if values else None
+        return median_of(runs[name][kind], key)
 
     table = ["| | sqlite | redis | redis / sqlite |", "|---|---|---|---|"]
     for label, kind, key in (
