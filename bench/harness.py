@@ -474,6 +474,22 @@ class Gateway:
         stop_proc(self.proc)
 
 
+def start_gateway(
+    name: str, root: Path, config: str, port: int, timeout: float = 20
+) -> Gateway | None:
+    """A gateway on ``port`` with the configuration text ``config`` in root/palisade.toml (its
+    state and output under ``root`` too), started; None, with the reason logged, when it did
+    not greet within ``timeout`` seconds."""
+    root.mkdir(parents=True, exist_ok=True)
+    path = root / "palisade.toml"
+    path.write_text(config)
+    gw = Gateway(path, port, None, state_root=root, logfile=root / "gateway.out")
+    if not gw.start(timeout):
+        log(f"{name}: {gw.why_not}")
+        return None
+    return gw
+
+
 def set_subreaper() -> None:
     """Become the reaper of orphaned descendants (Postfix's master daemonizes)."""
     with contextlib.suppress(OSError, AttributeError):

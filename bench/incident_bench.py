@@ -40,6 +40,7 @@ from harness import (  # noqa: E402
     machine_info,
     median_of,
     ports_taken,
+    start_gateway,
 )
 
 SOURCES = "127.0.1.10-127.0.1.59"
@@ -120,16 +121,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         for name, port, incident in (("off", 2545, 0), ("on", 2546, 1)):
             root = BENCH_ROOT / f"incidents-{name}"
-            root.mkdir(parents=True, exist_ok=True)
-            config = root / "palisade.toml"
-            config.write_text(
-                CONFIG.format(
-                    name=name, port=port, workers=args.workers, root=root, incident=incident
-                )
+            text = CONFIG.format(
+                name=name, port=port, workers=args.workers, root=root, incident=incident
             )
-            gw = Gateway(config, port, None, state_root=root, logfile=root / "gateway.out")
-            if not gw.start(20):
-                log(f"{name}: {gw.why_not}")
+            gw = start_gateway(name, root, text, port)
+            if gw is None:
                 return 1
             gateways[name] = gw
         for gw in gateways.values():  # warm-up: imports, first connections, the database

@@ -47,6 +47,7 @@ from harness import (  # noqa: E402
     median_of,
     port_taken,
     ports_taken,
+    start_gateway,
 )
 
 SOURCES = "127.0.1.10-127.0.1.59"
@@ -182,21 +183,16 @@ def main(argv: list[str] | None = None) -> int:
     try:
         for name, port in (("sqlite", 2547), ("redis", 2548)):
             base = root / name
-            base.mkdir(parents=True, exist_ok=True)
-            config = base / "palisade.toml"
-            config.write_text(
-                CONFIG.format(
-                    name=name,
-                    port=port,
-                    workers=args.workers,
-                    root=base,
-                    backend=name,
-                    redis_port=redis.port,
-                )
+            text = CONFIG.format(
+                name=name,
+                port=port,
+                workers=args.workers,
+                root=base,
+                backend=name,
+                redis_port=redis.port,
             )
-            gw = Gateway(config, port, None, state_root=base, logfile=base / "gateway.out")
-            if not gw.start(20):
-                log(f"{name}: {gw.why_not}")
+            gw = start_gateway(name, base, text, port)
+            if gw is None:
                 return 1
             gateways[name] = gw
         for gw in gateways.values():
