@@ -30,7 +30,6 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import time
@@ -42,6 +41,7 @@ REPO = HERE.parent
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
+from harness import stop_proc  # noqa: E402
 from loopback.dnsserver import ZoneServer  # noqa: E402  (shared with the tests)
 
 UNBOUND = shutil.which("unbound") or "/usr/sbin/unbound"
@@ -227,17 +227,7 @@ class Unbound:
         return int(s.get("total.num.cachehits", 0))
 
     def stop(self) -> None:
-        proc = self.proc
-        if proc is None or proc.poll() is not None:
-            return
-        for sig in (signal.SIGTERM, signal.SIGKILL):
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, sig)
-            try:
-                proc.wait(10)
-                return
-            except subprocess.TimeoutExpired:
-                continue
+        stop_proc(self.proc, 10)
 
 
 @contextlib.contextmanager

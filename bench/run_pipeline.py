@@ -70,6 +70,7 @@ from harness import (  # noqa: E402
     Target,
     busy_samples,
     cpu_s,
+    free_port,
     interrupt_on_term,
     log,
     machine_info,
@@ -86,7 +87,7 @@ from harness import (  # noqa: E402
 from harness import fmt as f  # noqa: E402
 from perimeter_dns import BenchDns  # noqa: E402
 from pipeline_messages import HELO, RCPT, SENDER, add_records, write_mix  # noqa: E402
-from pipeline_scanners import Clamd, Rspamd, free_port  # noqa: E402
+from pipeline_scanners import Clamd, Rspamd  # noqa: E402
 from postfix_instance import PostfixInstance, perimeter_settings  # noqa: E402
 
 ROOT = Path("/tmp/palisade-pipeline")
