@@ -233,6 +233,33 @@ class Sink:
         stop_proc(self.proc)
 
 
+def spawn(cmd: list[str], logfile: Path, stdin: int | None = None) -> subprocess.Popen[bytes]:
+    """``cmd`` in a session of its own (stop_proc stops it with its children), its stdout and
+    stderr to ``logfile``."""
+    out = logfile.open("wb")
+    try:
+        return subprocess.Popen(
+            cmd, stdin=stdin, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+        )
+    finally:
+        out.close()
+
+
+def wait_ready(
+    proc: subprocess.Popen[bytes], ready: Callable[[], bool], timeout: float, interval: float
+) -> bool:
+    """True once ``ready()`` is, every ``interval`` s for ``timeout`` s; False at once when
+    the process has exited (nothing to wait for)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            return False
+        if ready():
+            return True
+        time.sleep(interval)
+    return False
+
+
 def stop_proc(proc: subprocess.Popen | None, timeout: float = 10) -> None:
     """Stop a process we started (its own session) by its process-group id."""
     if proc is None or proc.poll() is not None:

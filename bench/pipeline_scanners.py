@@ -42,10 +42,9 @@ import os
 import shutil
 import socket
 import subprocess
-import time
 from pathlib import Path
 
-from harness import free_port, port_taken, stop_proc, tree_pids
+from harness import free_port, port_taken, spawn, stop_proc, tree_pids, wait_ready
 
 RSPAMD = shutil.which("rspamd") or "/usr/bin/rspamd"
 CLAMD = shutil.which("clamd") or "/usr/sbin/clamd"
@@ -263,26 +262,18 @@ class Rspamd(_Daemon):
         cmd = [RSPAMD, "-f", "-c", str(conf)] + [f"--var={k}={self.root / v}" for k, v in dirs]
         if os.geteuid() == 0:
             cmd += ["-u", "root", "-g", "root"]
-        out = (self.root / "rspamd.out").open("wb")
-        try:
-            self.proc = subprocess.Popen(
-                cmd, stdin=subprocess.DEVNULL, stdout=out, stderr=out, start_new_session=True
-            )
-        finally:
-            out.close()
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                break
-            with contextlib.suppress(OSError):
-                if _http_get(self.port, "/ping").rstrip().endswith(b"pong") and port_taken(
-                    self.milter_port
-                ):
-                    return
-            time.sleep(0.2)
+        self.proc = spawn(cmd, self.root / "rspamd.out", subprocess.DEVNULL)
+        if wait_ready(self.proc, self._ready, timeout, 0.2):
+            return
         text = self.log()[-1500:]
         self.stop()
         raise RuntimeError(f"rspamd did not start: {text}")
+
+    def _ready(self) -> bool:
+        with contextlib.suppress(OSError):
+            pong = _http_get(self.port, "/ping").rstrip().endswith(b"pong")
+            return pong and port_taken(self.milter_port)
+        return False
 
     def log(self) -> str:
         out = ""
@@ -343,29 +334,18 @@ class Clamd(_Daemon):
             lines.append("User root")
         conf = self.root / "clamd.conf"
         conf.write_text("\n".join(lines) + "\n")
-        out = (self.root / "clamd.out").open("wb")
-        try:
-            self.proc = subprocess.Popen(
-                [CLAMD, "-c", str(conf)],
-                stdin=subprocess.DEVNULL,
-                stdout=out,
-                stderr=out,
-                start_new_session=True,
-            )
-        finally:
-            out.close()
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                break
-            with (
-                contextlib.suppress(OSError),
-                socket.create_connection(("127.0.0.1", self.port), timeout=2) as s,
-            ):
-                s.sendall(b"zPING\0")
-                if s.recv(100).startswith(b"PONG"):
-                    return
-            time.sleep(0.1)
+        self.proc = spawn([CLAMD, "-c", str(conf)], self.root / "clamd.out", subprocess.DEVNULL)
+        if wait_ready(self.proc, self._pong, timeout, 0.1):
+            return
         text = (self.root / "clamd.out").read_text(errors="replace")[-800:]
         self.stop()
         raise RuntimeError(f"clamd did not start: {text}")
+
+    def _pong(self) -> bool:
+        with (
+            contextlib.suppress(OSError),
+            socket.create_connection(("127.0.0.1", self.port), timeout=2) as s,
+        ):
+            s.sendall(b"zPING\0")
+            return s.recv(100).startswith(b"PONG")
+        return False
