@@ -517,6 +517,15 @@ def start_gateway(
     return gw
 
 
+def add_pair_args(parser) -> None:
+    """The options every benchmark of two gateways side by side shares (state_bench.py,
+    incident_bench.py): load, gateway workers, the bound of a run, the raw JSON file."""
+    parser.add_argument("--clients", type=int, default=20)
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--bound", type=float, default=120.0, help="seconds per run at most")
+    parser.add_argument("--json", type=Path)
+
+
 def set_subreaper() -> None:
     """Become the reaper of orphaned descendants (Postfix's master daemonizes)."""
     with contextlib.suppress(OSError, AttributeError):
@@ -649,6 +658,19 @@ def write_results(
 
 # --------------------------------------------------------------------------------------
 # Medians and table cells
+
+
+def rate_summary(rows: list[dict], rate: str) -> dict:
+    """What every summary of load runs starts with: their count, the rate ``rate`` of each
+    and its median, the median p50, each p99 and their median."""
+    return {
+        "runs": len(rows),
+        "rate": [r[rate] for r in rows],
+        "rate_med": med([r[rate] for r in rows]),
+        "p50_ms": med([r.get("p50_ms") for r in rows]),
+        "p99_ms": [r.get("p99_ms") for r in rows],
+        "p99_ms_med": med([r.get("p99_ms") for r in rows]),
+    }
 
 
 def med(vals: list) -> float | None:

@@ -34,6 +34,7 @@ sys.path.insert(0, str(HERE))
 from harness import (  # noqa: E402
     BENCH_ROOT,
     Gateway,
+    add_pair_args,
     cpu_s,
     drive_listed,
     log,
@@ -110,10 +111,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--connections", type=int, default=20000)
-    parser.add_argument("--clients", type=int, default=20)
-    parser.add_argument("--workers", type=int, default=2)
-    parser.add_argument("--bound", type=float, default=120.0, help="seconds per run at most")
-    parser.add_argument("--json", type=Path)
+    add_pair_args(parser)
     args = parser.parse_args(argv)
     if ports_taken("incident_bench", [2545, 2546]):
         return 1

@@ -77,6 +77,7 @@ from harness import (  # noqa: E402
     med,
     ports_taken,
     raise_nofile_limit,
+    rate_summary,
     ratio,
     reap,
     run_child,
@@ -568,12 +569,7 @@ def summarize(runs: list[dict], key: str) -> dict | None:
     if not rows:
         return None
     return {
-        "runs": len(rows),
-        "rate": [r["msgs_per_s"] for r in rows],
-        "rate_med": med([r["msgs_per_s"] for r in rows]),
-        "p50_ms": med([r.get("p50_ms") for r in rows]),
-        "p99_ms": [r.get("p99_ms") for r in rows],
-        "p99_ms_med": med([r.get("p99_ms") for r in rows]),
+        **rate_summary(rows, "msgs_per_s"),
         "errors": sum(r.get("errors", 0) for r in rows),
         "error_kinds": [r.get("error_kinds") for r in rows if r.get("errors")],
         "accepted": sum(r.get("accepted") or 0 for r in rows),

@@ -55,6 +55,7 @@ from harness import (  # noqa: E402
     med,
     ports_taken,
     raise_nofile_limit,
+    rate_summary,
     ratio,
     reap,
     run_child,
@@ -122,12 +123,7 @@ def summarize(runs: list[dict], key: str, mode: str) -> dict | None:
         return None
     rate = "refused_per_s" if mode == "listed" else "msgs_per_s"
     return {
-        "runs": len(rows),
-        "rate": [r[rate] for r in rows],
-        "rate_med": med([r[rate] for r in rows]),
-        "p50_ms": med([r.get("p50_ms") for r in rows]),
-        "p99_ms": [r.get("p99_ms") for r in rows],
-        "p99_ms_med": med([r.get("p99_ms") for r in rows]),
+        **rate_summary(rows, rate),
         "errors": sum(r.get("errors", 0) for r in rows),
         "error_kinds": [r.get("error_kinds") for r in rows if r.get("errors")],
         "done": sum((r.get("accepted") or r.get("refused") or 0) for r in rows),

@@ -75,6 +75,7 @@ from harness import (  # noqa: E402
     log,
     machine_info,
     med,
+    rate_summary,
     reap,
     run_child,
     set_subreaper,
@@ -252,12 +253,7 @@ def summarize(runs: list[dict], key: str) -> dict | None:
     if not rows:
         return None
     out: dict = {
-        "runs": len(rows),
-        "rate": [r["msgs_per_s"] for r in rows],
-        "rate_med": med([r["msgs_per_s"] for r in rows]),
-        "p50_ms": med([r.get("p50_ms") for r in rows]),
-        "p99_ms": [r.get("p99_ms") for r in rows],
-        "p99_ms_med": med([r.get("p99_ms") for r in rows]),
+        **rate_summary(rows, "msgs_per_s"),
         "accepted": sum(r.get("accepted") or 0 for r in rows),
         "refused": sum(r["refused"] for r in rows),
         "other_errors": sum(r["other_errors"] for r in rows),
