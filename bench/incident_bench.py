@@ -54,6 +54,7 @@ listen = ["127.0.0.1:{port}"]
 workers = {workers}
 max_connections = 20000
 max_connections_per_ip = 20000
+control_socket = "{root}/control.sock"
 
 [domains]
 local = ["bench.test"]
