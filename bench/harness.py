@@ -501,6 +501,59 @@ class Gateway:
         stop_proc(self.proc)
 
 
+PAIR_CONFIG = """# bench/{script}: {name}
+[server]
+hostname = "gw.bench.test"
+listen = ["127.0.0.1:{port}"]
+workers = {workers}
+max_connections = 20000
+max_connections_per_ip = 20000
+control_socket = "{root}/control.sock"
+
+[domains]
+local = ["bench.test"]
+
+[paths]
+spool = "{root}/spool"
+mail = "{root}/mail"
+log = "{root}/log"
+state = "{root}/state.sqlite"
+
+[log]
+echo = false
+
+[lists]
+listed = {{ type = "ip", entries = ["127.0.1.0/24"] }}
+
+{rest}
+[[rules.connect]]
+name = "listed"
+check = "ip_list"
+list = "listed"
+verb = "deny"
+incident = {incident}
+message = "Access denied"
+"""
+
+
+def pair_config(
+    script: str, name: str, port: int, workers: int, root: Path, rest: str, incident: int
+) -> str:
+    """The configuration of one gateway of a benchmark of two side by side (state_bench.py,
+    incident_bench.py): on ``port`` with ``workers``, no DNS, everything under ``root``;
+    ``rest`` (the sections and rules that differ), then the last connect rule, which refuses
+    127.0.1.0/24 and records ``incident``."""
+    return PAIR_CONFIG.format(
+        script=script,
+        name=name,
+        port=port,
+        workers=workers,
+        root=root,
+        rest=rest,
+        incident=incident,
+    )
+
+
 def start_gateway(
     name: str, root: Path, config: str, port: int, timeout: float = 20
 ) -> Gateway | None:

@@ -40,6 +40,7 @@ from harness import (  # noqa: E402
     log,
     machine_info,
     median_of,
+    pair_config,
     ports_taken,
     start_gateway,
 )
@@ -47,41 +48,10 @@ from harness import (  # noqa: E402
 SOURCES = "127.0.1.10-127.0.1.59"
 WARM_UP = 2000  # connections per gateway before the measured runs
 
-CONFIG = """# bench/incident_bench.py: {name}
-[server]
-hostname = "gw.bench.test"
-listen = ["127.0.0.1:{port}"]
-workers = {workers}
-max_connections = 20000
-max_connections_per_ip = 20000
-control_socket = "{root}/control.sock"
-
-[domains]
-local = ["bench.test"]
-
-[paths]
-spool = "{root}/spool"
-mail = "{root}/mail"
-log = "{root}/log"
-state = "{root}/state.sqlite"
-
-[log]
-echo = false
-
-[incidents]
+# The section of incident_bench's gateways that harness.pair_config leaves to it.
+CONFIG = """[incidents]
 protect_loopback = false
 block_at = 1000000000
-
-[lists]
-listed = {{ type = "ip", entries = ["127.0.1.0/24"] }}
-
-[[rules.connect]]
-name = "listed"
-check = "ip_list"
-list = "listed"
-verb = "deny"
-incident = {incident}
-message = "Access denied"
 """
 
 
@@ -120,8 +90,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         for name, port, incident in (("off", 2545, 0), ("on", 2546, 1)):
             root = BENCH_ROOT / f"incidents-{name}"
-            text = CONFIG.format(
-                name=name, port=port, workers=args.workers, root=root, incident=incident
+            text = pair_config(
+                "incident_bench.py", name, port, args.workers, root, CONFIG, incident
             )
             gw = start_gateway(name, root, text, port)
             if gw is None:

@@ -46,6 +46,7 @@ from harness import (  # noqa: E402
     log,
     machine_info,
     median_of,
+    pair_config,
     port_taken,
     ports_taken,
     start_gateway,
@@ -59,37 +60,14 @@ CLIENT_COMMANDS = {
 }  # fmt: skip
 WARM_UP = 500
 
-CONFIG = """# bench/state_bench.py: {name}
-[server]
-hostname = "gw.bench.test"
-listen = ["127.0.0.1:{port}"]
-workers = {workers}
-max_connections = 20000
-max_connections_per_ip = 20000
-control_socket = "{root}/control.sock"
-
-[domains]
-local = ["bench.test"]
-
-[paths]
-spool = "{root}/spool"
-mail = "{root}/mail"
-log = "{root}/log"
-state = "{root}/state.sqlite"
-
-[state]
+# The sections and rules of state_bench's gateways that harness.pair_config leaves to it.
+CONFIG = """[state]
 backend = "{backend}"
 url = "redis://127.0.0.1:{redis_port}/0"
 prefix = "bench:"
 
-[log]
-echo = false
-
 [incidents]
 protect_loopback = false
-
-[lists]
-listed = {{ type = "ip", entries = ["127.0.1.0/24"] }}
 
 [[rules.connect]]
 name = "history"
@@ -104,14 +82,6 @@ limit = 1000000000
 window = "15m"
 verb = "defer"
 message = "Too many connections"
-
-[[rules.connect]]
-name = "listed"
-check = "ip_list"
-list = "listed"
-verb = "deny"
-incident = 0
-message = "Access denied"
 """
 
 
@@ -181,14 +151,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         for name, port in (("sqlite", 2547), ("redis", 2548)):
             base = root / name
-            text = CONFIG.format(
-                name=name,
-                port=port,
-                workers=args.workers,
-                root=base,
-                backend=name,
-                redis_port=redis.port,
-            )
+            rest = CONFIG.format(backend=name, redis_port=redis.port)
+            text = pair_config("state_bench.py", name, port, args.workers, base, rest, 0)
             gw = start_gateway(name, base, text, port)
             if gw is None:
                 return 1
