@@ -53,6 +53,7 @@ from harness import (
     reap,
     rss_kb,
     set_subreaper,
+    stop_all,
     write_results,
 )
 from postfix_instance import PostfixInstance
@@ -367,10 +368,7 @@ def main(argv: list[str] | None = None) -> int:
                 reap()
     finally:
         log("stopping")
-        gw.stop()
-        pf.stop()
-        sink.stop()
-        reap()
+        stop_all(gw, pf, sink)
     write_results(results, args, info, t_begin, lambda: render(info, args, results))
     return 0
 

@@ -85,6 +85,7 @@ from harness import (  # noqa: E402
     shares_pct,
     smtp_load,
     start_py_spy,
+    stop_all,
     stop_proc,
     stop_py_spy,
     tree_pids,
@@ -876,13 +877,7 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     finally:
         log("stopping")
-        for gw in gateways.values():
-            gw.stop()
-        spamd.stop()
-        pf.stop()
-        sink.stop()
-        zone.stop()
-        reap()
+        stop_all(*gateways.values(), spamd, pf, sink, zone)
 
     for key in ("postfix", *CONFIGS, "spamd"):
         sm = summarize(results["runs"], key)

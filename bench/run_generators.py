@@ -66,6 +66,7 @@ from harness import (  # noqa: E402
     run_child,
     set_subreaper,
     smtp_load,
+    stop_all,
     write_results,
 )
 from harness import fmt as f  # noqa: E402
@@ -488,12 +489,7 @@ def main(argv: list[str] | None = None) -> int:
                                 )
             finally:
                 log("stopping servers")
-                gw.stop()
-                if base is not None:
-                    base.stop()
-                pf.stop()
-                sink.stop()
-                reap()
+                stop_all(gw, base, pf, sink)
     except KeyboardInterrupt as e:
         log(f"interrupted ({e}); everything stopped, /etc/resolv.conf restored")
         return 130

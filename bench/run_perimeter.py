@@ -61,6 +61,7 @@ from harness import (  # noqa: E402
     run_child,
     set_subreaper,
     smtp_load,
+    stop_all,
     tree_pids,
     write_results,
 )
@@ -390,12 +391,7 @@ def main(argv: list[str] | None = None) -> int:
                         )
             finally:
                 log("stopping servers")
-                gw_chk.stop()
-                gw_off.stop()
-                pf_chk.stop()
-                pf_off.stop()
-                sink.stop()
-                reap()
+                stop_all(gw_chk, gw_off, pf_chk, pf_off, sink)
         log("DNS stopped, /etc/resolv.conf restored")
     except KeyboardInterrupt as e:
         log(f"interrupted ({e}); everything stopped, /etc/resolv.conf restored")

@@ -82,6 +82,7 @@ from harness import (  # noqa: E402
     shares_pct,
     smtp_load,
     start_py_spy,
+    stop_all,
     stop_py_spy,
     write_results,
 )
@@ -535,14 +536,7 @@ def main(argv: list[str] | None = None) -> int:
                     results["profile"] = profile(gw, gw_port, files, args.messages, args)
             finally:
                 log("stopping")
-                gw.stop()
-                gw0.stop()
-                pf.stop()
-                pf0.stop()
-                rspamd.stop()
-                clamd.stop()
-                sink.stop()
-                reap()
+                stop_all(gw, gw0, pf, pf0, rspamd, clamd, sink)
     except KeyboardInterrupt as e:
         log(f"interrupted ({e}); everything stopped")
         return 130
