@@ -554,6 +554,13 @@ def pair_config(
     )
 
 
+def own_control_socket(text: str, path: Path) -> str:
+    """A bench configuration (palisade-bench.toml, palisade-perimeter.toml: ``[server]`` then
+    ``[limits]``) with ``control_socket = path``: a second gateway of the same run on the
+    default var/run/control.sock refuses to start beside the first."""
+    return text.replace("[limits]", f'control_socket = "{path}"\n\n[limits]', 1)
+
+
 def start_gateway(
     name: str, root: Path, config: str, port: int, timeout: float = 20
 ) -> Gateway | None:

@@ -75,6 +75,7 @@ from harness import (  # noqa: E402
     machine_info,
     make_key,
     med,
+    own_control_socket,
     ports_taken,
     raise_nofile_limit,
     rate_summary,
@@ -285,6 +286,7 @@ def write_config(key: str, port: int, auth: bool, spamd: bool, dns_port: int, sp
     text = text.replace('"/tmp/palisade-bench/', f'"{state}/')
     text = text.replace("# Palisade configuration used by bench/run.py", "# Written by")
     text = f"# bench/run_content.py from bench/palisade-bench.toml ({key}).\n" + text
+    text = own_control_socket(text, state / "control.sock")
     text += f'\n[dns]\nnameservers = ["127.0.0.1:{dns_port}"]   # the run\'s zone server\n'
     if auth:
         text += "\n[authentication]\nenabled = true\n"

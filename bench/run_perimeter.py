@@ -53,6 +53,7 @@ from harness import (  # noqa: E402
     log,
     machine_info,
     med,
+    own_control_socket,
     ports_taken,
     raise_nofile_limit,
     rate_summary,
@@ -307,8 +308,11 @@ def main(argv: list[str] | None = None) -> int:
         extra_settings=perimeter_settings("zen.bench.test"),
     )
     pf_off = PostfixInstance(BENCH_ROOT / "postfix", port=2527, sink_port=args.sink_port)
+    chk_config = BENCH_ROOT / "palisade-perimeter.toml"  # its own control socket
+    chk_text = (HERE / "palisade-perimeter.toml").read_text()
+    chk_config.write_text(own_control_socket(chk_text, BENCH_ROOT / "perimeter" / "control.sock"))
     gw_chk = Gateway(
-        HERE / "palisade-perimeter.toml",
+        chk_config,
         2535,
         None,
         state_root=BENCH_ROOT / "perimeter",
