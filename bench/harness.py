@@ -690,6 +690,12 @@ def make_key() -> tuple[bytes, str]:
 # The start and the end of a run
 
 
+def time_budget(t_begin: float, seconds: float) -> Callable[[], bool]:
+    """A check, true while less than ``seconds`` have passed since ``t_begin``: the runs
+    after it are skipped, so that a benchmark ends in bounded time."""
+    return lambda: time.monotonic() - t_begin < seconds
+
+
 def interrupt_on_term() -> None:
     """SIGTERM and SIGHUP raise KeyboardInterrupt, so that a killed run still goes through its
     ``finally`` blocks: every server stopped, /etc/resolv.conf put back."""

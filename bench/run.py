@@ -54,6 +54,7 @@ from harness import (
     rss_kb,
     set_subreaper,
     stop_all,
+    time_budget,
     write_results,
 )
 from postfix_instance import PostfixInstance
@@ -271,9 +272,7 @@ def main(argv: list[str] | None = None) -> int:
         ap.error("run as root (the private Postfix instance needs it)")
 
     t_begin = time.monotonic()
-
-    def time_left() -> bool:
-        return time.monotonic() - t_begin < args.max_seconds
+    time_left = time_budget(t_begin, args.max_seconds)
 
     raise_nofile_limit()  # inherited by Postfix
     set_subreaper()

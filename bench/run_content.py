@@ -89,6 +89,7 @@ from harness import (  # noqa: E402
     stop_all,
     stop_proc,
     stop_py_spy,
+    time_budget,
     tree_pids,
     write_results,
 )
@@ -712,9 +713,7 @@ def main(argv: list[str] | None = None) -> int:
     from loopback.dnsserver import start_zone_server
 
     t_begin = time.monotonic()
-
-    def time_left() -> bool:
-        return time.monotonic() - t_begin < args.max_seconds
+    time_left = time_budget(t_begin, args.max_seconds)
 
     interrupt_on_term()
     raise_nofile_limit()

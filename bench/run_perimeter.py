@@ -63,6 +63,7 @@ from harness import (  # noqa: E402
     set_subreaper,
     smtp_load,
     stop_all,
+    time_budget,
     tree_pids,
     write_results,
 )
@@ -289,9 +290,7 @@ def main(argv: list[str] | None = None) -> int:
             )
 
     t_begin = time.monotonic()
-
-    def time_left() -> bool:
-        return time.monotonic() - t_begin < args.max_seconds
+    time_left = time_budget(t_begin, args.max_seconds)
 
     interrupt_on_term()
     raise_nofile_limit()

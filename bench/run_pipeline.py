@@ -84,6 +84,7 @@ from harness import (  # noqa: E402
     start_py_spy,
     stop_all,
     stop_py_spy,
+    time_budget,
     write_results,
 )
 from harness import fmt as f  # noqa: E402
@@ -430,9 +431,7 @@ def main(argv: list[str] | None = None) -> int:
         return rc
 
     t_begin = time.monotonic()
-
-    def time_left() -> bool:
-        return time.monotonic() - t_begin < args.max_seconds
+    time_left = time_budget(t_begin, args.max_seconds)
 
     interrupt_on_term()
     set_subreaper()
