@@ -1,11 +1,15 @@
 """The parts every benchmark harness here shares: process trees and their memory and CPU, the
-smtp-sink, the gateway under test, the load drivers, and the check that nothing already listens
-on a harness's ports. ``run.py``, ``run_perimeter.py`` and ``run_content.py`` import it; it
-imports none of them (they used to import ``run.py``, which imported them back).
+smtp-sink, the gateway under test, the load drivers, the check that nothing already listens
+on a harness's ports, py-spy profiles, medians and the table cells, and the start and end of
+a run (signals, file limit, the JSON written and the table printed). ``run.py``,
+``run_perimeter.py``, ``run_content.py``, ``run_generators.py``, ``run_pipeline.py`` and the
+smaller ``*_bench.py`` import it; it imports none of them (they used to import ``run.py``,
+which imported them back), so one fix here reaches every benchmark.
 """
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import ctypes
 import json
@@ -15,10 +19,12 @@ import re
 import shutil
 import signal
 import socket
+import statistics
 import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -227,6 +233,33 @@ class Sink:
         stop_proc(self.proc)
 
 
+def spawn(cmd: list[str], logfile: Path, stdin: int | None = None) -> subprocess.Popen[bytes]:
+    """``cmd`` in a session of its own (stop_proc stops it with its children), its stdout and
+    stderr to ``logfile``."""
+    out = logfile.open("wb")
+    try:
+        return subprocess.Popen(
+            cmd, stdin=stdin, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+        )
+    finally:
+        out.close()
+
+
+def wait_ready(
+    proc: subprocess.Popen[bytes], ready: Callable[[], bool], timeout: float, interval: float
+) -> bool:
+    """True once ``ready()`` is, every ``interval`` s for ``timeout`` s; False at once when
+    the process has exited (nothing to wait for)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            return False
+        if ready():
+            return True
+        time.sleep(interval)
+    return False
+
+
 def stop_proc(proc: subprocess.Popen | None, timeout: float = 10) -> None:
     """Stop a process we started (its own session) by its process-group id."""
     if proc is None or proc.poll() is not None:
@@ -285,6 +318,32 @@ def run_child(cmd: list[str], timeout: float) -> tuple[int, str, str, float, flo
     out = b"".join(out_chunks).decode(errors="replace")
     err = b"".join(err_chunks).decode(errors="replace")
     return proc.returncode, out, err, wall, ru.ru_utime + ru.ru_stime
+
+
+def smtp_load(
+    argv: list[str], timeout: float, failed: dict | None = None, driver_cpu: bool = True
+) -> dict:
+    """Runs bench/smtp_load.py with ``argv`` as a child (its CPU measured as the servers' is)
+    and returns the JSON result it prints last, with ``driver_process_cpu_s`` unless
+    ``driver_cpu`` is false; when it prints none, ``{"failed": "rc=...: stderr tail"}`` plus
+    ``failed`` (e.g. ``{"accepted": 0}`` for callers that add the run's counts up)."""
+    cmd = [sys.executable, str(HERE / "smtp_load.py"), *argv]
+    rc, out, err, _wall, cpu = run_child(cmd, timeout)
+    try:
+        res = dict(json.loads(out.strip().splitlines()[-1]))
+    except (ValueError, IndexError):
+        return {"failed": f"rc={rc}: {err.strip()[-300:]}", **(failed or {})}
+    if driver_cpu:
+        res["driver_process_cpu_s"] = round(cpu, 3)
+    return res
+
+
+def drive_listed(port: int, connections: int, clients: int, bound: float, sources: str) -> dict:
+    """``connections`` connections from the listed ``sources`` (FIRST-LAST), each refused by
+    the server: smtp_load.py's ``listed`` mode (connect, read the refusal, QUIT)."""
+    argv = ["listed", "--port", str(port), "--clients", str(clients), "--duration", str(bound)]
+    argv += ["--source-range", sources, "--timeout", "20", "--connections", str(connections)]
+    return smtp_load(argv, bound + 30, driver_cpu=False)
 
 
 def drive_python(port: int, clients: int, messages: int, bound_s: float) -> dict:
@@ -442,6 +501,91 @@ class Gateway:
         stop_proc(self.proc)
 
 
+PAIR_CONFIG = """# bench/{script}: {name}
+[server]
+hostname = "gw.bench.test"
+listen = ["127.0.0.1:{port}"]
+workers = {workers}
+max_connections = 20000
+max_connections_per_ip = 20000
+control_socket = "{root}/control.sock"
+
+[domains]
+local = ["bench.test"]
+
+[paths]
+spool = "{root}/spool"
+mail = "{root}/mail"
+log = "{root}/log"
+state = "{root}/state.sqlite"
+
+[log]
+echo = false
+
+[lists]
+listed = {{ type = "ip", entries = ["127.0.1.0/24"] }}
+
+{rest}
+[[rules.connect]]
+name = "listed"
+check = "ip_list"
+list = "listed"
+verb = "deny"
+incident = {incident}
+message = "Access denied"
+"""
+
+
+def pair_config(
+    script: str, name: str, port: int, workers: int, root: Path, rest: str, incident: int
+) -> str:
+    """The configuration of one gateway of a benchmark of two side by side (state_bench.py,
+    incident_bench.py): on ``port`` with ``workers``, no DNS, everything under ``root``;
+    ``rest`` (the sections and rules that differ), then the last connect rule, which refuses
+    127.0.1.0/24 and records ``incident``."""
+    return PAIR_CONFIG.format(
+        script=script,
+        name=name,
+        port=port,
+        workers=workers,
+        root=root,
+        rest=rest,
+        incident=incident,
+    )
+
+
+def own_control_socket(text: str, path: Path) -> str:
+    """A bench configuration (palisade-bench.toml, palisade-perimeter.toml: ``[server]`` then
+    ``[limits]``) with ``control_socket = path``: a second gateway of the same run on the
+    default var/run/control.sock refuses to start beside the first."""
+    return text.replace("[limits]", f'control_socket = "{path}"\n\n[limits]', 1)
+
+
+def start_gateway(
+    name: str, root: Path, config: str, port: int, timeout: float = 20
+) -> Gateway | None:
+    """A gateway on ``port`` with the configuration text ``config`` in root/palisade.toml (its
+    state and output under ``root`` too), started; None, with the reason logged, when it did
+    not greet within ``timeout`` seconds."""
+    root.mkdir(parents=True, exist_ok=True)
+    path = root / "palisade.toml"
+    path.write_text(config)
+    gw = Gateway(path, port, None, state_root=root, logfile=root / "gateway.out")
+    if not gw.start(timeout):
+        log(f"{name}: {gw.why_not}")
+        return None
+    return gw
+
+
+def add_pair_args(parser) -> None:
+    """The options every benchmark of two gateways side by side shares (state_bench.py,
+    incident_bench.py): load, gateway workers, the bound of a run, the raw JSON file."""
+    parser.add_argument("--clients", type=int, default=20)
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--bound", type=float, default=120.0, help="seconds per run at most")
+    parser.add_argument("--json", type=Path)
+
+
 def set_subreaper() -> None:
     """Become the reaper of orphaned descendants (Postfix's master daemonizes)."""
     with contextlib.suppress(OSError, AttributeError):
@@ -456,6 +600,15 @@ def reap() -> None:
             return
         if pid == 0:
             return
+
+
+def stop_all(*servers) -> None:
+    """Stops each of ``servers`` that was made (None: never made), in the order given, then
+    reaps what is left of their children: the end of every run, an interrupted one too."""
+    for server in servers:
+        if server is not None:
+            server.stop()
+    reap()
 
 
 def machine_info(postfix_version: str) -> dict:
@@ -492,10 +645,10 @@ DKIM_KEYS = {
 DKIM_VARIANTS = {"unsigned": [], "rsa": ["rsa"], "ed25519": ["ed25519"], "both": ["rsa", "ed25519"]}
 
 
-def port_taken(port: int) -> bool:
+def port_taken(port: int, timeout: float = 1) -> bool:
     """True when a server already accepts connections on 127.0.0.1:``port``."""
     try:
-        socket.create_connection(("127.0.0.1", port), timeout=1).close()
+        socket.create_connection(("127.0.0.1", port), timeout=timeout).close()
     except OSError:
         return False
     return True
@@ -514,3 +667,174 @@ def ports_taken(program: str, ports: list[int]) -> bool:
             file=sys.stderr,
         )
     return bool(busy)
+
+
+def make_key() -> tuple[bytes, str]:
+    """A fresh RSA-2048 key: (private key PEM, public key base64 for the DKIM TXT p= tag)."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import rsa
+
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    pem = key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.TraditionalOpenSSL,
+        serialization.NoEncryption(),
+    )
+    der = key.public_key().public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+    return pem, base64.b64encode(der).decode()
+
+
+# --------------------------------------------------------------------------------------
+# The start and the end of a run
+
+
+def time_budget(t_begin: float, seconds: float) -> Callable[[], bool]:
+    """A check, true while less than ``seconds`` have passed since ``t_begin``: the runs
+    after it are skipped, so that a benchmark ends in bounded time."""
+    return lambda: time.monotonic() - t_begin < seconds
+
+
+def interrupt_on_term() -> None:
+    """SIGTERM and SIGHUP raise KeyboardInterrupt, so that a killed run still goes through its
+    ``finally`` blocks: every server stopped, /etc/resolv.conf put back."""
+
+    def on_term(signum, _frame):
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    signal.signal(signal.SIGTERM, on_term)
+    signal.signal(signal.SIGHUP, on_term)
+
+
+def raise_nofile_limit() -> None:
+    """Open files up to the hard limit (inherited by Postfix and the gateways): thousands of
+    connections at once must not fail for want of descriptors and skew a run."""
+    import resource
+
+    _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
+def write_results(
+    results: dict, args, info: dict, t_begin: float, render: Callable[[], str]
+) -> None:
+    """The end of a run: the machine, the arguments and the elapsed time added to
+    ``results``, the raw JSON written to ``args.json``, then the table ``render`` makes
+    printed on stdout (after the JSON, so that a failing table loses no numbers)."""
+    results["machine"] = info
+    results["args"] = {k: str(v) for k, v in vars(args).items()}
+    results["elapsed_s"] = round(time.monotonic() - t_begin, 1)
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps(results, indent=2))
+    print(render())
+    log(f"done in {results['elapsed_s']} s; raw results in {args.json}")
+
+
+# --------------------------------------------------------------------------------------
+# Medians and table cells
+
+
+def rate_summary(rows: list[dict], rate: str) -> dict:
+    """What every summary of load runs starts with: their count, the rate ``rate`` of each
+    and its median, the median p50, each p99 and their median."""
+    return {
+        "runs": len(rows),
+        "rate": [r[rate] for r in rows],
+        "rate_med": med([r[rate] for r in rows]),
+        "p50_ms": med([r.get("p50_ms") for r in rows]),
+        "p99_ms": [r.get("p99_ms") for r in rows],
+        "p99_ms_med": med([r.get("p99_ms") for r in rows]),
+    }
+
+
+def med(vals: list) -> float | None:
+    """The median of the values that are not None (the mean of the middle two, to 3 places,
+    for an even count); None when there are none."""
+    vals = sorted(v for v in vals if v is not None)
+    if not vals:
+        return None
+    n = len(vals)
+    return vals[n // 2] if n % 2 else round((vals[n // 2 - 1] + vals[n // 2]) / 2, 3)
+
+
+def median_of(rows: list[dict], key: str) -> float | None:
+    """The median of ``key`` over the rows that have it, to 2 places; None when none has."""
+    values = [r[key] for r in rows if r.get(key) is not None]
+    return round(statistics.median(values), 2) if values else None
+
+
+def fmt(v, unit: str = "") -> str:
+    """A table cell: "-" for None, floats to 1 place from 10 up and to 2 below."""
+    if v is None:
+        return "-"
+    if isinstance(v, float):
+        v = f"{v:.1f}" if abs(v) >= 10 else f"{v:.2f}"
+    return f"{v}{unit}"
+
+
+def ratio(a, b) -> str:
+    """a / b as "1.23x", "-" when either is missing or b is 0."""
+    return "-" if a is None or not b else f"{a / b:.2f}x"
+
+
+# --------------------------------------------------------------------------------------
+# py-spy profiles of a gateway during an extra, unmeasured run
+
+
+def start_py_spy(py_spy: str, pid: int, out: Path, rate: int, stderr) -> subprocess.Popen[bytes]:
+    """``py-spy record --gil`` (samples of threads holding the GIL: Python running, not
+    waiting) of ``pid`` and its subprocesses, ``rate`` per second, raw stacks to ``out``."""
+    cmd = [py_spy, "record", "-p", str(pid), "--subprocesses", "-r", str(rate)]
+    cmd += ["-f", "raw", "--nolineno", "--gil", "-o", str(out)]
+    return subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=stderr, start_new_session=True)
+
+
+def stop_py_spy(proc: subprocess.Popen[bytes]) -> None:
+    """SIGINT makes py-spy write its file; killed if it has not within 30 s."""
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(proc.pid, signal.SIGINT)
+    try:
+        proc.wait(30)
+    except subprocess.TimeoutExpired:
+        stop_proc(proc)
+
+
+def busy_samples(
+    path: Path, areas: tuple[tuple[str, tuple[str, ...]], ...], idle: tuple[str, ...]
+) -> tuple[dict[str, int], int, int, dict[str, int]]:
+    """py-spy's raw stacks in ``path`` added up: (samples by area, busy samples, samples
+    dropped as idle, samples by function, inclusive). A stack whose leaf frame starts with one
+    of ``idle`` is a thread waiting, not working; a busy one goes to the area of its innermost
+    frame that matches one of the area's patterns (in the order of ``areas``), else "other"."""
+    by_area: dict[str, int] = {}
+    inclusive: dict[str, int] = {}
+    total = idle_n = 0
+    for line in path.read_text(errors="replace").splitlines():
+        stack, _, count = line.rpartition(" ")
+        if not count.isdigit():
+            continue
+        n = int(count)
+        frames = stack.split(";")
+        if frames[-1].startswith(idle):
+            idle_n += n
+            continue
+        total += n
+        area = "other"
+        for fr in reversed(frames):
+            hit = next((a for a, pats in areas if any(p in fr for p in pats)), None)
+            if hit:
+                area = hit
+                break
+        by_area[area] = by_area.get(area, 0) + n
+        for fr in set(frames):
+            if "(" in fr:
+                inclusive[fr] = inclusive.get(fr, 0) + n
+    return by_area, total, idle_n, inclusive
+
+
+def shares_pct(counts: dict[str, int], total: int) -> dict[str, float]:
+    """Each count as a percentage of ``total`` (1 place), largest first; {} for no samples."""
+    if not total:
+        return {}
+    return {k: round(100 * v / total, 1) for k, v in sorted(counts.items(), key=lambda kv: -kv[1])}

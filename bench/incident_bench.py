@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import json
 import sqlite3
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -32,57 +31,32 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from harness import BENCH_ROOT, Gateway, cpu_s, log, machine_info, ports_taken, run_child  # noqa: E402
+from harness import (  # noqa: E402
+    BENCH_ROOT,
+    Gateway,
+    add_pair_args,
+    cpu_s,
+    drive_listed,
+    log,
+    machine_info,
+    median_of,
+    pair_config,
+    ports_taken,
+    start_gateway,
+)
 
 SOURCES = "127.0.1.10-127.0.1.59"
 WARM_UP = 2000  # connections per gateway before the measured runs
 
-CONFIG = """# bench/incident_bench.py: {name}
-[server]
-hostname = "gw.bench.test"
-listen = ["127.0.0.1:{port}"]
-workers = {workers}
-max_connections = 20000
-max_connections_per_ip = 20000
-
-[domains]
-local = ["bench.test"]
-
-[paths]
-spool = "{root}/spool"
-mail = "{root}/mail"
-log = "{root}/log"
-state = "{root}/state.sqlite"
-
-[log]
-echo = false
-
-[incidents]
+# The section of incident_bench's gateways that harness.pair_config leaves to it.
+CONFIG = """[incidents]
 protect_loopback = false
 block_at = 1000000000
-
-[lists]
-listed = {{ type = "ip", entries = ["127.0.1.0/24"] }}
-
-[[rules.connect]]
-name = "listed"
-check = "ip_list"
-list = "listed"
-verb = "deny"
-incident = {incident}
-message = "Access denied"
 """
 
 
 def load(port: int, connections: int, clients: int, bound: float) -> dict:
-    cmd = [sys.executable, str(HERE / "smtp_load.py"), "listed", "--port", str(port)]
-    cmd += ["--clients", str(clients), "--duration", str(bound), "--source-range", SOURCES]
-    cmd += ["--timeout", "20", "--connections", str(connections)]
-    rc, out, err, _wall, _cpu = run_child(cmd, bound + 30)
-    try:
-        return dict(json.loads(out.strip().splitlines()[-1]))
-    except (ValueError, IndexError):
-        return {"failed": f"rc={rc}: {err.strip()[-300:]}"}
+    return drive_listed(port, connections, clients, bound, SOURCES)
 
 
 def recorded(root: Path) -> int:
@@ -108,10 +82,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--connections", type=int, default=20000)
-    parser.add_argument("--clients", type=int, default=20)
-    parser.add_argument("--workers", type=int, default=2)
-    parser.add_argument("--bound", type=float, default=120.0, help="seconds per run at most")
-    parser.add_argument("--json", type=Path)
+    add_pair_args(parser)
     args = parser.parse_args(argv)
     if ports_taken("incident_bench", [2545, 2546]):
         return 1
@@ -119,16 +90,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         for name, port, incident in (("off", 2545, 0), ("on", 2546, 1)):
             root = BENCH_ROOT / f"incidents-{name}"
-            root.mkdir(parents=True, exist_ok=True)
-            config = root / "palisade.toml"
-            config.write_text(
-                CONFIG.format(
-                    name=name, port=port, workers=args.workers, root=root, incident=incident
-                )
+            text = pair_config(
+                "incident_bench.py", name, port, args.workers, root, CONFIG, incident
             )
-            gw = Gateway(config, port, None, state_root=root, logfile=root / "gateway.out")
-            if not gw.start(20):
-                log(f"{name}: {gw.why_not}")
+            gw = start_gateway(name, root, text, port)
+            if gw is None:
                 return 1
             gateways[name] = gw
         for gw in gateways.values():  # warm-up: imports, first connections, the database
@@ -157,8 +123,7 @@ def main(argv: list[str] | None = None) -> int:
             gw.stop()
 
     def med(name: str, key: str) -> float | None:
-        values = [r[key] for r in runs[name] if r.get(key) is not None]
-        return round(statistics.median(values), 2) if values else None
+        return median_of(runs[name], key)
 
     table = [
         "| | incidents off (`incident = 0`) | incidents on (`incident = 1`) |",

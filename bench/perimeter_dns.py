@@ -30,10 +30,8 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
-import signal
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -42,6 +40,7 @@ REPO = HERE.parent
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
+from harness import spawn, stop_proc, wait_ready  # noqa: E402
 from loopback.dnsserver import ZoneServer  # noqa: E402  (shared with the tests)
 
 UNBOUND = shutil.which("unbound") or "/usr/sbin/unbound"
@@ -176,23 +175,9 @@ class Unbound:
         )
         if chk.returncode != 0:
             raise RuntimeError(f"unbound-checkconf: {chk.stdout.strip()} {chk.stderr.strip()}")
-        out = open(self.root / "unbound.out", "wb")  # noqa: SIM115 - handed to the child
-        try:
-            self.proc = subprocess.Popen(
-                [UNBOUND, "-d", "-c", str(self.conf)],
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )
-        finally:
-            out.close()
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                break
-            if self.stats() is not None:
-                return
-            time.sleep(0.2)
+        self.proc = spawn([UNBOUND, "-d", "-c", str(self.conf)], self.root / "unbound.out")
+        if wait_ready(self.proc, lambda: self.stats() is not None, timeout, 0.2):
+            return
         log = (self.root / "unbound.log").read_text(errors="replace") if self.root.exists() else ""
         self.stop()
         raise RuntimeError(f"unbound did not start: {log.strip()[-400:]}")
@@ -227,17 +212,7 @@ class Unbound:
         return int(s.get("total.num.cachehits", 0))
 
     def stop(self) -> None:
-        proc = self.proc
-        if proc is None or proc.poll() is not None:
-            return
-        for sig in (signal.SIGTERM, signal.SIGKILL):
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, sig)
-            try:
-                proc.wait(10)
-                return
-            except subprocess.TimeoutExpired:
-                continue
+        stop_proc(self.proc, 10)
 
 
 @contextlib.contextmanager

@@ -23,6 +23,8 @@ import base64
 import hashlib
 from pathlib import Path
 
+from harness import make_key
+
 SENDER_DOMAIN = "sender.bench.test"
 NEWS_DOMAIN = "news.bench.test"
 SELECTOR = "bench"
@@ -43,23 +45,6 @@ PROSE = (
     "to the team by Friday, and we meet again next week to go through the numbers together. "
     "Please bring the figures from your visit to the Lyon office and the draft of the report.\n"
 )
-
-
-def make_key() -> tuple[bytes, str]:
-    """A fresh RSA-2048 key: (private key PEM, public key base64 for the DKIM TXT p= tag)."""
-    from cryptography.hazmat.primitives import serialization
-    from cryptography.hazmat.primitives.asymmetric import rsa
-
-    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
-    pem = key.private_bytes(
-        serialization.Encoding.PEM,
-        serialization.PrivateFormat.TraditionalOpenSSL,
-        serialization.NoEncryption(),
-    )
-    der = key.public_key().public_bytes(
-        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
-    )
-    return pem, base64.b64encode(der).decode()
 
 
 def _head(n: int, domain: str, subject: str, ctype: str, name: str = "Alice Martin") -> str:

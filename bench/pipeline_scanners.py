@@ -40,11 +40,11 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
-import signal
 import socket
 import subprocess
-import time
 from pathlib import Path
+
+from harness import free_port, port_taken, spawn, stop_proc, tree_pids, wait_ready
 
 RSPAMD = shutil.which("rspamd") or "/usr/bin/rspamd"
 CLAMD = shutil.which("clamd") or "/usr/sbin/clamd"
@@ -180,12 +180,6 @@ LOCAL_D = {
 }
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 def _http_get(port: int, path: str, timeout: float = 2.0) -> bytes:
     with socket.create_connection(("127.0.0.1", port), timeout=timeout) as sock:
         sock.sendall(f"GET {path} HTTP/1.0\r\n\r\n".encode())
@@ -195,20 +189,19 @@ def _http_get(port: int, path: str, timeout: float = 2.0) -> bytes:
     return reply
 
 
-def _stop_group(proc: subprocess.Popen[bytes] | None) -> None:
-    if proc is None or proc.poll() is not None:
-        return
-    for sig in (signal.SIGTERM, signal.SIGKILL):
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, sig)
-        try:
-            proc.wait(15)
-            return
-        except subprocess.TimeoutExpired:
-            continue
+class _Daemon:
+    """A scanner this harness started in its own session: its processes and its stop."""
+
+    proc: subprocess.Popen[bytes] | None = None
+
+    def pids(self) -> list[int]:
+        return tree_pids(self.proc.pid) if self.proc and self.proc.poll() is None else []
+
+    def stop(self) -> None:
+        stop_proc(self.proc, 15)
 
 
-class Rspamd:
+class Rspamd(_Daemon):
     """rspamd with a normal worker (``port``), a milter proxy (``milter_port``) and a
     controller (``controller_port``, for ``/stat``), files under ``root``."""
 
@@ -269,26 +262,18 @@ class Rspamd:
         cmd = [RSPAMD, "-f", "-c", str(conf)] + [f"--var={k}={self.root / v}" for k, v in dirs]
         if os.geteuid() == 0:
             cmd += ["-u", "root", "-g", "root"]
-        out = (self.root / "rspamd.out").open("wb")
-        try:
-            self.proc = subprocess.Popen(
-                cmd, stdin=subprocess.DEVNULL, stdout=out, stderr=out, start_new_session=True
-            )
-        finally:
-            out.close()
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                break
-            with contextlib.suppress(OSError):
-                if _http_get(self.port, "/ping").rstrip().endswith(b"pong") and _port_open(
-                    self.milter_port
-                ):
-                    return
-            time.sleep(0.2)
+        self.proc = spawn(cmd, self.root / "rspamd.out", subprocess.DEVNULL)
+        if wait_ready(self.proc, self._ready, timeout, 0.2):
+            return
         text = self.log()[-1500:]
         self.stop()
         raise RuntimeError(f"rspamd did not start: {text}")
+
+    def _ready(self) -> bool:
+        with contextlib.suppress(OSError):
+            pong = _http_get(self.port, "/ping").rstrip().endswith(b"pong")
+            return pong and port_taken(self.milter_port)
+        return False
 
     def log(self) -> str:
         out = ""
@@ -312,16 +297,8 @@ class Rspamd:
         except (OSError, ValueError, IndexError):
             return {}
 
-    def pids(self) -> list[int]:
-        from harness import tree_pids
 
-        return tree_pids(self.proc.pid) if self.proc and self.proc.poll() is None else []
-
-    def stop(self) -> None:
-        _stop_group(self.proc)
-
-
-class Clamd:
+class Clamd(_Daemon):
     """clamd with the EICAR test signature only, TCP on a free port of 127.0.0.1."""
 
     def __init__(self, root: Path, threads: int = 4, log_clean: bool = False) -> None:
@@ -357,45 +334,18 @@ class Clamd:
             lines.append("User root")
         conf = self.root / "clamd.conf"
         conf.write_text("\n".join(lines) + "\n")
-        out = (self.root / "clamd.out").open("wb")
-        try:
-            self.proc = subprocess.Popen(
-                [CLAMD, "-c", str(conf)],
-                stdin=subprocess.DEVNULL,
-                stdout=out,
-                stderr=out,
-                start_new_session=True,
-            )
-        finally:
-            out.close()
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                break
-            with (
-                contextlib.suppress(OSError),
-                socket.create_connection(("127.0.0.1", self.port), timeout=2) as s,
-            ):
-                s.sendall(b"zPING\0")
-                if s.recv(100).startswith(b"PONG"):
-                    return
-            time.sleep(0.1)
+        self.proc = spawn([CLAMD, "-c", str(conf)], self.root / "clamd.out", subprocess.DEVNULL)
+        if wait_ready(self.proc, self._pong, timeout, 0.1):
+            return
         text = (self.root / "clamd.out").read_text(errors="replace")[-800:]
         self.stop()
         raise RuntimeError(f"clamd did not start: {text}")
 
-    def pids(self) -> list[int]:
-        from harness import tree_pids
-
-        return tree_pids(self.proc.pid) if self.proc and self.proc.poll() is None else []
-
-    def stop(self) -> None:
-        _stop_group(self.proc)
-
-
-def _port_open(port: int) -> bool:
-    try:
-        socket.create_connection(("127.0.0.1", port), timeout=1).close()
-    except OSError:
+    def _pong(self) -> bool:
+        with (
+            contextlib.suppress(OSError),
+            socket.create_connection(("127.0.0.1", self.port), timeout=2) as s,
+        ):
+            s.sendall(b"zPING\0")
+            return s.recv(100).startswith(b"PONG")
         return False
-    return True

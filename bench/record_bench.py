@@ -34,6 +34,7 @@ REPO = HERE.parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(REPO))
 
+import harness  # noqa: E402
 from harness import BENCH_ROOT, Gateway, Sink, cpu_s, free_port, log, run_child  # noqa: E402
 from loopback.dnsserver import start_zone_server  # noqa: E402
 
@@ -67,7 +68,7 @@ def config(side: str, port: int, dns_port: int, sink_port: int) -> Path:
     text = text.replace('"127.0.0.1:2600"', f'"127.0.0.1:{sink_port}"')
     text = text.replace('"127.0.0.1:53"', f'"127.0.0.1:{dns_port}"')
     text = text.replace("/tmp/palisade-bench/perimeter", str(base))
-    text = text.replace("[limits]", f'control_socket = "{base}/control.sock"\n\n[limits]', 1)
+    text = harness.own_control_socket(text, base / "control.sock")
     if side == "on":
         text += f'\n[record]\nfacts = "{base}/log/facts.jsonl"\n'
     base.mkdir(parents=True, exist_ok=True)

@@ -43,13 +43,19 @@ from harness import (
     drive_idle,
     drive_python,
     drive_smtp_source,
+    fmt,
     log,
     machine_info,
     ports_taken,
     pss_kb,
+    raise_nofile_limit,
+    ratio,
     reap,
     rss_kb,
     set_subreaper,
+    stop_all,
+    time_budget,
+    write_results,
 )
 from postfix_instance import PostfixInstance
 
@@ -124,20 +130,6 @@ def summarize(results: list[dict], name: str, driver: str) -> dict | None:
         "server_cpu_per_1k": med("server_cpu_per_1k"),
         "driver_cpu_per_1k": med("driver_cpu_per_1k"),
     }
-
-
-def fmt(v, unit: str = "") -> str:
-    if v is None:
-        return "-"
-    if isinstance(v, float):
-        v = f"{v:.1f}" if abs(v) >= 10 else f"{v:.2f}"
-    return f"{v}{unit}"
-
-
-def ratio(a, b) -> str:
-    if a is None or b in (None, 0):
-        return "-"
-    return f"{a / b:.2f}x"
 
 
 def render(info: dict, args: argparse.Namespace, results: dict) -> str:
@@ -280,14 +272,9 @@ def main(argv: list[str] | None = None) -> int:
         ap.error("run as root (the private Postfix instance needs it)")
 
     t_begin = time.monotonic()
+    time_left = time_budget(t_begin, args.max_seconds)
 
-    def time_left() -> bool:
-        return time.monotonic() - t_begin < args.max_seconds
-
-    import resource
-
-    _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))  # inherited by Postfix
+    raise_nofile_limit()  # inherited by Postfix
     set_subreaper()
     BENCH_ROOT.mkdir(parents=True, exist_ok=True)
     drivers = [d for d in args.drivers.split(",") if d in ("py", "c")]
@@ -380,17 +367,8 @@ def main(argv: list[str] | None = None) -> int:
                 reap()
     finally:
         log("stopping")
-        gw.stop()
-        pf.stop()
-        sink.stop()
-        reap()
-    results["machine"] = info
-    results["args"] = {k: str(v) for k, v in vars(args).items()}
-    results["elapsed_s"] = round(time.monotonic() - t_begin, 1)
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps(results, indent=2))
-    print(render(info, args, results))
-    log(f"done in {results['elapsed_s']} s; raw results in {args.json}")
+        stop_all(gw, pf, sink)
+    write_results(results, args, info, t_begin, lambda: render(info, args, results))
     return 0
 
 

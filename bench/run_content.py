@@ -46,13 +46,11 @@ What runs (everything on 127.0.0.1, every loop bounded in count and time):
 from __future__ import annotations
 
 import argparse
-import base64
 import contextlib
 import json
 import os
 import re
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -70,16 +68,32 @@ from harness import (  # noqa: E402
     Gateway,
     Sink,
     Target,
+    busy_samples,
     cpu_s,
+    interrupt_on_term,
     log,
     machine_info,
+    make_key,
+    med,
+    own_control_socket,
     ports_taken,
+    raise_nofile_limit,
+    rate_summary,
+    ratio,
     reap,
     run_child,
     set_subreaper,
+    shares_pct,
+    smtp_load,
+    start_py_spy,
+    stop_all,
     stop_proc,
+    stop_py_spy,
+    time_budget,
     tree_pids,
+    write_results,
 )
+from harness import fmt as f  # noqa: E402
 from postfix_instance import PostfixInstance  # noqa: E402
 from smtp_load import build_message  # noqa: E402
 
@@ -127,23 +141,6 @@ endif
 
 # --------------------------------------------------------------------------------------
 # The signed message and the DNS data
-
-
-def make_key() -> tuple[bytes, str]:
-    """A fresh RSA-2048 key: (private key PEM, public key base64 for the DKIM TXT p= tag)."""
-    from cryptography.hazmat.primitives import serialization
-    from cryptography.hazmat.primitives.asymmetric import rsa
-
-    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
-    pem = key.private_bytes(
-        serialization.Encoding.PEM,
-        serialization.PrivateFormat.TraditionalOpenSSL,
-        serialization.NoEncryption(),
-    )
-    der = key.public_key().public_bytes(
-        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
-    )
-    return pem, base64.b64encode(der).decode()
 
 
 def signed_message(pem: bytes, size: int) -> bytes:
@@ -290,6 +287,7 @@ def write_config(key: str, port: int, auth: bool, spamd: bool, dns_port: int, sp
     text = text.replace('"/tmp/palisade-bench/', f'"{state}/')
     text = text.replace("# Palisade configuration used by bench/run.py", "# Written by")
     text = f"# bench/run_content.py from bench/palisade-bench.toml ({key}).\n" + text
+    text = own_control_socket(text, state / "control.sock")
     text += f'\n[dns]\nnameservers = ["127.0.0.1:{dns_port}"]   # the run\'s zone server\n'
     if auth:
         text += "\n[authentication]\nenabled = true\n"
@@ -416,18 +414,13 @@ def measured(t: Target, args, sink: Sink, zone, spamd: Spamd, message_file: Path
     log0 = count_log(t.mainlog)
     cpu0, scpu0 = cpu_s(t.pids()), cpu_s(spamd.pids())
     bound = args.run_bound
-    cmd = [sys.executable, str(HERE / "smtp_load.py"), "throughput", "--port", str(t.port)]
-    cmd += ["--clients", str(args.clients), "--messages", str(n), "--duration", str(bound)]
-    cmd += ["--timeout", "40", "--sender", SENDER, "--rcpt", RCPT]
-    cmd += ["--message-file", str(message_file)]
-    rc, out, err, _wall, dcpu = run_child(cmd, bound + 60)
+    argv = ["throughput", "--port", str(t.port)]
+    argv += ["--clients", str(args.clients), "--messages", str(n), "--duration", str(bound)]
+    argv += ["--timeout", "40", "--sender", SENDER, "--rcpt", RCPT]
+    argv += ["--message-file", str(message_file)]
+    res = smtp_load(argv, bound + 60, failed={"accepted": 0})
     cpu1, scpu1 = cpu_s(t.pids()), cpu_s(spamd.pids())
-    try:
-        res = json.loads(out.strip().splitlines()[-1])
-    except (ValueError, IndexError):
-        res = {"failed": f"rc={rc}: {err.strip()[-300:]}", "accepted": 0}
     res["system"] = t.key
-    res["driver_process_cpu_s"] = round(dcpu, 3)
     res["server_cpu_s"] = round(cpu1 - cpu0, 2)
     res["spamd_cpu_s"] = round(scpu1 - scpu0, 2)
     res["zone_queries"] = zone.total_queries - q0
@@ -478,64 +471,27 @@ class Profiler:
 
     def __init__(self, pid: int, out: Path) -> None:
         self.out = out
-        cmd = [PY_SPY or "py-spy", "record", "-p", str(pid), "--subprocesses", "-r", "100"]
-        cmd += ["-f", "raw", "--nolineno", "--gil", "-o", str(out)]
-        self.proc = subprocess.Popen(
-            cmd,
-            stdout=subprocess.DEVNULL,
-            stderr=open(out.with_suffix(".err"), "wb"),  # noqa: SIM115
-            start_new_session=True,
-        )
+        err = open(out.with_suffix(".err"), "wb")  # noqa: SIM115 - handed to py-spy
+        self.proc = start_py_spy(PY_SPY or "py-spy", pid, out, 100, err)
         time.sleep(1.0)  # let it attach
 
     def stop(self) -> dict:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(self.proc.pid, signal.SIGINT)
-        try:
-            self.proc.wait(30)
-        except subprocess.TimeoutExpired:
-            stop_proc(self.proc)
+        stop_py_spy(self.proc)
         return summarize_profile(self.out)
 
 
 def summarize_profile(path: Path) -> dict:
     """Busy samples by area (innermost matching frame) and the top inclusive functions."""
-    areas: dict[str, int] = {}
-    inclusive: dict[str, int] = {}
-    total = idle = 0
     if not path.exists():
         return {"samples": 0}
-    for line in path.read_text(errors="replace").splitlines():
-        stack, _, count = line.rpartition(" ")
-        if not count.isdigit():
-            continue
-        n = int(count)
-        frames = stack.split(";")
-        if frames[-1].startswith(IDLE_LEAVES):
-            idle += n
-            continue
-        total += n
-        area = "other"
-        for fr in reversed(frames):
-            hit = next((a for a, pats in AREAS if any(p in fr for p in pats)), None)
-            if hit:
-                area = hit
-                break
-        areas[area] = areas.get(area, 0) + n
-        for fr in set(frames):
-            if "(" in fr:
-                inclusive[fr] = inclusive.get(fr, 0) + n
+    areas, total, idle, inclusive = busy_samples(path, AREAS, IDLE_LEAVES)
     top = sorted(inclusive.items(), key=lambda kv: -kv[1])
     top = [(k, v) for k, v in top if "palisade/__main__" not in k and "runpy" not in k][:30]
     return {
         "samples": total,
         "idle_samples_dropped": idle,
-        "areas_pct": {
-            k: round(100 * v / total, 1) for k, v in sorted(areas.items(), key=lambda kv: -kv[1])
-        }
-        if total
-        else {},
-        "top_inclusive_pct": {k: round(100 * v / total, 1) for k, v in top} if total else {},
+        "areas_pct": shares_pct(areas, total),
+        "top_inclusive_pct": shares_pct(dict(top), total),
     }
 
 
@@ -612,25 +568,12 @@ def measured_spamd(args, spamd: Spamd, message: bytes, n: int) -> dict:
     return res
 
 
-def med(vals: list) -> float | None:
-    vals = sorted(v for v in vals if v is not None)
-    if not vals:
-        return None
-    n = len(vals)
-    return vals[n // 2] if n % 2 else round((vals[n // 2 - 1] + vals[n // 2]) / 2, 3)
-
-
 def summarize(runs: list[dict], key: str) -> dict | None:
     rows = [r for r in runs if r.get("system") == key and "failed" not in r]
     if not rows:
         return None
     return {
-        "runs": len(rows),
-        "rate": [r["msgs_per_s"] for r in rows],
-        "rate_med": med([r["msgs_per_s"] for r in rows]),
-        "p50_ms": med([r.get("p50_ms") for r in rows]),
-        "p99_ms": [r.get("p99_ms") for r in rows],
-        "p99_ms_med": med([r.get("p99_ms") for r in rows]),
+        **rate_summary(rows, "msgs_per_s"),
         "errors": sum(r.get("errors", 0) for r in rows),
         "error_kinds": [r.get("error_kinds") for r in rows if r.get("errors")],
         "accepted": sum(r.get("accepted") or 0 for r in rows),
@@ -641,18 +584,6 @@ def summarize(runs: list[dict], key: str) -> dict | None:
         "mainlog": {k: sum(r["mainlog"].get(k, 0) for r in rows) for k in rows[0]["mainlog"]},
         "elapsed_s": [r.get("elapsed_s") for r in rows],
     }
-
-
-def f(v, unit: str = "") -> str:
-    if v is None:
-        return "-"
-    if isinstance(v, float):
-        v = f"{v:.1f}" if abs(v) >= 10 else f"{v:.2f}"
-    return f"{v}{unit}"
-
-
-def ratio(a, b) -> str:
-    return "-" if a is None or not b else f"{a / b:.2f}x"
 
 
 def render(info: dict, args, res: dict) -> str:
@@ -782,20 +713,10 @@ def main(argv: list[str] | None = None) -> int:
     from loopback.dnsserver import start_zone_server
 
     t_begin = time.monotonic()
+    time_left = time_budget(t_begin, args.max_seconds)
 
-    def time_left() -> bool:
-        return time.monotonic() - t_begin < args.max_seconds
-
-    def on_term(signum, _frame):
-        raise KeyboardInterrupt(f"signal {signum}")
-
-    signal.signal(signal.SIGTERM, on_term)
-    signal.signal(signal.SIGHUP, on_term)
-
-    import resource
-
-    _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    interrupt_on_term()
+    raise_nofile_limit()
     set_subreaper()
     ports = [args.sink_port, 2527, args.spamd_port] + [
         port for _l, port, _a, _s in CONFIGS.values()
@@ -957,26 +878,14 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     finally:
         log("stopping")
-        for gw in gateways.values():
-            gw.stop()
-        spamd.stop()
-        pf.stop()
-        sink.stop()
-        zone.stop()
-        reap()
+        stop_all(*gateways.values(), spamd, pf, sink, zone)
 
     for key in ("postfix", *CONFIGS, "spamd"):
         sm = summarize(results["runs"], key)
         if sm is not None:
             results["summary"][key] = sm
     results["zone_queries_by_name"] = _query_names(zone)
-    results["machine"] = info
-    results["args"] = {k: str(v) for k, v in vars(args).items()}
-    results["elapsed_s"] = round(time.monotonic() - t_begin, 1)
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps(results, indent=2))
-    print(render(info, args, results))
-    log(f"done in {results['elapsed_s']} s; raw results in {args.json}")
+    write_results(results, args, info, t_begin, lambda: render(info, args, results))
     return 0
 
 

@@ -39,10 +39,8 @@ per-round ratios, server and driver CPU per 1000, the load average before each r
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
-import signal
 import sys
 import time
 from pathlib import Path
@@ -58,13 +56,20 @@ from harness import (  # noqa: E402
     Sink,
     Target,
     cpu_s,
+    interrupt_on_term,
     log,
     machine_info,
+    med,
     ports_taken,
+    raise_nofile_limit,
     reap,
     run_child,
     set_subreaper,
+    smtp_load,
+    stop_all,
+    write_results,
 )
+from harness import fmt as f  # noqa: E402
 from loadgen import drive as drive_c  # noqa: E402
 from perimeter_dns import BenchDns  # noqa: E402
 from postfix_instance import PostfixInstance, perimeter_settings  # noqa: E402
@@ -120,14 +125,7 @@ def drive(gen: str, mode: str, port: int, args: argparse.Namespace, count: int) 
     if gen == "c":
         return drive_c([mode, *common], bound + 30)
     if gen == "py":
-        cmd = [sys.executable, str(HERE / "smtp_load.py"), mode, *common]
-        rc, out, err, _wall, cpu = run_child(cmd, bound + 30)
-        try:
-            res = json.loads(out.strip().splitlines()[-1])
-        except (ValueError, IndexError):
-            return {"failed": f"rc={rc}: {err.strip()[-300:]}"}
-        res["driver_process_cpu_s"] = round(cpu, 3)
-        return res
+        return smtp_load([mode, *common], bound + 30)
     if gen == "smtp-source":
         if mode == "listed":
             return {"skipped": "smtp-source has no refusal mode"}
@@ -207,14 +205,6 @@ def measured(gen: str, t: Target, mode: str, args, sink: Sink, dns: BenchDns, co
     return res
 
 
-def med(vals: list) -> float | None:
-    vals = sorted(v for v in vals if v is not None)
-    if not vals:
-        return None
-    n = len(vals)
-    return vals[n // 2] if n % 2 else round((vals[n // 2 - 1] + vals[n // 2]) / 2, 3)
-
-
 def summarize(runs: list[dict], gens: list[str]) -> dict:
     out: dict = {}
     for gen in gens:
@@ -267,14 +257,6 @@ def summarize(runs: list[dict], gens: list[str]) -> dict:
             if per:
                 out[f"{gen}/{mode}"] = per
     return out
-
-
-def f(v, unit: str = "") -> str:
-    if v is None:
-        return "-"
-    if isinstance(v, float):
-        v = f"{v:.1f}" if abs(v) >= 10 else f"{v:.2f}"
-    return f"{v}{unit}"
 
 
 GEN_NAMES = {
@@ -414,15 +396,8 @@ def main(argv: list[str] | None = None) -> int:
 
     t_begin = time.monotonic()
 
-    def on_term(signum, _frame):
-        raise KeyboardInterrupt(f"signal {signum}")
-
-    signal.signal(signal.SIGTERM, on_term)
-    signal.signal(signal.SIGHUP, on_term)
-    import resource
-
-    _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    interrupt_on_term()
+    raise_nofile_limit()
     set_subreaper()
     ROOT.mkdir(parents=True, exist_ok=True)
     if ports_taken(
@@ -514,22 +489,13 @@ def main(argv: list[str] | None = None) -> int:
                                 )
             finally:
                 log("stopping servers")
-                gw.stop()
-                if base is not None:
-                    base.stop()
-                pf.stop()
-                sink.stop()
-                reap()
+                stop_all(gw, base, pf, sink)
     except KeyboardInterrupt as e:
         log(f"interrupted ({e}); everything stopped, /etc/resolv.conf restored")
         return 130
     summary = summarize(results["runs"], gens)
-    results.update(summary=summary, machine=info, args={k: str(v) for k, v in vars(args).items()})
-    results["elapsed_s"] = round(time.monotonic() - t_begin, 1)
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps(results, indent=2))
-    print(render(info, args, summary, gens))
-    log(f"done in {results['elapsed_s']} s; raw results in {args.json}")
+    results["summary"] = summary
+    write_results(results, args, info, t_begin, lambda: render(info, args, summary, gens))
     return 0
 
 

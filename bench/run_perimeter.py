@@ -33,10 +33,8 @@ What runs (all on 127.0.0.0/8, every loop bounded in count and time):
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
-import signal
 import sys
 import time
 from pathlib import Path
@@ -51,14 +49,25 @@ from harness import (  # noqa: E402
     Sink,
     Target,
     cpu_s,
+    interrupt_on_term,
     log,
     machine_info,
+    med,
+    own_control_socket,
     ports_taken,
+    raise_nofile_limit,
+    rate_summary,
+    ratio,
     reap,
     run_child,
     set_subreaper,
+    smtp_load,
+    stop_all,
+    time_budget,
     tree_pids,
+    write_results,
 )
+from harness import fmt as f  # noqa: E402
 from perimeter_dns import BenchDns  # noqa: E402
 from postfix_instance import PostfixInstance, perimeter_settings  # noqa: E402
 
@@ -69,20 +78,14 @@ LISTED_RANGE = "127.0.1.10-127.0.1.59"
 
 
 def load(mode: str, port: int, src: str, count: int, clients: int, bound: float) -> dict:
-    cmd = [sys.executable, str(HERE / "smtp_load.py"), mode, "--port", str(port)]
-    cmd += ["--clients", str(clients), "--duration", str(bound), "--source-range", src]
-    cmd += ["--timeout", "20"]
+    argv = [mode, "--port", str(port)]
+    argv += ["--clients", str(clients), "--duration", str(bound), "--source-range", src]
+    argv += ["--timeout", "20"]
     if mode == "throughput":
-        cmd += ["--messages", str(count), "--sender", SENDER, "--rcpt", RCPT]
+        argv += ["--messages", str(count), "--sender", SENDER, "--rcpt", RCPT]
     else:
-        cmd += ["--connections", str(count)]
-    rc, out, err, _wall, cpu = run_child(cmd, bound + 30)
-    try:
-        res = json.loads(out.strip().splitlines()[-1])
-    except (ValueError, IndexError):
-        return {"failed": f"rc={rc}: {err.strip()[-300:]}"}
-    res["driver_process_cpu_s"] = round(cpu, 3)
-    return res
+        argv += ["--connections", str(count)]
+    return smtp_load(argv, bound + 30)
 
 
 def measured(
@@ -116,14 +119,6 @@ def measured(
     return res
 
 
-def med(vals: list) -> float | None:
-    vals = sorted(v for v in vals if v is not None)
-    if not vals:
-        return None
-    n = len(vals)
-    return vals[n // 2] if n % 2 else round((vals[n // 2 - 1] + vals[n // 2]) / 2, 3)
-
-
 def summarize(runs: list[dict], key: str, mode: str) -> dict | None:
     rows = [r for r in runs if r.get("system") == key and r.get("mode") == mode]
     rows = [r for r in rows if "failed" not in r]
@@ -131,12 +126,7 @@ def summarize(runs: list[dict], key: str, mode: str) -> dict | None:
         return None
     rate = "refused_per_s" if mode == "listed" else "msgs_per_s"
     return {
-        "runs": len(rows),
-        "rate": [r[rate] for r in rows],
-        "rate_med": med([r[rate] for r in rows]),
-        "p50_ms": med([r.get("p50_ms") for r in rows]),
-        "p99_ms": [r.get("p99_ms") for r in rows],
-        "p99_ms_med": med([r.get("p99_ms") for r in rows]),
+        **rate_summary(rows, rate),
         "errors": sum(r.get("errors", 0) for r in rows),
         "error_kinds": [r.get("error_kinds") for r in rows if r.get("errors")],
         "done": sum((r.get("accepted") or r.get("refused") or 0) for r in rows),
@@ -152,18 +142,6 @@ def summarize(runs: list[dict], key: str, mode: str) -> dict | None:
         "server_cpu_per_1k": med([r.get("server_cpu_per_1k") for r in rows]),
         "unbound_cpu_s": round(sum(r.get("unbound_cpu_s", 0) for r in rows), 2),
     }
-
-
-def f(v, unit: str = "") -> str:
-    if v is None:
-        return "-"
-    if isinstance(v, float):
-        v = f"{v:.1f}" if abs(v) >= 10 else f"{v:.2f}"
-    return f"{v}{unit}"
-
-
-def ratio(a, b) -> str:
-    return "-" if a is None or not b else f"{a / b:.2f}x"
 
 
 def render(info: dict, args, res: dict) -> str:
@@ -312,20 +290,10 @@ def main(argv: list[str] | None = None) -> int:
             )
 
     t_begin = time.monotonic()
+    time_left = time_budget(t_begin, args.max_seconds)
 
-    def time_left() -> bool:
-        return time.monotonic() - t_begin < args.max_seconds
-
-    def on_term(signum, _frame):
-        raise KeyboardInterrupt(f"signal {signum}")
-
-    signal.signal(signal.SIGTERM, on_term)
-    signal.signal(signal.SIGHUP, on_term)
-
-    import resource
-
-    _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    interrupt_on_term()
+    raise_nofile_limit()
     set_subreaper()
     BENCH_ROOT.mkdir(parents=True, exist_ok=True)
     if ports_taken("run_perimeter.py", [args.sink_port, 2537, 2527, 2535, 2525]):
@@ -339,8 +307,11 @@ def main(argv: list[str] | None = None) -> int:
         extra_settings=perimeter_settings("zen.bench.test"),
     )
     pf_off = PostfixInstance(BENCH_ROOT / "postfix", port=2527, sink_port=args.sink_port)
+    chk_config = BENCH_ROOT / "palisade-perimeter.toml"  # its own control socket
+    chk_text = (HERE / "palisade-perimeter.toml").read_text()
+    chk_config.write_text(own_control_socket(chk_text, BENCH_ROOT / "perimeter" / "control.sock"))
     gw_chk = Gateway(
-        HERE / "palisade-perimeter.toml",
+        chk_config,
         2535,
         None,
         state_root=BENCH_ROOT / "perimeter",
@@ -423,12 +394,7 @@ def main(argv: list[str] | None = None) -> int:
                         )
             finally:
                 log("stopping servers")
-                gw_chk.stop()
-                gw_off.stop()
-                pf_chk.stop()
-                pf_off.stop()
-                sink.stop()
-                reap()
+                stop_all(gw_chk, gw_off, pf_chk, pf_off, sink)
         log("DNS stopped, /etc/resolv.conf restored")
     except KeyboardInterrupt as e:
         log(f"interrupted ({e}); everything stopped, /etc/resolv.conf restored")
@@ -463,13 +429,7 @@ def main(argv: list[str] | None = None) -> int:
             if on and off:
                 added.setdefault(sysname, []).append(round(on[0]["p99_ms"] - off[0]["p99_ms"], 2))
     results["p99_added_ms"] = added
-    results["machine"] = info
-    results["args"] = {k: str(v) for k, v in vars(args).items()}
-    results["elapsed_s"] = round(time.monotonic() - t_begin, 1)
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps(results, indent=2))
-    print(render(info, args, results))
-    log(f"done in {results['elapsed_s']} s; raw results in {args.json}")
+    write_results(results, args, info, t_begin, lambda: render(info, args, results))
     return 0
 
 

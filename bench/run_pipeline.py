@@ -50,8 +50,6 @@ Raw numbers: /tmp/palisade-pipeline/results.json; a Markdown table on stdout.
 from __future__ import annotations
 
 import argparse
-import contextlib
-import json
 import os
 import re
 import shutil
@@ -70,17 +68,29 @@ from harness import (  # noqa: E402
     Gateway,
     Sink,
     Target,
+    busy_samples,
     cpu_s,
+    free_port,
+    interrupt_on_term,
     log,
     machine_info,
+    med,
+    rate_summary,
     reap,
     run_child,
     set_subreaper,
-    stop_proc,
+    shares_pct,
+    smtp_load,
+    start_py_spy,
+    stop_all,
+    stop_py_spy,
+    time_budget,
+    write_results,
 )
+from harness import fmt as f  # noqa: E402
 from perimeter_dns import BenchDns  # noqa: E402
 from pipeline_messages import HELO, RCPT, SENDER, add_records, write_mix  # noqa: E402
-from pipeline_scanners import Clamd, Rspamd, free_port  # noqa: E402
+from pipeline_scanners import Clamd, Rspamd  # noqa: E402
 from postfix_instance import PostfixInstance, perimeter_settings  # noqa: E402
 
 ROOT = Path("/tmp/palisade-pipeline")
@@ -184,19 +194,13 @@ def palisade_config(
 
 
 def load(port: int, files: list[Path], n: int, clients: int, bound: float) -> dict:
-    cmd = [sys.executable, str(HERE / "smtp_load.py"), "throughput", "--port", str(port)]
-    cmd += ["--clients", str(clients), "--messages", str(n), "--duration", str(bound)]
-    cmd += ["--timeout", "40", "--sender", SENDER, "--rcpt", RCPT, "--helo", HELO]
-    cmd += ["--source-range", SOURCES]
-    for f in files:
-        cmd += ["--message-file", str(f)]
-    rc, out, err, _wall, dcpu = run_child(cmd, bound + 60)
-    try:
-        res = json.loads(out.strip().splitlines()[-1])
-    except (ValueError, IndexError):
-        return {"failed": f"rc={rc}: {err.strip()[-300:]}", "accepted": 0}
-    res["driver_process_cpu_s"] = round(dcpu, 3)
-    return res
+    argv = ["throughput", "--port", str(port)]
+    argv += ["--clients", str(clients), "--messages", str(n), "--duration", str(bound)]
+    argv += ["--timeout", "40", "--sender", SENDER, "--rcpt", RCPT, "--helo", HELO]
+    argv += ["--source-range", SOURCES]
+    for file in files:
+        argv += ["--message-file", str(file)]
+    return smtp_load(argv, bound + 60, failed={"accepted": 0})
 
 
 def refusals(res: dict) -> tuple[int, int]:
@@ -246,25 +250,12 @@ def describe(r: dict) -> str:
     )
 
 
-def med(vals: list) -> float | None:
-    vals = sorted(v for v in vals if v is not None)
-    if not vals:
-        return None
-    n = len(vals)
-    return vals[n // 2] if n % 2 else round((vals[n // 2 - 1] + vals[n // 2]) / 2, 3)
-
-
 def summarize(runs: list[dict], key: str) -> dict | None:
     rows = [r for r in runs if r.get("system") == key and "failed" not in r]
     if not rows:
         return None
     out: dict = {
-        "runs": len(rows),
-        "rate": [r["msgs_per_s"] for r in rows],
-        "rate_med": med([r["msgs_per_s"] for r in rows]),
-        "p50_ms": med([r.get("p50_ms") for r in rows]),
-        "p99_ms": [r.get("p99_ms") for r in rows],
-        "p99_ms_med": med([r.get("p99_ms") for r in rows]),
+        **rate_summary(rows, "msgs_per_s"),
         "accepted": sum(r.get("accepted") or 0 for r in rows),
         "refused": sum(r["refused"] for r in rows),
         "other_errors": sum(r["other_errors"] for r in rows),
@@ -308,61 +299,26 @@ def profile(gw: Gateway, port: int, files, n: int, args) -> dict:
     out = ROOT / "profile.txt"
     if gw.proc is None or not Path(PY_SPY).exists():
         return {"skipped": "no py-spy"}
-    cmd = [PY_SPY, "record", "-p", str(gw.proc.pid), "--subprocesses", "-r", str(args.profile_rate)]
-    cmd += ["-f", "raw", "--nolineno", "--gil", "-o", str(out)]
-    spy = subprocess.Popen(
-        cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
-    )
+    spy = start_py_spy(PY_SPY, gw.proc.pid, out, args.profile_rate, subprocess.DEVNULL)
     time.sleep(1.5)
     res = load(port, files, n, args.clients, args.run_bound)
-    with contextlib.suppress(ProcessLookupError):
-        os.kill(spy.pid, signal.SIGINT)
-    try:
-        spy.wait(30)
-    except subprocess.TimeoutExpired:
-        stop_proc(spy)
+    stop_py_spy(spy)
     areas: dict[str, int] = {}
     total = 0
     if out.exists():
-        for line in out.read_text(errors="replace").splitlines():
-            stack, _, count = line.rpartition(" ")
-            if not count.isdigit():
-                continue
-            frames = stack.split(";")
-            if frames[-1].startswith(IDLE):
-                continue
-            total += int(count)
-            area = "other"
-            for fr in reversed(frames):
-                hit = next((a for a, pats in AREAS if any(p in fr for p in pats)), None)
-                if hit:
-                    area = hit
-                    break
-            areas[area] = areas.get(area, 0) + int(count)
+        areas, total, _idle, _inclusive = busy_samples(out, AREAS, IDLE)
     acc = (res.get("accepted") or 0) + refusals(res)[0]
     return {
         "messages": acc,
         "samples": total,
         # Samples of a thread holding the GIL: on a CPU-starved machine a thread that holds it
         # while descheduled is counted too, so the shares are the figure, not the sum.
-        "share_pct": {
-            k: round(100 * v / total, 1) for k, v in sorted(areas.items(), key=lambda kv: -kv[1])
-        }
-        if total
-        else {},
+        "share_pct": shares_pct(areas, total),
     }
 
 
 # --------------------------------------------------------------------------------------
 # Output
-
-
-def f(v, unit: str = "") -> str:
-    if v is None:
-        return "-"
-    if isinstance(v, float):
-        v = f"{v:.1f}" if abs(v) >= 10 else f"{v:.2f}"
-    return f"{v}{unit}"
 
 
 def render(info: dict, args, res: dict) -> str:
@@ -475,15 +431,9 @@ def main(argv: list[str] | None = None) -> int:
         return rc
 
     t_begin = time.monotonic()
+    time_left = time_budget(t_begin, args.max_seconds)
 
-    def time_left() -> bool:
-        return time.monotonic() - t_begin < args.max_seconds
-
-    def on_term(signum, _frame):
-        raise KeyboardInterrupt(f"signal {signum}")
-
-    signal.signal(signal.SIGTERM, on_term)
-    signal.signal(signal.SIGHUP, on_term)
+    interrupt_on_term()
     set_subreaper()
     shutil.rmtree(ROOT, ignore_errors=True)
     ROOT.mkdir(parents=True)
@@ -585,14 +535,7 @@ def main(argv: list[str] | None = None) -> int:
                     results["profile"] = profile(gw, gw_port, files, args.messages, args)
             finally:
                 log("stopping")
-                gw.stop()
-                gw0.stop()
-                pf.stop()
-                pf0.stop()
-                rspamd.stop()
-                clamd.stop()
-                sink.stop()
-                reap()
+                stop_all(gw, gw0, pf, pf0, rspamd, clamd, sink)
     except KeyboardInterrupt as e:
         log(f"interrupted ({e}); everything stopped")
         return 130
@@ -602,12 +545,7 @@ def main(argv: list[str] | None = None) -> int:
             results["summary"][key] = sm
     loads = [x for r in results["runs"] for x in r["load_avg_1m"]]
     results["load_range"] = f"{min(loads):.1f}-{max(loads):.1f}" if loads else "?"
-    results["machine"] = info
-    results["args"] = {k: str(v) for k, v in vars(args).items()}
-    results["elapsed_s"] = round(time.monotonic() - t_begin, 1)
-    args.json.write_text(json.dumps(results, indent=2))
-    print(render(info, args, results))
-    log(f"done in {results['elapsed_s']} s; raw results in {args.json}")
+    write_results(results, args, info, t_begin, lambda: render(info, args, results))
     return 0
 
 

@@ -27,8 +27,6 @@ import argparse
 import json
 import os
 import shutil
-import socket
-import statistics
 import subprocess
 import sys
 import time
@@ -40,13 +38,18 @@ sys.path.insert(0, str(HERE))
 from harness import (  # noqa: E402
     BENCH_ROOT,
     Gateway,
+    add_pair_args,
     cpu_s,
+    drive_listed,
     drive_python,
     free_port,
     log,
     machine_info,
+    median_of,
+    pair_config,
+    port_taken,
     ports_taken,
-    run_child,
+    start_gateway,
 )
 
 SOURCES = "127.0.1.10-127.0.1.59"
@@ -57,37 +60,14 @@ CLIENT_COMMANDS = {
 }  # fmt: skip
 WARM_UP = 500
 
-CONFIG = """# bench/state_bench.py: {name}
-[server]
-hostname = "gw.bench.test"
-listen = ["127.0.0.1:{port}"]
-workers = {workers}
-max_connections = 20000
-max_connections_per_ip = 20000
-control_socket = "{root}/control.sock"
-
-[domains]
-local = ["bench.test"]
-
-[paths]
-spool = "{root}/spool"
-mail = "{root}/mail"
-log = "{root}/log"
-state = "{root}/state.sqlite"
-
-[state]
+# The sections and rules of state_bench's gateways that harness.pair_config leaves to it.
+CONFIG = """[state]
 backend = "{backend}"
 url = "redis://127.0.0.1:{redis_port}/0"
 prefix = "bench:"
 
-[log]
-echo = false
-
 [incidents]
 protect_loopback = false
-
-[lists]
-listed = {{ type = "ip", entries = ["127.0.1.0/24"] }}
 
 [[rules.connect]]
 name = "history"
@@ -102,14 +82,6 @@ limit = 1000000000
 window = "15m"
 verb = "defer"
 message = "Too many connections"
-
-[[rules.connect]]
-name = "listed"
-check = "ip_list"
-list = "listed"
-verb = "deny"
-incident = 0
-message = "Access denied"
 """
 
 
@@ -128,11 +100,9 @@ class Redis:
         )  # fmt: skip
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline:
-            try:
-                socket.create_connection(("127.0.0.1", self.port), timeout=0.5).close()
+            if port_taken(self.port, 0.5):
                 return
-            except OSError:
-                time.sleep(0.05)
+            time.sleep(0.05)
         raise SystemExit("redis-server did not start")
 
     def commands(self) -> int:
@@ -157,14 +127,7 @@ class Redis:
 
 
 def refusals(port: int, connections: int, clients: int, bound: float) -> dict:
-    cmd = [sys.executable, str(HERE / "smtp_load.py"), "listed", "--port", str(port)]
-    cmd += ["--clients", str(clients), "--duration", str(bound), "--source-range", SOURCES]
-    cmd += ["--timeout", "20", "--connections", str(connections)]
-    rc, out, err, _wall, _cpu = run_child(cmd, bound + 30)
-    try:
-        return dict(json.loads(out.strip().splitlines()[-1]))
-    except (ValueError, IndexError):
-        return {"failed": f"rc={rc}: {err.strip()[-300:]}"}
+    return drive_listed(port, connections, clients, bound, SOURCES)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -172,10 +135,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--connections", type=int, default=5000)
     parser.add_argument("--messages", type=int, default=2000)
-    parser.add_argument("--clients", type=int, default=20)
-    parser.add_argument("--workers", type=int, default=2)
-    parser.add_argument("--bound", type=float, default=120.0, help="seconds per run at most")
-    parser.add_argument("--json", type=Path)
+    add_pair_args(parser)
     args = parser.parse_args(argv)
     if ports_taken("state_bench", [2547, 2548]):
         return 1
@@ -191,21 +151,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         for name, port in (("sqlite", 2547), ("redis", 2548)):
             base = root / name
-            base.mkdir(parents=True, exist_ok=True)
-            config = base / "palisade.toml"
-            config.write_text(
-                CONFIG.format(
-                    name=name,
-                    port=port,
-                    workers=args.workers,
-                    root=base,
-                    backend=name,
-                    redis_port=redis.port,
-                )
-            )
-            gw = Gateway(config, port, None, state_root=base, logfile=base / "gateway.out")
-            if not gw.start(20):
-                log(f"{name}: {gw.why_not}")
+            rest = CONFIG.format(backend=name, redis_port=redis.port)
+            text = pair_config("state_bench.py", name, port, args.workers, base, rest, 0)
+            gw = start_gateway(name, base, text, port)
+            if gw is None:
                 return 1
             gateways[name] = gw
         for gw in gateways.values():
@@ -245,8 +194,7 @@ def main(argv: list[str] | None = None) -> int:
         redis.stop()
 
     def med(name: str, kind: str, key: str) -> float | None:
-        values = [r[key] for r in runs[name][kind] if r.get(key) is not None]
-        return round(statistics.median(values), 2) if values else None
+        return median_of(runs[name][kind], key)
 
     table = ["| | sqlite | redis | redis / sqlite |", "|---|---|---|---|"]
     for label, kind, key in (
