@@ -245,7 +245,7 @@ def test_a_killed_worker_neither_loses_nor_doubles_its_counts(
         clients.append(client)
         return all(open_connections(pid, gw.port) > 0 for pid in workers)
 
-    wait_for(both_hold)
+    wait_for(both_hold, timeout=30)  # a loaded machine may start a worker late
     for client in clients:
         assert client.command("HELO bot.test")[0] == 550
         assert client.command("QUIT")[0] == 221
