@@ -6,6 +6,7 @@ spoken to over TCP; the next hop is aiosmtpd, a real SMTP server, in a thread.
 
 from __future__ import annotations
 
+import errno
 import os
 import re
 import signal
@@ -355,10 +356,20 @@ class NextHop:
     controller: Any = None
 
     def start(self) -> NextHop:
+        """Starts the server; when ``port`` was taken since it was chosen (free_port hands out
+        an ephemeral port, which an outgoing connection may grab first), on a new one: start
+        it before writing the port into a config."""
         from aiosmtpd.controller import Controller
 
-        self.controller = Controller(self.handler, hostname="127.0.0.1", port=self.port)
-        self.controller.start()
+        for attempt in range(5):
+            self.controller = Controller(self.handler, hostname="127.0.0.1", port=self.port)
+            try:
+                self.controller.start()
+                return self
+            except OSError as exc:
+                if exc.errno != errno.EADDRINUSE or attempt == 4:
+                    raise
+                self.port = free_port()
         return self
 
     def stop(self) -> None:
